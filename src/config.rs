@@ -1,0 +1,581 @@
+//! Settings: one typed [`Settings`] built from layered sources.
+//!
+//! Precedence, later wins: the built-in defaults (`config/default.toml`, compiled in), then
+//! `./config/default.toml` when present, then an optional `--config FILE`, then `SWITCHBOARD_*`
+//! environment variables, then command-line flags. Every layer is merged as TOML and the result
+//! is deserialized once with unknown keys denied, then range-checked by [`Settings::validate`].
+//! A bad value yields a [`ConfigError`] naming the setting and the expected form; the server
+//! refuses to start on it.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The built-in defaults: the same text operators read in `config/default.toml`.
+pub const DEFAULTS_TOML: &str = include_str!("../config/default.toml");
+
+/// A setting that could not be read or is out of range.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("invalid setting `{setting}`: {message}")]
+    Invalid { setting: String, message: String },
+}
+
+/// Persistence backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreKind {
+    Sqlite,
+    Memory,
+}
+
+/// What the supervisor does when the running-conversation limit is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnLimit {
+    /// Refuse the new conversation with 429.
+    Reject,
+    /// Stop the least recently active conversation to make room.
+    EvictOldest,
+}
+
+/// What runs behind each conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    Echo,
+    Process,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub host: String,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub store: StoreKind,
+    pub session_api_key: String,
+    pub workers: usize,
+    pub conversation_threads: usize,
+    pub cors_allowed_origins: Vec<String>,
+    pub log: String,
+    pub log_format: LogFormat,
+    pub limits: Limits,
+    pub socket: SocketSettings,
+    pub runtime: RuntimeSettings,
+    pub store_tuning: StoreTuning,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    pub max_running_conversations: usize,
+    pub on_limit: OnLimit,
+    pub idle_timeout_secs: u64,
+    pub start_timeout_secs: u64,
+    pub max_body_bytes: usize,
+    pub max_events_per_conversation: u64,
+    pub max_clients_per_conversation: usize,
+    pub mailbox_capacity: usize,
+    pub shutdown_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SocketSettings {
+    pub queue_frames: usize,
+    pub max_frame_bytes: usize,
+    pub ping_interval_ms: u64,
+    pub ping_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeSettings {
+    pub kind: RuntimeKind,
+    pub echo: EchoSettings,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EchoSettings {
+    pub start_delay_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreTuning {
+    pub batch_max: usize,
+    pub queue: usize,
+}
+
+/// How an environment variable's text becomes a TOML value.
+#[derive(Clone, Copy)]
+enum EnvKind {
+    /// Taken verbatim as a string.
+    Str,
+    /// Parsed as a TOML literal (numbers); a non-literal stays a string so the type error
+    /// names the setting.
+    Literal,
+    /// Comma-separated list of strings.
+    List,
+}
+
+/// Every environment variable and the setting it sets.
+const ENV_VARS: &[(&str, &str, EnvKind)] = &[
+    ("SWITCHBOARD_HOST", "host", EnvKind::Str),
+    ("SWITCHBOARD_PORT", "port", EnvKind::Literal),
+    ("SWITCHBOARD_DATA_DIR", "data_dir", EnvKind::Str),
+    ("SWITCHBOARD_STORE", "store", EnvKind::Str),
+    (
+        "SWITCHBOARD_SESSION_API_KEY",
+        "session_api_key",
+        EnvKind::Str,
+    ),
+    ("SWITCHBOARD_WORKERS", "workers", EnvKind::Literal),
+    (
+        "SWITCHBOARD_CONVERSATION_THREADS",
+        "conversation_threads",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_CORS_ALLOWED_ORIGINS",
+        "cors_allowed_origins",
+        EnvKind::List,
+    ),
+    ("SWITCHBOARD_LOG", "log", EnvKind::Str),
+    ("SWITCHBOARD_LOG_FORMAT", "log_format", EnvKind::Str),
+    (
+        "SWITCHBOARD_MAX_RUNNING_CONVERSATIONS",
+        "limits.max_running_conversations",
+        EnvKind::Literal,
+    ),
+    ("SWITCHBOARD_ON_LIMIT", "limits.on_limit", EnvKind::Str),
+    (
+        "SWITCHBOARD_IDLE_TIMEOUT_SECS",
+        "limits.idle_timeout_secs",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_START_TIMEOUT_SECS",
+        "limits.start_timeout_secs",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_BODY_BYTES",
+        "limits.max_body_bytes",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_EVENTS_PER_CONVERSATION",
+        "limits.max_events_per_conversation",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_CLIENTS_PER_CONVERSATION",
+        "limits.max_clients_per_conversation",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAILBOX_CAPACITY",
+        "limits.mailbox_capacity",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_SHUTDOWN_TIMEOUT_SECS",
+        "limits.shutdown_timeout_secs",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_SOCKET_QUEUE_FRAMES",
+        "socket.queue_frames",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_SOCKET_MAX_FRAME_BYTES",
+        "socket.max_frame_bytes",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_PING_INTERVAL_MS",
+        "socket.ping_interval_ms",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_PING_TIMEOUT_MS",
+        "socket.ping_timeout_ms",
+        EnvKind::Literal,
+    ),
+    ("SWITCHBOARD_RUNTIME", "runtime.kind", EnvKind::Str),
+    (
+        "SWITCHBOARD_ECHO_START_DELAY_MS",
+        "runtime.echo.start_delay_ms",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_STORE_BATCH_MAX",
+        "store_tuning.batch_max",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_STORE_QUEUE",
+        "store_tuning.queue",
+        EnvKind::Literal,
+    ),
+];
+
+/// Values given on the command line; `None` leaves the lower layers in force.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub config_file: Option<PathBuf>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub data_dir: Option<PathBuf>,
+    pub store: Option<String>,
+    pub session_api_key: Option<String>,
+    pub runtime: Option<String>,
+}
+
+/// Builds [`Settings`] from one TOML layer at a time.
+pub struct SettingsBuilder {
+    table: toml::Table,
+}
+
+impl SettingsBuilder {
+    /// Starts from the built-in defaults.
+    pub fn new() -> Self {
+        let table = DEFAULTS_TOML
+            .parse::<toml::Table>()
+            .expect("built-in config/default.toml is valid TOML");
+        Self { table }
+    }
+
+    /// Merges a TOML text; `origin` names it in errors.
+    pub fn merge_toml(mut self, origin: &str, text: &str) -> Result<Self, ConfigError> {
+        let layer = text
+            .parse::<toml::Table>()
+            .map_err(|e| ConfigError::Parse {
+                path: origin.to_string(),
+                message: e.message().to_string(),
+            })?;
+        merge(&mut self.table, layer);
+        Ok(self)
+    }
+
+    /// Merges a TOML file.
+    pub fn merge_file(self, path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.merge_toml(&path.display().to_string(), &text)
+    }
+
+    /// Sets one setting by its dotted path (`limits.on_limit`).
+    pub fn set(mut self, dotted: &str, value: toml::Value) -> Self {
+        let mut parts: Vec<&str> = dotted.split('.').collect();
+        let last = parts.pop().unwrap_or(dotted);
+        let mut table = &mut self.table;
+        for part in parts {
+            let entry = table
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            if !entry.is_table() {
+                *entry = toml::Value::Table(toml::Table::new());
+            }
+            table = entry.as_table_mut().expect("just made a table");
+        }
+        table.insert(last.to_string(), value);
+        self
+    }
+
+    /// Applies `SWITCHBOARD_*` variables from `vars` (usually `std::env::vars()`).
+    pub fn merge_env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
+        for (name, raw) in vars {
+            let Some((_, dotted, kind)) = ENV_VARS.iter().find(|(n, _, _)| *n == name) else {
+                continue;
+            };
+            let value = match kind {
+                EnvKind::Str => toml::Value::String(raw),
+                EnvKind::Literal => parse_literal(&raw),
+                EnvKind::List => toml::Value::Array(
+                    raw.split(',')
+                        .map(str::trim)
+                        .filter(|s| !s.is_empty())
+                        .map(|s| toml::Value::String(s.to_string()))
+                        .collect(),
+                ),
+            };
+            self = self.set(dotted, value);
+        }
+        self
+    }
+
+    /// Applies command-line flags.
+    pub fn merge_overrides(mut self, o: &Overrides) -> Self {
+        if let Some(v) = &o.host {
+            self = self.set("host", toml::Value::String(v.clone()));
+        }
+        if let Some(v) = o.port {
+            self = self.set("port", toml::Value::Integer(i64::from(v)));
+        }
+        if let Some(v) = &o.data_dir {
+            self = self.set("data_dir", toml::Value::String(v.display().to_string()));
+        }
+        if let Some(v) = &o.store {
+            self = self.set("store", toml::Value::String(v.clone()));
+        }
+        if let Some(v) = &o.session_api_key {
+            self = self.set("session_api_key", toml::Value::String(v.clone()));
+        }
+        if let Some(v) = &o.runtime {
+            self = self.set("runtime.kind", toml::Value::String(v.clone()));
+        }
+        self
+    }
+
+    /// Deserializes and range-checks the merged layers.
+    pub fn build(self) -> Result<Settings, ConfigError> {
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(self.table))
+            .map_err(|e| ConfigError::Invalid {
+            setting: e.path().to_string(),
+            message: e.inner().message().to_string(),
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
+impl Default for SettingsBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn parse_literal(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+fn merge(base: &mut toml::Table, layer: toml::Table) {
+    for (key, value) in layer {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(l)) => merge(b, l),
+            (_, v) => {
+                base.insert(key, v);
+            }
+        }
+    }
+}
+
+fn invalid(setting: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        setting: setting.to_string(),
+        message: message.into(),
+    }
+}
+
+fn positive(setting: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(invalid(setting, "expected a whole number greater than 0"));
+    }
+    Ok(())
+}
+
+impl Settings {
+    /// The full precedence chain: defaults, `./config/default.toml`, `--config`, env, flags.
+    pub fn load(overrides: &Overrides) -> Result<Settings, ConfigError> {
+        let mut builder = SettingsBuilder::new();
+        let local = Path::new("config/default.toml");
+        if local.is_file() {
+            builder = builder.merge_file(local)?;
+        }
+        if let Some(file) = &overrides.config_file {
+            builder = builder.merge_file(file)?;
+        }
+        builder
+            .merge_env(std::env::vars())
+            .merge_overrides(overrides)
+            .build()
+    }
+
+    /// Built-in defaults only (plus nothing): what tests start from.
+    pub fn defaults() -> Settings {
+        SettingsBuilder::new()
+            .build()
+            .expect("built-in defaults are valid")
+    }
+
+    /// Range checks that types alone cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.host.trim().is_empty() {
+            return Err(invalid("host", "expected an IP address or host name"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "expected a directory path"));
+        }
+        if self.session_api_key.len() > 1024 {
+            return Err(invalid(
+                "session_api_key",
+                "expected at most 1024 characters",
+            ));
+        }
+        for origin in &self.cors_allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+                return Err(invalid(
+                    "cors_allowed_origins",
+                    format!("expected http(s)://host[:port] origins, got {origin:?}"),
+                ));
+            }
+        }
+        let l = &self.limits;
+        positive(
+            "limits.max_running_conversations",
+            l.max_running_conversations as u64,
+        )?;
+        positive("limits.idle_timeout_secs", l.idle_timeout_secs)?;
+        positive("limits.start_timeout_secs", l.start_timeout_secs)?;
+        positive("limits.max_body_bytes", l.max_body_bytes as u64)?;
+        positive(
+            "limits.max_events_per_conversation",
+            l.max_events_per_conversation,
+        )?;
+        positive(
+            "limits.max_clients_per_conversation",
+            l.max_clients_per_conversation as u64,
+        )?;
+        positive("limits.mailbox_capacity", l.mailbox_capacity as u64)?;
+        positive("socket.queue_frames", self.socket.queue_frames as u64)?;
+        positive("socket.max_frame_bytes", self.socket.max_frame_bytes as u64)?;
+        positive("socket.ping_interval_ms", self.socket.ping_interval_ms)?;
+        positive("socket.ping_timeout_ms", self.socket.ping_timeout_ms)?;
+        positive("store_tuning.batch_max", self.store_tuning.batch_max as u64)?;
+        positive("store_tuning.queue", self.store_tuning.queue as u64)?;
+        if self.runtime.kind == RuntimeKind::Process {
+            return Err(invalid(
+                "runtime.kind",
+                "the process runtime is not available in this build; expected \"echo\"",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Number of threads hosting conversation actors.
+    pub fn conversation_thread_count(&self) -> usize {
+        if self.conversation_threads == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            self.conversation_threads
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let s = Settings::defaults();
+        assert_eq!(s.host, "127.0.0.1");
+        assert_eq!(s.port, 3000);
+        assert_eq!(s.data_dir, PathBuf::from("./data"));
+        assert_eq!(s.session_api_key, "");
+        assert_eq!(s.runtime.kind, RuntimeKind::Echo);
+        assert_eq!(s.runtime.echo.start_delay_ms, 0);
+        assert_eq!(s.limits.max_running_conversations, 10000);
+        assert_eq!(s.limits.on_limit, OnLimit::Reject);
+        assert_eq!(s.limits.idle_timeout_secs, 900);
+        assert_eq!(s.limits.start_timeout_secs, 60);
+    }
+
+    #[test]
+    fn env_overrides_file_and_flags_override_env() {
+        let s = SettingsBuilder::new()
+            .merge_toml("test", "port = 4000\n[limits]\non_limit = \"evict_oldest\"")
+            .unwrap()
+            .merge_env(env(&[
+                ("SWITCHBOARD_PORT", "5000"),
+                ("SWITCHBOARD_SESSION_API_KEY", "12345"),
+                ("SWITCHBOARD_ECHO_START_DELAY_MS", "250"),
+                ("UNRELATED", "x"),
+            ]))
+            .merge_overrides(&Overrides {
+                port: Some(6000),
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        assert_eq!(s.port, 6000);
+        assert_eq!(s.session_api_key, "12345");
+        assert_eq!(s.limits.on_limit, OnLimit::EvictOldest);
+        assert_eq!(s.runtime.echo.start_delay_ms, 250);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("SWITCHBOARD_PORT", "abc", "port"),
+            ("SWITCHBOARD_PORT", "70000", "port"),
+            ("SWITCHBOARD_ON_LIMIT", "drop", "limits.on_limit"),
+            (
+                "SWITCHBOARD_IDLE_TIMEOUT_SECS",
+                "0",
+                "limits.idle_timeout_secs",
+            ),
+            (
+                "SWITCHBOARD_IDLE_TIMEOUT_SECS",
+                "-5",
+                "limits.idle_timeout_secs",
+            ),
+            ("SWITCHBOARD_RUNTIME", "docker", "runtime.kind"),
+            ("SWITCHBOARD_STORE", "mysql", "store"),
+        ];
+        for (var, value, setting) in cases {
+            let err = SettingsBuilder::new()
+                .merge_env(env(&[(var, value)]))
+                .build()
+                .expect_err(var);
+            let text = err.to_string();
+            assert!(
+                text.contains(setting),
+                "{var}={value}: {text} should name {setting}"
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_keys_in_files_are_errors() {
+        let err = SettingsBuilder::new()
+            .merge_toml("f", "prot = 3000")
+            .unwrap()
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("prot"), "{err}");
+    }
+}

@@ -1,0 +1,350 @@
+//! The OpenHands event model and its JSON form.
+//!
+//! An [`EventBody`] is what a runtime or a user produces: an action or an observation without
+//! id or timestamp. The conversation actor stamps it into a [`StoredEvent`], whose JSON text is
+//! computed once and shared (`Arc<str>`) by the store, the REST API and every attached client,
+//! so all three see byte-identical events. Key order is the wire contract's: `id`, `timestamp`,
+//! `source`, `message`, then `action` + `args` or `cause` + `observation` + `content` + `extras`.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+/// Who produced an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    User,
+    Agent,
+    Environment,
+}
+
+/// An action or observation before it has an id.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventBody {
+    pub source: Source,
+    pub message: String,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventKind {
+    Action {
+        action: String,
+        args: Value,
+    },
+    Observation {
+        cause: Option<u64>,
+        observation: String,
+        content: String,
+        extras: Value,
+    },
+}
+
+/// An event with its id and timestamp, and its JSON text computed once.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    pub id: u64,
+    pub json: Arc<str>,
+}
+
+/// Agent states an `agent_state_changed` observation can carry.
+pub const AGENT_STATES: &[&str] = &[
+    "loading",
+    "running",
+    "awaiting_user_input",
+    "paused",
+    "stopped",
+    "finished",
+    "rejected",
+    "error",
+    "awaiting_user_confirmation",
+    "user_confirmed",
+    "user_rejected",
+    "rate_limited",
+];
+
+/// The current UTC time in the event timestamp form (`2026-11-29T17:41:25.002345`).
+pub fn event_timestamp() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6f")
+        .to_string()
+}
+
+/// The current UTC time in the metadata form (`2026-11-29T17:41:25.002345Z`).
+pub fn meta_timestamp() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}
+
+impl EventBody {
+    /// `agent_state_changed` observation from the environment.
+    pub fn agent_state(state: &str, reason: &str) -> Self {
+        EventBody {
+            source: Source::Environment,
+            message: String::new(),
+            kind: EventKind::Observation {
+                cause: None,
+                observation: "agent_state_changed".into(),
+                content: String::new(),
+                extras: json!({"agent_state": state, "reason": reason}),
+            },
+        }
+    }
+
+    /// A chat `message` action.
+    pub fn message(source: Source, content: &str, image_urls: Value, wait: bool) -> Self {
+        let file_urls = if source == Source::User {
+            json!([])
+        } else {
+            Value::Null
+        };
+        EventBody {
+            source,
+            message: content.to_string(),
+            kind: EventKind::Action {
+                action: "message".into(),
+                args: json!({
+                    "content": content,
+                    "file_urls": file_urls,
+                    "image_urls": image_urls,
+                    "wait_for_response": wait,
+                }),
+            },
+        }
+    }
+
+    /// An `error` observation, stored so that a failure survives restarts.
+    pub fn error(message: &str) -> Self {
+        EventBody {
+            source: Source::Environment,
+            message: message.to_string(),
+            kind: EventKind::Observation {
+                cause: None,
+                observation: "error".into(),
+                content: message.to_string(),
+                extras: json!({"error_id": ""}),
+            },
+        }
+    }
+
+    /// The agent state this event announces, if it is an `agent_state_changed` observation.
+    pub fn announced_agent_state(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::Observation {
+                observation,
+                extras,
+                ..
+            } if observation == "agent_state_changed" => {
+                extras.get("agent_state").and_then(Value::as_str)
+            }
+            _ => None,
+        }
+    }
+
+    /// The action name, for actions.
+    pub fn action_name(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::Action { action, .. } => Some(action),
+            EventKind::Observation { .. } => None,
+        }
+    }
+
+    /// Stamps the body with an id and timestamp and renders its JSON once.
+    pub fn stamp(&self, id: u64, timestamp: &str) -> StoredEvent {
+        let mut map = Map::new();
+        map.insert("id".into(), json!(id));
+        map.insert("timestamp".into(), json!(timestamp));
+        map.insert("source".into(), json!(self.source));
+        map.insert("message".into(), json!(self.message));
+        match &self.kind {
+            EventKind::Action { action, args } => {
+                map.insert("action".into(), json!(action));
+                map.insert("args".into(), args.clone());
+            }
+            EventKind::Observation {
+                cause,
+                observation,
+                content,
+                extras,
+            } => {
+                if let Some(cause) = cause {
+                    map.insert("cause".into(), json!(cause));
+                }
+                map.insert("observation".into(), json!(observation));
+                map.insert("content".into(), json!(content));
+                map.insert("extras".into(), extras.clone());
+            }
+        }
+        StoredEvent {
+            id,
+            json: Value::Object(map).to_string().into(),
+        }
+    }
+
+    /// Reads a body from an event object (ignoring any `id` and `timestamp` it carries), as
+    /// replayed from `replay_json` or sent by an agent process.
+    pub fn from_value(value: &Value) -> Result<Self, String> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| "an event must be a JSON object".to_string())?;
+        let source = match obj.get("source") {
+            None | Some(Value::Null) => Source::Agent,
+            Some(v) => serde_json::from_value::<Source>(v.clone())
+                .map_err(|_| "`source` must be user, agent or environment".to_string())?,
+        };
+        let message = match obj.get("message") {
+            None | Some(Value::Null) => String::new(),
+            Some(Value::String(s)) => s.clone(),
+            Some(_) => return Err("`message` must be a string".into()),
+        };
+        let kind = if let Some(action) = obj.get("action") {
+            let action = action
+                .as_str()
+                .filter(|a| is_event_name(a))
+                .ok_or_else(|| "`action` must be a lowercase name".to_string())?;
+            let args = match obj.get("args") {
+                None | Some(Value::Null) => json!({}),
+                Some(v @ Value::Object(_)) => v.clone(),
+                Some(_) => return Err("`args` must be an object".into()),
+            };
+            EventKind::Action {
+                action: action.to_string(),
+                args,
+            }
+        } else if let Some(observation) = obj.get("observation") {
+            let observation = observation
+                .as_str()
+                .filter(|a| is_event_name(a))
+                .ok_or_else(|| "`observation` must be a lowercase name".to_string())?;
+            let content = match obj.get("content") {
+                None | Some(Value::Null) => String::new(),
+                Some(Value::String(s)) => s.clone(),
+                Some(_) => return Err("`content` must be a string".into()),
+            };
+            let extras = match obj.get("extras") {
+                None | Some(Value::Null) => json!({}),
+                Some(v @ Value::Object(_)) => v.clone(),
+                Some(_) => return Err("`extras` must be an object".into()),
+            };
+            let cause = match obj.get("cause") {
+                None | Some(Value::Null) => None,
+                Some(v) => Some(
+                    v.as_u64()
+                        .ok_or_else(|| "`cause` must be an event id".to_string())?,
+                ),
+            };
+            EventKind::Observation {
+                cause,
+                observation: observation.to_string(),
+                content,
+                extras,
+            }
+        } else {
+            return Err("an event needs `action` or `observation`".into());
+        };
+        Ok(EventBody {
+            source,
+            message,
+            kind,
+        })
+    }
+}
+
+/// Action and observation names: 1–64 characters of `[a-z0-9_]`.
+pub fn is_event_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// A payload sent to clients as `oh_event` that is not a stored event.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct StatusUpdate {
+    pub status_update: bool,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conversation_title: Option<String>,
+}
+
+impl StatusUpdate {
+    pub fn info(id: &str) -> Self {
+        Self::new("info", id, "")
+    }
+
+    pub fn error(id: &str, message: &str) -> Self {
+        Self::new("error", id, message)
+    }
+
+    pub fn new(kind: &str, id: &str, message: &str) -> Self {
+        StatusUpdate {
+            status_update: true,
+            kind: kind.to_string(),
+            id: Some(id.to_string()),
+            message: message.to_string(),
+            conversation_title: None,
+        }
+    }
+
+    pub fn title(conversation_id: &str, title: &str) -> Self {
+        StatusUpdate {
+            status_update: true,
+            kind: "info".into(),
+            id: None,
+            message: conversation_id.to_string(),
+            conversation_title: Some(title.to_string()),
+        }
+    }
+
+    pub fn to_json(&self) -> Arc<str> {
+        serde_json::to_string(self)
+            .unwrap_or_else(|_| "{}".into())
+            .into()
+    }
+}
+
+pub const STATUS_STARTING_RUNTIME: &str = "STATUS$STARTING_RUNTIME";
+pub const STATUS_READY: &str = "STATUS$READY";
+pub const STATUS_ERROR_RUNTIME_DISCONNECTED: &str = "STATUS$ERROR_RUNTIME_DISCONNECTED";
+pub const TOO_MANY_CONVERSATIONS: &str = "AGENT_ERROR$TOO_MANY_CONVERSATIONS";
+pub const TOO_MANY_CONVERSATIONS_MESSAGE: &str = "Too many conversations at once. If you are still using this one, try reactivating it by prompting the agent to continue";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamped_events_keep_the_wire_key_order() {
+        let ev = EventBody::agent_state("loading", "").stamp(0, "2026-11-29T17:41:23.572547");
+        assert_eq!(
+            &*ev.json,
+            r#"{"id":0,"timestamp":"2026-11-29T17:41:23.572547","source":"environment","message":"","observation":"agent_state_changed","content":"","extras":{"agent_state":"loading","reason":""}}"#
+        );
+        let ev = EventBody::message(Source::User, "What is 2+2?", json!([]), false)
+            .stamp(4, "2026-11-29T17:41:25.002345");
+        assert_eq!(
+            &*ev.json,
+            r#"{"id":4,"timestamp":"2026-11-29T17:41:25.002345","source":"user","message":"What is 2+2?","action":"message","args":{"content":"What is 2+2?","file_urls":[],"image_urls":[],"wait_for_response":false}}"#
+        );
+    }
+
+    #[test]
+    fn from_value_rejects_malformed_events() {
+        assert!(EventBody::from_value(&json!([])).is_err());
+        assert!(EventBody::from_value(&json!({"message": "x"})).is_err());
+        assert!(EventBody::from_value(&json!({"action": "Bad Name"})).is_err());
+        assert!(EventBody::from_value(&json!({"action": "run", "args": 3})).is_err());
+        let ok =
+            EventBody::from_value(&json!({"id": 9, "action": "run", "args": {"command": "ls"}}))
+                .unwrap();
+        assert_eq!(ok.action_name(), Some("run"));
+    }
+}

@@ -253,6 +253,62 @@ impl EventBody {
     }
 }
 
+/// Reads a user action as a client sends it (`oh_user_action`, `POST …/events`).
+///
+/// The action must be an object with a lowercase `action` name and an optional `args` object;
+/// a `message` needs a string `content` and may carry `image_urls`/`file_urls` lists of strings.
+/// Any client-supplied `id`, `timestamp` or `source` is ignored: the event is the user's.
+pub fn parse_user_action(value: &Value) -> Result<EventBody, String> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| "an action must be a JSON object".to_string())?;
+    let action = obj
+        .get("action")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "the action needs an `action` name".to_string())?;
+    if !is_event_name(action) {
+        return Err("`action` must be 1-64 characters of a-z, 0-9 or _".into());
+    }
+    let args = match obj.get("args") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(_) => return Err("`args` must be an object".into()),
+    };
+    if action == "message" {
+        let content = args
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or_else(|| "a message needs a string `args.content`".to_string())?;
+        let mut urls = Vec::new();
+        for key in ["image_urls", "file_urls"] {
+            match args.get(key) {
+                None | Some(Value::Null) => urls.push(json!([])),
+                Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
+                    urls.push(Value::Array(items.clone()))
+                }
+                Some(_) => return Err(format!("`args.{key}` must be a list of strings")),
+            }
+        }
+        let mut body = EventBody::message(Source::User, content, urls[0].clone(), false);
+        if let EventKind::Action { args, .. } = &mut body.kind {
+            args["file_urls"] = urls[1].clone();
+        }
+        return Ok(body);
+    }
+    let message = match obj.get("message") {
+        Some(Value::String(s)) => s.clone(),
+        _ => String::new(),
+    };
+    Ok(EventBody {
+        source: Source::User,
+        message,
+        kind: EventKind::Action {
+            action: action.to_string(),
+            args: Value::Object(args),
+        },
+    })
+}
+
 /// Action and observation names: 1–64 characters of `[a-z0-9_]`.
 pub fn is_event_name(name: &str) -> bool {
     !name.is_empty()

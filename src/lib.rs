@@ -2,9 +2,19 @@
 //!
 //! Module map:
 //! - [`config`]: layered, typed settings.
+//! - [`startup`]: builds and runs the server from settings.
+//! - [`api`]: HTTP routes, request validation and error bodies.
+//! - [`actors`]: the supervisor and the per-conversation actors.
+//! - [`runtime`]: what runs behind a conversation (echo, …).
 //! - [`events`]: the OpenHands event model and its JSON form.
 //! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite).
+//! - [`telemetry`]: logging setup.
 
+pub mod actors;
+pub mod api;
 pub mod config;
 pub mod events;
+pub mod runtime;
+pub mod startup;
 pub mod store;
+pub mod telemetry;

@@ -1,1 +1,92 @@
-fn main() {}
+//! The `switchboard` command: thin — it parses arguments, builds, runs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use switchboard::config::{Overrides, Settings};
+use switchboard::startup::Application;
+
+#[derive(Parser)]
+#[command(
+    name = "switchboard",
+    version,
+    about = "Self-hosted, OpenHands-compatible conversation orchestrator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// A TOML file layered over config/default.toml.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to bind (SWITCHBOARD_HOST).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to bind; 0 picks a free one (SWITCHBOARD_PORT).
+    #[arg(long)]
+    port: Option<u16>,
+    /// Data directory (SWITCHBOARD_DATA_DIR).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Store backend: sqlite or memory (SWITCHBOARD_STORE).
+    #[arg(long)]
+    store: Option<String>,
+    /// Session API key; empty turns it off (SWITCHBOARD_SESSION_API_KEY).
+    #[arg(long)]
+    session_api_key: Option<String>,
+    /// Runtime kind: echo or process (SWITCHBOARD_RUNTIME).
+    #[arg(long)]
+    runtime: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let overrides = Overrides {
+        config_file: args.config,
+        host: args.host,
+        port: args.port,
+        data_dir: args.data_dir,
+        store: args.store,
+        session_api_key: args.session_api_key,
+        runtime: args.runtime,
+    };
+    let settings = match Settings::load(&overrides) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    switchboard::telemetry::init(&settings);
+    let result = actix_web::rt::System::new().block_on(async move {
+        let app = Application::build(settings).await?;
+        tracing::info!("switchboard listening on {}", app.url());
+        app.stop_on_signals();
+        app.run_until_stopped()
+            .await
+            .map_err(|e| switchboard::startup::StartupError::Store(e.to_string()))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,711 @@
+//! The conversation actor: the single writer of one conversation.
+//!
+//! It owns the conversation's status (`STARTING` → `RUNNING` → `STOPPED`), its event ids and
+//! timestamps, its subscribers (attached clients) and its runtime. Its promises:
+//!
+//! - **Persist, then broadcast.** Every event gets the next dense id, goes to the store, and is
+//!   released to clients and the runtime only once the store confirmed it — in id order, with
+//!   status payloads kept in order between them (the `outbox`).
+//! - **Subscribe, then replay, then live.** A subscriber is told `replay_before`: every event
+//!   with a smaller id is durable (read it from the store); every later one reaches it through
+//!   its bounded sink, exactly once. A subscriber whose sink is full is dropped, which closes
+//!   its channel: a slow client never grows the server's memory.
+//! - **One teardown path.** Stop, delete, idle, start deadline, eviction, runtime or store
+//!   failure and shutdown all go through [`Conversation::begin_stop`]: status `STOPPED`, the
+//!   `agent_state_changed: stopped` event (and the reason's status update) delivered to
+//!   clients, then their attachments closed, then the actor stops and reports `Gone`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use super::messages::*;
+use super::shared::{now_ms, ConversationStatus, RuntimeStatus, Shared};
+use super::supervisor::Supervisor;
+use crate::config::{RuntimeKind, Settings};
+use crate::events::{self, EventBody, Source, StatusUpdate, StoredEvent};
+use crate::runtime::{EchoRuntime, FromRuntime, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
+use crate::store::{ConversationMeta, ConversationRecord, Store, StoreError};
+
+/// What leaves the actor, in order.
+enum Outgoing {
+    /// An event, released once durable. `for_runtime` carries user events the runtime must see.
+    Event {
+        event: StoredEvent,
+        for_runtime: Option<EventBody>,
+    },
+    /// A non-stored payload for clients.
+    Payload(Arc<str>),
+    /// Close every attachment (the last step of teardown).
+    CloseAll(String),
+}
+
+enum Loaded {
+    Created(Box<ConversationMeta>),
+    Resumed(Box<ConversationRecord>),
+    NotFound,
+}
+
+pub struct Conversation {
+    id: Arc<str>,
+    generation: u64,
+    shared: Arc<Shared>,
+    settings: Arc<Settings>,
+    store: Arc<dyn Store>,
+    supervisor: Addr<Supervisor>,
+    /// Keeps the mailbox open until the actor decides to stop (registry entries are weak).
+    self_addr: Option<Addr<Conversation>>,
+    mode: Option<AdmitMode>,
+    meta: Option<ConversationMeta>,
+    /// Whether this incarnation created the conversation from the admitting request's data.
+    created: bool,
+    status: ConversationStatus,
+    next_id: u64,
+    /// Every id below this is durable.
+    durable_before: u64,
+    /// Stamped events not yet handed to the store.
+    unsent: Vec<StoredEvent>,
+    outbox: VecDeque<Outgoing>,
+    subscribers: HashMap<u64, mpsc::Sender<ClientFrame>>,
+    next_subscriber: u64,
+    runtime: Option<Box<dyn Runtime>>,
+    runtime_ready: bool,
+    /// Durable user events waiting for the runtime to become ready.
+    runtime_backlog: Vec<(u64, EventBody)>,
+    agent_state: String,
+    last_status: Option<Arc<str>>,
+    stopping: Option<StopReason>,
+    store_failed: bool,
+    stop_waiters: Vec<oneshot::Sender<()>>,
+    last_activity_ms: u64,
+}
+
+impl Conversation {
+    pub(super) fn new(
+        id: Arc<str>,
+        generation: u64,
+        mode: AdmitMode,
+        shared: Arc<Shared>,
+        settings: Arc<Settings>,
+        store: Arc<dyn Store>,
+        supervisor: Addr<Supervisor>,
+    ) -> Self {
+        Conversation {
+            id,
+            generation,
+            shared,
+            settings,
+            store,
+            supervisor,
+            self_addr: None,
+            mode: Some(mode),
+            meta: None,
+            created: false,
+            status: ConversationStatus::Starting,
+            next_id: 0,
+            durable_before: 0,
+            unsent: Vec::new(),
+            outbox: VecDeque::new(),
+            subscribers: HashMap::new(),
+            next_subscriber: 0,
+            runtime: None,
+            runtime_ready: false,
+            runtime_backlog: Vec::new(),
+            agent_state: "loading".into(),
+            last_status: None,
+            stopping: None,
+            store_failed: false,
+            stop_waiters: Vec::new(),
+            last_activity_ms: now_ms(),
+        }
+    }
+
+    fn touch(&mut self) {
+        self.last_activity_ms = now_ms();
+        self.shared.touch();
+    }
+
+    fn set_status(&mut self, status: ConversationStatus) {
+        self.status = status;
+        self.shared.set_status(status);
+    }
+
+    // ---- events -------------------------------------------------------------------------
+
+    /// Stamps an event and queues it for persistence; false when the log is full.
+    fn emit(&mut self, body: EventBody) -> bool {
+        if self.store_failed {
+            return false;
+        }
+        if self.next_id >= self.settings.limits.max_events_per_conversation {
+            warn!(conversation_id = %self.id, "event limit reached; event dropped");
+            return false;
+        }
+        if let Some(state) = body.announced_agent_state() {
+            self.agent_state = state.to_string();
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let event = body.stamp(id, &events::event_timestamp());
+        let for_runtime = (body.source == Source::User).then_some(body);
+        self.unsent.push(event.clone());
+        self.outbox
+            .push_back(Outgoing::Event { event, for_runtime });
+        self.touch();
+        true
+    }
+
+    /// Queues a status payload for clients, after every event emitted before it.
+    fn publish_status(&mut self, update: StatusUpdate) {
+        let json = update.to_json();
+        if update.conversation_title.is_none() {
+            self.last_status = Some(json.clone());
+        }
+        self.outbox.push_back(Outgoing::Payload(json));
+    }
+
+    /// Hands everything emitted so far to the store as one append.
+    fn commit(&mut self, ctx: &mut Context<Self>) {
+        if self.unsent.is_empty() {
+            self.flush(ctx);
+            return;
+        }
+        let batch = std::mem::take(&mut self.unsent);
+        let upto = batch.last().map_or(0, |e| e.id + 1);
+        let fut = self.store.append(&self.id, batch);
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => {
+                act.durable_before = act.durable_before.max(upto);
+                act.flush(ctx);
+            }
+            Err(e) => act.on_store_failure(e, ctx),
+        }));
+        self.flush(ctx);
+    }
+
+    /// Releases, in order, everything at the front of the outbox that may leave.
+    fn flush(&mut self, ctx: &mut Context<Self>) {
+        let mut emitted = false;
+        while let Some(front) = self.outbox.front() {
+            if let Outgoing::Event { event, .. } = front {
+                if event.id >= self.durable_before {
+                    break;
+                }
+            }
+            match self.outbox.pop_front() {
+                Some(Outgoing::Event { event, for_runtime }) => {
+                    self.broadcast(ClientFrame::Event(event.clone()));
+                    if let Some(body) = for_runtime {
+                        emitted |= self.hand_to_runtime(event.id, body, ctx);
+                    }
+                }
+                Some(Outgoing::Payload(json)) => self.broadcast(ClientFrame::Payload(json)),
+                Some(Outgoing::CloseAll(reason)) => {
+                    for (_, sink) in self.subscribers.drain() {
+                        let _ =
+                            sink.try_send(ClientFrame::Close(CloseReason::Stopped(reason.clone())));
+                    }
+                    self.shared.set_connections(0);
+                    self.finish_stop(ctx);
+                }
+                None => break,
+            }
+        }
+        if emitted {
+            self.commit(ctx);
+        }
+    }
+
+    fn broadcast(&mut self, frame: ClientFrame) {
+        let mut dropped = Vec::new();
+        for (sid, sink) in &self.subscribers {
+            if let Err(e) = sink.try_send(frame.clone()) {
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    warn!(conversation_id = %self.id, subscriber = sid, "client too slow; detached");
+                }
+                dropped.push(*sid);
+            }
+        }
+        if !dropped.is_empty() {
+            for sid in dropped {
+                self.subscribers.remove(&sid);
+            }
+            self.shared.set_connections(self.subscribers.len());
+        }
+    }
+
+    /// Gives a durable user event to the runtime (or keeps it until ready). True if that
+    /// emitted new events.
+    fn hand_to_runtime(&mut self, id: u64, body: EventBody, ctx: &mut Context<Self>) -> bool {
+        if self.stopping.is_some() {
+            return false;
+        }
+        if !self.runtime_ready {
+            self.runtime_backlog.push((id, body));
+            return false;
+        }
+        let signals = match self.runtime.as_mut() {
+            Some(rt) => rt.on_user_event(id, &body),
+            None => return false,
+        };
+        self.apply_signals(signals, ctx)
+    }
+
+    /// Applies runtime signals; true if any event was emitted.
+    fn apply_signals(&mut self, signals: Vec<RuntimeSignal>, ctx: &mut Context<Self>) -> bool {
+        let mut emitted = false;
+        for signal in signals {
+            if self.stopping.is_some() {
+                break;
+            }
+            match signal {
+                RuntimeSignal::Ready => emitted |= self.on_ready(ctx),
+                RuntimeSignal::Event(body) => {
+                    if !self.emit(body) {
+                        self.begin_stop(
+                            StopReason::RuntimeFailed("event limit reached".into()),
+                            ctx,
+                        );
+                    }
+                    emitted = true;
+                }
+                RuntimeSignal::Status(update) => {
+                    if update.kind == "error" {
+                        self.shared.set_runtime_status(RuntimeStatus::Error);
+                    }
+                    self.publish_status(update);
+                }
+                RuntimeSignal::Failed(why) => {
+                    self.begin_stop(StopReason::RuntimeFailed(why), ctx);
+                    emitted = true;
+                }
+            }
+        }
+        emitted
+    }
+
+    fn on_ready(&mut self, ctx: &mut Context<Self>) -> bool {
+        if self.status != ConversationStatus::Starting {
+            return false;
+        }
+        info!(conversation_id = %self.id, "runtime ready");
+        self.runtime_ready = true;
+        self.set_status(ConversationStatus::Running);
+        self.shared.set_runtime_status(RuntimeStatus::Ready);
+        self.publish_status(StatusUpdate::info(events::STATUS_READY));
+        let backlog = std::mem::take(&mut self.runtime_backlog);
+        let user_work_pending = !backlog.is_empty()
+            || self.outbox.iter().any(|o| {
+                matches!(
+                    o,
+                    Outgoing::Event {
+                        for_runtime: Some(_),
+                        ..
+                    }
+                )
+            });
+        let mut emitted = false;
+        if !user_work_pending {
+            emitted = self.emit(EventBody::agent_state("awaiting_user_input", ""));
+        }
+        for (id, body) in backlog {
+            emitted |= self.hand_to_runtime(id, body, ctx);
+        }
+        emitted
+    }
+
+    fn on_store_failure(&mut self, error: StoreError, ctx: &mut Context<Self>) {
+        if self.store_failed {
+            return;
+        }
+        tracing::error!(conversation_id = %self.id, %error, "store failed; stopping conversation");
+        self.store_failed = true;
+        // Events that never became durable are never shown to anyone.
+        let cutoff = self.durable_before;
+        self.outbox
+            .retain(|o| !matches!(o, Outgoing::Event { event, .. } if event.id >= cutoff));
+        self.unsent.clear();
+        self.shared.set_runtime_status(RuntimeStatus::Error);
+        self.publish_status(StatusUpdate::error(
+            events::STATUS_ERROR_RUNTIME_DISCONNECTED,
+            &format!("storage failed: {error}"),
+        ));
+        self.begin_stop(StopReason::StoreFailed(error.to_string()), ctx);
+        self.flush(ctx);
+    }
+
+    // ---- lifecycle ----------------------------------------------------------------------
+
+    fn on_loaded(&mut self, loaded: Result<Loaded, StoreError>, ctx: &mut Context<Self>) {
+        match loaded {
+            Ok(Loaded::Created(meta)) => {
+                info!(conversation_id = %self.id, trigger = %meta.trigger, "conversation created");
+                self.created = true;
+                let init = meta.init.clone();
+                self.meta = Some(*meta);
+                self.emit(EventBody::agent_state("loading", ""));
+                for value in &init.replay_events {
+                    match EventBody::from_value(value) {
+                        Ok(body) if body.source != Source::User => {
+                            self.emit(body);
+                        }
+                        Ok(body) => {
+                            // Replayed user events are history, not new work for the runtime.
+                            self.emit(body);
+                            if let Some(Outgoing::Event { for_runtime, .. }) =
+                                self.outbox.back_mut()
+                            {
+                                *for_runtime = None;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(conversation_id = %self.id, error = %e, "skipping replayed event")
+                        }
+                    }
+                }
+                if init.initial_user_msg.is_some() || !init.image_urls.is_empty() {
+                    let content = init.initial_user_msg.as_deref().unwrap_or("");
+                    self.emit(EventBody::message(
+                        Source::User,
+                        content,
+                        serde_json::json!(init.image_urls),
+                        false,
+                    ));
+                }
+            }
+            Ok(Loaded::Resumed(record)) => {
+                info!(conversation_id = %self.id, next_event_id = record.next_event_id, "conversation resumed");
+                self.next_id = record.next_event_id;
+                self.durable_before = record.next_event_id;
+                self.meta = Some(record.meta);
+                self.emit(EventBody::agent_state("loading", ""));
+            }
+            Ok(Loaded::NotFound) => {
+                debug!(conversation_id = %self.id, "not found");
+                self.set_status(ConversationStatus::Stopped);
+                ctx.stop();
+                return;
+            }
+            Err(e) => {
+                tracing::error!(conversation_id = %self.id, error = %e, "could not load conversation");
+                self.store_failed = true;
+                self.set_status(ConversationStatus::Stopped);
+                ctx.stop();
+                return;
+            }
+        }
+        self.shared.set_runtime_status(RuntimeStatus::Starting);
+        self.publish_status(StatusUpdate::info(events::STATUS_STARTING_RUNTIME));
+        self.start_runtime(ctx);
+        self.arm_start_deadline(ctx);
+        self.arm_idle_timer(
+            ctx,
+            Duration::from_secs(self.settings.limits.idle_timeout_secs),
+        );
+        self.commit(ctx);
+    }
+
+    fn start_runtime(&mut self, ctx: &mut Context<Self>) {
+        let mut runtime: Box<dyn Runtime> = match self.settings.runtime.kind {
+            RuntimeKind::Echo | RuntimeKind::Process => Box::new(EchoRuntime::new(
+                Duration::from_millis(self.settings.runtime.echo.start_delay_ms),
+            )),
+        };
+        let Some(meta) = self.meta.as_ref() else {
+            return;
+        };
+        let sink = RuntimeSink::new(ctx.address().recipient());
+        let signals = runtime.start(RuntimeStart {
+            conversation_id: &self.id,
+            trigger: &meta.trigger,
+            init: &meta.init,
+            sink,
+        });
+        self.runtime = Some(runtime);
+        self.apply_signals(signals, ctx);
+    }
+
+    fn arm_start_deadline(&mut self, ctx: &mut Context<Self>) {
+        let deadline = Duration::from_secs(self.settings.limits.start_timeout_secs);
+        ctx.run_later(deadline, |act, ctx| {
+            if act.status == ConversationStatus::Starting && act.stopping.is_none() {
+                warn!(conversation_id = %act.id, "runtime did not start before the deadline");
+                act.begin_stop(StopReason::StartTimeout, ctx);
+            }
+        });
+    }
+
+    /// Checks idleness after `after`; re-arms itself until the conversation stops.
+    fn arm_idle_timer(&mut self, ctx: &mut Context<Self>, after: Duration) {
+        ctx.run_later(after, |act, ctx| {
+            if act.stopping.is_some() {
+                return;
+            }
+            let timeout_ms = act.settings.limits.idle_timeout_secs.saturating_mul(1000);
+            let idle_ms = now_ms().saturating_sub(act.last_activity_ms);
+            let busy = !act.subscribers.is_empty() || act.agent_state == "running";
+            if !busy && idle_ms >= timeout_ms {
+                info!(conversation_id = %act.id, idle_ms, "idle; stopping");
+                act.begin_stop(StopReason::Idle, ctx);
+                return;
+            }
+            let next = if busy {
+                timeout_ms
+            } else {
+                timeout_ms - idle_ms
+            };
+            act.arm_idle_timer(ctx, Duration::from_millis(next.max(10)));
+        });
+    }
+
+    /// The one teardown path.
+    fn begin_stop(&mut self, reason: StopReason, ctx: &mut Context<Self>) {
+        if self.stopping.is_some() {
+            return;
+        }
+        info!(conversation_id = %self.id, reason = reason.as_str(), "stopping");
+        self.set_status(ConversationStatus::Stopped);
+        if let Some(mut rt) = self.runtime.take() {
+            rt.stop();
+        }
+        self.runtime_ready = false;
+        self.runtime_backlog.clear();
+        match &reason {
+            StopReason::Evicted => {
+                self.publish_status(StatusUpdate::error(
+                    events::TOO_MANY_CONVERSATIONS,
+                    events::TOO_MANY_CONVERSATIONS_MESSAGE,
+                ));
+            }
+            StopReason::StartTimeout | StopReason::RuntimeFailed(_) => {
+                let why = reason.as_str().to_string();
+                self.shared.set_runtime_status(RuntimeStatus::Error);
+                self.emit(EventBody::error(&why));
+                self.publish_status(StatusUpdate::error(
+                    events::STATUS_ERROR_RUNTIME_DISCONNECTED,
+                    &why,
+                ));
+            }
+            _ => {}
+        }
+        self.emit(EventBody::agent_state("stopped", reason.as_str()));
+        self.outbox
+            .push_back(Outgoing::CloseAll(reason.as_str().to_string()));
+        self.stopping = Some(reason);
+        self.commit(ctx);
+    }
+
+    /// Runs once the outbox delivered `CloseAll`: everything is durable and delivered.
+    fn finish_stop(&mut self, ctx: &mut Context<Self>) {
+        if self.stopping == Some(StopReason::Deleted) {
+            let fut = self.store.delete(&self.id);
+            ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
+                if let Err(e) = res {
+                    warn!(conversation_id = %act.id, error = %e, "delete failed");
+                }
+                ctx.stop();
+            }));
+        } else {
+            ctx.stop();
+        }
+    }
+}
+
+impl Actor for Conversation {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.self_addr = Some(ctx.address());
+        let store = self.store.clone();
+        let id = self.id.clone();
+        let mode = self.mode.take().unwrap_or(AdmitMode::LoadOnly);
+        let load = async move {
+            match mode {
+                AdmitMode::Fresh(meta) => {
+                    store.create((*meta).clone()).await?;
+                    Ok(Loaded::Created(meta))
+                }
+                AdmitMode::LoadOrCreate(meta) => {
+                    if let Some(rec) = store.get(&id).await? {
+                        return Ok(Loaded::Resumed(Box::new(rec)));
+                    }
+                    match store.create((*meta).clone()).await {
+                        Ok(()) => Ok(Loaded::Created(meta)),
+                        Err(StoreError::Exists(_)) => Ok(store
+                            .get(&id)
+                            .await?
+                            .map_or(Loaded::NotFound, |r| Loaded::Resumed(Box::new(r)))),
+                        Err(e) => Err(e),
+                    }
+                }
+                AdmitMode::LoadOnly => Ok(store
+                    .get(&id)
+                    .await?
+                    .map_or(Loaded::NotFound, |r| Loaded::Resumed(Box::new(r)))),
+            }
+        };
+        // `wait` holds back every other message until the conversation is loaded.
+        ctx.wait(
+            load.into_actor(self)
+                .map(|res, act, ctx| act.on_loaded(res, ctx)),
+        );
+    }
+
+    fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
+        self.self_addr = None;
+        Running::Stop
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        self.set_status(ConversationStatus::Stopped);
+        self.shared.set_connections(0);
+        if let Some(mut rt) = self.runtime.take() {
+            rt.stop();
+        }
+        self.supervisor.do_send(Gone {
+            id: self.id.clone(),
+            generation: self.generation,
+        });
+        for waiter in self.stop_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        debug!(conversation_id = %self.id, "actor stopped");
+    }
+}
+
+impl Handler<Join> for Conversation {
+    type Result = Result<JoinReply, ConversationError>;
+
+    fn handle(&mut self, msg: Join, _ctx: &mut Self::Context) -> Self::Result {
+        if self.meta.is_none() {
+            return Err(ConversationError::NotFound);
+        }
+        if self.stopping.is_some() {
+            return Err(ConversationError::Stopping);
+        }
+        self.touch();
+        let applied = msg.role == Role::Creator && self.created;
+        let message = (!applied && msg.brought_initial_message).then(|| {
+            "Joined the existing conversation; the request's initial message was not applied"
+                .to_string()
+        });
+        Ok(JoinReply {
+            status: self.status,
+            message,
+        })
+    }
+}
+
+impl Handler<UserAction> for Conversation {
+    type Result = Result<(), ConversationError>;
+
+    fn handle(&mut self, msg: UserAction, ctx: &mut Self::Context) -> Self::Result {
+        if self.meta.is_none() {
+            return Err(ConversationError::NotFound);
+        }
+        if self.stopping.is_some() {
+            return Err(ConversationError::Stopping);
+        }
+        if !self.emit(msg.0) {
+            return Err(ConversationError::Refused(
+                "the conversation has reached its event limit".into(),
+            ));
+        }
+        self.commit(ctx);
+        Ok(())
+    }
+}
+
+impl Handler<Stop> for Conversation {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: Stop, ctx: &mut Self::Context) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        self.stop_waiters.push(tx);
+        if self.stopping.is_none() {
+            self.begin_stop(msg.0, ctx);
+        } else if msg.0 == StopReason::Deleted {
+            // A delete that arrives while another stop is under way still removes the data.
+            self.stopping = Some(StopReason::Deleted);
+        }
+        Box::pin(async move {
+            let _ = rx.await;
+        })
+    }
+}
+
+impl Handler<SetTitle> for Conversation {
+    type Result = ResponseFuture<Result<(), ConversationError>>;
+
+    fn handle(&mut self, msg: SetTitle, ctx: &mut Self::Context) -> Self::Result {
+        let Some(meta) = self.meta.as_mut() else {
+            return Box::pin(std::future::ready(Err(ConversationError::NotFound)));
+        };
+        meta.title = msg.0.clone();
+        self.publish_status(StatusUpdate::title(&self.id, &msg.0));
+        self.flush(ctx);
+        let fut = self.store.set_title(&self.id, &msg.0);
+        Box::pin(async move {
+            match fut.await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(ConversationError::NotFound),
+                Err(e) => Err(ConversationError::Refused(e.to_string())),
+            }
+        })
+    }
+}
+
+impl Handler<Subscribe> for Conversation {
+    type Result = Result<Subscribed, ConversationError>;
+
+    fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
+        if self.meta.is_none() {
+            return Err(ConversationError::NotFound);
+        }
+        if self.stopping.is_some() {
+            return Err(ConversationError::Stopping);
+        }
+        if self.subscribers.len() >= self.settings.limits.max_clients_per_conversation {
+            return Err(ConversationError::Refused(
+                "too many clients are attached to this conversation".into(),
+            ));
+        }
+        let subscriber_id = self.next_subscriber;
+        self.next_subscriber += 1;
+        self.subscribers.insert(subscriber_id, msg.sink);
+        self.shared.set_connections(self.subscribers.len());
+        self.touch();
+        Ok(Subscribed {
+            subscriber_id,
+            replay_before: self.durable_before,
+            last_status: self.last_status.clone(),
+        })
+    }
+}
+
+impl Handler<Unsubscribe> for Conversation {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Self::Context) {
+        if self.subscribers.remove(&msg.0).is_some() {
+            self.shared.set_connections(self.subscribers.len());
+            self.touch();
+        }
+    }
+}
+
+impl Handler<FromRuntime> for Conversation {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromRuntime, ctx: &mut Self::Context) {
+        if self.stopping.is_some() || self.runtime.is_none() {
+            return;
+        }
+        self.apply_signals(vec![msg.0], ctx);
+        self.commit(ctx);
+    }
+}

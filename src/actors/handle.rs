@@ -1,0 +1,123 @@
+//! Handles: what the HTTP and socket layers hold instead of raw actor addresses.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use tokio::sync::mpsc;
+
+use super::conversation::Conversation;
+use super::messages::*;
+use super::shared::{ConversationStatus, Registry, Shared};
+use super::supervisor::Supervisor;
+use crate::events::EventBody;
+
+/// A live conversation that admission handed out.
+#[derive(Clone)]
+pub struct Admitted {
+    pub conversation: ConversationHandle,
+    pub role: Role,
+}
+
+/// Talks to the supervisor.
+#[derive(Clone)]
+pub struct SupervisorHandle {
+    addr: Addr<Supervisor>,
+    registry: Arc<Registry>,
+}
+
+impl SupervisorHandle {
+    pub(super) fn new(addr: Addr<Supervisor>, registry: Arc<Registry>) -> Self {
+        SupervisorHandle { addr, registry }
+    }
+
+    /// Finds or starts the conversation `id`.
+    pub async fn admit(&self, id: Arc<str>, mode: AdmitMode) -> Result<Admitted, AdmitError> {
+        self.addr
+            .send(Admit { id, mode })
+            .await
+            .map_err(|_| AdmitError::ShuttingDown)?
+    }
+
+    /// Stops every conversation and waits until all have stopped.
+    pub async fn shutdown(&self) {
+        let _ = self.addr.send(Shutdown).await;
+    }
+
+    /// The live (not stopping) conversation `id`, if any; no actor hop.
+    pub fn live(&self, id: &str) -> Option<ConversationHandle> {
+        let entry = self.registry.get(id)?;
+        if entry.shared.status() == ConversationStatus::Stopped {
+            return None;
+        }
+        let addr = entry.addr.upgrade()?;
+        Some(ConversationHandle {
+            addr,
+            shared: entry.shared.clone(),
+        })
+    }
+
+    /// The published state of conversation `id` while it has an actor (stopping included).
+    pub fn shared(&self, id: &str) -> Option<Arc<Shared>> {
+        self.registry.get(id).map(|e| e.shared.clone())
+    }
+
+    /// Number of conversations with an actor.
+    pub fn live_count(&self) -> usize {
+        self.registry.len()
+    }
+}
+
+/// Talks to one conversation actor.
+#[derive(Clone)]
+pub struct ConversationHandle {
+    pub(super) addr: Addr<Conversation>,
+    pub(super) shared: Arc<Shared>,
+}
+
+fn gone<T>(_: actix::MailboxError) -> Result<T, ConversationError> {
+    Err(ConversationError::Stopping)
+}
+
+impl ConversationHandle {
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub async fn join(
+        &self,
+        role: Role,
+        brought_initial_message: bool,
+    ) -> Result<JoinReply, ConversationError> {
+        self.addr
+            .send(Join {
+                role,
+                brought_initial_message,
+            })
+            .await
+            .or_else(gone)?
+    }
+
+    pub async fn user_action(&self, event: EventBody) -> Result<(), ConversationError> {
+        self.addr.send(UserAction(event)).await.or_else(gone)?
+    }
+
+    /// Stops the conversation; returns once it has fully stopped.
+    pub async fn stop(&self, reason: StopReason) {
+        let _ = self.addr.send(Stop(reason)).await;
+    }
+
+    pub async fn set_title(&self, title: String) -> Result<(), ConversationError> {
+        self.addr.send(SetTitle(title)).await.or_else(gone)?
+    }
+
+    pub async fn subscribe(
+        &self,
+        sink: mpsc::Sender<ClientFrame>,
+    ) -> Result<Subscribed, ConversationError> {
+        self.addr.send(Subscribe { sink }).await.or_else(gone)?
+    }
+
+    pub fn unsubscribe(&self, subscriber_id: u64) {
+        self.addr.do_send(Unsubscribe(subscriber_id));
+    }
+}

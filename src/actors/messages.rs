@@ -1,0 +1,180 @@
+//! Messages between the HTTP/socket layers, the supervisor and conversation actors.
+
+use std::sync::Arc;
+
+use actix::prelude::*;
+use tokio::sync::mpsc;
+
+use super::shared::ConversationStatus;
+use crate::events::{EventBody, StoredEvent};
+use crate::store::ConversationMeta;
+
+/// How the supervisor should bring up a conversation that is not live.
+#[derive(Debug, Clone)]
+pub enum AdmitMode {
+    /// A brand-new id: create it with this metadata, no lookup needed.
+    Fresh(Box<ConversationMeta>),
+    /// A client-chosen id: resume it if stored, otherwise create it with this metadata.
+    LoadOrCreate(Box<ConversationMeta>),
+    /// Resume a stored conversation; fail with `NotFound` if there is none.
+    LoadOnly,
+}
+
+/// Whether the request that admitted a conversation is the one whose metadata created it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Creator,
+    Joiner,
+}
+
+/// Why the supervisor refused to admit.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    #[error("too many conversations are running")]
+    TooMany,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("conversation not found")]
+    NotFound,
+    #[error("the conversation could not be started: {0}")]
+    Failed(String),
+}
+
+/// Ask the supervisor for a live conversation.
+#[derive(Message)]
+#[rtype(result = "Result<super::handle::Admitted, AdmitError>")]
+pub struct Admit {
+    pub id: Arc<str>,
+    pub mode: AdmitMode,
+}
+
+/// A conversation actor has stopped for good (sent from its `stopped()`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Gone {
+    pub id: Arc<str>,
+    pub generation: u64,
+}
+
+/// Stop every conversation; resolves when all have stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Shutdown;
+
+/// Why a conversation stops.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// `POST …/stop`.
+    User,
+    /// `DELETE …`: the conversation's data is removed after it stops.
+    Deleted,
+    /// Idle past the timeout with no client attached.
+    Idle,
+    /// STARTING outlived its deadline.
+    StartTimeout,
+    /// Evicted to make room under the `evict_oldest` policy.
+    Evicted,
+    /// Its runtime failed.
+    RuntimeFailed(String),
+    /// The store failed; nothing more can be made durable.
+    StoreFailed(String),
+    /// The server is shutting down.
+    Shutdown,
+}
+
+impl StopReason {
+    pub fn as_str(&self) -> &str {
+        match self {
+            StopReason::User => "stopped by user",
+            StopReason::Deleted => "conversation deleted",
+            StopReason::Idle => "idle timeout",
+            StopReason::StartTimeout => "runtime did not start before the deadline",
+            StopReason::Evicted => "too many conversations",
+            StopReason::RuntimeFailed(why) | StopReason::StoreFailed(why) => why,
+            StopReason::Shutdown => "server shutting down",
+        }
+    }
+}
+
+/// Answer to a [`Join`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinReply {
+    pub status: ConversationStatus,
+    /// Set when the request's own initial data was not applied.
+    pub message: Option<String>,
+}
+
+/// Why a conversation refused a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConversationError {
+    #[error("conversation not found")]
+    NotFound,
+    #[error("the conversation is stopping")]
+    Stopping,
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A request (POST) joins the conversation.
+#[derive(Message)]
+#[rtype(result = "Result<JoinReply, ConversationError>")]
+pub struct Join {
+    pub role: Role,
+    /// The request carried an initial message that joining will not apply.
+    pub brought_initial_message: bool,
+}
+
+/// A user action (socket `oh_user_action` or `POST …/events`).
+#[derive(Message)]
+#[rtype(result = "Result<(), ConversationError>")]
+pub struct UserAction(pub EventBody);
+
+/// Stop the conversation; resolves once it has fully stopped.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Stop(pub StopReason);
+
+/// Rename the conversation.
+#[derive(Message)]
+#[rtype(result = "Result<(), ConversationError>")]
+pub struct SetTitle(pub String);
+
+/// What a conversation sends to an attached client.
+#[derive(Debug, Clone)]
+pub enum ClientFrame {
+    /// A durable event.
+    Event(StoredEvent),
+    /// A payload that is not a stored event (status update, refusal).
+    Payload(Arc<str>),
+    /// The conversation detaches the client after everything before this.
+    Close(CloseReason),
+}
+
+/// Why a conversation closed a client's attachment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    Stopped(String),
+}
+
+/// Attach a client. Events with id below `Subscribed::replay_before` are already durable and
+/// must be read from the store; every later event arrives through `sink`.
+#[derive(Message)]
+#[rtype(result = "Result<Subscribed, ConversationError>")]
+pub struct Subscribe {
+    pub sink: mpsc::Sender<ClientFrame>,
+}
+
+/// Answer to a [`Subscribe`].
+#[derive(Debug, Clone)]
+pub struct Subscribed {
+    pub subscriber_id: u64,
+    /// Every event with a smaller id is in the store; later ones come through the sink.
+    pub replay_before: u64,
+    /// The conversation's latest status update, sent after the replay.
+    pub last_status: Option<Arc<str>>,
+}
+
+/// Detach a client.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unsubscribe(pub u64);

@@ -1,0 +1,19 @@
+//! The actor system: one [`Supervisor`](supervisor::Supervisor) owning admission and the
+//! registry, and one [`Conversation`](conversation::Conversation) actor per live conversation.
+//!
+//! Callers outside this module use the small handle types [`SupervisorHandle`] and
+//! [`ConversationHandle`] and the read-only [`Registry`]; they never hold raw `Addr`s, so the
+//! actor library stays an implementation detail of this module.
+
+pub mod conversation;
+pub mod messages;
+pub mod supervisor;
+
+mod handle;
+mod shared;
+
+pub use handle::{ConversationHandle, SupervisorHandle};
+pub use messages::{
+    AdmitError, AdmitMode, ClientFrame, CloseReason, JoinReply, Role, StopReason, Subscribed,
+};
+pub use shared::{ConversationStatus, Registry, RegistryEntry, RuntimeStatus, Shared};

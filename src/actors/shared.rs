@@ -1,0 +1,149 @@
+//! State a conversation actor publishes for lock-free reads by other threads, and the registry
+//! of live conversations.
+//!
+//! Only the conversation actor writes its [`Shared`]; only the supervisor inserts into or
+//! removes from the [`Registry`]. Readers (HTTP handlers listing or describing conversations)
+//! take no actor hop. Registry entries hold a `WeakAddr`, so an entry never keeps an actor alive.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use actix::WeakAddr;
+use dashmap::DashMap;
+use serde::Serialize;
+
+use super::conversation::Conversation;
+
+/// A conversation's lifecycle status, as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ConversationStatus {
+    Starting,
+    Running,
+    Stopped,
+}
+
+impl ConversationStatus {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => ConversationStatus::Starting,
+            1 => ConversationStatus::Running,
+            _ => ConversationStatus::Stopped,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConversationStatus::Starting => "STARTING",
+            ConversationStatus::Running => "RUNNING",
+            ConversationStatus::Stopped => "STOPPED",
+        }
+    }
+}
+
+/// The runtime's last reported state, as `runtime_status` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuntimeStatus {
+    None,
+    Starting,
+    Ready,
+    Error,
+}
+
+impl RuntimeStatus {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => RuntimeStatus::Starting,
+            2 => RuntimeStatus::Ready,
+            3 => RuntimeStatus::Error,
+            _ => RuntimeStatus::None,
+        }
+    }
+
+    /// The `STATUS$…` id, or `None` when there is no runtime.
+    pub fn as_id(self) -> Option<&'static str> {
+        match self {
+            RuntimeStatus::None => None,
+            RuntimeStatus::Starting => Some(crate::events::STATUS_STARTING_RUNTIME),
+            RuntimeStatus::Ready => Some(crate::events::STATUS_READY),
+            RuntimeStatus::Error => Some(crate::events::STATUS_ERROR_RUNTIME_DISCONNECTED),
+        }
+    }
+}
+
+fn clock() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+/// Milliseconds on a process-wide monotonic clock.
+pub fn now_ms() -> u64 {
+    clock().elapsed().as_millis() as u64
+}
+
+/// What one conversation actor publishes.
+#[derive(Debug)]
+pub struct Shared {
+    status: AtomicU8,
+    runtime_status: AtomicU8,
+    connections: AtomicU32,
+    last_active_ms: AtomicU64,
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Shared {
+            status: AtomicU8::new(0),
+            runtime_status: AtomicU8::new(RuntimeStatus::Starting as u8),
+            connections: AtomicU32::new(0),
+            last_active_ms: AtomicU64::new(now_ms()),
+        }
+    }
+}
+
+impl Shared {
+    pub fn status(&self) -> ConversationStatus {
+        ConversationStatus::from_u8(self.status.load(Ordering::Acquire))
+    }
+
+    pub(super) fn set_status(&self, status: ConversationStatus) {
+        self.status.store(status as u8, Ordering::Release);
+    }
+
+    pub fn runtime_status(&self) -> RuntimeStatus {
+        RuntimeStatus::from_u8(self.runtime_status.load(Ordering::Acquire))
+    }
+
+    pub(super) fn set_runtime_status(&self, status: RuntimeStatus) {
+        self.runtime_status.store(status as u8, Ordering::Release);
+    }
+
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_connections(&self, n: usize) {
+        self.connections
+            .store(u32::try_from(n).unwrap_or(u32::MAX), Ordering::Release);
+    }
+
+    pub fn last_active_ms(&self) -> u64 {
+        self.last_active_ms.load(Ordering::Relaxed)
+    }
+
+    pub(super) fn touch(&self) {
+        self.last_active_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// One live conversation in the registry.
+#[derive(Clone)]
+pub struct RegistryEntry {
+    pub(super) addr: WeakAddr<Conversation>,
+    pub(super) generation: u64,
+    pub shared: Arc<Shared>,
+}
+
+/// Live conversations by id. Written by the supervisor only; readable from any thread.
+pub type Registry = DashMap<Arc<str>, RegistryEntry>;

@@ -1,0 +1,264 @@
+//! The supervisor: admission, limits and the registry of live conversations.
+//!
+//! Create-or-join for an id is decided here and only here, one message at a time, so any number
+//! of concurrent requests for one id start exactly one actor. The supervisor is the only writer
+//! of the [`Registry`]: it inserts an entry when it starts an actor and removes it when that
+//! actor reports [`Gone`] from its `stopped()` — the single teardown path every stop takes.
+//! A request for an id whose actor is still stopping waits until it is gone, so an old and a new
+//! incarnation never write the same event log at once.
+//!
+//! Conversation actors are started round-robin on a pool of arbiters (threads), not on the
+//! supervisor's own thread.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use tokio::sync::oneshot;
+
+use super::conversation::Conversation;
+use super::handle::{Admitted, ConversationHandle, SupervisorHandle};
+use super::messages::*;
+use super::shared::{ConversationStatus, Registry, RegistryEntry, Shared};
+use crate::config::{OnLimit, Settings};
+use crate::store::Store;
+
+type AdmitReply = oneshot::Sender<Result<Admitted, AdmitError>>;
+
+/// Owns admission and the registry.
+pub struct Supervisor {
+    registry: Arc<Registry>,
+    arbiters: Vec<ArbiterHandle>,
+    next_arbiter: usize,
+    settings: Arc<Settings>,
+    store: Arc<dyn Store>,
+    next_generation: u64,
+    /// Conversations told to stop to make room; they no longer count against the limit.
+    evicting: HashSet<Arc<str>>,
+    /// Admissions waiting for a stopping incarnation of their id to be gone.
+    deferred: HashMap<Arc<str>, Vec<(Admit, AdmitReply)>>,
+    shutting_down: bool,
+    shutdown_waiters: Vec<oneshot::Sender<()>>,
+}
+
+impl Supervisor {
+    /// Starts the supervisor on the current arbiter and `threads` conversation arbiters.
+    pub fn start(settings: Arc<Settings>, store: Arc<dyn Store>) -> SupervisorHandle {
+        let registry = Arc::new(Registry::new());
+        let threads = settings.conversation_thread_count();
+        let arbiters = (0..threads).map(|_| Arbiter::new().handle()).collect();
+        let supervisor = Supervisor {
+            registry: registry.clone(),
+            arbiters,
+            next_arbiter: 0,
+            settings,
+            store,
+            next_generation: 0,
+            evicting: HashSet::new(),
+            deferred: HashMap::new(),
+            shutting_down: false,
+            shutdown_waiters: Vec::new(),
+        };
+        let addr = Supervisor::create(|ctx| {
+            ctx.set_mailbox_capacity(4096);
+            supervisor
+        });
+        SupervisorHandle::new(addr, registry)
+    }
+
+    /// Conversations that count against the running limit.
+    fn running(&self) -> usize {
+        self.registry.len().saturating_sub(self.evicting.len())
+    }
+
+    fn admit(
+        &mut self,
+        msg: Admit,
+        ctx: &mut Context<Self>,
+    ) -> Result<Result<Admitted, AdmitError>, Admit> {
+        if self.shutting_down {
+            return Ok(Err(AdmitError::ShuttingDown));
+        }
+        if let Some(entry) = self.registry.get(&msg.id).map(|e| e.clone()) {
+            match entry.addr.upgrade() {
+                Some(addr) if entry.shared.status() != ConversationStatus::Stopped => {
+                    return Ok(Ok(Admitted {
+                        conversation: ConversationHandle {
+                            addr,
+                            shared: entry.shared,
+                        },
+                        role: Role::Joiner,
+                    }));
+                }
+                // Still stopping: wait for its Gone.
+                Some(_) => return Err(msg),
+                // The actor vanished without reporting (its thread died): forget it.
+                None => {
+                    self.registry.remove(&msg.id);
+                    self.evicting.remove(&msg.id);
+                }
+            }
+        }
+        if self.running() >= self.settings.limits.max_running_conversations {
+            match self.settings.limits.on_limit {
+                OnLimit::Reject => return Ok(Err(AdmitError::TooMany)),
+                OnLimit::EvictOldest => {
+                    if !self.evict_oldest() {
+                        return Ok(Err(AdmitError::TooMany));
+                    }
+                }
+            }
+        }
+        Ok(Ok(self.spawn(msg, ctx)))
+    }
+
+    /// Tells the least recently active running conversation to stop; false if none can be.
+    fn evict_oldest(&mut self) -> bool {
+        let victim = self
+            .registry
+            .iter()
+            .filter(|e| {
+                !self.evicting.contains(e.key()) && e.shared.status() != ConversationStatus::Stopped
+            })
+            .min_by_key(|e| e.shared.last_active_ms())
+            .map(|e| (e.key().clone(), e.addr.clone()));
+        let Some((id, addr)) = victim else {
+            return false;
+        };
+        tracing::info!(conversation_id = %id, "evicting least recently active conversation");
+        self.evicting.insert(id);
+        if let Some(addr) = addr.upgrade() {
+            addr.do_send(Stop(StopReason::Evicted));
+        }
+        true
+    }
+
+    fn spawn(&mut self, msg: Admit, ctx: &mut Context<Self>) -> Admitted {
+        let generation = self.next_generation;
+        self.next_generation += 1;
+        let shared = Arc::new(Shared::default());
+        let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
+        self.next_arbiter = self.next_arbiter.wrapping_add(1);
+        let role = match msg.mode {
+            AdmitMode::LoadOnly => Role::Joiner,
+            AdmitMode::Fresh(_) | AdmitMode::LoadOrCreate(_) => Role::Creator,
+        };
+        let (id, mode, actor_shared) = (msg.id.clone(), msg.mode, shared.clone());
+        let (settings, store, supervisor) =
+            (self.settings.clone(), self.store.clone(), ctx.address());
+        let capacity = self.settings.limits.mailbox_capacity;
+        let addr = Conversation::start_in_arbiter(arbiter, move |cctx| {
+            cctx.set_mailbox_capacity(capacity);
+            Conversation::new(
+                id,
+                generation,
+                mode,
+                actor_shared,
+                settings,
+                store,
+                supervisor,
+            )
+        });
+        self.registry.insert(
+            msg.id,
+            RegistryEntry {
+                addr: addr.downgrade(),
+                generation,
+                shared: shared.clone(),
+            },
+        );
+        Admitted {
+            conversation: ConversationHandle { addr, shared },
+            role,
+        }
+    }
+}
+
+impl Actor for Supervisor {
+    type Context = Context<Self>;
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        for arbiter in &self.arbiters {
+            arbiter.stop();
+        }
+    }
+}
+
+impl Handler<Admit> for Supervisor {
+    type Result = ResponseFuture<Result<Admitted, AdmitError>>;
+
+    fn handle(&mut self, msg: Admit, ctx: &mut Self::Context) -> Self::Result {
+        match self.admit(msg, ctx) {
+            Ok(result) => Box::pin(std::future::ready(result)),
+            Err(deferred) => {
+                let (tx, rx) = oneshot::channel();
+                self.deferred
+                    .entry(deferred.id.clone())
+                    .or_default()
+                    .push((deferred, tx));
+                Box::pin(async move { rx.await.unwrap_or(Err(AdmitError::ShuttingDown)) })
+            }
+        }
+    }
+}
+
+impl Handler<Gone> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Gone, ctx: &mut Self::Context) {
+        let removed = self
+            .registry
+            .remove_if(&msg.id, |_, e| e.generation == msg.generation)
+            .is_some();
+        if removed {
+            self.evicting.remove(&msg.id);
+        }
+        if let Some(waiting) = self.deferred.remove(&msg.id) {
+            for (admit, reply) in waiting {
+                let result = match self.admit(admit, ctx) {
+                    Ok(result) => result,
+                    // Cannot happen right after removal, but never leave a caller hanging.
+                    Err(_) => Err(AdmitError::Failed("conversation is restarting".into())),
+                };
+                let _ = reply.send(result);
+            }
+        }
+        if self.shutting_down && self.registry.is_empty() {
+            for waiter in self.shutdown_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
+}
+
+impl Handler<Shutdown> for Supervisor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Shutdown, _ctx: &mut Self::Context) -> Self::Result {
+        self.shutting_down = true;
+        for (_, waiting) in self.deferred.drain() {
+            for (_, reply) in waiting {
+                let _ = reply.send(Err(AdmitError::ShuttingDown));
+            }
+        }
+        let live = self.registry.len();
+        tracing::info!(conversations = live, "stopping all conversations");
+        for entry in self.registry.iter() {
+            if let Some(addr) = entry.addr.upgrade() {
+                addr.do_send(Stop(StopReason::Shutdown));
+            }
+        }
+        if live == 0 {
+            return Box::pin(std::future::ready(()));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.shutdown_waiters.push(tx);
+        let limit = Duration::from_secs(self.settings.limits.shutdown_timeout_secs.max(1));
+        Box::pin(async move {
+            if tokio::time::timeout(limit, rx).await.is_err() {
+                tracing::warn!("some conversations did not stop before the shutdown timeout");
+            }
+        })
+    }
+}

@@ -1,0 +1,522 @@
+//! The `/api/conversations` routes.
+
+use std::sync::Arc;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use base64::Engine;
+use serde_json::{json, Value};
+
+use super::errors::ApiError;
+use super::validation::{self, conversation_id_error, FieldError, PROVIDERS};
+use super::{read_body, AppState};
+use crate::actors::messages::ConversationError;
+use crate::actors::{
+    AdmitError, AdmitMode, ConversationHandle, ConversationStatus, Shared, StopReason,
+};
+use crate::events::{meta_timestamp, parse_user_action};
+use crate::store::{ConversationMeta, EventQuery};
+
+const PAGE_LIMIT_DEFAULT: usize = 20;
+const PAGE_LIMIT_MAX: usize = 100;
+
+/// Reads and checks the `{id}` path segment.
+fn path_id(path: &web::Path<String>) -> Result<Arc<str>, ApiError> {
+    let id = path.as_str();
+    match conversation_id_error(id, vec![json!("path"), json!("conversation_id")]) {
+        Some(e) => Err(ApiError::one(e)),
+        None => Ok(Arc::from(id)),
+    }
+}
+
+fn content_type(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+}
+
+fn default_title(id: &str) -> String {
+    format!("Conversation {}", id.chars().take(5).collect::<String>())
+}
+
+/// `ConversationInfo` for a stored conversation and its live state, if any.
+pub fn conversation_info(meta: &ConversationMeta, live: Option<&Shared>) -> Value {
+    let status = live.map_or(ConversationStatus::Stopped, Shared::status);
+    let running = status != ConversationStatus::Stopped;
+    let id = &meta.conversation_id;
+    json!({
+        "conversation_id": id,
+        "title": meta.title,
+        "last_updated_at": meta.last_updated_at,
+        "status": status.as_str(),
+        "runtime_status": live.filter(|_| running).and_then(|s| s.runtime_status().as_id()),
+        "selected_repository": meta.init.repository,
+        "selected_branch": meta.init.selected_branch,
+        "git_provider": meta.init.git_provider,
+        "trigger": meta.trigger,
+        "num_connections": live.map_or(0, Shared::connections),
+        "url": running.then(|| format!("/api/conversations/{id}")),
+        "session_api_key": Value::Null,
+        "created_at": meta.created_at,
+        "pr_number": [],
+    })
+}
+
+fn conversation_response(id: &str, status: ConversationStatus, message: Option<String>) -> Value {
+    json!({
+        "status": "ok",
+        "conversation_id": id,
+        "message": message,
+        "conversation_status": status.as_str(),
+    })
+}
+
+fn admit_error(e: AdmitError) -> ApiError {
+    match e {
+        AdmitError::TooMany => ApiError::TooManyConversations,
+        AdmitError::ShuttingDown => ApiError::Unavailable("The server is shutting down".into()),
+        AdmitError::NotFound => ApiError::NotFound("Conversation not found".into()),
+        AdmitError::Failed(why) => ApiError::Internal(why),
+    }
+}
+
+/// Admits and joins `id`, retrying when it raced with a stopping incarnation.
+async fn admit_and_join(
+    state: &AppState,
+    id: Arc<str>,
+    mode: AdmitMode,
+    brings_initial_message: bool,
+) -> Result<(ConversationHandle, ConversationStatus, Option<String>), ApiError> {
+    let mut last = ConversationError::Stopping;
+    for _ in 0..5 {
+        let admitted = state
+            .supervisor
+            .admit(id.clone(), mode.clone())
+            .await
+            .map_err(admit_error)?;
+        match admitted
+            .conversation
+            .join(admitted.role, brings_initial_message)
+            .await
+        {
+            Ok(reply) => return Ok((admitted.conversation, reply.status, reply.message)),
+            Err(e @ ConversationError::Stopping) => last = e,
+            Err(ConversationError::NotFound) => {
+                return Err(ApiError::NotFound("Conversation not found".into()))
+            }
+            Err(e) => return Err(ApiError::Internal(e.to_string())),
+        }
+    }
+    Err(ApiError::Unavailable(format!(
+        "conversation {id} is restarting; try again ({last})"
+    )))
+}
+
+/// `POST /api/conversations`: create a conversation or join an existing one.
+pub async fn create(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
+    let new =
+        validation::parse_init_session(content_type(&req), &body).map_err(ApiError::Validation)?;
+    let generated = new.conversation_id.is_none();
+    let id: Arc<str> = match new.conversation_id {
+        Some(id) => id.into(),
+        None => uuid::Uuid::new_v4().simple().to_string().into(),
+    };
+    let now = meta_timestamp();
+    let meta = Box::new(ConversationMeta {
+        conversation_id: id.to_string(),
+        title: new.title.unwrap_or_else(|| default_title(&id)),
+        created_at: now.clone(),
+        last_updated_at: now,
+        trigger: new.trigger.to_string(),
+        owner: None,
+        init: new.init,
+    });
+    let mode = if generated {
+        AdmitMode::Fresh(meta)
+    } else {
+        AdmitMode::LoadOrCreate(meta)
+    };
+    let (_, status, message) =
+        admit_and_join(&state, id.clone(), mode, new.brings_initial_message).await?;
+    Ok(HttpResponse::Ok().json(conversation_response(&id, status, message)))
+}
+
+/// Query parameters as a list of pairs; a malformed query string is a 422.
+fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, ApiError> {
+    serde_urlencoded::from_str::<Vec<(String, String)>>(req.query_string()).map_err(|e| {
+        ApiError::one(FieldError::new(
+            "value_error",
+            vec![json!("query")],
+            format!("Invalid query string: {e}"),
+            json!(req.query_string()),
+        ))
+    })
+}
+
+fn query_get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+        .filter(|v| !v.is_empty())
+}
+
+fn query_int(pairs: &[(String, String)], key: &str) -> Result<Option<u64>, ApiError> {
+    match query_get(pairs, key) {
+        None => Ok(None),
+        Some(raw) => raw.trim().parse::<u64>().map(Some).map_err(|_| {
+            ApiError::one(FieldError::new(
+                "int_parsing",
+                vec![json!("query"), json!(key)],
+                "Input should be a valid integer, unable to parse string as an integer",
+                json!(raw),
+            ))
+        }),
+    }
+}
+
+fn page_limit(pairs: &[(String, String)]) -> Result<usize, ApiError> {
+    match query_get(pairs, "limit") {
+        None => Ok(PAGE_LIMIT_DEFAULT),
+        Some(raw) => raw
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|l| (1..=PAGE_LIMIT_MAX).contains(l))
+            .ok_or_else(|| ApiError::BadRequest("Invalid limit".into())),
+    }
+}
+
+/// `GET /api/conversations?page_id=&limit=`: newest first.
+pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+    let pairs = query_pairs(&req)?;
+    let limit = page_limit(&pairs)?;
+    let offset = match query_get(&pairs, "page_id") {
+        None => 0,
+        Some(page) => base64::engine::general_purpose::STANDARD
+            .decode(page)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|s| s.parse::<usize>().ok())
+            .ok_or_else(|| ApiError::BadRequest("Invalid page_id".into()))?,
+    };
+    let mut page = state.store.list(offset, limit + 1).await?;
+    let next_page_id = (page.len() > limit).then(|| {
+        page.truncate(limit);
+        base64::engine::general_purpose::STANDARD.encode((offset + limit).to_string())
+    });
+    let results: Vec<Value> = page
+        .iter()
+        .map(|meta| {
+            let live = state.supervisor.shared(&meta.conversation_id);
+            conversation_info(meta, live.as_deref())
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "results": results, "next_page_id": next_page_id })))
+}
+
+/// `GET /api/conversations/{id}`: `ConversationInfo`, or `null` when unknown.
+pub async fn get(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path_id(&path)?;
+    let info = state.store.get(&id).await?.map(|record| {
+        let live = state.supervisor.shared(&id);
+        conversation_info(&record.meta, live.as_deref())
+    });
+    Ok(HttpResponse::Ok().json(info))
+}
+
+fn not_found_patch() -> ApiError {
+    ApiError::Exact(
+        actix_web::http::StatusCode::NOT_FOUND,
+        json!({"status": "error", "message": "Conversation not found", "msg_id": "CONVERSATION$NOT_FOUND"}),
+    )
+}
+
+/// `PATCH /api/conversations/{id}` with `{"title": …}`.
+pub async fn update(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let id = path_id(&path)?;
+    let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
+    let obj =
+        validation::parse_object_body(content_type(&req), &body).map_err(ApiError::Validation)?;
+    let title_loc = vec![json!("body"), json!("title")];
+    let title = match obj.get("title") {
+        None => {
+            return Err(ApiError::one(FieldError::new(
+                "missing",
+                title_loc,
+                "Field required",
+                Value::Object(obj.clone()),
+            )))
+        }
+        Some(Value::String(t)) => t.trim().to_string(),
+        Some(other) => {
+            return Err(ApiError::one(FieldError::new(
+                "string_type",
+                title_loc,
+                "Input should be a valid string",
+                other.clone(),
+            )))
+        }
+    };
+    let chars = title.chars().count();
+    if !(1..=200).contains(&chars) {
+        let mut e = FieldError::new(
+            if chars == 0 {
+                "string_too_short"
+            } else {
+                "string_too_long"
+            },
+            title_loc,
+            if chars == 0 {
+                "String should have at least 1 character"
+            } else {
+                "String should have at most 200 characters"
+            },
+            json!(title),
+        );
+        e.ctx = Some(if chars == 0 {
+            json!({"min_length": 1})
+        } else {
+            json!({"max_length": 200})
+        });
+        return Err(ApiError::one(e));
+    }
+    let updated = match state.supervisor.live(&id) {
+        Some(conversation) => match conversation.set_title(title.clone()).await {
+            Ok(()) => true,
+            Err(ConversationError::Stopping) => state.store.set_title(&id, &title).await?,
+            Err(_) => false,
+        },
+        None => state.store.set_title(&id, &title).await?,
+    };
+    if !updated {
+        return Err(not_found_patch());
+    }
+    Ok(HttpResponse::Ok().json(true))
+}
+
+/// `DELETE /api/conversations/{id}`: `true` when it existed.
+pub async fn delete(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path_id(&path)?;
+    let deleted = match state.supervisor.live(&id) {
+        Some(conversation) => {
+            conversation.stop(StopReason::Deleted).await;
+            // The actor removed its data on the way out; make sure nothing is left.
+            state.store.delete(&id).await?;
+            true
+        }
+        None => state.store.delete(&id).await?,
+    };
+    Ok(HttpResponse::Ok().json(deleted))
+}
+
+fn not_found_status(id: &str) -> ApiError {
+    ApiError::Exact(
+        actix_web::http::StatusCode::NOT_FOUND,
+        json!({"status": "error", "conversation_id": id}),
+    )
+}
+
+/// `POST /api/conversations/{id}/start` with `{}` or `{"providers_set": […]}`.
+pub async fn start(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let id = path_id(&path)?;
+    let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
+    if !body.iter().all(u8::is_ascii_whitespace) {
+        let obj = validation::parse_object_body(content_type(&req), &body)
+            .map_err(ApiError::Validation)?;
+        check_providers_set(obj.get("providers_set"))?;
+    }
+    if state.supervisor.live(&id).is_none() && state.store.get(&id).await?.is_none() {
+        return Err(not_found_status(&id));
+    }
+    let (_, status, _) = admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, false)
+        .await
+        .map_err(|e| match e {
+            ApiError::NotFound(_) => not_found_status(&id),
+            other => other,
+        })?;
+    Ok(HttpResponse::Ok().json(conversation_response(&id, status, None)))
+}
+
+fn check_providers_set(value: Option<&Value>) -> Result<(), ApiError> {
+    let base = vec![json!("body"), json!("providers_set")];
+    match value {
+        None | Some(Value::Null) => Ok(()),
+        Some(Value::Array(items)) => {
+            let errors: Vec<FieldError> = items
+                .iter()
+                .enumerate()
+                .filter(|(_, v)| !v.as_str().is_some_and(|s| PROVIDERS.contains(&s)))
+                .map(|(i, v)| {
+                    let mut l = base.clone();
+                    l.push(json!(i));
+                    FieldError::new(
+                        "enum",
+                        l,
+                        "Input should be 'github', 'gitlab', 'bitbucket' or 'enterprise_sso'",
+                        v.clone(),
+                    )
+                })
+                .collect();
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(ApiError::Validation(errors))
+            }
+        }
+        Some(other) => Err(ApiError::one(FieldError::new(
+            "list_type",
+            base,
+            "Input should be a valid list",
+            other.clone(),
+        ))),
+    }
+}
+
+/// `POST /api/conversations/{id}/stop`.
+pub async fn stop(
+    state: web::Data<AppState>,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path_id(&path)?;
+    let message = match state.supervisor.live(&id) {
+        Some(conversation) => {
+            conversation.stop(StopReason::User).await;
+            "Conversation stopped successfully"
+        }
+        None => {
+            if state.store.get(&id).await?.is_none() {
+                return Err(not_found_status(&id));
+            }
+            "Conversation was not running"
+        }
+    };
+    Ok(HttpResponse::Ok().json(conversation_response(
+        &id,
+        ConversationStatus::Stopped,
+        Some(message.to_string()),
+    )))
+}
+
+/// `GET /api/conversations/{id}/events?start_id=&end_id=&reverse=&limit=`.
+pub async fn events(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path_id(&path)?;
+    let pairs = query_pairs(&req)?;
+    let limit = page_limit(&pairs)?;
+    let start_id = query_int(&pairs, "start_id")?.unwrap_or(0);
+    let end_id = query_int(&pairs, "end_id")?;
+    let reverse = match query_get(&pairs, "reverse")
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("false" | "0" | "no" | "off") => false,
+        Some("true" | "1" | "yes" | "on") => true,
+        Some(other) => {
+            return Err(ApiError::one(FieldError::new(
+                "bool_parsing",
+                vec![json!("query"), json!("reverse")],
+                "Input should be a valid boolean, unable to interpret input",
+                json!(other),
+            )))
+        }
+    };
+    if state.supervisor.shared(&id).is_none() && state.store.get(&id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("Conversation {id} not found")));
+    }
+    let query = EventQuery {
+        start_id,
+        end_id,
+        reverse,
+        limit: limit + 1,
+    };
+    let mut events = state.store.events(&id, query).await?;
+    let has_more = events.len() > limit;
+    events.truncate(limit);
+    // The stored JSON texts are spliced in as they are: no re-encoding.
+    let mut body =
+        String::with_capacity(32 + events.iter().map(|e| e.json.len() + 1).sum::<usize>());
+    body.push_str("{\"events\":[");
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&event.json);
+    }
+    body.push_str("],\"has_more\":");
+    body.push_str(if has_more { "true" } else { "false" });
+    body.push('}');
+    Ok(HttpResponse::Ok()
+        .content_type("application/json")
+        .body(body))
+}
+
+/// `POST /api/conversations/{id}/events` with a user action: same as the socket's
+/// `oh_user_action`. A stopped conversation is started again first.
+pub async fn post_event(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let id = path_id(&path)?;
+    let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
+    let obj =
+        validation::parse_object_body(content_type(&req), &body).map_err(ApiError::Validation)?;
+    let event = parse_user_action(&Value::Object(obj.clone())).map_err(|why| {
+        ApiError::one(FieldError::value_error(
+            vec![json!("body")],
+            &why,
+            Value::Object(obj),
+        ))
+    })?;
+    let conversation = match state.supervisor.live(&id) {
+        Some(c) => c,
+        None => {
+            if state.store.get(&id).await?.is_none() {
+                return Err(ApiError::NotFound(format!("Conversation {id} not found")));
+            }
+            admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, false)
+                .await?
+                .0
+        }
+    };
+    match conversation.user_action(event).await {
+        Ok(()) => Ok(HttpResponse::Ok().json(json!({"success": true}))),
+        Err(ConversationError::Refused(why)) => Err(ApiError::Exact(
+            actix_web::http::StatusCode::CONFLICT,
+            json!({"success": false, "detail": why}),
+        )),
+        Err(ConversationError::NotFound) => {
+            Err(ApiError::NotFound(format!("Conversation {id} not found")))
+        }
+        Err(ConversationError::Stopping) => Err(ApiError::Exact(
+            actix_web::http::StatusCode::CONFLICT,
+            json!({"success": false, "detail": "The conversation is stopping"}),
+        )),
+    }
+}

@@ -1,0 +1,89 @@
+//! Every error an HTTP route can answer, and its exact status and JSON body.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::{json, Value};
+
+use super::validation::FieldError;
+use crate::events::TOO_MANY_CONVERSATIONS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 422 with pydantic-shaped `detail`.
+    #[error("validation failed")]
+    Validation(Vec<FieldError>),
+    /// 401 `{"detail":"Unauthorized"}`.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// 400 `{"detail": …}`.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404 `{"detail": …}`.
+    #[error("{0}")]
+    NotFound(String),
+    /// 413 `{"detail": …}`.
+    #[error("request body is larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// 429 with the OpenHands too-many-conversations body.
+    #[error("too many conversations")]
+    TooManyConversations,
+    /// 503 `{"detail": …}`.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A status with an exact body (OpenHands' route-specific shapes).
+    #[error("{0}")]
+    Exact(StatusCode, Value),
+    /// 500; the cause is logged, not shown.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn one(error: FieldError) -> Self {
+        ApiError::Validation(vec![error])
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooManyConversations => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Exact(status, _) => *status,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let body = match self {
+            ApiError::Validation(errors) => json!({ "detail": errors }),
+            ApiError::Unauthorized => json!({"detail": "Unauthorized"}),
+            ApiError::BadRequest(m) | ApiError::NotFound(m) | ApiError::Unavailable(m) => {
+                json!({ "detail": m })
+            }
+            ApiError::PayloadTooLarge(_) => json!({ "detail": self.to_string() }),
+            ApiError::TooManyConversations => json!({
+                "status": "error",
+                "message": crate::events::TOO_MANY_CONVERSATIONS_MESSAGE,
+                "msg_id": TOO_MANY_CONVERSATIONS,
+            }),
+            ApiError::Exact(_, body) => body.clone(),
+            ApiError::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                json!({"detail": "Internal Server Error"})
+            }
+        };
+        HttpResponse::build(self.status_code()).json(body)
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}

@@ -1,0 +1,137 @@
+//! HTTP routes: the OpenHands-compatible API, health probes and the OpenAPI document.
+//!
+//! Handlers validate input, translate it into actor messages through the handles in
+//! [`crate::actors`], and map every failure to an exact status and JSON body ([`ApiError`]).
+//! Every `/api` route sits behind the session key when one is configured and answers with
+//! `cache-control: no-cache, no-store, must-revalidate, max-age=0`.
+
+use std::sync::Arc;
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header;
+use actix_web::middleware::{from_fn, DefaultHeaders, Next};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use futures_util::StreamExt;
+use subtle::ConstantTimeEq;
+
+use crate::actors::SupervisorHandle;
+use crate::config::Settings;
+use crate::store::Store;
+
+pub mod conversations;
+pub mod errors;
+pub mod validation;
+
+pub use errors::ApiError;
+
+/// What every handler shares.
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Arc<dyn Store>,
+    pub supervisor: SupervisorHandle,
+}
+
+/// Reads a request body of at most `limit` bytes.
+pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("Could not read body: {e}")))?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// Whether `presented` is the configured key, compared in constant time.
+pub fn key_matches(expected: &str, presented: Option<&str>) -> bool {
+    match presented {
+        Some(p) => bool::from(p.as_bytes().ct_eq(expected.as_bytes())),
+        None => false,
+    }
+}
+
+async fn require_session_key(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let expected = req
+        .app_data::<web::Data<AppState>>()
+        .map(|s| s.settings.session_api_key.clone())
+        .unwrap_or_default();
+    if !expected.is_empty() {
+        let presented = req
+            .headers()
+            .get("X-Session-API-Key")
+            .and_then(|v| v.to_str().ok());
+        if !key_matches(&expected, presented) {
+            let response = ApiError::Unauthorized.error_response();
+            return Ok(req.into_response(response).map_into_right_body());
+        }
+    }
+    Ok(next.call(req).await?.map_into_left_body())
+}
+
+async fn alive() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+async fn health() -> HttpResponse {
+    HttpResponse::Ok().json("OK")
+}
+
+/// 404 `{"detail":"Not Found"}` for every unknown path.
+pub async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().json(serde_json::json!({"detail": "Not Found"}))
+}
+
+/// 405 `{"detail":"Method Not Allowed"}` for a known path with another method.
+async fn method_not_allowed(_req: HttpRequest) -> HttpResponse {
+    HttpResponse::MethodNotAllowed().json(serde_json::json!({"detail": "Method Not Allowed"}))
+}
+
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+/// Registers every route.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    use conversations as c;
+    cfg.service(resource("/alive").route(web::get().to(alive)))
+        .service(resource("/health").route(web::get().to(health)))
+        .service(
+            web::scope("/api")
+                .wrap(from_fn(require_session_key))
+                .wrap(DefaultHeaders::new().add((
+                    header::CACHE_CONTROL,
+                    "no-cache, no-store, must-revalidate, max-age=0",
+                )))
+                .service(
+                    resource("/conversations")
+                        .route(web::post().to(c::create))
+                        .route(web::get().to(c::list)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}")
+                        .route(web::get().to(c::get))
+                        .route(web::patch().to(c::update))
+                        .route(web::delete().to(c::delete)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/start")
+                        .route(web::post().to(c::start)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/stop")
+                        .route(web::post().to(c::stop)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/events")
+                        .route(web::get().to(c::events))
+                        .route(web::post().to(c::post_event)),
+                )
+                .default_service(web::to(not_found)),
+        );
+}

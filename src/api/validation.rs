@@ -1,0 +1,765 @@
+//! Request validation with FastAPI/pydantic-shaped errors.
+//!
+//! [`parse_init_session`] turns a `POST /api/conversations` body into a [`NewConversation`] or
+//! into every [`FieldError`] the body has, in the order OpenHands reports them: the body's own
+//! shape first, then known fields in schema order, then unknown fields. It never panics on
+//! input. Conversation ids are checked by [`check_conversation_id`] wherever they enter.
+
+use serde::Serialize;
+use serde_json::{json, Map, Value};
+
+use crate::events::EventBody;
+use crate::store::InitData;
+
+/// One entry of a 422 `detail` list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldError {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub loc: Vec<Value>,
+    pub msg: String,
+    pub input: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ctx: Option<Value>,
+}
+
+impl FieldError {
+    pub fn new(kind: &'static str, loc: Vec<Value>, msg: impl Into<String>, input: Value) -> Self {
+        FieldError {
+            kind,
+            loc,
+            msg: msg.into(),
+            input,
+            ctx: None,
+        }
+    }
+
+    pub fn value_error(loc: Vec<Value>, msg: &str, input: Value) -> Self {
+        let mut e = FieldError::new("value_error", loc, format!("Value error, {msg}"), input);
+        e.ctx = Some(json!({"error": msg}));
+        e
+    }
+}
+
+/// A validated `POST /api/conversations` body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewConversation {
+    pub conversation_id: Option<String>,
+    pub init: InitData,
+    pub trigger: &'static str,
+    pub title: Option<String>,
+    /// The request carried a first message (or task) that joining would not apply.
+    pub brings_initial_message: bool,
+}
+
+pub const PROVIDERS: &[&str] = &["github", "gitlab", "bitbucket", "enterprise_sso"];
+const TASK_TYPES: &[&str] = &[
+    "MERGE_CONFLICTS",
+    "FAILING_CHECKS",
+    "UNRESOLVED_COMMENTS",
+    "OPEN_ISSUE",
+    "OPEN_PR",
+    "CREATE_MICROAGENT",
+];
+const KNOWN_FIELDS: &[&str] = &[
+    "repository",
+    "git_provider",
+    "selected_branch",
+    "initial_user_msg",
+    "image_urls",
+    "replay_json",
+    "suggested_task",
+    "create_microagent",
+    "conversation_instructions",
+    "mcp_config",
+    "conversation_id",
+];
+
+/// Most characters of a conversation id.
+pub const MAX_ID_LEN: usize = 64;
+
+/// The id rule: 1–64 characters of `[A-Za-z0-9_-]`.
+pub fn is_valid_conversation_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// The error for an invalid id at `loc` (it states the rule), or `None` when the id is valid.
+pub fn conversation_id_error(id: &str, loc: Vec<Value>) -> Option<FieldError> {
+    (!is_valid_conversation_id(id)).then(|| {
+        FieldError::value_error(
+            loc,
+            "conversation_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'",
+            json!(id),
+        )
+    })
+}
+
+fn loc(base: &[Value], key: impl Into<Value>) -> Vec<Value> {
+    let mut l = base.to_vec();
+    l.push(key.into());
+    l
+}
+
+fn enum_expected(choices: &[&str]) -> String {
+    let quoted: Vec<String> = choices.iter().map(|c| format!("'{c}'")).collect();
+    match quoted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        Some((last, _)) => last.clone(),
+        None => String::new(),
+    }
+}
+
+/// Collects errors while reading one object.
+struct Reader<'a> {
+    obj: &'a Map<String, Value>,
+    base: Vec<Value>,
+    errors: &'a mut Vec<FieldError>,
+}
+
+impl<'a> Reader<'a> {
+    fn missing(&mut self, key: &str) {
+        self.errors.push(FieldError::new(
+            "missing",
+            loc(&self.base, key),
+            "Field required",
+            Value::Object(self.obj.clone()),
+        ));
+    }
+
+    fn string_at(&mut self, key: &str, v: &Value) -> Option<String> {
+        match v {
+            Value::String(s) => Some(s.clone()),
+            other => {
+                self.errors.push(FieldError::new(
+                    "string_type",
+                    loc(&self.base, key),
+                    "Input should be a valid string",
+                    other.clone(),
+                ));
+                None
+            }
+        }
+    }
+
+    /// `str | None`: absent or null is `None`.
+    fn opt_str(&mut self, key: &str) -> Option<String> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => None,
+            Some(v) => self.string_at(key, &v.clone()),
+        }
+    }
+
+    /// Required `str`.
+    fn req_str(&mut self, key: &str) -> Option<String> {
+        match self.obj.get(key) {
+            None => {
+                self.missing(key);
+                None
+            }
+            Some(v) => self.string_at(key, &v.clone()),
+        }
+    }
+
+    fn enum_at(&mut self, key: &str, v: &Value, choices: &[&str]) -> Option<String> {
+        match v.as_str() {
+            Some(s) if choices.contains(&s) => Some(s.to_string()),
+            _ => {
+                let expected = enum_expected(choices);
+                let mut e = FieldError::new(
+                    "enum",
+                    loc(&self.base, key),
+                    format!("Input should be {expected}"),
+                    v.clone(),
+                );
+                e.ctx = Some(json!({ "expected": expected }));
+                self.errors.push(e);
+                None
+            }
+        }
+    }
+
+    fn opt_enum(&mut self, key: &str, choices: &[&str]) -> Option<String> {
+        match self.obj.get(key) {
+            None | Some(Value::Null) => None,
+            Some(v) => self.enum_at(key, &v.clone(), choices),
+        }
+    }
+
+    fn req_enum(&mut self, key: &str, choices: &[&str]) -> Option<String> {
+        match self.obj.get(key) {
+            None => {
+                self.missing(key);
+                None
+            }
+            Some(v) => self.enum_at(key, &v.clone(), choices),
+        }
+    }
+
+    /// `list[str]`; `nullable` allows null.
+    fn str_list(&mut self, key: &str, nullable: bool) -> Option<Vec<String>> {
+        match self.obj.get(key) {
+            None => None,
+            Some(Value::Null) if nullable => None,
+            Some(Value::Array(items)) => {
+                let mut out = Vec::with_capacity(items.len());
+                let mut ok = true;
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) => out.push(s.clone()),
+                        other => {
+                            ok = false;
+                            let mut l = loc(&self.base, key);
+                            l.push(json!(i));
+                            self.errors.push(FieldError::new(
+                                "string_type",
+                                l,
+                                "Input should be a valid string",
+                                other.clone(),
+                            ));
+                        }
+                    }
+                }
+                ok.then_some(out)
+            }
+            Some(other) => {
+                self.errors.push(FieldError::new(
+                    "list_type",
+                    loc(&self.base, key),
+                    "Input should be a valid list",
+                    other.clone(),
+                ));
+                None
+            }
+        }
+    }
+
+    /// Required `int`, pydantic's lax mode: integers, integral floats and numeric strings.
+    fn req_int(&mut self, key: &str) -> Option<i64> {
+        let l = loc(&self.base, key);
+        match self.obj.get(key) {
+            None => {
+                self.missing(key);
+                None
+            }
+            Some(Value::Number(n)) => {
+                if let Some(i) = n.as_i64() {
+                    Some(i)
+                } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15) {
+                    Some(f as i64)
+                } else {
+                    self.errors.push(FieldError::new(
+                        "int_from_float",
+                        l,
+                        "Input should be a valid integer, got a number with a fractional part",
+                        Value::Number(n.clone()),
+                    ));
+                    None
+                }
+            }
+            Some(Value::String(s)) => match s.trim().parse::<i64>() {
+                Ok(i) => Some(i),
+                Err(_) => {
+                    self.errors.push(FieldError::new(
+                        "int_parsing",
+                        l,
+                        "Input should be a valid integer, unable to parse string as an integer",
+                        json!(s),
+                    ));
+                    None
+                }
+            },
+            Some(other) => {
+                self.errors.push(FieldError::new(
+                    "int_type",
+                    l,
+                    "Input should be a valid integer",
+                    other.clone(),
+                ));
+                None
+            }
+        }
+    }
+
+    /// Opens a nested model; `None` when absent, null, or not an object (error recorded).
+    fn model(
+        &mut self,
+        key: &str,
+        class: &str,
+        nullable: bool,
+    ) -> Option<(Map<String, Value>, Vec<Value>)> {
+        match self.obj.get(key) {
+            None => None,
+            Some(Value::Null) if nullable => None,
+            Some(Value::Object(m)) => Some((m.clone(), loc(&self.base, key))),
+            Some(other) => {
+                self.errors
+                    .push(model_type(loc(&self.base, key), class, other));
+                None
+            }
+        }
+    }
+}
+
+fn model_type(loc: Vec<Value>, class: &str, input: &Value) -> FieldError {
+    let mut e = FieldError::new(
+        "model_type",
+        loc,
+        format!("Input should be a valid dictionary or instance of {class}"),
+        input.clone(),
+    );
+    e.ctx = Some(json!({ "class_name": class }));
+    e
+}
+
+fn extra_forbidden(
+    errors: &mut Vec<FieldError>,
+    base: &[Value],
+    obj: &Map<String, Value>,
+    known: &[&str],
+) {
+    for (key, value) in obj {
+        if !known.contains(&key.as_str()) {
+            errors.push(FieldError::new(
+                "extra_forbidden",
+                loc(base, key.as_str()),
+                "Extra inputs are not permitted",
+                value.clone(),
+            ));
+        }
+    }
+}
+
+/// Byte offset of a serde_json error, from its line and column.
+fn error_offset(text: &[u8], err: &serde_json::Error) -> usize {
+    if err.is_eof() {
+        return text.len();
+    }
+    let (line, column) = (err.line(), err.column());
+    let mut offset = 0;
+    for (i, l) in text.split(|b| *b == b'\n').enumerate() {
+        if i + 1 == line {
+            return (offset + column.saturating_sub(1)).min(text.len());
+        }
+        offset += l.len() + 1;
+    }
+    text.len()
+}
+
+/// Whether a `Content-Type` is JSON (absent counts as JSON, as in OpenHands).
+pub fn is_json_content_type(content_type: Option<&str>) -> bool {
+    match content_type {
+        None => true,
+        Some(ct) => {
+            let essence = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            essence.is_empty() || essence == "application/json" || essence.ends_with("+json")
+        }
+    }
+}
+
+/// Parses a request body as a JSON object the way FastAPI does for a model body.
+pub fn parse_object_body(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<Map<String, Value>, Vec<FieldError>> {
+    let body_loc = vec![json!("body")];
+    let not_object = |input: Value| {
+        vec![FieldError::new(
+            "model_attributes_type",
+            body_loc.clone(),
+            "Input should be a valid dictionary or object to extract fields from",
+            input,
+        )]
+    };
+    if !is_json_content_type(content_type) {
+        return Err(not_object(json!(String::from_utf8_lossy(body))));
+    }
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(vec![FieldError::new(
+            "missing",
+            body_loc,
+            "Field required",
+            Value::Null,
+        )]);
+    }
+    let value: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => {
+            let mut err = FieldError::new(
+                "json_invalid",
+                vec![json!("body"), json!(error_offset(body, &e))],
+                "JSON decode error",
+                json!({}),
+            );
+            err.ctx = Some(json!({ "error": e.to_string() }));
+            return Err(vec![err]);
+        }
+    };
+    match value {
+        Value::Null => Err(vec![FieldError::new(
+            "missing",
+            body_loc,
+            "Field required",
+            Value::Null,
+        )]),
+        Value::Object(m) => Ok(m),
+        other => Err(not_object(other)),
+    }
+}
+
+/// Validates a `POST /api/conversations` body.
+pub fn parse_init_session(
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<NewConversation, Vec<FieldError>> {
+    let obj = parse_object_body(content_type, body)?;
+    let mut errors = Vec::new();
+    let base = vec![json!("body")];
+    let mut r = Reader {
+        obj: &obj,
+        base: base.clone(),
+        errors: &mut errors,
+    };
+
+    let mut repository = r.opt_str("repository").filter(|s| !s.is_empty());
+    let mut git_provider = r.opt_enum("git_provider", PROVIDERS);
+    let selected_branch = r.opt_str("selected_branch").filter(|s| !s.is_empty());
+    let initial_user_msg = r.opt_str("initial_user_msg");
+    let image_urls = r.str_list("image_urls", true).unwrap_or_default();
+    let replay_json = r.opt_str("replay_json");
+    let suggested = r.model("suggested_task", "SuggestedTask", true);
+    let microagent = r.model("create_microagent", "CreateMicroagent", true);
+    let conversation_instructions = r.opt_str("conversation_instructions");
+    let mcp = r.model("mcp_config", "MCPConfig", true);
+    let conversation_id = match obj.get("conversation_id") {
+        None => None,
+        Some(v) => r.string_at("conversation_id", v).filter(|s| !s.is_empty()),
+    };
+
+    if let Some(repo) = &repository {
+        if !is_repository(repo) {
+            errors.push(FieldError::value_error(
+                loc(&base, "repository"),
+                "repository must look like owner/repo (GitLab groups allowed: group/sub/repo)",
+                json!(repo),
+            ));
+        }
+    }
+    if let Some(id) = &conversation_id {
+        if let Some(e) = conversation_id_error(id, loc(&base, "conversation_id")) {
+            errors.push(e);
+        }
+    }
+
+    // suggested_task
+    let mut task_prompt = None;
+    let mut task_value = None;
+    if let Some((task, tloc)) = suggested {
+        let mut t = Reader {
+            obj: &task,
+            base: tloc.clone(),
+            errors: &mut errors,
+        };
+        let provider = t.req_enum("git_provider", PROVIDERS);
+        let task_type = t.req_enum("task_type", TASK_TYPES);
+        let repo = t.req_str("repo");
+        let number = t.req_int("issue_number");
+        let title = t.req_str("title");
+        if provider.as_deref() == Some("enterprise_sso") {
+            errors.push(FieldError::value_error(
+                loc(&tloc, "git_provider"),
+                "suggested tasks are not supported for enterprise_sso",
+                json!("enterprise_sso"),
+            ));
+        }
+        if let Some(tt @ ("OPEN_PR" | "CREATE_MICROAGENT")) = task_type.as_deref() {
+            errors.push(FieldError::value_error(
+                loc(&tloc, "task_type"),
+                &format!("task type {tt} cannot start a conversation"),
+                json!(tt),
+            ));
+        }
+        if let (Some(provider), Some(task_type), Some(repo), Some(number), Some(title)) =
+            (provider, task_type, repo, number, title)
+        {
+            task_prompt = task_prompt_for(&task_type, &provider, &repo, number, &title);
+            if repository.is_none() {
+                repository = Some(repo);
+            }
+            if git_provider.is_none() {
+                git_provider = Some(provider);
+            }
+        }
+        task_value = Some(Value::Object(task));
+    }
+
+    // create_microagent
+    let mut microagent_value = None;
+    let mut title = None;
+    if let Some((m, mloc)) = microagent {
+        let mut c = Reader {
+            obj: &m,
+            base: mloc,
+            errors: &mut errors,
+        };
+        let repo = c.req_str("repo");
+        let provider = c.opt_enum("git_provider", PROVIDERS);
+        title = c.opt_str("title").filter(|t| !t.trim().is_empty());
+        if repository.is_none() {
+            repository = repo;
+        }
+        if git_provider.is_none() {
+            git_provider = provider;
+        }
+        microagent_value = Some(Value::Object(m));
+    }
+
+    // mcp_config
+    let mcp_config = mcp.map(|(m, mloc)| {
+        validate_mcp(&m, &mloc, &mut errors);
+        Value::Object(m)
+    });
+
+    // replay_json
+    let mut replay_events = Vec::new();
+    if let Some(text) = &replay_json {
+        let rloc = loc(&base, "replay_json");
+        match serde_json::from_str::<Value>(text) {
+            Ok(Value::Array(items)) => {
+                for (i, item) in items.iter().enumerate() {
+                    if let Err(why) = EventBody::from_value(item) {
+                        errors.push(FieldError::value_error(
+                            rloc.clone(),
+                            &format!("replay_json event {i} is invalid: {why}"),
+                            json!(text),
+                        ));
+                        break;
+                    }
+                }
+                replay_events = items;
+            }
+            Ok(_) => errors.push(FieldError::value_error(
+                rloc,
+                "replay_json must be a JSON list of events",
+                json!(text),
+            )),
+            Err(e) => errors.push(FieldError::value_error(
+                rloc,
+                &format!("replay_json is not valid JSON: {e}"),
+                json!(text),
+            )),
+        }
+        if initial_user_msg.is_some() {
+            errors.push(FieldError::value_error(
+                base.clone(),
+                "replay_json and initial_user_msg cannot be used together",
+                Value::Null,
+            ));
+        }
+    }
+
+    extra_forbidden(&mut errors, &base, &obj, KNOWN_FIELDS);
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+
+    let trigger = if task_value.is_some() {
+        "suggested_task"
+    } else if microagent_value.is_some() {
+        "microagent_management"
+    } else {
+        "gui"
+    };
+    let first_message = task_prompt.or(initial_user_msg);
+    let brings_initial_message = first_message.is_some() || !image_urls.is_empty();
+    Ok(NewConversation {
+        conversation_id,
+        trigger,
+        title,
+        brings_initial_message,
+        init: InitData {
+            repository,
+            selected_branch,
+            git_provider,
+            conversation_instructions,
+            mcp_config,
+            initial_user_msg: first_message,
+            image_urls,
+            replay_events,
+            suggested_task: task_value,
+            create_microagent: microagent_value,
+        },
+    })
+}
+
+/// `owner/repo`, with GitLab subgroups (`group/sub/repo`); each part `[A-Za-z0-9_.-]+`.
+fn is_repository(repo: &str) -> bool {
+    let parts: Vec<&str> = repo.split('/').collect();
+    repo.len() <= 256
+        && parts.len() >= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && *p != "."
+                && *p != ".."
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        })
+}
+
+fn validate_mcp(m: &Map<String, Value>, mloc: &[Value], errors: &mut Vec<FieldError>) {
+    let kinds: [(&str, &str); 3] = [
+        ("sse_servers", "MCPSSEServerConfig"),
+        ("stdio_servers", "MCPStdioServerConfig"),
+        ("shttp_servers", "MCPSHTTPServerConfig"),
+    ];
+    for (key, class) in kinds {
+        let Some(value) = m.get(key) else { continue };
+        let kloc = loc(mloc, key);
+        let Value::Array(items) = value else {
+            errors.push(FieldError::new(
+                "list_type",
+                kloc,
+                "Input should be a valid list",
+                value.clone(),
+            ));
+            continue;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let iloc = loc(&kloc, i);
+            let Value::Object(server) = item else {
+                errors.push(model_type(iloc, class, item));
+                continue;
+            };
+            let mut r = Reader {
+                obj: server,
+                base: iloc.clone(),
+                errors,
+            };
+            if key == "stdio_servers" {
+                r.req_str("name");
+                r.req_str("command");
+                r.str_list("args", false);
+                match server.get("env") {
+                    None => {}
+                    Some(Value::Object(env)) => {
+                        for (k, v) in env {
+                            if !v.is_string() {
+                                let mut l = loc(&iloc, "env");
+                                l.push(json!(k));
+                                errors.push(FieldError::new(
+                                    "string_type",
+                                    l,
+                                    "Input should be a valid string",
+                                    v.clone(),
+                                ));
+                            }
+                        }
+                    }
+                    Some(other) => errors.push(FieldError::new(
+                        "dict_type",
+                        loc(&iloc, "env"),
+                        "Input should be a valid dictionary",
+                        other.clone(),
+                    )),
+                }
+            } else {
+                let url = r.req_str("url");
+                r.opt_str("api_key");
+                if let Some(url) = url {
+                    let scheme_ok = ["http://", "https://", "ws://", "wss://"]
+                        .iter()
+                        .any(|s| url.to_ascii_lowercase().starts_with(s));
+                    if !scheme_ok {
+                        errors.push(FieldError::value_error(
+                            loc(&iloc, "url"),
+                            "URL scheme must be http, https, ws, or wss",
+                            json!(url),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    extra_forbidden(
+        errors,
+        mloc,
+        m,
+        &["sse_servers", "stdio_servers", "shttp_servers"],
+    );
+}
+
+/// Our prompt for a suggested task.
+fn task_prompt_for(
+    task_type: &str,
+    provider: &str,
+    repo: &str,
+    number: i64,
+    title: &str,
+) -> Option<String> {
+    let job = match task_type {
+        "MERGE_CONFLICTS" => format!(
+            "Pull request #{number} (\"{title}\") in the {provider} repository {repo} has merge conflicts. \
+             Check out its branch, resolve every conflict so the branch merges cleanly, run the tests, and push the result."
+        ),
+        "FAILING_CHECKS" => format!(
+            "Pull request #{number} (\"{title}\") in the {provider} repository {repo} has failing checks. \
+             Find out why each check fails, fix the cause on the branch, confirm the checks pass locally, and push the fix."
+        ),
+        "UNRESOLVED_COMMENTS" => format!(
+            "Pull request #{number} (\"{title}\") in the {provider} repository {repo} has unresolved review comments. \
+             Read every open comment, make the changes they ask for (or explain why not), and push the result."
+        ),
+        "OPEN_ISSUE" => format!(
+            "Issue #{number} (\"{title}\") is open in the {provider} repository {repo}. \
+             Read it and its discussion, implement a fix with tests on a new branch, and open a pull request that references the issue."
+        ),
+        _ => return None,
+    };
+    Some(job)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enum_list_reads_like_pydantic() {
+        assert_eq!(
+            enum_expected(PROVIDERS),
+            "'github', 'gitlab', 'bitbucket' or 'enterprise_sso'"
+        );
+    }
+
+    #[test]
+    fn repository_rule() {
+        assert!(is_repository("owner/repo"));
+        assert!(is_repository("group/sub/repo.js"));
+        assert!(!is_repository("repo"));
+        assert!(!is_repository("owner/../x"));
+        assert!(!is_repository("owner//x"));
+    }
+
+    #[test]
+    fn ids() {
+        assert!(is_valid_conversation_id("abc-DEF_123"));
+        assert!(!is_valid_conversation_id(""));
+        assert!(!is_valid_conversation_id("../etc"));
+        assert!(!is_valid_conversation_id(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn json_error_offset_points_at_the_end_of_a_truncated_body() {
+        let body = br#"{"initial_user_msg": "#;
+        let err = parse_init_session(None, body).unwrap_err();
+        assert_eq!(err[0].kind, "json_invalid");
+        assert_eq!(err[0].loc, vec![json!("body"), json!(21)]);
+    }
+}

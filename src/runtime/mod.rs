@@ -1,0 +1,68 @@
+//! What runs behind a conversation: the [`Runtime`] trait and its implementations.
+//!
+//! A runtime is owned by its conversation actor and driven only from that actor's thread. It
+//! reports through [`RuntimeSignal`]s: returned directly from a call when they happen at once
+//! (the echo runtime), or sent later through the [`RuntimeSink`] when they happen
+//! asynchronously (a start delay, an agent process). It only ever sees events that are already
+//! durable, and it never assigns event ids: the conversation actor does.
+
+use actix::prelude::*;
+
+use crate::events::{EventBody, StatusUpdate};
+use crate::store::InitData;
+
+pub mod echo;
+
+pub use echo::EchoRuntime;
+
+/// Something a runtime reports to its conversation.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RuntimeSignal {
+    /// The runtime is ready for user events: the conversation becomes `RUNNING`.
+    Ready,
+    /// A new event to stamp, store and broadcast.
+    Event(EventBody),
+    /// A status update to forward to clients (not stored).
+    Status(StatusUpdate),
+    /// The runtime failed or exited; the conversation stops with this error.
+    Failed(String),
+}
+
+/// A signal tagged with the conversation generation it belongs to, so that a late signal from a
+/// previous incarnation is ignored.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct FromRuntime(pub RuntimeSignal);
+
+/// Where a runtime sends signals that happen after the call that caused them returned.
+#[derive(Clone)]
+pub struct RuntimeSink(Recipient<FromRuntime>);
+
+impl RuntimeSink {
+    pub fn new(recipient: Recipient<FromRuntime>) -> Self {
+        RuntimeSink(recipient)
+    }
+
+    /// Delivers a signal; dropped silently when the conversation is already gone.
+    pub fn send(&self, signal: RuntimeSignal) {
+        self.0.do_send(FromRuntime(signal));
+    }
+}
+
+/// What a runtime is started with.
+pub struct RuntimeStart<'a> {
+    pub conversation_id: &'a str,
+    pub trigger: &'a str,
+    pub init: &'a InitData,
+    pub sink: RuntimeSink,
+}
+
+/// The behaviour behind one conversation.
+pub trait Runtime: 'static {
+    /// Starts the runtime; it reports [`RuntimeSignal::Ready`] when it can take events.
+    fn start(&mut self, start: RuntimeStart<'_>) -> Vec<RuntimeSignal>;
+    /// A durable user event (with its id), delivered only after `Ready`.
+    fn on_user_event(&mut self, id: u64, event: &EventBody) -> Vec<RuntimeSignal>;
+    /// Stops the runtime. Must not block; later signals are ignored.
+    fn stop(&mut self);
+}

@@ -1,0 +1,217 @@
+//! Builds and runs the server from [`Settings`]: the store, the supervisor, the HTTP server.
+//!
+//! [`Application::build`] binds the listener (port 0 picks a free one, which the tests use) and
+//! must run inside an actix `System`. [`Application::run_until_stopped`] serves until the HTTP
+//! server stops (SIGINT/SIGTERM, or [`ServerHandle::stop`]), then stops every conversation
+//! through the supervisor and flushes the store, so nothing accepted is lost.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_cors::Cors;
+use actix_web::dev::{Server, ServerHandle};
+use actix_web::{web, App, HttpServer};
+
+use crate::actors::supervisor::Supervisor;
+use crate::actors::SupervisorHandle;
+use crate::api::{self, AppState};
+use crate::config::{Settings, StoreKind};
+use crate::store::{MemoryStore, Store};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Store(String),
+}
+
+/// A built, bound, not yet running server.
+pub struct Application {
+    port: u16,
+    host: String,
+    server: Server,
+    supervisor: SupervisorHandle,
+    store: Arc<dyn Store>,
+}
+
+/// Opens the store the settings ask for.
+pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
+    match settings.store {
+        StoreKind::Memory => Ok(Arc::new(MemoryStore::new())),
+        StoreKind::Sqlite => Err(StartupError::Store(
+            "the sqlite store is not available in this build; set store = \"memory\"".into(),
+        )),
+    }
+}
+
+fn cors(settings: &Settings) -> Cors {
+    let allowed = settings.cors_allowed_origins.clone();
+    Cors::default()
+        .allowed_origin_fn(move |origin, _| {
+            let Ok(origin) = origin.to_str() else {
+                return false;
+            };
+            if allowed.is_empty() {
+                is_local_origin(origin)
+            } else {
+                allowed.iter().any(|a| a == origin)
+            }
+        })
+        .allow_any_method()
+        .allow_any_header()
+        .max_age(3600)
+}
+
+/// `http://localhost[:port]` or `http://127.0.0.1[:port]`.
+fn is_local_origin(origin: &str) -> bool {
+    ["http://localhost", "http://127.0.0.1"]
+        .iter()
+        .any(|prefix| {
+            origin.strip_prefix(prefix).is_some_and(|rest| {
+                rest.is_empty()
+                    || rest
+                        .strip_prefix(':')
+                        .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+            })
+        })
+}
+
+impl Application {
+    /// Opens the store, starts the supervisor and binds the HTTP listener.
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let store = open_store(&settings)?;
+        Self::build_with_store(settings, store).await
+    }
+
+    /// Like [`Application::build`] with an already opened store.
+    pub async fn build_with_store(
+        settings: Settings,
+        store: Arc<dyn Store>,
+    ) -> Result<Application, StartupError> {
+        let settings = Arc::new(settings);
+        let addr = format!("{}:{}", settings.host, settings.port);
+        let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartupError::Bind {
+                addr: addr.clone(),
+                source,
+            })?
+            .port();
+        let supervisor = Supervisor::start(settings.clone(), store.clone());
+        let state = web::Data::new(AppState {
+            settings: settings.clone(),
+            store: store.clone(),
+            supervisor: supervisor.clone(),
+        });
+        let cors_settings = settings.clone();
+        let mut server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .wrap(cors(&cors_settings))
+                .configure(api::configure)
+                .default_service(web::to(api::not_found))
+        })
+        .shutdown_timeout(settings.limits.shutdown_timeout_secs)
+        .disable_signals()
+        .listen(listener)
+        .map_err(|source| StartupError::Bind {
+            addr: addr.clone(),
+            source,
+        })?;
+        if settings.workers > 0 {
+            server = server.workers(settings.workers);
+        }
+        Ok(Application {
+            port,
+            host: settings.host.clone(),
+            server: server.run(),
+            supervisor,
+            store,
+        })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://host:port`.
+    pub fn url(&self) -> String {
+        format!("http://{}:{}", self.host, self.port)
+    }
+
+    /// Stops the HTTP server (gracefully or not) from elsewhere.
+    pub fn handle(&self) -> ServerHandle {
+        self.server.handle()
+    }
+
+    /// Stops the server gracefully on SIGINT or SIGTERM (both mean "finish what was accepted").
+    pub fn stop_on_signals(&self) {
+        let handle = self.server.handle();
+        actix_web::rt::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown signal received; finishing in-flight requests");
+            handle.stop(true).await;
+        });
+    }
+
+    /// Serves until stopped, then stops every conversation and flushes the store.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let result = self.server.await;
+        tracing::info!("HTTP server stopped; stopping conversations");
+        self.supervisor.shutdown().await;
+        match tokio::time::timeout(Duration::from_secs(30), self.store.flush()).await {
+            Ok(Ok(())) => tracing::info!("store flushed; goodbye"),
+            Ok(Err(e)) => tracing::error!(error = %e, "store flush failed"),
+            Err(_) => tracing::error!("store flush timed out"),
+        }
+        result
+    }
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut int), Ok(mut term)) => {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local_origin;
+
+    #[test]
+    fn local_origins() {
+        assert!(is_local_origin("http://localhost:3001"));
+        assert!(is_local_origin("http://127.0.0.1"));
+        assert!(!is_local_origin("http://localhost.evil.com"));
+        assert!(!is_local_origin("https://example.com"));
+        assert!(!is_local_origin("http://localhost:"));
+    }
+}

@@ -1,0 +1,247 @@
+//! Starting a real server for a test and talking to it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::ServerHandle;
+use serde_json::Value;
+use switchboard::config::{Settings, StoreKind};
+use switchboard::startup::Application;
+use switchboard::store::{MemoryStore, Store};
+
+pub struct TestApp {
+    pub url: String,
+    pub client: awc::Client,
+    pub handle: ServerHandle,
+    pub store: Arc<dyn Store>,
+    pub key: Option<String>,
+    pub done: Option<tokio::sync::oneshot::Receiver<()>>,
+    pub _data_dir: tempfile::TempDir,
+}
+
+pub fn test_settings() -> Settings {
+    let mut s = Settings::defaults();
+    s.port = 0;
+    s.workers = 1;
+    s.conversation_threads = 2;
+    s.store = StoreKind::Memory;
+    s
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = test_settings();
+    settings.data_dir = dir.path().to_path_buf();
+    tweak(&mut settings);
+    let store: Arc<dyn Store> = match settings.store {
+        StoreKind::Memory => Arc::new(MemoryStore::new()),
+        StoreKind::Sqlite => switchboard::startup::open_store(&settings).expect("store"),
+    };
+    spawn_with_store(settings, store, dir).await
+}
+
+pub async fn spawn_with_store(
+    settings: Settings,
+    store: Arc<dyn Store>,
+    dir: tempfile::TempDir,
+) -> TestApp {
+    let key = (!settings.session_api_key.is_empty()).then(|| settings.session_api_key.clone());
+    let app = Application::build_with_store(settings, store.clone())
+        .await
+        .expect("server starts");
+    let url = format!("http://127.0.0.1:{}", app.port());
+    let handle = app.handle();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    actix_web::rt::spawn(async move {
+        let _ = app.run_until_stopped().await;
+        let _ = tx.send(());
+    });
+    let client = awc::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .finish();
+    TestApp {
+        url,
+        client,
+        handle,
+        store,
+        key,
+        done: Some(rx),
+        _data_dir: dir,
+    }
+}
+
+/// A response: status and parsed JSON body (`Value::Null` for an empty body).
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+    pub headers: awc::http::header::HeaderMap,
+}
+
+impl TestApp {
+    fn request(&self, method: awc::http::Method, path: &str) -> awc::ClientRequest {
+        let mut req = self.client.request(method, format!("{}{}", self.url, path));
+        if let Some(key) = &self.key {
+            req = req.insert_header(("X-Session-API-Key", key.as_str()));
+        }
+        req
+    }
+
+    async fn finish(
+        mut resp: awc::ClientResponse<
+            impl futures_util::Stream<Item = Result<actix_web::web::Bytes, awc::error::PayloadError>>
+                + Unpin,
+        >,
+    ) -> Reply {
+        let bytes = resp.body().limit(64 * 1024 * 1024).await.expect("body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+                panic!("response is not JSON: {}", String::from_utf8_lossy(&bytes))
+            })
+        };
+        Reply {
+            status: resp.status().as_u16(),
+            body,
+            headers: resp.headers().clone(),
+        }
+    }
+
+    pub async fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Reply {
+        let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
+        let req = self.request(method, path);
+        let resp = match body {
+            Some(b) => req.send_json(b).await,
+            None => req.send().await,
+        }
+        .expect("request");
+        Self::finish(resp).await
+    }
+
+    /// Sends raw bytes with an optional content type.
+    pub async fn send_raw(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Vec<u8>,
+    ) -> Reply {
+        let method = awc::http::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self.request(method, path);
+        if let Some(ct) = content_type {
+            req = req.insert_header(("content-type", ct));
+        }
+        let resp = req.send_body(body).await.expect("request");
+        Self::finish(resp).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.send("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Reply {
+        self.send("POST", path, Some(&body)).await
+    }
+
+    /// Creates a conversation and returns its id.
+    pub async fn create(&self, body: Value) -> String {
+        let r = self.post("/api/conversations", body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["conversation_id"].as_str().expect("id").to_string()
+    }
+
+    pub async fn info(&self, id: &str) -> Value {
+        self.get(&format!("/api/conversations/{id}")).await.body
+    }
+
+    /// Every event of a conversation (pages through the REST API).
+    pub async fn events(&self, id: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let r = self
+                .get(&format!(
+                    "/api/conversations/{id}/events?start_id={}&limit=100",
+                    out.len()
+                ))
+                .await;
+            assert_eq!(r.status, 200, "{}", r.body);
+            let page = r.body["events"].as_array().expect("events").clone();
+            let more = r.body["has_more"].as_bool().expect("has_more");
+            out.extend(page);
+            if !more {
+                return out;
+            }
+        }
+    }
+
+    /// Polls until `check` holds for the conversation's events, or panics after `secs`.
+    pub async fn wait_events(
+        &self,
+        id: &str,
+        secs: u64,
+        check: impl Fn(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let events = self.events(id).await;
+            if check(&events) {
+                return events;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "condition not met in {secs}s; events: {events:#?}"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls until the conversation's status is `status`.
+    pub async fn wait_status(&self, id: &str, status: &str, secs: u64) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let info = self.info(id).await;
+            if info["status"] == status {
+                return info;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "status never became {status}: {info}"
+            );
+            actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the HTTP server gracefully and waits for the full shutdown.
+    pub async fn shutdown(mut self) -> Arc<dyn Store> {
+        self.handle.stop(true).await;
+        if let Some(done) = self.done.take() {
+            let _ = done.await;
+        }
+        self.store.clone()
+    }
+}
+
+/// The agent states announced in a list of events, in order.
+pub fn agent_states(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| e["observation"] == "agent_state_changed")
+        .map(|e| {
+            e["extras"]["agent_state"]
+                .as_str()
+                .unwrap_or("")
+                .to_string()
+        })
+        .collect()
+}
+
+/// Asserts ids are 0..n, dense and ordered.
+pub fn assert_dense(events: &[Value]) {
+    for (i, e) in events.iter().enumerate() {
+        assert_eq!(e["id"], i as u64, "ids not dense at {i}: {events:#?}");
+    }
+}

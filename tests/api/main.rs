@@ -1,0 +1,11 @@
+//! Integration tests: the real server on 127.0.0.1:0, driven over HTTP (and WebSocket).
+//!
+//! One test binary (faster to link) with one module per area; `helpers` starts servers.
+
+mod conversations;
+mod helpers;
+mod lifecycle;
+mod limits;
+mod routes;
+mod session_key;
+mod validation;

@@ -24,7 +24,7 @@ async fn rejected(app: &TestApp, content_type: Option<&str>, body: &str) -> Vec<
     r.body["detail"].as_array().expect("detail list").clone()
 }
 
-fn entry<'a>(detail: &'a [Value], loc: Value) -> &'a Value {
+fn entry(detail: &[Value], loc: Value) -> &Value {
     detail
         .iter()
         .find(|d| d["loc"] == loc)

@@ -8,6 +8,7 @@
 //! - [`runtime`]: what runs behind a conversation (echo, …).
 //! - [`events`]: the OpenHands event model and its JSON form.
 //! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite).
+//! - [`ws`]: socket transports (Socket.IO and plain JSON WebSocket).
 //! - [`telemetry`]: logging setup.
 
 pub mod actors;
@@ -18,3 +19,4 @@ pub mod runtime;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod ws;

@@ -119,6 +119,7 @@ impl Application {
                 .app_data(state.clone())
                 .wrap(cors(&cors_settings))
                 .configure(api::configure)
+                .configure(crate::ws::configure)
                 .default_service(web::to(api::not_found))
         })
         .shutdown_timeout(settings.limits.shutdown_timeout_secs)

@@ -245,3 +245,142 @@ pub fn assert_dense(events: &[Value]) {
         assert_eq!(e["id"], i as u64, "ids not dense at {i}: {events:#?}");
     }
 }
+
+/// A raw WebSocket client.
+pub struct WsClient {
+    framed: actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>,
+    /// Answer Engine.IO pings (`2`) with pongs (`3`) automatically.
+    pub auto_pong: bool,
+}
+
+/// What a WebSocket read produced.
+#[derive(Debug, PartialEq)]
+pub enum WsRead {
+    Text(String),
+    Closed(Option<awc::ws::CloseReason>),
+    Timeout,
+}
+
+impl TestApp {
+    /// Opens a WebSocket; `Err(status)` when the upgrade is refused.
+    pub async fn ws(&self, path: &str, headers: &[(&str, &str)]) -> Result<WsClient, u16> {
+        let url = format!("{}{}", self.url.replace("http://", "ws://"), path);
+        let mut req = self.client.ws(url).max_frame_size(64 * 1024 * 1024);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        match req.connect().await {
+            Ok((_, framed)) => Ok(WsClient {
+                framed,
+                auto_pong: true,
+            }),
+            Err(awc::error::WsClientError::InvalidResponseStatus(s)) => Err(s.as_u16()),
+            Err(e) => panic!("websocket connect failed: {e}"),
+        }
+    }
+
+    /// Opens a Socket.IO connection the way the OpenHands frontend does and reads the open
+    /// packet; does not CONNECT yet.
+    pub async fn sio(&self, query: &str) -> WsClient {
+        let mut ws = self
+            .ws(
+                &format!("/socket.io/?EIO=4&transport=websocket&{query}"),
+                &[],
+            )
+            .await
+            .expect("upgrade");
+        match ws.read(5).await {
+            WsRead::Text(t) => assert!(t.starts_with("0{"), "expected the open packet, got {t}"),
+            other => panic!("expected the open packet, got {other:?}"),
+        }
+        ws
+    }
+}
+
+impl WsClient {
+    pub async fn send(&mut self, text: &str) {
+        use futures_util::SinkExt;
+        self.framed
+            .send(awc::ws::Message::Text(text.to_string().into()))
+            .await
+            .expect("send");
+    }
+
+    pub async fn send_binary(&mut self, data: Vec<u8>) {
+        use futures_util::SinkExt;
+        let _ = self
+            .framed
+            .send(awc::ws::Message::Binary(data.into()))
+            .await;
+    }
+
+    /// The next text frame, close, or a timeout after `secs`.
+    pub async fn read(&mut self, secs: u64) -> WsRead {
+        use futures_util::{SinkExt, StreamExt};
+        let deadline = Duration::from_secs(secs);
+        loop {
+            let next = actix_web::rt::time::timeout(deadline, self.framed.next()).await;
+            match next {
+                Err(_) => return WsRead::Timeout,
+                Ok(None) => return WsRead::Closed(None),
+                Ok(Some(Err(e))) => panic!("websocket error: {e}"),
+                Ok(Some(Ok(frame))) => match frame {
+                    awc::ws::Frame::Text(b) => {
+                        let text = String::from_utf8(b.to_vec()).expect("utf8");
+                        if self.auto_pong && text == "2" {
+                            let _ = self.framed.send(awc::ws::Message::Text("3".into())).await;
+                            continue;
+                        }
+                        return WsRead::Text(text);
+                    }
+                    awc::ws::Frame::Close(reason) => return WsRead::Closed(reason),
+                    awc::ws::Frame::Ping(p) => {
+                        let _ = self.framed.send(awc::ws::Message::Pong(p)).await;
+                    }
+                    _ => {}
+                },
+            }
+        }
+    }
+
+    /// The next text frame; panics on anything else.
+    pub async fn text(&mut self) -> String {
+        match self.read(10).await {
+            WsRead::Text(t) => t,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+
+    /// The next Socket.IO `oh_event` payload; panics on anything else.
+    pub async fn oh_event(&mut self) -> Value {
+        let text = self.text().await;
+        let rest = text
+            .strip_prefix("42")
+            .unwrap_or_else(|| panic!("expected an event, got {text}"));
+        let mut arr: Vec<Value> = serde_json::from_str(rest).expect("event json");
+        assert_eq!(arr[0], "oh_event", "{text}");
+        arr.remove(1)
+    }
+
+    /// Reads `oh_event` payloads until one satisfies `done`; returns all read.
+    pub async fn oh_events_until(&mut self, done: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut out = Vec::new();
+        loop {
+            let ev = self.oh_event().await;
+            let stop = done(&ev);
+            out.push(ev);
+            if stop {
+                return out;
+            }
+        }
+    }
+}
+
+/// Stored events among payloads (status updates and errors filtered out).
+pub fn stored(payloads: &[Value]) -> Vec<Value> {
+    payloads
+        .iter()
+        .filter(|p| p.get("id").is_some_and(Value::is_u64))
+        .cloned()
+        .collect()
+}

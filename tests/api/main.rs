@@ -8,4 +8,6 @@ mod lifecycle;
 mod limits;
 mod routes;
 mod session_key;
+mod sockets;
+mod third_party;
 mod validation;

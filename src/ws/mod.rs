@@ -1,0 +1,611 @@
+//! Socket transports: Socket.IO (Engine.IO v4 over WebSocket) at `/socket.io/` and plain JSON
+//! at `/ws/conversations/{id}`. No business logic lives here.
+//!
+//! A [`Socket`] actor translates frames to typed messages and back. It attaches to the
+//! conversation actor, which owns the subscriber set: subscribe first, then replay every
+//! durable event after the client's `latest_event_id` from the store, then the conversation's
+//! latest status update, then live frames — each event id exactly once, in order.
+//!
+//! Bounds: frames from the client are limited to `socket.max_frame_bytes`; frames to the client
+//! pass through a channel of `socket.queue_frames`. The actor only runs while the HTTP
+//! dispatcher takes its output, so a client that stops reading freezes its own socket: the
+//! conversation then finds the channel full and drops the subscriber, and the client is told
+//! it was too slow when it reads again. Memory per socket stays bounded either way.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web_actors::ws;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::actors::messages::ConversationError;
+use crate::actors::{AdmitError, AdmitMode, ClientFrame, CloseReason, ConversationHandle};
+use crate::api::validation::{is_valid_conversation_id, PROVIDERS};
+use crate::api::{key_matches, ApiError, AppState};
+use crate::events::{parse_user_action, StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
+use crate::store::EventQuery;
+
+pub mod socketio;
+
+use socketio::ClientPacket;
+
+/// Events read from the store per replay step.
+const REPLAY_PAGE: usize = 256;
+
+/// Registers the socket routes.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.service(web::resource(["/socket.io/", "/socket.io"]).route(web::get().to(socketio_route)))
+        .service(
+            web::resource("/ws/conversations/{conversation_id}").route(web::get().to(plain_route)),
+        );
+}
+
+type Query = Vec<(String, String)>;
+
+fn query(req: &HttpRequest) -> Result<Query, ApiError> {
+    serde_urlencoded::from_str(req.query_string())
+        .map_err(|e| ApiError::BadRequest(format!("Invalid query string: {e}")))
+}
+
+fn query_get<'a>(q: &'a Query, key: &str) -> Option<&'a str> {
+    q.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// `latest_event_id`: a non-integer (or negative) counts as "nothing seen".
+fn latest_event_id(q: &Query) -> Option<u64> {
+    query_get(q, "latest_event_id").and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+fn presented_key(req: &HttpRequest, q: &Query) -> Option<String> {
+    req.headers()
+        .get("X-Session-API-Key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| query_get(q, "session_api_key").map(str::to_string))
+}
+
+fn bad_request(message: &str) -> ApiError {
+    ApiError::Exact(StatusCode::BAD_REQUEST, json!({ "detail": message }))
+}
+
+fn codec(state: &AppState) -> actix_http::ws::Codec {
+    actix_http::ws::Codec::new().max_size(state.settings.socket.max_frame_bytes)
+}
+
+fn start(
+    socket: Socket,
+    req: &HttpRequest,
+    payload: web::Payload,
+    state: &AppState,
+) -> Result<HttpResponse, ApiError> {
+    let mut response =
+        ws::handshake(req).map_err(|e| bad_request(&format!("WebSocket handshake failed: {e}")))?;
+    Ok(response.streaming(ws::WebsocketContext::with_codec(
+        socket,
+        payload,
+        codec(state),
+    )))
+}
+
+/// `GET /socket.io/?EIO=4&transport=websocket&conversation_id=…&latest_event_id=…`
+async fn socketio_route(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let q = query(&req)?;
+    if query_get(&q, "EIO") != Some("4") {
+        return Err(bad_request(
+            "Unsupported Engine.IO protocol version: switchboard speaks EIO=4",
+        ));
+    }
+    if query_get(&q, "transport") != Some("websocket") {
+        return Err(bad_request(
+            "Unsupported transport: switchboard speaks only transport=websocket",
+        ));
+    }
+    let sio = SocketIo {
+        sid: socketio::new_sid(),
+        connected: false,
+        query_id: query_get(&q, "conversation_id").map(str::to_string),
+        providers_set: query_get(&q, "providers_set").unwrap_or("").to_string(),
+        key: presented_key(&req, &q),
+    };
+    let socket = Socket::new(
+        Proto::SocketIo(Box::new(sio)),
+        state.clone(),
+        latest_event_id(&q),
+    );
+    start(socket, &req, payload, &state)
+}
+
+/// `GET /ws/conversations/{id}?latest_event_id=N`: the same stream as plain JSON frames.
+async fn plain_route(
+    req: HttpRequest,
+    payload: web::Payload,
+    path: web::Path<String>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let q = query(&req)?;
+    let id = path.into_inner();
+    if !is_valid_conversation_id(&id) {
+        return Err(ApiError::one(
+            crate::api::validation::FieldError::value_error(
+                vec![json!("path"), json!("conversation_id")],
+                "conversation_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'",
+                json!(id),
+            ),
+        ));
+    }
+    let expected = &state.settings.session_api_key;
+    if !expected.is_empty() && !key_matches(expected, presented_key(&req, &q).as_deref()) {
+        return Err(ApiError::Unauthorized);
+    }
+    if state.supervisor.live(&id).is_none() && state.store.get(&id).await?.is_none() {
+        return Err(ApiError::NotFound("Conversation not found".into()));
+    }
+    let mut socket = Socket::new(Proto::Plain, state.clone(), latest_event_id(&q));
+    socket.conversation_id = Some(id.into());
+    start(socket, &req, payload, &state)
+}
+
+/// Finds (starting it if stopped) and subscribes to a conversation.
+async fn open_conversation(
+    state: web::Data<AppState>,
+    id: Arc<str>,
+) -> Result<
+    (
+        ConversationHandle,
+        crate::actors::Subscribed,
+        mpsc::Receiver<ClientFrame>,
+    ),
+    String,
+> {
+    for _ in 0..5 {
+        let handle = match state.supervisor.live(&id) {
+            Some(h) => h,
+            None => {
+                match state.store.get(&id).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Err("Conversation not found".into()),
+                    Err(e) => return Err(format!("storage error: {e}")),
+                }
+                match state
+                    .supervisor
+                    .admit(id.clone(), AdmitMode::LoadOnly)
+                    .await
+                {
+                    Ok(admitted) => admitted.conversation,
+                    Err(AdmitError::TooMany) => return Err(TOO_MANY_CONVERSATIONS_MESSAGE.into()),
+                    Err(AdmitError::NotFound) => return Err("Conversation not found".into()),
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+        };
+        let (tx, rx) = mpsc::channel(state.settings.socket.queue_frames);
+        match handle.subscribe(tx).await {
+            Ok(subscribed) => return Ok((handle, subscribed, rx)),
+            Err(ConversationError::Stopping) => {
+                actix::clock::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+            Err(ConversationError::NotFound) => return Err("Conversation not found".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err("The conversation is restarting; try again".into())
+}
+
+struct SocketIo {
+    sid: String,
+    /// The default namespace is connected (CONNECT acknowledged).
+    connected: bool,
+    query_id: Option<String>,
+    providers_set: String,
+    /// The key from the query or the upgrade header, if any.
+    key: Option<String>,
+}
+
+enum Proto {
+    SocketIo(Box<SocketIo>),
+    Plain,
+}
+
+/// One attached client.
+pub struct Socket {
+    proto: Proto,
+    state: web::Data<AppState>,
+    conversation_id: Option<Arc<str>>,
+    /// Events up to this id are already with the client.
+    after: Option<u64>,
+    attached: Option<(ConversationHandle, u64)>,
+    attaching: bool,
+    closing: bool,
+    last_heard: Instant,
+}
+
+impl Socket {
+    fn new(proto: Proto, state: web::Data<AppState>, after: Option<u64>) -> Self {
+        Socket {
+            proto,
+            state,
+            conversation_id: None,
+            after,
+            attached: None,
+            attaching: false,
+            closing: false,
+            last_heard: Instant::now(),
+        }
+    }
+
+    fn is_socketio(&self) -> bool {
+        matches!(self.proto, Proto::SocketIo(_))
+    }
+
+    /// Sends one payload (an event or a status/error object) in this transport's framing.
+    fn send_payload(&self, ctx: &mut ws::WebsocketContext<Self>, json: &str) {
+        if self.is_socketio() {
+            ctx.text(socketio::oh_event(json));
+        } else {
+            ctx.text(json.to_string());
+        }
+    }
+
+    fn send_event(&self, ctx: &mut ws::WebsocketContext<Self>, event: &StoredEvent) {
+        if self.after.is_some_and(|a| event.id <= a) {
+            return;
+        }
+        self.send_payload(ctx, &event.json);
+    }
+
+    fn send_error(&self, ctx: &mut ws::WebsocketContext<Self>, message: &str) {
+        let body = json!({"error": true, "message": message}).to_string();
+        self.send_payload(ctx, &body);
+    }
+
+    /// Detaches with a reason: Socket.IO `41` then close; plain: a close frame with the reason.
+    fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: ws::CloseCode, reason: &str) {
+        if self.closing {
+            return;
+        }
+        self.closing = true;
+        if self.is_socketio() {
+            ctx.text("41");
+        }
+        ctx.close(Some(ws::CloseReason {
+            code,
+            description: Some(reason.to_string()),
+        }));
+        ctx.stop();
+    }
+
+    fn attach(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some(id) = self.conversation_id.clone() else {
+            return;
+        };
+        self.attaching = true;
+        let fut = open_conversation(self.state.clone(), id);
+        ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
+            act.attaching = false;
+            match res {
+                Ok((handle, subscribed, rx)) => {
+                    act.attached = Some((handle, subscribed.subscriber_id));
+                    if let Proto::SocketIo(sio) = &mut act.proto {
+                        sio.connected = true;
+                        let ack = socketio::connect_ack(&socketio::new_sid());
+                        ctx.text(ack);
+                    }
+                    let start = act.after.map_or(0, |a| a + 1);
+                    act.replay(
+                        ctx,
+                        start,
+                        subscribed.replay_before,
+                        subscribed.last_status,
+                        rx,
+                    );
+                }
+                Err(reason) => {
+                    if act.is_socketio() {
+                        ctx.text(socketio::connect_error(&reason));
+                    } else {
+                        act.close(ctx, ws::CloseCode::Policy, &reason);
+                    }
+                }
+            }
+        }));
+    }
+
+    /// Replays durable events `[next, before)` page by page, then goes live.
+    fn replay(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        next: u64,
+        before: u64,
+        last_status: Option<Arc<str>>,
+        rx: mpsc::Receiver<ClientFrame>,
+    ) {
+        let Some(id) = self.conversation_id.clone() else {
+            return;
+        };
+        if next >= before {
+            if let Some(status) = last_status {
+                self.send_payload(ctx, &status);
+            }
+            let mut rx = rx;
+            ctx.add_stream(futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx)));
+            return;
+        }
+        let query = EventQuery {
+            start_id: next,
+            end_id: Some(before - 1),
+            reverse: false,
+            limit: REPLAY_PAGE,
+        };
+        let fut = self.state.store.events(&id, query);
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(events) if !events.is_empty() => {
+                let mut upto = next;
+                for event in &events {
+                    act.send_event(ctx, event);
+                    upto = event.id + 1;
+                }
+                act.replay(ctx, upto, before, last_status, rx);
+            }
+            Ok(_) => act.replay(ctx, before, before, last_status, rx),
+            Err(e) => {
+                tracing::error!(conversation_id = %id, error = %e, "replay failed");
+                act.close(
+                    ctx,
+                    ws::CloseCode::Error,
+                    "could not read the conversation's history",
+                );
+            }
+        }));
+    }
+
+    fn on_socketio_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+        match socketio::parse(text) {
+            ClientPacket::Pong => {}
+            ClientPacket::Ping => ctx.text("3"),
+            ClientPacket::Close => ctx.stop(),
+            ClientPacket::Ack => {}
+            ClientPacket::Connect { namespace, auth } => self.on_connect(&namespace, auth, ctx),
+            ClientPacket::Disconnect { .. } => ctx.stop(),
+            ClientPacket::Event {
+                namespace,
+                ack,
+                name,
+                args,
+            } => {
+                if namespace != "/" {
+                    return;
+                }
+                if let Some(id) = ack {
+                    ctx.text(socketio::ack(&namespace, id));
+                }
+                match name.as_str() {
+                    "oh_user_action" | "oh_action" => match args.first() {
+                        Some(action) => self.user_action(action.clone(), ctx),
+                        None => self.send_error(ctx, "oh_user_action needs an action object"),
+                    },
+                    other => self.send_error(ctx, &format!("Unknown event {other:?}")),
+                }
+            }
+            ClientPacket::Invalid(why) => self.send_error(ctx, &format!("Malformed packet: {why}")),
+        }
+    }
+
+    fn on_connect(
+        &mut self,
+        namespace: &str,
+        auth: Option<Value>,
+        ctx: &mut ws::WebsocketContext<Self>,
+    ) {
+        if namespace != "/" {
+            ctx.text(format!("44{namespace},\"Unable to connect\""));
+            return;
+        }
+        let Proto::SocketIo(sio) = &self.proto else {
+            return;
+        };
+        if sio.connected || self.attaching {
+            self.send_error(ctx, "Already connected");
+            return;
+        }
+        let (query_id, providers_set, key) = (
+            sio.query_id.clone(),
+            sio.providers_set.clone(),
+            sio.key.clone(),
+        );
+        let refusal = self.connect_refusal(
+            query_id.as_deref(),
+            &providers_set,
+            key.as_deref(),
+            auth.as_ref(),
+        );
+        match refusal {
+            Some(reason) => ctx.text(socketio::connect_error(&reason)),
+            None => self.attach(ctx),
+        }
+    }
+
+    /// Why a CONNECT must be refused, if it must; also records the conversation id.
+    fn connect_refusal(
+        &mut self,
+        query_id: Option<&str>,
+        providers_set: &str,
+        key: Option<&str>,
+        auth: Option<&Value>,
+    ) -> Option<String> {
+        let expected = &self.state.settings.session_api_key;
+        if !expected.is_empty() {
+            let from_auth = auth
+                .and_then(|a| a.get("session_api_key"))
+                .and_then(Value::as_str);
+            let presented = from_auth.or(key);
+            if !key_matches(expected, presented) {
+                return Some("invalid_session_api_key".into());
+            }
+        }
+        let id = match query_id {
+            None | Some("") => return Some("No conversation_id in query params".into()),
+            Some(id) if !is_valid_conversation_id(id) => return Some(
+                "Invalid conversation_id: expected 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
+                    .into(),
+            ),
+            Some(id) => id,
+        };
+        if let Some(bad) = providers_set
+            .split(',')
+            .map(str::trim)
+            .find(|p| !p.is_empty() && !PROVIDERS.contains(p))
+        {
+            return Some(format!("Invalid providers_set: unknown provider {bad:?}"));
+        }
+        self.conversation_id = Some(id.into());
+        None
+    }
+
+    fn user_action(&mut self, action: Value, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some((handle, _)) = self.attached.clone() else {
+            self.send_error(ctx, "Not connected to a conversation");
+            return;
+        };
+        let event = match parse_user_action(&action) {
+            Ok(e) => e,
+            Err(why) => {
+                self.send_error(ctx, &format!("Invalid action: {why}"));
+                return;
+            }
+        };
+        let fut = async move { handle.user_action(event).await };
+        ctx.spawn(fut.into_actor(self).map(|res, act, ctx| {
+            if let Err(e) = res {
+                act.send_error(ctx, &format!("Action refused: {e}"));
+            }
+        }));
+    }
+
+    fn heartbeat(&self, ctx: &mut ws::WebsocketContext<Self>) {
+        let socket = &self.state.settings.socket;
+        let interval = Duration::from_millis(socket.ping_interval_ms);
+        let timeout = Duration::from_millis(socket.ping_timeout_ms);
+        ctx.run_interval(interval, move |act, ctx| {
+            if act.closing {
+                return;
+            }
+            if act.last_heard.elapsed() > interval + timeout {
+                tracing::info!(conversation_id = ?act.conversation_id, "client missed its pongs; closing");
+                act.close(ctx, ws::CloseCode::Away, "ping timeout");
+                return;
+            }
+            if act.is_socketio() {
+                ctx.text("2");
+            } else {
+                ctx.ping(b"");
+            }
+        });
+    }
+}
+
+impl Actor for Socket {
+    type Context = ws::WebsocketContext<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        self.heartbeat(ctx);
+        let socket = &self.state.settings.socket;
+        if let Proto::SocketIo(sio) = &self.proto {
+            ctx.text(socketio::open_packet(
+                &sio.sid,
+                socket.ping_interval_ms,
+                socket.ping_timeout_ms,
+                socket.max_frame_bytes,
+            ));
+        } else {
+            self.attach(ctx);
+        }
+    }
+
+    fn stopped(&mut self, _ctx: &mut Self::Context) {
+        if let Some((handle, subscriber)) = self.attached.take() {
+            handle.unsubscribe(subscriber);
+        }
+    }
+}
+
+impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Socket {
+    fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
+        self.last_heard = Instant::now();
+        match msg {
+            Ok(ws::Message::Text(text)) => {
+                if self.is_socketio() {
+                    self.on_socketio_text(&text, ctx);
+                } else {
+                    match serde_json::from_str::<Value>(&text) {
+                        Ok(action) => self.user_action(action, ctx),
+                        Err(e) => self.send_error(ctx, &format!("Malformed JSON: {e}")),
+                    }
+                }
+            }
+            Ok(ws::Message::Binary(_)) => self.send_error(ctx, "Binary frames are not supported"),
+            Ok(ws::Message::Ping(p)) => ctx.pong(&p),
+            Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
+            Ok(ws::Message::Continuation(_)) => {
+                self.send_error(ctx, "Fragmented frames are not supported")
+            }
+            Ok(ws::Message::Close(reason)) => {
+                self.closing = true;
+                ctx.close(reason);
+                ctx.stop();
+            }
+            Err(ws::ProtocolError::Overflow) => {
+                self.close(ctx, ws::CloseCode::Size, "frame too large");
+            }
+            Err(e) => {
+                self.close(
+                    ctx,
+                    ws::CloseCode::Protocol,
+                    &format!("protocol error: {e}"),
+                );
+            }
+        }
+    }
+}
+
+impl StreamHandler<ClientFrame> for Socket {
+    fn handle(&mut self, frame: ClientFrame, ctx: &mut Self::Context) {
+        match frame {
+            ClientFrame::Event(event) => self.send_event(ctx, &event),
+            ClientFrame::Payload(json) => self.send_payload(ctx, &json),
+            ClientFrame::Close(CloseReason::Stopped(reason)) => {
+                self.attached = None;
+                self.close(
+                    ctx,
+                    ws::CloseCode::Normal,
+                    &format!("conversation stopped: {reason}"),
+                );
+            }
+        }
+    }
+
+    /// The conversation dropped us without a `Close`: we did not keep up.
+    fn finished(&mut self, ctx: &mut Self::Context) {
+        if self.closing {
+            return;
+        }
+        tracing::info!(conversation_id = ?self.conversation_id, "client too slow; disconnecting");
+        self.attached = None;
+        self.send_error(
+            ctx,
+            "Disconnected: the client did not keep up with the conversation's events",
+        );
+        self.close(ctx, ws::CloseCode::Policy, "client too slow");
+    }
+}

@@ -9,12 +9,14 @@
 //! - [`events`]: the OpenHands event model and its JSON form.
 //! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite).
 //! - [`ws`]: socket transports (Socket.IO and plain JSON WebSocket).
+//! - [`load`]: the load generator behind `switchboard load`.
 //! - [`telemetry`]: logging setup.
 
 pub mod actors;
 pub mod api;
 pub mod config;
 pub mod events;
+pub mod load;
 pub mod runtime;
 pub mod startup;
 pub mod store;

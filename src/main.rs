@@ -22,6 +22,8 @@ struct Cli {
 enum Command {
     /// Run the server.
     Serve(ServeArgs),
+    /// Generate load against a running server and report throughput and latency.
+    Load(switchboard::load::LoadArgs),
 }
 
 #[derive(Args)]
@@ -53,6 +55,16 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Load(args) => match switchboard::load::run(args) {
+            Ok(summary) if summary.conversations_failed == 0 && summary.errors.is_empty() => {
+                ExitCode::SUCCESS
+            }
+            Ok(_) => ExitCode::from(1),
+            Err(e) => {
+                eprintln!("switchboard load: {e}");
+                ExitCode::from(2)
+            }
+        },
     }
 }
 

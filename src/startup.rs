@@ -123,6 +123,8 @@ impl Application {
                 .default_service(web::to(api::not_found))
         })
         .shutdown_timeout(settings.limits.shutdown_timeout_secs)
+        // Small frames (events) must not wait for the peer's delayed ACK.
+        .tcp_nodelay(true)
         .disable_signals()
         .listen(listener)
         .map_err(|source| StartupError::Bind {

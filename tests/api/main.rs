@@ -6,6 +6,7 @@ mod conversations;
 mod helpers;
 mod lifecycle;
 mod limits;
+mod load;
 mod routes;
 mod session_key;
 mod sockets;

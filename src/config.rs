@@ -7,6 +7,7 @@
 //! A bad value yields a [`ConfigError`] naming the setting and the expected form; the server
 //! refuses to start on it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -109,12 +110,46 @@ pub struct SocketSettings {
 pub struct RuntimeSettings {
     pub kind: RuntimeKind,
     pub echo: EchoSettings,
+    pub process: ProcessSettings,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EchoSettings {
     pub start_delay_ms: u64,
+}
+
+/// The `process` runtime: one agent process per conversation (see `docs/runtime-protocol.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSettings {
+    /// Program and arguments, run without a shell.
+    pub command: Vec<String>,
+    /// The agent's working directory; empty means `<data_dir>/workspaces/<conversation_id>`.
+    /// `{conversation_id}` in it is replaced by the conversation's id.
+    pub working_dir: String,
+    /// Extra environment variables for the agent.
+    pub env: BTreeMap<String, String>,
+    /// Seconds between `stop` and SIGTERM, and again between SIGTERM and SIGKILL.
+    pub stop_grace_secs: u64,
+    /// Longest line accepted from the agent's stdout, in bytes.
+    pub max_line_bytes: usize,
+    /// Last stderr lines kept for the error shown when the agent exits.
+    pub stderr_tail_lines: usize,
+}
+
+impl ProcessSettings {
+    /// The working directory of one conversation's agent.
+    pub fn working_dir_for(&self, data_dir: &Path, conversation_id: &str) -> PathBuf {
+        if self.working_dir.is_empty() {
+            data_dir.join("workspaces").join(conversation_id)
+        } else {
+            PathBuf::from(
+                self.working_dir
+                    .replace("{conversation_id}", conversation_id),
+            )
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -134,6 +169,8 @@ enum EnvKind {
     Literal,
     /// Comma-separated list of strings.
     List,
+    /// A command line split the way a POSIX shell would (quotes, backslashes), not run by one.
+    Shell,
 }
 
 /// Every environment variable and the setting it sets.
@@ -228,6 +265,31 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Literal,
     ),
     (
+        "SWITCHBOARD_PROCESS_COMMAND",
+        "runtime.process.command",
+        EnvKind::Shell,
+    ),
+    (
+        "SWITCHBOARD_PROCESS_WORKING_DIR",
+        "runtime.process.working_dir",
+        EnvKind::Str,
+    ),
+    (
+        "SWITCHBOARD_PROCESS_STOP_GRACE_SECS",
+        "runtime.process.stop_grace_secs",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_PROCESS_MAX_LINE_BYTES",
+        "runtime.process.max_line_bytes",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_PROCESS_STDERR_TAIL_LINES",
+        "runtime.process.stderr_tail_lines",
+        EnvKind::Literal,
+    ),
+    (
         "SWITCHBOARD_STORE_BATCH_MAX",
         "store_tuning.batch_max",
         EnvKind::Literal,
@@ -254,6 +316,8 @@ pub struct Overrides {
 /// Builds [`Settings`] from one TOML layer at a time.
 pub struct SettingsBuilder {
     table: toml::Table,
+    /// A layer that could not be read as a value (reported by `build`).
+    pending_error: Option<ConfigError>,
 }
 
 impl SettingsBuilder {
@@ -262,7 +326,10 @@ impl SettingsBuilder {
         let table = DEFAULTS_TOML
             .parse::<toml::Table>()
             .expect("built-in config/default.toml is valid TOML");
-        Self { table }
+        Self {
+            table,
+            pending_error: None,
+        }
     }
 
     /// Merges a TOML text; `origin` names it in errors.
@@ -320,6 +387,23 @@ impl SettingsBuilder {
                         .map(|s| toml::Value::String(s.to_string()))
                         .collect(),
                 ),
+                EnvKind::Shell => match shlex::split(&raw) {
+                    Some(words) => {
+                        toml::Value::Array(words.into_iter().map(toml::Value::String).collect())
+                    }
+                    None => {
+                        self.pending_error.get_or_insert_with(|| {
+                            invalid(
+                                dotted,
+                                format!(
+                                    "{name} is not a valid shell-style command line \
+                                     (unbalanced quote or trailing backslash): {raw:?}"
+                                ),
+                            )
+                        });
+                        continue;
+                    }
+                },
             };
             self = self.set(dotted, value);
         }
@@ -351,6 +435,9 @@ impl SettingsBuilder {
 
     /// Deserializes and range-checks the merged layers.
     pub fn build(self) -> Result<Settings, ConfigError> {
+        if let Some(error) = self.pending_error {
+            return Err(error);
+        }
         let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(self.table))
             .map_err(|e| ConfigError::Invalid {
             setting: e.path().to_string(),
@@ -398,6 +485,28 @@ fn positive(setting: &str, value: u64) -> Result<(), ConfigError> {
         return Err(invalid(setting, "expected a whole number greater than 0"));
     }
     Ok(())
+}
+
+/// Whether `program` names an executable file: a path (with a `/`) or a name found on PATH.
+fn program_exists(program: &str) -> bool {
+    fn executable(path: &Path) -> bool {
+        match std::fs::metadata(path) {
+            #[cfg(unix)]
+            Ok(meta) => {
+                use std::os::unix::fs::PermissionsExt;
+                meta.is_file() && meta.permissions().mode() & 0o111 != 0
+            }
+            #[cfg(not(unix))]
+            Ok(meta) => meta.is_file(),
+            Err(_) => false,
+        }
+    }
+    if program.contains('/') {
+        return executable(Path::new(program));
+    }
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| executable(&dir.join(program)))
+    })
 }
 
 impl Settings {
@@ -469,10 +578,69 @@ impl Settings {
         positive("socket.ping_timeout_ms", self.socket.ping_timeout_ms)?;
         positive("store_tuning.batch_max", self.store_tuning.batch_max as u64)?;
         positive("store_tuning.queue", self.store_tuning.queue as u64)?;
-        if self.runtime.kind == RuntimeKind::Process {
+        self.validate_process()?;
+        Ok(())
+    }
+
+    fn validate_process(&self) -> Result<(), ConfigError> {
+        let p = &self.runtime.process;
+        if self.runtime.kind == RuntimeKind::Process
+            && p.command.first().map_or(true, |c| c.trim().is_empty())
+        {
             return Err(invalid(
-                "runtime.kind",
-                "the process runtime is not available in this build; expected \"echo\"",
+                "runtime.process.command",
+                "the process runtime needs the agent's command, e.g. \
+                 command = [\"python3\", \"examples/agents/shell_agent.py\"] in [runtime.process] \
+                 or SWITCHBOARD_PROCESS_COMMAND=\"python3 examples/agents/shell_agent.py\"",
+            ));
+        }
+        if self.runtime.kind == RuntimeKind::Process && !program_exists(&p.command[0]) {
+            return Err(invalid(
+                "runtime.process.command",
+                format!(
+                    "cannot find the agent program {:?}: expected an executable file, a path \
+                     relative to the server's working directory, or a program on PATH",
+                    p.command[0]
+                ),
+            ));
+        }
+        if p.command.iter().any(|c| c.contains('\0')) {
+            return Err(invalid(
+                "runtime.process.command",
+                "expected words without NUL characters",
+            ));
+        }
+        if p.working_dir.contains('\0') {
+            return Err(invalid(
+                "runtime.process.working_dir",
+                "expected a directory path",
+            ));
+        }
+        for (name, value) in &p.env {
+            if name.is_empty() || name.contains('=') || name.contains('\0') || value.contains('\0')
+            {
+                return Err(invalid(
+                    &format!("runtime.process.env.{name}"),
+                    "expected NAME = \"value\" with a name without '=' and no NUL characters",
+                ));
+            }
+        }
+        if p.max_line_bytes < 1024 {
+            return Err(invalid(
+                "runtime.process.max_line_bytes",
+                "expected a whole number of at least 1024",
+            ));
+        }
+        if p.stderr_tail_lines > 1000 {
+            return Err(invalid(
+                "runtime.process.stderr_tail_lines",
+                "expected a whole number from 0 to 1000",
+            ));
+        }
+        if p.stop_grace_secs > 3600 {
+            return Err(invalid(
+                "runtime.process.stop_grace_secs",
+                "expected a whole number of seconds from 0 to 3600",
             ));
         }
         Ok(())
@@ -567,6 +735,92 @@ mod tests {
                 "{var}={value}: {text} should name {setting}"
             );
         }
+    }
+
+    #[test]
+    fn process_runtime_settings_from_env() {
+        let s = SettingsBuilder::new()
+            .merge_env(env(&[
+                ("SWITCHBOARD_RUNTIME", "process"),
+                (
+                    "SWITCHBOARD_PROCESS_COMMAND",
+                    r#"sh "examples/agents/shell agent.py" --flag='a b' c\ d"#,
+                ),
+                ("SWITCHBOARD_PROCESS_STOP_GRACE_SECS", "3"),
+                (
+                    "SWITCHBOARD_PROCESS_WORKING_DIR",
+                    "/srv/{conversation_id}/work",
+                ),
+            ]))
+            .build()
+            .unwrap();
+        assert_eq!(s.runtime.kind, RuntimeKind::Process);
+        assert_eq!(
+            s.runtime.process.command,
+            ["sh", "examples/agents/shell agent.py", "--flag=a b", "c d"]
+        );
+        assert_eq!(s.runtime.process.stop_grace_secs, 3);
+        assert_eq!(
+            s.runtime.process.working_dir_for(Path::new("/data"), "abc"),
+            PathBuf::from("/srv/abc/work")
+        );
+        let d = Settings::defaults();
+        assert_eq!(d.runtime.process.stop_grace_secs, 10);
+        assert!(d.runtime.process.command.is_empty());
+        assert_eq!(
+            d.runtime.process.working_dir_for(Path::new("/data"), "abc"),
+            PathBuf::from("/data/workspaces/abc")
+        );
+    }
+
+    #[test]
+    fn process_runtime_needs_a_valid_command() {
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[("SWITCHBOARD_RUNTIME", "process")]))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("runtime.process.command"), "{err}");
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[
+                ("SWITCHBOARD_RUNTIME", "process"),
+                ("SWITCHBOARD_PROCESS_COMMAND", "python3 'agent.py"),
+            ]))
+            .build()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("runtime.process.command"), "{text}");
+        assert!(text.contains("SWITCHBOARD_PROCESS_COMMAND"), "{text}");
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[("SWITCHBOARD_PROCESS_STOP_GRACE_SECS", "soon")]))
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("runtime.process.stop_grace_secs"),
+            "{err}"
+        );
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[
+                ("SWITCHBOARD_RUNTIME", "process"),
+                (
+                    "SWITCHBOARD_PROCESS_COMMAND",
+                    "no-such-agent-program --flag",
+                ),
+            ]))
+            .build()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("runtime.process.command"), "{text}");
+        assert!(text.contains("no-such-agent-program"), "{text}");
+        let s = SettingsBuilder::new()
+            .merge_toml(
+                "f",
+                "[runtime]\nkind = \"process\"\n[runtime.process]\ncommand = [\"sh\"]\n\
+                 [runtime.process.env]\nAGENT_MODEL = \"small\"",
+            )
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(s.runtime.process.env["AGENT_MODEL"], "small");
     }
 
     #[test]

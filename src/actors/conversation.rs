@@ -28,7 +28,9 @@ use super::shared::{now_ms, ConversationStatus, RuntimeStatus, Shared};
 use super::supervisor::Supervisor;
 use crate::config::{RuntimeKind, Settings};
 use crate::events::{self, EventBody, Source, StatusUpdate, StoredEvent};
-use crate::runtime::{EchoRuntime, FromRuntime, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
+use crate::runtime::{
+    EchoRuntime, FromRuntime, ProcessRuntime, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart,
+};
 use crate::store::{ConversationMeta, ConversationRecord, Store, StoreError};
 
 /// What leaves the actor, in order.
@@ -411,9 +413,10 @@ impl Conversation {
 
     fn start_runtime(&mut self, ctx: &mut Context<Self>) {
         let mut runtime: Box<dyn Runtime> = match self.settings.runtime.kind {
-            RuntimeKind::Echo | RuntimeKind::Process => Box::new(EchoRuntime::new(
-                Duration::from_millis(self.settings.runtime.echo.start_delay_ms),
-            )),
+            RuntimeKind::Echo => Box::new(EchoRuntime::new(Duration::from_millis(
+                self.settings.runtime.echo.start_delay_ms,
+            ))),
+            RuntimeKind::Process => Box::new(ProcessRuntime::new(self.settings.clone())),
         };
         let Some(meta) = self.meta.as_ref() else {
             return;
@@ -424,6 +427,9 @@ impl Conversation {
             trigger: &meta.trigger,
             init: &meta.init,
             sink,
+            store: self.store.clone(),
+            // Every event before this one is durable: the history a restarted agent resumes.
+            history_before: self.durable_before,
         });
         self.runtime = Some(runtime);
         self.apply_signals(signals, ctx);
@@ -584,11 +590,20 @@ impl Handler<Join> for Conversation {
         if self.meta.is_none() {
             return Err(ConversationError::NotFound);
         }
+        let applied = msg.role == Role::Creator && self.created;
         if self.stopping.is_some() {
-            return Err(ConversationError::Stopping);
+            // The request that created it learns the truth (e.g. its runtime failed at once);
+            // anyone else retries and gets a fresh incarnation.
+            return if applied {
+                Ok(JoinReply {
+                    status: ConversationStatus::Stopped,
+                    message: None,
+                })
+            } else {
+                Err(ConversationError::Stopping)
+            };
         }
         self.touch();
-        let applied = msg.role == Role::Creator && self.created;
         let message = (!applied && msg.brought_initial_message).then(|| {
             "Joined the existing conversation; the request's initial message was not applied"
                 .to_string()

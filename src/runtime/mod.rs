@@ -6,14 +6,18 @@
 //! asynchronously (a start delay, an agent process). It only ever sees events that are already
 //! durable, and it never assigns event ids: the conversation actor does.
 
+use std::sync::Arc;
+
 use actix::prelude::*;
 
 use crate::events::{EventBody, StatusUpdate};
-use crate::store::InitData;
+use crate::store::{InitData, Store};
 
 pub mod echo;
+pub mod process;
 
 pub use echo::EchoRuntime;
+pub use process::ProcessRuntime;
 
 /// Something a runtime reports to its conversation.
 #[derive(Debug, Clone, PartialEq)]
@@ -44,8 +48,18 @@ impl RuntimeSink {
     }
 
     /// Delivers a signal; dropped silently when the conversation is already gone.
+    ///
+    /// This does not wait for the conversation: use it for the occasional signal (ready, a
+    /// failure), not for a stream of them.
     pub fn send(&self, signal: RuntimeSignal) {
         self.0.do_send(FromRuntime(signal));
+    }
+
+    /// Delivers a signal and waits until the conversation has handled it (waiting for room in
+    /// its mailbox first): a producer that awaits each delivery is paced by its conversation
+    /// and never piles up signals. False when the conversation is gone.
+    pub async fn deliver(&self, signal: RuntimeSignal) -> bool {
+        self.0.send(FromRuntime(signal)).await.is_ok()
     }
 }
 
@@ -55,6 +69,11 @@ pub struct RuntimeStart<'a> {
     pub trigger: &'a str,
     pub init: &'a InitData,
     pub sink: RuntimeSink,
+    /// The conversation's store, to read its history from.
+    pub store: Arc<dyn Store>,
+    /// The conversation's history: every event with a smaller id is durable (in `store`) and
+    /// was there before this start (0 for a new conversation).
+    pub history_before: u64,
 }
 
 /// The behaviour behind one conversation.

@@ -1,0 +1,979 @@
+//! The `process` runtime: one agent process per conversation, spoken to in JSON lines.
+//!
+//! Each conversation gets its own child process (`runtime.process.command`), started in its own
+//! working directory, watched, and stopped by the conversation's actor through this runtime. The
+//! protocol (`docs/runtime-protocol.md`) is one JSON object per line: switchboard writes `init`,
+//! then user `event`s and finally `stop` to the agent's stdin; the agent answers with `ready`,
+//! `event` and `status` lines on its stdout. Its stderr goes to the server log.
+//!
+//! Everything here is asynchronous and runs on the conversation's arbiter; `start`,
+//! `on_user_event` and `stop` never wait. Four small tasks serve one agent:
+//!
+//! - the **writer** owns the child's stdin: it writes the `init` line (streaming the
+//!   conversation's history from the store, page by page), then every line from a bounded queue,
+//!   and closes stdin when the runtime stops;
+//! - the **reader** reads stdout with a bounded line buffer and hands each signal to the
+//!   conversation with [`RuntimeSink::deliver`], which waits until the conversation handled it:
+//!   an agent that floods its stdout is paced by its own conversation and cannot grow the
+//!   server's memory or hold up other conversations;
+//! - the **stderr reader** logs each line (tagged with the conversation id, rate-limited) and
+//!   keeps the last few for the error shown when the agent exits;
+//! - the **watcher** owns the [`Child`]: it reports an unexpected exit as
+//!   [`RuntimeSignal::Failed`] (exit status and stderr tail), and on stop runs the stop sequence
+//!   — `stop` line and stdin closed, SIGTERM after the grace period, SIGKILL after another —
+//!   then reaps the child.
+//!
+//! No process is left behind: the agent runs in its own process group, and every signal goes
+//! to the whole group (an agent's own children stop with it); the child is killed when its
+//! watcher is dropped (server shutdown) and, on Linux, by the kernel if the server dies
+//! (`PR_SET_PDEATHSIG`).
+
+use std::collections::VecDeque;
+use std::ffi::OsString;
+use std::io;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, BufWriter};
+use tokio::process::{Child, ChildStdin, Command};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
+use crate::config::Settings;
+use crate::events::{EventBody, EventKind, Source, StatusUpdate};
+use crate::store::{EventQuery, InitData, Store};
+
+/// The protocol version this runtime speaks (the `protocol` field of `init`).
+pub const PROTOCOL_VERSION: u64 = 1;
+/// Status id of the error reported for a line that is not valid protocol.
+pub const STATUS_AGENT_PROTOCOL_ERROR: &str = "STATUS$ERROR_AGENT_PROTOCOL";
+/// Status id of the error reported when a user event cannot be handed to the agent.
+pub const STATUS_AGENT_INPUT_ERROR: &str = "STATUS$ERROR_AGENT_INPUT";
+
+/// Lines waiting for the agent's stdin; a full queue means the agent does not read its input.
+const INPUT_QUEUE_LINES: usize = 64;
+/// Read buffer for the agent's stdout.
+const STDOUT_BUFFER: usize = 16 * 1024;
+/// A line buffer that grew past this after a long line shrinks back to it.
+const LINE_BUFFER_KEEP: usize = 64 * 1024;
+/// Longest stderr line logged; the rest of the line is dropped.
+const STDERR_MAX_LINE: usize = 4096;
+/// Longest stderr line kept in the tail quoted when the agent exits.
+const STDERR_TAIL_LINE: usize = 1000;
+/// Stderr lines logged per second per agent; the rest are counted, not logged.
+const STDERR_LOG_PER_SEC: u32 = 200;
+/// Invalid lines reported at once before the reports are limited to one per second.
+const COMPLAINT_BURST: f64 = 5.0;
+/// How long the readers may take to pass on what an exited agent wrote before it exited.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+/// History events read from the store at a time while writing `init`.
+const HISTORY_PAGE: usize = 512;
+/// Longest status id accepted from an agent.
+const MAX_STATUS_ID: usize = 256;
+
+/// Runs one agent process per conversation. See the module docs.
+pub struct ProcessRuntime {
+    settings: Arc<Settings>,
+    running: Option<Running>,
+}
+
+/// The handles a started runtime keeps; the tasks own everything else.
+struct Running {
+    conversation_id: Arc<str>,
+    /// Lines for the agent's stdin; dropping it closes stdin once the queue is written.
+    input: Option<mpsc::Sender<Vec<u8>>>,
+    /// Tells the watcher to run the stop sequence (dropping it does too).
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl ProcessRuntime {
+    pub fn new(settings: Arc<Settings>) -> Self {
+        ProcessRuntime {
+            settings,
+            running: None,
+        }
+    }
+
+    fn spawn(&mut self, start: RuntimeStart<'_>) -> Result<(), String> {
+        let p = &self.settings.runtime.process;
+        let conversation_id: Arc<str> = start.conversation_id.into();
+        let words = resolve_command(&p.command);
+        let Some((program, args)) = words.split_first() else {
+            return Err("no agent command is configured (runtime.process.command)".into());
+        };
+        let shown = shown_command(&p.command);
+        let dir = p.working_dir_for(&self.settings.data_dir, &conversation_id);
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            format!(
+                "cannot create the agent's working directory {}: {e}",
+                dir.display()
+            )
+        })?;
+        let head = init_head(&conversation_id, start.trigger, start.init)?;
+
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .current_dir(&dir)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // The agent inherits the server's environment, except switchboard's own settings (the
+        // session API key among them).
+        for (name, _) in std::env::vars_os() {
+            if name.to_string_lossy().starts_with("SWITCHBOARD_") {
+                command.env_remove(name);
+            }
+        }
+        command
+            .envs(&p.env)
+            .env("SWITCHBOARD_CONVERSATION_ID", &*conversation_id);
+        isolate(&mut command);
+        let child = command
+            .spawn()
+            .map_err(|e| format!("cannot start the agent `{shown}`: {e}"))?;
+        let pid = child.id();
+        info!(
+            conversation_id = %conversation_id,
+            pid,
+            command = %shown,
+            working_dir = %dir.display(),
+            "agent process started"
+        );
+        // From here on, dropping the guard kills and reaps the agent.
+        let mut guard = ChildGuard {
+            child,
+            pgid: pid.and_then(|p| i32::try_from(p).ok()),
+            reaped: false,
+        };
+        let c = &mut guard.child;
+        let (Some(stdin), Some(stdout), Some(stderr)) =
+            (c.stdin.take(), c.stdout.take(), c.stderr.take())
+        else {
+            return Err("the agent's stdin, stdout and stderr could not be opened".into());
+        };
+
+        let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE_LINES);
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let tail = Arc::new(Mutex::new(VecDeque::new()));
+        let history = History {
+            store: start.store,
+            before: start.history_before,
+        };
+        let writer = actix::spawn(write_input(
+            stdin,
+            head,
+            history,
+            input_rx,
+            start.sink.clone(),
+            conversation_id.clone(),
+        ));
+        let reader = actix::spawn(read_output(
+            stdout,
+            start.sink.clone(),
+            p.max_line_bytes,
+            conversation_id.clone(),
+        ));
+        let stderr_reader = actix::spawn(read_stderr(
+            stderr,
+            tail.clone(),
+            p.stderr_tail_lines,
+            conversation_id.clone(),
+        ));
+        actix::spawn(watch(
+            guard,
+            stop_rx,
+            IoTasks {
+                writer,
+                reader,
+                stderr_reader,
+            },
+            start.sink,
+            tail,
+            Duration::from_secs(p.stop_grace_secs),
+            conversation_id.clone(),
+        ));
+        self.running = Some(Running {
+            conversation_id,
+            input: Some(input_tx),
+            stop: Some(stop_tx),
+        });
+        Ok(())
+    }
+}
+
+impl Runtime for ProcessRuntime {
+    fn start(&mut self, start: RuntimeStart<'_>) -> Vec<RuntimeSignal> {
+        if self.running.is_some() {
+            return Vec::new();
+        }
+        match self.spawn(start) {
+            Ok(()) => Vec::new(),
+            Err(why) => vec![RuntimeSignal::Failed(why)],
+        }
+    }
+
+    fn on_user_event(&mut self, id: u64, event: &EventBody) -> Vec<RuntimeSignal> {
+        let Some(running) = self.running.as_mut() else {
+            return Vec::new();
+        };
+        let Some(input) = running.input.as_ref() else {
+            return Vec::new();
+        };
+        let line = protocol_line(&json!({"type": "event", "event": event_value(id, event)}));
+        let why = match input.try_send(line) {
+            Ok(()) => return Vec::new(),
+            Err(TrySendError::Full(_)) => "the agent is not reading its input",
+            Err(TrySendError::Closed(_)) => "the agent closed its input",
+        };
+        warn!(conversation_id = %running.conversation_id, event_id = id, "{why}; event not delivered");
+        vec![RuntimeSignal::Status(StatusUpdate::error(
+            STATUS_AGENT_INPUT_ERROR,
+            &format!("Event {id} was not delivered to the agent: {why}."),
+        ))]
+    }
+
+    fn stop(&mut self) {
+        let Some(running) = self.running.as_mut() else {
+            return;
+        };
+        if let Some(input) = running.input.take() {
+            // When the queue is full the agent does not read anyway; it still sees stdin close.
+            let _ = input.try_send(protocol_line(&json!({"type": "stop"})));
+        }
+        if let Some(stop) = running.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl Drop for ProcessRuntime {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---- starting ---------------------------------------------------------------------------
+
+/// Makes words that are relative paths to something that exists (relative to the server's
+/// working directory) absolute: the agent runs in its own working directory.
+fn resolve_command(words: &[String]) -> Vec<OsString> {
+    let cwd = std::env::current_dir().ok();
+    words
+        .iter()
+        .map(|word| {
+            let path = Path::new(word);
+            if let Some(cwd) = &cwd {
+                if word.contains('/') && path.is_relative() {
+                    let absolute = cwd.join(path);
+                    if absolute.exists() {
+                        return absolute.into_os_string();
+                    }
+                }
+            }
+            OsString::from(word)
+        })
+        .collect()
+}
+
+fn shown_command(words: &[String]) -> String {
+    shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| words.join(" "))
+}
+
+/// Puts the agent in its own process group (so that signals reach its children too and a
+/// terminal's Ctrl-C does not) and, on Linux, has the kernel kill it if the thread that started
+/// it — the conversation's arbiter — ever dies without stopping it.
+#[cfg(unix)]
+fn isolate(command: &mut Command) {
+    command.process_group(0);
+    #[cfg(target_os = "linux")]
+    // SAFETY: the closure runs in the child between fork and exec and only calls `prctl`, which
+    // is async-signal-safe; it allocates nothing and takes no lock.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(unix))]
+fn isolate(_command: &mut Command) {}
+
+/// The `init` line up to and including `"history":[`; the writer streams the rest.
+fn init_head(conversation_id: &str, trigger: &str, init: &InitData) -> Result<String, String> {
+    let mut init = serde_json::to_value(init)
+        .map_err(|e| format!("cannot encode the conversation's init data: {e}"))?;
+    if let Value::Object(map) = &mut init {
+        map.insert("trigger".into(), json!(trigger));
+    }
+    let head = json!({
+        "type": "init",
+        "protocol": PROTOCOL_VERSION,
+        "conversation_id": conversation_id,
+        "init": init,
+    });
+    let mut text = head.to_string();
+    text.pop(); // the closing brace
+    text.push_str(",\"history\":[");
+    Ok(text)
+}
+
+/// Where the `init` line's history comes from: every event with an id below `before`.
+struct History {
+    store: Arc<dyn Store>,
+    before: u64,
+}
+
+/// One protocol message as a line.
+fn protocol_line(value: &Value) -> Vec<u8> {
+    let mut line = value.to_string().into_bytes();
+    line.push(b'\n');
+    line
+}
+
+/// A user event as the agent gets it: the stored event's keys without the timestamp.
+fn event_value(id: u64, body: &EventBody) -> Value {
+    let mut map = Map::new();
+    map.insert("id".into(), json!(id));
+    map.insert("source".into(), json!(body.source));
+    map.insert("message".into(), json!(body.message));
+    match &body.kind {
+        EventKind::Action { action, args } => {
+            map.insert("action".into(), json!(action));
+            map.insert("args".into(), args.clone());
+        }
+        EventKind::Observation {
+            cause,
+            observation,
+            content,
+            extras,
+        } => {
+            if let Some(cause) = cause {
+                map.insert("cause".into(), json!(cause));
+            }
+            map.insert("observation".into(), json!(observation));
+            map.insert("content".into(), json!(content));
+            map.insert("extras".into(), extras.clone());
+        }
+    }
+    Value::Object(map)
+}
+
+// ---- the writer -------------------------------------------------------------------------
+
+enum InitError {
+    Store(String),
+    Io(io::Error),
+}
+
+impl From<io::Error> for InitError {
+    fn from(e: io::Error) -> Self {
+        InitError::Io(e)
+    }
+}
+
+/// Writes `init`, then every queued line; closes stdin when the queue closes.
+async fn write_input(
+    mut stdin: ChildStdin,
+    head: String,
+    history: History,
+    mut lines: mpsc::Receiver<Vec<u8>>,
+    sink: RuntimeSink,
+    conversation_id: Arc<str>,
+) {
+    match write_init(&mut stdin, &head, &history, &conversation_id).await {
+        Ok(()) => {}
+        Err(InitError::Store(why)) => {
+            sink.send(RuntimeSignal::Failed(why));
+            return;
+        }
+        Err(InitError::Io(e)) => {
+            debug!(conversation_id = %conversation_id, error = %e, "agent stdin closed during init");
+            return;
+        }
+    }
+    while let Some(line) = lines.recv().await {
+        if let Err(e) = stdin.write_all(&line).await {
+            debug!(conversation_id = %conversation_id, error = %e, "agent stdin closed");
+            return;
+        }
+    }
+    let _ = stdin.shutdown().await;
+    debug!(conversation_id = %conversation_id, "agent stdin closed by switchboard");
+}
+
+async fn write_init(
+    stdin: &mut ChildStdin,
+    head: &str,
+    history: &History,
+    conversation_id: &str,
+) -> Result<(), InitError> {
+    let mut out = BufWriter::with_capacity(16 * 1024, stdin);
+    out.write_all(head.as_bytes()).await?;
+    let mut next = 0;
+    let mut first = true;
+    while next < history.before {
+        let query = EventQuery {
+            start_id: next,
+            end_id: Some(history.before - 1),
+            reverse: false,
+            limit: HISTORY_PAGE,
+        };
+        let page = history
+            .store
+            .events(conversation_id, query)
+            .await
+            .map_err(|e| {
+                InitError::Store(format!("cannot read the conversation's history: {e}"))
+            })?;
+        if page.is_empty() {
+            break;
+        }
+        for event in &page {
+            if !first {
+                out.write_all(b",").await?;
+            }
+            first = false;
+            out.write_all(event.json.as_bytes()).await?;
+            next = event.id + 1;
+        }
+    }
+    out.write_all(b"]}\n").await?;
+    out.flush().await?;
+    Ok(())
+}
+
+// ---- the readers ------------------------------------------------------------------------
+
+/// Reads lines of at most `max` bytes; a longer line is cut to `max` and its length reported.
+struct LineReader<R> {
+    inner: BufReader<R>,
+    buf: Vec<u8>,
+    max: usize,
+}
+
+/// One line, without its newline.
+struct Line<'a> {
+    bytes: &'a [u8],
+    /// The full length when the line was longer than the limit (`bytes` is its start).
+    cut_from: Option<usize>,
+}
+
+impl<R: AsyncRead + Unpin> LineReader<R> {
+    fn new(inner: R, buffer: usize, max: usize) -> Self {
+        LineReader {
+            inner: BufReader::with_capacity(buffer, inner),
+            buf: Vec::new(),
+            max,
+        }
+    }
+
+    /// The next line; `None` at the end of the stream. Memory stays within `max` bytes.
+    async fn next_line(&mut self) -> io::Result<Option<Line<'_>>> {
+        self.buf.clear();
+        if self.buf.capacity() > LINE_BUFFER_KEEP {
+            self.buf.shrink_to(LINE_BUFFER_KEEP);
+        }
+        let mut len = 0usize;
+        let mut seen = false;
+        loop {
+            let chunk = self.inner.fill_buf().await?;
+            if chunk.is_empty() {
+                if !seen {
+                    return Ok(None);
+                }
+                break;
+            }
+            seen = true;
+            let (part, used, done) = match chunk.iter().position(|&b| b == b'\n') {
+                Some(i) => (&chunk[..i], i + 1, true),
+                None => (chunk, chunk.len(), false),
+            };
+            len = len.saturating_add(part.len());
+            let room = self.max.saturating_sub(self.buf.len());
+            self.buf.extend_from_slice(&part[..part.len().min(room)]);
+            self.inner.consume(used);
+            if done {
+                break;
+            }
+        }
+        let mut bytes = &self.buf[..];
+        if len <= self.max {
+            if let Some(stripped) = bytes.strip_suffix(b"\r") {
+                bytes = stripped;
+            }
+        }
+        Ok(Some(Line {
+            bytes,
+            cut_from: (len > self.max).then_some(len),
+        }))
+    }
+}
+
+/// Reads the agent's stdout and hands each message to the conversation, one at a time.
+async fn read_output(
+    stdout: impl AsyncRead + Unpin,
+    sink: RuntimeSink,
+    max_line_bytes: usize,
+    conversation_id: Arc<str>,
+) {
+    let mut reader = LineReader::new(stdout, STDOUT_BUFFER, max_line_bytes);
+    let mut complaints = Complaints::new();
+    let mut attached = true;
+    loop {
+        let line = match reader.next_line().await {
+            Ok(Some(line)) => line,
+            Ok(None) => break,
+            Err(e) => {
+                warn!(conversation_id = %conversation_id, error = %e, "cannot read the agent's stdout");
+                break;
+            }
+        };
+        if !attached {
+            // The conversation is gone; keep reading so that the agent never blocks on a full
+            // pipe while it stops.
+            continue;
+        }
+        let signal = match line.cut_from {
+            Some(len) => Err(format!(
+                "a line of {len} bytes is longer than the limit of {max_line_bytes} bytes \
+                 (runtime.process.max_line_bytes)"
+            )),
+            None => parse_line(line.bytes),
+        };
+        let signal = match signal {
+            Ok(Some(signal)) => signal,
+            Ok(None) => continue,
+            Err(why) => match complaints.complain(&conversation_id, &why, line.bytes) {
+                Some(signal) => signal,
+                None => continue,
+            },
+        };
+        if !sink.deliver(signal).await {
+            attached = false;
+        }
+    }
+    debug!(conversation_id = %conversation_id, "agent stdout closed");
+}
+
+/// Reads one agent line: `Ok(None)` for a blank line, `Err` for anything not valid protocol.
+pub fn parse_line(bytes: &[u8]) -> Result<Option<RuntimeSignal>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|_| "the line is not UTF-8".to_string())?;
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| format!("the line is not JSON ({e})"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| "a message must be a JSON object".to_string())?;
+    let kind = obj
+        .get("type")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "a message needs a string `type`".to_string())?;
+    match kind {
+        "ready" => Ok(Some(RuntimeSignal::Ready)),
+        "event" => {
+            let event = obj
+                .get("event")
+                .ok_or_else(|| "an `event` message needs an `event` object".to_string())?;
+            let body = EventBody::from_value(event).map_err(|e| format!("invalid event: {e}"))?;
+            if body.source == Source::User {
+                return Err("invalid event: an agent cannot send `source: user` events".into());
+            }
+            Ok(Some(RuntimeSignal::Event(body)))
+        }
+        "status" => {
+            let status_type = match obj.get("status_type").and_then(Value::as_str) {
+                Some(t @ ("info" | "error")) => t,
+                _ => {
+                    return Err(
+                        "a `status` message needs `status_type` \"info\" or \"error\"".into(),
+                    )
+                }
+            };
+            let id = obj
+                .get("id")
+                .and_then(Value::as_str)
+                .filter(|id| !id.is_empty() && id.len() <= MAX_STATUS_ID)
+                .ok_or_else(|| {
+                    format!("a `status` message needs a string `id` of 1-{MAX_STATUS_ID} bytes")
+                })?;
+            let message = match obj.get("message") {
+                None | Some(Value::Null) => "",
+                Some(Value::String(s)) => s,
+                Some(_) => return Err("a status `message` must be a string".into()),
+            };
+            Ok(Some(RuntimeSignal::Status(StatusUpdate::new(
+                status_type,
+                id,
+                message,
+            ))))
+        }
+        other => Err(format!("unknown message type {other:?}")),
+    }
+}
+
+/// Turns invalid lines into error statuses: a few at once, then at most one per second (the
+/// next one says how many were skipped), so that a misbehaving agent cannot flood its clients.
+struct Complaints {
+    tokens: f64,
+    refilled: Instant,
+    suppressed: u64,
+}
+
+impl Complaints {
+    fn new() -> Self {
+        Complaints {
+            tokens: COMPLAINT_BURST,
+            refilled: Instant::now(),
+            suppressed: 0,
+        }
+    }
+
+    fn complain(&mut self, conversation_id: &str, why: &str, line: &[u8]) -> Option<RuntimeSignal> {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed).min(COMPLAINT_BURST);
+        self.refilled = now;
+        let preview = preview(line);
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            debug!(conversation_id = %conversation_id, line = %preview, "invalid agent line: {why}");
+            return None;
+        }
+        self.tokens -= 1.0;
+        let suppressed = std::mem::take(&mut self.suppressed);
+        warn!(
+            conversation_id = %conversation_id,
+            line = %preview,
+            suppressed,
+            "invalid agent line ignored: {why}"
+        );
+        let mut message = format!("The agent sent an invalid line, which was ignored: {why}.");
+        if suppressed > 0 {
+            message.push_str(&format!(
+                " {suppressed} more invalid lines were ignored before it."
+            ));
+        }
+        Some(RuntimeSignal::Status(StatusUpdate::error(
+            STATUS_AGENT_PROTOCOL_ERROR,
+            &message,
+        )))
+    }
+}
+
+/// The start of a line, for logs.
+fn preview(line: &[u8]) -> String {
+    const MAX: usize = 200;
+    let text = String::from_utf8_lossy(&line[..line.len().min(MAX)]);
+    if line.len() > MAX {
+        format!("{text}…")
+    } else {
+        text.into_owned()
+    }
+}
+
+/// Logs the agent's stderr and keeps its last `keep` lines in `tail`.
+async fn read_stderr(
+    stderr: impl AsyncRead + Unpin,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    keep: usize,
+    conversation_id: Arc<str>,
+) {
+    let mut reader = LineReader::new(stderr, 4096, STDERR_MAX_LINE);
+    let mut window = Instant::now();
+    let mut logged = 0u32;
+    let mut skipped = 0u64;
+    while let Ok(Some(line)) = reader.next_line().await {
+        let mut text = String::from_utf8_lossy(line.bytes).into_owned();
+        if line.cut_from.is_some() {
+            text.push('…');
+        }
+        if window.elapsed() >= Duration::from_secs(1) {
+            if skipped > 0 {
+                warn!(conversation_id = %conversation_id, skipped, "agent stderr lines not logged (too many)");
+            }
+            window = Instant::now();
+            logged = 0;
+            skipped = 0;
+        }
+        if logged < STDERR_LOG_PER_SEC {
+            logged += 1;
+            info!(conversation_id = %conversation_id, "agent stderr: {text}");
+        } else {
+            skipped += 1;
+        }
+        if keep > 0 {
+            if text.len() > STDERR_TAIL_LINE {
+                let mut cut = STDERR_TAIL_LINE;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+                text.push('…');
+            }
+            let mut tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+            if tail.len() >= keep {
+                tail.pop_front();
+            }
+            tail.push_back(text);
+        }
+    }
+    if skipped > 0 {
+        warn!(conversation_id = %conversation_id, skipped, "agent stderr lines not logged (too many)");
+    }
+}
+
+// ---- the watcher ------------------------------------------------------------------------
+
+/// The agent's process; killed (with its process group) and reaped if dropped while running.
+struct ChildGuard {
+    child: Child,
+    pgid: Option<i32>,
+    reaped: bool,
+}
+
+impl ChildGuard {
+    /// Sends `signal` to the agent's whole process group.
+    #[cfg(unix)]
+    fn signal_group(&self, signal: libc::c_int) {
+        if let Some(pgid) = self.pgid.filter(|p| *p > 1) {
+            // SAFETY: `kill` has no memory-safety preconditions; a stale group id fails with
+            // ESRCH, which is ignored.
+            unsafe {
+                libc::kill(-pgid, signal);
+            }
+        }
+    }
+
+    fn terminate(&self) {
+        #[cfg(unix)]
+        self.signal_group(libc::SIGTERM);
+    }
+
+    fn kill(&mut self) {
+        #[cfg(unix)]
+        self.signal_group(libc::SIGKILL);
+        let _ = self.child.start_kill();
+    }
+
+    async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let status = self.child.wait().await;
+        if status.is_ok() {
+            self.reaped = true;
+        }
+        status
+    }
+
+    /// Waits at most `limit` for the agent to exit.
+    async fn wait_for(&mut self, limit: Duration) -> Option<io::Result<ExitStatus>> {
+        tokio::time::timeout(limit, self.wait()).await.ok()
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.reaped {
+            return;
+        }
+        // The watcher was dropped with the agent still running: the arbiter is shutting down.
+        // Kill the group and reap the child here, briefly and synchronously, since no runtime
+        // will be left to do it.
+        self.kill();
+        for _ in 0..250 {
+            match self.child.try_wait() {
+                Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+                Ok(Some(_)) | Err(_) => return,
+            }
+        }
+    }
+}
+
+/// The agent's I/O tasks, stopped once the agent is gone.
+struct IoTasks {
+    writer: JoinHandle<()>,
+    reader: JoinHandle<()>,
+    stderr_reader: JoinHandle<()>,
+}
+
+impl IoTasks {
+    /// Lets the readers pass on what the agent wrote before it exited, then ends all three.
+    async fn finish(mut self) {
+        let drain = async {
+            let _ = (&mut self.reader).await;
+            let _ = (&mut self.stderr_reader).await;
+        };
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, drain).await;
+        self.writer.abort();
+        self.reader.abort();
+        self.stderr_reader.abort();
+    }
+}
+
+/// Owns the agent's process: reports its exit, or stops it when told to.
+async fn watch(
+    mut child: ChildGuard,
+    stop: oneshot::Receiver<()>,
+    io: IoTasks,
+    sink: RuntimeSink,
+    tail: Arc<Mutex<VecDeque<String>>>,
+    grace: Duration,
+    conversation_id: Arc<str>,
+) {
+    let exited = tokio::select! {
+        status = child.wait() => Some(status),
+        // A stop request, or the runtime dropped without one: stop either way.
+        _ = stop => None,
+    };
+    match exited {
+        Some(status) => {
+            // Whatever the agent left running in its group goes with it.
+            child.kill();
+            io.finish().await;
+            let message = describe_exit(&status, &tail);
+            warn!(conversation_id = %conversation_id, "{message}");
+            sink.send(RuntimeSignal::Failed(message));
+        }
+        None => {
+            let status = stop_sequence(&mut child, grace, &conversation_id).await;
+            match status {
+                Ok(status) => {
+                    info!(conversation_id = %conversation_id, %status, "agent process stopped")
+                }
+                Err(e) => {
+                    warn!(conversation_id = %conversation_id, error = %e, "cannot wait for the agent process")
+                }
+            }
+            child.kill();
+            io.finish().await;
+        }
+    }
+}
+
+/// `stop` was written and stdin closed by the runtime: wait `grace`, SIGTERM, wait `grace`,
+/// SIGKILL.
+async fn stop_sequence(
+    child: &mut ChildGuard,
+    grace: Duration,
+    conversation_id: &str,
+) -> io::Result<ExitStatus> {
+    if let Some(status) = child.wait_for(grace).await {
+        return status;
+    }
+    info!(conversation_id = %conversation_id, grace_secs = grace.as_secs(), "agent still running after `stop`; sending SIGTERM");
+    child.terminate();
+    if let Some(status) = child.wait_for(grace).await {
+        return status;
+    }
+    warn!(conversation_id = %conversation_id, grace_secs = grace.as_secs(), "agent ignored SIGTERM; killing it");
+    child.kill();
+    child.wait().await
+}
+
+/// The error stored when the agent exits on its own.
+fn describe_exit(status: &io::Result<ExitStatus>, tail: &Mutex<VecDeque<String>>) -> String {
+    let how = match status {
+        Ok(status) => status.to_string(),
+        Err(e) => format!("its exit status is unknown: {e}"),
+    };
+    let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
+    if tail.is_empty() {
+        format!("The agent process exited unexpectedly ({how}); it wrote nothing to stderr.")
+    } else {
+        let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
+        format!(
+            "The agent process exited unexpectedly ({how}). Last lines of its stderr:\n{}",
+            lines.join("\n")
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_protocol_lines() {
+        assert_eq!(
+            parse_line(br#"{"type":"ready"}"#).unwrap(),
+            Some(RuntimeSignal::Ready)
+        );
+        assert_eq!(parse_line(b"   ").unwrap(), None);
+        let Some(RuntimeSignal::Event(body)) = parse_line(
+            br#"{"type":"event","event":{"observation":"run","content":"hi","extras":{"exit_code":0}}}"#,
+        )
+        .unwrap() else {
+            panic!("expected an event")
+        };
+        assert_eq!(body.source, Source::Agent);
+        let Some(RuntimeSignal::Status(s)) =
+            parse_line(br#"{"type":"status","status_type":"error","id":"STATUS$X","message":"m"}"#)
+                .unwrap()
+        else {
+            panic!("expected a status")
+        };
+        assert_eq!(
+            (s.kind.as_str(), s.id.as_deref(), s.message.as_str()),
+            ("error", Some("STATUS$X"), "m")
+        );
+        for bad in [
+            &b"not json"[..],
+            b"[1]",
+            b"{}",
+            br#"{"type":"dance"}"#,
+            br#"{"type":"event"}"#,
+            br#"{"type":"event","event":{"source":"user","action":"message"}}"#,
+            br#"{"type":"status","status_type":"warning","id":"X"}"#,
+            br#"{"type":"status","status_type":"info"}"#,
+            b"\xff\xfe",
+        ] {
+            assert!(parse_line(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[actix::test]
+    async fn line_reader_bounds_lines() {
+        let data: &[u8] = b"short\nabcdefghijkl\r\n\nlast";
+        let mut r = LineReader::new(data, 4, 8);
+        let mut out = Vec::new();
+        while let Some(line) = r.next_line().await.unwrap() {
+            out.push((
+                String::from_utf8_lossy(line.bytes).into_owned(),
+                line.cut_from,
+            ));
+        }
+        assert_eq!(
+            out,
+            [
+                ("short".to_string(), None),
+                ("abcdefgh".to_string(), Some(13)),
+                (String::new(), None),
+                ("last".to_string(), None),
+            ]
+        );
+    }
+
+    #[test]
+    fn user_events_keep_the_stored_layout_without_timestamp() {
+        let body = EventBody::message(Source::User, "ls", json!([]), false);
+        let v = event_value(7, &body);
+        let stored: Value = serde_json::from_str(&body.stamp(7, "t").json).unwrap();
+        let mut expected = stored.as_object().unwrap().clone();
+        expected.shift_remove("timestamp");
+        assert_eq!(v, Value::Object(expected));
+        let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["id", "source", "message", "action", "args"]);
+    }
+}

@@ -1,0 +1,775 @@
+//! The `process` runtime with real child processes: the example shell agent, and tiny Python
+//! agents that misbehave on purpose. Every test ends by checking that none of its agent
+//! processes (found by the `SWITCHBOARD_CONVERSATION_ID` in their environment) is left, and
+//! that this test process has no zombie child.
+
+#[allow(dead_code)]
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use serde_json::{json, Value};
+use switchboard::config::{RuntimeKind, Settings};
+use switchboard::events::{EventBody, Source};
+use switchboard::runtime::{
+    FromRuntime, ProcessRuntime, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart,
+};
+use switchboard::store::{ConversationMeta, InitData, MemoryStore, Store};
+
+use helpers::*;
+
+const SHELL_AGENT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/examples/agents/shell_agent.py"
+);
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Writes a Python agent into `dir` and returns the command that runs it.
+fn script(dir: &Path, name: &str, body: &str) -> Vec<String> {
+    let path = dir.join(name);
+    std::fs::write(&path, body).expect("write script");
+    vec![python(), path.display().to_string()]
+}
+
+async fn process_app(command: Vec<String>, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_with(|s| {
+        s.runtime.kind = RuntimeKind::Process;
+        s.runtime.process.command = command;
+        s.runtime.process.stop_grace_secs = 2;
+        s.limits.start_timeout_secs = 30;
+        tweak(s);
+    })
+    .await
+}
+
+// ---- finding processes ------------------------------------------------------------------
+
+/// The state letter and parent pid of a process, from `/proc/<pid>/stat`.
+fn proc_state(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let mut fields = rest.split(' ');
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// Live (non-zombie) processes started for a conversation, its agent's children included.
+fn agent_pids(conversation_id: &str) -> Vec<u32> {
+    let needle = format!("SWITCHBOARD_CONVERSATION_ID={conversation_id}\0");
+    all_pids()
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.windows(needle.len()).any(|w| w == needle.as_bytes()))
+                && proc_state(*pid).is_some_and(|(state, _)| state != 'Z')
+        })
+        .collect()
+}
+
+/// Waits until no process of the conversation is left; returns how long that took.
+async fn wait_no_agents(conversation_id: &str, secs: u64) -> Duration {
+    let start = Instant::now();
+    loop {
+        let pids = agent_pids(conversation_id);
+        if pids.is_empty() {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(secs),
+            "agent processes of {conversation_id} still running after {secs}s: {pids:?}"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn zombie_children() -> HashSet<u32> {
+    let me = std::process::id();
+    all_pids()
+        .into_iter()
+        .filter(|pid| proc_state(*pid) == Some(('Z', me)))
+        .collect()
+}
+
+/// No child of this test process stays a zombie (tests running in parallel may leave one for
+/// an instant, between an exit and its reaping).
+async fn assert_no_lasting_zombies() {
+    let first = zombie_children();
+    if first.is_empty() {
+        return;
+    }
+    actix_web::rt::time::sleep(Duration::from_secs(2)).await;
+    let lasting: Vec<u32> = zombie_children().intersection(&first).copied().collect();
+    assert!(lasting.is_empty(), "zombie children left: {lasting:?}");
+}
+
+// ---- reading conversations --------------------------------------------------------------
+
+fn find(events: &[Value], pred: impl Fn(&Value) -> bool) -> Option<&Value> {
+    events.iter().find(|e| pred(e))
+}
+
+fn run_output_containing<'a>(events: &'a [Value], text: &str) -> Option<&'a Value> {
+    find(events, |e| {
+        e["observation"] == "run" && e["content"].as_str().is_some_and(|c| c.contains(text))
+    })
+}
+
+fn error_observation(events: &[Value]) -> String {
+    find(events, |e| e["observation"] == "error")
+        .and_then(|e| e["content"].as_str())
+        .unwrap_or_else(|| panic!("no error observation in {events:#?}"))
+        .to_string()
+}
+
+async fn post_message(app: &TestApp, id: &str, content: &str) {
+    let r = app
+        .post(
+            &format!("/api/conversations/{id}/events"),
+            json!({"action": "message", "args": {"content": content}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+async fn stop(app: &TestApp, id: &str) {
+    let r = app
+        .post(&format!("/api/conversations/{id}/stop"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+// ---- the example agent ------------------------------------------------------------------
+
+#[actix_web::test]
+async fn shell_agent_round_trip_then_a_prompt_stop() {
+    // A long grace period: the agent must exit on the `stop` line, not on a signal.
+    let app = process_app(vec![python(), SHELL_AGENT.into()], |s| {
+        s.runtime.process.stop_grace_secs = 30
+    })
+    .await;
+    let id = app
+        .create(json!({"initial_user_msg": "echo hello from the agent"}))
+        .await;
+    app.wait_status(&id, "RUNNING", 30).await;
+    let events = app
+        .wait_events(&id, 30, |e| {
+            run_output_containing(e, "hello from the agent").is_some()
+        })
+        .await;
+    let message_id = find(&events, |e| {
+        e["source"] == "user" && e["action"] == "message"
+    })
+    .expect("the initial message")["id"]
+        .clone();
+    let output = run_output_containing(&events, "hello from the agent").unwrap();
+    assert_eq!(output["source"], "agent");
+    assert_eq!(output["cause"], message_id);
+    assert_eq!(output["extras"]["metadata"]["exit_code"], 0);
+
+    // A second message runs in the conversation's own working directory.
+    post_message(&app, &id, "pwd; echo id=$SWITCHBOARD_CONVERSATION_ID").await;
+    let workspace = app._data_dir.path().join("workspaces").join(&id);
+    let events = app
+        .wait_events(&id, 30, |e| {
+            run_output_containing(e, &format!("id={id}")).is_some()
+        })
+        .await;
+    let output = run_output_containing(&events, &format!("id={id}")).unwrap();
+    let pwd = output["content"].as_str().unwrap().lines().next().unwrap();
+    assert_eq!(
+        std::fs::canonicalize(pwd).unwrap(),
+        std::fs::canonicalize(&workspace).unwrap()
+    );
+    assert_dense(&events);
+    let states = agent_states(&events);
+    assert_eq!(
+        states,
+        [
+            "loading",
+            "running",
+            "awaiting_user_input",
+            "running",
+            "awaiting_user_input"
+        ],
+        "{events:#?}"
+    );
+    assert_eq!(agent_pids(&id).len(), 1);
+
+    stop(&app, &id).await;
+    let took = wait_no_agents(&id, 10).await;
+    assert!(took < Duration::from_secs(10), "stop took {took:?}");
+    assert!(workspace.is_dir(), "the working directory is kept");
+    let events = app.events(&id).await;
+    assert_eq!(agent_states(&events).last().unwrap(), "stopped");
+    assert!(find(&events, |e| e["observation"] == "error").is_none());
+    app.shutdown().await;
+    assert_no_lasting_zombies().await;
+}
+
+#[actix_web::test]
+async fn a_restarted_agent_gets_the_history() {
+    let app = process_app(vec![python(), SHELL_AGENT.into()], |_| {}).await;
+    let id = app.create(json!({"initial_user_msg": "echo first"})).await;
+    app.wait_events(&id, 30, |e| run_output_containing(e, "first").is_some())
+        .await;
+    app.wait_events(&id, 30, |e| {
+        agent_states(e).last().map(String::as_str) == Some("awaiting_user_input")
+    })
+    .await;
+    stop(&app, &id).await;
+    wait_no_agents(&id, 10).await;
+    let before = app.events(&id).await.len();
+
+    let r = app
+        .post(&format!("/api/conversations/{id}/start"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let expected = format!("Resumed after {before} earlier events (1 commands run before).");
+    let events = app
+        .wait_events(&id, 30, |e| {
+            find(e, |ev| ev["args"]["content"] == expected.as_str()).is_some()
+        })
+        .await;
+    assert_dense(&events);
+    assert_eq!(app.info(&id).await["status"], "RUNNING");
+    app.shutdown().await;
+    wait_no_agents(&id, 5).await;
+}
+
+// ---- agents that fail -------------------------------------------------------------------
+
+const CRASHES_AFTER_FIRST_MESSAGE: &str = r#"
+import json, sys
+sys.stdin.readline()
+print(json.dumps({"type": "ready"}), flush=True)
+sys.stdin.readline()
+print("Traceback (most recent call last):", file=sys.stderr)
+print("RuntimeError: the model backend is unreachable", file=sys.stderr, flush=True)
+sys.exit(3)
+"#;
+
+#[actix_web::test]
+async fn an_agent_crash_stops_the_conversation_with_a_readable_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = script(dir.path(), "crash.py", CRASHES_AFTER_FIRST_MESSAGE);
+    let app = process_app(command, |_| {}).await;
+    let id = app.create(json!({"initial_user_msg": "hello"})).await;
+    app.wait_status(&id, "STOPPED", 30).await;
+    let events = app.events(&id).await;
+    assert_dense(&events);
+    let error = error_observation(&events);
+    assert!(
+        error.contains("exited unexpectedly (exit status: 3)"),
+        "{error}"
+    );
+    assert!(
+        error.contains("RuntimeError: the model backend is unreachable"),
+        "{error}"
+    );
+    assert!(error.contains("Traceback"), "{error}");
+    let last = events.last().unwrap();
+    assert_eq!(last["extras"]["agent_state"], "stopped");
+    assert_eq!(last["extras"]["reason"], error.as_str());
+    wait_no_agents(&id, 5).await;
+    app.shutdown().await;
+    assert_no_lasting_zombies().await;
+}
+
+#[actix_web::test]
+async fn an_agent_that_dies_before_ready_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = script(
+        dir.path(),
+        "no_key.py",
+        "import sys\nprint('AGENT_API_KEY is not set', file=sys.stderr)\nsys.exit(1)\n",
+    );
+    let app = process_app(command, |_| {}).await;
+    let id = app.create(json!({})).await;
+    app.wait_status(&id, "STOPPED", 30).await;
+    let error = error_observation(&app.events(&id).await);
+    assert!(error.contains("exit status: 1"), "{error}");
+    assert!(error.contains("AGENT_API_KEY is not set"), "{error}");
+    wait_no_agents(&id, 5).await;
+    app.shutdown().await;
+}
+
+#[actix_web::test]
+async fn an_agent_that_never_gets_ready_hits_the_start_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = script(
+        dir.path(),
+        "never_ready.py",
+        "import sys, time\nsys.stdin.readline()\ntime.sleep(600)\n",
+    );
+    let app = process_app(command, |s| {
+        s.limits.start_timeout_secs = 1;
+        s.runtime.process.stop_grace_secs = 1;
+    })
+    .await;
+    let id = app.create(json!({})).await;
+    // The process is up (STARTING) before the deadline.
+    let started = Instant::now();
+    while agent_pids(&id).is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "agent never started"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(app.info(&id).await["status"], "STARTING");
+    app.wait_status(&id, "STOPPED", 10).await;
+    let events = app.events(&id).await;
+    assert!(error_observation(&events).contains("deadline"));
+    assert_eq!(agent_states(&events).last().unwrap(), "stopped");
+    // `stop` is ignored (the agent sleeps), SIGTERM after 1 s ends it.
+    wait_no_agents(&id, 10).await;
+    app.shutdown().await;
+    assert_no_lasting_zombies().await;
+}
+
+/// Ignores `stop`, stdin closing and SIGTERM (noting each SIGTERM in a file), and leaves a
+/// child of its own that ignores SIGTERM too.
+const STUBBORN: &str = r#"
+import json, signal, subprocess, sys, time
+marker = sys.argv[1]
+def on_term(signum, frame):
+    with open(marker, "a") as f:
+        f.write("TERM\n")
+signal.signal(signal.SIGTERM, on_term)
+subprocess.Popen([sys.executable, "-c",
+    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(600)"])
+sys.stdin.readline()
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    pass
+while True:
+    time.sleep(0.05)
+"#;
+
+#[actix_web::test]
+async fn an_agent_that_ignores_stop_and_sigterm_is_killed_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("signals");
+    let mut command = script(dir.path(), "stubborn.py", STUBBORN);
+    command.push(marker.display().to_string());
+    let app = process_app(command, |s| s.runtime.process.stop_grace_secs = 2).await;
+    let id = app.create(json!({})).await;
+    app.wait_status(&id, "RUNNING", 30).await;
+    // The agent and its own child.
+    let started = Instant::now();
+    while agent_pids(&id).len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "child not started"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let stopped_at = Instant::now();
+    stop(&app, &id).await;
+    assert_eq!(app.info(&id).await["status"], "STOPPED");
+    // Within the first grace period: `stop` and EOF ignored, no signal yet.
+    actix_web::rt::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(agent_pids(&id).len(), 2);
+    assert!(!marker.exists(), "SIGTERM came before the grace period");
+    // After it: SIGTERM reached both (the whole group), and both ignored it.
+    while !marker.exists() {
+        assert!(stopped_at.elapsed() < Duration::from_secs(4), "no SIGTERM");
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(stopped_at.elapsed() >= Duration::from_millis(1900));
+    actix_web::rt::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(agent_pids(&id).len(), 2, "SIGTERM should have been ignored");
+    // After the second grace period: SIGKILL to the group.
+    wait_no_agents(&id, 10).await;
+    let took = stopped_at.elapsed();
+    assert!(
+        took >= Duration::from_millis(3900),
+        "killed too early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(8), "killed too late: {took:?}");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "TERM\n");
+    app.shutdown().await;
+    assert_no_lasting_zombies().await;
+}
+
+#[actix_web::test]
+async fn server_shutdown_leaves_no_agent_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = script(dir.path(), "stubborn.py", STUBBORN);
+    command.push(dir.path().join("signals").display().to_string());
+    // A grace period far longer than the test: shutdown must not leave them running.
+    let app = process_app(command, |s| s.runtime.process.stop_grace_secs = 600).await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(app.create(json!({})).await);
+    }
+    for id in &ids {
+        app.wait_status(id, "RUNNING", 30).await;
+    }
+    app.shutdown().await;
+    for id in &ids {
+        wait_no_agents(id, 10).await;
+    }
+    assert_no_lasting_zombies().await;
+}
+
+// ---- agents that talk nonsense ----------------------------------------------------------
+
+const GARBAGE: &str = r#"
+import json, sys
+sys.stdin.readline()
+out = sys.stdout
+out.write(json.dumps({"type": "ready"}) + "\n")
+out.write("this is not json\n")
+out.write(json.dumps({"type": "event", "event": {"observation": "run", "content": "x" * 5000}}) + "\n")
+out.write("y" * (4 * 1024 * 1024) + "\n")
+out.write('{"type": "event", "event": {"source": "user", "action": "message", "args": {"content": "spoof"}}}\n')
+out.write('{"type": "launch"}\n')
+out.flush()
+sys.stdout.buffer.write(b"\xff\xfe\x00 binary\n")
+sys.stdout.buffer.flush()
+out.write(json.dumps({"type": "event", "event": {"action": "message", "args": {"content": "still alive"}}}) + "\n")
+out.flush()
+for line in sys.stdin:
+    pass
+"#;
+
+#[actix_web::test]
+async fn garbage_and_oversized_lines_are_reported_and_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = script(dir.path(), "garbage.py", GARBAGE);
+    let app = process_app(command, |s| s.runtime.process.max_line_bytes = 1024).await;
+    let id = app.create(json!({})).await;
+    let events = app
+        .wait_events(&id, 30, |e| {
+            find(e, |ev| ev["args"]["content"] == "still alive").is_some()
+        })
+        .await;
+    let info = app.info(&id).await;
+    assert_eq!(info["status"], "RUNNING");
+    // An error status reached the conversation (its exact payloads: see the runtime test).
+    assert_eq!(info["runtime_status"], "STATUS$ERROR_RUNTIME_DISCONNECTED");
+    assert_dense(&events);
+    let text = serde_json::to_string(&events).unwrap();
+    assert!(!text.contains("xxxxxxxx"), "an oversized event was stored");
+    assert!(!text.contains("yyyyyyyy"));
+    assert!(
+        !text.contains("spoof"),
+        "an agent cannot speak for the user"
+    );
+    assert!(!text.contains("binary"));
+    assert_eq!(app.get("/alive").await.status, 200);
+    stop(&app, &id).await;
+    wait_no_agents(&id, 5).await;
+    app.shutdown().await;
+}
+
+/// Floods stdout when its initial message says so; otherwise echoes messages.
+const FLOOD_OR_ECHO: &str = r#"
+import json, sys
+init = json.loads(sys.stdin.readline())
+print(json.dumps({"type": "ready"}), flush=True)
+if init["init"]["initial_user_msg"] == "flood":
+    line = json.dumps({"type": "event", "event": {"observation": "run", "content": "z" * 200}}) + "\n"
+    while True:
+        sys.stdout.write(line)
+for line in sys.stdin:
+    event = json.loads(line).get("event", {})
+    if event.get("action") == "message" and event["args"]["content"] != "flood":
+        print(json.dumps({"type": "event", "event": {"action": "message",
+              "args": {"content": "echo: " + event["args"]["content"]}}}), flush=True)
+"#;
+
+#[actix_web::test]
+async fn a_flooding_agent_does_not_stall_its_neighbours() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = script(dir.path(), "flood.py", FLOOD_OR_ECHO);
+    let app = process_app(command, |s| {
+        // Both conversations on one thread.
+        s.conversation_threads = 1;
+        s.limits.max_events_per_conversation = 20_000;
+        s.runtime.process.stop_grace_secs = 1;
+    })
+    .await;
+    let flood = app.create(json!({"initial_user_msg": "flood"})).await;
+    app.wait_status(&flood, "RUNNING", 30).await;
+    let calm = app.create(json!({})).await;
+    app.wait_status(&calm, "RUNNING", 30).await;
+    let started = Instant::now();
+    for i in 0..5 {
+        let text = format!("ping {i}");
+        post_message(&app, &calm, &text).await;
+        let want = format!("echo: {text}");
+        app.wait_events(&calm, 30, |e| {
+            find(e, |ev| ev["args"]["content"] == want.as_str()).is_some()
+        })
+        .await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the calm conversation was held up: {:?}",
+        started.elapsed()
+    );
+    // The flood ends at the conversation's event limit, which stops it.
+    app.wait_status(&flood, "STOPPED", 60).await;
+    let events = app.events(&flood).await;
+    assert!(events.len() as u64 <= 20_000);
+    assert_dense(&events);
+    wait_no_agents(&flood, 10).await;
+    assert_eq!(app.info(&calm).await["status"], "RUNNING");
+    app.shutdown().await;
+    wait_no_agents(&calm, 5).await;
+    assert_no_lasting_zombies().await;
+}
+
+// ---- the runtime on its own -------------------------------------------------------------
+
+/// Collects what a runtime reports, as a conversation would receive it.
+struct Recorder(Arc<Mutex<Vec<RuntimeSignal>>>);
+
+impl Actor for Recorder {
+    type Context = Context<Self>;
+}
+
+impl Handler<FromRuntime> for Recorder {
+    type Result = ();
+
+    fn handle(&mut self, msg: FromRuntime, _ctx: &mut Self::Context) {
+        self.0.lock().unwrap().push(msg.0);
+    }
+}
+
+async fn wait_signals(
+    signals: &Mutex<Vec<RuntimeSignal>>,
+    check: impl Fn(&[RuntimeSignal]) -> bool,
+) -> Vec<RuntimeSignal> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = signals.lock().unwrap().clone();
+        if check(&now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "signals so far: {now:#?}");
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn contents(signals: &[RuntimeSignal]) -> Vec<String> {
+    signals
+        .iter()
+        .filter_map(|s| match s {
+            RuntimeSignal::Event(body) => Some(body.message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Echoes its init line, then every line it gets, as agent messages; says a few wrong things.
+const ECHO_LINES: &str = r#"
+import json, sys
+def say(text):
+    print(json.dumps({"type": "event", "event": {"action": "message", "message": text,
+                                                 "args": {"content": text}}}), flush=True)
+say(sys.stdin.readline().strip())
+print(json.dumps({"type": "ready"}), flush=True)
+print(json.dumps({"type": "status", "status_type": "info", "id": "STATUS$AGENT_WARMING_UP",
+                  "message": "loading the model"}), flush=True)
+print("not json", flush=True)
+print(json.dumps({"type": "status", "status_type": "fatal", "id": "X"}), flush=True)
+for line in sys.stdin:
+    say(line.strip())
+"#;
+
+#[actix_web::test]
+async fn the_runtime_speaks_the_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::defaults();
+    settings.data_dir = dir.path().join("data");
+    settings.runtime.kind = RuntimeKind::Process;
+    settings.runtime.process.command = script(dir.path(), "echo_lines.py", ECHO_LINES);
+    let settings = Arc::new(settings);
+
+    // A conversation with two durable events: the history the agent resumes from.
+    let store = Arc::new(MemoryStore::new());
+    let id = "resumed-1";
+    let init = InitData {
+        repository: Some("octo/hello".into()),
+        conversation_instructions: Some("be brief".into()),
+        initial_user_msg: Some("hi".into()),
+        ..Default::default()
+    };
+    store
+        .create(ConversationMeta {
+            conversation_id: id.into(),
+            title: "t".into(),
+            created_at: "c".into(),
+            last_updated_at: "u".into(),
+            trigger: "gui".into(),
+            owner: None,
+            init: init.clone(),
+        })
+        .await
+        .unwrap();
+    let history = vec![
+        EventBody::agent_state("loading", "").stamp(0, "2026-01-01T00:00:00.000000"),
+        EventBody::message(Source::User, "hi", json!([]), false)
+            .stamp(1, "2026-01-01T00:00:01.000000"),
+        EventBody::agent_state("stopped", "").stamp(2, "2026-01-01T00:00:02.000000"),
+    ];
+    store.append(id, history.clone()).await.unwrap();
+
+    let signals = Arc::new(Mutex::new(Vec::new()));
+    let recorder = Recorder(signals.clone()).start();
+    let mut runtime = ProcessRuntime::new(settings.clone());
+    let store_dyn: Arc<dyn Store> = store.clone();
+    let immediate = runtime.start(RuntimeStart {
+        conversation_id: id,
+        trigger: "gui",
+        init: &init,
+        sink: RuntimeSink::new(recorder.recipient()),
+        store: store_dyn,
+        history_before: 2,
+    });
+    assert!(immediate.is_empty());
+    assert!(dir.path().join("data/workspaces").join(id).is_dir());
+
+    let got = wait_signals(&signals, |s| {
+        s.iter()
+            .filter(|x| matches!(x, RuntimeSignal::Status(_)))
+            .count()
+            >= 3
+    })
+    .await;
+    // The init line: protocol, id, init data with the trigger, and the durable history only.
+    let init_line: Value = serde_json::from_str(&contents(&got)[0]).unwrap();
+    assert_eq!(init_line["type"], "init");
+    assert_eq!(init_line["protocol"], 1);
+    assert_eq!(init_line["conversation_id"], id);
+    assert_eq!(init_line["init"]["repository"], "octo/hello");
+    assert_eq!(init_line["init"]["conversation_instructions"], "be brief");
+    assert_eq!(init_line["init"]["initial_user_msg"], "hi");
+    assert_eq!(init_line["init"]["trigger"], "gui");
+    let expected: Vec<Value> = history[..2]
+        .iter()
+        .map(|e| serde_json::from_str(&e.json).unwrap())
+        .collect();
+    assert_eq!(init_line["history"], Value::Array(expected));
+    assert_eq!(got[1], RuntimeSignal::Ready);
+    // Statuses: the agent's own, then one error per invalid line.
+    let statuses: Vec<_> = got
+        .iter()
+        .filter_map(|s| match s {
+            RuntimeSignal::Status(u) => Some(u.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(statuses[0].kind, "info");
+    assert_eq!(statuses[0].id.as_deref(), Some("STATUS$AGENT_WARMING_UP"));
+    assert_eq!(statuses[0].message, "loading the model");
+    assert_eq!(
+        &*statuses[0].to_json(),
+        r#"{"status_update":true,"type":"info","id":"STATUS$AGENT_WARMING_UP","message":"loading the model"}"#
+    );
+    for error in &statuses[1..] {
+        assert_eq!(error.kind, "error");
+        assert_eq!(error.id.as_deref(), Some("STATUS$ERROR_AGENT_PROTOCOL"));
+    }
+    assert!(statuses[1].message.contains("not JSON"), "{statuses:?}");
+    assert!(statuses[2].message.contains("status_type"), "{statuses:?}");
+
+    // A user event reaches the agent with its id; `stop` follows, then the agent exits.
+    let body = EventBody::message(Source::User, "ls -l", json!([]), false);
+    assert!(runtime.on_user_event(7, &body).is_empty());
+    wait_signals(&signals, |s| contents(s).len() >= 2).await;
+    runtime.stop();
+    let got = wait_signals(&signals, |s| contents(s).len() >= 3).await;
+    let lines = contents(&got);
+    let event_line: Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(
+        event_line,
+        json!({"type": "event", "event": {"id": 7, "source": "user", "message": "ls -l",
+               "action": "message", "args": {"content": "ls -l", "file_urls": [],
+               "image_urls": [], "wait_for_response": false}}})
+    );
+    assert_eq!(lines[2], r#"{"type":"stop"}"#);
+    wait_no_agents(id, 10).await;
+    // A requested stop is not a failure.
+    actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    assert!(!signals
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| matches!(s, RuntimeSignal::Failed(_))));
+    drop(runtime);
+    assert_no_lasting_zombies().await;
+}
+
+#[actix_web::test]
+async fn dropping_a_running_runtime_stops_its_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::defaults();
+    settings.data_dir = dir.path().join("data");
+    settings.runtime.kind = RuntimeKind::Process;
+    settings.runtime.process.command = vec![python(), SHELL_AGENT.into()];
+    let signals = Arc::new(Mutex::new(Vec::new()));
+    let recorder = Recorder(signals.clone()).start();
+    let mut runtime = ProcessRuntime::new(Arc::new(settings));
+    let init = InitData::default();
+    let immediate = runtime.start(RuntimeStart {
+        conversation_id: "dropped-1",
+        trigger: "gui",
+        init: &init,
+        sink: RuntimeSink::new(recorder.recipient()),
+        store: Arc::new(MemoryStore::new()),
+        history_before: 0,
+    });
+    assert!(immediate.is_empty());
+    wait_signals(&signals, |s| s.contains(&RuntimeSignal::Ready)).await;
+    assert_eq!(agent_pids("dropped-1").len(), 1);
+    drop(runtime);
+    wait_no_agents("dropped-1", 10).await;
+}
+
+#[actix_web::test]
+async fn an_agent_that_cannot_be_started_fails_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-agent").display().to_string();
+    let mut settings = Settings::defaults();
+    settings.data_dir = dir.path().join("data");
+    settings.runtime.kind = RuntimeKind::Process;
+    settings.runtime.process.command = vec![missing.clone()];
+    let recorder = Recorder(Arc::new(Mutex::new(Vec::new()))).start();
+    let mut runtime = ProcessRuntime::new(Arc::new(settings));
+    let init = InitData::default();
+    let immediate = runtime.start(RuntimeStart {
+        conversation_id: "missing-1",
+        trigger: "gui",
+        init: &init,
+        sink: RuntimeSink::new(recorder.recipient()),
+        store: Arc::new(MemoryStore::new()),
+        history_before: 0,
+    });
+    let [RuntimeSignal::Failed(why)] = &immediate[..] else {
+        panic!("expected a failure, got {immediate:?}")
+    };
+    assert!(why.contains("cannot start the agent"), "{why}");
+    assert!(why.contains(&missing), "{why}");
+    runtime.stop();
+}

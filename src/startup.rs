@@ -17,7 +17,7 @@ use crate::actors::supervisor::Supervisor;
 use crate::actors::SupervisorHandle;
 use crate::api::{self, AppState};
 use crate::config::{Settings, StoreKind};
-use crate::store::{MemoryStore, Store};
+use crate::store::{MemoryStore, SqliteStore, Store};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -44,9 +44,9 @@ pub struct Application {
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
     match settings.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new())),
-        StoreKind::Sqlite => Err(StartupError::Store(
-            "the sqlite store is not available in this build; set store = \"memory\"".into(),
-        )),
+        StoreKind::Sqlite => SqliteStore::open(&settings.data_dir, &settings.store_tuning)
+            .map(|store| Arc::new(store) as Arc<dyn Store>)
+            .map_err(|e| StartupError::Store(e.to_string())),
     }
 }
 

@@ -84,6 +84,8 @@ pub struct Conversation {
     store_failed: bool,
     stop_waiters: Vec<oneshot::Sender<()>>,
     last_activity_ms: u64,
+    /// Why loading from the store failed, told to every request until the actor stops.
+    load_error: Option<String>,
 }
 
 impl Conversation {
@@ -123,7 +125,19 @@ impl Conversation {
             store_failed: false,
             stop_waiters: Vec::new(),
             last_activity_ms: now_ms(),
+            load_error: None,
         }
+    }
+
+    /// `NotFound`, or the storage error, when there is no conversation to talk to.
+    fn check_loaded(&self) -> Result<(), ConversationError> {
+        if let Some(e) = &self.load_error {
+            return Err(ConversationError::Storage(e.clone()));
+        }
+        if self.meta.is_none() {
+            return Err(ConversationError::NotFound);
+        }
+        Ok(())
     }
 
     fn touch(&mut self) {
@@ -395,8 +409,10 @@ impl Conversation {
             Err(e) => {
                 tracing::error!(conversation_id = %self.id, error = %e, "could not load conversation");
                 self.store_failed = true;
+                self.load_error = Some(e.to_string());
                 self.set_status(ConversationStatus::Stopped);
-                ctx.stop();
+                // Linger briefly so that the requests already waiting learn why.
+                ctx.run_later(Duration::from_millis(200), |_, ctx| ctx.stop());
                 return;
             }
         }
@@ -587,9 +603,7 @@ impl Handler<Join> for Conversation {
     type Result = Result<JoinReply, ConversationError>;
 
     fn handle(&mut self, msg: Join, _ctx: &mut Self::Context) -> Self::Result {
-        if self.meta.is_none() {
-            return Err(ConversationError::NotFound);
-        }
+        self.check_loaded()?;
         let applied = msg.role == Role::Creator && self.created;
         if self.stopping.is_some() {
             // The request that created it learns the truth (e.g. its runtime failed at once);
@@ -619,9 +633,7 @@ impl Handler<UserAction> for Conversation {
     type Result = Result<(), ConversationError>;
 
     fn handle(&mut self, msg: UserAction, ctx: &mut Self::Context) -> Self::Result {
-        if self.meta.is_none() {
-            return Err(ConversationError::NotFound);
-        }
+        self.check_loaded()?;
         if self.stopping.is_some() {
             return Err(ConversationError::Stopping);
         }
@@ -678,9 +690,7 @@ impl Handler<Subscribe> for Conversation {
     type Result = Result<Subscribed, ConversationError>;
 
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
-        if self.meta.is_none() {
-            return Err(ConversationError::NotFound);
-        }
+        self.check_loaded()?;
         if self.stopping.is_some() {
             return Err(ConversationError::Stopping);
         }

@@ -113,6 +113,8 @@ pub enum ConversationError {
     Stopping,
     #[error("{0}")]
     Refused(String),
+    #[error("storage error: {0}")]
+    Storage(String),
 }
 
 /// A request (POST) joins the conversation.

@@ -103,6 +103,7 @@ async fn admit_and_join(
             Err(ConversationError::NotFound) => {
                 return Err(ApiError::NotFound("Conversation not found".into()))
             }
+            Err(ConversationError::Storage(e)) => return Err(ApiError::Storage(e)),
             Err(e) => return Err(ApiError::Internal(e.to_string())),
         }
     }
@@ -518,5 +519,6 @@ pub async fn post_event(
             actix_web::http::StatusCode::CONFLICT,
             json!({"success": false, "detail": "The conversation is stopping"}),
         )),
+        Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e)),
     }
 }

@@ -30,6 +30,9 @@ pub enum ApiError {
     /// 503 `{"detail": …}`.
     #[error("{0}")]
     Unavailable(String),
+    /// 503 `{"detail": "Storage error: …"}`: the store failed (disk full, I/O error).
+    #[error("Storage error: {0}")]
+    Storage(String),
     /// A status with an exact body (OpenHands' route-specific shapes).
     #[error("{0}")]
     Exact(StatusCode, Value),
@@ -53,7 +56,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyConversations => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Exact(status, _) => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -66,7 +69,9 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(m) | ApiError::NotFound(m) | ApiError::Unavailable(m) => {
                 json!({ "detail": m })
             }
-            ApiError::PayloadTooLarge(_) => json!({ "detail": self.to_string() }),
+            ApiError::PayloadTooLarge(_) | ApiError::Storage(_) => {
+                json!({ "detail": self.to_string() })
+            }
             ApiError::TooManyConversations => json!({
                 "status": "error",
                 "message": crate::events::TOO_MANY_CONVERSATIONS_MESSAGE,
@@ -84,6 +89,7 @@ impl ResponseError for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
-        ApiError::Internal(e.to_string())
+        tracing::error!(error = %e, "store operation failed");
+        ApiError::Storage(e.to_string())
     }
 }

@@ -21,8 +21,10 @@ use serde_json::Value;
 use crate::events::StoredEvent;
 
 pub mod memory;
+pub mod sqlite;
 
 pub use memory::MemoryStore;
+pub use sqlite::SqliteStore;
 
 /// A boxed store operation.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send>>;
@@ -36,6 +38,10 @@ pub enum StoreError {
     Closed,
     #[error("conversation {0} already exists")]
     Exists(String),
+    /// The store cannot be opened (unusable location, corrupt or foreign file, newer schema);
+    /// the message names the file and what to do. The server refuses to start.
+    #[error("cannot open the store: {0}")]
+    Open(String),
 }
 
 /// What a conversation was started with; handed to its runtime and kept across restarts.

@@ -44,6 +44,16 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_with_store(settings, store, dir).await
 }
 
+/// A server with the durable SQLite store in `dir` (which outlives the server).
+pub async fn spawn_sqlite_in(dir: &std::path::Path, tweak: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = test_settings();
+    settings.store = StoreKind::Sqlite;
+    settings.data_dir = dir.to_path_buf();
+    tweak(&mut settings);
+    let store = switchboard::startup::open_store(&settings).expect("store opens");
+    spawn_with_store(settings, store, tempfile::tempdir().expect("temp dir")).await
+}
+
 pub async fn spawn_with_store(
     settings: Settings,
     store: Arc<dyn Store>,

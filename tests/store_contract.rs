@@ -1,0 +1,450 @@
+//! The `Store` contract, written once and run against every backend: the in-memory store and the
+//! SQLite store (with the default tuning, and with tiny queues so that back-pressure and
+//! one-request batches are exercised too). SQLite stores live in real files in a temp dir.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use switchboard::config::StoreTuning;
+use switchboard::events::{EventBody, Source, StoredEvent};
+use switchboard::store::{
+    ConversationMeta, EventQuery, InitData, MemoryStore, SqliteStore, Store, StoreError,
+};
+use tempfile::TempDir;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// A store under test and whatever must outlive it.
+struct Fixture<S> {
+    store: Arc<S>,
+    _dir: Option<TempDir>,
+}
+
+fn memory() -> Fixture<MemoryStore> {
+    Fixture {
+        store: Arc::new(MemoryStore::new()),
+        _dir: None,
+    }
+}
+
+fn sqlite_with(batch_max: usize, queue: usize) -> Fixture<SqliteStore> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = SqliteStore::open(dir.path(), &StoreTuning { batch_max, queue }).expect("open");
+    Fixture {
+        store: Arc::new(store),
+        _dir: Some(dir),
+    }
+}
+
+fn sqlite() -> Fixture<SqliteStore> {
+    sqlite_with(512, 1024)
+}
+
+fn sqlite_tiny() -> Fixture<SqliteStore> {
+    sqlite_with(1, 1)
+}
+
+fn sqlite_small() -> Fixture<SqliteStore> {
+    sqlite_with(3, 2)
+}
+
+const OLD: &str = "2020-01-01T00:00:00.000000Z";
+
+fn meta(id: &str, created_at: &str) -> ConversationMeta {
+    ConversationMeta {
+        conversation_id: id.to_string(),
+        title: format!("Conversation {id}"),
+        created_at: created_at.to_string(),
+        last_updated_at: created_at.to_string(),
+        trigger: "gui".to_string(),
+        owner: None,
+        init: InitData::default(),
+    }
+}
+
+fn rich_meta(id: &str) -> ConversationMeta {
+    ConversationMeta {
+        owner: Some("alice".into()),
+        trigger: "suggested_task".into(),
+        init: InitData {
+            repository: Some("octo/repo".into()),
+            selected_branch: Some("main".into()),
+            git_provider: Some("github".into()),
+            conversation_instructions: Some("be brief".into()),
+            mcp_config: Some(json!({"servers": [{"name": "x", "env": {"TOKEN": "s3cr3t"}}]})),
+            initial_user_msg: Some("hello ✓".into()),
+            image_urls: vec!["https://example.com/a.png".into()],
+            replay_events: vec![json!({"action": "message", "args": {"content": "hi"}})],
+            suggested_task: Some(json!({"title": "Fix it"})),
+            create_microagent: None,
+        },
+        ..meta(id, OLD)
+    }
+}
+
+fn event(id: u64) -> StoredEvent {
+    EventBody::message(Source::User, &format!("message {id}"), json!([]), false)
+        .stamp(id, "2024-05-01T12:00:00.000000")
+}
+
+fn events(ids: std::ops::Range<u64>) -> Vec<StoredEvent> {
+    ids.map(event).collect()
+}
+
+fn ids(events: &[StoredEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.id).collect()
+}
+
+fn query(start_id: u64, end_id: Option<u64>, reverse: bool, limit: usize) -> EventQuery {
+    EventQuery {
+        start_id,
+        end_id,
+        reverse,
+        limit,
+    }
+}
+
+fn all() -> EventQuery {
+    EventQuery::after(None, usize::MAX)
+}
+
+fn is_meta_timestamp(s: &str) -> bool {
+    chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%dT%H:%M:%S%.6fZ").is_ok()
+        && s.len() == "2024-05-01T12:00:00.000000Z".len()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract
+
+async fn create_then_exists<S: Store>(store: Arc<S>) {
+    let m = rich_meta("c1");
+    store.create(m.clone()).await.expect("create");
+    let again = store.create(meta("c1", OLD)).await;
+    assert!(
+        matches!(&again, Err(StoreError::Exists(id)) if id == "c1"),
+        "{again:?}"
+    );
+    // The first create's data is untouched.
+    let record = store.get("c1").await.expect("get").expect("exists");
+    assert_eq!(record.meta, m);
+    // Another id is fine.
+    store.create(meta("c2", OLD)).await.expect("create c2");
+}
+
+async fn get_and_next_event_id<S: Store>(store: Arc<S>) {
+    assert_eq!(store.get("nope").await.expect("get"), None);
+    let m = rich_meta("g");
+    store.create(m.clone()).await.expect("create");
+    let record = store.get("g").await.expect("get").expect("exists");
+    assert_eq!(record.meta, m, "metadata round-trips, init data included");
+    assert_eq!(record.next_event_id, 0);
+
+    store.append("g", events(0..3)).await.expect("append");
+    let record = store.get("g").await.expect("get").expect("exists");
+    assert_eq!(record.next_event_id, 3);
+    store.append("g", events(3..4)).await.expect("append");
+    store.append("g", Vec::new()).await.expect("empty append");
+    let record = store.get("g").await.expect("get").expect("exists");
+    assert_eq!(record.next_event_id, 4);
+}
+
+async fn append_and_query<S: Store>(store: Arc<S>) {
+    store.create(meta("q", OLD)).await.expect("create");
+    store.append("q", events(0..4)).await.expect("append");
+    store.append("q", events(4..10)).await.expect("append");
+
+    // JSON text is stored byte for byte.
+    let got = store.events("q", all()).await.expect("events");
+    assert_eq!(got, events(0..10));
+
+    let cases: Vec<(EventQuery, Vec<u64>)> = vec![
+        // start inclusive, end inclusive
+        (query(3, Some(6), false, 100), vec![3, 4, 5, 6]),
+        (query(3, Some(3), false, 100), vec![3]),
+        (query(0, None, false, 3), vec![0, 1, 2]),
+        (query(7, None, false, 100), vec![7, 8, 9]),
+        // reverse: newest first, the newest `limit` of the range
+        (query(3, Some(6), true, 2), vec![6, 5]),
+        (query(0, None, true, 3), vec![9, 8, 7]),
+        (query(0, None, true, 100), (0..10).rev().collect()),
+        (query(8, Some(100), true, 100), vec![9, 8]),
+        // empty ranges
+        (query(10, None, false, 100), vec![]),
+        (query(6, Some(3), false, 100), vec![]),
+        (query(6, Some(3), true, 100), vec![]),
+        (query(0, None, false, 0), vec![]),
+        (query(u64::MAX, None, false, 100), vec![]),
+        (query(2, Some(u64::MAX), false, 2), vec![2, 3]),
+        // the helper used by the API: after an id, exclusive
+        (EventQuery::after(Some(7), 100), vec![8, 9]),
+        (EventQuery::after(None, 2), vec![0, 1]),
+    ];
+    for (q, expected) in cases {
+        let got = store.events("q", q).await.expect("events");
+        assert_eq!(ids(&got), expected, "{q:?}");
+        for e in &got {
+            assert_eq!(e, &event(e.id), "event {} round-trips", e.id);
+        }
+    }
+    assert!(store
+        .events("unknown", all())
+        .await
+        .expect("events")
+        .is_empty());
+}
+
+async fn append_moves_last_updated_at<S: Store>(store: Arc<S>) {
+    store.create(meta("u", OLD)).await.expect("create");
+    store.append("u", events(0..1)).await.expect("append");
+    let record = store.get("u").await.expect("get").expect("exists");
+    assert_ne!(record.meta.last_updated_at, OLD);
+    assert!(
+        is_meta_timestamp(&record.meta.last_updated_at),
+        "{}",
+        record.meta.last_updated_at
+    );
+    assert!(record.meta.last_updated_at.as_str() > OLD);
+    assert_eq!(record.meta.created_at, OLD, "created_at never moves");
+}
+
+async fn list_order_and_paging<S: Store>(store: Arc<S>) {
+    assert!(store.list(0, 20).await.expect("list").is_empty());
+    let day1 = "2024-01-01T00:00:00.000000Z";
+    let day2 = "2024-01-02T00:00:00.000000Z";
+    let day0 = "2023-12-31T23:59:59.999999Z";
+    for (id, at) in [
+        ("a", day1),
+        ("c", day2),
+        ("d", day0),
+        ("b", day1),
+        ("0", day2),
+    ] {
+        store.create(meta(id, at)).await.expect("create");
+    }
+    let page = |offset, limit| {
+        let store = store.clone();
+        async move {
+            store
+                .list(offset, limit)
+                .await
+                .expect("list")
+                .into_iter()
+                .map(|m| m.conversation_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    // Newest created_at first; equal created_at: larger id first.
+    assert_eq!(page(0, 20).await, ["c", "0", "b", "a", "d"]);
+    assert_eq!(page(0, 2).await, ["c", "0"]);
+    assert_eq!(page(2, 2).await, ["b", "a"]);
+    assert_eq!(page(4, 2).await, ["d"]);
+    assert!(page(5, 2).await.is_empty());
+    assert!(page(0, 0).await.is_empty());
+    assert_eq!(page(1, usize::MAX).await, ["0", "b", "a", "d"]);
+    assert!(page(usize::MAX, 5).await.is_empty());
+
+    // Listing returns whole metadata; appends don't reorder (created_at is the key).
+    store.append("d", events(0..2)).await.expect("append");
+    let listed = store.list(0, 20).await.expect("list");
+    assert_eq!(listed[4].conversation_id, "d");
+    assert_eq!(
+        listed[4],
+        store.get("d").await.expect("get").expect("exists").meta
+    );
+}
+
+async fn set_title<S: Store>(store: Arc<S>) {
+    store.create(meta("t", OLD)).await.expect("create");
+    assert!(store.set_title("t", "New title").await.expect("set_title"));
+    let record = store.get("t").await.expect("get").expect("exists");
+    assert_eq!(record.meta.title, "New title");
+    assert!(record.meta.last_updated_at.as_str() > OLD);
+    assert!(is_meta_timestamp(&record.meta.last_updated_at));
+    assert!(!store.set_title("unknown", "x").await.expect("set_title"));
+    assert_eq!(store.get("unknown").await.expect("get"), None);
+}
+
+async fn delete_removes_only_one<S: Store>(store: Arc<S>) {
+    for id in ["keep1", "gone", "keep2"] {
+        store.create(rich_meta(id)).await.expect("create");
+        store.append(id, events(0..5)).await.expect("append");
+    }
+    let before1 = store.get("keep1").await.expect("get");
+    let before2 = store.get("keep2").await.expect("get");
+
+    assert!(store.delete("gone").await.expect("delete"));
+    assert_eq!(store.get("gone").await.expect("get"), None);
+    assert!(store
+        .events("gone", all())
+        .await
+        .expect("events")
+        .is_empty());
+    assert!(!store.delete("gone").await.expect("delete again"));
+    assert!(!store.delete("never-existed").await.expect("delete unknown"));
+
+    assert_eq!(store.get("keep1").await.expect("get"), before1);
+    assert_eq!(store.get("keep2").await.expect("get"), before2);
+    for id in ["keep1", "keep2"] {
+        assert_eq!(store.events(id, all()).await.expect("events"), events(0..5));
+    }
+    let listed: Vec<String> = store
+        .list(0, 20)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|m| m.conversation_id)
+        .collect();
+    assert_eq!(listed, ["keep2", "keep1"]);
+
+    // The id can be used again, starting from an empty log.
+    store.create(meta("gone", OLD)).await.expect("re-create");
+    let record = store.get("gone").await.expect("get").expect("exists");
+    assert_eq!(record.next_event_id, 0);
+}
+
+/// Appends issued without awaiting in between complete in call order, and "append k completed"
+/// means every earlier append is readable. The futures are spawned in REVERSE order, so a
+/// backend that queued requests when first polled (instead of when called) would fail.
+async fn append_fifo<S: Store>(store: Arc<S>, reverse_spawn: bool) {
+    const N: u64 = 300;
+    store.create(meta("fifo", OLD)).await.expect("create");
+    store.create(meta("other", OLD)).await.expect("create");
+    let mut calls = Vec::new();
+    let mut titles = Vec::new();
+    let mut next = 0;
+    for i in 0..N {
+        // Mix one- and multi-event appends, and interleave another conversation's writes.
+        let n = 1 + i % 3;
+        calls.push((next + n - 1, store.append("fifo", events(next..next + n))));
+        next += n;
+        if i % 10 == 0 {
+            titles.push(store.set_title("other", &format!("title {i}")));
+        }
+    }
+    let mut tasks = Vec::new();
+    let mut order: Vec<_> = calls.into_iter().collect();
+    if reverse_spawn {
+        order.reverse();
+    }
+    for (last_id, future) in order {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            future.await.expect("append");
+            let seen = store
+                .events("fifo", query(0, Some(last_id), false, usize::MAX))
+                .await
+                .expect("events");
+            assert_eq!(
+                ids(&seen),
+                (0..=last_id).collect::<Vec<_>>(),
+                "append ending at {last_id} completed before an earlier one"
+            );
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    for title in titles {
+        assert!(title.await.expect("set_title"));
+    }
+    let log = store.events("fifo", all()).await.expect("events");
+    assert_eq!(
+        ids(&log),
+        (0..next).collect::<Vec<_>>(),
+        "dense and ordered"
+    );
+    assert_eq!(log, events(0..next));
+    let record = store.get("fifo").await.expect("get").expect("exists");
+    assert_eq!(record.next_event_id, next);
+    store.flush().await.expect("flush");
+}
+
+async fn flush_completes<S: Store>(store: Arc<S>) {
+    store.flush().await.expect("flush on an idle store");
+    let pending: Vec<_> = (0..50)
+        .map(|i| store.create(meta(&format!("f{i}"), OLD)))
+        .collect();
+    store.flush().await.expect("flush");
+    // Everything accepted before the flush is done by now.
+    assert_eq!(store.list(0, 100).await.expect("list").len(), 50);
+    for p in pending {
+        p.await.expect("create");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One module of tests per backend
+
+macro_rules! contract_tests {
+    ($backend:ident, $fixture:expr) => {
+        mod $backend {
+            use super::*;
+
+            #[tokio::test]
+            async fn create_then_exists() {
+                let f = $fixture;
+                super::create_then_exists(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn get_and_next_event_id() {
+                let f = $fixture;
+                super::get_and_next_event_id(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn append_and_query() {
+                let f = $fixture;
+                super::append_and_query(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn append_moves_last_updated_at() {
+                let f = $fixture;
+                super::append_moves_last_updated_at(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn list_order_and_paging() {
+                let f = $fixture;
+                super::list_order_and_paging(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn set_title() {
+                let f = $fixture;
+                super::set_title(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn delete_removes_only_one() {
+                let f = $fixture;
+                super::delete_removes_only_one(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn append_fifo_spawned_in_order() {
+                let f = $fixture;
+                super::append_fifo(f.store.clone(), false).await;
+            }
+
+            #[tokio::test]
+            async fn append_fifo_spawned_in_reverse() {
+                let f = $fixture;
+                super::append_fifo(f.store.clone(), true).await;
+            }
+
+            #[tokio::test]
+            async fn flush_completes() {
+                let f = $fixture;
+                super::flush_completes(f.store.clone()).await;
+            }
+        }
+    };
+}
+
+contract_tests!(memory_store, memory());
+contract_tests!(sqlite_store, sqlite());
+contract_tests!(sqlite_store_one_request_batches, sqlite_tiny());
+contract_tests!(sqlite_store_small_queue, sqlite_small());

@@ -1,0 +1,555 @@
+//! What only the SQLite store promises: data survives a reopen, bad files and locations are
+//! refused with a clear message (never started empty), failures stay per request or per batch,
+//! and opening stays cheap with 100,000 stored conversations. Real files in temp dirs.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use rusqlite::Connection;
+use serde_json::json;
+use switchboard::config::StoreTuning;
+use switchboard::events::{EventBody, Source, StoredEvent};
+use switchboard::store::sqlite::{DB_FILE_NAME, SCHEMA_VERSION};
+use switchboard::store::{ConversationMeta, EventQuery, InitData, SqliteStore, Store, StoreError};
+
+fn tuning() -> StoreTuning {
+    StoreTuning {
+        batch_max: 512,
+        queue: 1024,
+    }
+}
+
+fn open(dir: &Path) -> SqliteStore {
+    SqliteStore::open(dir, &tuning()).expect("open")
+}
+
+fn open_err(dir: &Path) -> String {
+    match SqliteStore::open(dir, &tuning()) {
+        Err(StoreError::Open(message)) => message,
+        Err(other) => panic!("expected StoreError::Open, got {other:?}"),
+        Ok(store) => panic!("expected the open to be refused, got {store:?}"),
+    }
+}
+
+/// Closes the store and waits until its threads have closed the database.
+async fn close(store: SqliteStore) {
+    tokio::time::timeout(Duration::from_secs(30), store.close())
+        .await
+        .expect("store threads exit after the last handle is dropped");
+}
+
+fn meta(id: &str, created_at: &str) -> ConversationMeta {
+    ConversationMeta {
+        conversation_id: id.to_string(),
+        title: format!("Conversation {id}"),
+        created_at: created_at.to_string(),
+        last_updated_at: created_at.to_string(),
+        trigger: "gui".to_string(),
+        owner: None,
+        init: InitData::default(),
+    }
+}
+
+fn event(id: u64) -> StoredEvent {
+    EventBody::message(Source::Agent, &format!("reply {id}"), json!([]), false)
+        .stamp(id, "2024-05-01T12:00:00.000000")
+}
+
+fn events(ids: std::ops::Range<u64>) -> Vec<StoredEvent> {
+    ids.map(event).collect()
+}
+
+fn all() -> EventQuery {
+    EventQuery::after(None, usize::MAX)
+}
+
+fn timestamp(i: u64) -> String {
+    let base = chrono::DateTime::parse_from_rfc3339("2024-01-01T00:00:00Z")
+        .expect("base time")
+        .with_timezone(&chrono::Utc);
+    let at = base + chrono::Duration::seconds(i64::try_from(i).expect("small"));
+    at.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+}
+
+#[tokio::test]
+async fn reopen_keeps_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let rich = ConversationMeta {
+        owner: Some("alice".into()),
+        trigger: "microagent_management".into(),
+        init: InitData {
+            repository: Some("octo/repo".into()),
+            mcp_config: Some(json!({
+                "sse_servers": [{"url": "https://mcp.example.com", "api_key": "s3cr3t"}],
+                "stdio_servers": [{"name": "fs", "command": "npx", "args": ["-y", "fs"],
+                                   "env": {"ROOT": "/tmp"}}],
+                "nested": {"n": 1.5, "t": true, "z": null}
+            })),
+            initial_user_msg: Some("héllo\nworld".into()),
+            image_urls: vec!["https://example.com/a.png".into()],
+            replay_events: vec![json!({"source": "user", "action": "message"})],
+            create_microagent: Some(json!({"repo": "octo/repo"})),
+            ..InitData::default()
+        },
+        ..meta("rich", "2024-03-01T10:00:00.000000Z")
+    };
+
+    let store = open(dir.path());
+    store.create(rich.clone()).await.expect("create");
+    store
+        .create(meta("plain", "2024-03-02T10:00:00.000000Z"))
+        .await
+        .expect("create");
+    store
+        .create(meta("empty", "2024-02-01T10:00:00.000000Z"))
+        .await
+        .expect("create");
+    store.append("rich", events(0..5)).await.expect("append");
+    store.append("plain", events(0..2)).await.expect("append");
+    assert!(store.set_title("rich", "Renamed").await.expect("title"));
+    let before: Vec<_> = join_all(["rich", "plain", "empty"].map(|id| store.get(id))).await;
+    let listed_before = store.list(0, 10).await.expect("list");
+    close(store).await;
+
+    let store = open(dir.path());
+    let after: Vec<_> = join_all(["rich", "plain", "empty"].map(|id| store.get(id))).await;
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(
+            a.as_ref().expect("get"),
+            b.as_ref().expect("get"),
+            "same record after reopen"
+        );
+    }
+    let record = after[0].clone().expect("get").expect("exists");
+    assert_eq!(record.meta.title, "Renamed");
+    assert_eq!(record.meta.init, rich.init, "init data incl. mcp_config");
+    assert_eq!(record.meta.owner.as_deref(), Some("alice"));
+    assert_eq!(record.next_event_id, 5);
+    assert_eq!(store.list(0, 10).await.expect("list"), listed_before);
+    assert_eq!(
+        store.events("rich", all()).await.expect("events"),
+        events(0..5)
+    );
+
+    // The log continues where it stopped.
+    store.append("rich", events(5..7)).await.expect("append");
+    let record = store.get("rich").await.expect("get").expect("exists");
+    assert_eq!(record.next_event_id, 7);
+    close(store).await;
+
+    let store = open(dir.path());
+    assert_eq!(
+        store.events("rich", all()).await.expect("events"),
+        events(0..7)
+    );
+    assert_eq!(
+        store.events("plain", all()).await.expect("events"),
+        events(0..2)
+    );
+    close(store).await;
+}
+
+/// Requests accepted before the last handle is dropped are still carried out.
+#[tokio::test]
+async fn dropping_the_store_finishes_queued_work() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store
+        .create(meta("c", "2024-01-01T00:00:00.000000Z"))
+        .await
+        .expect("create");
+    let pending: Vec<_> = (0..500)
+        .map(|i| store.append("c", vec![event(i)]))
+        .collect();
+    let running = store.clone();
+    drop(store);
+    // The futures keep working without any store handle.
+    for result in join_all(pending).await {
+        result.expect("append");
+    }
+    close(running).await;
+    let store = open(dir.path());
+    let record = store.get("c").await.expect("get").expect("exists");
+    assert_eq!(record.next_event_id, 500);
+    close(store).await;
+}
+
+#[tokio::test]
+async fn newer_schema_version_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store
+        .create(meta("c", "2024-01-01T00:00:00.000000Z"))
+        .await
+        .expect("create");
+    close(store).await;
+    let db = dir.path().join(DB_FILE_NAME);
+    let newer = SCHEMA_VERSION + 41;
+    {
+        let conn = Connection::open(&db).expect("open directly");
+        conn.pragma_update(None, "user_version", newer)
+            .expect("set user_version");
+    }
+    let message = open_err(dir.path());
+    println!("refusal: {message}");
+    assert!(message.contains(&newer.to_string()), "{message}");
+    assert!(
+        message.contains(&format!("up to {SCHEMA_VERSION}")),
+        "{message}"
+    );
+    assert!(message.contains(&db.display().to_string()), "{message}");
+    // The file was left alone.
+    let conn = Connection::open(&db).expect("open directly");
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("user_version");
+    assert_eq!(version, newer);
+    let count: i64 = conn
+        .query_row("SELECT count(*) FROM conversations", [], |r| r.get(0))
+        .expect("count");
+    assert_eq!(count, 1);
+}
+
+#[test]
+fn garbage_file_is_refused_not_started_empty() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join(DB_FILE_NAME);
+    let garbage: Vec<u8> = (0..20_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&db, &garbage).expect("write garbage");
+    let message = open_err(dir.path());
+    println!("refusal: {message}");
+    assert!(message.contains("not a SQLite database"), "{message}");
+    assert!(message.contains(&db.display().to_string()), "{message}");
+    assert_eq!(
+        std::fs::read(&db).expect("read"),
+        garbage,
+        "the file is untouched"
+    );
+
+    // A text file, too.
+    std::fs::write(&db, "conversations:\n  - id: 1\n").expect("write text");
+    let message = open_err(dir.path());
+    assert!(message.contains("not a SQLite database"), "{message}");
+}
+
+#[tokio::test]
+async fn corrupt_database_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    for i in 0..200 {
+        store
+            .create(meta(&format!("c{i:03}"), &timestamp(i)))
+            .await
+            .expect("create");
+    }
+    store.append("c000", events(0..200)).await.expect("append");
+    close(store).await;
+    let db = dir.path().join(DB_FILE_NAME);
+    {
+        // Make sure every page is in the main file, not in the WAL.
+        let conn = Connection::open(&db).expect("open directly");
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("checkpoint");
+    }
+    let mut bytes = std::fs::read(&db).expect("read");
+    let page = 4096;
+    assert!(bytes.len() > 4 * page, "database has pages to damage");
+    // Smash everything after the first page (the schema) with a repeating pattern.
+    for (i, b) in bytes[page..].iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    std::fs::write(&db, &bytes).expect("write");
+    let message = open_err(dir.path());
+    println!("refusal: {message}");
+    assert!(message.contains("corrupt"), "{message}");
+    assert!(message.contains(&db.display().to_string()), "{message}");
+}
+
+#[test]
+fn another_programs_database_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join(DB_FILE_NAME);
+    {
+        let conn = Connection::open(&db).expect("create");
+        conn.execute_batch("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL);")
+            .expect("schema");
+    }
+    let message = open_err(dir.path());
+    println!("refusal: {message}");
+    assert!(message.contains("invoices"), "{message}");
+}
+
+#[test]
+fn unusable_locations_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").expect("write");
+    let message = open_err(&file);
+    println!("refusal: {message}");
+    assert!(message.contains(&file.display().to_string()), "{message}");
+    assert!(message.contains("data directory"), "{message}");
+
+    // Under a regular file.
+    let message = open_err(&file.join("data"));
+    assert!(message.contains("data directory"), "{message}");
+
+    // The database path is a directory.
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join(DB_FILE_NAME)).expect("mkdir");
+    let message = open_err(&data);
+    assert!(message.contains("is a directory"), "{message}");
+
+    #[cfg(target_os = "linux")]
+    {
+        let message = open_err(Path::new("/proc/switchboard-test/data"));
+        println!("refusal: {message}");
+        assert!(message.contains("/proc/switchboard-test/data"), "{message}");
+        // An existing directory nobody may create files in.
+        let message = open_err(Path::new("/proc/self"));
+        println!("refusal: {message}");
+        assert!(message.contains("/proc/self"), "{message}");
+    }
+}
+
+/// Set in the child process of `committed_appends_survive_kill_9`: the data dir to write into.
+const CHILD_DIR_VAR: &str = "SWITCHBOARD_STORE_TEST_KILL9_DIR";
+
+/// Not a test on its own: the child process of `committed_appends_survive_kill_9` (a no-op
+/// unless [`CHILD_DIR_VAR`] is set). Appends forever, printing the last id of each completed
+/// append, until it is killed.
+#[tokio::test]
+async fn kill9_child_process() {
+    let Some(dir) = std::env::var_os(CHILD_DIR_VAR) else {
+        return;
+    };
+    use std::io::Write;
+    let store = open(Path::new(&dir));
+    store
+        .create(meta("c", "2024-01-01T00:00:00.000000Z"))
+        .await
+        .expect("create");
+    let mut next = 0;
+    loop {
+        let n = 1 + next % 7;
+        store
+            .append("c", events(next..next + n))
+            .await
+            .expect("append");
+        next += n;
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "committed {}", next - 1).expect("stdout");
+        out.flush().expect("stdout");
+    }
+}
+
+/// A completed append survives `kill -9` of the process (WAL + synchronous=NORMAL).
+#[cfg(unix)]
+#[tokio::test]
+async fn committed_appends_survive_kill_9() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "kill9_child_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_DIR_VAR, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the child process");
+    let stdout = child.stdout.take().expect("child stdout");
+    let mut last_committed = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read child output");
+        if let Some(id) = line.strip_prefix("committed ") {
+            let id: u64 = id.trim().parse().expect("an event id");
+            last_committed = Some(id);
+            if id >= 2_000 {
+                break;
+            }
+        }
+    }
+    // SIGKILL while the child keeps appending: no shutdown, no final checkpoint.
+    child.kill().expect("kill -9");
+    child.wait().expect("reap");
+    let last = last_committed.expect("the child committed appends");
+
+    let store = open(dir.path());
+    let log = store.events("c", all()).await.expect("events");
+    let ids: Vec<u64> = log.iter().map(|e| e.id).collect();
+    println!(
+        "child confirmed up to {last}; the log holds {} events",
+        ids.len()
+    );
+    assert!(
+        ids.len() as u64 > last,
+        "every confirmed append survived (confirmed {last}, found {})",
+        ids.len()
+    );
+    assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>(), "dense");
+    assert_eq!(log, events(0..ids.len() as u64), "intact");
+    let record = store.get("c").await.expect("get").expect("exists");
+    assert_eq!(record.next_event_id, ids.len() as u64);
+    close(store).await;
+}
+
+/// One failing request in a batch fails alone; its neighbours commit.
+#[tokio::test]
+async fn a_failing_request_does_not_fail_its_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    for id in ["a", "b"] {
+        store
+            .create(meta(id, "2024-01-01T00:00:00.000000Z"))
+            .await
+            .expect("create");
+    }
+    // Issued together, so they usually share one transaction.
+    let first = store.append("a", events(0..2));
+    let gap = store.append("b", events(5..6));
+    let overlap = store.append("a", events(1..3));
+    let taken = store.create(meta("a", "2024-01-01T00:00:00.000000Z"));
+    let second = store.append("a", events(2..4));
+    first.await.expect("first append");
+    let gap = gap.await;
+    assert!(
+        matches!(&gap, Err(StoreError::Io(m)) if m.contains("continues at 0")),
+        "{gap:?}"
+    );
+    let overlap = overlap.await;
+    assert!(matches!(overlap, Err(StoreError::Io(_))), "{overlap:?}");
+    assert!(matches!(taken.await, Err(StoreError::Exists(_))));
+    second.await.expect("second append");
+    assert_eq!(
+        store.events("a", all()).await.expect("events"),
+        events(0..4)
+    );
+    assert!(store.events("b", all()).await.expect("events").is_empty());
+    close(store).await;
+}
+
+/// A whole transaction failing (here: another process holds the write lock past the busy
+/// timeout, 5 s) fails the batch with `Io`; the writer carries on, and reads are not held up
+/// behind the stuck writer.
+#[tokio::test]
+async fn a_failed_batch_reports_io_and_the_writer_continues() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store
+        .create(meta("c", "2024-01-01T00:00:00.000000Z"))
+        .await
+        .expect("create");
+    store.append("c", events(0..1)).await.expect("append");
+
+    let locker = Connection::open(dir.path().join(DB_FILE_NAME)).expect("second connection");
+    locker
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+
+    let blocked = store.append("c", events(1..2));
+    tokio::pin!(blocked);
+    // Reads use their own connections and threads: they finish while the writer waits.
+    let read = store.get("c");
+    tokio::select! {
+        biased;
+        record = read => {
+            let record = record.expect("get").expect("exists");
+            assert_eq!(record.next_event_id, 1);
+        }
+        _ = &mut blocked => panic!("the write finished before the read"),
+    }
+
+    let result = blocked.await;
+    println!("failed batch: {result:?}");
+    assert!(
+        matches!(&result, Err(StoreError::Io(m)) if m.contains("locked")),
+        "{result:?}"
+    );
+
+    locker.execute_batch("ROLLBACK").expect("release");
+    drop(locker);
+    store.append("c", events(1..3)).await.expect("append after");
+    assert!(store.set_title("c", "y").await.expect("title after"));
+    assert_eq!(
+        store.events("c", all()).await.expect("events"),
+        events(0..3)
+    );
+    close(store).await;
+}
+
+/// Startup does not grow with the number of conversations. Durations are printed, not asserted.
+#[tokio::test]
+async fn open_stays_fast_with_100k_conversations() {
+    const N: u64 = 100_000;
+    const CHUNK: u64 = 5_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tuning = StoreTuning {
+        batch_max: 5_000,
+        queue: 8_192,
+    };
+    let store = Arc::new(SqliteStore::open(dir.path(), &tuning).expect("open"));
+    let started = Instant::now();
+    for chunk in 0..N / CHUNK {
+        let creates: Vec<_> = (chunk * CHUNK..(chunk + 1) * CHUNK)
+            .map(|i| store.create(meta(&format!("conv-{i:06}"), &timestamp(i))))
+            .collect();
+        for result in join_all(creates).await {
+            result.expect("create");
+        }
+    }
+    store
+        .append("conv-050000", events(0..100))
+        .await
+        .expect("append");
+    let fill = started.elapsed();
+    let store = Arc::try_unwrap(store).expect("only handle");
+    close(store).await;
+    let size = std::fs::metadata(dir.path().join(DB_FILE_NAME))
+        .expect("db file")
+        .len();
+
+    let t = Instant::now();
+    let store = SqliteStore::open(dir.path(), &tuning).expect("reopen");
+    let open_time = t.elapsed();
+
+    let t = Instant::now();
+    let page = store.list(0, 20).await.expect("list");
+    let list_time = t.elapsed();
+    let expected: Vec<String> = (N - 20..N).rev().map(|i| format!("conv-{i:06}")).collect();
+    let got: Vec<String> = page.into_iter().map(|m| m.conversation_id).collect();
+    assert_eq!(got, expected);
+
+    let t = Instant::now();
+    let record = store
+        .get("conv-050000")
+        .await
+        .expect("get")
+        .expect("exists");
+    let get_time = t.elapsed();
+    assert_eq!(record.next_event_id, 100);
+
+    let t = Instant::now();
+    let deep = store.list(90_000, 20).await.expect("list");
+    let deep_time = t.elapsed();
+    assert_eq!(deep.len(), 20);
+    assert_eq!(
+        deep[0].conversation_id,
+        format!("conv-{:06}", N - 1 - 90_000)
+    );
+
+    println!(
+        "100k conversations ({:.1} MiB): fill {fill:?}, open {open_time:?}, list(0,20) \
+         {list_time:?}, get {get_time:?}, list(90000,20) {deep_time:?}",
+        size as f64 / (1024.0 * 1024.0)
+    );
+    close(store).await;
+}

@@ -6,7 +6,7 @@
 //! so all three see byte-identical events. Key order is the wire contract's: `id`, `timestamp`,
 //! `source`, `message`, then `action` + `args` or `cause` + `observation` + `content` + `extras`.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -360,7 +360,24 @@ impl StatusUpdate {
         }
     }
 
+    /// The JSON text; the two updates every conversation sends share one allocation.
     pub fn to_json(&self) -> Arc<str> {
+        static READY: OnceLock<Arc<str>> = OnceLock::new();
+        static STARTING: OnceLock<Arc<str>> = OnceLock::new();
+        if self.kind == "info" && self.message.is_empty() && self.conversation_title.is_none() {
+            let cache = match self.id.as_deref() {
+                Some(STATUS_READY) => Some(&READY),
+                Some(STATUS_STARTING_RUNTIME) => Some(&STARTING),
+                _ => None,
+            };
+            if let Some(cache) = cache {
+                return cache.get_or_init(|| self.render()).clone();
+            }
+        }
+        self.render()
+    }
+
+    fn render(&self) -> Arc<str> {
         serde_json::to_string(self)
             .unwrap_or_else(|_| "{}".into())
             .into()

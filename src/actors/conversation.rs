@@ -78,7 +78,7 @@ pub struct Conversation {
     runtime_ready: bool,
     /// Durable user events waiting for the runtime to become ready.
     runtime_backlog: Vec<(u64, EventBody)>,
-    agent_state: String,
+    agent_state: &'static str,
     last_status: Option<Arc<str>>,
     stopping: Option<StopReason>,
     store_failed: bool,
@@ -86,6 +86,8 @@ pub struct Conversation {
     last_activity_ms: u64,
     /// Why loading from the store failed, told to every request until the actor stops.
     load_error: Option<String>,
+    /// The STARTING deadline, cancelled once the runtime is ready.
+    start_deadline: Option<SpawnHandle>,
 }
 
 impl Conversation {
@@ -119,13 +121,14 @@ impl Conversation {
             runtime: None,
             runtime_ready: false,
             runtime_backlog: Vec::new(),
-            agent_state: "loading".into(),
+            agent_state: "loading",
             last_status: None,
             stopping: None,
             store_failed: false,
             stop_waiters: Vec::new(),
             last_activity_ms: now_ms(),
             load_error: None,
+            start_deadline: None,
         }
     }
 
@@ -162,7 +165,11 @@ impl Conversation {
             return false;
         }
         if let Some(state) = body.announced_agent_state() {
-            self.agent_state = state.to_string();
+            self.agent_state = events::AGENT_STATES
+                .iter()
+                .copied()
+                .find(|s| *s == state)
+                .unwrap_or("unknown");
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -233,6 +240,9 @@ impl Conversation {
         }
         if emitted {
             self.commit(ctx);
+        } else if self.outbox.is_empty() && self.outbox.capacity() > 0 {
+            // An idle conversation keeps no buffer around.
+            self.outbox = VecDeque::new();
         }
     }
 
@@ -309,6 +319,9 @@ impl Conversation {
             return false;
         }
         info!(conversation_id = %self.id, "runtime ready");
+        if let Some(timer) = self.start_deadline.take() {
+            ctx.cancel_future(timer);
+        }
         self.runtime_ready = true;
         self.set_status(ConversationStatus::Running);
         self.shared.set_runtime_status(RuntimeStatus::Ready);
@@ -448,17 +461,24 @@ impl Conversation {
             history_before: self.durable_before,
         });
         self.runtime = Some(runtime);
+        // The runtime has what it needs; the store keeps the init data for the next start.
+        if let Some(meta) = self.meta.as_mut() {
+            meta.init = Default::default();
+        }
         self.apply_signals(signals, ctx);
     }
 
     fn arm_start_deadline(&mut self, ctx: &mut Context<Self>) {
+        if self.status != ConversationStatus::Starting {
+            return;
+        }
         let deadline = Duration::from_secs(self.settings.limits.start_timeout_secs);
-        ctx.run_later(deadline, |act, ctx| {
+        self.start_deadline = Some(ctx.run_later(deadline, |act, ctx| {
             if act.status == ConversationStatus::Starting && act.stopping.is_none() {
                 warn!(conversation_id = %act.id, "runtime did not start before the deadline");
                 act.begin_stop(StopReason::StartTimeout, ctx);
             }
-        });
+        }));
     }
 
     /// Checks idleness after `after`; re-arms itself until the conversation stops.

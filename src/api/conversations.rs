@@ -7,6 +7,12 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::errors::ApiError;
+use super::schema::{
+    self, ActionAccepted, ActionRefused, ConversationIdPath, ConversationInfo,
+    ConversationInfoResultSet, ConversationNotFound, ConversationResponse, ErrorDetail,
+    ErrorMessage, ErrorStatus, EventsPage, EventsQuery, HttpValidationError, InitSessionRequest,
+    ListQuery, OkStatus, ProvidersSetModel, UpdateConversationRequest, UserAction,
+};
 use super::validation::{self, conversation_id_error, FieldError, PROVIDERS};
 use super::{read_body, AppState};
 use crate::actors::messages::ConversationError;
@@ -39,35 +45,41 @@ fn default_title(id: &str) -> String {
 }
 
 /// `ConversationInfo` for a stored conversation and its live state, if any.
-pub fn conversation_info(meta: &ConversationMeta, live: Option<&Shared>) -> Value {
+pub fn conversation_info(meta: &ConversationMeta, live: Option<&Shared>) -> ConversationInfo {
     let status = live.map_or(ConversationStatus::Stopped, Shared::status);
     let running = status != ConversationStatus::Stopped;
     let id = &meta.conversation_id;
-    json!({
-        "conversation_id": id,
-        "title": meta.title,
-        "last_updated_at": meta.last_updated_at,
-        "status": status.as_str(),
-        "runtime_status": live.filter(|_| running).and_then(|s| s.runtime_status().as_id()),
-        "selected_repository": meta.init.repository,
-        "selected_branch": meta.init.selected_branch,
-        "git_provider": meta.init.git_provider,
-        "trigger": meta.trigger,
-        "num_connections": live.map_or(0, Shared::connections),
-        "url": running.then(|| format!("/api/conversations/{id}")),
-        "session_api_key": Value::Null,
-        "created_at": meta.created_at,
-        "pr_number": [],
-    })
+    ConversationInfo {
+        conversation_id: id.clone(),
+        title: meta.title.clone(),
+        last_updated_at: meta.last_updated_at.clone(),
+        status: status.into(),
+        runtime_status: live
+            .filter(|_| running)
+            .and_then(|s| schema::RuntimeStatus::of(s.runtime_status())),
+        selected_repository: meta.init.repository.clone(),
+        selected_branch: meta.init.selected_branch.clone(),
+        git_provider: meta.init.git_provider.clone(),
+        trigger: meta.trigger.clone(),
+        num_connections: live.map_or(0, Shared::connections),
+        url: running.then(|| format!("/api/conversations/{id}")),
+        session_api_key: None,
+        created_at: meta.created_at.clone(),
+        pr_number: Vec::new(),
+    }
 }
 
-fn conversation_response(id: &str, status: ConversationStatus, message: Option<String>) -> Value {
-    json!({
-        "status": "ok",
-        "conversation_id": id,
-        "message": message,
-        "conversation_status": status.as_str(),
-    })
+fn conversation_response(
+    id: &str,
+    status: ConversationStatus,
+    message: Option<String>,
+) -> ConversationResponse {
+    ConversationResponse {
+        status: OkStatus::Ok,
+        conversation_id: id.to_string(),
+        message,
+        conversation_status: status.into(),
+    }
 }
 
 fn admit_error(e: AdmitError) -> ApiError {
@@ -113,6 +125,26 @@ async fn admit_and_join(
 }
 
 /// `POST /api/conversations`: create a conversation or join an existing one.
+#[utoipa::path(
+    post,
+    path = "/api/conversations",
+    tag = "conversations",
+    operation_id = "new_conversation",
+    summary = "Create a conversation, or join an existing one",
+    request_body(content = InitSessionRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Created (`STARTING`), or joined (its live status)", body = ConversationResponse),
+        (status = 400, description = "The request body could not be read", body = ErrorDetail),
+        (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        (status = 404, description = "The conversation could not be loaded (deleted while joining)", body = ErrorDetail),
+        (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
+        (status = 422, description = "Validation error", body = HttpValidationError),
+        (status = 429, description = "Too many conversations are running (`limits.on_limit = \"reject\"`)", body = ErrorMessage, example = json!({"status": "error", "message": crate::events::TOO_MANY_CONVERSATIONS_MESSAGE, "msg_id": crate::events::TOO_MANY_CONVERSATIONS})),
+        (status = 500, description = "Internal error", body = ErrorDetail, example = json!({"detail": "Internal Server Error"})),
+        (status = 503, description = "The store failed (`Storage error: …`), the server is shutting down, or the conversation is restarting; try again", body = ErrorDetail),
+    ),
+    security(("APIKeyHeader" = [])),
+)]
 pub async fn create(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -194,6 +226,22 @@ fn page_limit(pairs: &[(String, String)]) -> Result<usize, ApiError> {
 }
 
 /// `GET /api/conversations?page_id=&limit=`: newest first.
+#[utoipa::path(
+    get,
+    path = "/api/conversations",
+    tag = "conversations",
+    operation_id = "search_conversations",
+    summary = "List conversations, newest first",
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of conversations", body = ConversationInfoResultSet),
+        (status = 400, description = "Invalid `limit` or `page_id`", body = ErrorDetail, example = json!({"detail": "Invalid limit"})),
+        (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        (status = 422, description = "Malformed query string", body = HttpValidationError),
+        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+    ),
+    security(("APIKeyHeader" = [])),
+)]
 pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
     let pairs = query_pairs(&req)?;
     let limit = page_limit(&pairs)?;
@@ -211,17 +259,35 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
         page.truncate(limit);
         base64::engine::general_purpose::STANDARD.encode((offset + limit).to_string())
     });
-    let results: Vec<Value> = page
+    let results = page
         .iter()
         .map(|meta| {
             let live = state.supervisor.shared(&meta.conversation_id);
             conversation_info(meta, live.as_deref())
         })
         .collect();
-    Ok(HttpResponse::Ok().json(json!({ "results": results, "next_page_id": next_page_id })))
+    Ok(HttpResponse::Ok().json(ConversationInfoResultSet {
+        results,
+        next_page_id,
+    }))
 }
 
 /// `GET /api/conversations/{id}`: `ConversationInfo`, or `null` when unknown.
+#[utoipa::path(
+    get,
+    path = "/api/conversations/{conversation_id}",
+    tag = "conversations",
+    operation_id = "get_conversation",
+    summary = "Get a conversation",
+    params(ConversationIdPath),
+    responses(
+        (status = 200, description = "The conversation, or `null` when it is unknown", body = Option<ConversationInfo>),
+        (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
+        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+    ),
+    security(("APIKeyHeader" = [])),
+)]
 pub async fn get(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -237,11 +303,34 @@ pub async fn get(
 fn not_found_patch() -> ApiError {
     ApiError::Exact(
         actix_web::http::StatusCode::NOT_FOUND,
-        json!({"status": "error", "message": "Conversation not found", "msg_id": "CONVERSATION$NOT_FOUND"}),
+        schema::to_value(&ErrorMessage {
+            status: ErrorStatus::Error,
+            message: "Conversation not found".into(),
+            msg_id: "CONVERSATION$NOT_FOUND".into(),
+        }),
     )
 }
 
 /// `PATCH /api/conversations/{id}` with `{"title": …}`.
+#[utoipa::path(
+    patch,
+    path = "/api/conversations/{conversation_id}",
+    tag = "conversations",
+    operation_id = "update_conversation",
+    summary = "Rename a conversation",
+    params(ConversationIdPath),
+    request_body(content = UpdateConversationRequest, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Renamed (always `true`)", body = bool, content_type = "application/json", example = json!(true)),
+        (status = 400, description = "The request body could not be read", body = ErrorDetail),
+        (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        (status = 404, description = "Unknown conversation", body = ErrorMessage, example = json!({"status": "error", "message": "Conversation not found", "msg_id": "CONVERSATION$NOT_FOUND"})),
+        (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
+        (status = 422, description = "Validation error", body = HttpValidationError),
+        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+    ),
+    security(("APIKeyHeader" = [])),
+)]
 pub async fn update(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -310,6 +399,21 @@ pub async fn update(
 }
 
 /// `DELETE /api/conversations/{id}`: `true` when it existed.
+#[utoipa::path(
+    delete,
+    path = "/api/conversations/{conversation_id}",
+    tag = "conversations",
+    operation_id = "delete_conversation",
+    summary = "Stop and delete a conversation with its events",
+    params(ConversationIdPath),
+    responses(
+        (status = 200, description = "`true` when it existed and was deleted, `false` when unknown", body = bool, content_type = "application/json"),
+        (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
+        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+    ),
+    security(("APIKeyHeader" = [])),
+)]
 pub async fn delete(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -330,11 +434,35 @@ pub async fn delete(
 fn not_found_status(id: &str) -> ApiError {
     ApiError::Exact(
         actix_web::http::StatusCode::NOT_FOUND,
-        json!({"status": "error", "conversation_id": id}),
+        schema::to_value(&ConversationNotFound {
+            status: ErrorStatus::Error,
+            conversation_id: id.to_string(),
+        }),
     )
 }
 
 /// `POST /api/conversations/{id}/start` with `{}` or `{"providers_set": […]}`.
+#[utoipa::path(
+    post,
+    path = "/api/conversations/{conversation_id}/start",
+    tag = "conversations",
+    operation_id = "start_conversation",
+    summary = "Start a stopped conversation (or join a running one)",
+    params(ConversationIdPath),
+    request_body(content = ProvidersSetModel, content_type = "application/json", description = "Optional: an empty body is the same as `{}` (but `null` is a 422)"),
+    responses(
+        (status = 200, description = "Its live status", body = ConversationResponse),
+        (status = 400, description = "The request body could not be read", body = ErrorDetail),
+        (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        (status = 404, description = "Unknown conversation", body = ConversationNotFound),
+        (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
+        (status = 422, description = "Validation error", body = HttpValidationError),
+        (status = 429, description = "Too many conversations are running (`limits.on_limit = \"reject\"`)", body = ErrorMessage, example = json!({"status": "error", "message": crate::events::TOO_MANY_CONVERSATIONS_MESSAGE, "msg_id": crate::events::TOO_MANY_CONVERSATIONS})),
+        (status = 500, description = "Internal error", body = ErrorDetail, example = json!({"detail": "Internal Server Error"})),
+        (status = 503, description = "The store failed (`Storage error: …`), the server is shutting down, or the conversation is restarting; try again", body = ErrorDetail),
+    ),
+    security(("APIKeyHeader" = [])),
+)]
 pub async fn start(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -396,6 +524,22 @@ fn check_providers_set(value: Option<&Value>) -> Result<(), ApiError> {
 }
 
 /// `POST /api/conversations/{id}/stop`.
+#[utoipa::path(
+    post,
+    path = "/api/conversations/{conversation_id}/stop",
+    tag = "conversations",
+    operation_id = "stop_conversation",
+    summary = "Stop a conversation",
+    params(ConversationIdPath),
+    responses(
+        (status = 200, description = "Stopped (`message` says whether it was running)", body = ConversationResponse),
+        (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        (status = 404, description = "Unknown conversation", body = ConversationNotFound),
+        (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
+        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+    ),
+    security(("APIKeyHeader" = [])),
+)]
 pub async fn stop(
     state: web::Data<AppState>,
     path: web::Path<String>,
@@ -421,6 +565,23 @@ pub async fn stop(
 }
 
 /// `GET /api/conversations/{id}/events?start_id=&end_id=&reverse=&limit=`.
+#[utoipa::path(
+    get,
+    path = "/api/conversations/{conversation_id}/events",
+    tag = "conversations",
+    operation_id = "search_events",
+    summary = "Read a page of events",
+    params(ConversationIdPath, EventsQuery),
+    responses(
+        (status = 200, description = "A page of events", body = EventsPage),
+        (status = 400, description = "Invalid `limit`", body = ErrorDetail, example = json!({"detail": "Invalid limit"})),
+        (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        (status = 404, description = "Unknown conversation", body = ErrorDetail),
+        (status = 422, description = "Invalid `conversation_id` or query parameter", body = HttpValidationError),
+        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+    ),
+    security(("APIKeyHeader" = [])),
+)]
 pub async fn events(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -459,25 +620,35 @@ pub async fn events(
     let has_more = events.len() > limit;
     events.truncate(limit);
     // The stored JSON texts are spliced in as they are: no re-encoding.
-    let mut body =
-        String::with_capacity(32 + events.iter().map(|e| e.json.len() + 1).sum::<usize>());
-    body.push_str("{\"events\":[");
-    for (i, event) in events.iter().enumerate() {
-        if i > 0 {
-            body.push(',');
-        }
-        body.push_str(&event.json);
-    }
-    body.push_str("],\"has_more\":");
-    body.push_str(if has_more { "true" } else { "false" });
-    body.push('}');
     Ok(HttpResponse::Ok()
         .content_type("application/json")
-        .body(body))
+        .body(EventsPage::render(&events, has_more)))
 }
 
 /// `POST /api/conversations/{id}/events` with a user action: same as the socket's
 /// `oh_user_action`. A stopped conversation is started again first.
+#[utoipa::path(
+    post,
+    path = "/api/conversations/{conversation_id}/events",
+    tag = "conversations",
+    operation_id = "add_event",
+    summary = "Send a user action (starts a stopped conversation first)",
+    params(ConversationIdPath),
+    request_body(content = UserAction, content_type = "application/json"),
+    responses(
+        (status = 200, description = "Accepted", body = ActionAccepted, example = json!({"success": true})),
+        (status = 400, description = "The request body could not be read", body = ErrorDetail),
+        (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        (status = 404, description = "Unknown conversation", body = ErrorDetail),
+        (status = 409, description = "The conversation refused the action (event limit reached, or it is stopping)", body = ActionRefused),
+        (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
+        (status = 422, description = "Validation error", body = HttpValidationError),
+        (status = 429, description = "Too many conversations are running (`limits.on_limit = \"reject\"`)", body = ErrorMessage, example = json!({"status": "error", "message": crate::events::TOO_MANY_CONVERSATIONS_MESSAGE, "msg_id": crate::events::TOO_MANY_CONVERSATIONS})),
+        (status = 500, description = "Internal error", body = ErrorDetail, example = json!({"detail": "Internal Server Error"})),
+        (status = 503, description = "The store failed (`Storage error: …`), the server is shutting down, or the conversation is restarting; try again", body = ErrorDetail),
+    ),
+    security(("APIKeyHeader" = [])),
+)]
 pub async fn post_event(
     state: web::Data<AppState>,
     req: HttpRequest,
@@ -507,18 +678,22 @@ pub async fn post_event(
         }
     };
     match conversation.user_action(event).await {
-        Ok(()) => Ok(HttpResponse::Ok().json(json!({"success": true}))),
-        Err(ConversationError::Refused(why)) => Err(ApiError::Exact(
-            actix_web::http::StatusCode::CONFLICT,
-            json!({"success": false, "detail": why}),
-        )),
+        Ok(()) => Ok(HttpResponse::Ok().json(ActionAccepted { success: true })),
+        Err(ConversationError::Refused(why)) => Err(refused(why)),
         Err(ConversationError::NotFound) => {
             Err(ApiError::NotFound(format!("Conversation {id} not found")))
         }
-        Err(ConversationError::Stopping) => Err(ApiError::Exact(
-            actix_web::http::StatusCode::CONFLICT,
-            json!({"success": false, "detail": "The conversation is stopping"}),
-        )),
+        Err(ConversationError::Stopping) => Err(refused("The conversation is stopping".into())),
         Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e)),
     }
+}
+
+fn refused(detail: String) -> ApiError {
+    ApiError::Exact(
+        actix_web::http::StatusCode::CONFLICT,
+        schema::to_value(&ActionRefused {
+            success: false,
+            detail,
+        }),
+    )
 }

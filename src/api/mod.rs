@@ -21,6 +21,8 @@ use crate::store::Store;
 
 pub mod conversations;
 pub mod errors;
+pub mod openapi;
+pub mod schema;
 pub mod validation;
 
 pub use errors::ApiError;
@@ -101,6 +103,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     use conversations as c;
     cfg.service(resource("/alive").route(web::get().to(alive)))
         .service(resource("/health").route(web::get().to(health)))
+        .service(resource("/openapi.json").route(web::get().to(openapi::openapi_json)))
         .service(
             web::scope("/api")
                 .wrap(from_fn(require_session_key))

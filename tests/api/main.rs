@@ -7,6 +7,7 @@ mod helpers;
 mod lifecycle;
 mod limits;
 mod load;
+mod openapi;
 mod restart;
 mod routes;
 mod session_key;

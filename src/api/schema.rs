@@ -1,0 +1,983 @@
+//! Typed request and response bodies of the HTTP API, shared by the handlers and the OpenAPI
+//! document ([`super::openapi`]).
+//!
+//! Response types are what the handlers serialize, so the served JSON and the document cannot
+//! drift apart: field order is the wire order and `Option` fields serialize as `null`.
+//! Request types describe exactly what [`super::validation`] accepts (it validates by hand to
+//! produce pydantic-shaped errors; the unit tests below hold both to the same bodies).
+//! Bodies built elsewhere (`ApiError` in `errors.rs`, `/alive`) are pinned to their types by the
+//! tests at the bottom of this file.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use utoipa::openapi::schema::{
+    AnyOfBuilder, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type,
+};
+use utoipa::openapi::RefOr;
+use utoipa::{IntoParams, ToSchema};
+
+use crate::events::StoredEvent;
+
+/// The conversation id rule (1–64 characters of `[A-Za-z0-9_-]`) as a JSON Schema pattern.
+pub const CONVERSATION_ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
+
+/// Rust's `char::is_whitespace` (Unicode `White_Space`, what `str::trim` removes) as the body
+/// of a regex character class.
+const WHITE_SPACE: &str =
+    r"\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
+
+/// Serializes a body type into a JSON value (for `ApiError::Exact`).
+pub fn to_value<T: Serialize>(body: &T) -> Value {
+    serde_json::to_value(body).unwrap_or(Value::Null)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared enums
+
+/// A git hosting provider.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ProviderType {
+    Github,
+    Gitlab,
+    Bitbucket,
+    EnterpriseSso,
+}
+
+/// A conversation's lifecycle status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ConversationStatus {
+    Starting,
+    Running,
+    Stopped,
+}
+
+impl From<crate::actors::ConversationStatus> for ConversationStatus {
+    fn from(status: crate::actors::ConversationStatus) -> Self {
+        use crate::actors::ConversationStatus as S;
+        match status {
+            S::Starting => ConversationStatus::Starting,
+            S::Running => ConversationStatus::Running,
+            S::Stopped => ConversationStatus::Stopped,
+        }
+    }
+}
+
+/// The runtime's last reported state, as the id of its status update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum RuntimeStatus {
+    #[serde(rename = "STATUS$STARTING_RUNTIME")]
+    StartingRuntime,
+    #[serde(rename = "STATUS$READY")]
+    Ready,
+    #[serde(rename = "STATUS$ERROR_RUNTIME_DISCONNECTED")]
+    ErrorRuntimeDisconnected,
+}
+
+impl RuntimeStatus {
+    /// The `runtime_status` of a live conversation (`None` before the runtime reported).
+    pub fn of(status: crate::actors::RuntimeStatus) -> Option<Self> {
+        use crate::actors::RuntimeStatus as R;
+        match status {
+            R::None => None,
+            R::Starting => Some(RuntimeStatus::StartingRuntime),
+            R::Ready => Some(RuntimeStatus::Ready),
+            R::Error => Some(RuntimeStatus::ErrorRuntimeDisconnected),
+        }
+    }
+}
+
+/// What created a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    Gui,
+    SuggestedTask,
+    MicroagentManagement,
+}
+
+/// `"ok"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum OkStatus {
+    #[serde(rename = "ok")]
+    Ok,
+}
+
+/// `"error"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ErrorStatus {
+    #[serde(rename = "error")]
+    Error,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Probes
+
+/// `GET /alive`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Alive {
+    #[schema(inline)]
+    pub status: OkStatus,
+}
+
+/// `GET /health`: the JSON string `"OK"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum Health {
+    #[serde(rename = "OK")]
+    Ok,
+}
+
+// ---------------------------------------------------------------------------------------------
+// POST /api/conversations
+
+/// The body of `POST /api/conversations` (OpenHands' `InitSessionRequest`). Unknown keys are
+/// refused. `replay_json` and `initial_user_msg` cannot both be given.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InitSessionRequest {
+    /// `owner/repo` (GitLab groups allowed: `group/sub/repo`); an empty string counts as absent.
+    #[schema(
+        pattern = r"^(?:(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.{3,})(?:/(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.{3,}))+)?$",
+        max_length = 256
+    )]
+    #[serde(default)]
+    pub repository: Option<String>,
+    #[serde(default)]
+    pub git_provider: Option<ProviderType>,
+    /// An empty string counts as absent.
+    #[serde(default)]
+    pub selected_branch: Option<String>,
+    /// The first user message.
+    #[serde(default)]
+    pub initial_user_msg: Option<String>,
+    /// Images attached to the first user message.
+    #[serde(default)]
+    pub image_urls: Option<Vec<String>>,
+    /// A JSON text holding a list of event objects, replayed into the new conversation.
+    #[schema(content_media_type = "application/json")]
+    #[serde(default)]
+    pub replay_json: Option<String>,
+    #[serde(default)]
+    pub suggested_task: Option<SuggestedTask>,
+    #[serde(default)]
+    pub create_microagent: Option<CreateMicroagent>,
+    #[serde(default)]
+    pub conversation_instructions: Option<String>,
+    #[serde(default)]
+    pub mcp_config: Option<McpConfig>,
+    /// Joins the conversation with this id when it exists, creates it otherwise; an empty
+    /// string counts as absent (a new id is generated).
+    #[schema(pattern = "^[A-Za-z0-9_-]{0,64}$")]
+    #[serde(default)]
+    pub conversation_id: String,
+}
+
+/// Task types that can start a conversation (`OPEN_PR` and `CREATE_MICROAGENT` are refused
+/// with a 422).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TaskType {
+    MergeConflicts,
+    FailingChecks,
+    UnresolvedComments,
+    OpenIssue,
+}
+
+/// Providers a suggested task may name (`enterprise_sso` is refused with a 422).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskProviderType {
+    Github,
+    Gitlab,
+    Bitbucket,
+}
+
+/// A suggested task; its prompt becomes the first user message. Unknown keys are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SuggestedTask {
+    pub git_provider: TaskProviderType,
+    pub task_type: TaskType,
+    pub repo: String,
+    /// An integer, or a string holding one (pydantic's lax mode).
+    #[schema(schema_with = lax_integer)]
+    pub issue_number: Value,
+    pub title: String,
+}
+
+fn lax_integer() -> Schema {
+    Schema::OneOf(
+        OneOfBuilder::new()
+            .item(ObjectBuilder::new().schema_type(Type::Integer).format(Some(
+                utoipa::openapi::SchemaFormat::KnownFormat(utoipa::openapi::KnownFormat::Int64),
+            )))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(format!(
+                        "^[{WHITE_SPACE}]*[+-]?[0-9]+[{WHITE_SPACE}]*$"
+                    ))),
+            )
+            .build(),
+    )
+}
+
+/// A query integer as the handlers read it: the number, or its text with surrounding
+/// whitespace and a `+`; an empty value counts as absent.
+fn lax_query_integer(description: &str, integer: ObjectBuilder, digits: &str) -> Schema {
+    Schema::AnyOf(
+        AnyOfBuilder::new()
+            .description(Some(description))
+            .item(integer.schema_type(Type::Integer))
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some(format!(
+                        "^(?:[{WHITE_SPACE}]*\\+?{digits}[{WHITE_SPACE}]*)?$"
+                    ))),
+            )
+            .build(),
+    )
+}
+
+/// `limit`: 1–100.
+fn query_limit() -> Schema {
+    lax_query_integer(
+        "Page size, 1–100 (default 20); anything else is a 400.",
+        ObjectBuilder::new().minimum(Some(1)).maximum(Some(100)),
+        "0*(?:100|[1-9][0-9]?)",
+    )
+}
+
+/// An event id: 0–2⁶⁴−1 (as text: up to 19 significant digits are documented).
+fn query_event_id(description: &str) -> Schema {
+    lax_query_integer(
+        description,
+        ObjectBuilder::new()
+            .format(Some(utoipa::openapi::SchemaFormat::Custom("uint64".into())))
+            .minimum(Some(0))
+            .maximum(Some(u64::MAX)),
+        "0*[0-9]{1,19}",
+    )
+}
+
+fn query_start_id() -> Schema {
+    query_event_id("Lowest event id, inclusive (default 0).")
+}
+
+fn query_end_id() -> Schema {
+    query_event_id("Highest event id, inclusive (default: no bound).")
+}
+
+/// `reverse` as the handler reads it; an empty value counts as absent.
+fn query_reverse() -> Schema {
+    Schema::AnyOf(
+        AnyOfBuilder::new()
+            .description(Some(
+                "Newest first within the range (`true`/`false`, `1`/`0`, `yes`/`no`, `on`/`off`, \
+                 ASCII case-insensitive; default false).",
+            ))
+            .item(ObjectBuilder::new().schema_type(Type::Boolean))
+            .item(
+                ObjectBuilder::new().schema_type(Type::String).pattern(Some(
+                    "^(?:[Tt][Rr][Uu][Ee]|[Ff][Aa][Ll][Ss][Ee]|1|0|[Yy][Ee][Ss]|[Nn][Oo]|[Oo][Nn]|[Oo][Ff][Ff])?$",
+                )),
+            )
+            .build(),
+    )
+}
+
+/// A request to create a microagent. Unknown keys are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct CreateMicroagent {
+    pub repo: String,
+    #[serde(default)]
+    pub git_provider: Option<ProviderType>,
+    /// Becomes the conversation's title when not blank.
+    #[serde(default)]
+    pub title: Option<String>,
+}
+
+/// MCP servers handed to the conversation's runtime. Unknown keys are refused.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = MCPConfig)]
+pub struct McpConfig {
+    #[serde(default)]
+    pub sse_servers: Vec<McpSseServerConfig>,
+    #[serde(default)]
+    pub stdio_servers: Vec<McpStdioServerConfig>,
+    #[serde(default)]
+    pub shttp_servers: Vec<McpShttpServerConfig>,
+}
+
+/// An MCP server reached over SSE.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = MCPSSEServerConfig)]
+pub struct McpSseServerConfig {
+    /// An http, https, ws or wss URL.
+    #[schema(pattern = "^(?:[Hh][Tt][Tt][Pp][Ss]?|[Ww][Ss][Ss]?)://")]
+    pub url: String,
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+/// An MCP server run over stdio inside the runtime.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = MCPStdioServerConfig)]
+pub struct McpStdioServerConfig {
+    pub name: String,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+/// An MCP server reached over streamable HTTP.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = MCPSHTTPServerConfig)]
+pub struct McpShttpServerConfig {
+    /// An http, https, ws or wss URL.
+    #[schema(pattern = "^(?:[Hh][Tt][Tt][Pp][Ss]?|[Ww][Ss][Ss]?)://")]
+    pub url: String,
+    #[serde(default)]
+    pub api_key: Option<String>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Other request bodies
+
+/// The body of `PATCH /api/conversations/{conversation_id}`. Unknown keys are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UpdateConversationRequest {
+    /// The new title: 1–200 characters once surrounding whitespace (Unicode `White_Space`)
+    /// is trimmed.
+    #[schema(
+        pattern = r"^[\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[\s\S]{0,198}[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?[\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"
+    )]
+    pub title: String,
+}
+
+/// The optional body of `POST /api/conversations/{conversation_id}/start`. Unknown keys are
+/// ignored.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ProvidersSetModel {
+    #[serde(default)]
+    pub providers_set: Option<Vec<ProviderType>>,
+}
+
+/// A user action (`POST /api/conversations/{conversation_id}/events`), as the socket's
+/// `oh_user_action` carries it. Any `id`, `timestamp` or `source` is ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum UserAction {
+    Message(MessageAction),
+    Other(OtherAction),
+}
+
+/// `"message"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum MessageActionName {
+    #[serde(rename = "message")]
+    Message,
+}
+
+/// A chat message from the user.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MessageAction {
+    #[schema(inline)]
+    pub action: MessageActionName,
+    pub args: MessageArgs,
+}
+
+/// The arguments of a user `message` action. Unknown keys are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MessageArgs {
+    pub content: String,
+    #[serde(default)]
+    pub image_urls: Option<Vec<String>>,
+    #[serde(default)]
+    pub file_urls: Option<Vec<String>>,
+}
+
+/// Any other user action, stored and handed to the runtime as sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct OtherAction {
+    /// 1–64 characters of `[a-z0-9_]`, other than `message`.
+    #[schema(pattern = "^(?!message$)[a-z0-9_]{1,64}$")]
+    pub action: String,
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub args: Option<Map<String, Value>>,
+    /// The event's `message`; kept when it is a string, ignored otherwise.
+    #[serde(default)]
+    pub message: Value,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+
+/// The answer to creating, joining, starting or stopping a conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConversationResponse {
+    #[schema(inline)]
+    pub status: OkStatus,
+    pub conversation_id: String,
+    #[schema(required = true)]
+    pub message: Option<String>,
+    pub conversation_status: ConversationStatus,
+}
+
+/// A conversation as listed and fetched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConversationInfo {
+    pub conversation_id: String,
+    pub title: String,
+    #[schema(format = DateTime)]
+    pub last_updated_at: String,
+    pub status: ConversationStatus,
+    /// Set while the conversation runs, once its runtime reported.
+    #[schema(required = true)]
+    pub runtime_status: Option<RuntimeStatus>,
+    #[schema(required = true)]
+    pub selected_repository: Option<String>,
+    #[schema(required = true)]
+    pub selected_branch: Option<String>,
+    #[schema(required = true, value_type = Option<ProviderType>)]
+    pub git_provider: Option<String>,
+    #[schema(value_type = Trigger)]
+    pub trigger: String,
+    /// Clients attached over the socket.
+    pub num_connections: u32,
+    /// `/api/conversations/{id}` while not stopped, `null` when stopped.
+    #[schema(required = true)]
+    pub url: Option<String>,
+    /// Always `null`.
+    #[schema(required = true)]
+    pub session_api_key: Option<String>,
+    #[schema(format = DateTime)]
+    pub created_at: String,
+    /// Always empty.
+    pub pr_number: Vec<u64>,
+}
+
+/// A page of conversations, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConversationInfoResultSet {
+    pub results: Vec<ConversationInfo>,
+    /// Pass as `page_id` for the next page; `null` on the last one.
+    #[schema(required = true)]
+    pub next_page_id: Option<String>,
+}
+
+/// Who produced an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EventSource {
+    User,
+    Agent,
+    Environment,
+}
+
+/// A stored event: an action or an observation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum Event {
+    Action(ActionEvent),
+    Observation(ObservationEvent),
+}
+
+/// A stored action event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ActionEvent {
+    pub id: u64,
+    /// UTC, ISO-8601 with microseconds and no offset (`2026-11-29T17:41:25.002345`).
+    pub timestamp: String,
+    pub source: EventSource,
+    pub message: String,
+    pub action: String,
+    #[schema(value_type = Object)]
+    pub args: Map<String, Value>,
+}
+
+/// A stored observation event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ObservationEvent {
+    pub id: u64,
+    /// UTC, ISO-8601 with microseconds and no offset (`2026-11-29T17:41:25.002345`).
+    pub timestamp: String,
+    pub source: EventSource,
+    pub message: String,
+    /// The id of the action this observes, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cause: Option<u64>,
+    pub observation: String,
+    pub content: String,
+    #[schema(value_type = Object)]
+    pub extras: Map<String, Value>,
+}
+
+/// A page of a conversation's events.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EventsPage {
+    pub events: Vec<Event>,
+    pub has_more: bool,
+}
+
+impl EventsPage {
+    /// The JSON of an `EventsPage` holding `events`, with their stored JSON texts spliced in as
+    /// they are (no re-encoding). The unit tests hold it to `EventsPage`'s serialization.
+    pub fn render(events: &[StoredEvent], has_more: bool) -> String {
+        let mut body =
+            String::with_capacity(32 + events.iter().map(|e| e.json.len() + 1).sum::<usize>());
+        body.push_str("{\"events\":[");
+        for (i, event) in events.iter().enumerate() {
+            if i > 0 {
+                body.push(',');
+            }
+            body.push_str(&event.json);
+        }
+        body.push_str("],\"has_more\":");
+        body.push_str(if has_more { "true" } else { "false" });
+        body.push('}');
+        body
+    }
+}
+
+/// `POST /api/conversations/{conversation_id}/events` accepted the action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActionAccepted {
+    /// Always `true`.
+    pub success: bool,
+}
+
+/// The conversation refused the action (event limit reached, or it is stopping).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ActionRefused {
+    /// Always `false`.
+    pub success: bool,
+    pub detail: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// `{"detail": "<why>"}`: 400, 401, 404, 405, 413, 500 and 503 answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    pub detail: String,
+}
+
+/// A 422: every problem of the request, FastAPI/pydantic-shaped.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[schema(as = HTTPValidationError)]
+pub struct HttpValidationError {
+    pub detail: Vec<ValidationError>,
+}
+
+/// One problem of a request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationError {
+    /// pydantic's error type (`missing`, `extra_forbidden`, `string_type`, `value_error`, …).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Where: `body`, `path` or `query`, then keys and list indexes.
+    #[schema(schema_with = location)]
+    pub loc: Vec<Value>,
+    pub msg: String,
+    /// The offending input.
+    #[schema(required = true)]
+    pub input: Value,
+    /// Details such as `expected` or `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>, nullable = false)]
+    pub ctx: Option<Value>,
+}
+
+fn location() -> Schema {
+    Schema::Array(
+        ArrayBuilder::new()
+            .items(RefOr::T(Schema::OneOf(
+                OneOfBuilder::new()
+                    .item(ObjectBuilder::new().schema_type(Type::String))
+                    .item(ObjectBuilder::new().schema_type(Type::Integer))
+                    .build(),
+            )))
+            .build(),
+    )
+}
+
+/// `{"status":"error","message":…,"msg_id":…}`: too many conversations (429), or an unknown
+/// conversation on `PATCH` (404).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorMessage {
+    #[schema(inline)]
+    pub status: ErrorStatus,
+    pub message: String,
+    pub msg_id: String,
+}
+
+/// `{"status":"error","conversation_id":…}`: an unknown conversation on start or stop (404).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConversationNotFound {
+    #[schema(inline)]
+    pub status: ErrorStatus,
+    pub conversation_id: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parameters
+
+/// The `{conversation_id}` path segment.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct ConversationIdPath {
+    /// 1–64 characters of `[A-Za-z0-9_-]`; anything else is a 422.
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
+    pub conversation_id: String,
+}
+
+/// Query of `GET /api/conversations`. An empty value counts as absent.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// `next_page_id` of the previous page: base64 of a decimal offset (documented up to 18
+    /// digits); anything else is a 400.
+    #[param(
+        pattern = "^(?:(?:M[DTjz]|N[DTjz]|O[DT])[AEIMQUYcgk][w-z0-5])*(?:(?:M[AQgw]|N[AQgw]|O[AQ])==|(?:M[DTjz]|N[DTjz]|O[DT])[AEIMQUYcgk]=)?$",
+        max_length = 24
+    )]
+    pub page_id: Option<String>,
+    /// Page size, 1–100 (default 20); anything else is a 400.
+    #[param(schema_with = query_limit)]
+    pub limit: Option<u32>,
+}
+
+/// Query of `GET /api/conversations/{conversation_id}/events`. An empty value counts as absent.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Lowest event id, inclusive (default 0).
+    #[param(schema_with = query_start_id)]
+    pub start_id: Option<u64>,
+    /// Highest event id, inclusive (default: no bound).
+    #[param(schema_with = query_end_id)]
+    pub end_id: Option<u64>,
+    /// Newest first within the range.
+    #[param(schema_with = query_reverse)]
+    pub reverse: Option<bool>,
+    /// Page size, 1–100 (default 20); anything else is a 400.
+    #[param(schema_with = query_limit)]
+    pub limit: Option<u32>,
+}
+
+/// `EIO=4`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum EngineIoVersion {
+    #[serde(rename = "4")]
+    V4,
+}
+
+/// `transport=websocket`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineIoTransport {
+    Websocket,
+}
+
+/// Query of `GET /socket.io/`. Problems with the conversation, the key or `providers_set` are
+/// refused inside the socket (a Socket.IO `44` packet), not with an HTTP status.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SocketIoQuery {
+    /// Engine.IO protocol version: only 4.
+    #[serde(rename = "EIO")]
+    #[param(inline)]
+    pub eio: EngineIoVersion,
+    /// Only the WebSocket transport (no long-polling).
+    #[param(inline)]
+    pub transport: EngineIoTransport,
+    /// The conversation to attach to (1–64 characters of `[A-Za-z0-9_-]`).
+    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$")]
+    pub conversation_id: Option<String>,
+    /// Events with a greater id are replayed; a non-integer counts as -1 (replay everything).
+    pub latest_event_id: Option<String>,
+    /// Comma-separated providers (`github`, `gitlab`, `bitbucket`, `enterprise_sso`); may be empty.
+    pub providers_set: Option<String>,
+    /// The session key, when one is configured (also accepted as the `X-Session-API-Key`
+    /// header or in the CONNECT packet's auth payload).
+    pub session_api_key: Option<String>,
+}
+
+/// The headers of a WebSocket upgrade (RFC 6455); without them a socket route answers 400.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Header)]
+pub struct WebSocketUpgrade {
+    /// A comma-separated list with `upgrade` and without `close`.
+    #[serde(rename = "Connection")]
+    #[param(
+        pattern = "^(?!(?:[^,]*,)*[ \\t]*[Cc][Ll][Oo][Ss][Ee][ \\t]*(?:,|$))(?:[^,]*,)*[ \\t]*[Uu][Pp][Gg][Rr][Aa][Dd][Ee][ \\t]*(?:,[^,]*)*$"
+    )]
+    pub connection: String,
+    /// `websocket`.
+    #[serde(rename = "Upgrade")]
+    #[param(pattern = "^[ \\t]*[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt][ \\t]*$")]
+    pub upgrade: String,
+    /// 16 random bytes, base64.
+    #[serde(rename = "Sec-WebSocket-Key")]
+    #[param(pattern = "^[A-Za-z0-9+/]{21}[AQgw]==$")]
+    pub key: String,
+    #[serde(rename = "Sec-WebSocket-Version")]
+    #[param(inline)]
+    pub version: WebSocketVersion,
+}
+
+/// `13`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum WebSocketVersion {
+    #[serde(rename = "13")]
+    V13,
+}
+
+/// Query of `GET /ws/conversations/{conversation_id}`.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PlainSocketQuery {
+    /// Events with a greater id are replayed; a non-integer counts as -1 (replay everything).
+    pub latest_event_id: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use actix_web::http::StatusCode;
+    use actix_web::ResponseError;
+    use serde_json::json;
+
+    use super::*;
+    use crate::api::validation::{self, FieldError};
+    use crate::api::ApiError;
+    use crate::events::{EventBody, Source};
+
+    fn names<T: Serialize>(values: &[T]) -> Vec<String> {
+        values
+            .iter()
+            .map(|v| to_value(v).as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn enums_match_the_code_they_document() {
+        assert_eq!(
+            names(&[
+                ProviderType::Github,
+                ProviderType::Gitlab,
+                ProviderType::Bitbucket,
+                ProviderType::EnterpriseSso
+            ]),
+            validation::PROVIDERS
+        );
+        use crate::actors::ConversationStatus as S;
+        use crate::actors::RuntimeStatus as R;
+        for s in [S::Starting, S::Running, S::Stopped] {
+            assert_eq!(to_value(&ConversationStatus::from(s)), json!(s.as_str()));
+        }
+        for r in [R::None, R::Starting, R::Ready, R::Error] {
+            assert_eq!(to_value(&RuntimeStatus::of(r)), json!(r.as_id()));
+        }
+        for (s, e) in [
+            (Source::User, EventSource::User),
+            (Source::Agent, EventSource::Agent),
+            (Source::Environment, EventSource::Environment),
+        ] {
+            assert_eq!(to_value(&s), to_value(&e));
+        }
+    }
+
+    /// The characters of a regex class body made of `\\t`, `\\n`, `\\f`, `\\r`, `\\uXXXX`,
+    /// literal characters and `a-b` ranges.
+    fn class_chars(body: &str) -> Vec<char> {
+        let mut singles = Vec::new();
+        let mut rest = body;
+        while let Some(c) = rest.chars().next() {
+            rest = &rest[c.len_utf8()..];
+            let ch = if c == '\\' {
+                let e = rest.chars().next().expect("escape");
+                rest = &rest[e.len_utf8()..];
+                match e {
+                    't' => '\t',
+                    'n' => '\n',
+                    'f' => '\u{c}',
+                    'r' => '\r',
+                    'u' => {
+                        let (hex, tail) = rest.split_at(4);
+                        rest = tail;
+                        char::from_u32(u32::from_str_radix(hex, 16).expect("hex")).expect("char")
+                    }
+                    other => panic!("unexpected escape {other}"),
+                }
+            } else {
+                c
+            };
+            singles.push(ch);
+        }
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < singles.len() {
+            if i + 2 < singles.len() && singles[i + 1] == '-' {
+                out.extend(singles[i]..=singles[i + 2]);
+                i += 3;
+            } else {
+                out.push(singles[i]);
+                i += 1;
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    #[test]
+    fn patterns_trim_what_rust_trims() {
+        let expected: Vec<char> = (0..=0x10FFFF)
+            .filter_map(char::from_u32)
+            .filter(|c| c.is_whitespace())
+            .collect();
+        assert_eq!(class_chars(WHITE_SPACE), expected);
+        let class = format!("[{WHITE_SPACE}]");
+        let title = to_value(&<UpdateConversationRequest as utoipa::PartialSchema>::schema());
+        let pattern = title["properties"]["title"]["pattern"]
+            .as_str()
+            .unwrap_or("");
+        assert_eq!(pattern.matches(&class).count(), 2, "{pattern}");
+        assert_eq!(pattern.matches(&format!("[^{WHITE_SPACE}]")).count(), 2);
+    }
+
+    #[test]
+    fn events_page_render_is_its_serialization() {
+        let stored: Vec<StoredEvent> = vec![
+            EventBody::agent_state("loading", "").stamp(0, "2026-11-29T17:41:23.572547"),
+            EventBody::message(Source::User, "What is 2+2?", json!([]), false)
+                .stamp(1, "2026-11-29T17:41:25.002345"),
+            EventBody::message(Source::Agent, "4", Value::Null, true)
+                .stamp(2, "2026-11-29T17:41:25.102345"),
+            EventBody::error("boom").stamp(3, "2026-11-29T17:41:26.000000"),
+            EventBody::from_value(&json!({
+                "source": "environment", "cause": 1, "observation": "run",
+                "content": "ok", "extras": {"exit_code": 0}
+            }))
+            .unwrap()
+            .stamp(4, "2026-11-29T17:41:27.000000"),
+        ];
+        for has_more in [false, true] {
+            for n in [0, 1, stored.len()] {
+                let events: Vec<Event> = stored[..n]
+                    .iter()
+                    .map(|e| serde_json::from_str(&e.json).expect("stored event is an Event"))
+                    .collect();
+                let typed = serde_json::to_string(&EventsPage { events, has_more }).unwrap();
+                assert_eq!(EventsPage::render(&stored[..n], has_more), typed);
+            }
+        }
+        let kinds: Vec<bool> = stored
+            .iter()
+            .map(|e| matches!(serde_json::from_str(&e.json).unwrap(), Event::Action(_)))
+            .collect();
+        assert_eq!(kinds, [false, true, true, false, false]);
+    }
+
+    async fn body_of(error: ApiError) -> (StatusCode, Value) {
+        let response = error.error_response();
+        let status = response.status();
+        let bytes = actix_web::body::to_bytes(response.into_body())
+            .await
+            .unwrap_or_default();
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+
+    /// Every body `ApiError` produces deserializes into its documented type and back unchanged.
+    #[actix_web::test]
+    async fn api_error_bodies_have_their_documented_shapes() {
+        fn round_trip<T: Serialize + for<'de> Deserialize<'de>>(body: &Value) {
+            let typed: T = serde_json::from_value(body.clone()).expect("documented shape");
+            assert_eq!(&to_value(&typed), body);
+        }
+        let mut field = FieldError::value_error(vec![json!("body"), json!(0)], "bad", json!(1));
+        let plain = FieldError::new(
+            "missing",
+            vec![json!("body")],
+            "Field required",
+            Value::Null,
+        );
+        field.ctx = Some(json!({"error": "bad"}));
+        let (status, body) = body_of(ApiError::Validation(vec![field, plain])).await;
+        assert_eq!(status, 422);
+        round_trip::<HttpValidationError>(&body);
+        for (error, code) in [
+            (ApiError::Unauthorized, 401),
+            (ApiError::BadRequest("Invalid limit".into()), 400),
+            (ApiError::NotFound("Conversation x not found".into()), 404),
+            (ApiError::PayloadTooLarge(10), 413),
+            (ApiError::Unavailable("shutting down".into()), 503),
+            (ApiError::Storage("disk full".into()), 503),
+            (ApiError::Internal("disk".into()), 500),
+        ] {
+            let (status, body) = body_of(error).await;
+            assert_eq!(status, code);
+            round_trip::<ErrorDetail>(&body);
+        }
+        let (status, body) = body_of(ApiError::TooManyConversations).await;
+        assert_eq!(status, 429);
+        round_trip::<ErrorMessage>(&body);
+        let alive = crate::api::not_found().await;
+        let bytes = actix_web::body::to_bytes(alive.into_body()).await.unwrap();
+        round_trip::<ErrorDetail>(&serde_json::from_slice(&bytes).unwrap());
+    }
+
+    /// The request types accept exactly what the hand-written validator accepts, for a spread
+    /// of bodies.
+    #[test]
+    fn init_session_request_agrees_with_the_validator() {
+        let bodies = [
+            json!({}),
+            json!({"initial_user_msg": "hi", "image_urls": ["a"], "repository": "o/r"}),
+            json!({"repository": "", "selected_branch": "", "conversation_id": ""}),
+            json!({"repository": null, "git_provider": null, "image_urls": null}),
+            json!({"git_provider": "enterprise_sso", "conversation_id": "abc-_1"}),
+            json!({"suggested_task": {"git_provider": "github", "task_type": "OPEN_ISSUE",
+                   "repo": "o/r", "issue_number": 3, "title": "t", "extra": 1}}),
+            json!({"suggested_task": {"git_provider": "gitlab", "task_type": "FAILING_CHECKS",
+                   "repo": "o/r", "issue_number": " 12 ", "title": "t"}}),
+            json!({"create_microagent": {"repo": "o/r", "title": null, "x": 1}}),
+            json!({"mcp_config": {"sse_servers": [{"url": "HTTPS://x", "api_key": null}],
+                   "stdio_servers": [{"name": "n", "command": "c", "args": ["a"],
+                                      "env": {"K": "V"}}],
+                   "shttp_servers": []}}),
+            json!({"replay_json": "[]"}),
+            json!({"foo": 1}),
+            json!({"mcp_config": {"foo": []}}),
+            json!({"mcp_config": {"sse_servers": null}}),
+            json!({"suggested_task": {}}),
+            json!({"create_microagent": {}}),
+            json!({"conversation_id": null}),
+            json!({"image_urls": [1]}),
+            json!({"git_provider": "svn"}),
+            json!({"suggested_task": {"git_provider": "github", "task_type": "OPEN_PR",
+                   "repo": "o/r", "issue_number": 3, "title": "t"}}),
+        ];
+        for body in bodies {
+            let text = body.to_string();
+            let validator = validation::parse_init_session(None, text.as_bytes()).is_ok();
+            let typed = serde_json::from_value::<InitSessionRequest>(body.clone()).is_ok();
+            assert_eq!(validator, typed, "{body}");
+        }
+    }
+}

@@ -1,0 +1,355 @@
+//! The real `switchboard` binary: refusing bad settings, serving, and stopping gracefully on
+//! SIGTERM and SIGINT. Only std is used to talk to it (a tiny HTTP/1.1 client).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The binary, run in `dir` (so no `./config/default.toml` is layered in) with a clean
+/// environment for its settings and logs.
+fn switchboard(dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_switchboard"));
+    cmd.current_dir(dir)
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("SWITCHBOARD_") {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
+/// Kills the child if the test fails before it exited.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+impl Guard {
+    /// Waits for the exit, at most `limit`.
+    fn wait_for_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Removes ANSI escape sequences (`ESC [ … letter`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn is_listening(port: u16) -> bool {
+    TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().expect("address"),
+        Duration::from_millis(300),
+    )
+    .is_ok()
+}
+
+/// Runs the binary with a bad setting and checks it refuses to start: a non-zero exit within a
+/// few seconds, one line on stderr that contains `names`, nothing listening.
+fn refuses(envs: &[(&str, &str)], args: &[&str], names: &str, port: Option<u16>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut cmd = switchboard(dir.path());
+    cmd.arg("serve");
+    if !envs.iter().any(|(name, _)| *name == "SWITCHBOARD_STORE") {
+        cmd.args(["--store", "memory"]);
+    }
+    cmd.args(args).envs(envs.iter().copied());
+    if let Some(port) = port {
+        cmd.env("SWITCHBOARD_PORT", port.to_string());
+    }
+    let mut child = Guard(cmd.spawn().expect("spawn switchboard"));
+    let status = child
+        .wait_for_exit(Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("{envs:?} {args:?}: still running after 5 s"));
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.0.stderr.take() {
+        pipe.read_to_string(&mut stderr).expect("read stderr");
+    }
+    let stderr = strip_ansi(&stderr);
+    assert!(!status.success(), "{envs:?} {args:?}: exited {status}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{envs:?} {args:?}: stderr is {stderr:?}");
+    assert!(
+        lines[0].contains(names),
+        "{envs:?} {args:?}: {:?} should name {names:?}",
+        lines[0]
+    );
+    if let Some(port) = port {
+        assert!(
+            !is_listening(port),
+            "{envs:?} {args:?}: port {port} is open"
+        );
+    }
+}
+
+#[test]
+fn bad_environment_settings_are_refused_with_one_line_naming_them() {
+    refuses(&[("SWITCHBOARD_PORT", "abc")], &[], "`port`", None);
+    refuses(&[("SWITCHBOARD_PORT", "70000")], &[], "`port`", None);
+    refuses(
+        &[("SWITCHBOARD_ON_LIMIT", "drop")],
+        &[],
+        "limits.on_limit",
+        Some(free_port()),
+    );
+    refuses(
+        &[("SWITCHBOARD_IDLE_TIMEOUT_SECS", "0")],
+        &[],
+        "limits.idle_timeout_secs",
+        Some(free_port()),
+    );
+    refuses(
+        &[("SWITCHBOARD_STORE", "mysql")],
+        &[],
+        "`store`",
+        Some(free_port()),
+    );
+}
+
+#[test]
+fn bad_config_files_are_refused_with_one_line_naming_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let top = dir.path().join("top.toml");
+    std::fs::write(&top, "prot = 3000\n").expect("write");
+    refuses(
+        &[],
+        &["--config", top.to_str().expect("utf-8 path")],
+        "prot",
+        Some(free_port()),
+    );
+    let nested = dir.path().join("nested.toml");
+    std::fs::write(&nested, "[limits]\nmax_runing = 3\n").expect("write");
+    refuses(
+        &[],
+        &["--config", nested.to_str().expect("utf-8 path")],
+        "limits.max_runing",
+        Some(free_port()),
+    );
+    let missing = dir.path().join("missing.toml");
+    let missing = missing.to_str().expect("utf-8 path");
+    refuses(&[], &["--config", missing], missing, Some(free_port()));
+}
+
+/// A running server and its stderr, line by line.
+struct Server {
+    child: Guard,
+    port: u16,
+    lines: mpsc::Receiver<String>,
+    reader: Option<JoinHandle<()>>,
+    seen: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    fn start() -> Server {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let data = dir.path().join("data");
+        let mut child = Guard(
+            switchboard(dir.path())
+                .arg("serve")
+                .args(["--port", "0", "--store", "memory", "--data-dir"])
+                .arg(&data)
+                .spawn()
+                .expect("spawn switchboard"),
+        );
+        let stderr = child.0.stderr.take().expect("stderr");
+        let (tx, lines) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(strip_ansi(&line)).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut server = Server {
+            child,
+            port: 0,
+            lines,
+            reader: Some(reader),
+            seen: Vec::new(),
+            _dir: dir,
+        };
+        let marker = "listening on http://127.0.0.1:";
+        let line = server.wait_line(Duration::from_secs(15), |l| l.contains(marker));
+        let digits: String = line[line.find(marker).expect("marker") + marker.len()..]
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        server.port = digits.parse().expect("port in the listening line");
+        server
+    }
+
+    /// Reads stderr until a line satisfies `check`, at most `limit`.
+    fn wait_line(&mut self, limit: Duration, check: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if check(&line) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no such line within {limit:?}; stderr so far: {:#?}",
+                    self.seen
+                ),
+            }
+        }
+    }
+
+    /// The rest of stderr, once the process has exited.
+    fn drain(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+        self.seen.extend(self.lines.try_iter());
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+        http(self.port, method, path, body)
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the status and the JSON body.
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let body = body.unwrap_or("");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).expect("read response");
+    let text = String::from_utf8_lossy(&raw);
+    let (head, payload) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("status line: {head}"));
+    assert!(
+        !head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "chunked answers are not expected: {head}"
+    );
+    let json = serde_json::from_str(payload)
+        .unwrap_or_else(|e| panic!("{method} {path}: body {payload:?} is not JSON: {e}"));
+    (status, json)
+}
+
+/// Starts the server, creates a conversation, sends `signal`, and checks a clean exit that
+/// stopped the conversation on the way out.
+fn stops_gracefully_on(signal: &str) {
+    let mut server = Server::start();
+    let (status, body) = server.request("GET", "/alive", None);
+    assert_eq!((status, body), (200, serde_json::json!({"status": "ok"})));
+    let (status, body) = server.request(
+        "POST",
+        "/api/conversations",
+        Some(r#"{"initial_user_msg": "hello"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"]
+        .as_str()
+        .expect("conversation_id")
+        .to_string();
+
+    let pid = server.child.0.id().to_string();
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(&pid)
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{signal} {pid}: {sent}");
+    let exit = server
+        .child
+        .wait_for_exit(Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("still running 15 s after SIG{signal}"));
+    server.drain();
+    assert!(
+        exit.success(),
+        "SIG{signal}: exited {exit}; stderr: {:#?}",
+        server.seen
+    );
+    assert!(
+        server.seen.iter().any(|l| l.contains("stopping")
+            && l.contains(&id)
+            && l.contains("server shutting down")),
+        "SIG{signal}: no line says conversation {id} is stopping because the server shuts down: {:#?}",
+        server.seen
+    );
+    assert!(
+        !is_listening(server.port),
+        "port {} still open",
+        server.port
+    );
+}
+
+#[test]
+fn sigterm_stops_the_server_gracefully() {
+    stops_gracefully_on("TERM");
+}
+
+#[test]
+fn sigint_stops_the_server_gracefully() {
+    stops_gracefully_on("INT");
+}

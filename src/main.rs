@@ -88,8 +88,9 @@ fn serve(args: ServeArgs) -> ExitCode {
     switchboard::telemetry::init(&settings);
     let result = actix_web::rt::System::new().block_on(async move {
         let app = Application::build(settings).await?;
-        tracing::info!("switchboard listening on {}", app.url());
+        // Handlers first: a signal right after the "listening" line must still stop gracefully.
         app.stop_on_signals();
+        tracing::info!("switchboard listening on {}", app.url());
         app.run_until_stopped()
             .await
             .map_err(|e| switchboard::startup::StartupError::Store(e.to_string()))

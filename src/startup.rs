@@ -158,10 +158,12 @@ impl Application {
     }
 
     /// Stops the server gracefully on SIGINT or SIGTERM (both mean "finish what was accepted").
+    /// The signal handlers are installed before this returns.
     pub fn stop_on_signals(&self) {
         let handle = self.server.handle();
+        let signal = shutdown_signal();
         actix_web::rt::spawn(async move {
-            wait_for_signal().await;
+            signal.await;
             tracing::info!("shutdown signal received; finishing in-flight requests");
             handle.stop(true).await;
         });
@@ -181,28 +183,34 @@ impl Application {
     }
 }
 
+/// Registers for SIGINT and SIGTERM now; the future completes on the first of them.
 #[cfg(unix)]
-async fn wait_for_signal() {
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match (
+    let handlers = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
-    ) {
-        (Ok(mut int), Ok(mut term)) => {
-            tokio::select! {
-                _ = int.recv() => {}
-                _ = term.recv() => {}
+    );
+    async move {
+        match handlers {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }
 
 #[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
 
 #[cfg(test)]

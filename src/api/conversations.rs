@@ -471,7 +471,9 @@ pub async fn start(
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
     let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
-    if !body.iter().all(u8::is_ascii_whitespace) {
+    // No body, or `null`, means no options.
+    let trimmed = body.trim_ascii();
+    if !trimmed.is_empty() && trimmed != b"null" {
         let obj = validation::parse_object_body(content_type(&req), &body)
             .map_err(ApiError::Validation)?;
         check_providers_set(obj.get("providers_set"))?;

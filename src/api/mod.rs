@@ -11,7 +11,7 @@ use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::{from_fn, DefaultHeaders, Next};
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use subtle::ConstantTimeEq;
 
@@ -89,21 +89,31 @@ pub async fn not_found() -> HttpResponse {
     HttpResponse::NotFound().json(serde_json::json!({"detail": "Not Found"}))
 }
 
-/// 405 `{"detail":"Method Not Allowed"}` for a known path with another method.
-async fn method_not_allowed(_req: HttpRequest) -> HttpResponse {
-    HttpResponse::MethodNotAllowed().json(serde_json::json!({"detail": "Method Not Allowed"}))
+/// 405 `{"detail":"Method Not Allowed"}` with the `Allow` header, for a known path with
+/// another method.
+fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((header::ALLOW, allow))
+        .json(serde_json::json!({"detail": "Method Not Allowed"}))
 }
 
-fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(method_not_allowed))
+/// A resource whose other methods answer 405 naming the `allow`ed ones.
+pub fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move || async move { method_not_allowed(allow) }))
+}
+
+/// [`resource`] for several paths served alike.
+pub fn resources(paths: &[&str], allow: &'static str) -> actix_web::Resource {
+    web::resource(paths.to_vec())
+        .default_service(web::to(move || async move { method_not_allowed(allow) }))
 }
 
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     use conversations as c;
-    cfg.service(resource("/alive").route(web::get().to(alive)))
-        .service(resource("/health").route(web::get().to(health)))
-        .service(resource("/openapi.json").route(web::get().to(openapi::openapi_json)))
+    cfg.service(resource("/alive", "GET").route(web::get().to(alive)))
+        .service(resource("/health", "GET").route(web::get().to(health)))
+        .service(resource("/openapi.json", "GET").route(web::get().to(openapi::openapi_json)))
         .service(
             web::scope("/api")
                 .wrap(from_fn(require_session_key))
@@ -112,26 +122,26 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     "no-cache, no-store, must-revalidate, max-age=0",
                 )))
                 .service(
-                    resource("/conversations")
+                    resource("/conversations", "GET, POST")
                         .route(web::post().to(c::create))
                         .route(web::get().to(c::list)),
                 )
                 .service(
-                    resource("/conversations/{conversation_id}")
+                    resource("/conversations/{conversation_id}", "GET, PATCH, DELETE")
                         .route(web::get().to(c::get))
                         .route(web::patch().to(c::update))
                         .route(web::delete().to(c::delete)),
                 )
                 .service(
-                    resource("/conversations/{conversation_id}/start")
+                    resource("/conversations/{conversation_id}/start", "POST")
                         .route(web::post().to(c::start)),
                 )
                 .service(
-                    resource("/conversations/{conversation_id}/stop")
+                    resource("/conversations/{conversation_id}/stop", "POST")
                         .route(web::post().to(c::stop)),
                 )
                 .service(
-                    resource("/conversations/{conversation_id}/events")
+                    resource("/conversations/{conversation_id}/events", "GET, POST")
                         .route(web::get().to(c::events))
                         .route(web::post().to(c::post_event)),
                 )

@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use crate::actors::messages::ConversationError;
 use crate::actors::{AdmitError, AdmitMode, ClientFrame, CloseReason, ConversationHandle};
 use crate::api::validation::{is_valid_conversation_id, PROVIDERS};
-use crate::api::{key_matches, ApiError, AppState};
+use crate::api::{key_matches, resource, resources, ApiError, AppState};
 use crate::events::{parse_user_action, StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
 use crate::store::EventQuery;
 
@@ -38,10 +38,12 @@ const REPLAY_PAGE: usize = 256;
 
 /// Registers the socket routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(web::resource(["/socket.io/", "/socket.io"]).route(web::get().to(socketio_route)))
-        .service(
-            web::resource("/ws/conversations/{conversation_id}").route(web::get().to(plain_route)),
-        );
+    cfg.service(
+        resources(&["/socket.io/", "/socket.io"], "GET").route(web::get().to(socketio_route)),
+    )
+    .service(
+        resource("/ws/conversations/{conversation_id}", "GET").route(web::get().to(plain_route)),
+    );
 }
 
 type Query = Vec<(String, String)>;

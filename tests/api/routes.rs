@@ -26,8 +26,22 @@ async fn probes_and_unknown_paths() {
         (r.status, r.body.clone()),
         (405, json!({"detail": "Method Not Allowed"}))
     );
+    assert_eq!(r.headers.get("allow").unwrap(), "GET, POST");
     let r = app.send("DELETE", "/alive", None).await;
     assert_eq!(r.status, 405);
+    assert_eq!(r.headers.get("allow").unwrap(), "GET");
+    for path in [
+        "/socket.io/?EIO=4&transport=websocket",
+        "/ws/conversations/x",
+    ] {
+        let r = app.send("POST", path, None).await;
+        assert_eq!(
+            (r.status, r.body.clone()),
+            (405, json!({"detail": "Method Not Allowed"})),
+            "{path}"
+        );
+        assert_eq!(r.headers.get("allow").unwrap(), "GET");
+    }
 }
 
 #[actix_web::test]
@@ -181,6 +195,16 @@ async fn start_and_stop() {
     assert_eq!(r.body["message"], "Conversation was not running");
     assert_eq!(app.info(&id).await["url"], Value::Null);
 
+    let r = app
+        .send_raw(
+            "POST",
+            &format!("{base}/start"),
+            Some("application/json"),
+            b"null".to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "a null body means no options: {}", r.body);
+    app.post(&format!("{base}/stop"), json!({})).await;
     let r = app
         .post(
             &format!("{base}/start"),

@@ -194,11 +194,16 @@ impl Server {
     fn start() -> Server {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
+        Server::start_in(dir, &data, "memory")
+    }
+
+    /// Starts the binary with the `store` backend on `data`; `dir` is its working directory.
+    fn start_in(dir: tempfile::TempDir, data: &Path, store: &str) -> Server {
         let mut child = Guard(
             switchboard(dir.path())
                 .arg("serve")
-                .args(["--port", "0", "--store", "memory", "--data-dir"])
-                .arg(&data)
+                .args(["--port", "0", "--store", store, "--data-dir"])
+                .arg(data)
                 .spawn()
                 .expect("spawn switchboard"),
         );
@@ -248,6 +253,11 @@ impl Server {
                 ),
             }
         }
+    }
+
+    /// Whatever stderr has said so far, without waiting.
+    fn drain_nonblocking(&mut self) {
+        self.seen.extend(self.lines.try_iter());
     }
 
     /// The rest of stderr, once the process has exited.
@@ -352,4 +362,234 @@ fn sigterm_stops_the_server_gracefully() {
 #[test]
 fn sigint_stops_the_server_gracefully() {
     stops_gracefully_on("INT");
+}
+
+/// Every event of a conversation, over REST.
+fn all_events(port: u16, id: &str) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    loop {
+        let (status, page) = http(
+            port,
+            "GET",
+            &format!(
+                "/api/conversations/{id}/events?start_id={}&limit=100",
+                out.len()
+            ),
+            None,
+        );
+        assert_eq!(status, 200, "{page}");
+        out.extend(page["events"].as_array().expect("events").iter().cloned());
+        if page["has_more"] != true {
+            return out;
+        }
+    }
+}
+
+/// A plain-WebSocket client on its own thread, keeping every frame it receives.
+fn watch(
+    port: u16,
+    id: String,
+    seen: std::sync::Arc<std::sync::Mutex<Vec<Value>>>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            use futures_util::StreamExt;
+            let url = format!("ws://127.0.0.1:{port}/ws/conversations/{id}");
+            let Ok((_, mut ws)) = awc::Client::new().ws(url).connect().await else {
+                return;
+            };
+            while let Some(Ok(frame)) = ws.next().await {
+                if let awc::ws::Frame::Text(text) = frame {
+                    if let Ok(v) = serde_json::from_slice::<Value>(&text) {
+                        if v.get("id").is_some_and(Value::is_u64) {
+                            seen.lock().expect("lock").push(v);
+                        }
+                    }
+                }
+            }
+        })
+    })
+}
+
+#[test]
+fn kill_9_loses_no_event_a_client_has_seen() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let work = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::start_in(work, &data, "sqlite");
+    let port = server.port;
+    let (status, body) = http(port, "POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client = watch(port, id.clone(), seen.clone());
+    // A producer keeps the conversation busy until the server dies under it.
+    let producer = {
+        let id = id.clone();
+        std::thread::spawn(move || {
+            for i in 0..100_000 {
+                let body = format!(r#"{{"action":"message","args":{{"content":"m{i}"}}}}"#);
+                let path = format!("/api/conversations/{id}/events");
+                let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+                    return;
+                };
+                let request = format!(
+                    "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                     Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(request.as_bytes()).is_err() {
+                    return;
+                }
+                let mut sink = Vec::new();
+                if stream.read_to_end(&mut sink).is_err() || sink.is_empty() {
+                    return;
+                }
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen.lock().expect("lock").len() < 400 {
+        assert!(Instant::now() < deadline, "the client saw too few events");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let pid = server.child.0.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    server
+        .child
+        .wait_for_exit(Duration::from_secs(10))
+        .expect("killed");
+    let _ = producer.join();
+    let _ = client.join();
+    let received = seen.lock().expect("lock").clone();
+    assert!(received.len() >= 400);
+
+    // Restart on the same data: everything the client saw is there, byte for byte.
+    let work = tempfile::tempdir().expect("temp dir");
+    let server = Server::start_in(work, &data, "sqlite");
+    let stored = all_events(server.port, &id);
+    for (i, e) in stored.iter().enumerate() {
+        assert_eq!(e["id"], i as u64, "ids dense after the restart");
+    }
+    for event in &received {
+        let i = event["id"].as_u64().expect("id") as usize;
+        assert!(
+            i < stored.len(),
+            "event {i} was seen but is gone after kill -9"
+        );
+        assert_eq!(&stored[i], event, "event {i} changed");
+    }
+    // And the conversation goes on from there.
+    let (status, _) = http(
+        server.port,
+        "POST",
+        "/api/conversations",
+        Some(&format!(r#"{{"conversation_id":"{id}"}}"#)),
+    );
+    assert_eq!(status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = all_events(server.port, &id);
+        if events.len() > stored.len() {
+            assert_eq!(events[stored.len()]["extras"]["agent_state"], "loading");
+            for (i, e) in events.iter().enumerate() {
+                assert_eq!(e["id"], i as u64);
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "the conversation did not resume");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn unusable_data_directories_are_refused_clearly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").expect("write");
+    let sqlite = [("SWITCHBOARD_STORE", "sqlite")];
+    refuses(
+        &sqlite,
+        &["--data-dir", file.to_str().expect("utf-8")],
+        "not a directory",
+        Some(free_port()),
+    );
+    refuses(
+        &sqlite,
+        &["--data-dir", "/proc/switchboard-data"],
+        "/proc/switchboard-data",
+        Some(free_port()),
+    );
+    let garbage = dir.path().join("garbage");
+    std::fs::create_dir(&garbage).expect("mkdir");
+    std::fs::write(garbage.join("switchboard.db"), vec![7u8; 8192]).expect("write");
+    refuses(
+        &sqlite,
+        &["--data-dir", garbage.to_str().expect("utf-8")],
+        "switchboard.db",
+        Some(free_port()),
+    );
+    // The garbage is left as it was: nothing started on top of it.
+    assert_eq!(
+        std::fs::read(garbage.join("switchboard.db")).expect("read"),
+        vec![7u8; 8192]
+    );
+}
+
+#[test]
+fn a_full_disk_is_a_clear_503_not_a_crash() {
+    let mount = tempfile::tempdir().expect("temp dir");
+    let path = mount.path().to_str().expect("utf-8").to_string();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs", &path])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root)");
+        return;
+    }
+    struct Unmount(String);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(path.clone());
+    let work = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::start_in(work, mount.path(), "sqlite");
+    let big = "x".repeat(16 * 1024);
+    let mut refused = None;
+    for _ in 0..200 {
+        let body = format!(r#"{{"initial_user_msg":"{big}"}}"#);
+        let (status, body) = http(server.port, "POST", "/api/conversations", Some(&body));
+        if status != 200 {
+            refused = Some((status, body));
+            break;
+        }
+    }
+    let (status, body) = refused.expect("the disk never filled up");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("Storage error")),
+        "{body}"
+    );
+    let (status, _) = http(server.port, "GET", "/alive", None);
+    assert_eq!(status, 200, "the server must survive a full disk");
+    let (status, list) = http(server.port, "GET", "/api/conversations?limit=5", None);
+    assert_eq!(status, 200);
+    assert!(!list["results"].as_array().expect("results").is_empty());
+    server.drain_nonblocking();
+    assert!(
+        !server.seen.iter().any(|l| l.contains("panicked")),
+        "{:#?}",
+        server.seen
+    );
 }

@@ -67,16 +67,14 @@ pub const AGENT_STATES: &[&str] = &[
 
 /// The current UTC time in the event timestamp form (`2026-11-29T17:41:25.002345`).
 pub fn event_timestamp() -> String {
-    chrono::Utc::now()
-        .format("%Y-%m-%dT%H:%M:%S%.6f")
-        .to_string()
+    let mut ts = meta_timestamp();
+    ts.pop(); // the `Z`
+    ts
 }
 
 /// The current UTC time in the metadata form (`2026-11-29T17:41:25.002345Z`).
 pub fn meta_timestamp() -> String {
-    chrono::Utc::now()
-        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
-        .to_string()
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 impl EventBody {
@@ -407,6 +405,17 @@ mod tests {
             &*ev.json,
             r#"{"id":4,"timestamp":"2026-11-29T17:41:25.002345","source":"user","message":"What is 2+2?","action":"message","args":{"content":"What is 2+2?","file_urls":[],"image_urls":[],"wait_for_response":false}}"#
         );
+    }
+
+    #[test]
+    fn timestamps_have_microseconds_and_no_offset_in_events() {
+        let e = event_timestamp();
+        assert_eq!(e.len(), 26, "{e}");
+        assert_eq!(&e[10..11], "T");
+        assert_eq!(&e[19..20], ".");
+        let m = meta_timestamp();
+        assert_eq!(m.len(), 27, "{m}");
+        assert!(m.ends_with('Z'));
     }
 
     #[test]

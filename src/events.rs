@@ -152,9 +152,19 @@ impl EventBody {
 
     /// Stamps the body with an id and timestamp and renders its JSON once.
     pub fn stamp(&self, id: u64, timestamp: &str) -> StoredEvent {
+        StoredEvent {
+            id,
+            json: self.to_value(id, Some(timestamp)).to_string().into(),
+        }
+    }
+
+    /// The event object in wire key order; without `timestamp` when none is given.
+    pub fn to_value(&self, id: u64, timestamp: Option<&str>) -> Value {
         let mut map = Map::new();
         map.insert("id".into(), json!(id));
-        map.insert("timestamp".into(), json!(timestamp));
+        if let Some(timestamp) = timestamp {
+            map.insert("timestamp".into(), json!(timestamp));
+        }
         map.insert("source".into(), json!(self.source));
         map.insert("message".into(), json!(self.message));
         match &self.kind {
@@ -176,10 +186,7 @@ impl EventBody {
                 map.insert("extras".into(), extras.clone());
             }
         }
-        StoredEvent {
-            id,
-            json: Value::Object(map).to_string().into(),
-        }
+        Value::Object(map)
     }
 
     /// Reads a body from an event object (ignoring any `id` and `timestamp` it carries), as

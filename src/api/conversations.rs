@@ -449,7 +449,7 @@ fn not_found_status(id: &str) -> ApiError {
     operation_id = "start_conversation",
     summary = "Start a stopped conversation (or join a running one)",
     params(ConversationIdPath),
-    request_body(content = ProvidersSetModel, content_type = "application/json", description = "Optional: an empty body is the same as `{}` (but `null` is a 422)"),
+    request_body(content = ProvidersSetModel, content_type = "application/json", description = "Optional: an empty body, or `null`, is the same as `{}`"),
     responses(
         (status = 200, description = "Its live status", body = ConversationResponse),
         (status = 400, description = "The request body could not be read", body = ErrorDetail),

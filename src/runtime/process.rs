@@ -36,7 +36,7 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, BufWriter};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc::error::TrySendError;
@@ -46,7 +46,7 @@ use tracing::{debug, info, warn};
 
 use super::{Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
 use crate::config::Settings;
-use crate::events::{EventBody, EventKind, Source, StatusUpdate};
+use crate::events::{EventBody, Source, StatusUpdate};
 use crate::store::{EventQuery, InitData, Store};
 
 /// The protocol version this runtime speaks (the `protocol` field of `init`).
@@ -343,30 +343,7 @@ fn protocol_line(value: &Value) -> Vec<u8> {
 
 /// A user event as the agent gets it: the stored event's keys without the timestamp.
 fn event_value(id: u64, body: &EventBody) -> Value {
-    let mut map = Map::new();
-    map.insert("id".into(), json!(id));
-    map.insert("source".into(), json!(body.source));
-    map.insert("message".into(), json!(body.message));
-    match &body.kind {
-        EventKind::Action { action, args } => {
-            map.insert("action".into(), json!(action));
-            map.insert("args".into(), args.clone());
-        }
-        EventKind::Observation {
-            cause,
-            observation,
-            content,
-            extras,
-        } => {
-            if let Some(cause) = cause {
-                map.insert("cause".into(), json!(cause));
-            }
-            map.insert("observation".into(), json!(observation));
-            map.insert("content".into(), json!(content));
-            map.insert("extras".into(), extras.clone());
-        }
-    }
-    Value::Object(map)
+    body.to_value(id, None)
 }
 
 // ---- the writer -------------------------------------------------------------------------

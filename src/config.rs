@@ -585,7 +585,7 @@ impl Settings {
     fn validate_process(&self) -> Result<(), ConfigError> {
         let p = &self.runtime.process;
         if self.runtime.kind == RuntimeKind::Process
-            && p.command.first().map_or(true, |c| c.trim().is_empty())
+            && p.command.first().is_none_or(|c| c.trim().is_empty())
         {
             return Err(invalid(
                 "runtime.process.command",

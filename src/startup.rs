@@ -38,6 +38,8 @@ pub struct Application {
     server: Server,
     supervisor: SupervisorHandle,
     store: Arc<dyn Store>,
+    /// Held for the process's life: one server per data directory.
+    _data_dir_lock: Option<std::fs::File>,
 }
 
 /// Opens the store the settings ask for.
@@ -47,6 +49,36 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
         StoreKind::Sqlite => SqliteStore::open(&settings.data_dir, &settings.store_tuning)
             .map(|store| Arc::new(store) as Arc<dyn Store>)
             .map_err(|e| StartupError::Store(e.to_string())),
+    }
+}
+
+/// Takes the data directory's lock file, so that two servers never share one database. Only the
+/// durable store has a data directory to protect; a directory that cannot be created is left
+/// for the store to report.
+pub fn lock_data_dir(settings: &Settings) -> Result<Option<std::fs::File>, StartupError> {
+    if settings.store != StoreKind::Sqlite || std::fs::create_dir_all(&settings.data_dir).is_err() {
+        return Ok(None);
+    }
+    let path = settings.data_dir.join("switchboard.lock");
+    let Ok(file) = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    else {
+        return Ok(None);
+    };
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartupError::Store(format!(
+            "the data directory {} is in use by another switchboard process (lock {})",
+            settings.data_dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(error = %e, "cannot lock the data directory; continuing without");
+            Ok(None)
+        }
     }
 }
 
@@ -85,8 +117,11 @@ fn is_local_origin(origin: &str) -> bool {
 impl Application {
     /// Opens the store, starts the supervisor and binds the HTTP listener.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        let lock = lock_data_dir(&settings)?;
         let store = open_store(&settings)?;
-        Self::build_with_store(settings, store).await
+        let mut app = Self::build_with_store(settings, store).await?;
+        app._data_dir_lock = lock;
+        Ok(app)
     }
 
     /// Like [`Application::build`] with an already opened store.
@@ -140,6 +175,7 @@ impl Application {
             server: server.run(),
             supervisor,
             store,
+            _data_dir_lock: None,
         })
     }
 

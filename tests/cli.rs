@@ -593,3 +593,18 @@ fn a_full_disk_is_a_clear_503_not_a_crash() {
         server.seen
     );
 }
+
+#[test]
+fn two_servers_never_share_a_data_directory() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let first = Server::start_in(tempfile::tempdir().expect("temp dir"), &data, "sqlite");
+    let (status, _) = http(first.port, "GET", "/alive", None);
+    assert_eq!(status, 200);
+    refuses(
+        &[("SWITCHBOARD_STORE", "sqlite")],
+        &["--data-dir", data.to_str().expect("utf-8")],
+        "in use by another switchboard process",
+        Some(free_port()),
+    );
+}

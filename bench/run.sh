@@ -22,7 +22,7 @@ fi
 
 echo "== building release"
 cargo build --release --quiet
-BIN=target/release/switchboard
+BIN="${CARGO_TARGET_DIR:-target}/release/switchboard"
 
 if [ "$QUICK" = 1 ]; then
   WRK_SECS=3; LOAD_CONV=500; IDLE_A=2000; IDLE_B=10000; CLIENTS_A=200; CLIENTS_B=1000

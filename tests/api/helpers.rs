@@ -307,6 +307,24 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Connects like the OpenHands frontend, CONNECTs, and reads the replay up to and including
+    /// the status update that ends it.
+    pub async fn sio_attached(&self, query: &str) -> (WsClient, Vec<Value>) {
+        let mut ws = self.sio(query).await;
+        ws.send("40").await;
+        let ack = ws.text().await;
+        assert!(
+            ack.starts_with("40{"),
+            "expected the CONNECT ack, got {ack}"
+        );
+        let replay = ws
+            .oh_events_until(|p| p.get("status_update").is_some())
+            .await;
+        (ws, replay)
+    }
+}
+
 impl WsClient {
     pub async fn send(&mut self, text: &str) {
         use futures_util::SinkExt;
@@ -384,6 +402,14 @@ impl WsClient {
             }
         }
     }
+}
+
+/// The ids of the stored events among payloads.
+pub fn ids(payloads: &[Value]) -> Vec<u64> {
+    stored(payloads)
+        .iter()
+        .filter_map(|e| e["id"].as_u64())
+        .collect()
 }
 
 /// Stored events among payloads (status updates and errors filtered out).

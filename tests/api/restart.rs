@@ -68,18 +68,10 @@ async fn a_restart_keeps_conversations_titles_init_data_and_events() {
     assert_eq!(events[after_a.len()]["extras"]["agent_state"], "loading");
 
     // A socket replays the whole history, then goes live.
-    let mut ws = app.sio(&format!("conversation_id={a}")).await;
-    ws.send("40").await;
-    ws.text().await;
-    let replay = ws
-        .oh_events_until(|p| p.get("status_update").is_some())
-        .await;
-    let ids: Vec<u64> = stored(&replay)
-        .iter()
-        .map(|e| e["id"].as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>());
-    assert!(ids.len() >= events.len());
+    let (_ws, replay) = app.sio_attached(&format!("conversation_id={a}")).await;
+    let replayed = ids(&replay);
+    assert_eq!(replayed, (0..replayed.len() as u64).collect::<Vec<_>>());
+    assert!(replayed.len() >= events.len());
 }
 
 #[actix_web::test]

@@ -38,11 +38,7 @@ async fn socketio_handshake_replay_and_echo() {
     let replay = ws
         .oh_events_until(|p| p.get("status_update").is_some())
         .await;
-    let ids: Vec<u64> = stored(&replay)
-        .iter()
-        .map(|e| e["id"].as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, vec![0, 1, 2, 3, 4]);
+    assert_eq!(ids(&replay), vec![0, 1, 2, 3, 4]);
     assert_eq!(replay.last().unwrap()["id"], "STATUS$READY");
 
     ws.send(&user_msg("ping")).await;
@@ -63,27 +59,13 @@ async fn reconnecting_with_latest_event_id_gets_only_what_was_missed() {
     let app = spawn_app().await;
     let id = app.create(json!({"initial_user_msg": "hello"})).await;
     app.wait_events(&id, 5, |e| e.len() >= 5).await;
-    let mut ws = app
-        .sio(&format!("conversation_id={id}&latest_event_id=3"))
+    let (_ws, replay) = app
+        .sio_attached(&format!("conversation_id={id}&latest_event_id=3"))
         .await;
-    ws.send("40").await;
-    ws.text().await;
-    let replay = ws
-        .oh_events_until(|p| p.get("status_update").is_some())
-        .await;
-    let ids: Vec<u64> = stored(&replay)
-        .iter()
-        .map(|e| e["id"].as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, vec![4]);
+    assert_eq!(ids(&replay), vec![4]);
     // Non-integer latest_event_id counts as -1.
-    let mut ws = app
-        .sio(&format!("conversation_id={id}&latest_event_id=abc"))
-        .await;
-    ws.send("40").await;
-    ws.text().await;
-    let replay = ws
-        .oh_events_until(|p| p.get("status_update").is_some())
+    let (_ws, replay) = app
+        .sio_attached(&format!("conversation_id={id}&latest_event_id=abc"))
         .await;
     assert_eq!(stored(&replay).len(), 5);
 }
@@ -202,11 +184,7 @@ async fn acks_malformed_frames_and_unknown_events() {
     let app = spawn_app().await;
     let id = app.create(json!({})).await;
     app.wait_events(&id, 5, |e| e.len() >= 2).await;
-    let mut ws = app.sio(&format!("conversation_id={id}")).await;
-    ws.send("40").await;
-    ws.text().await;
-    ws.oh_events_until(|p| p.get("status_update").is_some())
-        .await;
+    let (mut ws, _) = app.sio_attached(&format!("conversation_id={id}")).await;
     let before = app.events(&id).await.len();
     for bad in [
         "42{}",
@@ -304,18 +282,18 @@ async fn attaching_while_events_are_produced_has_no_gap_and_no_duplicate() {
         ws.text().await;
         // 2 initial events + 4 per message (user, running, agent, awaiting).
         let total = 2 + 4 * messages as u64;
-        let mut ids = Vec::new();
-        while ids.len() < total as usize {
+        let mut seen = Vec::new();
+        while seen.len() < total as usize {
             let p = ws.oh_event().await;
             if let Some(i) = p["id"].as_u64() {
-                ids.push(i);
+                seen.push(i);
             }
         }
-        ids
+        seen
     };
-    let ((), ids) = futures_util::future::join(producer, consumer).await;
-    let expected: Vec<u64> = (0..ids.len() as u64).collect();
-    assert_eq!(ids, expected, "every id exactly once, in order");
+    let ((), seen) = futures_util::future::join(producer, consumer).await;
+    let expected: Vec<u64> = (0..seen.len() as u64).collect();
+    assert_eq!(seen, expected, "every id exactly once, in order");
 }
 
 #[actix_web::test]
@@ -323,11 +301,7 @@ async fn stop_tells_every_client_before_disconnecting() {
     let app = spawn_app().await;
     let id = app.create(json!({})).await;
     app.wait_events(&id, 5, |e| e.len() >= 2).await;
-    let mut sio = app.sio(&format!("conversation_id={id}")).await;
-    sio.send("40").await;
-    sio.text().await;
-    sio.oh_events_until(|p| p.get("status_update").is_some())
-        .await;
+    let (mut sio, _) = app.sio_attached(&format!("conversation_id={id}")).await;
     let mut plain = app
         .ws(&format!("/ws/conversations/{id}"), &[])
         .await
@@ -364,11 +338,7 @@ async fn eviction_sends_the_status_update_then_stopped_then_41() {
     .await;
     let id = app.create(json!({})).await;
     app.wait_events(&id, 5, |e| e.len() >= 2).await;
-    let mut ws = app.sio(&format!("conversation_id={id}")).await;
-    ws.send("40").await;
-    ws.text().await;
-    ws.oh_events_until(|p| p.get("status_update").is_some())
-        .await;
+    let (mut ws, _) = app.sio_attached(&format!("conversation_id={id}")).await;
     app.create(json!({})).await;
     let got = ws
         .oh_events_until(|p| p["extras"]["agent_state"] == "stopped")
@@ -396,12 +366,9 @@ async fn attaching_to_a_stopped_conversation_starts_it() {
             p["extras"]["agent_state"] == "awaiting_user_input" && p["id"].as_u64() > Some(3)
         })
         .await;
-    let ids: Vec<u64> = stored(&got)
-        .iter()
-        .map(|e| e["id"].as_u64().unwrap())
-        .collect();
-    let expected: Vec<u64> = (0..ids.len() as u64).collect();
-    assert_eq!(ids, expected);
+    let got = ids(&got);
+    let expected: Vec<u64> = (0..got.len() as u64).collect();
+    assert_eq!(got, expected);
 }
 
 #[actix_web::test]
@@ -435,7 +402,10 @@ async fn a_slow_consumer_is_detached_with_a_reason() {
     assert_eq!(app.info(&id).await["status"], "RUNNING");
     for _ in 0..50 {
         let r = app
-            .post(&format!("/api/conversations/{id}/events"), json!({"action":"message","args":{"content": big}}))
+            .post(
+                &format!("/api/conversations/{id}/events"),
+                json!({"action":"message","args":{"content": big}}),
+            )
             .await;
         assert_eq!(r.status, 200);
     }
@@ -447,7 +417,10 @@ async fn a_slow_consumer_is_detached_with_a_reason() {
                 frames += 1;
                 // Bounded: the queue (8) plus what sockets buffer, not the 200 frames produced
                 // after the detach.
-                assert!(frames < 150, "the server kept queueing for a detached client");
+                assert!(
+                    frames < 150,
+                    "the server kept queueing for a detached client"
+                );
                 if t.contains("did not keep up") {
                     break;
                 }

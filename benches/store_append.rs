@@ -1,23 +1,42 @@
-//! Appends per second into the SQLite store, with and without group commit.
+//! Appends per second into the SQLite store, with and without group commit, and the write
+//! pattern of `POST /api/conversations` (a new conversation with a random id, then its first
+//! events).
 //!
-//! `cargo bench --bench store_append` (about 20 s); add `-- --quick` (or set
-//! `SWITCHBOARD_BENCH_QUICK=1`) for a ~4 s run, or `SWITCHBOARD_BENCH_SECS=<seconds>` to set the
-//! time each scenario runs. Every scenario uses a fresh database in a temp dir; each append
-//! carries one ~250-byte event and is awaited before its writer issues the next one (as a
-//! conversation actor does), so the numbers are committed events per second.
+//! `cargo bench --bench store_append` (about 30 s); add `-- --quick` (or set
+//! `SWITCHBOARD_BENCH_QUICK=1`) for a ~6 s run, or `SWITCHBOARD_BENCH_SECS=<seconds>` to set the
+//! time each scenario runs; other arguments pick the scenarios whose names contain one of them
+//! (`-- --quick "new conv"`). Every scenario uses a fresh database in a temp dir; each event is
+//! ~250 bytes of JSON. A writer awaits its appends before issuing more (as a conversation actor
+//! does while idle), except with "in flight", where it keeps that many appends queued (as an
+//! actor emitting faster than the store commits does). So the numbers are committed events
+//! (and, for the creating scenario, committed new conversations) per second, and the CPU time
+//! the writer thread and the whole bench process spent per event (Linux only; the process
+//! includes the tasks issuing the writes).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchboard::config::StoreTuning;
-use switchboard::events::{EventBody, Source};
-use switchboard::store::{ConversationMeta, InitData, SqliteStore, Store};
+use switchboard::events::{meta_timestamp, EventBody, Source};
+use switchboard::store::{ConversationMeta, InitData, SqliteStore, Store, StoreError};
+
+#[derive(Clone, Copy)]
+enum Work {
+    /// Appends of one event to a conversation created beforehand; `in_flight` appends queued
+    /// at a time per conversation.
+    Appends { in_flight: usize },
+    /// Over and over: create a conversation with a random (uuid4 hex) id, then append its
+    /// first two events — what each `POST /api/conversations` asks of the store.
+    NewConversations,
+}
 
 struct Scenario {
     name: &'static str,
     batch_max: usize,
-    /// Conversations appending concurrently, one awaited append at a time each.
+    /// Concurrent writers (conversations appending, or creators).
     writers: usize,
+    work: Work,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -25,21 +44,37 @@ const SCENARIOS: &[Scenario] = &[
         name: "group commit, 64 conversations",
         batch_max: 512,
         writers: 64,
+        work: Work::Appends { in_flight: 1 },
     },
     Scenario {
         name: "group commit, 8 conversations",
         batch_max: 512,
         writers: 8,
+        work: Work::Appends { in_flight: 1 },
+    },
+    Scenario {
+        name: "group commit, 8 conv., 8 in flight",
+        batch_max: 512,
+        writers: 8,
+        work: Work::Appends { in_flight: 8 },
     },
     Scenario {
         name: "no batching, 64 conversations",
         batch_max: 1,
         writers: 64,
+        work: Work::Appends { in_flight: 1 },
     },
     Scenario {
         name: "no batching, appends one at a time",
         batch_max: 1,
         writers: 1,
+        work: Work::Appends { in_flight: 1 },
+    },
+    Scenario {
+        name: "new conversations, 64 creators",
+        batch_max: 512,
+        writers: 64,
+        work: Work::NewConversations,
     },
 ];
 
@@ -55,52 +90,186 @@ fn meta(id: &str) -> ConversationMeta {
     }
 }
 
-async fn run(scenario: &Scenario, duration: Duration) -> Result<(u64, Duration), String> {
+/// What one writer got done.
+#[derive(Default)]
+struct Done {
+    events: u64,
+    conversations: u64,
+}
+
+async fn append_loop(
+    store: SqliteStore,
+    body: EventBody,
+    id: String,
+    in_flight: usize,
+    deadline: Instant,
+) -> Result<Done, StoreError> {
+    let mut next = 0u64;
+    let mut pending = VecDeque::new();
+    while Instant::now() < deadline {
+        while pending.len() < in_flight {
+            let event = body.stamp(next, "2024-05-01T12:00:00.000000");
+            pending.push_back(store.append(&id, vec![event]));
+            next += 1;
+        }
+        if let Some(oldest) = pending.pop_front() {
+            oldest.await?;
+        }
+    }
+    let unfinished = pending.len() as u64;
+    for append in pending {
+        append.await?;
+    }
+    // Appends still queued at the deadline completed after it: not counted.
+    Ok(Done {
+        events: next - unfinished,
+        conversations: 0,
+    })
+}
+
+async fn create_loop(
+    store: SqliteStore,
+    body: EventBody,
+    deadline: Instant,
+) -> Result<Done, StoreError> {
+    let mut done = Done::default();
+    while Instant::now() < deadline {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let mut meta = meta(&id);
+        meta.created_at = meta_timestamp();
+        meta.last_updated_at = meta.created_at.clone();
+        store.create(meta).await?;
+        let at = "2024-05-01T12:00:00.000000";
+        store
+            .append(&id, vec![body.stamp(0, at), body.stamp(1, at)])
+            .await?;
+        done.conversations += 1;
+        done.events += 2;
+    }
+    Ok(done)
+}
+
+/// The ids of this process's threads named `store-writer` (Linux only).
+fn writer_threads() -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm"))
+                .is_ok_and(|comm| comm.trim() == "store-writer")
+        })
+        .map(|task| task.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+/// CPU seconds used so far by thread `writer` and by the whole process (Linux only).
+fn cpu_seconds(writer: Option<&str>) -> Option<(f64, f64)> {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: plain libc calls writing into a zeroed struct we own.
+        let (tick, usage) = unsafe {
+            let mut usage: libc::rusage = std::mem::zeroed();
+            if libc::getrusage(libc::RUSAGE_SELF, &mut usage) != 0 {
+                return None;
+            }
+            (libc::sysconf(libc::_SC_CLK_TCK) as f64, usage)
+        };
+        let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+        let process = seconds(usage.ru_utime) + seconds(usage.ru_stime);
+        let stat = std::fs::read_to_string(format!("/proc/self/task/{}/stat", writer?)).ok()?;
+        // After the ")" closing the name: field 3 (state) first; utime and stime are the 14th
+        // and 15th fields.
+        let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some((ticks / tick, process))
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = writer;
+        None
+    }
+}
+
+/// A scenario's outcome.
+struct Outcome {
+    done: Done,
+    elapsed: Duration,
+    /// CPU seconds of the writer thread and of the process during the scenario.
+    cpu: Option<(f64, f64)>,
+}
+
+async fn run(scenario: &Scenario, duration: Duration) -> Result<Outcome, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let tuning = StoreTuning {
         batch_max: scenario.batch_max,
         queue: 1024,
     };
+    let earlier = writer_threads();
     let store = SqliteStore::open(dir.path(), &tuning).map_err(|e| e.to_string())?;
+
     let body = EventBody::message(
         Source::Agent,
         "The build passed. I updated src/lib.rs and added two tests; next I will run clippy.",
         json!([]),
         false,
     );
-    for w in 0..scenario.writers {
-        store
-            .create(meta(&format!("c{w}")))
-            .await
-            .map_err(|e| e.to_string())?;
+    if let Work::Appends { .. } = scenario.work {
+        for w in 0..scenario.writers {
+            store
+                .create(meta(&format!("c{w}")))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
     }
+    // The writer thread has named itself once it has answered a request.
+    store.flush().await.map_err(|e| e.to_string())?;
+    let writer = writer_threads()
+        .into_iter()
+        .find(|tid| !earlier.contains(tid));
+    let cpu_before = cpu_seconds(writer.as_deref());
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
     for w in 0..scenario.writers {
         let store = store.clone();
         let body = body.clone();
-        tasks.push(tokio::spawn(async move {
-            let id = format!("c{w}");
-            let mut next = 0u64;
-            while Instant::now() < deadline {
-                let event = body.stamp(next, "2024-05-01T12:00:00.000000");
-                store.append(&id, vec![event]).await?;
-                next += 1;
+        tasks.push(tokio::spawn(match scenario.work {
+            Work::Appends { in_flight } => {
+                let id = format!("c{w}");
+                futures_util::future::Either::Left(append_loop(
+                    store,
+                    body,
+                    id,
+                    in_flight.max(1),
+                    deadline,
+                ))
             }
-            Ok::<u64, switchboard::store::StoreError>(next)
+            Work::NewConversations => {
+                futures_util::future::Either::Right(create_loop(store, body, deadline))
+            }
         }));
     }
-    let mut total = 0;
+    let mut total = Done::default();
     for task in tasks {
-        total += task
+        let done = task
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())?;
+        total.events += done.events;
+        total.conversations += done.conversations;
     }
     let elapsed = started.elapsed();
+    let cpu = cpu_before
+        .zip(cpu_seconds(writer.as_deref()))
+        .map(|((w0, p0), (w1, p1))| (w1 - w0, p1 - p0));
     store.close().await;
-    Ok((total, elapsed))
+    Ok(Outcome {
+        done: total,
+        elapsed,
+        cpu,
+    })
 }
 
 fn main() {
@@ -123,21 +292,49 @@ fn main() {
         }
     };
 
+    // Any other argument picks the scenarios whose names contain it.
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+
     println!("SQLite store appends (WAL, synchronous=NORMAL), {secs} s per scenario\n");
     println!(
-        "{:<36} {:>9} {:>8} {:>10} {:>12}",
-        "scenario", "batch_max", "writers", "events", "events/s"
+        "{:<36} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "scenario", "batch_max", "writers", "events", "events/s", "new conv/s", "writer", "process"
     );
-    for scenario in SCENARIOS {
+    println!(
+        "{:<36} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "", "", "", "", "", "", "µs cpu/ev", "µs cpu/ev"
+    );
+    let picked = SCENARIOS
+        .iter()
+        .filter(|s| filters.is_empty() || filters.iter().any(|f| s.name.contains(f.as_str())));
+    for scenario in picked {
         match runtime.block_on(run(scenario, duration)) {
-            Ok((events, elapsed)) => println!(
-                "{:<36} {:>9} {:>8} {:>10} {:>12.0}",
-                scenario.name,
-                scenario.batch_max,
-                scenario.writers,
-                events,
-                events as f64 / elapsed.as_secs_f64()
-            ),
+            Ok(Outcome { done, elapsed, cpu }) => {
+                let per_sec = |n: u64| n as f64 / elapsed.as_secs_f64();
+                let conversations = match scenario.work {
+                    Work::NewConversations => format!("{:.0}", per_sec(done.conversations)),
+                    Work::Appends { .. } => "-".to_string(),
+                };
+                let per_event = |seconds: f64| format!("{:.1}", seconds * 1e6 / done.events as f64);
+                let (writer, process) = match cpu {
+                    Some((w, p)) if done.events > 0 => (per_event(w), per_event(p)),
+                    _ => ("-".to_string(), "-".to_string()),
+                };
+                println!(
+                    "{:<36} {:>9} {:>8} {:>10} {:>10.0} {:>10} {:>10} {:>10}",
+                    scenario.name,
+                    scenario.batch_max,
+                    scenario.writers,
+                    done.events,
+                    per_sec(done.events),
+                    conversations,
+                    writer,
+                    process
+                )
+            }
             Err(e) => println!("{:<36} failed: {e}", scenario.name),
         }
     }

@@ -553,3 +553,188 @@ async fn open_stays_fast_with_100k_conversations() {
     );
     close(store).await;
 }
+
+/// A statement failing halfway through a request (here a trigger added behind the store's
+/// back refuses event id 3) undoes that request alone: its earlier inserts are rolled back, its
+/// conversation's `last_updated_at` stays, and its neighbours in the batch commit.
+#[tokio::test]
+async fn a_request_failing_halfway_is_undone_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let old = "2024-01-01T00:00:00.000000Z";
+    for id in ["a", "b"] {
+        store.create(meta(id, old)).await.expect("create");
+    }
+    let db = Connection::open(dir.path().join(DB_FILE_NAME)).expect("second connection");
+    db.execute_batch(
+        "CREATE TRIGGER refuse_3 BEFORE INSERT ON events WHEN NEW.id = 3 \
+         BEGIN SELECT RAISE(ABORT, 'event 3 refused'); END;",
+    )
+    .expect("trigger");
+
+    // Issued together, so they usually share one transaction.
+    let first = store.append("a", events(0..2));
+    let halfway = store.append("b", events(0..5));
+    let created = store.create(meta("c", old));
+    let second = store.append("a", events(2..3));
+    first.await.expect("first append");
+    let halfway = halfway.await;
+    assert!(
+        matches!(&halfway, Err(StoreError::Io(m)) if m.contains("event 3 refused")),
+        "{halfway:?}"
+    );
+    created.await.expect("create c");
+    second.await.expect("second append");
+
+    assert_eq!(
+        store.events("a", all()).await.expect("events"),
+        events(0..3)
+    );
+    assert!(store.events("b", all()).await.expect("events").is_empty());
+    let b = store.get("b").await.expect("get").expect("exists");
+    assert_eq!(b.next_event_id, 0);
+    assert_eq!(
+        b.meta.last_updated_at, old,
+        "a failed append does not touch"
+    );
+    assert!(store.get("c").await.expect("get").is_some());
+
+    db.execute_batch("DROP TRIGGER refuse_3")
+        .expect("drop trigger");
+    store.append("b", events(0..5)).await.expect("append");
+    assert_eq!(
+        store.events("b", all()).await.expect("events"),
+        events(0..5)
+    );
+    close(store).await;
+}
+
+/// Events need their conversation: appending to an unknown one stores nothing.
+#[tokio::test]
+async fn appending_to_an_unknown_conversation_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let refused = store.append("ghost", events(0..2)).await;
+    assert!(
+        matches!(&refused, Err(StoreError::Io(m)) if m.contains("does not exist")),
+        "{refused:?}"
+    );
+    store
+        .append("ghost", Vec::new())
+        .await
+        .expect("an empty append is a no-op");
+    assert!(store.get("ghost").await.expect("get").is_none());
+    store
+        .create(meta("ghost", "2024-01-01T00:00:00.000000Z"))
+        .await
+        .expect("create");
+    let record = store.get("ghost").await.expect("get").expect("exists");
+    assert_eq!(
+        record.next_event_id, 0,
+        "nothing was stored before the create"
+    );
+    assert!(store
+        .events("ghost", all())
+        .await
+        .expect("events")
+        .is_empty());
+    close(store).await;
+}
+
+fn seq_of(db: &Connection, id: &str) -> Option<i64> {
+    use rusqlite::OptionalExtension;
+    db.query_row("SELECT seq FROM conversations WHERE id = ?1", [id], |r| {
+        r.get(0)
+    })
+    .optional()
+    .expect("seq")
+}
+
+/// Deleting the newest conversation frees its seq for the next one (rowids restart from the
+/// largest in use). The new conversation inherits nothing: no events, no `last_updated_at` from
+/// an append to the old one in the same batch, no cached seq; and an id deleted and created
+/// again in one batch gets the new row.
+#[tokio::test]
+async fn a_reused_seq_inherits_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let old = "2024-01-01T00:00:00.000000Z";
+    let db = Connection::open(dir.path().join(DB_FILE_NAME)).expect("second connection");
+
+    store.create(meta("x", old)).await.expect("create");
+    store.append("x", events(0..3)).await.expect("append");
+    let x_seq = seq_of(&db, "x").expect("x has a seq");
+    // Issued together, so they usually share one transaction.
+    let append = store.append("x", events(3..4));
+    let delete = store.delete("x");
+    let create = store.create(meta("y", old));
+    append.await.expect("append");
+    assert!(delete.await.expect("delete"));
+    create.await.expect("create");
+    assert_eq!(seq_of(&db, "y"), Some(x_seq), "the seq was reused");
+    let y = store.get("y").await.expect("get").expect("exists");
+    assert_eq!(y.next_event_id, 0);
+    assert_eq!(y.meta.last_updated_at, old);
+    assert!(store.events("y", all()).await.expect("events").is_empty());
+    assert!(store.get("x").await.expect("get").is_none());
+    assert!(store.events("x", all()).await.expect("events").is_empty());
+    store.append("y", events(0..2)).await.expect("append");
+    assert_eq!(
+        store.events("y", all()).await.expect("events"),
+        events(0..2)
+    );
+
+    // The same id deleted and created again, then appended to, in one go.
+    store.create(meta("r", old)).await.expect("create");
+    store.append("r", events(0..2)).await.expect("append");
+    let delete = store.delete("r");
+    let create = store.create(meta("r", old));
+    let append = store.append("r", events(0..1));
+    assert!(delete.await.expect("delete"));
+    create.await.expect("re-create");
+    append.await.expect("append to the new r");
+    assert_eq!(
+        store.events("r", all()).await.expect("events"),
+        events(0..1)
+    );
+    assert_eq!(
+        store
+            .get("r")
+            .await
+            .expect("get")
+            .expect("exists")
+            .next_event_id,
+        1
+    );
+    assert!(store.delete("x").await.is_ok_and(|deleted| !deleted));
+    close(store).await;
+}
+
+/// A file left by a pre-release build (schema version 1 in its first shape, keyed by the text
+/// ids) is refused with the reason, not used.
+#[test]
+fn a_pre_release_schema_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join(DB_FILE_NAME);
+    {
+        let conn = Connection::open(&db).expect("create");
+        conn.execute_batch(
+            r#"
+            CREATE TABLE conversations (
+                id TEXT PRIMARY KEY NOT NULL, title TEXT NOT NULL, created_at TEXT NOT NULL,
+                last_updated_at TEXT NOT NULL, "trigger" TEXT NOT NULL, owner TEXT,
+                init_json TEXT NOT NULL);
+            CREATE INDEX conversations_newest_first ON conversations (created_at DESC, id DESC);
+            CREATE TABLE events (conversation_id TEXT NOT NULL, id INTEGER NOT NULL,
+                json TEXT NOT NULL, PRIMARY KEY (conversation_id, id)) WITHOUT ROWID;
+            PRAGMA user_version = 1;
+            PRAGMA application_id = 1398227524;
+            "#,
+        )
+        .expect("old schema");
+    }
+    let message = open_err(dir.path());
+    println!("refusal: {message}");
+    assert!(message.contains("schema"), "{message}");
+    assert!(message.contains(&db.display().to_string()), "{message}");
+}

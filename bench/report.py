@@ -36,10 +36,11 @@ ca = load("clients_a.json")
 cb = load("clients_b.json")
 store = {}
 if os.path.exists(os.path.join(out, "store_append.txt")):
+    # Rows of the bench's table: name, batch_max, writers, events, events/s, …
     for line in read("store_append.txt").splitlines():
-        m = re.search(r"^\s*(\S.*?)\s{2,}.*?([\d,]+(?:\.\d+)?)\s*events/s", line)
-        if m:
-            store[m.group(1).strip()] = float(m.group(2).replace(",", ""))
+        parts = re.split(r"\s{2,}", line.strip())
+        if len(parts) >= 5 and parts[1].isdigit() and parts[2].isdigit():
+            store[parts[0]] = float(parts[4].replace(",", ""))
 
 cpu = "unknown"
 try:

@@ -414,8 +414,12 @@ async fn server_shutdown_leaves_no_agent_behind() {
     let dir = tempfile::tempdir().unwrap();
     let mut command = script(dir.path(), "stubborn.py", STUBBORN);
     command.push(dir.path().join("signals").display().to_string());
-    // A grace period far longer than the test: shutdown must not leave them running.
-    let app = process_app(command, |s| s.runtime.process.stop_grace_secs = 600).await;
+    // A grace period far longer than the shutdown timeout: shutdown must not leave them running.
+    let app = process_app(command, |s| {
+        s.runtime.process.stop_grace_secs = 600;
+        s.limits.shutdown_timeout_secs = 2;
+    })
+    .await;
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(app.create(json!({})).await);
@@ -427,6 +431,45 @@ async fn server_shutdown_leaves_no_agent_behind() {
     for id in &ids {
         wait_no_agents(id, 10).await;
     }
+    assert_no_lasting_zombies().await;
+}
+
+const TIDY: &str = r#"
+import json, sys, time
+marker = sys.argv[1]
+sys.stdin.readline()
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    if json.loads(line).get("type") == "stop":
+        break
+time.sleep(0.5)  # tidying up takes a moment
+with open(marker, "w") as f:
+    f.write("tidied\n")
+"#;
+
+#[actix_web::test]
+async fn server_shutdown_lets_agents_finish_their_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("tidied");
+    let mut command = script(dir.path(), "tidy.py", TIDY);
+    command.push(marker.display().to_string());
+    let app = process_app(command, |s| s.runtime.process.stop_grace_secs = 10).await;
+    let id = app.create(json!({})).await;
+    app.wait_status(&id, "RUNNING", 30).await;
+    let store = app.shutdown().await;
+    // Shutdown returned only after the agent had finished its own stop.
+    assert_eq!(
+        std::fs::read_to_string(&marker).ok().as_deref(),
+        Some("tidied\n"),
+        "the agent was cut short"
+    );
+    wait_no_agents(&id, 5).await;
+    let events = store
+        .events(&id, switchboard::store::EventQuery::after(None, 1000))
+        .await
+        .unwrap();
+    let last: Value = serde_json::from_str(&events.last().unwrap().json).unwrap();
+    assert_eq!(last["extras"]["agent_state"], "stopped");
     assert_no_lasting_zombies().await;
 }
 

@@ -13,7 +13,9 @@
 //! - **One teardown path.** Stop, delete, idle, start deadline, eviction, runtime or store
 //!   failure and shutdown all go through [`Conversation::begin_stop`]: status `STOPPED`, the
 //!   `agent_state_changed: stopped` event (and the reason's status update) delivered to
-//!   clients, then their attachments closed, then the actor stops and reports `Gone`.
+//!   clients, then their attachments closed (callers of `Stop` are answered here), then the
+//!   runtime's own stop sequence runs out (an agent's grace periods), then the actor stops and
+//!   reports `Gone` — so a restarted conversation never overlaps its previous runtime.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -88,6 +90,8 @@ pub struct Conversation {
     load_error: Option<String>,
     /// The STARTING deadline, cancelled once the runtime is ready.
     start_deadline: Option<SpawnHandle>,
+    /// Completes once the stopped runtime has released everything (see `Runtime::finished`).
+    runtime_finished: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>,
 }
 
 impl Conversation {
@@ -129,6 +133,7 @@ impl Conversation {
             last_activity_ms: now_ms(),
             load_error: None,
             start_deadline: None,
+            runtime_finished: None,
         }
     }
 
@@ -513,6 +518,7 @@ impl Conversation {
         self.set_status(ConversationStatus::Stopped);
         if let Some(mut rt) = self.runtime.take() {
             rt.stop();
+            self.runtime_finished = rt.finished();
         }
         self.runtime_ready = false;
         self.runtime_backlog.clear();
@@ -543,6 +549,24 @@ impl Conversation {
 
     /// Runs once the outbox delivered `CloseAll`: everything is durable and delivered.
     fn finish_stop(&mut self, ctx: &mut Context<Self>) {
+        // The conversation is stopped for everyone who asked; what follows is cleanup.
+        for waiter in self.stop_waiters.drain(..) {
+            let _ = waiter.send(());
+        }
+        if let Some(finished) = self.runtime_finished.take() {
+            // The runtime's own stop sequence (an agent's grace periods) runs to its end first;
+            // a shutdown that cannot wait that long is bounded by the supervisor.
+            let process = &self.settings.runtime.process;
+            let limit = Duration::from_secs(process.stop_grace_secs.saturating_mul(2) + 2);
+            let fut = tokio::time::timeout(limit, finished);
+            ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
+                if res.is_err() {
+                    warn!(conversation_id = %act.id, "runtime still stopping after its grace periods");
+                }
+                act.finish_stop(ctx);
+            }));
+            return;
+        }
         if self.stopping == Some(StopReason::Deleted) {
             let fut = self.store.delete(&self.id);
             ctx.wait(fut.into_actor(self).map(|res, act, ctx| {

@@ -255,9 +255,15 @@ impl Handler<Shutdown> for Supervisor {
         let (tx, rx) = oneshot::channel();
         self.shutdown_waiters.push(tx);
         let limit = Duration::from_secs(self.settings.limits.shutdown_timeout_secs.max(1));
+        let arbiters = self.arbiters.clone();
         Box::pin(async move {
             if tokio::time::timeout(limit, rx).await.is_err() {
+                // Past the timeout, what is left (e.g. agents inside their grace periods) is
+                // ended with the threads that host it; runtimes kill what they started on drop.
                 tracing::warn!("some conversations did not stop before the shutdown timeout");
+                for arbiter in arbiters {
+                    arbiter.stop();
+                }
             }
         })
     }

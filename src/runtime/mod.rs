@@ -8,6 +8,9 @@
 
 use std::sync::Arc;
 
+use std::future::Future;
+use std::pin::Pin;
+
 use actix::prelude::*;
 
 use crate::events::{EventBody, StatusUpdate};
@@ -84,4 +87,10 @@ pub trait Runtime: 'static {
     fn on_user_event(&mut self, id: u64, event: &EventBody) -> Vec<RuntimeSignal>;
     /// Stops the runtime. Must not block; later signals are ignored.
     fn stop(&mut self);
+    /// After [`Runtime::stop`]: completes once everything the runtime started is gone (an agent
+    /// process reaped). The conversation reports itself gone only after this, so a restarted
+    /// conversation never overlaps its previous runtime. `None`: nothing to wait for.
+    fn finished(&mut self) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
+        None
+    }
 }

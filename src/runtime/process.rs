@@ -30,8 +30,10 @@
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
+use std::future::Future;
 use std::io;
 use std::path::Path;
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -90,6 +92,8 @@ struct Running {
     input: Option<mpsc::Sender<Vec<u8>>>,
     /// Tells the watcher to run the stop sequence (dropping it does too).
     stop: Option<oneshot::Sender<()>>,
+    /// The watcher: done once the agent is reaped.
+    watcher: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ProcessRuntime {
@@ -187,7 +191,7 @@ impl ProcessRuntime {
             p.stderr_tail_lines,
             conversation_id.clone(),
         ));
-        actix::spawn(watch(
+        let watcher = actix::spawn(watch(
             guard,
             stop_rx,
             IoTasks {
@@ -204,6 +208,7 @@ impl ProcessRuntime {
             conversation_id,
             input: Some(input_tx),
             stop: Some(stop_tx),
+            watcher: Some(watcher),
         });
         Ok(())
     }
@@ -251,6 +256,13 @@ impl Runtime for ProcessRuntime {
         if let Some(stop) = running.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    fn finished(&mut self) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
+        let watcher = self.running.as_mut()?.watcher.take()?;
+        Some(Box::pin(async move {
+            let _ = watcher.await;
+        }))
     }
 }
 

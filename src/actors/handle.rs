@@ -60,11 +60,6 @@ impl SupervisorHandle {
     pub fn shared(&self, id: &str) -> Option<Arc<Shared>> {
         self.registry.get(id).map(|e| e.shared.clone())
     }
-
-    /// Number of conversations with an actor.
-    pub fn live_count(&self) -> usize {
-        self.registry.len()
-    }
 }
 
 /// Talks to one conversation actor.

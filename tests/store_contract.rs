@@ -2,6 +2,9 @@
 //! SQLite store (with the default tuning, and with tiny queues so that back-pressure and
 //! one-request batches are exercised too). SQLite stores live in real files in a temp dir.
 
+mod common;
+use common::meta;
+
 use std::sync::Arc;
 
 use serde_json::json;
@@ -50,18 +53,6 @@ fn sqlite_small() -> Fixture<SqliteStore> {
 }
 
 const OLD: &str = "2020-01-01T00:00:00.000000Z";
-
-fn meta(id: &str, created_at: &str) -> ConversationMeta {
-    ConversationMeta {
-        conversation_id: id.to_string(),
-        title: format!("Conversation {id}"),
-        created_at: created_at.to_string(),
-        last_updated_at: created_at.to_string(),
-        trigger: "gui".to_string(),
-        owner: None,
-        init: InitData::default(),
-    }
-}
 
 fn rich_meta(id: &str) -> ConversationMeta {
     ConversationMeta {

@@ -2,6 +2,9 @@
 //! refused with a clear message (never started empty), failures stay per request or per batch,
 //! and opening stays cheap with 100,000 stored conversations. Real files in temp dirs.
 
+mod common;
+use common::meta;
+
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -38,18 +41,6 @@ async fn close(store: SqliteStore) {
     tokio::time::timeout(Duration::from_secs(30), store.close())
         .await
         .expect("store threads exit after the last handle is dropped");
-}
-
-fn meta(id: &str, created_at: &str) -> ConversationMeta {
-    ConversationMeta {
-        conversation_id: id.to_string(),
-        title: format!("Conversation {id}"),
-        created_at: created_at.to_string(),
-        last_updated_at: created_at.to_string(),
-        trigger: "gui".to_string(),
-        owner: None,
-        init: InitData::default(),
-    }
 }
 
 fn event(id: u64) -> StoredEvent {

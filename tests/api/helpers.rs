@@ -164,6 +164,13 @@ impl TestApp {
         r.body["conversation_id"].as_str().expect("id").to_string()
     }
 
+    /// How many conversations the first listing page holds (up to 100).
+    pub async fn listed(&self) -> usize {
+        let r = self.get("/api/conversations?limit=100").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["results"].as_array().expect("results").len()
+    }
+
     pub async fn info(&self, id: &str) -> Value {
         self.get(&format!("/api/conversations/{id}")).await.body
     }
@@ -402,6 +409,16 @@ impl WsClient {
             }
         }
     }
+}
+
+/// The ids in an events page (`GET …/events`).
+pub fn page_ids(page: &Value) -> Vec<u64> {
+    page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["id"].as_u64())
+        .collect()
 }
 
 /// The ids of the stored events among payloads.

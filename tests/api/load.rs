@@ -34,8 +34,7 @@ async fn every_attach_mode_completes_and_is_measured() {
         let text = switchboard::load::render(&s);
         assert!(text.contains("p99.9"), "{text}");
     }
-    let listed = app.get("/api/conversations?limit=100").await;
-    assert_eq!(listed.body["results"].as_array().unwrap().len(), 36);
+    assert_eq!(app.listed().await, 36);
 }
 
 #[actix_web::test]

@@ -233,13 +233,7 @@ async fn start_and_stop() {
     );
     let r = app.post("/api/conversations/nope/stop", json!({})).await;
     assert_eq!(r.status, 404);
-    assert_eq!(
-        app.get("/api/conversations").await.body["results"]
-            .as_array()
-            .unwrap()
-            .len(),
-        1
-    );
+    assert_eq!(app.listed().await, 1);
 }
 
 #[actix_web::test]
@@ -252,30 +246,12 @@ async fn events_query_and_errors() {
     assert_eq!(r.body["events"].as_array().unwrap().len(), 2);
     assert_eq!(r.body["has_more"], true);
     let r = app.get(&format!("{base}?start_id=3")).await;
-    let ids: Vec<u64> = r.body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, vec![3, 4]);
+    assert_eq!(page_ids(&r.body), vec![3, 4]);
     assert_eq!(r.body["has_more"], false);
     let r = app.get(&format!("{base}?start_id=1&end_id=2")).await;
-    let ids: Vec<u64> = r.body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, vec![1, 2]);
+    assert_eq!(page_ids(&r.body), vec![1, 2]);
     let r = app.get(&format!("{base}?reverse=true&limit=2")).await;
-    let ids: Vec<u64> = r.body["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["id"].as_u64().unwrap())
-        .collect();
-    assert_eq!(ids, vec![4, 3]);
+    assert_eq!(page_ids(&r.body), vec![4, 3]);
     for bad in ["limit=0", "limit=101", "limit=abc"] {
         let r = app.get(&format!("{base}?{bad}")).await;
         assert_eq!(

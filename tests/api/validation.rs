@@ -15,12 +15,7 @@ async fn rejected(app: &TestApp, content_type: Option<&str>, body: &str) -> Vec<
         )
         .await;
     assert_eq!(r.status, 422, "body {body}: {}", r.body);
-    let list = app.get("/api/conversations").await;
-    assert_eq!(
-        list.body["results"],
-        json!([]),
-        "a rejected body created something"
-    );
+    assert_eq!(app.listed().await, 0, "a rejected body created something");
     r.body["detail"].as_array().expect("detail list").clone()
 }
 
@@ -340,8 +335,5 @@ async fn oversized_bodies_are_413() {
         .await;
     assert_eq!(r.status, 413);
     assert!(r.body["detail"].as_str().unwrap().contains("1024"));
-    assert_eq!(
-        app.get("/api/conversations").await.body["results"],
-        json!([])
-    );
+    assert_eq!(app.listed().await, 0);
 }

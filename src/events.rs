@@ -4,7 +4,9 @@
 //! id or timestamp. The conversation actor stamps it into a [`StoredEvent`], whose JSON text is
 //! computed once and shared (`Arc<str>`) by the store, the REST API and every attached client,
 //! so all three see byte-identical events. Key order is the wire contract's: `id`, `timestamp`,
-//! `source`, `message`, then `action` + `args` or `cause` + `observation` + `content` + `extras`.
+//! `source`, `message`, `cause`, then `action` + `args` or `observation` + `content` + `extras`,
+//! then every other key the producer sent, unchanged and in its order (an agent's
+//! `tool_call_metadata`, `llm_metrics`, …): events are lossless.
 
 use std::sync::{Arc, OnceLock};
 
@@ -25,7 +27,11 @@ pub enum Source {
 pub struct EventBody {
     pub source: Source,
     pub message: String,
+    /// The id of the event this one answers.
+    pub cause: Option<u64>,
     pub kind: EventKind,
+    /// Every other top-level key the producer sent, unchanged and in its order.
+    pub extra: Map<String, Value>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -35,12 +41,25 @@ pub enum EventKind {
         args: Value,
     },
     Observation {
-        cause: Option<u64>,
         observation: String,
         content: String,
         extras: Value,
     },
 }
+
+/// The top-level keys switchboard reads itself; any other key of an event is kept as it is.
+const KNOWN_KEYS: &[&str] = &[
+    "id",
+    "timestamp",
+    "source",
+    "message",
+    "cause",
+    "action",
+    "args",
+    "observation",
+    "content",
+    "extras",
+];
 
 /// An event with its id and timestamp, and its JSON text computed once.
 #[derive(Debug, Clone, PartialEq)]
@@ -83,12 +102,13 @@ impl EventBody {
         EventBody {
             source: Source::Environment,
             message: String::new(),
+            cause: None,
             kind: EventKind::Observation {
-                cause: None,
                 observation: "agent_state_changed".into(),
                 content: String::new(),
                 extras: json!({"agent_state": state, "reason": reason}),
             },
+            extra: Map::new(),
         }
     }
 
@@ -102,6 +122,7 @@ impl EventBody {
         EventBody {
             source,
             message: content.to_string(),
+            cause: None,
             kind: EventKind::Action {
                 action: "message".into(),
                 args: json!({
@@ -111,6 +132,7 @@ impl EventBody {
                     "wait_for_response": wait,
                 }),
             },
+            extra: Map::new(),
         }
     }
 
@@ -119,12 +141,13 @@ impl EventBody {
         EventBody {
             source: Source::Environment,
             message: message.to_string(),
+            cause: None,
             kind: EventKind::Observation {
-                cause: None,
                 observation: "error".into(),
                 content: message.to_string(),
                 extras: json!({"error_id": ""}),
             },
+            extra: Map::new(),
         }
     }
 
@@ -167,30 +190,33 @@ impl EventBody {
         }
         map.insert("source".into(), json!(self.source));
         map.insert("message".into(), json!(self.message));
+        if let Some(cause) = self.cause {
+            map.insert("cause".into(), json!(cause));
+        }
         match &self.kind {
             EventKind::Action { action, args } => {
                 map.insert("action".into(), json!(action));
                 map.insert("args".into(), args.clone());
             }
             EventKind::Observation {
-                cause,
                 observation,
                 content,
                 extras,
             } => {
-                if let Some(cause) = cause {
-                    map.insert("cause".into(), json!(cause));
-                }
                 map.insert("observation".into(), json!(observation));
                 map.insert("content".into(), json!(content));
                 map.insert("extras".into(), extras.clone());
             }
         }
+        for (key, value) in &self.extra {
+            map.insert(key.clone(), value.clone());
+        }
         Value::Object(map)
     }
 
     /// Reads a body from an event object (ignoring any `id` and `timestamp` it carries), as
-    /// replayed from `replay_json` or sent by an agent process.
+    /// replayed from `replay_json` or sent by an agent process. Only the fields switchboard
+    /// relies on are checked; every other top-level key is kept unchanged in [`EventBody::extra`].
     pub fn from_value(value: &Value) -> Result<Self, String> {
         let obj = value
             .as_object()
@@ -205,7 +231,17 @@ impl EventBody {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err("`message` must be a string".into()),
         };
+        let cause = match obj.get("cause") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .ok_or_else(|| "`cause` must be an event id".to_string())?,
+            ),
+        };
         let kind = if let Some(action) = obj.get("action") {
+            if obj.contains_key("observation") {
+                return Err("an event cannot be both an `action` and an `observation`".into());
+            }
             let action = action
                 .as_str()
                 .filter(|a| is_event_name(a))
@@ -234,15 +270,10 @@ impl EventBody {
                 Some(v @ Value::Object(_)) => v.clone(),
                 Some(_) => return Err("`extras` must be an object".into()),
             };
-            let cause = match obj.get("cause") {
-                None | Some(Value::Null) => None,
-                Some(v) => Some(
-                    v.as_u64()
-                        .ok_or_else(|| "`cause` must be an event id".to_string())?,
-                ),
-            };
+            if obj.contains_key("args") {
+                return Err("an observation has `extras`, not `args`".into());
+            }
             EventKind::Observation {
-                cause,
                 observation: observation.to_string(),
                 content,
                 extras,
@@ -250,10 +281,17 @@ impl EventBody {
         } else {
             return Err("an event needs `action` or `observation`".into());
         };
+        let extra = obj
+            .iter()
+            .filter(|(key, _)| !KNOWN_KEYS.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
         Ok(EventBody {
             source,
             message,
+            cause,
             kind,
+            extra,
         })
     }
 }
@@ -307,10 +345,12 @@ pub fn parse_user_action(value: &Value) -> Result<EventBody, String> {
     Ok(EventBody {
         source: Source::User,
         message,
+        cause: None,
         kind: EventKind::Action {
             action: action.to_string(),
             args: Value::Object(args),
         },
+        extra: Map::new(),
     })
 }
 
@@ -423,6 +463,22 @@ mod tests {
         let m = meta_timestamp();
         assert_eq!(m.len(), 27, "{m}");
         assert!(m.ends_with('Z'));
+    }
+
+    #[test]
+    fn unknown_fields_round_trip_after_the_known_ones() {
+        let sent = json!({"timestamp": "ignored", "llm_metrics": {"b": 1, "a": [1.5, null]},
+            "action": "run", "args": {"command": "ls"}, "cause": 3, "timeout": 120,
+            "source": "agent"});
+        let body = EventBody::from_value(&sent).unwrap();
+        assert_eq!(body.cause, Some(3));
+        let stored = body.stamp(9, "t");
+        assert_eq!(
+            &*stored.json,
+            r#"{"id":9,"timestamp":"t","source":"agent","message":"","cause":3,"action":"run","args":{"command":"ls"},"llm_metrics":{"b":1,"a":[1.5,null]},"timeout":120}"#
+        );
+        assert!(EventBody::from_value(&json!({"action": "run", "observation": "run"})).is_err());
+        assert!(EventBody::from_value(&json!({"observation": "run", "args": {}})).is_err());
     }
 
     #[test]

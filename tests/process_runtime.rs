@@ -524,6 +524,184 @@ async fn garbage_and_oversized_lines_are_reported_and_ignored() {
     app.shutdown().await;
 }
 
+// ---- protocol additions: lossless events, refs and acks, user events, agent state -------
+
+/// Speaks every protocol addition and reports what it got back in a final agent message.
+/// Writes each `init` line it gets to `init-<n>.json` in its working directory.
+const PROTOCOL_AGENT: &str = r#"
+import json, os, sys
+def send(m):
+    sys.stdout.write(json.dumps(m) + "\n")
+    sys.stdout.flush()
+def read():
+    return json.loads(sys.stdin.readline())
+init = read()
+n = len([f for f in os.listdir(".") if f.startswith("init-")])
+with open(f"init-{n}.json", "w") as f:
+    json.dump(init, f)
+if n == 0:
+    # An event before `ready`, named by a ref and full of fields switchboard does not know.
+    send({"type": "event", "ref": "sys", "event": {
+        "source": "agent", "message": "the system prompt", "action": "system",
+        "args": {"content": "be helpful", "tools": [{"type": "function", "name": "run"}]},
+        "tool_call_metadata": {"function_name": "f", "tool_call_id": "call_1",
+            "model_response": {"id": "r1", "choices": [{"x": [1, 2.5, None, True, "é"]}]},
+            "total_calls_in_response": 1},
+        "llm_metrics": {"accumulated_cost": 0.25, "token_usages": [{"prompt_tokens": 7}]},
+        "zeta": 1, "alpha": {"b": 2, "a": 1}}})
+    first_ack = read()
+else:
+    first_ack = None
+send({"type": "ready", "manages_agent_state": True})
+send({"type": "event", "event": {"source": "environment", "observation": "agent_state_changed",
+      "content": "", "extras": {"agent_state": "awaiting_user_input", "reason": ""}}})
+acks, seen = [first_ack] if first_ack else [], []
+for line in sys.stdin:
+    msg = json.loads(line)
+    if msg["type"] == "stop":
+        break
+    if msg["type"] == "event":
+        seen.append(msg["event"])
+        user = msg["event"]
+        send({"type": "event", "ref": 7, "event": {"source": "user", "action": "recall",
+              "args": {"query": user["args"]["content"]}}})
+        send({"type": "event", "event": {"source": "user", "action": "message",
+              "args": {"content": "spoof"}}})
+        send({"type": "event", "event": {"observation": "run", "cause": {"ref": "nope"},
+              "content": "lost", "extras": {}}})
+        send({"type": "event", "ref": "obs", "event": {"source": "environment",
+              "observation": "recall", "cause": {"ref": 7}, "content": "", "extras": {},
+              "success": True}})
+    elif msg["type"] == "ack":
+        acks.append(msg)
+        if msg["ref"] == "obs":
+            send({"type": "event", "event": {"action": "message", "args": {"content": "report"},
+                  "acks": acks, "seen": seen}})
+"#;
+
+#[actix_web::test]
+async fn agent_events_are_lossless_and_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = script(dir.path(), "protocol.py", PROTOCOL_AGENT);
+    let app = process_app(command, |_| {}).await;
+    let id = app.create(json!({})).await;
+    app.wait_status(&id, "RUNNING", 30).await;
+    let workspace = app._data_dir.path().join("workspaces").join(&id);
+    post_message(&app, &id, "what did we do?").await;
+    let events = app
+        .wait_events(&id, 30, |e| {
+            find(e, |ev| ev["args"]["content"] == "report").is_some()
+        })
+        .await;
+    assert_dense(&events);
+
+    // Every field of the system action is stored unchanged, in the agent's key order.
+    let system = find(&events, |e| e["action"] == "system").expect("the system action");
+    let keys: Vec<&str> = system
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "id",
+            "timestamp",
+            "source",
+            "message",
+            "action",
+            "args",
+            "tool_call_metadata",
+            "llm_metrics",
+            "zeta",
+            "alpha"
+        ]
+    );
+    assert_eq!(
+        system["tool_call_metadata"],
+        json!({"function_name": "f", "tool_call_id": "call_1",
+               "model_response": {"id": "r1", "choices": [{"x": [1, 2.5, null, true, "é"]}]},
+               "total_calls_in_response": 1})
+    );
+    assert_eq!(
+        system["llm_metrics"],
+        json!({"accumulated_cost": 0.25, "token_usages": [{"prompt_tokens": 7}]})
+    );
+    let alpha: Vec<&String> = system["alpha"].as_object().unwrap().keys().collect();
+    assert_eq!(alpha, ["b", "a"]);
+    assert_eq!(system["args"]["tools"][0]["name"], "run");
+
+    // The agent manages its state: one `awaiting_user_input` (its own), none from switchboard.
+    assert_eq!(
+        agent_states(&events),
+        ["loading", "awaiting_user_input"],
+        "{events:#?}"
+    );
+
+    // A user event from the agent (not a message) is stored, and not handed back to it.
+    let recall = find(&events, |e| e["action"] == "recall").expect("the recall action");
+    assert_eq!(recall["source"], "user");
+    let report = find(&events, |e| e["args"]["content"] == "report").unwrap();
+    let seen = report["seen"].as_array().unwrap();
+    assert_eq!(
+        seen.len(),
+        1,
+        "the agent got its own events back: {seen:#?}"
+    );
+    assert_eq!(seen[0]["args"]["content"], "what did we do?");
+    // Its cause, named by ref, became the recall's id; `success` is kept.
+    let observation = find(&events, |e| e["observation"] == "recall").unwrap();
+    assert_eq!(observation["cause"], recall["id"]);
+    assert_eq!(observation["success"], true);
+    // A user message from the agent and a cause naming an unknown ref are refused.
+    let text = serde_json::to_string(&events).unwrap();
+    assert!(
+        !text.contains("spoof"),
+        "an agent cannot speak for the user"
+    );
+    assert!(!text.contains("lost"), "an unknown cause ref was stored");
+    assert_eq!(
+        app.info(&id).await["runtime_status"],
+        "STATUS$ERROR_RUNTIME_DISCONNECTED"
+    );
+
+    // Each ref was acknowledged with the id and timestamp it was stored under.
+    let acks = report["acks"].as_array().unwrap();
+    let refs: Vec<&Value> = acks.iter().map(|a| &a["ref"]).collect();
+    assert_eq!(refs, [&json!("sys"), &json!(7), &json!("obs")]);
+    for (ack, event) in acks.iter().zip([system, recall, observation]) {
+        assert_eq!(ack["type"], "ack");
+        assert_eq!(ack["id"], event["id"]);
+        assert_eq!(ack["timestamp"], event["timestamp"]);
+    }
+
+    // `init` carried the working directory.
+    let init: Value =
+        serde_json::from_str(&std::fs::read_to_string(workspace.join("init-0.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        std::fs::canonicalize(init["working_dir"].as_str().unwrap()).unwrap(),
+        std::fs::canonicalize(&workspace).unwrap()
+    );
+
+    // Started again, the agent gets its history back byte for byte.
+    stop(&app, &id).await;
+    wait_no_agents(&id, 10).await;
+    let stored = app.events(&id).await;
+    let r = app
+        .post(&format!("/api/conversations/{id}/start"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    app.wait_status(&id, "RUNNING", 30).await;
+    let init: Value =
+        serde_json::from_str(&std::fs::read_to_string(workspace.join("init-1.json")).unwrap())
+            .unwrap();
+    assert_eq!(init["history"], Value::Array(stored));
+    app.shutdown().await;
+    wait_no_agents(&id, 5).await;
+}
+
 /// Floods stdout when its initial message says so; otherwise echoes messages.
 const FLOOD_OR_ECHO: &str = r#"
 import json, sys
@@ -714,7 +892,7 @@ async fn the_runtime_speaks_the_protocol() {
         .map(|e| serde_json::from_str(&e.json).unwrap())
         .collect();
     assert_eq!(init_line["history"], Value::Array(expected));
-    assert_eq!(got[1], RuntimeSignal::Ready);
+    assert_eq!(got[1], RuntimeSignal::READY);
     // Statuses: the agent's own, then one error per invalid line.
     let statuses: Vec<_> = got
         .iter()
@@ -784,7 +962,7 @@ async fn dropping_a_running_runtime_stops_its_agent() {
         history_before: 0,
     });
     assert!(immediate.is_empty());
-    wait_signals(&signals, |s| s.contains(&RuntimeSignal::Ready)).await;
+    wait_signals(&signals, |s| s.contains(&RuntimeSignal::READY)).await;
     assert_eq!(agent_pids("dropped-1").len(), 1);
     drop(runtime);
     wait_no_agents("dropped-1", 10).await;

@@ -31,16 +31,19 @@ use super::supervisor::Supervisor;
 use crate::config::{RuntimeKind, Settings};
 use crate::events::{self, EventBody, Source, StatusUpdate, StoredEvent};
 use crate::runtime::{
-    EchoRuntime, FromRuntime, ProcessRuntime, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart,
+    EchoRuntime, FromRuntime, ProcessRuntime, RefMap, ReferencedEvent, Runtime, RuntimeSignal,
+    RuntimeSink, RuntimeStart,
 };
 use crate::store::{ConversationMeta, ConversationRecord, Store, StoreError};
 
 /// What leaves the actor, in order.
 enum Outgoing {
-    /// An event, released once durable. `for_runtime` carries user events the runtime must see.
+    /// An event, released once durable. `for_runtime` carries user events the runtime must see;
+    /// `ack` the runtime's `ref` for the event and its timestamp, acknowledged once durable.
     Event {
         event: StoredEvent,
-        for_runtime: Option<EventBody>,
+        for_runtime: Option<Box<EventBody>>,
+        ack: Option<Box<(serde_json::Value, String)>>,
     },
     /// A non-stored payload for clients.
     Payload(Arc<str>),
@@ -80,6 +83,8 @@ pub struct Conversation {
     runtime_ready: bool,
     /// Durable user events waiting for the runtime to become ready.
     runtime_backlog: Vec<(u64, EventBody)>,
+    /// The ids of the current runtime's `ref`s (allocated only once it names an event).
+    runtime_refs: Option<Box<RefMap>>,
     agent_state: &'static str,
     last_status: Option<Arc<str>>,
     stopping: Option<StopReason>,
@@ -125,6 +130,7 @@ impl Conversation {
             runtime: None,
             runtime_ready: false,
             runtime_backlog: Vec::new(),
+            runtime_refs: None,
             agent_state: "loading",
             last_status: None,
             stopping: None,
@@ -160,14 +166,27 @@ impl Conversation {
 
     // ---- events -------------------------------------------------------------------------
 
-    /// Stamps an event and queues it for persistence; false when the log is full.
+    /// Stamps an event and queues it for persistence; false when the log is full. A user
+    /// event goes to the runtime once durable.
     fn emit(&mut self, body: EventBody) -> bool {
+        let for_runtime = body.source == Source::User;
+        self.emit_event(body, for_runtime, None).is_some()
+    }
+
+    /// Stamps an event and queues it for persistence: its id, or `None` when the log is full.
+    /// `ack`: the runtime's `ref` for it, acknowledged once the event is durable.
+    fn emit_event(
+        &mut self,
+        body: EventBody,
+        for_runtime: bool,
+        ack: Option<serde_json::Value>,
+    ) -> Option<u64> {
         if self.store_failed {
-            return false;
+            return None;
         }
         if self.next_id >= self.settings.limits.max_events_per_conversation {
             warn!(conversation_id = %self.id, "event limit reached; event dropped");
-            return false;
+            return None;
         }
         if let Some(state) = body.announced_agent_state() {
             self.agent_state = events::AGENT_STATES
@@ -178,13 +197,18 @@ impl Conversation {
         }
         let id = self.next_id;
         self.next_id += 1;
-        let event = body.stamp(id, &events::event_timestamp());
-        let for_runtime = (body.source == Source::User).then_some(body);
+        let timestamp = events::event_timestamp();
+        let event = body.stamp(id, &timestamp);
+        let for_runtime = for_runtime.then(|| Box::new(body));
+        let ack = ack.map(|reference| Box::new((reference, timestamp)));
         self.unsent.push(event.clone());
-        self.outbox
-            .push_back(Outgoing::Event { event, for_runtime });
+        self.outbox.push_back(Outgoing::Event {
+            event,
+            for_runtime,
+            ack,
+        });
         self.touch();
-        true
+        Some(id)
     }
 
     /// Queues a status payload for clients, after every event emitted before it.
@@ -225,10 +249,17 @@ impl Conversation {
                 }
             }
             match self.outbox.pop_front() {
-                Some(Outgoing::Event { event, for_runtime }) => {
+                Some(Outgoing::Event {
+                    event,
+                    for_runtime,
+                    ack,
+                }) => {
                     self.broadcast(ClientFrame::Event(event.clone()));
+                    if let (Some(ack), Some(rt)) = (ack, self.runtime.as_mut()) {
+                        rt.acknowledge(&ack.0, event.id, &ack.1);
+                    }
                     if let Some(body) = for_runtime {
-                        emitted |= self.hand_to_runtime(event.id, body, ctx);
+                        emitted |= self.hand_to_runtime(event.id, *body, ctx);
                     }
                 }
                 Some(Outgoing::Payload(json)) => self.broadcast(ClientFrame::Payload(json)),
@@ -294,14 +325,37 @@ impl Conversation {
                 break;
             }
             match signal {
-                RuntimeSignal::Ready => emitted |= self.on_ready(ctx),
+                RuntimeSignal::Ready {
+                    manages_agent_state,
+                } => emitted |= self.on_ready(manages_agent_state, ctx),
                 RuntimeSignal::Event(body) => {
-                    if !self.emit(body) {
-                        self.begin_stop(
-                            StopReason::RuntimeFailed("event limit reached".into()),
-                            ctx,
-                        );
+                    self.emit_from_runtime(body, None, ctx);
+                    emitted = true;
+                }
+                RuntimeSignal::Referenced(event) => {
+                    let ReferencedEvent {
+                        mut body,
+                        reference,
+                        cause_ref,
+                    } = *event;
+                    if let Some(cause_ref) = cause_ref {
+                        let known = self
+                            .runtime_refs
+                            .as_ref()
+                            .and_then(|r| r.resolve(&cause_ref));
+                        let Some(cause) = known else {
+                            warn!(conversation_id = %self.id, %cause_ref, "agent event names an unknown cause ref; ignored");
+                            self.publish_status(StatusUpdate::error(
+                                crate::runtime::process::STATUS_AGENT_PROTOCOL_ERROR,
+                                &format!(
+                                    "The agent sent an event whose cause names the unknown ref {cause_ref}; it was ignored."
+                                ),
+                            ));
+                            continue;
+                        };
+                        body.cause = Some(cause);
                     }
+                    self.emit_from_runtime(body, reference, ctx);
                     emitted = true;
                 }
                 RuntimeSignal::Status(update) => {
@@ -319,7 +373,27 @@ impl Conversation {
         emitted
     }
 
-    fn on_ready(&mut self, ctx: &mut Context<Self>) -> bool {
+    /// Stores an event the runtime produced (never handed back to it, whatever its source);
+    /// remembers its `reference` for later causes. The event limit stops the conversation.
+    fn emit_from_runtime(
+        &mut self,
+        body: EventBody,
+        reference: Option<serde_json::Value>,
+        ctx: &mut Context<Self>,
+    ) {
+        match self.emit_event(body, false, reference.clone()) {
+            Some(id) => {
+                if let Some(reference) = reference {
+                    self.runtime_refs
+                        .get_or_insert_with(Default::default)
+                        .remember(&reference, id);
+                }
+            }
+            None => self.begin_stop(StopReason::RuntimeFailed("event limit reached".into()), ctx),
+        }
+    }
+
+    fn on_ready(&mut self, manages_agent_state: bool, ctx: &mut Context<Self>) -> bool {
         if self.status != ConversationStatus::Starting {
             return false;
         }
@@ -343,7 +417,7 @@ impl Conversation {
                 )
             });
         let mut emitted = false;
-        if !user_work_pending {
+        if !user_work_pending && !manages_agent_state {
             emitted = self.emit(EventBody::agent_state("awaiting_user_input", ""));
         }
         for (id, body) in backlog {
@@ -456,6 +530,7 @@ impl Conversation {
             return;
         };
         let sink = RuntimeSink::new(ctx.address().recipient());
+        self.runtime_refs = None;
         let signals = runtime.start(RuntimeStart {
             conversation_id: &self.id,
             trigger: &meta.trigger,
@@ -522,6 +597,7 @@ impl Conversation {
         }
         self.runtime_ready = false;
         self.runtime_backlog.clear();
+        self.runtime_refs = None;
         match &reason {
             StopReason::Evicted => {
                 self.publish_status(StatusUpdate::error(

@@ -492,21 +492,27 @@ pub enum Event {
 
 /// A stored action event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ActionEvent {
     pub id: u64,
     /// UTC, ISO-8601 with microseconds and no offset (`2026-11-29T17:41:25.002345`).
     pub timestamp: String,
     pub source: EventSource,
     pub message: String,
+    /// The id of the event this answers, when there is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub cause: Option<u64>,
     pub action: String,
     #[schema(value_type = Object)]
     pub args: Map<String, Value>,
+    /// Every other field the event's producer sent (an agent's `tool_call_metadata`,
+    /// `llm_metrics`, `timeout`, …), unchanged.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 /// A stored observation event.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ObservationEvent {
     pub id: u64,
     /// UTC, ISO-8601 with microseconds and no offset (`2026-11-29T17:41:25.002345`).
@@ -521,6 +527,10 @@ pub struct ObservationEvent {
     pub content: String,
     #[schema(value_type = Object)]
     pub extras: Map<String, Value>,
+    /// Every other field the event's producer sent (an agent's `success`, `llm_metrics`, …),
+    /// unchanged.
+    #[serde(flatten)]
+    pub other: Map<String, Value>,
 }
 
 /// A page of a conversation's events.
@@ -873,6 +883,12 @@ mod tests {
             }))
             .unwrap()
             .stamp(4, "2026-11-29T17:41:27.000000"),
+            EventBody::from_value(&json!({
+                "cause": 4, "action": "run", "args": {"command": "ls"},
+                "tool_call_metadata": {"tool_call_id": "c1"}, "timeout": 120
+            }))
+            .unwrap()
+            .stamp(5, "2026-11-29T17:41:28.000000"),
         ];
         for has_more in [false, true] {
             for n in [0, 1, stored.len()] {
@@ -888,7 +904,7 @@ mod tests {
             .iter()
             .map(|e| matches!(serde_json::from_str(&e.json).unwrap(), Event::Action(_)))
             .collect();
-        assert_eq!(kinds, [false, true, true, false, false]);
+        assert_eq!(kinds, [false, true, true, false, false, true]);
     }
 
     async fn body_of(error: ApiError) -> (StatusCode, Value) {

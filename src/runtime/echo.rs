@@ -26,13 +26,13 @@ impl EchoRuntime {
 impl Runtime for EchoRuntime {
     fn start(&mut self, start: RuntimeStart<'_>) -> Vec<RuntimeSignal> {
         if self.start_delay.is_zero() {
-            return vec![RuntimeSignal::Ready];
+            return vec![RuntimeSignal::READY];
         }
         let delay = self.start_delay;
         let sink = start.sink;
         actix::spawn(async move {
             actix::clock::sleep(delay).await;
-            sink.send(RuntimeSignal::Ready);
+            sink.send(RuntimeSignal::READY);
         });
         Vec::new()
     }
@@ -76,14 +76,10 @@ mod tests {
         };
         assert_eq!(reply.source, Source::Agent);
         assert_eq!(reply.message, "hi");
-        let other = EventBody {
-            source: Source::User,
-            message: String::new(),
-            kind: EventKind::Action {
-                action: "change_agent_state".into(),
-                args: json!({"agent_state": "paused"}),
-            },
-        };
+        let other = crate::events::parse_user_action(
+            &json!({"action": "change_agent_state", "args": {"agent_state": "paused"}}),
+        )
+        .unwrap();
         assert!(rt.on_user_event(2, &other).is_empty());
     }
 }

@@ -6,12 +6,13 @@
 //! asynchronously (a start delay, an agent process). It only ever sees events that are already
 //! durable, and it never assigns event ids: the conversation actor does.
 
-use std::sync::Arc;
-
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use actix::prelude::*;
+use serde_json::Value;
 
 use crate::events::{EventBody, StatusUpdate};
 use crate::store::{InitData, Store};
@@ -25,14 +26,70 @@ pub use process::ProcessRuntime;
 /// Something a runtime reports to its conversation.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RuntimeSignal {
-    /// The runtime is ready for user events: the conversation becomes `RUNNING`.
-    Ready,
+    /// The runtime is ready for user events: the conversation becomes `RUNNING`. When the
+    /// runtime manages the agent state itself, the conversation announces none of its own
+    /// (no `awaiting_user_input` at ready).
+    Ready { manages_agent_state: bool },
     /// A new event to stamp, store and broadcast.
     Event(EventBody),
+    /// A new event the runtime names with a `ref` (acknowledged with its id once durable,
+    /// see [`Runtime::acknowledge`]) or whose cause is named by an earlier event's `ref`.
+    Referenced(Box<ReferencedEvent>),
     /// A status update to forward to clients (not stored).
     Status(StatusUpdate),
     /// The runtime failed or exited; the conversation stops with this error.
     Failed(String),
+}
+
+impl RuntimeSignal {
+    /// Ready, with the conversation announcing the agent state as usual.
+    pub const READY: RuntimeSignal = RuntimeSignal::Ready {
+        manages_agent_state: false,
+    };
+}
+
+/// An event with the runtime's own references.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReferencedEvent {
+    pub body: EventBody,
+    /// The runtime's name for this event, answered by [`Runtime::acknowledge`].
+    pub reference: Option<Value>,
+    /// The `ref` of an earlier event of this runtime that this one answers: becomes `cause`.
+    pub cause_ref: Option<Value>,
+}
+
+/// The ids a runtime's recent `ref`s were given, so that a later event can name its cause by
+/// one. Bounded: the oldest are forgotten beyond [`RefMap::CAPACITY`].
+#[derive(Debug, Default)]
+pub struct RefMap {
+    ids: HashMap<String, u64>,
+    order: VecDeque<String>,
+}
+
+impl RefMap {
+    /// How many refs are remembered.
+    pub const CAPACITY: usize = 4096;
+
+    /// A ref's key: its JSON text, so that `7` and `"7"` are different refs.
+    fn key(reference: &Value) -> String {
+        reference.to_string()
+    }
+
+    pub fn remember(&mut self, reference: &Value, id: u64) {
+        let key = Self::key(reference);
+        if self.ids.insert(key.clone(), id).is_none() {
+            self.order.push_back(key);
+            if self.order.len() > Self::CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.ids.remove(&old);
+                }
+            }
+        }
+    }
+
+    pub fn resolve(&self, reference: &Value) -> Option<u64> {
+        self.ids.get(&Self::key(reference)).copied()
+    }
 }
 
 /// A signal tagged with the conversation generation it belongs to, so that a late signal from a
@@ -85,6 +142,8 @@ pub trait Runtime: 'static {
     fn start(&mut self, start: RuntimeStart<'_>) -> Vec<RuntimeSignal>;
     /// A durable user event (with its id), delivered only after `Ready`.
     fn on_user_event(&mut self, id: u64, event: &EventBody) -> Vec<RuntimeSignal>;
+    /// A [`ReferencedEvent`] with a `reference` is durable under `id`, stamped `timestamp`.
+    fn acknowledge(&mut self, _reference: &Value, _id: u64, _timestamp: &str) {}
     /// Stops the runtime. Must not block; later signals are ignored.
     fn stop(&mut self);
     /// After [`Runtime::stop`]: completes once everything the runtime started is gone (an agent

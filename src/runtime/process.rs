@@ -4,7 +4,9 @@
 //! working directory, watched, and stopped by the conversation's actor through this runtime. The
 //! protocol (`docs/runtime-protocol.md`) is one JSON object per line: switchboard writes `init`,
 //! then user `event`s and finally `stop` to the agent's stdin; the agent answers with `ready`,
-//! `event` and `status` lines on its stdout. Its stderr goes to the server log.
+//! `event` and `status` lines on its stdout. Its stderr goes to the server log. Agent events
+//! are lossless (every field is kept); an event sent with a `ref` is answered with an `ack`
+//! carrying its id once durable (the conversation calls [`Runtime::acknowledge`]).
 //!
 //! Everything here is asynchronous and runs on the conversation's arbiter; `start`,
 //! `on_user_event` and `stop` never wait. Four small tasks serve one agent:
@@ -46,7 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::{Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
+use super::{ReferencedEvent, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
 use crate::config::Settings;
 use crate::events::{EventBody, Source, StatusUpdate};
 use crate::store::{EventQuery, InitData, Store};
@@ -78,6 +80,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 const HISTORY_PAGE: usize = 512;
 /// Longest status id accepted from an agent.
 const MAX_STATUS_ID: usize = 256;
+/// Longest `ref` string accepted from an agent.
+const MAX_REF_BYTES: usize = 256;
 
 /// Runs one agent process per conversation. See the module docs.
 pub struct ProcessRuntime {
@@ -119,7 +123,7 @@ impl ProcessRuntime {
                 dir.display()
             )
         })?;
-        let head = init_head(&conversation_id, start.trigger, start.init)?;
+        let head = init_head(&conversation_id, start.trigger, start.init, &dir)?;
 
         let mut command = Command::new(program);
         command
@@ -245,6 +249,25 @@ impl Runtime for ProcessRuntime {
         ))]
     }
 
+    fn acknowledge(&mut self, reference: &Value, id: u64, timestamp: &str) {
+        let Some(running) = self.running.as_mut() else {
+            return;
+        };
+        let Some(input) = running.input.as_ref() else {
+            return;
+        };
+        let line = protocol_line(
+            &json!({"type": "ack", "ref": reference, "id": id, "timestamp": timestamp}),
+        );
+        if let Err(e) = input.try_send(line) {
+            let why = match e {
+                TrySendError::Full(_) => "the agent is not reading its input",
+                TrySendError::Closed(_) => "the agent closed its input",
+            };
+            warn!(conversation_id = %running.conversation_id, event_id = id, "{why}; ack not delivered");
+        }
+    }
+
     fn stop(&mut self) {
         let Some(running) = self.running.as_mut() else {
             return;
@@ -322,7 +345,12 @@ fn isolate(command: &mut Command) {
 fn isolate(_command: &mut Command) {}
 
 /// The `init` line up to and including `"history":[`; the writer streams the rest.
-fn init_head(conversation_id: &str, trigger: &str, init: &InitData) -> Result<String, String> {
+fn init_head(
+    conversation_id: &str,
+    trigger: &str,
+    init: &InitData,
+    working_dir: &Path,
+) -> Result<String, String> {
     let mut init = serde_json::to_value(init)
         .map_err(|e| format!("cannot encode the conversation's init data: {e}"))?;
     if let Value::Object(map) = &mut init {
@@ -332,6 +360,7 @@ fn init_head(conversation_id: &str, trigger: &str, init: &InitData) -> Result<St
         "type": "init",
         "protocol": PROTOCOL_VERSION,
         "conversation_id": conversation_id,
+        "working_dir": working_dir.to_string_lossy(),
         "init": init,
     });
     let mut text = head.to_string();
@@ -572,17 +601,17 @@ pub fn parse_line(bytes: &[u8]) -> Result<Option<RuntimeSignal>, String> {
         .and_then(Value::as_str)
         .ok_or_else(|| "a message needs a string `type`".to_string())?;
     match kind {
-        "ready" => Ok(Some(RuntimeSignal::Ready)),
-        "event" => {
-            let event = obj
-                .get("event")
-                .ok_or_else(|| "an `event` message needs an `event` object".to_string())?;
-            let body = EventBody::from_value(event).map_err(|e| format!("invalid event: {e}"))?;
-            if body.source == Source::User {
-                return Err("invalid event: an agent cannot send `source: user` events".into());
-            }
-            Ok(Some(RuntimeSignal::Event(body)))
+        "ready" => {
+            let manages_agent_state = match obj.get("manages_agent_state") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => *b,
+                Some(_) => return Err("`manages_agent_state` must be true or false".into()),
+            };
+            Ok(Some(RuntimeSignal::Ready {
+                manages_agent_state,
+            }))
         }
+        "event" => parse_event(obj).map(Some),
         "status" => {
             let status_type = match obj.get("status_type").and_then(Value::as_str) {
                 Some(t @ ("info" | "error")) => t,
@@ -611,6 +640,53 @@ pub fn parse_line(bytes: &[u8]) -> Result<Option<RuntimeSignal>, String> {
             ))))
         }
         other => Err(format!("unknown message type {other:?}")),
+    }
+}
+
+/// An agent's `event` message: the event, its `ref` and a `cause` that names a `ref`.
+fn parse_event(message: &serde_json::Map<String, Value>) -> Result<RuntimeSignal, String> {
+    let reference = match message.get("ref") {
+        None | Some(Value::Null) => None,
+        Some(r) => Some(check_ref(r).map_err(|e| format!("invalid `ref`: {e}"))?),
+    };
+    let mut event = match message.get("event") {
+        Some(Value::Object(event)) => event.clone(),
+        _ => return Err("an `event` message needs an `event` object".into()),
+    };
+    let mut cause_ref = None;
+    if let Some(Value::Object(cause)) = event.get("cause") {
+        let r = match (cause.len(), cause.get("ref")) {
+            (1, Some(r)) => check_ref(r).map_err(|e| format!("invalid event: `cause.ref`: {e}"))?,
+            _ => {
+                return Err("invalid event: `cause` must be an event id or {\"ref\": …}".to_string())
+            }
+        };
+        cause_ref = Some(r);
+        event.shift_remove("cause");
+    }
+    let body =
+        EventBody::from_value(&Value::Object(event)).map_err(|e| format!("invalid event: {e}"))?;
+    if body.source == Source::User && body.action_name() == Some("message") {
+        return Err("invalid event: an agent cannot send a user `message`".into());
+    }
+    if reference.is_none() && cause_ref.is_none() {
+        return Ok(RuntimeSignal::Event(body));
+    }
+    Ok(RuntimeSignal::Referenced(Box::new(ReferencedEvent {
+        body,
+        reference,
+        cause_ref,
+    })))
+}
+
+/// A `ref` is a string of 1–256 bytes or an integer.
+fn check_ref(reference: &Value) -> Result<Value, String> {
+    match reference {
+        Value::String(s) if !s.is_empty() && s.len() <= MAX_REF_BYTES => Ok(reference.clone()),
+        Value::Number(n) if n.is_i64() || n.is_u64() => Ok(reference.clone()),
+        _ => Err(format!(
+            "a ref must be a string of 1-{MAX_REF_BYTES} bytes or an integer"
+        )),
     }
 }
 
@@ -897,7 +973,7 @@ mod tests {
     fn parses_protocol_lines() {
         assert_eq!(
             parse_line(br#"{"type":"ready"}"#).unwrap(),
-            Some(RuntimeSignal::Ready)
+            Some(RuntimeSignal::READY)
         );
         assert_eq!(parse_line(b"   ").unwrap(), None);
         let Some(RuntimeSignal::Event(body)) = parse_line(
@@ -924,6 +1000,11 @@ mod tests {
             br#"{"type":"dance"}"#,
             br#"{"type":"event"}"#,
             br#"{"type":"event","event":{"source":"user","action":"message"}}"#,
+            br#"{"type":"event","ref":"","event":{"action":"run"}}"#,
+            br#"{"type":"event","ref":1.5,"event":{"action":"run"}}"#,
+            br#"{"type":"event","event":{"observation":"run","cause":{"id":1}}}"#,
+            br#"{"type":"event","event":{"observation":"run","cause":"3"}}"#,
+            br#"{"type":"ready","manages_agent_state":"yes"}"#,
             br#"{"type":"status","status_type":"warning","id":"X"}"#,
             br#"{"type":"status","status_type":"info"}"#,
             b"\xff\xfe",

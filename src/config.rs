@@ -43,7 +43,8 @@ pub enum StoreKind {
 pub enum OnLimit {
     /// Refuse the new conversation with 429.
     Reject,
-    /// Stop the least recently active conversation to make room.
+    /// Stop the least recently active conversation with no client attached and no turn under
+    /// way to make room; refuse with 429 when there is none.
     EvictOldest,
 }
 

@@ -199,11 +199,22 @@ impl Server {
 
     /// Starts the binary with the `store` backend on `data`; `dir` is its working directory.
     fn start_in(dir: tempfile::TempDir, data: &Path, store: &str) -> Server {
+        Server::start_with(dir, data, store, &[])
+    }
+
+    /// [`Server::start_in`] with extra `SWITCHBOARD_*` settings in its environment.
+    fn start_with(
+        dir: tempfile::TempDir,
+        data: &Path,
+        store: &str,
+        envs: &[(&str, &str)],
+    ) -> Server {
         let mut child = Guard(
             switchboard(dir.path())
                 .arg("serve")
                 .args(["--port", "0", "--store", store, "--data-dir"])
                 .arg(data)
+                .envs(envs.iter().copied())
                 .spawn()
                 .expect("spawn switchboard"),
         );
@@ -606,5 +617,188 @@ fn two_servers_never_share_a_data_directory() {
         &["--data-dir", data.to_str().expect("utf-8")],
         "in use by another switchboard process",
         Some(free_port()),
+    );
+}
+
+/// What one round of the delete/join/attach race saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Seen {
+    /// The join reached the old conversation (and was deleted with it).
+    JoinedOld,
+    /// The join came after the delete and created a new conversation.
+    CreatedNew,
+    /// The socket was attached to the old conversation and told it was deleted.
+    SocketToldDeleted,
+    /// The socket was attached to the new conversation.
+    SocketOnNew,
+    /// The socket found no conversation.
+    SocketNotFound,
+}
+
+/// Attaches a plain WebSocket to `id` and reads until the outcome is clear.
+async fn race_socket(client: &awc::Client, port: u16, id: &str, old: &str, new: &str) -> Seen {
+    use futures_util::StreamExt;
+    let url = format!("ws://127.0.0.1:{port}/ws/conversations/{id}?latest_event_id=-1");
+    let mut ws = match client.ws(url).connect().await {
+        Ok((_, ws)) => ws,
+        Err(awc::error::WsClientError::InvalidResponseStatus(s)) if s.as_u16() == 404 => {
+            return Seen::SocketNotFound
+        }
+        Err(e) => panic!("{id}: socket failed: {e}"),
+    };
+    let mut messages = Vec::new();
+    let mut deleted = false;
+    loop {
+        let frame = actix_web::rt::time::timeout(Duration::from_secs(10), ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("{id}: the socket heard nothing for 10 s: {messages:?}"));
+        match frame {
+            Some(Ok(awc::ws::Frame::Text(text))) => {
+                let v: Value = serde_json::from_slice(&text).expect("JSON frame");
+                if v["action"] == "message" && v["source"] == "user" {
+                    messages.push(v["args"]["content"].as_str().unwrap_or("").to_string());
+                }
+                if v["observation"] == "agent_state_changed"
+                    && v["extras"]["agent_state"] == "stopped"
+                {
+                    assert_eq!(v["extras"]["reason"], "conversation deleted", "{id}: {v}");
+                    deleted = true;
+                }
+                if messages.iter().any(|m| m == new) {
+                    assert!(!messages.iter().any(|m| m == old), "{id}: {messages:?}");
+                    return Seen::SocketOnNew;
+                }
+            }
+            Some(Ok(awc::ws::Frame::Close(reason))) => {
+                let reason = reason.and_then(|r| r.description).unwrap_or_default();
+                if reason.contains("not found") {
+                    assert!(messages.is_empty(), "{id}: {messages:?}");
+                    return Seen::SocketNotFound;
+                }
+                // Attached to the old one: told it was deleted, then closed. (Its history may
+                // be gone before the replay read it; the live `stopped` event never is.)
+                assert!(reason.contains("conversation deleted"), "{id}: {reason:?}");
+                assert!(
+                    deleted,
+                    "{id}: closed without the stopped event: {reason:?}"
+                );
+                assert!(messages.iter().all(|m| m == old), "{id}: {messages:?}");
+                return Seen::SocketToldDeleted;
+            }
+            Some(Ok(_)) => {}
+            Some(Err(e)) => panic!("{id}: socket error: {e}"),
+            None => panic!("{id}: the socket ended without a close frame: {messages:?}"),
+        }
+    }
+}
+
+/// One round: a conversation, then DELETE, a POST that joins it and a socket, all at once.
+async fn race_round(client: &awc::Client, port: u16, round: usize) -> Vec<Seen> {
+    let base = format!("http://127.0.0.1:{port}/api/conversations");
+    let id = format!("race-{round}");
+    let (old, new) = (format!("old {round}"), format!("new {round}"));
+    let body = |msg: &str| serde_json::json!({"conversation_id": id, "initial_user_msg": msg});
+    let mut created = client
+        .post(&base)
+        .send_json(&body(&old))
+        .await
+        .expect("POST");
+    assert_eq!(created.status(), 200, "{:?}", created.body().await);
+    let delete = async {
+        let mut r = client
+            .delete(format!("{base}/{id}"))
+            .send()
+            .await
+            .expect("DELETE");
+        let answer: Value = r.json().await.expect("DELETE body");
+        (r.status().as_u16(), answer)
+    };
+    let join = async {
+        let mut r = client
+            .post(&base)
+            .send_json(&body(&new))
+            .await
+            .expect("POST");
+        let answer: Value = r.json().await.expect("POST body");
+        (r.status().as_u16(), answer)
+    };
+    let attach = race_socket(client, port, &id, &old, &new);
+    let ((deleted, deleted_body), (joined, join_body), socket) =
+        futures_util::future::join3(delete, join, attach).await;
+    assert_eq!((deleted, deleted_body), (200, Value::Bool(true)), "{id}");
+    assert_eq!(joined, 200, "{id}: {join_body}");
+    let mut after = client
+        .get(format!("{base}/{id}"))
+        .send()
+        .await
+        .expect("GET");
+    let info: Value = after.json().await.expect("GET body");
+    let join_seen = if join_body["message"].is_string() {
+        // Joined the old one before the delete: deleted with it, nothing is left.
+        assert_eq!(info, Value::Null, "{id}: joined the old one, yet: {info}");
+        assert_ne!(socket, Seen::SocketOnNew, "{id}");
+        Seen::JoinedOld
+    } else {
+        // Came after the delete: a brand-new conversation with only the new message.
+        assert_eq!(info["conversation_id"], id.as_str(), "{id}: {info}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            // The answer does not wait for the first events to be durable.
+            let said: Vec<String> = all_events(port, &id)
+                .iter()
+                .filter(|e| e["action"] == "message" && e["source"] == "user")
+                .filter_map(|e| e["args"]["content"].as_str().map(str::to_string))
+                .collect();
+            if !said.is_empty() || Instant::now() > deadline {
+                assert_eq!(said, [new.as_str()], "{id}");
+                break;
+            }
+            actix_web::rt::time::sleep(Duration::from_millis(10)).await;
+        }
+        Seen::CreatedNew
+    };
+    vec![join_seen, socket]
+}
+
+#[test]
+fn delete_racing_a_join_and_an_attach_is_consistent_and_logs_no_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let work = tempfile::tempdir().expect("temp dir");
+    // Every round creates conversations quickly: the creation rate limit is not under test.
+    let mut server = Server::start_with(
+        work,
+        &data,
+        "sqlite",
+        &[("SWITCHBOARD_CREATE_RATE_PER_SEC", "0")],
+    );
+    let port = server.port;
+    let rounds = 200;
+    let seen = actix_web::rt::System::new().block_on(async move {
+        let client = awc::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .finish();
+        let mut seen = std::collections::BTreeMap::<Seen, usize>::new();
+        for round in 0..rounds {
+            for s in race_round(&client, port, round).await {
+                *seen.entry(s).or_default() += 1;
+            }
+        }
+        seen
+    });
+    eprintln!("{rounds} rounds of DELETE + joining POST + socket: {seen:?}");
+    let pid = server.child.0.id().to_string();
+    let sent = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    assert!(sent.success());
+    let exit = server.child.wait_for_exit(Duration::from_secs(30));
+    server.drain();
+    assert!(exit.is_some_and(|e| e.success()), "exit {exit:?}");
+    let errors: Vec<&String> = server.seen.iter().filter(|l| l.contains("ERROR")).collect();
+    assert!(
+        errors.is_empty(),
+        "ERROR lines in the server log: {errors:#?}"
     );
 }

@@ -994,3 +994,51 @@ async fn an_agent_that_cannot_be_started_fails_at_once() {
     assert!(why.contains(&missing), "{why}");
     runtime.stop();
 }
+
+/// Reads its init, says ready, then never answers: every user message leaves a turn open.
+const THINKER: &str = r#"
+import json, sys
+sys.stdin.readline()
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    pass
+"#;
+
+#[actix_web::test]
+async fn eviction_spares_a_conversation_in_the_middle_of_a_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = script(dir.path(), "thinker.py", THINKER);
+    let app = process_app(command, |s| {
+        s.limits.max_running_conversations = 2;
+        s.limits.on_limit = switchboard::config::OnLimit::EvictOldest;
+    })
+    .await;
+    let busy = app
+        .create(json!({"initial_user_msg": "think about it"}))
+        .await;
+    app.wait_status(&busy, "RUNNING", 20).await;
+    let idle = app.create(json!({})).await;
+    app.wait_events(&idle, 20, |e| {
+        agent_states(e).last().map(String::as_str) == Some("awaiting_user_input")
+    })
+    .await;
+    // No client is attached to either and `busy` is the older one, but its turn is under way.
+    let next = app.create(json!({"initial_user_msg": "and this"})).await;
+    app.wait_status(&idle, "STOPPED", 10).await;
+    assert_eq!(app.info(&busy).await["status"], "RUNNING");
+    app.wait_status(&next, "RUNNING", 20).await;
+    // Both running conversations are mid-turn: nothing may be evicted, the new one is refused.
+    let r = app.post("/api/conversations", json!({})).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(app.listed().await, 3);
+    for id in [&busy, &next] {
+        assert_eq!(app.info(id).await["status"], "RUNNING");
+        let events = app.events(id).await;
+        assert!(!agent_states(&events).contains(&"stopped".to_string()));
+    }
+    app.shutdown().await;
+    for id in [&busy, &idle, &next] {
+        wait_no_agents(id, 10).await;
+    }
+    assert_no_lasting_zombies().await;
+}

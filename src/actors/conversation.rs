@@ -15,7 +15,12 @@
 //!   `agent_state_changed: stopped` event (and the reason's status update) delivered to
 //!   clients, then their attachments closed (callers of `Stop` are answered here), then the
 //!   runtime's own stop sequence runs out (an agent's grace periods), then the actor stops and
-//!   reports `Gone` — so a restarted conversation never overlaps its previous runtime.
+//!   reports `Gone` — so a restarted conversation never overlaps its previous runtime. A
+//!   deleted conversation's data is removed by the supervisor after `Gone`, never by the actor.
+//! - **Turns are published.** A user message opens a turn; the agent announcing that it waits
+//!   for the user (or finished, failed, paused, stopped) closes it. Eviction never stops a
+//!   conversation with a client attached or a turn under way, and declines a `Stop(Evicted)`
+//!   that arrives after one began.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -194,6 +199,12 @@ impl Conversation {
                 .copied()
                 .find(|s| *s == state)
                 .unwrap_or("unknown");
+            if let Some(in_turn) = turn_after(state) {
+                self.shared.set_in_turn(in_turn);
+            }
+        } else if body.source == Source::User && body.action_name() == Some("message") {
+            // The agent owes an answer: a turn is under way until it waits for the user again.
+            self.shared.set_in_turn(true);
         }
         let id = self.next_id;
         self.next_id += 1;
@@ -475,6 +486,8 @@ impl Conversation {
                         }
                     }
                 }
+                // Replayed history is not a turn of this runtime.
+                self.shared.set_in_turn(false);
                 if init.initial_user_msg.is_some() || !init.image_urls.is_empty() {
                     let content = init.initial_user_msg.as_deref().unwrap_or("");
                     self.emit(EventBody::message(
@@ -599,12 +612,6 @@ impl Conversation {
         self.runtime_backlog.clear();
         self.runtime_refs = None;
         match &reason {
-            StopReason::Evicted => {
-                self.publish_status(StatusUpdate::error(
-                    events::TOO_MANY_CONVERSATIONS,
-                    events::TOO_MANY_CONVERSATIONS_MESSAGE,
-                ));
-            }
             StopReason::StartTimeout | StopReason::RuntimeFailed(_) => {
                 let why = reason.as_str().to_string();
                 self.shared.set_runtime_status(RuntimeStatus::Error);
@@ -643,17 +650,24 @@ impl Conversation {
             }));
             return;
         }
-        if self.stopping == Some(StopReason::Deleted) {
-            let fut = self.store.delete(&self.id);
-            ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
-                if let Err(e) = res {
-                    warn!(conversation_id = %act.id, error = %e, "delete failed");
-                }
-                ctx.stop();
-            }));
-        } else {
-            ctx.stop();
-        }
+        // A deleted conversation's data is removed by the supervisor once this actor is gone,
+        // while it holds back every admission for the id.
+        ctx.stop();
+    }
+}
+
+/// Whether a turn is under way after the agent announces `state`; `None` leaves it as it was.
+fn turn_after(state: &str) -> Option<bool> {
+    match state {
+        "running" | "user_confirmed" => Some(true),
+        "awaiting_user_input"
+        | "awaiting_user_confirmation"
+        | "finished"
+        | "rejected"
+        | "error"
+        | "paused"
+        | "stopped" => Some(false),
+        _ => None,
     }
 }
 
@@ -771,13 +785,22 @@ impl Handler<Stop> for Conversation {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: Stop, ctx: &mut Self::Context) -> Self::Result {
+        if msg.0 == StopReason::Evicted
+            && self.stopping.is_none()
+            && (!self.subscribers.is_empty() || self.shared.in_turn())
+        {
+            // A client attached or a turn began since the supervisor chose this one.
+            debug!(conversation_id = %self.id, "eviction declined: in use");
+            self.supervisor.do_send(EvictionDeclined {
+                id: self.id.clone(),
+                generation: self.generation,
+            });
+            return Box::pin(std::future::ready(()));
+        }
         let (tx, rx) = oneshot::channel();
         self.stop_waiters.push(tx);
         if self.stopping.is_none() {
             self.begin_stop(msg.0, ctx);
-        } else if msg.0 == StopReason::Deleted {
-            // A delete that arrives while another stop is under way still removes the data.
-            self.stopping = Some(StopReason::Deleted);
         }
         Box::pin(async move {
             let _ = rx.await;

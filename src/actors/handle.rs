@@ -38,6 +38,15 @@ impl SupervisorHandle {
             .map_err(|_| AdmitError::ShuttingDown)?
     }
 
+    /// Deletes the conversation `id` with its events (stopping it first if it runs); `false`
+    /// when there was nothing to delete. Ordered with every admission for `id`.
+    pub async fn delete(&self, id: Arc<str>) -> Result<bool, DeleteError> {
+        self.addr
+            .send(Delete { id })
+            .await
+            .map_err(|_| DeleteError::ShuttingDown)?
+    }
+
     /// Stops every conversation and waits until all have stopped.
     pub async fn shutdown(&self) {
         let _ = self.addr.send(Shutdown).await;

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 
 use super::shared::ConversationStatus;
 use crate::events::{EventBody, StoredEvent};
-use crate::store::ConversationMeta;
+use crate::store::{ConversationMeta, StoreError};
 
 /// How the supervisor should bring up a conversation that is not live.
 #[derive(Debug, Clone)]
@@ -46,6 +46,33 @@ pub enum AdmitError {
 pub struct Admit {
     pub id: Arc<str>,
     pub mode: AdmitMode,
+}
+
+/// Delete a conversation and its events. Decided by the supervisor in order with every
+/// admission for the same id: a join admitted before it is stopped and deleted with it, one
+/// after it finds no conversation (or creates a new one).
+#[derive(Message)]
+#[rtype(result = "Result<bool, DeleteError>")]
+pub struct Delete {
+    pub id: Arc<str>,
+}
+
+/// Why a delete did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeleteError {
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A conversation refused to be evicted: a client attached or a turn began after the
+/// supervisor chose it.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct EvictionDeclined {
+    pub id: Arc<str>,
+    pub generation: u64,
 }
 
 /// A conversation actor has stopped for good (sent from its `stopped()`).

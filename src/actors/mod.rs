@@ -14,6 +14,7 @@ mod shared;
 
 pub use handle::{ConversationHandle, SupervisorHandle};
 pub use messages::{
-    AdmitError, AdmitMode, ClientFrame, CloseReason, JoinReply, Role, StopReason, Subscribed,
+    AdmitError, AdmitMode, ClientFrame, CloseReason, DeleteError, JoinReply, Role, StopReason,
+    Subscribed,
 };
 pub use shared::{ConversationStatus, Registry, RegistryEntry, RuntimeStatus, Shared};

@@ -5,7 +5,7 @@
 //! removes from the [`Registry`]. Readers (HTTP handlers listing or describing conversations)
 //! take no actor hop. Registry entries hold a `WeakAddr`, so an entry never keeps an actor alive.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
@@ -89,6 +89,9 @@ pub struct Shared {
     runtime_status: AtomicU8,
     connections: AtomicU32,
     last_active_ms: AtomicU64,
+    /// A turn is under way: a user message the agent has not yet answered by waiting for the
+    /// user again (or finishing).
+    in_turn: AtomicBool,
 }
 
 impl Default for Shared {
@@ -98,6 +101,7 @@ impl Default for Shared {
             runtime_status: AtomicU8::new(RuntimeStatus::Starting as u8),
             connections: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(now_ms()),
+            in_turn: AtomicBool::new(false),
         }
     }
 }
@@ -134,6 +138,19 @@ impl Shared {
 
     pub(super) fn touch(&self) {
         self.last_active_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    pub fn in_turn(&self) -> bool {
+        self.in_turn.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_in_turn(&self, in_turn: bool) {
+        self.in_turn.store(in_turn, Ordering::Release);
+    }
+
+    /// Whether eviction may stop it: live, no client attached and no turn under way.
+    pub fn evictable(&self) -> bool {
+        self.status() != ConversationStatus::Stopped && self.connections() == 0 && !self.in_turn()
     }
 }
 

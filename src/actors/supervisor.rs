@@ -7,6 +7,16 @@
 //! A request for an id whose actor is still stopping waits until it is gone, so an old and a new
 //! incarnation never write the same event log at once.
 //!
+//! Delete is decided here too, in order with admissions: from the moment a delete for an id is
+//! accepted until its data is gone from the store, every admission for that id waits. A join
+//! admitted before the delete is stopped with the conversation (its clients get the `stopped`
+//! event and a close); one admitted after it finds nothing or creates a brand-new conversation.
+//! The store's rows are removed only when no actor for the id exists, so no live conversation
+//! ever loses its data underneath.
+//!
+//! Under `evict_oldest`, only a conversation with no client attached and no turn under way is
+//! evicted (the least recently active of those); when there is none, admission is refused.
+//!
 //! Conversation actors are started round-robin on a pool of arbiters (threads), not on the
 //! supervisor's own thread.
 
@@ -25,6 +35,7 @@ use crate::config::{OnLimit, Settings};
 use crate::store::Store;
 
 type AdmitReply = oneshot::Sender<Result<Admitted, AdmitError>>;
+type DeleteReply = oneshot::Sender<Result<bool, DeleteError>>;
 
 /// Owns admission and the registry.
 pub struct Supervisor {
@@ -36,8 +47,10 @@ pub struct Supervisor {
     next_generation: u64,
     /// Conversations told to stop to make room; they no longer count against the limit.
     evicting: HashSet<Arc<str>>,
-    /// Admissions waiting for a stopping incarnation of their id to be gone.
+    /// Admissions waiting for a stopping incarnation of their id to be gone, or for its delete.
     deferred: HashMap<Arc<str>, Vec<(Admit, AdmitReply)>>,
+    /// Deletes decided and not yet done, with everyone waiting for their answer.
+    deleting: HashMap<Arc<str>, Vec<DeleteReply>>,
     shutting_down: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -57,6 +70,7 @@ impl Supervisor {
             next_generation: 0,
             evicting: HashSet::new(),
             deferred: HashMap::new(),
+            deleting: HashMap::new(),
             shutting_down: false,
             shutdown_waiters: Vec::new(),
         };
@@ -79,6 +93,10 @@ impl Supervisor {
     ) -> Result<Result<Admitted, AdmitError>, Admit> {
         if self.shutting_down {
             return Ok(Err(AdmitError::ShuttingDown));
+        }
+        if self.deleting.contains_key(&msg.id) {
+            // Decided after the delete: it sees the outcome.
+            return Err(msg);
         }
         if let Some(entry) = self.registry.get(&msg.id).map(|e| e.clone()) {
             match entry.addr.upgrade() {
@@ -113,13 +131,16 @@ impl Supervisor {
         Ok(Ok(self.spawn(msg, ctx)))
     }
 
-    /// Tells the least recently active running conversation to stop; false if none can be.
+    /// Tells the least recently active conversation with no client attached and no turn under
+    /// way to stop; false if there is none.
     fn evict_oldest(&mut self) -> bool {
         let victim = self
             .registry
             .iter()
             .filter(|e| {
-                !self.evicting.contains(e.key()) && e.shared.status() != ConversationStatus::Stopped
+                !self.evicting.contains(e.key())
+                    && !self.deleting.contains_key(e.key())
+                    && e.shared.evictable()
             })
             .min_by_key(|e| e.shared.last_active_ms())
             .map(|e| (e.key().clone(), e.addr.clone()));
@@ -173,6 +194,56 @@ impl Supervisor {
             role,
         }
     }
+
+    /// Answers the admissions that waited for `id` (its old incarnation gone, its delete done).
+    fn readmit(&mut self, id: &str, ctx: &mut Context<Self>) {
+        let Some(waiting) = self.deferred.remove(id) else {
+            return;
+        };
+        for (admit, reply) in waiting {
+            match self.admit(admit, ctx) {
+                Ok(result) => {
+                    let _ = reply.send(result);
+                }
+                // A request admitted just before it started a new incarnation that is already
+                // stopping again (or a new delete): wait for that one too.
+                Err(admit) => self
+                    .deferred
+                    .entry(admit.id.clone())
+                    .or_default()
+                    .push((admit, reply)),
+            }
+        }
+    }
+
+    /// Removes `id`'s data from the store; no actor for it exists and admissions for it wait.
+    fn delete_stored(&mut self, id: Arc<str>, ctx: &mut Context<Self>) {
+        let fut = self.store.delete(&id);
+        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
+            match &result {
+                Ok(existed) => {
+                    tracing::info!(conversation_id = %id, existed, "conversation deleted")
+                }
+                Err(error) => {
+                    tracing::error!(conversation_id = %id, %error, "could not delete conversation")
+                }
+            }
+            for reply in act.deleting.remove(&id).unwrap_or_default() {
+                let _ = reply.send(result.clone().map_err(DeleteError::from));
+            }
+            act.readmit(&id, ctx);
+            act.maybe_shut_down();
+        }));
+    }
+
+    /// Answers the shutdown once no conversation and no delete is left.
+    fn maybe_shut_down(&mut self) {
+        if self.shutting_down && self.registry.is_empty() && self.deleting.is_empty() {
+            for waiter in self.shutdown_waiters.drain(..) {
+                let _ = waiter.send(());
+            }
+        }
+    }
 }
 
 impl Actor for Supervisor {
@@ -213,21 +284,62 @@ impl Handler<Gone> for Supervisor {
             .is_some();
         if removed {
             self.evicting.remove(&msg.id);
-        }
-        if let Some(waiting) = self.deferred.remove(&msg.id) {
-            for (admit, reply) in waiting {
-                let result = match self.admit(admit, ctx) {
-                    Ok(result) => result,
-                    // Cannot happen right after removal, but never leave a caller hanging.
-                    Err(_) => Err(AdmitError::Failed("conversation is restarting".into())),
-                };
-                let _ = reply.send(result);
+            if self.deleting.contains_key(&msg.id) {
+                // Its actor is gone: now the data goes; admissions wait until it has.
+                self.delete_stored(msg.id, ctx);
+                return;
             }
         }
-        if self.shutting_down && self.registry.is_empty() {
-            for waiter in self.shutdown_waiters.drain(..) {
-                let _ = waiter.send(());
+        self.readmit(&msg.id, ctx);
+        self.maybe_shut_down();
+    }
+}
+
+impl Handler<Delete> for Supervisor {
+    type Result = ResponseFuture<Result<bool, DeleteError>>;
+
+    fn handle(&mut self, msg: Delete, ctx: &mut Self::Context) -> Self::Result {
+        if self.shutting_down {
+            return Box::pin(std::future::ready(Err(DeleteError::ShuttingDown)));
+        }
+        let (tx, rx) = oneshot::channel();
+        let answer = Box::pin(async move { rx.await.unwrap_or(Err(DeleteError::ShuttingDown)) });
+        if let Some(waiting) = self.deleting.get_mut(&msg.id) {
+            // Already being deleted: the same answer for everyone who asked meanwhile.
+            waiting.push(tx);
+            return answer;
+        }
+        self.deleting.insert(msg.id.clone(), vec![tx]);
+        let live = self.registry.get(&msg.id).map(|e| e.addr.upgrade());
+        match live {
+            // Stop it first (clients get `stopped` and a close); its Gone deletes the data.
+            Some(Some(addr)) => addr.do_send(Stop(StopReason::Deleted)),
+            Some(None) => {
+                self.registry.remove(&msg.id);
+                self.evicting.remove(&msg.id);
+                self.delete_stored(msg.id, ctx);
             }
+            None => self.delete_stored(msg.id, ctx),
+        }
+        answer
+    }
+}
+
+impl Handler<EvictionDeclined> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: EvictionDeclined, _ctx: &mut Self::Context) {
+        let current = self
+            .registry
+            .get(&msg.id)
+            .is_some_and(|e| e.generation == msg.generation);
+        if !current || !self.evicting.remove(&msg.id) {
+            return;
+        }
+        tracing::info!(conversation_id = %msg.id, "eviction declined: a client attached or a turn began");
+        // It counts again; make room elsewhere if another conversation can go.
+        if self.running() > self.settings.limits.max_running_conversations {
+            self.evict_oldest();
         }
     }
 }
@@ -242,8 +354,11 @@ impl Handler<Shutdown> for Supervisor {
                 let _ = reply.send(Err(AdmitError::ShuttingDown));
             }
         }
-        let live = self.registry.len();
-        tracing::info!(conversations = live, "stopping all conversations");
+        let live = self.registry.len() + self.deleting.len();
+        tracing::info!(
+            conversations = self.registry.len(),
+            "stopping all conversations"
+        );
         for entry in self.registry.iter() {
             if let Some(addr) = entry.addr.upgrade() {
                 addr.do_send(Stop(StopReason::Shutdown));

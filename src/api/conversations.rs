@@ -17,7 +17,7 @@ use super::validation::{self, conversation_id_error, FieldError, PROVIDERS};
 use super::{read_body, AppState};
 use crate::actors::messages::ConversationError;
 use crate::actors::{
-    AdmitError, AdmitMode, ConversationHandle, ConversationStatus, Shared, StopReason,
+    AdmitError, AdmitMode, ConversationHandle, ConversationStatus, DeleteError, Shared, StopReason,
 };
 use crate::events::{meta_timestamp, parse_user_action};
 use crate::store::{ConversationMeta, EventQuery};
@@ -112,6 +112,11 @@ async fn admit_and_join(
         {
             Ok(reply) => return Ok((admitted.conversation, reply.status, reply.message)),
             Err(e @ ConversationError::Stopping) => last = e,
+            // It joined an incarnation that was only looking the id up (a socket or `start`)
+            // and found nothing; that one stops, and the retry creates the conversation.
+            Err(e @ ConversationError::NotFound) if !matches!(mode, AdmitMode::LoadOnly) => {
+                last = e
+            }
             Err(ConversationError::NotFound) => {
                 return Err(ApiError::NotFound("Conversation not found".into()))
             }
@@ -410,7 +415,7 @@ pub async fn update(
         (status = 200, description = "`true` when it existed and was deleted, `false` when unknown", body = bool, content_type = "application/json"),
         (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        (status = 503, description = "The store failed, or the server is shutting down", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -419,15 +424,10 @@ pub async fn delete(
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    let deleted = match state.supervisor.live(&id) {
-        Some(conversation) => {
-            conversation.stop(StopReason::Deleted).await;
-            // The actor removed its data on the way out; make sure nothing is left.
-            state.store.delete(&id).await?;
-            true
-        }
-        None => state.store.delete(&id).await?,
-    };
+    let deleted = state.supervisor.delete(id).await.map_err(|e| match e {
+        DeleteError::ShuttingDown => ApiError::Unavailable("The server is shutting down".into()),
+        DeleteError::Store(e) => ApiError::Storage(e.to_string()),
+    })?;
     Ok(HttpResponse::Ok().json(deleted))
 }
 

@@ -324,7 +324,7 @@ async fn stop_tells_every_client_before_disconnecting() {
 }
 
 #[actix_web::test]
-async fn eviction_sends_the_status_update_then_stopped_then_41() {
+async fn an_attached_socket_keeps_its_conversation_from_eviction() {
     let app = spawn_app_with(|s| {
         s.limits.max_running_conversations = 1;
         s.limits.on_limit = switchboard::config::OnLimit::EvictOldest;
@@ -333,16 +333,20 @@ async fn eviction_sends_the_status_update_then_stopped_then_41() {
     let id = app.create(json!({})).await;
     app.wait_events(&id, 5, |e| e.len() >= 2).await;
     let (mut ws, _) = app.sio_attached(&format!("conversation_id={id}")).await;
-    app.create(json!({})).await;
-    let got = ws
-        .oh_events_until(|p| p["extras"]["agent_state"] == "stopped")
+    let r = app.post("/api/conversations", json!({})).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.body["msg_id"], "AGENT_ERROR$TOO_MANY_CONVERSATIONS");
+    // The socket is still attached and live: a message makes the round trip.
+    ws.send(&user_msg("still here")).await;
+    let live = ws
+        .oh_events_until(|p| p["extras"]["agent_state"] == "awaiting_user_input")
         .await;
     assert!(
-        got.iter()
-            .any(|p| p["id"] == "AGENT_ERROR$TOO_MANY_CONVERSATIONS" && p["type"] == "error"),
-        "{got:#?}"
+        live.iter()
+            .any(|p| p["source"] == "agent" && p["args"]["content"] == "still here"),
+        "{live:#?}"
     );
-    assert_eq!(ws.text().await, "41");
+    assert_eq!(app.info(&id).await["status"], "RUNNING");
 }
 
 #[actix_web::test]

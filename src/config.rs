@@ -80,7 +80,44 @@ pub struct Settings {
     pub limits: Limits,
     pub socket: SocketSettings,
     pub runtime: RuntimeSettings,
+    pub frontend: FrontendSettings,
+    pub workspace: WorkspaceSettings,
     pub store_tuning: StoreTuning,
+}
+
+/// The OpenHands web app: where its build is, and what `GET /api/options/*` tell it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrontendSettings {
+    /// The built app to serve at `/`; empty for none.
+    pub dir: PathBuf,
+    pub app_mode: AppMode,
+    pub github_client_id: String,
+    pub posthog_client_key: String,
+    pub enable_billing: bool,
+    pub hide_llm_settings: bool,
+    pub hide_microagent_management: bool,
+    pub models: Vec<String>,
+    pub agents: Vec<String>,
+    pub security_analyzers: Vec<String>,
+}
+
+/// The web app's mode (`APP_MODE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AppMode {
+    Oss,
+    Saas,
+}
+
+/// Bounds on what the workspace routes read and write.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkspaceSettings {
+    pub max_upload_files: usize,
+    pub max_upload_bytes: usize,
+    pub max_read_file_bytes: u64,
+    pub max_list_files: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -290,6 +327,60 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
         "runtime.process.stderr_tail_lines",
         EnvKind::Literal,
     ),
+    ("SWITCHBOARD_FRONTEND_DIR", "frontend.dir", EnvKind::Str),
+    ("SWITCHBOARD_APP_MODE", "frontend.app_mode", EnvKind::Str),
+    (
+        "SWITCHBOARD_GITHUB_CLIENT_ID",
+        "frontend.github_client_id",
+        EnvKind::Str,
+    ),
+    (
+        "SWITCHBOARD_POSTHOG_CLIENT_KEY",
+        "frontend.posthog_client_key",
+        EnvKind::Str,
+    ),
+    (
+        "SWITCHBOARD_ENABLE_BILLING",
+        "frontend.enable_billing",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_HIDE_LLM_SETTINGS",
+        "frontend.hide_llm_settings",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_HIDE_MICROAGENT_MANAGEMENT",
+        "frontend.hide_microagent_management",
+        EnvKind::Literal,
+    ),
+    ("SWITCHBOARD_MODELS", "frontend.models", EnvKind::List),
+    ("SWITCHBOARD_AGENTS", "frontend.agents", EnvKind::List),
+    (
+        "SWITCHBOARD_SECURITY_ANALYZERS",
+        "frontend.security_analyzers",
+        EnvKind::List,
+    ),
+    (
+        "SWITCHBOARD_MAX_UPLOAD_FILES",
+        "workspace.max_upload_files",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_UPLOAD_BYTES",
+        "workspace.max_upload_bytes",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_READ_FILE_BYTES",
+        "workspace.max_read_file_bytes",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_LIST_FILES",
+        "workspace.max_list_files",
+        EnvKind::Literal,
+    ),
     (
         "SWITCHBOARD_STORE_BATCH_MAX",
         "store_tuning.batch_max",
@@ -312,6 +403,7 @@ pub struct Overrides {
     pub store: Option<String>,
     pub session_api_key: Option<String>,
     pub runtime: Option<String>,
+    pub frontend: Option<PathBuf>,
 }
 
 /// Builds [`Settings`] from one TOML layer at a time.
@@ -430,6 +522,9 @@ impl SettingsBuilder {
         }
         if let Some(v) = &o.runtime {
             self = self.set("runtime.kind", toml::Value::String(v.clone()));
+        }
+        if let Some(v) = &o.frontend {
+            self = self.set("frontend.dir", toml::Value::String(v.display().to_string()));
         }
         self
     }
@@ -580,6 +675,42 @@ impl Settings {
         positive("store_tuning.batch_max", self.store_tuning.batch_max as u64)?;
         positive("store_tuning.queue", self.store_tuning.queue as u64)?;
         self.validate_process()?;
+        let w = &self.workspace;
+        positive("workspace.max_upload_files", w.max_upload_files as u64)?;
+        positive("workspace.max_upload_bytes", w.max_upload_bytes as u64)?;
+        positive("workspace.max_read_file_bytes", w.max_read_file_bytes)?;
+        positive("workspace.max_list_files", w.max_list_files as u64)?;
+        self.validate_frontend()?;
+        Ok(())
+    }
+
+    /// The web app's directory must hold a built app: checked at start, so that a wrong path is
+    /// one clear line instead of a blank page.
+    fn validate_frontend(&self) -> Result<(), ConfigError> {
+        let f = &self.frontend;
+        for (setting, names) in [
+            ("frontend.models", &f.models),
+            ("frontend.agents", &f.agents),
+            ("frontend.security_analyzers", &f.security_analyzers),
+        ] {
+            if names.iter().any(|n| n.trim().is_empty()) {
+                return Err(invalid(setting, "expected a list of non-empty names"));
+            }
+        }
+        if f.dir.as_os_str().is_empty() {
+            return Ok(());
+        }
+        let index = f.dir.join("index.html");
+        if !index.is_file() {
+            return Err(invalid(
+                "frontend.dir",
+                format!(
+                    "{} holds no index.html; expected the directory of a built OpenHands web app \
+                     (its frontend/build: index.html, assets/)",
+                    f.dir.display()
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -822,6 +953,47 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(s.runtime.process.env["AGENT_MODEL"], "small");
+    }
+
+    #[test]
+    fn frontend_settings_from_env_and_a_dir_without_index_is_refused() {
+        let d = Settings::defaults();
+        assert_eq!(d.frontend.dir, PathBuf::new());
+        assert_eq!(d.frontend.app_mode, AppMode::Oss);
+        assert_eq!(d.frontend.posthog_client_key, "");
+        assert_eq!(d.frontend.agents, ["CodeActAgent"]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().display().to_string();
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[("SWITCHBOARD_FRONTEND_DIR", &path)]))
+            .build()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("frontend.dir"), "{err}");
+        assert!(err.contains("index.html"), "{err}");
+        std::fs::write(dir.path().join("index.html"), "<html></html>").unwrap();
+        let s = SettingsBuilder::new()
+            .merge_env(env(&[
+                ("SWITCHBOARD_FRONTEND_DIR", &path),
+                ("SWITCHBOARD_APP_MODE", "saas"),
+                ("SWITCHBOARD_POSTHOG_CLIENT_KEY", "phc"),
+                ("SWITCHBOARD_HIDE_LLM_SETTINGS", "true"),
+                ("SWITCHBOARD_MODELS", "a/b, c/d"),
+                ("SWITCHBOARD_MAX_UPLOAD_FILES", "3"),
+            ]))
+            .build()
+            .unwrap();
+        assert_eq!(s.frontend.dir, dir.path());
+        assert_eq!(s.frontend.app_mode, AppMode::Saas);
+        assert_eq!(s.frontend.posthog_client_key, "phc");
+        assert!(s.frontend.hide_llm_settings);
+        assert_eq!(s.frontend.models, ["a/b", "c/d"]);
+        assert_eq!(s.workspace.max_upload_files, 3);
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[("SWITCHBOARD_APP_MODE", "cloud")]))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("frontend.app_mode"), "{err}");
     }
 
     #[test]

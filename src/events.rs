@@ -363,6 +363,44 @@ pub fn is_event_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// A conversation's title until it is renamed or titled from its first message:
+/// `Conversation <first 5 characters of its id>`, as OpenHands names them.
+pub fn default_title(conversation_id: &str) -> String {
+    format!(
+        "Conversation {}",
+        conversation_id.chars().take(5).collect::<String>()
+    )
+}
+
+/// The title OpenHands gives a conversation from its first user message when no LLM titles it:
+/// the stripped message's first 30 characters, plus `...` when it is longer. `None` for a
+/// blank message.
+pub fn title_from_message(message: &str) -> Option<String> {
+    let stripped = message.trim();
+    if stripped.is_empty() {
+        return None;
+    }
+    let mut title: String = stripped.chars().take(30).collect();
+    if stripped.chars().nth(30).is_some() {
+        title.push_str("...");
+    }
+    Some(title)
+}
+
+impl EventBody {
+    /// The text of a user's chat `message` action.
+    pub fn user_message_content(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::Action { action, args }
+                if self.source == Source::User && action == "message" =>
+            {
+                args.get("content").and_then(Value::as_str)
+            }
+            _ => None,
+        }
+    }
+}
+
 /// A payload sent to clients as `oh_event` that is not a stored event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct StatusUpdate {
@@ -438,6 +476,22 @@ pub const TOO_MANY_CONVERSATIONS_MESSAGE: &str = "Too many conversations at once
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn titles_from_messages_follow_openhands() {
+        assert_eq!(title_from_message("  \n "), None);
+        assert_eq!(title_from_message("  hello \n").as_deref(), Some("hello"));
+        let exactly = "x".repeat(30);
+        assert_eq!(
+            title_from_message(&exactly).as_deref(),
+            Some(exactly.as_str())
+        );
+        assert_eq!(
+            title_from_message(&format!(" {}é ", "ü".repeat(30))).as_deref(),
+            Some(format!("{}...", "ü".repeat(30)).as_str())
+        );
+        assert_eq!(default_title("abcdef123"), "Conversation abcde");
+    }
 
     #[test]
     fn stamped_events_keep_the_wire_key_order() {

@@ -49,6 +49,9 @@ struct ServeArgs {
     /// Runtime kind: echo or process (SWITCHBOARD_RUNTIME).
     #[arg(long)]
     runtime: Option<String>,
+    /// Serve the built OpenHands web app in DIR at `/` (SWITCHBOARD_FRONTEND_DIR).
+    #[arg(long, value_name = "DIR")]
+    frontend: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -77,6 +80,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         store: args.store,
         session_api_key: args.session_api_key,
         runtime: args.runtime,
+        frontend: args.frontend,
     };
     let settings = match Settings::load(&overrides) {
         Ok(s) => s,

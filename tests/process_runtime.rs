@@ -867,6 +867,7 @@ async fn the_runtime_speaks_the_protocol() {
         sink: RuntimeSink::new(recorder.recipient()),
         store: store_dyn,
         history_before: 2,
+        settings: None,
     });
     assert!(immediate.is_empty());
     assert!(dir.path().join("data/workspaces").join(id).is_dir());
@@ -960,6 +961,7 @@ async fn dropping_a_running_runtime_stops_its_agent() {
         sink: RuntimeSink::new(recorder.recipient()),
         store: Arc::new(MemoryStore::new()),
         history_before: 0,
+        settings: None,
     });
     assert!(immediate.is_empty());
     wait_signals(&signals, |s| s.contains(&RuntimeSignal::READY)).await;
@@ -986,6 +988,7 @@ async fn an_agent_that_cannot_be_started_fails_at_once() {
         sink: RuntimeSink::new(recorder.recipient()),
         store: Arc::new(MemoryStore::new()),
         history_before: 0,
+        settings: None,
     });
     let [RuntimeSignal::Failed(why)] = &immediate[..] else {
         panic!("expected a failure, got {immediate:?}")
@@ -1041,4 +1044,60 @@ async fn eviction_spares_a_conversation_in_the_middle_of_a_turn() {
         wait_no_agents(id, 10).await;
     }
     assert_no_lasting_zombies().await;
+}
+
+// ---- the user's saved settings ----------------------------------------------------------
+
+/// Says what its `init` line's `settings` held, as an agent message.
+const REPORTS_SETTINGS: &str = r#"
+import json, sys
+init = json.loads(sys.stdin.readline())
+print(json.dumps({"type": "ready"}), flush=True)
+content = json.dumps(init.get("settings", "absent"), sort_keys=True)
+print(json.dumps({"type": "event", "event": {"source": "agent", "action": "message",
+      "args": {"content": "settings=" + content}}}), flush=True)
+sys.stdin.read()
+"#;
+
+#[actix_web::test]
+async fn the_saved_settings_reach_the_agent_init() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let command = script(dir.path(), "settings_agent.py", REPORTS_SETTINGS);
+    let app = process_app(command, |_| {}).await;
+    let said = |events: &[Value]| -> Option<Value> {
+        events.iter().find_map(|e| {
+            let text = e["args"]["content"].as_str()?.strip_prefix("settings=")?;
+            serde_json::from_str(text).ok()
+        })
+    };
+    // Nothing saved yet: `settings` is null.
+    let id = app.create(json!({})).await;
+    let events = app.wait_events(&id, 30, |e| said(e).is_some()).await;
+    assert_eq!(said(&events), Some(Value::Null));
+
+    let r = app
+        .post(
+            "/api/settings",
+            json!({"llm_model": "openai/gpt-4o", "llm_api_key": "sk-test",
+                   "llm_base_url": "http://llm.local", "agent": "CodeActAgent",
+                   "language": "de", "confirmation_mode": true, "max_iterations": "7",
+                   "mcp_config": {"sse_servers": [{"url": "https://mcp.example.com"}]}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = app.create(json!({})).await;
+    let events = app.wait_events(&id, 30, |e| said(e).is_some()).await;
+    let settings = said(&events).expect("reported");
+    assert_eq!(settings["llm_model"], "openai/gpt-4o");
+    assert_eq!(settings["llm_api_key"], "sk-test", "the agent gets the key");
+    assert_eq!(settings["llm_base_url"], "http://llm.local");
+    assert_eq!(settings["agent"], "CodeActAgent");
+    assert_eq!(settings["language"], "de");
+    assert_eq!(settings["confirmation_mode"], true);
+    assert_eq!(settings["max_iterations"], 7);
+    assert_eq!(
+        settings["mcp_config"]["sse_servers"][0]["url"],
+        "https://mcp.example.com"
+    );
+    app.shutdown().await;
 }

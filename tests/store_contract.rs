@@ -367,6 +367,28 @@ async fn flush_completes<S: Store>(store: Arc<S>) {
 // ---------------------------------------------------------------------------------------------
 // One module of tests per backend
 
+async fn settings_round_trip<S: Store>(store: Arc<S>) {
+    assert_eq!(store.settings("").await.expect("settings"), None);
+    let first = json!({"llm_model": "a/b", "llm_api_key": "sk-1", "language": "en ✓"});
+    store.save_settings("", first.clone()).await.expect("save");
+    assert_eq!(store.settings("").await.expect("settings"), Some(first));
+    // A save replaces the whole document, and users are kept apart.
+    let second = json!({"llm_model": "c/d"});
+    store.save_settings("", second.clone()).await.expect("save");
+    store
+        .save_settings("alice", json!({"agent": "X"}))
+        .await
+        .expect("save");
+    assert_eq!(store.settings("").await.expect("settings"), Some(second));
+    assert_eq!(
+        store.settings("alice").await.expect("settings"),
+        Some(json!({"agent": "X"}))
+    );
+    assert_eq!(store.settings("bob").await.expect("settings"), None);
+    // Settings are not conversations.
+    assert!(store.list(0, 10).await.expect("list").is_empty());
+}
+
 macro_rules! contract_tests {
     ($backend:ident, $fixture:expr) => {
         mod $backend {
@@ -424,6 +446,12 @@ macro_rules! contract_tests {
             async fn append_fifo_spawned_in_reverse() {
                 let f = $fixture;
                 super::append_fifo(f.store.clone(), true).await;
+            }
+
+            #[tokio::test]
+            async fn settings_round_trip() {
+                let f = $fixture;
+                super::settings_round_trip(f.store.clone()).await;
             }
 
             #[tokio::test]

@@ -100,6 +100,11 @@ async fn reopen_keeps_everything() {
     store.append("rich", events(0..5)).await.expect("append");
     store.append("plain", events(0..2)).await.expect("append");
     assert!(store.set_title("rich", "Renamed").await.expect("title"));
+    let settings = json!({"llm_model": "a/b", "llm_api_key": "sk-1", "mcp_config": null});
+    store
+        .save_settings("", settings.clone())
+        .await
+        .expect("settings");
     let before: Vec<_> = join_all(["rich", "plain", "empty"].map(|id| store.get(id))).await;
     let listed_before = store.list(0, 10).await.expect("list");
     close(store).await;
@@ -115,6 +120,7 @@ async fn reopen_keeps_everything() {
     }
     let record = after[0].clone().expect("get").expect("exists");
     assert_eq!(record.meta.title, "Renamed");
+    assert_eq!(store.settings("").await.expect("settings"), Some(settings));
     assert_eq!(record.meta.init, rich.init, "init data incl. mcp_config");
     assert_eq!(record.meta.owner.as_deref(), Some("alice"));
     assert_eq!(record.next_event_id, 5);
@@ -701,16 +707,22 @@ async fn a_reused_seq_inherits_nothing() {
     close(store).await;
 }
 
+/// Writes a database file made by `sql` into `dir`; returns its path.
+fn database_from(dir: &Path, sql: &str) -> std::path::PathBuf {
+    let db = dir.join(DB_FILE_NAME);
+    let conn = Connection::open(&db).expect("create");
+    conn.execute_batch(sql).expect("schema");
+    db
+}
+
 /// A file left by a pre-release build (schema version 1 in its first shape, keyed by the text
 /// ids) is refused with the reason, not used.
 #[test]
 fn a_pre_release_schema_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = dir.path().join(DB_FILE_NAME);
-    {
-        let conn = Connection::open(&db).expect("create");
-        conn.execute_batch(
-            r#"
+    let db = database_from(
+        dir.path(),
+        r#"
             CREATE TABLE conversations (
                 id TEXT PRIMARY KEY NOT NULL, title TEXT NOT NULL, created_at TEXT NOT NULL,
                 last_updated_at TEXT NOT NULL, "trigger" TEXT NOT NULL, owner TEXT,
@@ -721,11 +733,50 @@ fn a_pre_release_schema_is_refused() {
             PRAGMA user_version = 1;
             PRAGMA application_id = 1398227524;
             "#,
-        )
-        .expect("old schema");
-    }
+    );
     let message = open_err(dir.path());
     println!("refusal: {message}");
     assert!(message.contains("schema"), "{message}");
     assert!(message.contains(&db.display().to_string()), "{message}");
+}
+
+/// A database of schema version 1 (before the settings table) is migrated in place when
+/// opened: its conversations and events stay, and settings can be stored.
+#[tokio::test]
+async fn a_version_1_database_is_migrated() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = database_from(
+        dir.path(),
+        r#"
+            CREATE TABLE conversations (
+                seq INTEGER PRIMARY KEY, id TEXT NOT NULL, title TEXT NOT NULL,
+                created_at TEXT NOT NULL, last_updated_at TEXT NOT NULL, "trigger" TEXT NOT NULL,
+                owner TEXT, init_json TEXT NOT NULL);
+            CREATE UNIQUE INDEX conversations_by_id ON conversations (id);
+            CREATE INDEX conversations_by_created_at ON conversations (created_at, id);
+            CREATE TABLE events (conv_seq INTEGER NOT NULL, id INTEGER NOT NULL,
+                json TEXT NOT NULL, PRIMARY KEY (conv_seq, id)) WITHOUT ROWID;
+            INSERT INTO conversations VALUES (1, 'old', 'Old one', '2024-01-01T00:00:00.000000Z',
+                '2024-01-01T00:00:00.000000Z', 'gui', NULL, '{}');
+            INSERT INTO events VALUES (1, 0, '{"id":0,"source":"user","message":"hi"}');
+            PRAGMA user_version = 1;
+            PRAGMA application_id = 1398227524;
+            "#,
+    );
+    let store = open(dir.path());
+    let record = store.get("old").await.expect("get").expect("kept");
+    assert_eq!(record.meta.title, "Old one");
+    assert_eq!(record.next_event_id, 1);
+    assert_eq!(store.settings("").await.expect("settings"), None);
+    store
+        .save_settings("", json!({"language": "en"}))
+        .await
+        .expect("save");
+    close(store).await;
+    let conn = Connection::open(&db).expect("open");
+    let version: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .expect("user_version");
+    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(SCHEMA_VERSION, 2);
 }

@@ -102,6 +102,8 @@ pub struct Conversation {
     start_deadline: Option<SpawnHandle>,
     /// Completes once the stopped runtime has released everything (see `Runtime::finished`).
     runtime_finished: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>,
+    /// The user's saved app settings for the runtime's start (process runtime only).
+    user_settings: Option<serde_json::Value>,
 }
 
 impl Conversation {
@@ -145,6 +147,7 @@ impl Conversation {
             load_error: None,
             start_deadline: None,
             runtime_finished: None,
+            user_settings: None,
         }
     }
 
@@ -210,6 +213,9 @@ impl Conversation {
         self.next_id += 1;
         let timestamp = events::event_timestamp();
         let event = body.stamp(id, &timestamp);
+        let title = body
+            .user_message_content()
+            .and_then(events::title_from_message);
         let for_runtime = for_runtime.then(|| Box::new(body));
         let ack = ack.map(|reference| Box::new((reference, timestamp)));
         self.unsent.push(event.clone());
@@ -218,8 +224,32 @@ impl Conversation {
             for_runtime,
             ack,
         });
+        if let Some(title) = title {
+            self.auto_title(title);
+        }
         self.touch();
         Some(id)
+    }
+
+    /// Titles the conversation from its first non-blank user message while it still has its
+    /// default title, as OpenHands does without an LLM: stored, and told to attached clients
+    /// (after the message itself) as the `conversation_title` status update.
+    fn auto_title(&mut self, title: String) {
+        let Some(meta) = self.meta.as_mut() else {
+            return;
+        };
+        if meta.title != events::default_title(&self.id) {
+            return;
+        }
+        meta.title = title.clone();
+        let id = self.id.clone();
+        let stored = self.store.set_title(&self.id, &title);
+        actix::spawn(async move {
+            if let Err(e) = stored.await {
+                warn!(conversation_id = %id, error = %e, "cannot store the conversation's title");
+            }
+        });
+        self.publish_status(StatusUpdate::title(&self.id, &title));
     }
 
     /// Queues a status payload for clients, after every event emitted before it.
@@ -469,17 +499,9 @@ impl Conversation {
                 self.emit(EventBody::agent_state("loading", ""));
                 for value in &init.replay_events {
                     match EventBody::from_value(value) {
-                        Ok(body) if body.source != Source::User => {
-                            self.emit(body);
-                        }
                         Ok(body) => {
-                            // Replayed user events are history, not new work for the runtime.
-                            self.emit(body);
-                            if let Some(Outgoing::Event { for_runtime, .. }) =
-                                self.outbox.back_mut()
-                            {
-                                *for_runtime = None;
-                            }
+                            // Replayed events are history, not new work for the runtime.
+                            self.emit_event(body, false, None);
                         }
                         Err(e) => {
                             warn!(conversation_id = %self.id, error = %e, "skipping replayed event")
@@ -552,6 +574,7 @@ impl Conversation {
             store: self.store.clone(),
             // Every event before this one is durable: the history a restarted agent resumes.
             history_before: self.durable_before,
+            settings: self.user_settings.take(),
         });
         self.runtime = Some(runtime);
         // The runtime has what it needs; the store keeps the init data for the next start.
@@ -704,11 +727,34 @@ impl Actor for Conversation {
                     .map_or(Loaded::NotFound, |r| Loaded::Resumed(Box::new(r)))),
             }
         };
+        // An agent process starts with the user's saved LLM/agent settings; the echo runtime
+        // has no use for them.
+        let settings_store =
+            (self.settings.runtime.kind == RuntimeKind::Process).then(|| self.store.clone());
+        let load = async move {
+            let loaded = load.await;
+            let settings = match settings_store {
+                Some(store) if loaded.is_ok() => {
+                    match store.settings(crate::api::settings::SINGLE_USER).await {
+                        Ok(Some(serde_json::Value::Object(map))) => {
+                            Some(crate::api::settings::for_runtime(&map))
+                        }
+                        Ok(_) => None,
+                        Err(e) => {
+                            warn!(error = %e, "cannot read the saved settings; starting without");
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            };
+            (loaded, settings)
+        };
         // `wait` holds back every other message until the conversation is loaded.
-        ctx.wait(
-            load.into_actor(self)
-                .map(|res, act, ctx| act.on_loaded(res, ctx)),
-        );
+        ctx.wait(load.into_actor(self).map(|(res, settings), act, ctx| {
+            act.user_settings = settings;
+            act.on_loaded(res, ctx)
+        }));
     }
 
     fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {

@@ -14,12 +14,12 @@ use super::schema::{
     ListQuery, OkStatus, ProvidersSetModel, UpdateConversationRequest, UserAction,
 };
 use super::validation::{self, conversation_id_error, FieldError, PROVIDERS};
-use super::{read_body, AppState};
+use super::{content_type, read_body, AppState};
 use crate::actors::messages::ConversationError;
 use crate::actors::{
     AdmitError, AdmitMode, ConversationHandle, ConversationStatus, DeleteError, Shared, StopReason,
 };
-use crate::events::{meta_timestamp, parse_user_action};
+use crate::events::{default_title, meta_timestamp, parse_user_action};
 use crate::store::{ConversationMeta, EventQuery};
 
 const PAGE_LIMIT_DEFAULT: usize = 20;
@@ -32,16 +32,6 @@ fn path_id(path: &web::Path<String>) -> Result<Arc<str>, ApiError> {
         Some(e) => Err(ApiError::one(e)),
         None => Ok(Arc::from(id)),
     }
-}
-
-fn content_type(req: &HttpRequest) -> Option<&str> {
-    req.headers()
-        .get(actix_web::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-}
-
-fn default_title(id: &str) -> String {
-    format!("Conversation {}", id.chars().take(5).collect::<String>())
 }
 
 /// `ConversationInfo` for a stored conversation and its live state, if any.
@@ -346,49 +336,7 @@ pub async fn update(
     let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
     let obj =
         validation::parse_object_body(content_type(&req), &body).map_err(ApiError::Validation)?;
-    let title_loc = vec![json!("body"), json!("title")];
-    let title = match obj.get("title") {
-        None => {
-            return Err(ApiError::one(FieldError::new(
-                "missing",
-                title_loc,
-                "Field required",
-                Value::Object(obj.clone()),
-            )))
-        }
-        Some(Value::String(t)) => t.trim().to_string(),
-        Some(other) => {
-            return Err(ApiError::one(FieldError::new(
-                "string_type",
-                title_loc,
-                "Input should be a valid string",
-                other.clone(),
-            )))
-        }
-    };
-    let chars = title.chars().count();
-    if !(1..=200).contains(&chars) {
-        let mut e = FieldError::new(
-            if chars == 0 {
-                "string_too_short"
-            } else {
-                "string_too_long"
-            },
-            title_loc,
-            if chars == 0 {
-                "String should have at least 1 character"
-            } else {
-                "String should have at most 200 characters"
-            },
-            json!(title),
-        );
-        e.ctx = Some(if chars == 0 {
-            json!({"min_length": 1})
-        } else {
-            json!({"max_length": 200})
-        });
-        return Err(ApiError::one(e));
-    }
+    let title = validation::parse_conversation_update(&obj).map_err(ApiError::Validation)?;
     let updated = match state.supervisor.live(&id) {
         Some(conversation) => match conversation.set_title(title.clone()).await {
             Ok(()) => true,

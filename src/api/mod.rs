@@ -23,6 +23,7 @@ pub mod conversations;
 pub mod errors;
 pub mod openapi;
 pub mod schema;
+pub mod settings;
 pub mod validation;
 
 pub use errors::ApiError;
@@ -45,6 +46,13 @@ pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::B
         body.extend_from_slice(&chunk);
     }
     Ok(body)
+}
+
+/// The request's `Content-Type`, when readable.
+pub fn content_type(req: &actix_web::HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
 }
 
 /// Whether `presented` is the configured key, compared in constant time.
@@ -144,6 +152,18 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     resource("/conversations/{conversation_id}/events", "GET, POST")
                         .route(web::get().to(c::events))
                         .route(web::post().to(c::post_event)),
+                )
+                .service(resource("/options/config", "GET").route(web::get().to(settings::config)))
+                .service(resource("/options/models", "GET").route(web::get().to(settings::models)))
+                .service(resource("/options/agents", "GET").route(web::get().to(settings::agents)))
+                .service(
+                    resource("/options/security-analyzers", "GET")
+                        .route(web::get().to(settings::security_analyzers)),
+                )
+                .service(
+                    resource("/settings", "GET, POST")
+                        .route(web::get().to(settings::get))
+                        .route(web::post().to(settings::post)),
                 )
                 .default_service(web::to(not_found)),
         );

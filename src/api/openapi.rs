@@ -15,8 +15,8 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, RefOr};
 use utoipa::{Modify, OpenApi};
 
-use super::conversations;
 use super::schema::*;
+use super::{conversations, settings};
 
 /// The name of the session-key security scheme (the `X-Session-API-Key` header).
 pub const SECURITY_SCHEME: &str = "APIKeyHeader";
@@ -47,6 +47,12 @@ pub const QUERY_SECURITY_SCHEME: &str = "APIKeyQuery";
         conversations::stop,
         conversations::events,
         conversations::post_event,
+        settings::config,
+        settings::models,
+        settings::agents,
+        settings::security_analyzers,
+        settings::get,
+        settings::post,
         socket_io,
         socket_io_no_slash,
         plain_socket,
@@ -68,6 +74,7 @@ pub const QUERY_SECURITY_SCHEME: &str = "APIKeyQuery";
     tags(
         (name = "probes", description = "Liveness and health, no session key needed"),
         (name = "conversations", description = "The OpenHands-compatible conversation API"),
+        (name = "settings", description = "The web app's settings side (OpenHands' OSS mode)"),
         (name = "meta", description = "This document"),
         (name = "sockets", description = "Attach to a conversation over WebSocket (an HTTP upgrade). \
             After the 101 the connection speaks WebSocket, which HTTP fuzzers cannot follow: \

@@ -764,6 +764,111 @@ pub struct PlainSocketQuery {
     pub latest_event_id: Option<String>,
 }
 
+// ---------------------------------------------------------------------------------------------
+// The web app's settings side (`/api/options/*`, `/api/settings`)
+
+/// The web app's feature flags.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub struct FeatureFlags {
+    pub enable_billing: bool,
+    pub hide_llm_settings: bool,
+    pub hide_microagent_management: bool,
+}
+
+/// `GET /api/options/config`: what the web app needs to know about the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub struct ServerConfig {
+    /// `oss` (single user, no login) or `saas`.
+    #[schema(value_type = String, pattern = "^(oss|saas)$")]
+    pub app_mode: crate::config::AppMode,
+    pub github_client_id: String,
+    /// Empty: the app sends no analytics.
+    pub posthog_client_key: String,
+    pub feature_flags: FeatureFlags,
+}
+
+impl From<&crate::config::FrontendSettings> for ServerConfig {
+    fn from(f: &crate::config::FrontendSettings) -> Self {
+        ServerConfig {
+            app_mode: f.app_mode,
+            github_client_id: f.github_client_id.clone(),
+            posthog_client_key: f.posthog_client_key.clone(),
+            feature_flags: FeatureFlags {
+                enable_billing: f.enable_billing,
+                hide_llm_settings: f.hide_llm_settings,
+                hide_microagent_management: f.hide_microagent_management,
+            },
+        }
+    }
+}
+
+/// The body of `POST /api/settings` (OpenHands' `Settings`; unknown keys are ignored). Absent
+/// fields take their defaults, except the ones kept from the saved settings (see the route).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StoredSettings {
+    pub language: Option<String>,
+    pub agent: Option<String>,
+    pub max_iterations: Option<i64>,
+    pub security_analyzer: Option<String>,
+    pub confirmation_mode: Option<bool>,
+    pub llm_model: Option<String>,
+    /// Stored, never echoed.
+    pub llm_api_key: Option<String>,
+    pub llm_base_url: Option<String>,
+    pub remote_runtime_resource_factor: Option<i64>,
+    #[schema(value_type = Object)]
+    pub secrets_store: Option<Value>,
+    /// Default `true`.
+    pub enable_default_condenser: Option<bool>,
+    /// Default `false`.
+    pub enable_sound_notifications: Option<bool>,
+    /// Default `true`.
+    pub enable_proactive_conversation_starters: Option<bool>,
+    /// Default `true`.
+    pub enable_solvability_analysis: Option<bool>,
+    pub user_consents_to_analytics: Option<bool>,
+    pub sandbox_base_container_image: Option<String>,
+    pub sandbox_runtime_container_image: Option<String>,
+    pub mcp_config: Option<McpConfig>,
+    /// Stored, never echoed.
+    pub search_api_key: Option<String>,
+    /// Stored, never echoed.
+    pub sandbox_api_key: Option<String>,
+    pub max_budget_per_task: Option<f64>,
+    pub email: Option<String>,
+    pub email_verified: Option<bool>,
+    pub git_user_name: Option<String>,
+    pub git_user_email: Option<String>,
+}
+
+/// `GET /api/settings`: the saved settings (every `StoredSettings` field, secrets `null`) and
+/// whether the secrets are set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct AppSettings {
+    #[serde(flatten)]
+    pub settings: StoredSettings,
+    /// Git providers with a token (none: switchboard keeps no provider tokens).
+    #[schema(value_type = Object)]
+    pub provider_tokens_set: Map<String, Value>,
+    pub llm_api_key_set: bool,
+    pub search_api_key_set: bool,
+}
+
+/// `POST /api/settings` saved the settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SettingsStored {
+    /// `Settings stored`.
+    pub message: String,
+}
+
+/// `{"error": "<why>"}`: OpenHands' shape for the settings and workspace routes' refusals.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorMessageOnly {
+    pub error: String,
+}
+
 #[cfg(test)]
 mod tests {
     use actix_web::http::StatusCode;

@@ -239,83 +239,240 @@ impl<'a> Reader<'a> {
 
     /// Required `int`, pydantic's lax mode: integers, integral floats and numeric strings.
     fn req_int(&mut self, key: &str) -> Option<i64> {
-        let l = loc(&self.base, key);
         match self.obj.get(key) {
             None => {
                 self.missing(key);
                 None
             }
-            Some(Value::Number(n)) => {
-                if let Some(i) = n.as_i64() {
-                    Some(i)
-                } else if let Some(f) = n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9e15) {
-                    Some(f as i64)
-                } else {
-                    self.errors.push(FieldError::new(
-                        "int_from_float",
-                        l,
-                        "Input should be a valid integer, got a number with a fractional part",
-                        Value::Number(n.clone()),
-                    ));
-                    None
-                }
-            }
-            Some(Value::String(s)) => match s.trim().parse::<i64>() {
-                Ok(i) => Some(i),
-                Err(_) => {
-                    self.errors.push(FieldError::new(
-                        "int_parsing",
-                        l,
-                        "Input should be a valid integer, unable to parse string as an integer",
-                        json!(s),
-                    ));
-                    None
-                }
-            },
-            Some(other) => {
-                self.errors.push(FieldError::new(
-                    "int_type",
-                    l,
-                    "Input should be a valid integer",
-                    other.clone(),
-                ));
-                None
-            }
+            Some(v) => self.record(int_value(&loc(&self.base, key), v)),
         }
     }
 
+    /// Keeps a value, or records its error.
+    fn record<T>(&mut self, result: Result<T, Box<FieldError>>) -> Option<T> {
+        result.map_err(|e| self.errors.push(*e)).ok()
+    }
+
     /// Opens a nested model; `None` when absent, null, or not an object (error recorded).
-    fn model(
-        &mut self,
-        key: &str,
-        class: &str,
-        nullable: bool,
-    ) -> Option<(Map<String, Value>, Vec<Value>)> {
+    fn model(&mut self, key: &str, nullable: bool) -> Option<(Map<String, Value>, Vec<Value>)> {
         match self.obj.get(key) {
             None => None,
             Some(Value::Null) if nullable => None,
             Some(Value::Object(m)) => Some((m.clone(), loc(&self.base, key))),
             Some(other) => {
-                self.errors
-                    .push(model_type(loc(&self.base, key), class, other));
+                self.errors.push(not_a_model(loc(&self.base, key), other));
                 None
             }
         }
     }
 }
 
-fn model_type(loc: Vec<Value>, class: &str, input: &Value) -> FieldError {
-    let mut e = FieldError::new(
-        "model_type",
-        loc,
-        format!("Input should be a valid dictionary or instance of {class}"),
-        input.clone(),
-    );
-    e.ctx = Some(json!({ "class_name": class }));
-    e
+/// A boxed [`FieldError`] (the helpers below return it in a small `Result`).
+fn boxed(kind: &'static str, l: &[Value], msg: &str, v: &Value) -> Box<FieldError> {
+    Box::new(FieldError::new(kind, l.to_vec(), msg, v.clone()))
 }
 
-fn extra_forbidden(
+/// An `int` in pydantic's lax mode: integers, integral floats, numeric strings, booleans.
+fn int_value(l: &[Value], v: &Value) -> Result<i64, Box<FieldError>> {
+    match v {
+        Value::Number(n) => n
+            .as_i64()
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.fract() == 0.0 && f.abs() < 9e15)
+                    .map(|f| f as i64)
+            })
+            .ok_or_else(|| {
+                boxed(
+                    "int_from_float",
+                    l,
+                    "Input should be a valid integer, got a number with a fractional part",
+                    v,
+                )
+            }),
+        Value::String(s) => s.trim().parse::<i64>().map_err(|_| {
+            boxed(
+                "int_parsing",
+                l,
+                "Input should be a valid integer, unable to parse string as an integer",
+                v,
+            )
+        }),
+        Value::Bool(b) => Ok(i64::from(*b)),
+        _ => Err(boxed("int_type", l, "Input should be a valid integer", v)),
+    }
+}
+
+/// A `float` in pydantic's lax mode: numbers, numeric strings, booleans.
+fn float_value(l: &[Value], v: &Value) -> Result<f64, Box<FieldError>> {
+    let parsed = match v {
+        Value::Number(n) => n.as_f64(),
+        Value::String(s) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()),
+        Value::Bool(b) => Some(f64::from(u8::from(*b))),
+        _ => return Err(boxed("float_type", l, "Input should be a valid number", v)),
+    };
+    parsed.ok_or_else(|| {
+        boxed(
+            "float_parsing",
+            l,
+            "Input should be a valid number, unable to parse string as a number",
+            v,
+        )
+    })
+}
+
+/// A `bool` in pydantic's lax mode: booleans, 0 and 1, and the usual words.
+fn bool_value(l: &[Value], v: &Value) -> Result<bool, Box<FieldError>> {
+    let parsed = match v {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => match n.as_f64() {
+            Some(0.0) => Some(false),
+            Some(1.0) => Some(true),
+            _ => None,
+        },
+        Value::String(s) => match s.to_ascii_lowercase().as_str() {
+            "0" | "off" | "f" | "false" | "n" | "no" => Some(false),
+            "1" | "on" | "t" | "true" | "y" | "yes" => Some(true),
+            _ => None,
+        },
+        _ => return Err(boxed("bool_type", l, "Input should be a valid boolean", v)),
+    };
+    parsed.ok_or_else(|| {
+        boxed(
+            "bool_parsing",
+            l,
+            "Input should be a valid boolean, unable to interpret input",
+            v,
+        )
+    })
+}
+
+/// The type of one field of the app settings.
+#[derive(Clone, Copy)]
+enum SettingType {
+    /// `str | None` (secrets too).
+    Str,
+    /// `int | None`.
+    Int,
+    /// `float | None`.
+    Float,
+    /// `bool | None`.
+    OptBool,
+    /// `bool` with this default.
+    Bool(bool),
+    /// `MCPConfig | None`.
+    Mcp,
+    /// A nested model kept as sent (`secrets_store`).
+    Model,
+}
+
+/// The fields of OpenHands' `Settings`, in its order (errors are reported in this order).
+const SETTINGS_FIELDS: &[(&str, SettingType)] = &[
+    ("language", SettingType::Str),
+    ("agent", SettingType::Str),
+    ("max_iterations", SettingType::Int),
+    ("security_analyzer", SettingType::Str),
+    ("confirmation_mode", SettingType::OptBool),
+    ("llm_model", SettingType::Str),
+    ("llm_api_key", SettingType::Str),
+    ("llm_base_url", SettingType::Str),
+    ("remote_runtime_resource_factor", SettingType::Int),
+    ("secrets_store", SettingType::Model),
+    ("enable_default_condenser", SettingType::Bool(true)),
+    ("enable_sound_notifications", SettingType::Bool(false)),
+    (
+        "enable_proactive_conversation_starters",
+        SettingType::Bool(true),
+    ),
+    ("enable_solvability_analysis", SettingType::Bool(true)),
+    ("user_consents_to_analytics", SettingType::OptBool),
+    ("sandbox_base_container_image", SettingType::Str),
+    ("sandbox_runtime_container_image", SettingType::Str),
+    ("mcp_config", SettingType::Mcp),
+    ("search_api_key", SettingType::Str),
+    ("sandbox_api_key", SettingType::Str),
+    ("max_budget_per_task", SettingType::Float),
+    ("email", SettingType::Str),
+    ("email_verified", SettingType::OptBool),
+    ("git_user_name", SettingType::Str),
+    ("git_user_email", SettingType::Str),
+];
+
+/// Validates a `POST /api/settings` body as OpenHands' `Settings` model: every field with its
+/// lax-mode type, absent fields at their defaults, unknown keys ignored. The result holds every
+/// field, in the model's order, with the values as the model would hold them (`"5"` → `5`);
+/// `mcp_config` gets all three server lists.
+pub fn parse_settings(obj: &Map<String, Value>) -> Result<Map<String, Value>, Vec<FieldError>> {
+    let base = vec![json!("body")];
+    let mut errors = Vec::new();
+    let mut out = Map::new();
+    for (key, kind) in SETTINGS_FIELDS {
+        let l = loc(&base, *key);
+        let value = obj.get(*key);
+        let parsed = match (kind, value) {
+            (SettingType::Bool(default), None) => Ok(json!(default)),
+            (SettingType::Model, None | Some(Value::Null)) => Ok(json!({"provider_tokens": {}})),
+            (SettingType::Bool(_), Some(v)) => bool_value(&l, v).map(Value::Bool),
+            (_, None | Some(Value::Null)) => Ok(Value::Null),
+            (SettingType::Str, Some(v)) => match v {
+                Value::String(_) => Ok(v.clone()),
+                other => Err(boxed(
+                    "string_type",
+                    &l,
+                    "Input should be a valid string",
+                    other,
+                )),
+            },
+            (SettingType::Int, Some(v)) => int_value(&l, v).map(|i| json!(i)),
+            (SettingType::Float, Some(v)) => float_value(&l, v).map(|f| json!(f)),
+            (SettingType::OptBool, Some(v)) => bool_value(&l, v).map(Value::Bool),
+            (SettingType::Model, Some(v)) => match v {
+                Value::Object(_) => Ok(json!({"provider_tokens": {}})),
+                other => Err(Box::new(not_a_model(l, other))),
+            },
+            (SettingType::Mcp, Some(v)) => match v {
+                Value::Object(m) => {
+                    let before = errors.len();
+                    validate_mcp(m, &l, &mut errors);
+                    if errors.len() > before {
+                        continue;
+                    }
+                    let mut full = Map::new();
+                    for list in ["sse_servers", "stdio_servers", "shttp_servers"] {
+                        full.insert(list.into(), m.get(list).cloned().unwrap_or(json!([])));
+                    }
+                    Ok(Value::Object(full))
+                }
+                other => Err(Box::new(not_a_model(l, other))),
+            },
+        };
+        match parsed {
+            Ok(v) => {
+                out.insert((*key).to_string(), v);
+            }
+            Err(e) => errors.push(*e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(errors)
+    }
+}
+
+/// A nested model given something other than an object. FastAPI validates request bodies with
+/// `from_attributes`, so pydantic reports `model_attributes_type` (not `model_type`) at every
+/// depth.
+pub fn not_a_model(loc: Vec<Value>, input: &Value) -> FieldError {
+    FieldError::new(
+        "model_attributes_type",
+        loc,
+        "Input should be a valid dictionary or object to extract fields from",
+        input.clone(),
+    )
+}
+
+pub fn extra_forbidden(
     errors: &mut Vec<FieldError>,
     base: &[Value],
     obj: &Map<String, Value>,
@@ -371,14 +528,7 @@ pub fn parse_object_body(
     body: &[u8],
 ) -> Result<Map<String, Value>, Vec<FieldError>> {
     let body_loc = vec![json!("body")];
-    let not_object = |input: Value| {
-        vec![FieldError::new(
-            "model_attributes_type",
-            body_loc.clone(),
-            "Input should be a valid dictionary or object to extract fields from",
-            input,
-        )]
-    };
+    let not_object = |input: Value| vec![not_a_model(body_loc.clone(), &input)];
     if !is_json_content_type(content_type) {
         return Err(not_object(json!(String::from_utf8_lossy(body))));
     }
@@ -435,10 +585,10 @@ pub fn parse_init_session(
     let initial_user_msg = r.opt_str("initial_user_msg");
     let image_urls = r.str_list("image_urls", true).unwrap_or_default();
     let replay_json = r.opt_str("replay_json");
-    let suggested = r.model("suggested_task", "SuggestedTask", true);
-    let microagent = r.model("create_microagent", "CreateMicroagent", true);
+    let suggested = r.model("suggested_task", true);
+    let microagent = r.model("create_microagent", true);
     let conversation_instructions = r.opt_str("conversation_instructions");
-    let mcp = r.model("mcp_config", "MCPConfig", true);
+    let mcp = r.model("mcp_config", true);
     let conversation_id = match obj.get("conversation_id") {
         None => None,
         Some(v) => r.string_at("conversation_id", v).filter(|s| !s.is_empty()),
@@ -600,6 +750,46 @@ pub fn parse_init_session(
     })
 }
 
+/// Validates a `PATCH /api/conversations/{id}` body (OpenHands' `ConversationUpdate`, which
+/// forbids unknown fields): the title, stripped, 1–200 characters.
+pub fn parse_conversation_update(obj: &Map<String, Value>) -> Result<String, Vec<FieldError>> {
+    let base = vec![json!("body")];
+    let mut errors = Vec::new();
+    let title = Reader {
+        obj,
+        base: base.clone(),
+        errors: &mut errors,
+    }
+    .req_str("title")
+    .map(|t| t.trim().to_string());
+    if let Some(t) = &title {
+        let chars = t.chars().count();
+        if !(1..=200).contains(&chars) {
+            let (kind, msg, ctx) = if chars == 0 {
+                (
+                    "string_too_short",
+                    "String should have at least 1 character",
+                    json!({"min_length": 1}),
+                )
+            } else {
+                (
+                    "string_too_long",
+                    "String should have at most 200 characters",
+                    json!({"max_length": 200}),
+                )
+            };
+            let mut e = FieldError::new(kind, loc(&base, "title"), msg, json!(t));
+            e.ctx = Some(ctx);
+            errors.push(e);
+        }
+    }
+    extra_forbidden(&mut errors, &base, obj, &["title"]);
+    match title {
+        Some(t) if errors.is_empty() => Ok(t),
+        _ => Err(errors),
+    }
+}
+
 /// `owner/repo`, with GitLab subgroups (`group/sub/repo`); each part `[A-Za-z0-9_.-]+`.
 fn is_repository(repo: &str) -> bool {
     let parts: Vec<&str> = repo.split('/').collect();
@@ -615,12 +805,7 @@ fn is_repository(repo: &str) -> bool {
 }
 
 fn validate_mcp(m: &Map<String, Value>, mloc: &[Value], errors: &mut Vec<FieldError>) {
-    let kinds: [(&str, &str); 3] = [
-        ("sse_servers", "MCPSSEServerConfig"),
-        ("stdio_servers", "MCPStdioServerConfig"),
-        ("shttp_servers", "MCPSHTTPServerConfig"),
-    ];
-    for (key, class) in kinds {
+    for key in ["sse_servers", "stdio_servers", "shttp_servers"] {
         let Some(value) = m.get(key) else { continue };
         let kloc = loc(mloc, key);
         let Value::Array(items) = value else {
@@ -635,7 +820,7 @@ fn validate_mcp(m: &Map<String, Value>, mloc: &[Value], errors: &mut Vec<FieldEr
         for (i, item) in items.iter().enumerate() {
             let iloc = loc(&kloc, i);
             let Value::Object(server) = item else {
-                errors.push(model_type(iloc, class, item));
+                errors.push(not_a_model(iloc, item));
                 continue;
             };
             let mut r = Reader {

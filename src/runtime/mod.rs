@@ -134,6 +134,9 @@ pub struct RuntimeStart<'a> {
     /// The conversation's history: every event with a smaller id is durable (in `store`) and
     /// was there before this start (0 for a new conversation).
     pub history_before: u64,
+    /// The user's saved LLM and agent settings (`GET /api/settings` minus the UI-only fields,
+    /// the API key included), `None` when nothing was saved or the runtime does not use them.
+    pub settings: Option<serde_json::Value>,
 }
 
 /// The behaviour behind one conversation.

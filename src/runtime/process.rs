@@ -123,7 +123,13 @@ impl ProcessRuntime {
                 dir.display()
             )
         })?;
-        let head = init_head(&conversation_id, start.trigger, start.init, &dir)?;
+        let head = init_head(
+            &conversation_id,
+            start.trigger,
+            start.init,
+            &dir,
+            start.settings.as_ref(),
+        )?;
 
         let mut command = Command::new(program);
         command
@@ -350,6 +356,7 @@ fn init_head(
     trigger: &str,
     init: &InitData,
     working_dir: &Path,
+    settings: Option<&Value>,
 ) -> Result<String, String> {
     let mut init = serde_json::to_value(init)
         .map_err(|e| format!("cannot encode the conversation's init data: {e}"))?;
@@ -362,6 +369,7 @@ fn init_head(
         "conversation_id": conversation_id,
         "working_dir": working_dir.to_string_lossy(),
         "init": init,
+        "settings": settings,
     });
     let mut text = head.to_string();
     text.pop(); // the closing brace

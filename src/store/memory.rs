@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde_json::Value;
+
 use super::{ConversationMeta, ConversationRecord, EventQuery, Store, StoreError, StoreFuture};
 use crate::events::{meta_timestamp, StoredEvent};
 
@@ -19,6 +21,7 @@ struct Entry {
 #[derive(Default, Clone)]
 pub struct MemoryStore {
     inner: Arc<Mutex<HashMap<String, Entry>>>,
+    settings: Arc<Mutex<HashMap<String, Value>>>,
 }
 
 impl MemoryStore {
@@ -121,6 +124,17 @@ impl Store for MemoryStore {
     }
 
     fn flush(&self) -> StoreFuture<()> {
+        ready(Ok(()))
+    }
+
+    fn settings(&self, user: &str) -> StoreFuture<Option<Value>> {
+        let map = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        ready(Ok(map.get(user).cloned()))
+    }
+
+    fn save_settings(&self, user: &str, settings: Value) -> StoreFuture<()> {
+        let mut map = self.settings.lock().unwrap_or_else(|p| p.into_inner());
+        map.insert(user.to_string(), settings);
         ready(Ok(()))
     }
 }

@@ -11,6 +11,9 @@
 //! - `append` also moves the conversation's `last_updated_at` forward.
 //! - `list` returns newest `created_at` first, ties broken by id.
 //! - `delete` removes one conversation's metadata and events and nothing else.
+//! - `settings` returns exactly what the last `save_settings` for that user stored (a JSON
+//!   object, secrets included: the store is trusted, the API never echoes them), or `None`
+//!   before the first save; it is durable like everything else.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -138,4 +141,9 @@ pub trait Store: Send + Sync + 'static {
     fn delete(&self, id: &str) -> StoreFuture<bool>;
     /// Completes once everything accepted so far is durable.
     fn flush(&self) -> StoreFuture<()>;
+    /// The app settings saved for `user` (`""` when no session key owns them); `None` until
+    /// the first save.
+    fn settings(&self, user: &str) -> StoreFuture<Option<Value>>;
+    /// Replaces `user`'s app settings.
+    fn save_settings(&self, user: &str, settings: Value) -> StoreFuture<()>;
 }

@@ -49,6 +49,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
+use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -99,12 +100,20 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (conv_seq, id)
     ) WITHOUT ROWID;
     "#,
+    // 2: the app settings (`GET`/`POST /api/settings`), one JSON document per user.
+    r#"
+    CREATE TABLE settings (
+        user_id TEXT PRIMARY KEY NOT NULL,
+        json    TEXT NOT NULL
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The tables and indexes this build uses; `open` refuses a file that lacks one.
 const SCHEMA_OBJECTS: &[(&str, &str)] = &[
     ("table", "conversations"),
     ("table", "events"),
+    ("table", "settings"),
     ("index", "conversations_by_id"),
     ("index", "conversations_by_created_at"),
 ];
@@ -166,6 +175,9 @@ mod sql {
          WHERE conv_seq = (SELECT seq FROM conversations WHERE id = ?1) \
          AND id BETWEEN ?2 AND ?3 ORDER BY id ASC LIMIT ?4";
     /// As [`EVENTS_OLDEST_FIRST`], newest first.
+    pub const SETTINGS: &str = "SELECT json FROM settings WHERE user_id = ?1";
+    pub const SAVE_SETTINGS: &str = "INSERT INTO settings (user_id, json) VALUES (?1, ?2) \
+         ON CONFLICT (user_id) DO UPDATE SET json = excluded.json";
     pub const EVENTS_NEWEST_FIRST: &str = "SELECT id, json FROM events \
          WHERE conv_seq = (SELECT seq FROM conversations WHERE id = ?1) \
          AND id BETWEEN ?2 AND ?3 ORDER BY id DESC LIMIT ?4";
@@ -186,6 +198,10 @@ enum WriteCommand {
     },
     Delete {
         id: String,
+    },
+    SaveSettings {
+        user: String,
+        json: String,
     },
     Flush,
 }
@@ -240,6 +256,10 @@ enum ReadRequest {
         id: String,
         query: EventQuery,
         reply: Reply<Vec<StoredEvent>>,
+    },
+    Settings {
+        user: String,
+        reply: Reply<Option<Value>>,
     },
 }
 
@@ -523,6 +543,19 @@ impl Store for SqliteStore {
 
     fn flush(&self) -> StoreFuture<()> {
         self.write(WriteCommand::Flush, WriteReply::Unit)
+    }
+
+    fn settings(&self, user: &str) -> StoreFuture<Option<Value>> {
+        let user = user.to_string();
+        self.read(|reply| ReadRequest::Settings { user, reply })
+    }
+
+    fn save_settings(&self, user: &str, settings: Value) -> StoreFuture<()> {
+        let command = WriteCommand::SaveSettings {
+            user: user.to_string(),
+            json: settings.to_string(),
+        };
+        self.write(command, WriteReply::Unit)
     }
 }
 
@@ -1118,6 +1151,12 @@ impl Writer {
                 self.appended.retain(|s| *s != seq);
                 Ok(true)
             }
+            WriteCommand::SaveSettings { user, json } => {
+                self.conn
+                    .prepare_cached(sql::SAVE_SETTINGS)?
+                    .execute(params![user, json])?;
+                Ok(true)
+            }
             WriteCommand::Flush => Ok(true),
         }
     }
@@ -1259,9 +1298,24 @@ fn run_reader(mut conn: Connection, rx: Arc<Mutex<mpsc::Receiver<ReadRequest>>>)
             ReadRequest::Events { id, query, reply } => {
                 let _ = reply.send(read_events(&conn, &id, query));
             }
+            ReadRequest::Settings { user, reply } => {
+                let _ = reply.send(read_settings(&conn, &user));
+            }
         }
     }
     tracing::debug!("store reader finished");
+}
+
+fn read_settings(conn: &Connection, user: &str) -> Result<Option<Value>, StoreError> {
+    let text: Option<String> = conn
+        .prepare_cached(sql::SETTINGS)
+        .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get(0)).optional())
+        .map_err(io_error)?;
+    text.map(|t| {
+        serde_json::from_str(&t)
+            .map_err(|e| StoreError::Io(format!("the stored settings are unreadable: {e}")))
+    })
+    .transpose()
 }
 
 fn meta_from_row(row: &Row<'_>) -> rusqlite::Result<(ConversationMeta, String)> {

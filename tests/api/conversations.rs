@@ -261,3 +261,72 @@ async fn replay_json_events_are_replayed_into_the_log() {
     // Replayed user messages are history: the echo runtime did not answer them.
     assert_eq!(events.len(), 4, "{events:#?}");
 }
+
+#[actix_web::test]
+async fn the_first_user_message_titles_the_conversation() {
+    let app = spawn_app().await;
+    // From the initial message: stripped, 30 characters, `...` when longer.
+    let id = app
+        .create(json!({"initial_user_msg": "   Please refactor the parser module today  "}))
+        .await;
+    assert_eq!(
+        app.info(&id).await["title"],
+        "Please refactor the parser mod..."
+    );
+
+    // From the first non-blank chat message; attached clients are told after the message.
+    let id = app.create(json!({})).await;
+    let (mut ws, _) = app
+        .sio_attached(&format!("conversation_id={id}&latest_event_id=-1"))
+        .await;
+    ws.send(r#"42["oh_user_action",{"action":"message","args":{"content":"  \n "}}]"#)
+        .await;
+    ws.send(r#"42["oh_user_action",{"action":"message","args":{"content":" short one "}}]"#)
+        .await;
+    let seen = ws
+        .oh_events_until(|p| p.get("conversation_title").is_some())
+        .await;
+    let update = seen.last().expect("the title update");
+    assert_eq!(
+        update,
+        &json!({"status_update": true, "type": "info", "message": id,
+                "conversation_title": "short one"})
+    );
+    assert!(
+        seen.iter().any(|p| p["args"]["content"] == " short one "),
+        "the message comes before its title: {seen:?}"
+    );
+    assert_eq!(app.info(&id).await["title"], "short one");
+    // Only while the title is the default one: later messages and renamed ones keep theirs.
+    app.post(
+        &format!("/api/conversations/{id}/events"),
+        json!({"action": "message", "args": {"content": "another message"}}),
+    )
+    .await;
+    let renamed = app.create(json!({})).await;
+    app.send(
+        "PATCH",
+        &format!("/api/conversations/{renamed}"),
+        Some(&json!({"title": "Mine"})),
+    )
+    .await;
+    app.post(
+        &format!("/api/conversations/{renamed}/events"),
+        json!({"action": "message", "args": {"content": "hello"}}),
+    )
+    .await;
+    app.wait_events(&renamed, 10, |e| e.iter().any(|ev| ev["source"] == "agent"))
+        .await;
+    assert_eq!(app.info(&id).await["title"], "short one");
+    assert_eq!(app.info(&renamed).await["title"], "Mine");
+    // Stored: a listing (read from the store) shows it.
+    let listed = app.get("/api/conversations").await.body;
+    assert!(
+        listed["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .any(|c| c["conversation_id"] == id.as_str() && c["title"] == "short one"),
+        "{listed}"
+    );
+}

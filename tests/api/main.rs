@@ -11,6 +11,7 @@ mod openapi;
 mod restart;
 mod routes;
 mod session_key;
+mod settings;
 mod sockets;
 mod third_party;
 mod validation;

@@ -122,12 +122,25 @@ async fn patch_title() {
         (json!({"title": "x".repeat(201)}), "string_too_long"),
         (json!({"title": 5}), "string_type"),
         (json!({}), "missing"),
+        (json!({"title": "ok", "color": "red"}), "extra_forbidden"),
     ] {
         let r = app.send("PATCH", &path, Some(&body)).await;
         assert_eq!(r.status, 422, "{body}");
         assert_eq!(r.body["detail"][0]["type"], kind);
     }
     assert_eq!(app.info(&id).await["title"], "Renamed");
+    // Every error of the body at once, as pydantic reports them.
+    let r = app
+        .send("PATCH", &path, Some(&json!({"title": 5, "x": 1})))
+        .await;
+    assert_eq!(r.status, 422);
+    assert_eq!(
+        r.body["detail"],
+        json!([
+            {"type":"string_type","loc":["body","title"],"msg":"Input should be a valid string","input":5},
+            {"type":"extra_forbidden","loc":["body","x"],"msg":"Extra inputs are not permitted","input":1}
+        ])
+    );
     // Stopped conversations can be renamed too.
     app.post(&format!("{path}/stop"), json!({})).await;
     let r = app

@@ -171,9 +171,21 @@ async fn the_compat_table() {
         ),
         (
             json!({"suggested_task":"x"}),
-            "model_type",
+            "model_attributes_type",
             json!(["body", "suggested_task"]),
-            "Input should be a valid dictionary or instance of SuggestedTask",
+            "Input should be a valid dictionary or object to extract fields from",
+        ),
+        (
+            json!({"mcp_config":[]}),
+            "model_attributes_type",
+            json!(["body", "mcp_config"]),
+            "Input should be a valid dictionary or object to extract fields from",
+        ),
+        (
+            json!({"mcp_config":{"sse_servers":["x"]}}),
+            "model_attributes_type",
+            json!(["body", "mcp_config", "sse_servers", 0]),
+            "Input should be a valid dictionary or object to extract fields from",
         ),
         (
             json!({"mcp_config":{"sse_servers":{}}}),

@@ -31,7 +31,7 @@ use crate::store::EventQuery;
 
 pub mod socketio;
 
-use socketio::ClientPacket;
+use socketio::Packet;
 
 /// Events read from the store per replay step.
 const REPLAY_PAGE: usize = 256;
@@ -279,7 +279,7 @@ impl Socket {
         }
         self.closing = true;
         if self.is_socketio() {
-            ctx.text("41");
+            ctx.text(socketio::DISCONNECT);
         }
         ctx.close(Some(ws::CloseReason {
             code,
@@ -374,13 +374,13 @@ impl Socket {
 
     fn on_socketio_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
         match socketio::parse(text) {
-            ClientPacket::Pong => {}
-            ClientPacket::Ping => ctx.text("3"),
-            ClientPacket::Close => ctx.stop(),
-            ClientPacket::Ack => {}
-            ClientPacket::Connect { namespace, auth } => self.on_connect(&namespace, auth, ctx),
-            ClientPacket::Disconnect { .. } => ctx.stop(),
-            ClientPacket::Event {
+            Packet::Pong => {}
+            Packet::Ping => ctx.text(socketio::PONG),
+            Packet::Close => ctx.stop(),
+            Packet::Ack => {}
+            Packet::Connect { namespace, auth } => self.on_connect(&namespace, auth, ctx),
+            Packet::Disconnect { .. } => ctx.stop(),
+            Packet::Event {
                 namespace,
                 ack,
                 name,
@@ -400,7 +400,10 @@ impl Socket {
                     other => self.send_error(ctx, &format!("Unknown event {other:?}")),
                 }
             }
-            ClientPacket::Invalid(why) => self.send_error(ctx, &format!("Malformed packet: {why}")),
+            Packet::Invalid(why) => self.send_error(ctx, &format!("Malformed packet: {why}")),
+            Packet::Open(_) | Packet::ConnectError { .. } => {
+                self.send_error(ctx, "Malformed packet: only a server sends that")
+            }
         }
     }
 

@@ -1,24 +1,38 @@
-//! `switchboard load`: a load generator for a running switchboard server.
+//! `switchboard load`: a load generator for any OpenHands-compatible server (switchboard,
+//! OpenHands itself, or several of either).
 //!
-//! It creates conversations with a bounded number in flight, attaches a client to each
-//! (Socket.IO, plain WebSocket, or none), sends user messages and waits for each echo, and
-//! reports throughput, latency percentiles (HdrHistogram) and every error counted by kind.
+//! It creates conversations, attaches a client to each (Socket.IO, plain WebSocket, or none),
+//! waits for RUNNING, sends user messages and waits for each reply, and reports throughput,
+//! latency percentiles (HdrHistogram), `429` answers and every failure counted by kind
+//! (see [`wire`] for what counts as ready, as a reply and as which failure). Closed loop
+//! (`--concurrency` conversations in flight) or open loop (`--rate` starts per second whatever
+//! the server's speed, every latency measured from the intended start, so a slow server cannot
+//! hide its queueing). Several `--url`s share the conversations round-robin.
+//!
 //! Everything it does is bounded: by `--conversations`, by `--duration`, by a per-conversation
-//! timeout, and by Ctrl-C, which stops it early with a partial summary.
-//!
-//! It runs on one actix thread; the loopback traffic it sends goes only to `--url`.
+//! timeout, by `--max-in-flight`, and by Ctrl-C, which stops it early with a partial summary.
+//! It runs on one actix thread; its traffic goes only to the `--url`s.
 
-use std::cell::RefCell;
+mod client;
+pub mod wire;
+
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::future::{select, Either};
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
+
+use client::{user_message, Conn, Failure, Http, Target};
+pub use wire::Expect;
+use wire::{classify, readiness, rest_readiness, Turn};
 
 /// How each load client attaches to its conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -26,7 +40,7 @@ use serde_json::{json, Value};
 pub enum Attach {
     /// Socket.IO over WebSocket, as the OpenHands frontend does.
     Socketio,
-    /// The plain JSON WebSocket route.
+    /// The plain JSON WebSocket route (switchboard only).
     Ws,
     /// No socket: REST only (polls for status and replies).
     None,
@@ -35,18 +49,35 @@ pub enum Attach {
 /// What to run.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadArgs {
-    /// Base URL of the server.
-    #[arg(long, default_value = "http://127.0.0.1:3000")]
-    pub url: String,
+    /// Base URL of a server. Repeat it (or give a comma-separated list) to spread the
+    /// conversations round-robin over several servers.
+    #[arg(
+        long = "url",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:3000"
+    )]
+    pub urls: Vec<String>,
     /// Conversations to create.
     #[arg(long, default_value_t = 100)]
     pub conversations: u64,
-    /// Conversations in flight at once.
+    /// Closed loop: conversations in flight at once (ignored with `--rate`).
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    /// User messages per conversation (each waits for its echo).
+    /// Open loop: start this many conversations per second, however fast earlier ones finish;
+    /// latencies count from each conversation's intended start.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// With `--rate`: most conversations in flight; a start beyond it fails as
+    /// `client-in-flight-limit` (the load client, not the server, is then the bottleneck).
+    #[arg(long, default_value_t = 10_000)]
+    pub max_in_flight: usize,
+    /// User messages per conversation (each waits for its reply).
     #[arg(long, default_value_t = 1)]
     pub messages: u64,
+    /// Which reply ends a round trip: `any` agent reply, or the exact `echo` of the message
+    /// (switchboard's echo runtime).
+    #[arg(long, value_enum, default_value_t = Expect::Any)]
+    pub expect: Expect,
     /// How clients attach.
     #[arg(long, value_enum, default_value_t = Attach::Socketio)]
     pub attach: Attach,
@@ -59,9 +90,14 @@ pub struct LoadArgs {
     /// Write the summary as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Seconds one conversation may take before it counts as a timeout.
+    /// Seconds one conversation may take (from its intended start) before it counts as a
+    /// timeout.
     #[arg(long, default_value_t = 30)]
     pub timeout: u64,
+    /// With a socket attached, the first REST status poll (a fallback for servers that say
+    /// nothing on the socket) waits this many milliseconds; the wait doubles up to 1 s.
+    #[arg(long, default_value_t = 100)]
+    pub poll_ms: u64,
     /// Keep every socket open this many seconds after the run (to measure memory per client).
     #[arg(long, default_value_t = 0)]
     pub hold: u64,
@@ -69,6 +105,54 @@ pub struct LoadArgs {
     /// message, and measure how long the reply takes to reach each client.
     #[arg(long)]
     pub broadcast: Option<u64>,
+}
+
+impl LoadArgs {
+    /// The arguments with every default, against `url`.
+    pub fn new(url: &str) -> Self {
+        LoadArgs {
+            urls: vec![url.to_string()],
+            conversations: 100,
+            concurrency: 16,
+            rate: None,
+            max_in_flight: 10_000,
+            messages: 1,
+            expect: Expect::Any,
+            attach: Attach::Socketio,
+            session_api_key: None,
+            duration: None,
+            json: None,
+            timeout: 30,
+            poll_ms: 100,
+            hold: 0,
+            broadcast: None,
+        }
+    }
+
+    /// Why these arguments cannot run, if they cannot.
+    pub fn problem(&self) -> Option<String> {
+        if self.urls.is_empty() {
+            return Some("at least one --url is needed".into());
+        }
+        if let Some(bad) = self
+            .urls
+            .iter()
+            .find(|u| !(u.starts_with("http://") || u.starts_with("https://")))
+        {
+            return Some(format!("--url {bad:?} must start with http:// or https://"));
+        }
+        if let Some(r) = self.rate {
+            if !(r.is_finite() && r > 0.0 && r <= 1_000_000.0) {
+                return Some(format!(
+                    "--rate {r} must be a number of starts per second in (0, 1000000]"
+                ));
+            }
+            if self.max_in_flight == 0 {
+                return Some("--max-in-flight must be at least 1".into());
+            }
+        }
+        None
+    }
 }
 
 /// Latency percentiles of one measured step, in milliseconds.
@@ -85,11 +169,14 @@ pub struct Percentiles {
 /// The run's result.
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
-    pub url: String,
-    /// `conversations`, or `broadcast` (then the counts are clients reached).
+    pub urls: Vec<String>,
+    /// `closed-loop`, `open-loop`, or `broadcast` (then the counts are clients reached).
     pub mode: &'static str,
     pub attach: Attach,
+    pub expect: Expect,
     pub concurrency: usize,
+    /// Intended starts per second (open loop).
+    pub rate: Option<f64>,
     pub partial: bool,
     pub elapsed_secs: f64,
     pub conversations_ok: u64,
@@ -97,6 +184,9 @@ pub struct Summary {
     pub messages_ok: u64,
     pub conversations_per_sec: f64,
     pub messages_per_sec: f64,
+    /// `429` answers received (each retried after its `Retry-After`, or failed as
+    /// `rate-limited` when the conversation's time was up).
+    pub rate_limited: u64,
     pub latency_ms: BTreeMap<String, Percentiles>,
     pub errors: BTreeMap<String, u64>,
 }
@@ -126,286 +216,229 @@ impl Stats {
         });
         let _ = h.record((elapsed.as_micros() as u64).clamp(1, 120_000_000));
     }
+
+    fn fail(&mut self, kind: Failure) {
+        self.failed += 1;
+        *self.errors.entry(kind).or_default() += 1;
+    }
 }
 
-type Shared = Rc<RefCell<Stats>>;
-type Socket = actix_codec::Framed<awc::BoxedSocket, awc::ws::Codec>;
-
-/// Why one conversation failed, as a short kind for counting.
-type Failure = String;
+/// The longest wait between two REST polls.
+const MAX_POLL: Duration = Duration::from_secs(1);
 
 struct Ctx {
     args: LoadArgs,
-    client: awc::Client,
-    ws_base: String,
-    stats: Shared,
-    held: RefCell<Vec<Socket>>,
+    http: Http,
+    targets: Vec<Target>,
+    stats: RefCell<Stats>,
+    held: RefCell<Vec<Conn>>,
 }
 
 impl Ctx {
-    fn with_key(&self, req: awc::ClientRequest) -> awc::ClientRequest {
-        match &self.args.session_api_key {
-            Some(k) => req.insert_header(("X-Session-API-Key", k.as_str())),
-            None => req,
-        }
+    fn record(&self, step: &'static str, elapsed: Duration) {
+        self.stats.borrow_mut().record(step, elapsed);
     }
 
-    async fn post_json(&self, path: &str, body: &Value) -> Result<Value, Failure> {
-        let req = self.with_key(self.client.post(format!("{}{path}", self.args.url)));
-        let mut resp = req
-            .send_json(body)
-            .await
-            .map_err(|e| format!("http-send: {}", short(&e.to_string())))?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .body()
-            .await
-            .map_err(|e| format!("http-body: {}", short(&e.to_string())))?;
-        if status != 200 {
-            return Err(format!("http-{status}"));
-        }
-        serde_json::from_slice(&bytes).map_err(|_| "http-bad-json".to_string())
+    fn target(&self, n: u64) -> &Target {
+        &self.targets[(n % self.targets.len() as u64) as usize]
     }
 
-    async fn get_json(&self, path: &str) -> Result<Value, Failure> {
-        let req = self.with_key(self.client.get(format!("{}{path}", self.args.url)));
-        let mut resp = req
-            .send()
-            .await
-            .map_err(|e| format!("http-send: {}", short(&e.to_string())))?;
-        let status = resp.status().as_u16();
-        let bytes = resp
-            .body()
-            .limit(16 * 1024 * 1024)
-            .await
-            .map_err(|e| format!("http-body: {}", short(&e.to_string())))?;
-        if status != 200 {
-            return Err(format!("http-{status}"));
-        }
-        serde_json::from_slice(&bytes).map_err(|_| "http-bad-json".to_string())
+    /// Creates a conversation: its id, and whether the answer already says RUNNING.
+    async fn create(&self, target: &Target, deadline: Instant) -> Result<(String, bool), Failure> {
+        let created = self
+            .http
+            .post(target, "/api/conversations", &json!({}), deadline)
+            .await?;
+        let id = created["conversation_id"]
+            .as_str()
+            .ok_or("create-no-id")?
+            .to_string();
+        Ok((id, created["conversation_status"] == "RUNNING"))
     }
 
-    async fn connect(&self, path: &str) -> Result<Socket, Failure> {
-        let mut req = self
-            .client
-            .ws(format!("{}{path}", self.ws_base))
-            .max_frame_size(16 * 1024 * 1024);
-        if let Some(k) = &self.args.session_api_key {
-            req = req.header("X-Session-API-Key", k.as_str());
-        }
-        req.connect()
-            .await
-            .map(|(_, framed)| framed)
-            .map_err(|e| format!("ws-connect: {}", short(&e.to_string())))
-    }
-}
-
-fn short(s: &str) -> String {
-    s.chars().take(60).collect()
-}
-
-/// The next text frame (answering pings on the way).
-async fn next_text(ws: &mut Socket) -> Result<String, Failure> {
-    loop {
-        match ws.next().await {
-            None => return Err("ws-closed".into()),
-            Some(Err(e)) => return Err(format!("ws-error: {}", short(&e.to_string()))),
-            Some(Ok(awc::ws::Frame::Text(b))) => {
-                let text = String::from_utf8_lossy(&b).into_owned();
-                if text == "2" {
-                    ws.send(awc::ws::Message::Text("3".into()))
-                        .await
-                        .map_err(|_| "ws-send".to_string())?;
-                    continue;
-                }
-                return Ok(text);
-            }
-            Some(Ok(awc::ws::Frame::Ping(p))) => {
-                let _ = ws.send(awc::ws::Message::Pong(p)).await;
-            }
-            Some(Ok(awc::ws::Frame::Close(_))) => return Err("ws-closed".into()),
-            Some(Ok(_)) => {}
-        }
-    }
-}
-
-/// The next payload: `oh_event` for Socket.IO, the frame itself for plain.
-async fn next_payload(ws: &mut Socket, attach: Attach) -> Result<Value, Failure> {
-    loop {
-        let text = next_text(ws).await?;
-        let value = if attach == Attach::Socketio {
-            let Some(rest) = text.strip_prefix("42") else {
-                if text.starts_with("41") || text.starts_with("44") {
-                    return Err("sio-disconnected".into());
-                }
-                continue;
-            };
-            let mut arr: Vec<Value> =
-                serde_json::from_str(rest).map_err(|_| "sio-bad-event".to_string())?;
-            if arr.len() < 2 {
-                continue;
-            }
-            arr.swap_remove(1)
-        } else {
-            serde_json::from_str(&text).map_err(|_| "ws-bad-json".to_string())?
-        };
-        if value.get("error") == Some(&Value::Bool(true)) {
-            return Err("server-error-event".into());
-        }
-        return Ok(value);
-    }
-}
-
-fn is_ready(p: &Value) -> bool {
-    p["status_update"] == true && p["id"] == "STATUS$READY"
-}
-
-fn is_reply(p: &Value, content: &str) -> bool {
-    p["source"] == "agent" && p["action"] == "message" && p["args"]["content"] == content
-}
-
-/// Attaches to `id`; returns the socket once the conversation is RUNNING.
-async fn attach(ctx: &Ctx, id: &str, t0: Instant) -> Result<Socket, Failure> {
-    let t1 = Instant::now();
-    let mut ws = match ctx.args.attach {
-        Attach::Socketio => {
-            let mut ws = ctx
-                .connect(&format!(
-                    "/socket.io/?EIO=4&transport=websocket&conversation_id={id}&latest_event_id=-1&providers_set="
-                ))
-                .await?;
-            let open = next_text(&mut ws).await?;
-            if !open.starts_with('0') {
-                return Err("sio-no-open".into());
-            }
-            let connect = match &ctx.args.session_api_key {
-                Some(k) => format!("40{}", json!({ "session_api_key": k })),
-                None => "40".to_string(),
-            };
-            ws.send(awc::ws::Message::Text(connect.into()))
-                .await
-                .map_err(|_| "ws-send".to_string())?;
-            let ack = next_text(&mut ws).await?;
-            if ack.starts_with("44") {
-                return Err("sio-refused".into());
-            }
-            ws
-        }
-        Attach::Ws => ctx.connect(&format!("/ws/conversations/{id}")).await?,
-        Attach::None => unreachable!("attach() is only called with a socket"),
-    };
-    ctx.stats.borrow_mut().record("attach", t1.elapsed());
-    loop {
-        let p = next_payload(&mut ws, ctx.args.attach).await?;
-        if is_ready(&p) {
-            break;
-        }
-    }
-    ctx.stats
-        .borrow_mut()
-        .record("create_to_running", t0.elapsed());
-    Ok(ws)
-}
-
-async fn send_message(ws: &mut Socket, attach: Attach, content: &str) -> Result<(), Failure> {
-    let action = json!({"action": "message", "args": {"content": content, "image_urls": [], "file_urls": []}});
-    let text = match attach {
-        Attach::Socketio => format!("42[\"oh_user_action\",{action}]"),
-        _ => action.to_string(),
-    };
-    ws.send(awc::ws::Message::Text(text.into()))
-        .await
-        .map_err(|_| "ws-send".to_string())
-}
-
-async fn close(ws: &mut Socket, attach: Attach) {
-    if attach == Attach::Socketio {
-        let _ = ws.send(awc::ws::Message::Text("41".into())).await;
-    }
-    let _ = ws.send(awc::ws::Message::Close(None)).await;
-}
-
-/// One conversation: create, attach, M round trips, detach.
-async fn one_conversation(ctx: &Ctx, n: u64) -> Result<(), Failure> {
-    let t0 = Instant::now();
-    let created = ctx.post_json("/api/conversations", &json!({})).await?;
-    ctx.stats.borrow_mut().record("create", t0.elapsed());
-    let id = created["conversation_id"]
-        .as_str()
-        .ok_or("create-no-id")?
-        .to_string();
-    if ctx.args.attach == Attach::None {
-        return rest_only(ctx, &id, t0, n).await;
-    }
-    let mut ws = attach(ctx, &id, t0).await?;
-    for m in 0..ctx.args.messages {
-        let content = format!("load {n}.{m}");
-        let t = Instant::now();
-        send_message(&mut ws, ctx.args.attach, &content).await?;
+    /// Polls the conversation's REST status until it is RUNNING (first after `first`, then
+    /// doubling up to [`MAX_POLL`]).
+    async fn poll_status(
+        &self,
+        target: &Target,
+        id: &str,
+        first: Duration,
+        stopped_fails: bool,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let mut wait = first;
         loop {
-            let p = next_payload(&mut ws, ctx.args.attach).await?;
-            if is_reply(&p, &content) {
-                break;
+            actix_web::rt::time::sleep(wait).await;
+            let info = self
+                .http
+                .get(target, &format!("/api/conversations/{id}"), deadline)
+                .await?;
+            if let Some(done) = rest_readiness(&info, stopped_fails) {
+                return done;
+            }
+            wait = (wait * 2).min(MAX_POLL);
+        }
+    }
+
+    /// Waits until the conversation is RUNNING: over the socket or over REST, whichever says
+    /// so first; with a socket, also until the server acknowledged it.
+    async fn wait_running(
+        &self,
+        target: &Target,
+        id: &str,
+        conn: Option<&mut Conn>,
+        running: bool,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let Some(conn) = conn else {
+            if !running {
+                self.poll_status(target, id, Duration::from_millis(1), true, deadline)
+                    .await?;
+            }
+            return Ok(());
+        };
+        if !running {
+            let from_socket = async {
+                loop {
+                    if let Some(done) = readiness(&conn.next_signal().await?) {
+                        return done;
+                    }
+                }
+            };
+            // REST is only a fallback here: its failures leave the socket to decide.
+            let first = Duration::from_millis(self.args.poll_ms.max(1));
+            let from_rest = async {
+                match self.poll_status(target, id, first, false, deadline).await {
+                    Ok(()) => Ok(()),
+                    Err(_) => futures_util::future::pending().await,
+                }
+            };
+            futures_util::pin_mut!(from_socket, from_rest);
+            match select(from_socket, from_rest).await {
+                Either::Left((done, _)) | Either::Right((done, _)) => done?,
             }
         }
-        let mut stats = ctx.stats.borrow_mut();
-        stats.record("message_round_trip", t.elapsed());
-        stats.messages += 1;
+        conn.wait_ack().await
     }
-    if ctx.args.hold > 0 {
-        ctx.held.borrow_mut().push(ws);
-    } else {
-        close(&mut ws, ctx.args.attach).await;
+
+    /// One round trip over REST: post the message, poll the events until the reply.
+    async fn rest_round_trip(
+        &self,
+        target: &Target,
+        id: &str,
+        content: &str,
+        next_id: &mut u64,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        let events = format!("/api/conversations/{id}/events");
+        self.http
+            .post(target, &events, &user_message(content), deadline)
+            .await?;
+        let mut turn = Turn::new(content, self.args.expect);
+        let mut wait = Duration::from_millis(1);
+        loop {
+            let page = self
+                .http
+                .get(
+                    target,
+                    &format!("{events}?start_id={next_id}&limit=100"),
+                    deadline,
+                )
+                .await?;
+            for e in page["events"].as_array().into_iter().flatten() {
+                *next_id = e["id"].as_u64().map_or(*next_id, |i| i + 1);
+                if let Some(done) = turn.feed(&classify(e)) {
+                    return done;
+                }
+            }
+            if page["has_more"] != true {
+                actix_web::rt::time::sleep(wait).await;
+                wait = (wait * 2).min(MAX_POLL);
+            }
+        }
     }
-    Ok(())
 }
 
-async fn rest_only(ctx: &Ctx, id: &str, t0: Instant, n: u64) -> Result<(), Failure> {
+/// One round trip over a socket: send the message, read until the reply.
+async fn socket_round_trip(conn: &mut Conn, content: &str, expect: Expect) -> Result<(), Failure> {
+    conn.send_message(content).await?;
+    let mut turn = Turn::new(content, expect);
     loop {
-        let info = ctx.get_json(&format!("/api/conversations/{id}")).await?;
-        if info["status"] == "RUNNING" {
-            break;
+        if let Some(done) = turn.feed(&conn.next_signal().await?) {
+            return done;
         }
-        actix_web::rt::time::sleep(Duration::from_millis(1)).await;
     }
-    ctx.stats
-        .borrow_mut()
-        .record("create_to_running", t0.elapsed());
+}
+
+/// One conversation: create, attach, wait for RUNNING, M round trips, detach. Latencies
+/// count from `t0`, the conversation's intended start.
+async fn one_conversation(
+    ctx: &Ctx,
+    n: u64,
+    t0: Instant,
+    deadline: Instant,
+) -> Result<(), Failure> {
+    let target = ctx.target(n);
+    let (id, running) = ctx.create(target, deadline).await?;
+    ctx.record("create", t0.elapsed());
+    let mut conn = match ctx.args.attach {
+        Attach::None => None,
+        attach => {
+            let t = Instant::now();
+            let conn = Conn::open(&ctx.http, target, &id, attach).await?;
+            ctx.record("attach", t.elapsed());
+            Some(conn)
+        }
+    };
+    ctx.wait_running(target, &id, conn.as_mut(), running, deadline)
+        .await?;
+    ctx.record("create_to_running", t0.elapsed());
     let mut next_id = 0u64;
     for m in 0..ctx.args.messages {
         let content = format!("load {n}.{m}");
         let t = Instant::now();
-        let action = json!({"action": "message", "args": {"content": content}});
-        ctx.post_json(&format!("/api/conversations/{id}/events"), &action)
-            .await?;
-        'wait: loop {
-            let page = ctx
-                .get_json(&format!(
-                    "/api/conversations/{id}/events?start_id={next_id}&limit=100"
-                ))
-                .await?;
-            for e in page["events"].as_array().into_iter().flatten() {
-                next_id = e["id"].as_u64().map_or(next_id, |i| i + 1);
-                if is_reply(e, &content) {
-                    break 'wait;
-                }
+        match conn.as_mut() {
+            Some(conn) => socket_round_trip(conn, &content, ctx.args.expect).await?,
+            None => {
+                ctx.rest_round_trip(target, &id, &content, &mut next_id, deadline)
+                    .await?
             }
-            actix_web::rt::time::sleep(Duration::from_millis(1)).await;
         }
         let mut stats = ctx.stats.borrow_mut();
         stats.record("message_round_trip", t.elapsed());
         stats.messages += 1;
     }
+    if let Some(conn) = conn {
+        if ctx.args.hold > 0 {
+            ctx.held.borrow_mut().push(conn);
+        } else {
+            conn.close().await;
+        }
+    }
     Ok(())
+}
+
+/// Runs conversation `n` from its intended start `t0` to its end or deadline, and counts it.
+async fn run_one(ctx: Rc<Ctx>, n: u64, t0: Instant) {
+    let deadline = t0 + Duration::from_secs(ctx.args.timeout.max(1));
+    let result = tokio::time::timeout_at(
+        tokio::time::Instant::from_std(deadline),
+        one_conversation(&ctx, n, t0, deadline),
+    )
+    .await
+    .unwrap_or_else(|_| Err("timeout".into()));
+    let mut stats = ctx.stats.borrow_mut();
+    match result {
+        Ok(()) => stats.ok += 1,
+        Err(kind) => stats.fail(kind),
+    }
 }
 
 /// Many clients on one conversation: how long one reply takes to reach each of them.
 async fn broadcast(ctx: Rc<Ctx>, clients: u64) -> Result<(), Failure> {
-    let created = ctx.post_json("/api/conversations", &json!({})).await?;
-    let id = created["conversation_id"]
-        .as_str()
-        .ok_or("create-no-id")?
-        .to_string();
+    let deadline = Instant::now() + Duration::from_secs(ctx.args.timeout.max(1));
+    let target = ctx.target(0);
+    let (id, running) = ctx.create(target, deadline).await?;
     let attach_mode = if ctx.args.attach == Attach::None {
         Attach::Socketio
     } else {
@@ -416,13 +449,21 @@ async fn broadcast(ctx: Rc<Ctx>, clients: u64) -> Result<(), Failure> {
         .map(|_| {
             let ctx = ctx.clone();
             let id = id.clone();
-            async move { attach(&ctx, &id, Instant::now()).await }
+            async move {
+                let target = ctx.target(0);
+                let t = Instant::now();
+                let mut conn = Conn::open(&ctx.http, target, &id, attach_mode).await?;
+                ctx.wait_running(target, &id, Some(&mut conn), running, deadline)
+                    .await?;
+                ctx.record("attach", t.elapsed());
+                Ok::<_, Failure>(conn)
+            }
         })
         .buffer_unordered(ctx.args.concurrency.max(1));
     futures_util::pin_mut!(connect_all);
     while let Some(res) = connect_all.next().await {
         match res {
-            Ok(ws) => sockets.push(ws),
+            Ok(conn) => sockets.push(conn),
             Err(kind) => *ctx.stats.borrow_mut().errors.entry(kind).or_default() += 1,
         }
     }
@@ -431,28 +472,33 @@ async fn broadcast(ctx: Rc<Ctx>, clients: u64) -> Result<(), Failure> {
     };
     let content = "broadcast".to_string();
     let t = Instant::now();
-    send_message(&mut sender, attach_mode, &content).await?;
+    sender.send_message(&content).await?;
     sockets.push(sender);
-    let waits = sockets.into_iter().map(|mut ws| {
+    let waits = sockets.into_iter().map(|mut conn| {
         let ctx = ctx.clone();
         let content = content.clone();
         async move {
+            let mut turn = Turn::new(&content, ctx.args.expect);
             loop {
-                match next_payload(&mut ws, attach_mode).await {
-                    Ok(p) if is_reply(&p, &content) => {
+                let done = match conn.next_signal().await {
+                    Ok(signal) => turn.feed(&signal),
+                    Err(kind) => Some(Err(kind)),
+                };
+                match done {
+                    Some(Ok(())) => {
                         let mut s = ctx.stats.borrow_mut();
                         s.record("broadcast_delivery", t.elapsed());
                         s.ok += 1;
                         break;
                     }
-                    Ok(_) => {}
-                    Err(kind) => {
+                    Some(Err(kind)) => {
                         *ctx.stats.borrow_mut().errors.entry(kind).or_default() += 1;
                         break;
                     }
+                    None => {}
                 }
             }
-            ws
+            conn
         }
     });
     let held = futures_util::future::join_all(waits).await;
@@ -460,6 +506,34 @@ async fn broadcast(ctx: Rc<Ctx>, clients: u64) -> Result<(), Failure> {
         ctx.held.borrow_mut().extend(held);
     }
     Ok(())
+}
+
+/// Open loop: conversation `n` starts at `started + n / rate`, whatever is still in flight.
+async fn open_loop(ctx: Rc<Ctx>, rate: f64, started: Instant, keep_going: impl Fn() -> bool) {
+    let mut in_flight = FuturesUnordered::new();
+    for n in 0..ctx.args.conversations {
+        let intended = started + Duration::from_secs_f64(n as f64 / rate);
+        loop {
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(intended));
+            futures_util::pin_mut!(sleep);
+            if in_flight.is_empty() {
+                sleep.await;
+                break;
+            }
+            if let Either::Left(_) = select(sleep, in_flight.next()).await {
+                break;
+            }
+        }
+        if !keep_going() {
+            break;
+        }
+        if in_flight.len() >= ctx.args.max_in_flight {
+            ctx.stats.borrow_mut().fail("client-in-flight-limit".into());
+        } else {
+            in_flight.push(run_one(ctx.clone(), n, intended));
+        }
+    }
+    while in_flight.next().await.is_some() {}
 }
 
 fn percentiles(h: &Histogram<u64>) -> Percentiles {
@@ -498,18 +572,18 @@ pub async fn execute(args: LoadArgs) -> Summary {
         .connector(connector)
         .timeout(Duration::from_secs(args.timeout.max(1)))
         .finish();
-    let ws_base = args
-        .url
-        .replacen("http://", "ws://", 1)
-        .replacen("https://", "wss://", 1);
     let ctx = Rc::new(Ctx {
+        targets: args.urls.iter().map(|u| Target::new(u)).collect(),
+        http: Http {
+            client,
+            key: args.session_api_key.clone(),
+            rate_limited: Cell::new(0),
+        },
         args: args.clone(),
-        client,
-        ws_base,
-        stats: Rc::new(RefCell::new(Stats::new())),
+        stats: RefCell::new(Stats::new()),
         held: RefCell::new(Vec::new()),
     });
-    let stop = Rc::new(std::cell::Cell::new(false));
+    let stop = Rc::new(Cell::new(false));
     {
         let stop = stop.clone();
         actix_web::rt::spawn(async move {
@@ -521,18 +595,22 @@ pub async fn execute(args: LoadArgs) -> Summary {
     }
     let started = Instant::now();
     let deadline = args.duration.map(|s| started + Duration::from_secs(s));
+    let keep_going = {
+        let stop = stop.clone();
+        move || !stop.get() && deadline.is_none_or(|d| Instant::now() < d)
+    };
     let total = args.broadcast.unwrap_or(args.conversations);
     let bar = progress_bar(total);
     let plain_progress = bar.is_hidden();
     let reporter = {
-        let stats = ctx.stats.clone();
+        let ctx = ctx.clone();
         let bar = bar.clone();
         actix_web::rt::spawn(async move {
             let mut tick = actix_web::rt::time::interval(Duration::from_secs(1));
             tick.tick().await;
             loop {
                 tick.tick().await;
-                let s = stats.borrow();
+                let s = ctx.stats.borrow();
                 bar.set_position(s.ok + s.failed);
                 bar.set_message(format!("{} messages, {} errors", s.messages, s.failed));
                 if plain_progress {
@@ -549,35 +627,32 @@ pub async fn execute(args: LoadArgs) -> Summary {
         })
     };
 
-    if let Some(clients) = args.broadcast {
-        if let Err(kind) = broadcast(ctx.clone(), clients).await {
-            *ctx.stats.borrow_mut().errors.entry(kind).or_default() += 1;
+    let mode = match (args.broadcast, args.rate) {
+        (Some(clients), _) => {
+            if let Err(kind) = broadcast(ctx.clone(), clients).await {
+                *ctx.stats.borrow_mut().errors.entry(kind).or_default() += 1;
+            }
+            "broadcast"
         }
-    } else {
-        let timeout = Duration::from_secs(args.timeout.max(1));
-        futures_util::stream::iter(0..args.conversations)
-            .for_each_concurrent(args.concurrency.max(1), |n| {
-                let ctx = ctx.clone();
-                let stop = stop.clone();
-                async move {
-                    if stop.get() || deadline.is_some_and(|d| Instant::now() >= d) {
-                        return;
-                    }
-                    let result = actix_web::rt::time::timeout(timeout, one_conversation(&ctx, n))
-                        .await
-                        .unwrap_or_else(|_| Err("timeout".into()));
-                    let mut stats = ctx.stats.borrow_mut();
-                    match result {
-                        Ok(()) => stats.ok += 1,
-                        Err(kind) => {
-                            stats.failed += 1;
-                            *stats.errors.entry(kind).or_default() += 1;
+        (None, Some(rate)) => {
+            open_loop(ctx.clone(), rate, started, keep_going).await;
+            "open-loop"
+        }
+        (None, None) => {
+            futures_util::stream::iter(0..args.conversations)
+                .for_each_concurrent(args.concurrency.max(1), |n| {
+                    let ctx = ctx.clone();
+                    let go = keep_going();
+                    async move {
+                        if go {
+                            run_one(ctx, n, Instant::now()).await;
                         }
                     }
-                }
-            })
-            .await;
-    }
+                })
+                .await;
+            "closed-loop"
+        }
+    };
     let elapsed = started.elapsed().as_secs_f64();
     reporter.abort();
     bar.finish_and_clear();
@@ -589,14 +664,12 @@ pub async fn execute(args: LoadArgs) -> Summary {
     let stats = ctx.stats.borrow();
     let attempted = stats.ok + stats.failed;
     Summary {
-        url: args.url.clone(),
-        mode: if args.broadcast.is_some() {
-            "broadcast"
-        } else {
-            "conversations"
-        },
+        urls: ctx.targets.iter().map(|t| t.url.clone()).collect(),
+        mode,
         attach: args.attach,
+        expect: args.expect,
         concurrency: args.concurrency,
+        rate: args.rate,
         partial: stop.get() || (args.broadcast.is_none() && attempted < args.conversations),
         elapsed_secs: elapsed,
         conversations_ok: stats.ok,
@@ -604,6 +677,7 @@ pub async fn execute(args: LoadArgs) -> Summary {
         messages_ok: stats.messages,
         conversations_per_sec: stats.ok as f64 / elapsed.max(1e-9),
         messages_per_sec: stats.messages as f64 / elapsed.max(1e-9),
+        rate_limited: ctx.http.rate_limited.get(),
         latency_ms: stats
             .histograms
             .iter()
@@ -613,17 +687,25 @@ pub async fn execute(args: LoadArgs) -> Summary {
     }
 }
 
+fn label<T: Serialize>(v: T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 /// Human-readable summary.
 pub fn render(s: &Summary) -> String {
     let mut out = String::new();
+    let load = match s.rate {
+        Some(r) if s.mode == "open-loop" => format!("open loop, {r} starts/s"),
+        _ => format!("concurrency {}", s.concurrency),
+    };
     out.push_str(&format!(
-        "switchboard load: {} ({} attach, concurrency {}){}\n",
-        s.url,
-        serde_json::to_value(s.attach)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
-        s.concurrency,
+        "switchboard load: {} ({} attach, expect {}, {load}){}\n",
+        s.urls.join(", "),
+        label(s.attach),
+        label(s.expect),
         if s.partial { " — PARTIAL" } else { "" }
     ));
     let unit = if s.mode == "broadcast" {
@@ -640,6 +722,12 @@ pub fn render(s: &Summary) -> String {
         s.conversations_per_sec,
         s.messages_per_sec
     ));
+    if s.rate_limited > 0 {
+        out.push_str(&format!(
+            "  {} answers were 429 (retried after Retry-After or a backoff)\n",
+            s.rate_limited
+        ));
+    }
     out.push_str(&format!(
         "  {:<20} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
         "latency (ms)", "count", "p50", "p90", "p99", "p99.9", "max"
@@ -661,8 +749,15 @@ pub fn render(s: &Summary) -> String {
     out
 }
 
-/// Runs the load in its own actix system, prints the summary, writes `--json`.
+/// Checks the arguments, runs the load in its own actix system, prints the summary, writes
+/// `--json`.
 pub fn run(args: LoadArgs) -> std::io::Result<Summary> {
+    if let Some(problem) = args.problem() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            problem,
+        ));
+    }
     let json_path = args.json.clone();
     let summary = actix_web::rt::System::new().block_on(execute(args));
     print!("{}", render(&summary));

@@ -44,6 +44,15 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_with_store(settings, store, dir).await
 }
 
+/// A server that runs at most `max` conversations, with the `on_limit` policy at that limit.
+pub async fn spawn_app_limited(max: usize, on_limit: switchboard::config::OnLimit) -> TestApp {
+    spawn_app_with(|s| {
+        s.limits.max_running_conversations = max;
+        s.limits.on_limit = on_limit;
+    })
+    .await
+}
+
 /// A server with the durable SQLite store in `dir` (which outlives the server).
 pub async fn spawn_sqlite_in(dir: &std::path::Path, tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = test_settings();

@@ -37,11 +37,7 @@ async fn reject_answers_429_and_creates_nothing() {
 
 /// A server for two running conversations under `evict_oldest`, and two conversations.
 async fn two_under_evict_oldest() -> (TestApp, String, String) {
-    let app = spawn_app_with(|s| {
-        s.limits.max_running_conversations = 2;
-        s.limits.on_limit = OnLimit::EvictOldest;
-    })
-    .await;
+    let app = spawn_app_limited(2, OnLimit::EvictOldest).await;
     let a = app.create(json!({})).await;
     let b = app.create(json!({})).await;
     (app, a, b)

@@ -3,6 +3,7 @@
 //! One test binary (faster to link) with one module per area; `helpers` starts servers.
 
 mod conversations;
+mod fake_openhands;
 mod helpers;
 mod lifecycle;
 mod limits;

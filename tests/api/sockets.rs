@@ -325,11 +325,7 @@ async fn stop_tells_every_client_before_disconnecting() {
 
 #[actix_web::test]
 async fn an_attached_socket_keeps_its_conversation_from_eviction() {
-    let app = spawn_app_with(|s| {
-        s.limits.max_running_conversations = 1;
-        s.limits.on_limit = switchboard::config::OnLimit::EvictOldest;
-    })
-    .await;
+    let app = spawn_app_limited(1, switchboard::config::OnLimit::EvictOldest).await;
     let id = app.create(json!({})).await;
     app.wait_events(&id, 5, |e| e.len() >= 2).await;
     let (mut ws, _) = app.sio_attached(&format!("conversation_id={id}")).await;

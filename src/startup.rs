@@ -1,6 +1,7 @@
 //! Builds and runs the server from [`Settings`]: the store, the supervisor, the HTTP server.
 //!
-//! [`Application::build`] binds the listener (port 0 picks a free one, which the tests use) and
+//! Building first sweeps the processes agents of a previous run on the same data directory left
+//! behind (see [`crate::runtime::process_tree`]). [`Application::build`] binds the listener (port 0 picks a free one, which the tests use) and
 //! must run inside an actix `System`. [`Application::run_until_stopped`] serves until the HTTP
 //! server stops (SIGINT/SIGTERM, or [`ServerHandle::stop`]), then stops every conversation
 //! through the supervisor and flushes the store, so nothing accepted is lost.
@@ -130,6 +131,8 @@ impl Application {
         store: Arc<dyn Store>,
     ) -> Result<Application, StartupError> {
         let settings = Arc::new(settings);
+        // Whatever agents of a previous run on this data directory left running ends here.
+        crate::runtime::process_tree::sweep(&settings.data_dir);
         let addr = format!("{}:{}", settings.host, settings.port);
         let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind {
             addr: addr.clone(),

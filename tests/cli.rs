@@ -282,6 +282,19 @@ impl Server {
     fn request(&self, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
         http(self.port, method, path, body)
     }
+
+    /// `kill -9` of the server; returns once it is gone.
+    fn kill_9(&mut self) {
+        let pid = self.child.0.id().to_string();
+        let killed = Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        self.child
+            .wait_for_exit(Duration::from_secs(10))
+            .expect("killed");
+    }
 }
 
 /// One HTTP/1.1 request with `Connection: close`; the status and the JSON body.
@@ -465,16 +478,7 @@ fn kill_9_loses_no_event_a_client_has_seen() {
         assert!(Instant::now() < deadline, "the client saw too few events");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let pid = server.child.0.id().to_string();
-    let killed = Command::new("kill")
-        .args(["-KILL", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    server
-        .child
-        .wait_for_exit(Duration::from_secs(10))
-        .expect("killed");
+    server.kill_9();
     let _ = producer.join();
     let _ = client.join();
     let received = seen.lock().expect("lock").clone();
@@ -801,4 +805,279 @@ fn delete_racing_a_join_and_an_attach_is_consistent_and_logs_no_error() {
         errors.is_empty(),
         "ERROR lines in the server log: {errors:#?}"
     );
+}
+
+// ---- no process left behind --------------------------------------------------------------
+
+/// An agent that starts five sleepers in every way a process can try to get away — a plain
+/// child, `nohup … &` from a shell that exits, `setsid`, a daemonizing `setsid -f`, and a
+/// daemon with a cleared environment — then says `ready`, and exits on `stop`.
+const RUNAWAY_AGENT: &str = r#"
+import json, subprocess, sys
+mark = sys.argv[1]
+sys.stdin.readline()
+subprocess.Popen(["sleep", mark])
+subprocess.run(["sh", "-c", "nohup sleep " + mark + " >/dev/null 2>&1 &"])
+subprocess.Popen(["setsid", "sleep", mark])
+subprocess.run(["setsid", "-f", "sleep", mark])
+subprocess.run(["setsid", "-f", "env", "-i", "sleep", mark])
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    if json.loads(line).get("type") == "stop":
+        break
+"#;
+
+/// How many sleepers each runaway agent starts.
+const RUNAWAYS: usize = 5;
+
+/// A `sleep` argument no other test uses, so that this test's sleepers are found by it alone.
+fn unique_mark() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("{}.{}{n:03}", 7000 + n, std::process::id())
+}
+
+/// Live (non-zombie) processes whose command line is `sleep <mark>`.
+fn sleepers(mark: &str) -> Vec<u32> {
+    let want = format!("sleep\0{mark}\0");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want.as_bytes())
+                && std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                    .ok()
+                    .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
+                    == Some(false)
+        })
+        .collect()
+}
+
+/// Waits until `check` holds for the sleepers of `mark`, at most `secs`.
+fn wait_sleepers(mark: &str, secs: u64, check: impl Fn(usize) -> bool) -> Vec<u32> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let found = sleepers(mark);
+        if check(found.len()) {
+            return found;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sleepers of {mark}: {found:?} after {secs} s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills the sleepers of `mark` should the test fail before the server did.
+struct KillSleepers(String);
+
+impl Drop for KillSleepers {
+    fn drop(&mut self) {
+        for pid in sleepers(&self.0) {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        }
+    }
+}
+
+/// A data directory, a runaway agent and the mark of its sleepers, for one test; kills the
+/// sleepers should the test fail before the server did.
+struct Runaways {
+    dir: tempfile::TempDir,
+    mark: String,
+    _cleanup: KillSleepers,
+}
+
+impl Runaways {
+    fn new() -> Runaways {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join("runaway.py"), RUNAWAY_AGENT).expect("write agent");
+        let mark = unique_mark();
+        Runaways {
+            dir,
+            _cleanup: KillSleepers(mark.clone()),
+            mark,
+        }
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// A server with the `store` backend on the data directory, running the runaway agent.
+    fn server(&self, store: &str) -> Server {
+        let command = format!(
+            "python3 {} {}",
+            self.dir.path().join("runaway.py").display(),
+            self.mark
+        );
+        let envs = [
+            ("SWITCHBOARD_RUNTIME", "process"),
+            ("SWITCHBOARD_PROCESS_COMMAND", command.as_str()),
+            ("SWITCHBOARD_PROCESS_STOP_GRACE_SECS", "2"),
+        ];
+        let work = tempfile::tempdir().expect("temp dir");
+        Server::start_with(work, &self.data(), store, &envs)
+    }
+}
+
+/// The agent records in a data directory.
+fn agent_records(data: &Path) -> Vec<switchboard::runtime::process_tree::AgentRecord> {
+    let Ok(dir) = std::fs::read_dir(data.join("agents")) else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| {
+        let path = e.ok()?.path();
+        if path.extension()? != "json" {
+            return None;
+        }
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    })
+    .collect()
+}
+
+#[test]
+fn stopping_a_conversation_ends_everything_its_agent_started() {
+    let runaways = Runaways::new();
+    let (mark, data) = (runaways.mark.as_str(), runaways.data());
+    let server = runaways.server("memory");
+
+    let (status, body) = server.request("POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    wait_sleepers(mark, 30, |n| n == RUNAWAYS);
+    assert_eq!(
+        agent_records(&data).len(),
+        1,
+        "the running agent is recorded"
+    );
+
+    let (status, body) =
+        server.request("POST", &format!("/api/conversations/{id}/stop"), Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    wait_sleepers(mark, 15, |n| n == 0);
+    // The record goes once the server has seen that all is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !agent_records(&data).is_empty() {
+        assert!(Instant::now() < deadline, "the agent record stays");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_9_of_the_server_then_a_restart_leaves_no_agent_process() {
+    let runaways = Runaways::new();
+    let (mark, data) = (runaways.mark.as_str(), runaways.data());
+    let mut server = runaways.server("sqlite");
+    for _ in 0..2 {
+        let (status, body) = server.request("POST", "/api/conversations", Some("{}"));
+        assert_eq!(status, 200, "{body}");
+    }
+    let pids = wait_sleepers(mark, 30, |n| n == 2 * RUNAWAYS);
+    // The daemon with a cleared environment is found through the records alone: wait until
+    // the server has seen every sleeper once.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let recorded: Vec<u32> = agent_records(&data)
+            .iter()
+            .flat_map(|r| r.members.iter().map(|(pid, _)| *pid as u32))
+            .collect();
+        if pids.iter().all(|p| recorded.contains(p)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pids:?} not all in {recorded:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    server.kill_9();
+    // The agents died with the server; what they started did not.
+    let survivors = sleepers(mark);
+    assert_eq!(survivors.len(), 2 * RUNAWAYS, "{survivors:?}");
+
+    // The next start on the same data directory sweeps them before it listens.
+    let server = runaways.server("sqlite");
+    let left = sleepers(mark);
+    assert!(left.is_empty(), "left after the restart: {left:?}");
+    assert!(agent_records(&data).is_empty());
+    let (status, _) = server.request("GET", "/alive", None);
+    assert_eq!(status, 200);
+}
+
+/// `setsid sleep <mark>`: a process that leads its own session, like an agent.
+fn session_leader(mark: &str) -> Guard {
+    Guard(
+        Command::new("setsid")
+            .args(["sleep", mark])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn setsid sleep"),
+    )
+}
+
+fn start_time(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let rest = &stat[stat.rfind(')').expect("stat") + 2..];
+    rest.split(' ')
+        .nth(19)
+        .and_then(|s| s.parse().ok())
+        .expect("start time")
+}
+
+#[test]
+fn the_sweep_never_kills_a_reused_pid() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let records = data.join("agents");
+    std::fs::create_dir_all(&records).expect("mkdir");
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .expect("boot id")
+        .trim()
+        .to_string();
+    // Two live session leaders; a previous run (a server that is gone) recorded an agent at
+    // each pid, one with the right start time, one a tick earlier — the pid was reused since.
+    let mark = unique_mark();
+    let _cleanup = KillSleepers(mark.clone());
+    let mut innocent = session_leader(&mark);
+    let mut agent = session_leader(&mark);
+    wait_sleepers(&mark, 10, |n| n == 2);
+    for (child, shift) in [(&innocent, 1), (&agent, 0)] {
+        let pid = child.0.id();
+        let record = switchboard::runtime::process_tree::AgentRecord {
+            conversation_id: format!("c{pid}"),
+            pid: pid as i32,
+            start_time: start_time(pid) - shift,
+            token: format!("token-{pid}"),
+            boot_id: boot_id.clone(),
+            server_pid: i32::MAX,
+            server_start_time: 1,
+            members: Vec::new(),
+        };
+        std::fs::write(
+            records.join(format!("{pid}.json")),
+            serde_json::to_vec(&record).expect("json"),
+        )
+        .expect("write record");
+    }
+
+    let server = Server::start_with(tempfile::tempdir().expect("temp dir"), &data, "memory", &[]);
+    let exit = agent.wait_for_exit(Duration::from_secs(5));
+    assert!(exit.is_some(), "the recorded agent was not killed");
+    assert_eq!(
+        innocent.0.try_wait().expect("try_wait"),
+        None,
+        "a process whose start time differs from the record was killed"
+    );
+    assert!(
+        agent_records(&data).is_empty(),
+        "both records are done with"
+    );
+    drop(server);
+    let _ = innocent.0.kill();
 }

@@ -829,7 +829,9 @@ async fn the_runtime_speaks_the_protocol() {
 
     // A conversation with two durable events: the history the agent resumes from.
     let store = Arc::new(MemoryStore::new());
-    let id = "resumed-1";
+    // Unique on the machine: other test runs look for their agents by conversation id too.
+    let id = format!("resumed-{}", std::process::id());
+    let id = id.as_str();
     let init = InitData {
         repository: Some("octo/hello".into()),
         conversation_instructions: Some("be brief".into()),
@@ -945,6 +947,7 @@ async fn the_runtime_speaks_the_protocol() {
 
 #[actix_web::test]
 async fn dropping_a_running_runtime_stops_its_agent() {
+    let id = format!("dropped-{}", std::process::id());
     let dir = tempfile::tempdir().unwrap();
     let mut settings = Settings::defaults();
     settings.data_dir = dir.path().join("data");
@@ -955,7 +958,7 @@ async fn dropping_a_running_runtime_stops_its_agent() {
     let mut runtime = ProcessRuntime::new(Arc::new(settings));
     let init = InitData::default();
     let immediate = runtime.start(RuntimeStart {
-        conversation_id: "dropped-1",
+        conversation_id: &id,
         trigger: "gui",
         init: &init,
         sink: RuntimeSink::new(recorder.recipient()),
@@ -965,9 +968,9 @@ async fn dropping_a_running_runtime_stops_its_agent() {
     });
     assert!(immediate.is_empty());
     wait_signals(&signals, |s| s.contains(&RuntimeSignal::READY)).await;
-    assert_eq!(agent_pids("dropped-1").len(), 1);
+    assert_eq!(agent_pids(&id).len(), 1);
     drop(runtime);
-    wait_no_agents("dropped-1", 10).await;
+    wait_no_agents(&id, 10).await;
 }
 
 #[actix_web::test]

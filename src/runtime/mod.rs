@@ -19,6 +19,7 @@ use crate::store::{InitData, Store};
 
 pub mod echo;
 pub mod process;
+pub mod process_tree;
 
 pub use echo::EchoRuntime;
 pub use process::ProcessRuntime;

@@ -25,10 +25,12 @@
 //!   — `stop` line and stdin closed, SIGTERM after the grace period, SIGKILL after another —
 //!   then reaps the child.
 //!
-//! No process is left behind: the agent runs in its own process group, and every signal goes
-//! to the whole group (an agent's own children stop with it); the child is killed when its
-//! watcher is dropped (server shutdown) and, on Linux, by the kernel if the server dies
-//! (`PR_SET_PDEATHSIG`).
+//! No process is left behind: the agent runs in its own session as its tree's child subreaper,
+//! recorded in the data directory, and every signal goes to every process it started
+//! ([`super::process_tree`] finds them, even ones that left its session). Once the agent is
+//! gone, whatever it left is killed; the child is killed when its watcher is dropped (server
+//! shutdown) and, on Linux, by the kernel if the server dies (`PR_SET_PDEATHSIG`) — what it
+//! started then is swept by the next start from the record.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -48,6 +50,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::process_tree::{AgentTree, TOKEN_ENV};
 use super::{ReferencedEvent, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
 use crate::config::Settings;
 use crate::events::{EventBody, Source, StatusUpdate};
@@ -94,8 +97,9 @@ struct Running {
     conversation_id: Arc<str>,
     /// Lines for the agent's stdin; dropping it closes stdin once the queue is written.
     input: Option<mpsc::Sender<Vec<u8>>>,
-    /// Tells the watcher to run the stop sequence (dropping it does too).
-    stop: Option<oneshot::Sender<()>>,
+    /// Tells the watcher to run the stop sequence, handing it the input queue to write `stop`
+    /// to and close (dropping it stops too, with stdin closed at once).
+    stop: Option<oneshot::Sender<mpsc::Sender<Vec<u8>>>>,
     /// The watcher: done once the agent is reaped.
     watcher: Option<tokio::task::JoinHandle<()>>,
 }
@@ -130,6 +134,13 @@ impl ProcessRuntime {
             &dir,
             start.settings.as_ref(),
         )?;
+        let records = AgentTree::prepare(&self.settings.data_dir).map_err(|e| {
+            format!(
+                "cannot keep the agent's record in {}: {e}",
+                self.settings.data_dir.display()
+            )
+        })?;
+        let token = uuid::Uuid::new_v4().simple().to_string();
 
         let mut command = Command::new(program);
         command
@@ -148,12 +159,24 @@ impl ProcessRuntime {
         }
         command
             .envs(&p.env)
-            .env("SWITCHBOARD_CONVERSATION_ID", &*conversation_id);
+            .env("SWITCHBOARD_CONVERSATION_ID", &*conversation_id)
+            .env(TOKEN_ENV, &token);
         isolate(&mut command);
-        let child = command
+        let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start the agent `{shown}`: {e}"))?;
-        let pid = child.id();
+        let pid = child.id().and_then(|p| i32::try_from(p).ok());
+        let tree = pid
+            .ok_or_else(|| std::io::Error::other("the agent has no pid"))
+            .and_then(|pid| AgentTree::record(records, &conversation_id, pid, token));
+        let tree = match tree {
+            Ok(tree) => tree,
+            Err(e) => {
+                // Nothing of it may outlive an unrecorded start: it has not read `init` yet.
+                let _ = child.start_kill();
+                return Err(format!("cannot record the agent process: {e}"));
+            }
+        };
         info!(
             conversation_id = %conversation_id,
             pid,
@@ -164,8 +187,9 @@ impl ProcessRuntime {
         // From here on, dropping the guard kills and reaps the agent.
         let mut guard = ChildGuard {
             child,
-            pgid: pid.and_then(|p| i32::try_from(p).ok()),
+            tree,
             reaped: false,
+            ended: false,
         };
         let c = &mut guard.child;
         let (Some(stdin), Some(stdout), Some(stderr)) =
@@ -278,12 +302,9 @@ impl Runtime for ProcessRuntime {
         let Some(running) = self.running.as_mut() else {
             return;
         };
-        if let Some(input) = running.input.take() {
-            // When the queue is full the agent does not read anyway; it still sees stdin close.
-            let _ = input.try_send(protocol_line(&json!({"type": "stop"})));
-        }
-        if let Some(stop) = running.stop.take() {
-            let _ = stop.send(());
+        let input = running.input.take();
+        if let (Some(stop), Some(input)) = (running.stop.take(), input) {
+            let _ = stop.send(input);
         }
     }
 
@@ -328,18 +349,23 @@ fn shown_command(words: &[String]) -> String {
     shlex::try_join(words.iter().map(String::as_str)).unwrap_or_else(|_| words.join(" "))
 }
 
-/// Puts the agent in its own process group (so that signals reach its children too and a
-/// terminal's Ctrl-C does not) and, on Linux, has the kernel kill it if the thread that started
-/// it — the conversation's arbiter — ever dies without stopping it.
+/// Puts the agent in its own session (its own process group too, so a terminal's Ctrl-C does
+/// not reach it) and, on Linux, makes it its tree's child subreaper (whatever it starts stays
+/// its descendant, so it can be found) and has the kernel kill it if the thread that started it
+/// — the conversation's arbiter — ever dies without stopping it.
 #[cfg(unix)]
 fn isolate(command: &mut Command) {
-    command.process_group(0);
-    #[cfg(target_os = "linux")]
-    // SAFETY: the closure runs in the child between fork and exec and only calls `prctl`, which
-    // is async-signal-safe; it allocates nothing and takes no lock.
+    // SAFETY: the closure runs in the child between fork and exec and only calls `setsid` and
+    // `prctl`, which are async-signal-safe; it allocates nothing and takes no lock.
     unsafe {
         command.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            #[cfg(target_os = "linux")]
+            if libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) != 0
+                || libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0
+            {
                 return Err(io::Error::last_os_error());
             }
             Ok(())
@@ -811,35 +837,34 @@ async fn read_stderr(
 
 // ---- the watcher ------------------------------------------------------------------------
 
-/// The agent's process; killed (with its process group) and reaped if dropped while running.
+/// The agent's process and everything it started; all killed, and the agent reaped, if
+/// dropped while running.
 struct ChildGuard {
     child: Child,
-    pgid: Option<i32>,
+    tree: Arc<AgentTree>,
+    /// The agent was reaped.
     reaped: bool,
+    /// No process of the agent is left (its record is gone).
+    ended: bool,
 }
 
 impl ChildGuard {
-    /// Sends `signal` to the agent's whole process group.
-    #[cfg(unix)]
-    fn signal_group(&self, signal: libc::c_int) {
-        if let Some(pgid) = self.pgid.filter(|p| *p > 1) {
-            // SAFETY: `kill` has no memory-safety preconditions; a stale group id fails with
-            // ESRCH, which is ignored.
-            unsafe {
-                libc::kill(-pgid, signal);
-            }
-        }
+    /// SIGTERM to every process of the agent.
+    async fn terminate(&self) {
+        #[cfg(unix)]
+        self.tree.signal(libc::SIGTERM).await;
     }
 
-    fn terminate(&self) {
+    /// SIGKILL to every process of the agent.
+    async fn kill(&mut self) {
         #[cfg(unix)]
-        self.signal_group(libc::SIGTERM);
-    }
-
-    fn kill(&mut self) {
-        #[cfg(unix)]
-        self.signal_group(libc::SIGKILL);
+        self.tree.signal(libc::SIGKILL).await;
         let _ = self.child.start_kill();
+    }
+
+    /// Once the agent exited: kills whatever it left until nothing is.
+    async fn end(&mut self) {
+        self.ended = self.tree.end().await;
     }
 
     async fn wait(&mut self) -> io::Result<ExitStatus> {
@@ -858,13 +883,19 @@ impl ChildGuard {
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        if self.reaped {
+        if self.reaped && self.ended {
             return;
         }
         // The watcher was dropped with the agent still running: the arbiter is shutting down.
-        // Kill the group and reap the child here, briefly and synchronously, since no runtime
-        // will be left to do it.
-        self.kill();
+        // Kill everything and reap the child here, briefly and synchronously, since no runtime
+        // will be left to do it. What survives is swept by the next start.
+        if !self.ended {
+            self.ended = self.tree.end_now(Duration::from_millis(500));
+        }
+        if self.reaped {
+            return;
+        }
+        let _ = self.child.start_kill();
         for _ in 0..250 {
             match self.child.try_wait() {
                 Ok(None) => std::thread::sleep(Duration::from_millis(2)),
@@ -898,7 +929,7 @@ impl IoTasks {
 /// Owns the agent's process: reports its exit, or stops it when told to.
 async fn watch(
     mut child: ChildGuard,
-    stop: oneshot::Receiver<()>,
+    stop: oneshot::Receiver<mpsc::Sender<Vec<u8>>>,
     io: IoTasks,
     sink: RuntimeSink,
     tail: Arc<Mutex<VecDeque<String>>>,
@@ -908,12 +939,22 @@ async fn watch(
     let exited = tokio::select! {
         status = child.wait() => Some(status),
         // A stop request, or the runtime dropped without one: stop either way.
-        _ = stop => None,
+        input = stop => {
+            // While the agent runs, every process it started is its descendant: note them all
+            // before it hears `stop` and exits, leaving them orphans.
+            child.tree.refresh().await;
+            if let Ok(input) = input {
+                // When the queue is full the agent does not read anyway; it still sees stdin
+                // close.
+                let _ = input.try_send(protocol_line(&json!({"type": "stop"})));
+            }
+            None
+        }
     };
     match exited {
         Some(status) => {
-            // Whatever the agent left running in its group goes with it.
-            child.kill();
+            // Whatever the agent left running goes with it.
+            child.end().await;
             io.finish().await;
             let message = describe_exit(&status, &tail);
             warn!(conversation_id = %conversation_id, "{message}");
@@ -929,7 +970,7 @@ async fn watch(
                     warn!(conversation_id = %conversation_id, error = %e, "cannot wait for the agent process")
                 }
             }
-            child.kill();
+            child.end().await;
             io.finish().await;
         }
     }
@@ -946,12 +987,12 @@ async fn stop_sequence(
         return status;
     }
     info!(conversation_id = %conversation_id, grace_secs = grace.as_secs(), "agent still running after `stop`; sending SIGTERM");
-    child.terminate();
+    child.terminate().await;
     if let Some(status) = child.wait_for(grace).await {
         return status;
     }
     warn!(conversation_id = %conversation_id, grace_secs = grace.as_secs(), "agent ignored SIGTERM; killing it");
-    child.kill();
+    child.kill().await;
     child.wait().await
 }
 

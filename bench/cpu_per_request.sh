@@ -15,7 +15,7 @@ cargo build --release --quiet
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 for run in 1 2 3; do
   DATA=$(mktemp -d)
-  SWITCHBOARD_LOG=warn SWITCHBOARD_MAX_RUNNING_CONVERSATIONS=1000000 \
+  SWITCHBOARD_LOG=warn SWITCHBOARD_MAX_RUNNING_CONVERSATIONS=1000000 SWITCHBOARD_CREATE_RATE_PER_SEC=0 \
     "$BIN" serve --port "$PORT" --data-dir "$DATA" --store "$STORE" 2>/dev/null &
   PID=$!
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$PORT/alive" >/dev/null && break; sleep 0.1; done

@@ -126,7 +126,8 @@ def main():
                SWITCHBOARD_LOG="warn",
                SWITCHBOARD_RUNTIME="process",
                SWITCHBOARD_PROCESS_COMMAND=args.command,
-               SWITCHBOARD_MAX_RUNNING_CONVERSATIONS=str(n + 10))
+               SWITCHBOARD_MAX_RUNNING_CONVERSATIONS=str(n + 10),
+               SWITCHBOARD_CREATE_RATE_PER_SEC="0")
     server = subprocess.Popen([args.binary, "serve"], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

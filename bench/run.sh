@@ -44,6 +44,7 @@ start_server() {
   SWITCHBOARD_LOG=warn \
   SWITCHBOARD_MAX_RUNNING_CONVERSATIONS=1000000 \
   SWITCHBOARD_MAX_CLIENTS_PER_CONVERSATION=100000 \
+  SWITCHBOARD_CREATE_RATE_PER_SEC=0 \
     "$BIN" serve --port "$PORT" --data-dir "$DATA" "$@" 2>"$OUT/server.log" &
   PID=$!
   for _ in $(seq 100); do

@@ -132,6 +132,10 @@ pub struct Limits {
     pub max_clients_per_conversation: usize,
     pub mailbox_capacity: usize,
     pub shutdown_timeout_secs: u64,
+    /// New conversations per second one client may start, sustained; 0 switches the limit off.
+    pub create_rate_per_sec: u32,
+    /// How many a client may start at once before the rate applies.
+    pub create_burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -274,6 +278,16 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
     (
         "SWITCHBOARD_SHUTDOWN_TIMEOUT_SECS",
         "limits.shutdown_timeout_secs",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_CREATE_RATE_PER_SEC",
+        "limits.create_rate_per_sec",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_CREATE_BURST",
+        "limits.create_burst",
         EnvKind::Literal,
     ),
     (
@@ -668,6 +682,9 @@ impl Settings {
             l.max_clients_per_conversation as u64,
         )?;
         positive("limits.mailbox_capacity", l.mailbox_capacity as u64)?;
+        if l.create_rate_per_sec > 0 {
+            positive("limits.create_burst", u64::from(l.create_burst))?;
+        }
         positive("socket.queue_frames", self.socket.queue_frames as u64)?;
         positive("socket.max_frame_bytes", self.socket.max_frame_bytes as u64)?;
         positive("socket.ping_interval_ms", self.socket.ping_interval_ms)?;
@@ -812,6 +829,33 @@ mod tests {
         assert_eq!(s.limits.on_limit, OnLimit::Reject);
         assert_eq!(s.limits.idle_timeout_secs, 900);
         assert_eq!(s.limits.start_timeout_secs, 60);
+        assert_eq!(s.limits.create_rate_per_sec, 10);
+        assert_eq!(s.limits.create_burst, 100);
+    }
+
+    #[test]
+    fn the_creation_rate_limit_is_set_from_env_and_checked() {
+        let s = SettingsBuilder::new()
+            .merge_env(env(&[
+                ("SWITCHBOARD_CREATE_RATE_PER_SEC", "0"),
+                ("SWITCHBOARD_CREATE_BURST", "0"),
+            ]))
+            .build()
+            .unwrap();
+        assert_eq!(s.limits.create_rate_per_sec, 0);
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[("SWITCHBOARD_CREATE_BURST", "0")]))
+            .build()
+            .unwrap_err();
+        assert!(err.to_string().contains("limits.create_burst"), "{err}");
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[("SWITCHBOARD_CREATE_RATE_PER_SEC", "-1")]))
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("limits.create_rate_per_sec"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@ use tokio::sync::mpsc;
 
 use super::conversation::Conversation;
 use super::messages::*;
+use super::rate_limit::ClientId;
 use super::shared::{ConversationStatus, Registry, Shared};
 use super::supervisor::Supervisor;
 use crate::events::EventBody;
@@ -30,10 +31,16 @@ impl SupervisorHandle {
         SupervisorHandle { addr, registry }
     }
 
-    /// Finds or starts the conversation `id`.
-    pub async fn admit(&self, id: Arc<str>, mode: AdmitMode) -> Result<Admitted, AdmitError> {
+    /// Finds or starts the conversation `id`; starting it counts against `client`'s creation
+    /// rate limit when one is given.
+    pub async fn admit(
+        &self,
+        id: Arc<str>,
+        mode: AdmitMode,
+        client: Option<ClientId>,
+    ) -> Result<Admitted, AdmitError> {
         self.addr
-            .send(Admit { id, mode })
+            .send(Admit { id, mode, client })
             .await
             .map_err(|_| AdmitError::ShuttingDown)?
     }

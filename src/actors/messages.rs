@@ -5,6 +5,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 use tokio::sync::mpsc;
 
+use super::rate_limit::ClientId;
 use super::shared::ConversationStatus;
 use crate::events::{EventBody, StoredEvent};
 use crate::store::{ConversationMeta, StoreError};
@@ -32,6 +33,9 @@ pub enum Role {
 pub enum AdmitError {
     #[error("too many conversations are running")]
     TooMany,
+    /// The client's creation rate limit: a token is back after this many seconds.
+    #[error("too many new conversations from this client; retry in {retry_after_secs} s")]
+    RateLimited { retry_after_secs: u64 },
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error("conversation not found")]
@@ -46,6 +50,9 @@ pub enum AdmitError {
 pub struct Admit {
     pub id: Arc<str>,
     pub mode: AdmitMode,
+    /// Who asks, when bringing the conversation up counts against their creation rate limit
+    /// (`POST /api/conversations`); `None` for starts, user actions and sockets.
+    pub client: Option<ClientId>,
 }
 
 /// Delete a conversation and its events. Decided by the supervisor in order with every

@@ -7,6 +7,7 @@
 
 pub mod conversation;
 pub mod messages;
+pub mod rate_limit;
 pub mod supervisor;
 
 mod handle;
@@ -17,4 +18,5 @@ pub use messages::{
     AdmitError, AdmitMode, ClientFrame, CloseReason, DeleteError, JoinReply, Role, StopReason,
     Subscribed,
 };
+pub use rate_limit::ClientId;
 pub use shared::{ConversationStatus, Registry, RegistryEntry, RuntimeStatus, Shared};

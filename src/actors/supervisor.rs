@@ -14,6 +14,10 @@
 //! The store's rows are removed only when no actor for the id exists, so no live conversation
 //! ever loses its data underneath.
 //!
+//! A `POST /api/conversations` that brings a conversation up takes a token from its client's
+//! bucket ([`CreateLimiter`]) here, before any limit or eviction is considered; joining a live
+//! conversation never does.
+//!
 //! Under `evict_oldest`, only a conversation with no client attached and no turn under way is
 //! evicted (the least recently active of those); when there is none, admission is refused.
 //!
@@ -30,6 +34,7 @@ use tokio::sync::oneshot;
 use super::conversation::Conversation;
 use super::handle::{Admitted, ConversationHandle, SupervisorHandle};
 use super::messages::*;
+use super::rate_limit::{retry_after_secs, CreateLimiter};
 use super::shared::{ConversationStatus, Registry, RegistryEntry, Shared};
 use crate::config::{OnLimit, Settings};
 use crate::store::Store;
@@ -51,6 +56,8 @@ pub struct Supervisor {
     deferred: HashMap<Arc<str>, Vec<(Admit, AdmitReply)>>,
     /// Deletes decided and not yet done, with everyone waiting for their answer.
     deleting: HashMap<Arc<str>, Vec<DeleteReply>>,
+    /// Every client's creation token bucket.
+    create_limiter: CreateLimiter,
     shutting_down: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -60,6 +67,10 @@ impl Supervisor {
     pub fn start(settings: Arc<Settings>, store: Arc<dyn Store>) -> SupervisorHandle {
         let registry = Arc::new(Registry::new());
         let threads = settings.conversation_thread_count();
+        let create_limiter = CreateLimiter::new(
+            settings.limits.create_rate_per_sec,
+            settings.limits.create_burst,
+        );
         let arbiters = (0..threads).map(|_| Arbiter::new().handle()).collect();
         let supervisor = Supervisor {
             registry: registry.clone(),
@@ -71,6 +82,7 @@ impl Supervisor {
             evicting: HashSet::new(),
             deferred: HashMap::new(),
             deleting: HashMap::new(),
+            create_limiter,
             shutting_down: false,
             shutdown_waiters: Vec::new(),
         };
@@ -116,6 +128,14 @@ impl Supervisor {
                     self.registry.remove(&msg.id);
                     self.evicting.remove(&msg.id);
                 }
+            }
+        }
+        if let Some(client) = &msg.client {
+            // Bringing a conversation up (not joining a live one) takes a token.
+            if let Err(wait) = self.create_limiter.check(client) {
+                let retry_after_secs = retry_after_secs(wait);
+                tracing::debug!(?client, retry_after_secs, "creation rate limit reached");
+                return Ok(Err(AdmitError::RateLimited { retry_after_secs }));
             }
         }
         if self.running() >= self.settings.limits.max_running_conversations {
@@ -246,8 +266,17 @@ impl Supervisor {
     }
 }
 
+/// How often buckets that have refilled completely are dropped.
+const BUCKET_SWEEP: Duration = Duration::from_secs(1);
+
 impl Actor for Supervisor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        if self.create_limiter.enabled() {
+            ctx.run_interval(BUCKET_SWEEP, |act, _| act.create_limiter.sweep());
+        }
+    }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         for arbiter in &self.arbiters {

@@ -14,11 +14,13 @@ use super::schema::{
     ListQuery, OkStatus, ProvidersSetModel, UpdateConversationRequest, UserAction,
 };
 use super::validation::{self, conversation_id_error, FieldError, PROVIDERS};
-use super::{content_type, read_body, AppState};
+use super::{client_id, content_type, read_body, AppState};
 use crate::actors::messages::ConversationError;
 use crate::actors::{
-    AdmitError, AdmitMode, ConversationHandle, ConversationStatus, DeleteError, Shared, StopReason,
+    AdmitError, AdmitMode, ClientId, ConversationHandle, ConversationStatus, DeleteError, Shared,
+    StopReason,
 };
+use crate::config::Limits;
 use crate::events::{default_title, meta_timestamp, parse_user_action};
 use crate::store::{ConversationMeta, EventQuery};
 
@@ -72,29 +74,36 @@ fn conversation_response(
     }
 }
 
-fn admit_error(e: AdmitError) -> ApiError {
+fn admit_error(e: AdmitError, limits: &Limits) -> ApiError {
     match e {
         AdmitError::TooMany => ApiError::TooManyConversations,
+        AdmitError::RateLimited { retry_after_secs } => ApiError::RateLimited {
+            retry_after_secs,
+            rate_per_sec: limits.create_rate_per_sec,
+            burst: limits.create_burst,
+        },
         AdmitError::ShuttingDown => ApiError::Unavailable("The server is shutting down".into()),
         AdmitError::NotFound => ApiError::NotFound("Conversation not found".into()),
         AdmitError::Failed(why) => ApiError::Internal(why),
     }
 }
 
-/// Admits and joins `id`, retrying when it raced with a stopping incarnation.
+/// Admits and joins `id`, retrying when it raced with a stopping incarnation. Bringing the
+/// conversation up counts against `client`'s creation rate limit when one is given.
 async fn admit_and_join(
     state: &AppState,
     id: Arc<str>,
     mode: AdmitMode,
+    client: Option<ClientId>,
     brings_initial_message: bool,
 ) -> Result<(ConversationHandle, ConversationStatus, Option<String>), ApiError> {
     let mut last = ConversationError::Stopping;
     for _ in 0..5 {
         let admitted = state
             .supervisor
-            .admit(id.clone(), mode.clone())
+            .admit(id.clone(), mode.clone(), client.clone())
             .await
-            .map_err(admit_error)?;
+            .map_err(|e| admit_error(e, &state.settings.limits))?;
         match admitted
             .conversation
             .join(admitted.role, brings_initial_message)
@@ -134,7 +143,7 @@ async fn admit_and_join(
         (status = 404, description = "The conversation could not be loaded (deleted while joining)", body = ErrorDetail),
         (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
         (status = 422, description = "Validation error", body = HttpValidationError),
-        (status = 429, description = "Too many conversations are running (`limits.on_limit = \"reject\"`)", body = ErrorMessage, example = json!({"status": "error", "message": crate::events::TOO_MANY_CONVERSATIONS_MESSAGE, "msg_id": crate::events::TOO_MANY_CONVERSATIONS})),
+        (status = 429, description = "Too many conversations are running (`limits.on_limit = \"reject\"`, or `evict_oldest` with every running conversation attached or mid-turn), or this client has used up its creation rate limit (`limits.create_rate_per_sec`; `msg_id` `SWITCHBOARD$CREATE_RATE_LIMITED`, with `retry_after_secs` and `Retry-After`)", body = ErrorMessage, headers(("Retry-After" = u64, description = "Seconds until this client may create again (rate limit only)")), example = json!({"status": "error", "message": crate::events::TOO_MANY_CONVERSATIONS_MESSAGE, "msg_id": crate::events::TOO_MANY_CONVERSATIONS})),
         (status = 500, description = "Internal error", body = ErrorDetail, example = json!({"detail": "Internal Server Error"})),
         (status = 503, description = "The store failed (`Storage error: …`), the server is shutting down, or the conversation is restarting; try again", body = ErrorDetail),
     ),
@@ -168,8 +177,15 @@ pub async fn create(
     } else {
         AdmitMode::LoadOrCreate(meta)
     };
-    let (_, status, message) =
-        admit_and_join(&state, id.clone(), mode, new.brings_initial_message).await?;
+    let client = client_id(&req, &state.settings);
+    let (_, status, message) = admit_and_join(
+        &state,
+        id.clone(),
+        mode,
+        Some(client),
+        new.brings_initial_message,
+    )
+    .await?;
     Ok(HttpResponse::Ok().json(conversation_response(&id, status, message)))
 }
 
@@ -302,6 +318,7 @@ fn not_found_patch() -> ApiError {
             status: ErrorStatus::Error,
             message: "Conversation not found".into(),
             msg_id: "CONVERSATION$NOT_FOUND".into(),
+            retry_after_secs: None,
         }),
     )
 }
@@ -429,7 +446,7 @@ pub async fn start(
     if state.supervisor.live(&id).is_none() && state.store.get(&id).await?.is_none() {
         return Err(not_found_status(&id));
     }
-    let (_, status, _) = admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, false)
+    let (_, status, _) = admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, None, false)
         .await
         .map_err(|e| match e {
             ApiError::NotFound(_) => not_found_status(&id),
@@ -622,7 +639,7 @@ pub async fn post_event(
             if state.store.get(&id).await?.is_none() {
                 return Err(ApiError::NotFound(format!("Conversation {id} not found")));
             }
-            admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, false)
+            admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, None, false)
                 .await?
                 .0
         }

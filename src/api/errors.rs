@@ -4,8 +4,14 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::{json, Value};
 
+use actix_web::http::header;
+
+use super::schema::{ErrorMessage, ErrorStatus};
 use super::validation::FieldError;
 use crate::events::TOO_MANY_CONVERSATIONS;
+
+/// `msg_id` of the creation rate limit's 429.
+pub const CREATE_RATE_LIMITED: &str = "SWITCHBOARD$CREATE_RATE_LIMITED";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -27,6 +33,13 @@ pub enum ApiError {
     /// 429 with the OpenHands too-many-conversations body.
     #[error("too many conversations")]
     TooManyConversations,
+    /// 429 with `Retry-After`: the client's creation rate limit.
+    #[error("too many new conversations from this client")]
+    RateLimited {
+        retry_after_secs: u64,
+        rate_per_sec: u32,
+        burst: u32,
+    },
     /// 503 `{"detail": …}`.
     #[error("{0}")]
     Unavailable(String),
@@ -55,7 +68,9 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::TooManyConversations => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::TooManyConversations | ApiError::RateLimited { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             ApiError::Unavailable(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Exact(status, _) => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -77,6 +92,24 @@ impl ResponseError for ApiError {
                 "message": crate::events::TOO_MANY_CONVERSATIONS_MESSAGE,
                 "msg_id": TOO_MANY_CONVERSATIONS,
             }),
+            ApiError::RateLimited {
+                retry_after_secs,
+                rate_per_sec,
+                burst,
+            } => {
+                let body = super::schema::to_value(&ErrorMessage {
+                    status: ErrorStatus::Error,
+                    message: format!(
+                        "Too many new conversations from this client: at most {rate_per_sec} \
+                         per second ({burst} at once). Try again in {retry_after_secs} s."
+                    ),
+                    msg_id: CREATE_RATE_LIMITED.into(),
+                    retry_after_secs: Some(*retry_after_secs),
+                });
+                return HttpResponse::build(self.status_code())
+                    .insert_header((header::RETRY_AFTER, retry_after_secs.to_string()))
+                    .json(body);
+            }
             ApiError::Exact(_, body) => body.clone(),
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");

@@ -5,17 +5,18 @@
 //! Every `/api` route sits behind the session key when one is configured and answers with
 //! `cache-control: no-cache, no-store, must-revalidate, max-age=0`.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
 use actix_web::middleware::{from_fn, DefaultHeaders, Next};
-use actix_web::{web, HttpResponse, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use futures_util::StreamExt;
 use subtle::ConstantTimeEq;
 
-use crate::actors::SupervisorHandle;
+use crate::actors::{ClientId, SupervisorHandle};
 use crate::config::Settings;
 use crate::store::Store;
 
@@ -61,6 +62,19 @@ pub fn key_matches(expected: &str, presented: Option<&str>) -> bool {
         Some(p) => bool::from(p.as_bytes().ct_eq(expected.as_bytes())),
         None => false,
     }
+}
+
+/// The identity a request's creations are counted against ([`ClientId`]): the session key
+/// when one is configured (the request passed the key check to get here), otherwise the peer's
+/// address.
+pub fn client_id(req: &HttpRequest, settings: &Settings) -> ClientId {
+    if !settings.session_api_key.is_empty() {
+        return ClientId::SessionKey;
+    }
+    let ip = req
+        .peer_addr()
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+    ClientId::peer(ip)
 }
 
 async fn require_session_key(

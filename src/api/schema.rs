@@ -624,14 +624,19 @@ fn location() -> Schema {
     )
 }
 
-/// `{"status":"error","message":…,"msg_id":…}`: too many conversations (429), or an unknown
-/// conversation on `PATCH` (404).
+/// `{"status":"error","message":…,"msg_id":…}`: too many conversations or the client's
+/// creation rate limit (429, the latter with `retry_after_secs`), or an unknown conversation on
+/// `PATCH` (404).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorMessage {
     #[schema(inline)]
     pub status: ErrorStatus,
     pub message: String,
     pub msg_id: String,
+    /// Seconds until the client may create again (also the `Retry-After` header); only on the
+    /// creation rate limit's 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
 }
 
 /// `{"status":"error","conversation_id":…}`: an unknown conversation on start or stop (404).

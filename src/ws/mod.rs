@@ -181,7 +181,7 @@ async fn open_conversation(
                 }
                 match state
                     .supervisor
-                    .admit(id.clone(), AdmitMode::LoadOnly)
+                    .admit(id.clone(), AdmitMode::LoadOnly, None)
                     .await
                 {
                     Ok(admitted) => admitted.conversation,

@@ -126,3 +126,121 @@ async fn evict_oldest_never_evicts_an_attached_conversation() {
     assert!(!agent_states(&app.events(&a).await).contains(&"stopped".to_string()));
     app.wait_status(&c, "RUNNING", 5).await;
 }
+
+/// An HTTP client whose connections come from `ip` (every 127.x address reaches the server).
+fn client_from(ip: &str) -> awc::Client {
+    awc::Client::builder()
+        .local_address(ip.parse().expect("address"))
+        .finish()
+}
+
+/// `POST /api/conversations` with `body` from `client` (with the server's key, if any).
+async fn post_from(client: &awc::Client, app: &TestApp, body: serde_json::Value) -> u16 {
+    let mut req = client.post(format!("{}/api/conversations", app.url));
+    if let Some(key) = &app.key {
+        req = req.insert_header(("X-Session-API-Key", key.as_str()));
+    }
+    req.send_json(&body)
+        .await
+        .expect("request")
+        .status()
+        .as_u16()
+}
+
+/// Creates until the first refusal (a burst of `burst` is always granted first); returns how
+/// many were created and the refusal.
+async fn create_until_refused(app: &TestApp, burst: usize) -> (usize, Reply) {
+    for created in 0..burst + 20 {
+        let r = app.post("/api/conversations", json!({})).await;
+        if r.status != 200 {
+            assert!(created >= burst, "refused after {created}: {}", r.body);
+            return (created, r);
+        }
+    }
+    panic!("never refused");
+}
+
+#[actix_web::test]
+async fn a_client_over_its_creation_rate_gets_429_with_retry_after_and_others_do_not() {
+    let app = spawn_app_with(|s| {
+        s.limits.create_rate_per_sec = 1;
+        s.limits.create_burst = 3;
+    })
+    .await;
+    let (created, r) = create_until_refused(&app, 3).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    let retry_after = r.headers.get("retry-after").expect("Retry-After");
+    assert_eq!(retry_after.to_str().unwrap(), "1");
+    assert_eq!(r.body["status"], "error");
+    assert_eq!(r.body["msg_id"], "SWITCHBOARD$CREATE_RATE_LIMITED");
+    assert_eq!(r.body["retry_after_secs"], 1);
+    let message = r.body["message"].as_str().unwrap();
+    assert!(
+        message.contains("at most 1 per second (3 at once)"),
+        "{message}"
+    );
+    // The refused request created nothing.
+    assert_eq!(app.listed().await, created);
+
+    // Joining a running conversation is not a creation; everything else keeps working.
+    let running = app.get("/api/conversations?limit=1").await.body["results"][0]["conversation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = app
+        .post("/api/conversations", json!({"conversation_id": running}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = app
+        .post(
+            &format!("/api/conversations/{running}/events"),
+            json!({"action": "message", "args": {"content": "hi"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // Another client (another address) has its own bucket.
+    let other = client_from("127.0.0.2");
+    for _ in 0..3 {
+        assert_eq!(post_from(&other, &app, json!({})).await, 200);
+    }
+    assert_eq!(app.listed().await, created + 3);
+}
+
+#[actix_web::test]
+async fn with_a_session_key_the_key_is_the_client() {
+    let app = spawn_app_with(|s| {
+        s.session_api_key = "k".into();
+        s.limits.create_rate_per_sec = 1;
+        s.limits.create_burst = 3;
+    })
+    .await;
+    let (created, r) = create_until_refused(&app, 3).await;
+    assert_eq!(r.status, 429, "{}", r.body);
+    // The same key from another address is the same client: no fresh burst of 3 there (at
+    // most a token that refilled meanwhile).
+    let other = client_from("127.0.0.2");
+    let mut more = 0;
+    while post_from(&other, &app, json!({})).await == 200 {
+        more += 1;
+        assert!(more < 3, "the other address got a bucket of its own");
+    }
+    assert_eq!(app.listed().await, created + more);
+}
+
+#[actix_web::test]
+async fn a_creation_rate_of_zero_switches_the_limit_off() {
+    let app = spawn_app_with(|s| {
+        s.limits.create_rate_per_sec = 0;
+        s.limits.create_burst = 1;
+    })
+    .await;
+    // Far more than the burst of 1, and than the default burst, as fast as one client can.
+    let burst = switchboard::config::Settings::defaults()
+        .limits
+        .create_burst as usize;
+    for _ in 0..burst + 20 {
+        let r = app.post("/api/conversations", json!({})).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}

@@ -1104,3 +1104,28 @@ async fn the_saved_settings_reach_the_agent_init() {
     );
     app.shutdown().await;
 }
+
+#[actix_web::test]
+async fn delete_answers_once_the_agent_is_gone_and_the_data_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let command = script(dir.path(), "thinker.py", THINKER);
+    let app = process_app(command, |_| {}).await;
+    let id = app.create(json!({"initial_user_msg": "think"})).await;
+    app.wait_status(&id, "RUNNING", 20).await;
+    assert_eq!(agent_pids(&id).len(), 1);
+    let r = app
+        .send("DELETE", &format!("/api/conversations/{id}"), None)
+        .await;
+    assert_eq!((r.status, r.body), (200, json!(true)));
+    // Answered after the agent ended and the rows went: nothing of it is left to find.
+    assert!(agent_pids(&id).is_empty(), "{:?}", agent_pids(&id));
+    assert_eq!(app.info(&id).await, Value::Null);
+    assert_eq!(
+        app.get(&format!("/api/conversations/{id}/events"))
+            .await
+            .status,
+        404
+    );
+    app.shutdown().await;
+    assert_no_lasting_zombies().await;
+}

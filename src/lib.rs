@@ -10,15 +10,19 @@
 //! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite).
 //! - [`ws`]: socket transports (Socket.IO and plain JSON WebSocket).
 //! - [`load`]: the load generator behind `switchboard load`.
+//! - [`frontend`]: serving a built OpenHands web app at `/`.
+//! - [`workspace`]: a conversation's working directory and path confinement.
 //! - [`telemetry`]: logging setup.
 
 pub mod actors;
 pub mod api;
 pub mod config;
 pub mod events;
+pub mod frontend;
 pub mod load;
 pub mod runtime;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
+pub mod workspace;
 pub mod ws;

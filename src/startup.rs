@@ -152,12 +152,22 @@ impl Application {
             supervisor: supervisor.clone(),
         });
         let cors_settings = settings.clone();
+        let frontend =
+            (!settings.frontend.dir.as_os_str().is_empty()).then(|| settings.frontend.dir.clone());
+        if let Some(dir) = &frontend {
+            tracing::info!(dir = %dir.display(), "serving the web app at /");
+        }
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .wrap(cors(&cors_settings))
                 .configure(api::configure)
                 .configure(crate::ws::configure)
+                .configure(|cfg| {
+                    if let Some(dir) = &frontend {
+                        crate::frontend::configure(cfg, dir);
+                    }
+                })
                 .default_service(web::to(api::not_found))
         })
         .shutdown_timeout(settings.limits.shutdown_timeout_secs)

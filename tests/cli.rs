@@ -154,6 +154,21 @@ fn bad_environment_settings_are_refused_with_one_line_naming_them() {
         "`store`",
         Some(free_port()),
     );
+    // A web app directory without index.html (or none at all), by flag and by environment.
+    let empty = tempfile::tempdir().expect("temp dir");
+    let empty = empty.path().display().to_string();
+    refuses(
+        &[],
+        &["--frontend", &empty],
+        "index.html",
+        Some(free_port()),
+    );
+    refuses(
+        &[("SWITCHBOARD_FRONTEND_DIR", "/no/such/dir")],
+        &[],
+        "frontend.dir",
+        Some(free_port()),
+    );
 }
 
 #[test]

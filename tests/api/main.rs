@@ -4,6 +4,7 @@
 
 mod conversations;
 mod fake_openhands;
+mod frontend;
 mod helpers;
 mod lifecycle;
 mod limits;

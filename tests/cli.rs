@@ -742,8 +742,13 @@ async fn race_round(client: &awc::Client, port: u16, round: usize) -> Vec<Seen> 
         (r.status().as_u16(), answer)
     };
     let attach = race_socket(client, port, &id, &old, &new);
-    let ((deleted, deleted_body), (joined, join_body), socket) =
-        futures_util::future::join3(delete, join, attach).await;
+    // Which request leaves first alternates, so both orders of delete and join are seen.
+    let ((deleted, deleted_body), (joined, join_body), socket) = if round.is_multiple_of(2) {
+        futures_util::future::join3(delete, join, attach).await
+    } else {
+        let (j, d, a) = futures_util::future::join3(join, delete, attach).await;
+        (d, j, a)
+    };
     assert_eq!((deleted, deleted_body), (200, Value::Bool(true)), "{id}");
     assert_eq!(joined, 200, "{id}: {join_body}");
     let mut after = client

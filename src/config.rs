@@ -27,6 +27,11 @@ pub enum ConfigError {
     Parse { path: String, message: String },
     #[error("invalid setting `{setting}`: {message}")]
     Invalid { setting: String, message: String },
+    #[error("unknown environment variable {name}{}", suggestion.as_ref().map(|s| format!("; did you mean {s}?")).unwrap_or_else(|| "; `switchboard config` lists every setting and config/default.toml names each one's variable".into()))]
+    UnknownEnv {
+        name: String,
+        suggestion: Option<&'static str>,
+    },
 }
 
 /// Persistence backend.
@@ -83,6 +88,15 @@ pub struct Settings {
     pub frontend: FrontendSettings,
     pub workspace: WorkspaceSettings,
     pub store_tuning: StoreTuning,
+    pub metrics: MetricsSettings,
+}
+
+/// `GET /metrics`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Whether scraping needs the session key (when one is set).
+    pub require_key: bool,
 }
 
 /// The OpenHands web app: where its build is, and what `GET /api/options/*` tell it.
@@ -405,7 +419,70 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
         "store_tuning.queue",
         EnvKind::Literal,
     ),
+    (
+        "SWITCHBOARD_METRICS_REQUIRE_KEY",
+        "metrics.require_key",
+        EnvKind::Literal,
+    ),
 ];
+
+/// `SWITCHBOARD_*` variables that are not settings but that switchboard or its tests and
+/// benchmarks read, so they are never refused as unknown. Besides these, any
+/// `SWITCHBOARD_REQUIRE_<PART>_TESTS` (tests that must not skip a missing part).
+pub const OTHER_ENV_VARS: &[&str] = &[
+    // Given to agents by the process runtime (an agent may itself run switchboard).
+    "SWITCHBOARD_CONVERSATION_ID",
+    // Benchmarks and tests.
+    "SWITCHBOARD_BENCH_SECS",
+    "SWITCHBOARD_BENCH_QUICK",
+    "SWITCHBOARD_STORE_TEST_KILL9_DIR",
+];
+
+/// Whether `name` is a `SWITCHBOARD_*` variable that is known: a setting or one of
+/// [`OTHER_ENV_VARS`].
+pub fn is_known_env_var(name: &str) -> bool {
+    ENV_VARS.iter().any(|(n, _, _)| *n == name)
+        || OTHER_ENV_VARS.contains(&name)
+        || name
+            .strip_prefix("SWITCHBOARD_REQUIRE_")
+            .and_then(|rest| rest.strip_suffix("_TESTS"))
+            .is_some_and(|part| !part.is_empty())
+}
+
+/// The known variable closest to an unknown `name`, if one is close enough to be a typo
+/// (compared without the common `SWITCHBOARD_` prefix).
+fn closest_env_var(name: &str) -> Option<&'static str> {
+    let wanted = name.strip_prefix("SWITCHBOARD_").unwrap_or(name);
+    ENV_VARS
+        .iter()
+        .map(|(n, _, _)| *n)
+        .chain(OTHER_ENV_VARS.iter().copied())
+        .filter_map(|known| {
+            let suffix = known.strip_prefix("SWITCHBOARD_").unwrap_or(known);
+            let score = strsim::normalized_damerau_levenshtein(wanted, suffix);
+            let truncated = !wanted.is_empty() && suffix.starts_with(wanted);
+            (score >= 0.5 || truncated).then_some((known, score))
+        })
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(known, _)| known)
+}
+
+/// Where the effective value of a setting came from.
+pub type Sources = BTreeMap<String, String>;
+
+/// One line of `switchboard config`: a setting, its value (TOML, secrets redacted) and the
+/// layer that set it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Explained {
+    pub setting: String,
+    pub value: String,
+    pub source: String,
+}
+
+/// Settings whose values are never printed.
+fn is_secret(setting: &str) -> bool {
+    setting == "session_api_key" || setting.starts_with("runtime.process.env.")
+}
 
 /// Values given on the command line; `None` leaves the lower layers in force.
 #[derive(Debug, Default, Clone)]
@@ -423,8 +500,64 @@ pub struct Overrides {
 /// Builds [`Settings`] from one TOML layer at a time.
 pub struct SettingsBuilder {
     table: toml::Table,
+    /// Which layer set each leaf, by dotted path.
+    sources: Sources,
     /// A layer that could not be read as a value (reported by `build`).
     pending_error: Option<ConfigError>,
+}
+
+/// Records `origin` for every leaf of `layer` under `prefix`.
+fn note_sources(sources: &mut Sources, prefix: &str, layer: &toml::Table, origin: &str) {
+    for (key, value) in layer {
+        let dotted = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(t) if !t.is_empty() => note_sources(sources, &dotted, t, origin),
+            _ => {
+                sources.insert(dotted, origin.to_string());
+            }
+        }
+    }
+}
+
+/// A value as TOML text (strings quoted JSON-style, which TOML reads the same).
+fn toml_text(value: &toml::Value) -> String {
+    match value {
+        toml::Value::String(s) => serde_json::Value::String(s.clone()).to_string(),
+        toml::Value::Integer(i) => i.to_string(),
+        toml::Value::Float(f) => f.to_string(),
+        toml::Value::Boolean(b) => b.to_string(),
+        toml::Value::Datetime(d) => d.to_string(),
+        toml::Value::Array(items) => {
+            let items: Vec<String> = items.iter().map(toml_text).collect();
+            format!("[{}]", items.join(", "))
+        }
+        toml::Value::Table(t) => {
+            let items: Vec<String> = t
+                .iter()
+                .map(|(k, v)| format!("{k} = {}", toml_text(v)))
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+    }
+}
+
+/// Every leaf of `table` as (dotted path, value).
+fn leaves(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+    for (key, value) in table {
+        let dotted = if prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{prefix}.{key}")
+        };
+        match value {
+            toml::Value::Table(t) if !t.is_empty() => leaves(&dotted, t, out),
+            v => out.push((dotted, v.clone())),
+        }
+    }
 }
 
 impl SettingsBuilder {
@@ -433,8 +566,11 @@ impl SettingsBuilder {
         let table = DEFAULTS_TOML
             .parse::<toml::Table>()
             .expect("built-in config/default.toml is valid TOML");
+        let mut sources = Sources::new();
+        note_sources(&mut sources, "", &table, "default");
         Self {
             table,
+            sources,
             pending_error: None,
         }
     }
@@ -447,6 +583,7 @@ impl SettingsBuilder {
                 path: origin.to_string(),
                 message: e.message().to_string(),
             })?;
+        note_sources(&mut self.sources, "", &layer, &format!("file {origin}"));
         merge(&mut self.table, layer);
         Ok(self)
     }
@@ -458,6 +595,12 @@ impl SettingsBuilder {
             source,
         })?;
         self.merge_toml(&path.display().to_string(), &text)
+    }
+
+    /// Sets one setting by its dotted path, noting `origin` as where it came from.
+    fn set_from(mut self, dotted: &str, value: toml::Value, origin: String) -> Self {
+        self.sources.insert(dotted.to_string(), origin);
+        self.set(dotted, value)
     }
 
     /// Sets one setting by its dotted path (`limits.on_limit`).
@@ -482,6 +625,11 @@ impl SettingsBuilder {
     pub fn merge_env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
         for (name, raw) in vars {
             let Some((_, dotted, kind)) = ENV_VARS.iter().find(|(n, _, _)| *n == name) else {
+                if name.starts_with("SWITCHBOARD_") && !is_known_env_var(&name) {
+                    let suggestion = closest_env_var(&name);
+                    self.pending_error
+                        .get_or_insert(ConfigError::UnknownEnv { name, suggestion });
+                }
                 continue;
             };
             let value = match kind {
@@ -512,35 +660,71 @@ impl SettingsBuilder {
                     }
                 },
             };
-            self = self.set(dotted, value);
+            self = self.set_from(dotted, value, format!("env {name}"));
         }
         self
     }
 
     /// Applies command-line flags.
     pub fn merge_overrides(mut self, o: &Overrides) -> Self {
+        let flag = |name: &str| format!("flag --{name}");
         if let Some(v) = &o.host {
-            self = self.set("host", toml::Value::String(v.clone()));
+            self = self.set_from("host", toml::Value::String(v.clone()), flag("host"));
         }
         if let Some(v) = o.port {
-            self = self.set("port", toml::Value::Integer(i64::from(v)));
+            self = self.set_from("port", toml::Value::Integer(i64::from(v)), flag("port"));
         }
         if let Some(v) = &o.data_dir {
-            self = self.set("data_dir", toml::Value::String(v.display().to_string()));
+            let v = toml::Value::String(v.display().to_string());
+            self = self.set_from("data_dir", v, flag("data-dir"));
         }
         if let Some(v) = &o.store {
-            self = self.set("store", toml::Value::String(v.clone()));
+            self = self.set_from("store", toml::Value::String(v.clone()), flag("store"));
         }
         if let Some(v) = &o.session_api_key {
-            self = self.set("session_api_key", toml::Value::String(v.clone()));
+            let v = toml::Value::String(v.clone());
+            self = self.set_from("session_api_key", v, flag("session-api-key"));
         }
         if let Some(v) = &o.runtime {
-            self = self.set("runtime.kind", toml::Value::String(v.clone()));
+            let v = toml::Value::String(v.clone());
+            self = self.set_from("runtime.kind", v, flag("runtime"));
         }
         if let Some(v) = &o.frontend {
-            self = self.set("frontend.dir", toml::Value::String(v.display().to_string()));
+            let v = toml::Value::String(v.display().to_string());
+            self = self.set_from("frontend.dir", v, flag("frontend"));
         }
         self
+    }
+
+    /// Builds the settings (refusing what `build` refuses) and lists every setting's effective
+    /// value and the layer that set it, secrets redacted.
+    pub fn explain(self) -> Result<(Settings, Vec<Explained>), ConfigError> {
+        let mut all = Vec::new();
+        leaves("", &self.table, &mut all);
+        let sources = self.sources.clone();
+        let settings = self.build()?;
+        let lines = all
+            .into_iter()
+            .map(|(setting, value)| {
+                let value = match &value {
+                    toml::Value::String(s) if is_secret(&setting) && !s.is_empty() => {
+                        "\"<redacted>\"".to_string()
+                    }
+                    v if is_secret(&setting) && !v.is_str() => "\"<redacted>\"".to_string(),
+                    v => toml_text(v),
+                };
+                let source = sources
+                    .get(&setting)
+                    .cloned()
+                    .unwrap_or_else(|| "default".to_string());
+                Explained {
+                    setting,
+                    value,
+                    source,
+                }
+            })
+            .collect();
+        Ok((settings, lines))
     }
 
     /// Deserializes and range-checks the merged layers.
@@ -622,6 +806,15 @@ fn program_exists(program: &str) -> bool {
 impl Settings {
     /// The full precedence chain: defaults, `./config/default.toml`, `--config`, env, flags.
     pub fn load(overrides: &Overrides) -> Result<Settings, ConfigError> {
+        Self::layers(overrides)?.build()
+    }
+
+    /// Like [`Settings::load`], with every setting's value and source (`switchboard config`).
+    pub fn explain(overrides: &Overrides) -> Result<(Settings, Vec<Explained>), ConfigError> {
+        Self::layers(overrides)?.explain()
+    }
+
+    fn layers(overrides: &Overrides) -> Result<SettingsBuilder, ConfigError> {
         let mut builder = SettingsBuilder::new();
         let local = Path::new("config/default.toml");
         if local.is_file() {
@@ -630,10 +823,9 @@ impl Settings {
         if let Some(file) = &overrides.config_file {
             builder = builder.merge_file(file)?;
         }
-        builder
+        Ok(builder
             .merge_env(std::env::vars())
-            .merge_overrides(overrides)
-            .build()
+            .merge_overrides(overrides))
     }
 
     /// Built-in defaults only (plus nothing): what tests start from.
@@ -685,6 +877,7 @@ impl Settings {
         if l.create_rate_per_sec > 0 {
             positive("limits.create_burst", u64::from(l.create_burst))?;
         }
+        positive("limits.shutdown_timeout_secs", l.shutdown_timeout_secs)?;
         positive("socket.queue_frames", self.socket.queue_frames as u64)?;
         positive("socket.max_frame_bytes", self.socket.max_frame_bytes as u64)?;
         positive("socket.ping_interval_ms", self.socket.ping_interval_ms)?;
@@ -1038,6 +1231,51 @@ mod tests {
             .build()
             .unwrap_err();
         assert!(err.to_string().contains("frontend.app_mode"), "{err}");
+    }
+
+    #[test]
+    fn unknown_switchboard_variables_are_errors_and_known_others_are_not() {
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[("SWITCHBOARD_PROT", "1")]))
+            .build()
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("did you mean SWITCHBOARD_PORT?"),
+            "{err}"
+        );
+        SettingsBuilder::new()
+            .merge_env(env(&[
+                ("SWITCHBOARD_REQUIRE_CLIENT_TESTS", "1"),
+                ("SWITCHBOARD_REQUIRE_POSTGRES_TESTS", "1"),
+                ("SWITCHBOARD_CONVERSATION_ID", "abc"),
+                ("SWITCHBOARD_BENCH_SECS", "5"),
+                ("NOT_OURS", "x"),
+            ]))
+            .build()
+            .expect("known variables are accepted");
+        assert!(!is_known_env_var("SWITCHBOARD_REQUIRE__TESTS"));
+    }
+
+    #[test]
+    fn explain_names_each_layer_and_redacts_secrets() {
+        let (_, lines) = SettingsBuilder::new()
+            .merge_toml("team.toml", "[limits]\nidle_timeout_secs = 5")
+            .unwrap()
+            .merge_env(env(&[("SWITCHBOARD_SESSION_API_KEY", "hush")]))
+            .merge_overrides(&Overrides {
+                port: Some(7),
+                ..Default::default()
+            })
+            .explain()
+            .unwrap();
+        let find = |s: &str| lines.iter().find(|l| l.setting == s).unwrap().clone();
+        assert_eq!(find("limits.idle_timeout_secs").source, "file team.toml");
+        assert_eq!(find("port").source, "flag --port");
+        assert_eq!(find("port").value, "7");
+        assert_eq!(find("host").source, "default");
+        let key = find("session_api_key");
+        assert_eq!(key.source, "env SWITCHBOARD_SESSION_API_KEY");
+        assert!(!key.value.contains("hush"));
     }
 
     #[test]

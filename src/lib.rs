@@ -12,6 +12,7 @@
 //! - [`load`]: the load generator behind `switchboard load`.
 //! - [`frontend`]: serving a built OpenHands web app at `/`.
 //! - [`workspace`]: a conversation's working directory and path confinement.
+//! - [`ops`]: readiness (`/ready`), Prometheus metrics (`/metrics`), request ids and access logs.
 //! - [`telemetry`]: logging setup.
 
 pub mod actors;
@@ -20,6 +21,7 @@ pub mod config;
 pub mod events;
 pub mod frontend;
 pub mod load;
+pub mod ops;
 pub mod runtime;
 pub mod startup;
 pub mod store;

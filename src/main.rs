@@ -21,10 +21,20 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server.
+    #[command(after_help = SETTINGS_HELP)]
     Serve(ServeArgs),
+    /// Print the effective settings and the layer that set each (secrets redacted), then exit.
+    /// Takes the same options as `serve`.
+    #[command(after_help = SETTINGS_HELP)]
+    Config(ServeArgs),
     /// Generate load against a running server and report throughput and latency.
     Load(switchboard::load::LoadArgs),
 }
+
+/// Where the settings without a flag are.
+const SETTINGS_HELP: &str = "Every setting, including those without a flag: config/default.toml \
+(each with its SWITCHBOARD_* environment variable), or `switchboard config` for the effective \
+values and where each came from.";
 
 #[derive(Args)]
 struct ServeArgs {
@@ -58,6 +68,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Config(args) => config(args),
         Command::Load(args) => match switchboard::load::run(args) {
             Ok(summary) if summary.conversations_failed == 0 && summary.errors.is_empty() => {
                 ExitCode::SUCCESS
@@ -71,17 +82,46 @@ fn main() -> ExitCode {
     }
 }
 
+impl ServeArgs {
+    fn overrides(self) -> Overrides {
+        Overrides {
+            config_file: self.config,
+            host: self.host,
+            port: self.port,
+            data_dir: self.data_dir,
+            store: self.store,
+            session_api_key: self.session_api_key,
+            runtime: self.runtime,
+            frontend: self.frontend,
+        }
+    }
+}
+
+/// `switchboard config`: one `setting = value  # source` line per setting.
+fn config(args: ServeArgs) -> ExitCode {
+    match Settings::explain(&args.overrides()) {
+        Ok((_, lines)) => {
+            let width = lines
+                .iter()
+                .map(|l| l.setting.len() + l.value.len() + 3)
+                .max()
+                .unwrap_or(0)
+                .min(72);
+            for line in lines {
+                let left = format!("{} = {}", line.setting, line.value);
+                println!("{left:<width$}  # {}", line.source);
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn serve(args: ServeArgs) -> ExitCode {
-    let overrides = Overrides {
-        config_file: args.config,
-        host: args.host,
-        port: args.port,
-        data_dir: args.data_dir,
-        store: args.store,
-        session_api_key: args.session_api_key,
-        runtime: args.runtime,
-        frontend: args.frontend,
-    };
+    let overrides = args.overrides();
     let settings = match Settings::load(&overrides) {
         Ok(s) => s,
         Err(e) => {

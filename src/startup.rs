@@ -5,19 +5,27 @@
 //! must run inside an actix `System`. [`Application::run_until_stopped`] serves until the HTTP
 //! server stops (SIGINT/SIGTERM, or [`ServerHandle::stop`]), then stops every conversation
 //! through the supervisor and flushes the store, so nothing accepted is lost.
+//!
+//! Shutdown on a signal ([`Application::stop_on_signals`]) is one bounded sequence:
+//! `/ready` turns 503 at once; every conversation is stopped while the listener still answers
+//! (agents get `stop`, and are ended when the bound comes near); then in-flight requests finish
+//! and the store is flushed. All of it within `limits.shutdown_timeout_secs`; past that (plus a
+//! moment) the process exits with status 1 whatever is left. A second signal exits at once.
 
 use std::net::TcpListener;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use actix_cors::Cors;
 use actix_web::dev::{Server, ServerHandle};
+use actix_web::middleware::from_fn;
 use actix_web::{web, App, HttpServer};
 
 use crate::actors::supervisor::Supervisor;
 use crate::actors::SupervisorHandle;
 use crate::api::{self, AppState};
 use crate::config::{Settings, StoreKind};
+use crate::ops::{Ops, Readiness};
 use crate::store::{MemoryStore, SqliteStore, Store};
 
 /// Why the server could not start.
@@ -39,8 +47,36 @@ pub struct Application {
     server: Server,
     supervisor: SupervisorHandle,
     store: Arc<dyn Store>,
+    readiness: Arc<Readiness>,
+    shutdown: Arc<ShutdownClock>,
     /// Held for the process's life: one server per data directory.
     _data_dir_lock: Option<std::fs::File>,
+}
+
+/// The one bound on a shutdown: set when it begins, shared by every step.
+struct ShutdownClock {
+    bound: Duration,
+    deadline: OnceLock<Instant>,
+}
+
+impl ShutdownClock {
+    /// Starts the clock (the first call wins); the deadline.
+    fn start(&self) -> Instant {
+        *self.deadline.get_or_init(|| Instant::now() + self.bound)
+    }
+
+    /// Time left before the deadline, less `reserve` kept for the steps after.
+    fn left(&self, reserve: Duration) -> Duration {
+        self.start()
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(reserve)
+    }
+}
+
+/// What the steps after stopping conversations keep of the shutdown bound: finishing requests
+/// and flushing the store.
+fn after_conversations(bound: Duration) -> Duration {
+    (bound / 5).min(Duration::from_secs(2))
 }
 
 /// Opens the store the settings ask for.
@@ -151,6 +187,12 @@ impl Application {
             store: store.clone(),
             supervisor: supervisor.clone(),
         });
+        let readiness = Readiness::new(store.clone());
+        let ops = web::Data::new(Ops::new(
+            settings.clone(),
+            readiness.clone(),
+            supervisor.clone(),
+        ));
         let cors_settings = settings.clone();
         let frontend =
             (!settings.frontend.dir.as_os_str().is_empty()).then(|| settings.frontend.dir.clone());
@@ -160,8 +202,11 @@ impl Application {
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(ops.clone())
                 .wrap(cors(&cors_settings))
+                .wrap(from_fn(crate::ops::request::observe))
                 .configure(api::configure)
+                .configure(crate::ops::configure)
                 .configure(crate::ws::configure)
                 .configure(|cfg| {
                     if let Some(dir) = &frontend {
@@ -182,12 +227,33 @@ impl Application {
         if settings.workers > 0 {
             server = server.workers(settings.workers);
         }
+        // Ready once the store has taken a first write.
+        let first_probe = readiness.clone();
+        actix_web::rt::spawn(async move {
+            loop {
+                match first_probe.probe_store().await {
+                    Ok(()) => {
+                        first_probe.set_ready();
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "store not writable yet; not ready");
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+        });
         Ok(Application {
             port,
             host: settings.host.clone(),
             server: server.run(),
             supervisor,
             store,
+            readiness,
+            shutdown: Arc::new(ShutdownClock {
+                bound: Duration::from_secs(settings.limits.shutdown_timeout_secs),
+                deadline: OnceLock::new(),
+            }),
             _data_dir_lock: None,
         })
     }
@@ -206,24 +272,66 @@ impl Application {
         self.server.handle()
     }
 
-    /// Stops the server gracefully on SIGINT or SIGTERM (both mean "finish what was accepted").
-    /// The signal handlers are installed before this returns.
+    /// `/ready`'s state.
+    pub fn readiness(&self) -> Arc<Readiness> {
+        self.readiness.clone()
+    }
+
+    /// On SIGINT or SIGTERM: the bounded shutdown described in the module docs. A second
+    /// signal, or the bound passing, ends the process at once (status 1). The signal handlers
+    /// are installed before this returns. For the `serve` command: it may exit the process.
     pub fn stop_on_signals(&self) {
         let handle = self.server.handle();
-        let signal = shutdown_signal();
+        let supervisor = self.supervisor.clone();
+        let readiness = self.readiness.clone();
+        let clock = self.shutdown.clone();
+        let mut signals = Signals::new();
         actix_web::rt::spawn(async move {
-            signal.await;
-            tracing::info!("shutdown signal received; finishing in-flight requests");
-            handle.stop(true).await;
+            signals.next().await;
+            readiness.set_draining();
+            clock.start();
+            tracing::info!(
+                bound_secs = clock.bound.as_secs(),
+                "shutdown signal received; not ready, draining (a second signal exits at once)"
+            );
+            // The hard bound: whatever is still running then is ended with the process.
+            let grace = clock.bound + Duration::from_millis(500);
+            std::thread::spawn(move || {
+                std::thread::sleep(grace);
+                tracing::error!("shutdown did not finish within its bound; exiting now");
+                std::process::exit(1);
+            });
+            actix_web::rt::spawn(async move {
+                signals.next().await;
+                tracing::warn!("second signal; exiting now");
+                std::process::exit(1);
+            });
+            // Conversations first, while the listener still answers (/ready says 503).
+            let reserve = after_conversations(clock.bound);
+            supervisor.shutdown(clock.left(reserve)).await;
+            tracing::info!("conversations stopped; finishing in-flight requests");
+            let left = clock.left(reserve / 2);
+            if tokio::time::timeout(left, handle.stop(true)).await.is_err() {
+                tracing::warn!("in-flight requests did not finish in time; closing them");
+                handle.stop(false).await;
+            }
         });
     }
 
-    /// Serves until stopped, then stops every conversation and flushes the store.
+    /// Serves until stopped, then stops every conversation and flushes the store, within the
+    /// shutdown bound (counted from the signal, or from now when stopped otherwise).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
+        self.readiness.set_draining();
+        self.shutdown.start();
         tracing::info!("HTTP server stopped; stopping conversations");
-        self.supervisor.shutdown().await;
-        match tokio::time::timeout(Duration::from_secs(30), self.store.flush()).await {
+        let reserve = after_conversations(self.shutdown.bound) / 2;
+        self.supervisor.shutdown(self.shutdown.left(reserve)).await;
+        let left = self
+            .shutdown
+            .left(Duration::ZERO)
+            .max(Duration::from_millis(100));
+        match tokio::time::timeout(left, self.store.flush()).await {
             Ok(Ok(())) => tracing::info!("store flushed; goodbye"),
             Ok(Err(e)) => tracing::error!(error = %e, "store flush failed"),
             Err(_) => tracing::error!("store flush timed out"),
@@ -232,32 +340,39 @@ impl Application {
     }
 }
 
-/// Registers for SIGINT and SIGTERM now; the future completes on the first of them.
-#[cfg(unix)]
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let handlers = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    );
-    async move {
-        match handlers {
-            (Ok(mut int), Ok(mut term)) => {
-                tokio::select! {
-                    _ = int.recv() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
+/// SIGINT and SIGTERM, registered when made; each `next` completes on the next of either.
+struct Signals {
+    #[cfg(unix)]
+    handlers: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
 }
 
-#[cfg(not(unix))]
-fn shutdown_signal() -> impl std::future::Future<Output = ()> {
-    async {
+impl Signals {
+    fn new() -> Signals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let handlers = match (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) {
+                (Ok(int), Ok(term)) => Some((int, term)),
+                _ => None,
+            };
+            Signals { handlers }
+        }
+        #[cfg(not(unix))]
+        Signals {}
+    }
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        if let Some((int, term)) = &mut self.handlers {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
         let _ = tokio::signal::ctrl_c().await;
     }
 }

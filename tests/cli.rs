@@ -224,11 +224,23 @@ impl Server {
         store: &str,
         envs: &[(&str, &str)],
     ) -> Server {
+        Server::start_with_args(dir, data, store, &[], envs)
+    }
+
+    /// [`Server::start_with`] with more command-line arguments.
+    fn start_with_args(
+        dir: tempfile::TempDir,
+        data: &Path,
+        store: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Server {
         let mut child = Guard(
             switchboard(dir.path())
                 .arg("serve")
                 .args(["--port", "0", "--store", store, "--data-dir"])
                 .arg(data)
+                .args(args)
                 .envs(envs.iter().copied())
                 .spawn()
                 .expect("spawn switchboard"),
@@ -312,16 +324,43 @@ impl Server {
     }
 }
 
-/// One HTTP/1.1 request with `Connection: close`; the status and the JSON body.
-fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+/// An answer: status, head (status line and headers, lower-cased names) and body.
+struct Answer {
+    status: u16,
+    head: String,
+    body: String,
+}
+
+impl Answer {
+    /// A header's value.
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close` and extra `headers`; the whole answer.
+fn http_raw(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Answer {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
     let body = body.unwrap_or("");
+    let extra: String = headers
+        .iter()
+        .map(|(n, v)| format!("{n}: {v}\r\n"))
+        .collect();
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
-         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+         Content-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
     stream.write_all(request.as_bytes()).expect("send");
@@ -340,7 +379,21 @@ fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, Value)
             .contains("transfer-encoding: chunked"),
         "chunked answers are not expected: {head}"
     );
-    let json = serde_json::from_str(payload)
+    Answer {
+        status,
+        head: head.to_string(),
+        body: payload.to_string(),
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the status and the JSON body.
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let Answer {
+        status,
+        body: payload,
+        ..
+    } = http_raw(port, method, path, &[], body);
+    let json = serde_json::from_str(&payload)
         .unwrap_or_else(|e| panic!("{method} {path}: body {payload:?} is not JSON: {e}"));
     (status, json)
 }
@@ -605,6 +658,20 @@ fn a_full_disk_is_a_clear_503_not_a_crash() {
     }
     let (status, body) = refused.expect("the disk never filled up");
     assert_eq!(status, 503, "{body}");
+    // Readiness says so (its store probe is reused for a second, then asked again).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, ready) = http(server.port, "GET", "/ready", None);
+        if status == 503 {
+            assert_eq!(ready["status"], "store_unavailable", "{ready}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/ready stayed 200 on a full disk"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         body["detail"]
             .as_str()
@@ -1100,4 +1167,623 @@ fn the_sweep_never_kills_a_reused_pid() {
     );
     drop(server);
     let _ = innocent.0.kill();
+}
+
+// ---- operations: metrics, readiness, shutdown, request ids, configuration -------------------
+
+/// One sample of a scrape.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: std::collections::BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A scrape, parsed strictly: every line must be a `# HELP`/`# TYPE` comment or a sample of a
+/// declared family in the Prometheus text format (0.0.4); anything else fails the test.
+#[derive(Debug, Default)]
+struct Scrape {
+    types: std::collections::HashMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Parses `{k="v",…}` (escapes `\\`, `\"`, `\n`); the rest of the line after `}`.
+fn parse_labels(text: &str) -> (std::collections::BTreeMap<String, String>, &str) {
+    let mut labels = std::collections::BTreeMap::new();
+    let mut rest = text.strip_prefix('{').expect("labels start with {");
+    loop {
+        if let Some(after) = rest.strip_prefix('}') {
+            return (labels, after);
+        }
+        let (key, after) = rest
+            .split_once("=\"")
+            .unwrap_or_else(|| panic!("label in {text}"));
+        assert!(valid_name(key), "label name {key:?} in {text}");
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next() {
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c @ ('\\' | '"'))) => value.push(c),
+                    other => panic!("bad escape {other:?} in {text}"),
+                },
+                Some((i, '"')) => break i,
+                Some((_, c)) => value.push(c),
+                None => panic!("unterminated label value in {text}"),
+            }
+        };
+        assert!(
+            labels.insert(key.to_string(), value).is_none(),
+            "repeated label in {text}"
+        );
+        rest = &after[end + 1..];
+        rest = rest.strip_prefix(',').unwrap_or(rest);
+    }
+}
+
+impl Scrape {
+    fn parse(text: &str) -> Scrape {
+        let mut scrape = Scrape::default();
+        for line in text.lines() {
+            if line.is_empty() {
+                continue;
+            }
+            if let Some(comment) = line.strip_prefix("# ") {
+                let mut words = comment.splitn(3, ' ');
+                match (words.next(), words.next(), words.next()) {
+                    (Some("HELP"), Some(name), _) => assert!(valid_name(name), "{line}"),
+                    (Some("TYPE"), Some(name), Some(kind)) => {
+                        assert!(valid_name(name), "{line}");
+                        let kinds = ["counter", "gauge", "histogram", "summary", "untyped"];
+                        assert!(kinds.contains(&kind), "{line}");
+                        scrape.types.insert(name.to_string(), kind.to_string());
+                    }
+                    _ => panic!("unexpected comment: {line}"),
+                }
+                continue;
+            }
+            let name_end = line
+                .find(['{', ' '])
+                .unwrap_or_else(|| panic!("sample: {line}"));
+            let name = &line[..name_end];
+            assert!(valid_name(name), "{line}");
+            let (labels, rest) = if line[name_end..].starts_with('{') {
+                parse_labels(&line[name_end..])
+            } else {
+                (Default::default(), &line[name_end..])
+            };
+            let value = rest.trim();
+            let value: f64 = match value {
+                "+Inf" => f64::INFINITY,
+                "-Inf" => f64::NEG_INFINITY,
+                "NaN" => f64::NAN,
+                v => v.parse().unwrap_or_else(|_| panic!("value in {line}")),
+            };
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|suffix| {
+                    let base = name.strip_suffix(suffix)?;
+                    (scrape.types.get(base).map(String::as_str) == Some("histogram"))
+                        .then_some(base)
+                })
+                .unwrap_or(name);
+            assert!(scrape.types.contains_key(family), "no TYPE for {line}");
+            scrape.samples.push(Sample {
+                name: name.to_string(),
+                labels,
+                value,
+            });
+        }
+        scrape
+    }
+}
+
+/// `GET /metrics`, parsed strictly.
+fn scrape(port: u16, headers: &[(&str, &str)]) -> Scrape {
+    let answer = http_raw(port, "GET", "/metrics", headers, None);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(
+        answer
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("text/plain; version=0.0.4")),
+        "{}",
+        answer.head
+    );
+    Scrape::parse(&answer.body)
+}
+
+/// The value of the sample `name` whose labels include `labels` (for a histogram, ask for
+/// `<name>_count`).
+fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+/// Polls `GET /api/conversations/{id}` until its status is `status`.
+fn wait_status(port: u16, id: &str, status: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, info) = http(port, "GET", &format!("/api/conversations/{id}"), None);
+        if info["status"] == status {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{id} never became {status}: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn metrics_are_prometheus_text_and_move_as_conversations_start_and_stop() {
+    let mut server = Server::start();
+    let port = server.port;
+    let before = scrape(port, &[]);
+    for name in [
+        "switchboard_conversations",
+        "switchboard_build_info",
+        "switchboard_start_time_seconds",
+        "switchboard_events_appended_total",
+        "switchboard_store_commit_duration_seconds_count",
+        "switchboard_store_commit_batch_size_count",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        assert!(
+            before.samples.iter().any(|s| s.name == name),
+            "{name} missing"
+        );
+    }
+    assert_eq!(
+        sample(
+            &before,
+            "switchboard_conversations",
+            &[("status", "running")]
+        ),
+        Some(0.0)
+    );
+    assert!(sample(&before, "process_resident_memory_bytes", &[]).unwrap_or(0.0) > 1e6);
+    let events_before = sample(&before, "switchboard_events_appended_total", &[]).unwrap_or(-1.0);
+
+    let (status, body) = http(port, "POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    wait_status(port, &id, "RUNNING");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let client = watch(port, id.clone(), seen.clone());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let running = loop {
+        let now = scrape(port, &[]);
+        if sample(&now, "switchboard_clients_attached", &[("transport", "ws")]) == Some(1.0) {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the client never counted as attached"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        sample(
+            &running,
+            "switchboard_conversations",
+            &[("status", "running")]
+        ),
+        Some(1.0)
+    );
+    assert!(sample(
+        &running,
+        "switchboard_conversation_start_duration_seconds_count",
+        &[("result", "ready")]
+    )
+    .is_some_and(|n| n >= 1.0));
+    assert!(sample(&running, "switchboard_events_appended_total", &[])
+        .is_some_and(|n| n > events_before));
+    // Request durations are labelled by route pattern, never by the raw path or id.
+    assert!(sample(
+        &running,
+        "switchboard_request_duration_seconds_count",
+        &[
+            ("method", "POST"),
+            ("route", "/api/conversations"),
+            ("status", "200")
+        ]
+    )
+    .is_some_and(|n| n >= 1.0));
+    assert!(sample(
+        &running,
+        "switchboard_request_duration_seconds_count",
+        &[
+            ("method", "GET"),
+            ("route", "/api/conversations/{conversation_id}")
+        ]
+    )
+    .is_some());
+    assert!(
+        !running
+            .samples
+            .iter()
+            .any(|s| s.labels.values().any(|v| v.contains(&id))),
+        "a conversation id leaked into a label"
+    );
+
+    let (status, _) = http(port, "POST", &format!("/api/conversations/{id}/stop"), None);
+    assert_eq!(status, 200);
+    let _ = client.join();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let stopped = loop {
+        let now = scrape(port, &[]);
+        if sample(&now, "switchboard_clients_attached", &[("transport", "ws")]) == Some(0.0)
+            && sample(&now, "switchboard_conversations", &[("status", "running")]) == Some(0.0)
+        {
+            break now;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stop never showed in the metrics"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        sample(
+            &stopped,
+            "switchboard_conversation_stops_total",
+            &[("reason", "user")]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &stopped,
+            "switchboard_clients_detached_total",
+            &[("reason", "conversation_stopped")]
+        ),
+        Some(1.0)
+    );
+    server.drain_nonblocking();
+}
+
+#[test]
+fn metrics_need_the_key_when_one_is_set_unless_configured_otherwise() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let server = Server::start_with_args(dir, &data, "memory", &["--session-api-key", "k3y"], &[]);
+    let answer = http_raw(server.port, "GET", "/metrics", &[], None);
+    assert_eq!(answer.status, 401, "{}", answer.body);
+    let wrong = http_raw(
+        server.port,
+        "GET",
+        "/metrics",
+        &[("Authorization", "Bearer nope")],
+        None,
+    );
+    assert_eq!(wrong.status, 401);
+    scrape(server.port, &[("Authorization", "Bearer k3y")]);
+    scrape(server.port, &[("X-Session-API-Key", "k3y")]);
+    // Readiness and liveness never need it.
+    assert_eq!(http(server.port, "GET", "/ready", None).0, 200);
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let open = Server::start_with_args(
+        dir,
+        &data,
+        "memory",
+        &["--session-api-key", "k3y"],
+        &[("SWITCHBOARD_METRICS_REQUIRE_KEY", "false")],
+    );
+    scrape(open.port, &[]);
+}
+
+#[test]
+fn request_ids_round_trip_and_appear_in_the_access_log() {
+    let mut server = Server::start();
+    let port = server.port;
+    let answer = http_raw(
+        port,
+        "POST",
+        "/api/conversations",
+        &[("X-Request-Id", "trace-me-42")],
+        Some("{}"),
+    );
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.header("x-request-id"), Some("trace-me-42"));
+    let line = server.wait_line(Duration::from_secs(10), |l| {
+        l.contains("trace-me-42") && l.contains("status=200")
+    });
+    assert!(line.contains("route=\"/api/conversations\""), "{line}");
+    assert!(line.contains("method=\"POST\""), "{line}");
+    assert!(line.contains("duration_ms="), "{line}");
+
+    // No id, or one that is not sane: a fresh one is made and echoed.
+    let long = "x".repeat(300);
+    for headers in [
+        vec![],
+        vec![("X-Request-Id", "two words")],
+        vec![("X-Request-Id", long.as_str())],
+    ] {
+        let answer = http_raw(port, "GET", "/api/conversations/nope", &headers, None);
+        let id = answer.header("x-request-id").expect("an id").to_string();
+        assert_eq!(id.len(), 32, "{id}");
+        assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+        let route = "route=\"/api/conversations/{conversation_id}\"";
+        server.wait_line(Duration::from_secs(10), |l| {
+            l.contains(&id) && l.contains(route)
+        });
+    }
+    // The session key never reaches the log.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let mut keyed = Server::start_with_args(
+        dir,
+        &data,
+        "memory",
+        &["--session-api-key", "s3cret-key"],
+        &[],
+    );
+    let answer = http_raw(
+        keyed.port,
+        "GET",
+        "/api/conversations",
+        &[
+            ("X-Session-API-Key", "s3cret-key"),
+            ("X-Request-Id", "keyed-1"),
+        ],
+        None,
+    );
+    assert_eq!(answer.status, 200);
+    let line = keyed.wait_line(Duration::from_secs(10), |l| l.contains("keyed-1"));
+    assert!(line.contains("user=\"key\""), "{line}");
+    keyed.drain_nonblocking();
+    assert!(!keyed.seen.iter().any(|l| l.contains("s3cret-key")));
+}
+
+/// A process-runtime agent that ignores `stop`, the end of its input and SIGTERM, and writes
+/// its pid to `<dir>/agent-<conversation id>.pid`.
+fn stubborn_agent_config(dir: &Path, bound_secs: u64) -> std::path::PathBuf {
+    let script = format!(
+        "trap '' TERM; echo $$ > {dir}/agent-$SWITCHBOARD_CONVERSATION_ID.pid; read -r init; \
+         echo '{{\"type\":\"ready\"}}'; while true; do sleep 0.2; done",
+        dir = dir.display()
+    );
+    let config = dir.join("stubborn.toml");
+    let text = format!(
+        "[limits]\nshutdown_timeout_secs = {bound_secs}\n[runtime]\nkind = \"process\"\n\
+         [runtime.process]\nstop_grace_secs = 600\ncommand = [\"sh\", \"-c\", {script:?}]\n"
+    );
+    std::fs::write(&config, text).expect("write config");
+    config
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().to_string()))
+        .is_some_and(|rest| !rest.starts_with('Z') && !rest.starts_with('X'))
+}
+
+/// A server with one conversation whose agent ignores `stop`; the server and the agent's pid.
+fn server_with_a_stubborn_agent(bound_secs: u64) -> (Server, u32, tempfile::TempDir) {
+    let agents = tempfile::tempdir().expect("temp dir");
+    let config = stubborn_agent_config(agents.path(), bound_secs);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let config = config.to_str().expect("utf-8").to_string();
+    let server = Server::start_with_args(dir, &data, "memory", &["--config", &config], &[]);
+    let (status, body) = http(server.port, "POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    wait_status(server.port, &id, "RUNNING");
+    let pid_file = agents.path().join(format!("agent-{id}.pid"));
+    let pid: u32 = std::fs::read_to_string(&pid_file)
+        .expect("agent pid file")
+        .trim()
+        .parse()
+        .expect("pid");
+    assert!(alive(pid));
+    (server, pid, agents)
+}
+
+fn signal(server: &Server, name: &str) {
+    let pid = server.child.0.id().to_string();
+    let sent = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(&pid)
+        .status()
+        .expect("run kill");
+    assert!(sent.success());
+}
+
+#[test]
+fn ready_turns_503_on_sigterm_before_the_listener_closes_and_the_bound_holds() {
+    let bound = 3;
+    let (mut server, agent, _agents) = server_with_a_stubborn_agent(bound);
+    let port = server.port;
+    let (status, body) = http(port, "GET", "/ready", None);
+    assert_eq!(
+        (status, &body["status"]),
+        (200, &Value::from("ready")),
+        "{body}"
+    );
+
+    let signalled = Instant::now();
+    signal(&server, "TERM");
+    // The agent ignores `stop`: conversations take until near the bound to stop, and all that
+    // time the listener answers, and says it is not ready.
+    let deadline = Instant::now() + Duration::from_secs(bound);
+    let draining = loop {
+        let (status, body) = http(port, "GET", "/ready", None);
+        if status == 503 {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "/ready never turned 503");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(draining["status"], "draining", "{draining}");
+    assert_eq!(
+        http(port, "GET", "/alive", None).0,
+        200,
+        "liveness stays 200"
+    );
+    let exit = server
+        .child
+        .wait_for_exit(Duration::from_secs(bound + 10))
+        .expect("the server exits");
+    let took = signalled.elapsed();
+    server.drain();
+    assert!(exit.success(), "{exit}: {:#?}", server.seen);
+    assert!(
+        took <= Duration::from_secs(bound) + Duration::from_millis(1500),
+        "shutdown took {took:?}, more than its bound of {bound} s: {:#?}",
+        server.seen
+    );
+    assert!(!is_listening(port));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(agent) {
+        assert!(
+            Instant::now() < deadline,
+            "agent {agent} outlived the server"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_second_signal_ends_the_process_at_once() {
+    let (mut server, agent, _agents) = server_with_a_stubborn_agent(120);
+    let port = server.port;
+    signal(&server, "TERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(port, "GET", "/ready", None).0 != 503 {
+        assert!(Instant::now() < deadline, "/ready never turned 503");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&server, "INT");
+    // Far sooner than the 120 s bound or the agent's 600 s grace period.
+    let exit = server
+        .child
+        .wait_for_exit(Duration::from_secs(10))
+        .expect("a second signal ends the process");
+    server.drain();
+    assert!(!exit.success(), "{exit}");
+    assert!(
+        server.seen.iter().any(|l| l.contains("second signal")),
+        "{:#?}",
+        server.seen
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while alive(agent) {
+        assert!(
+            Instant::now() < deadline,
+            "agent {agent} outlived the server"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn unknown_environment_variables_are_refused_with_the_closest_name() {
+    refuses(
+        &[("SWITCHBOARD_PROT", "4000")],
+        &[],
+        "unknown environment variable SWITCHBOARD_PROT; did you mean SWITCHBOARD_PORT?",
+        Some(free_port()),
+    );
+    refuses(
+        &[("SWITCHBOARD_SHUTDOWN_TIMEOUT", "5")],
+        &[],
+        "did you mean SWITCHBOARD_SHUTDOWN_TIMEOUT_SECS?",
+        Some(free_port()),
+    );
+    refuses(
+        &[("SWITCHBOARD_NOTHING_LIKE_IT", "1")],
+        &[],
+        "unknown environment variable SWITCHBOARD_NOTHING_LIKE_IT",
+        Some(free_port()),
+    );
+}
+
+#[test]
+fn config_prints_the_effective_settings_and_where_each_came_from() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("team.toml");
+    std::fs::write(&file, "[limits]\nidle_timeout_secs = 120\n").expect("write");
+    let file = file.to_str().expect("utf-8");
+    let output = switchboard(dir.path())
+        .args(["config", "--config", file, "--port", "4100"])
+        .env("SWITCHBOARD_SESSION_API_KEY", "very-secret")
+        .env("SWITCHBOARD_LOG", "debug")
+        // Not settings, but known: never refused.
+        .env("SWITCHBOARD_REQUIRE_CLIENT_TESTS", "1")
+        .stdout(Stdio::piped())
+        .output()
+        .expect("run switchboard config");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let line = |setting: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(&format!("{setting} = ")))
+            .unwrap_or_else(|| panic!("no line for {setting}: {stdout}"))
+            .to_string()
+    };
+    let port = line("port");
+    assert!(
+        port.contains("4100") && port.ends_with("# flag --port"),
+        "{port}"
+    );
+    let idle = line("limits.idle_timeout_secs");
+    assert!(
+        idle.contains("120") && idle.ends_with(&format!("# file {file}")),
+        "{idle}"
+    );
+    let log = line("log");
+    assert!(
+        log.contains("\"debug\"") && log.ends_with("# env SWITCHBOARD_LOG"),
+        "{log}"
+    );
+    let on_limit = line("limits.on_limit");
+    assert!(
+        on_limit.contains("\"reject\"") && on_limit.ends_with("# default"),
+        "{on_limit}"
+    );
+    let key = line("session_api_key");
+    assert!(key.contains("<redacted>"), "{key}");
+    assert!(!stdout.contains("very-secret"), "{stdout}");
+
+    // `serve --help` points to every setting without a flag.
+    let help = switchboard(dir.path())
+        .args(["serve", "--help"])
+        .stdout(Stdio::piped())
+        .output()
+        .expect("run serve --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("config/default.toml") && help.contains("switchboard config"),
+        "{help}"
+    );
 }

@@ -35,6 +35,7 @@ use super::shared::{now_ms, ConversationStatus, RuntimeStatus, Shared};
 use super::supervisor::Supervisor;
 use crate::config::{RuntimeKind, Settings};
 use crate::events::{self, EventBody, Source, StatusUpdate, StoredEvent};
+use crate::ops::metrics::metrics;
 use crate::runtime::{
     EchoRuntime, FromRuntime, ProcessRuntime, RefMap, ReferencedEvent, Runtime, RuntimeSignal,
     RuntimeSink, RuntimeStart,
@@ -104,6 +105,10 @@ pub struct Conversation {
     runtime_finished: Option<std::pin::Pin<Box<dyn std::future::Future<Output = ()>>>>,
     /// The user's saved app settings for the runtime's start (process runtime only).
     user_settings: Option<serde_json::Value>,
+    /// Entered while the actor works, so every line logged below it names the conversation.
+    span: tracing::Span,
+    /// When this incarnation was admitted (for the start duration).
+    admitted_at: std::time::Instant,
 }
 
 impl Conversation {
@@ -117,7 +122,6 @@ impl Conversation {
         supervisor: Addr<Supervisor>,
     ) -> Self {
         Conversation {
-            id,
             generation,
             shared,
             settings,
@@ -148,6 +152,9 @@ impl Conversation {
             start_deadline: None,
             runtime_finished: None,
             user_settings: None,
+            span: tracing::info_span!("conversation", conversation_id = %id),
+            admitted_at: std::time::Instant::now(),
+            id,
         }
     }
 
@@ -269,9 +276,11 @@ impl Conversation {
         }
         let batch = std::mem::take(&mut self.unsent);
         let upto = batch.last().map_or(0, |e| e.id + 1);
+        let count = batch.len() as u64;
         let fut = self.store.append(&self.id, batch);
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
             Ok(()) => {
+                metrics().events_appended.inc_by(count);
                 act.durable_before = act.durable_before.max(upto);
                 act.flush(ctx);
             }
@@ -439,6 +448,7 @@ impl Conversation {
             return false;
         }
         info!(conversation_id = %self.id, "runtime ready");
+        metrics().started("ready", self.admitted_at.elapsed());
         if let Some(timer) = self.start_deadline.take() {
             ctx.cancel_future(timer);
         }
@@ -490,6 +500,7 @@ impl Conversation {
     // ---- lifecycle ----------------------------------------------------------------------
 
     fn on_loaded(&mut self, loaded: Result<Loaded, StoreError>, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
         match loaded {
             Ok(Loaded::Created(meta)) => {
                 info!(conversation_id = %self.id, trigger = %meta.trigger, "conversation created");
@@ -622,10 +633,20 @@ impl Conversation {
 
     /// The one teardown path.
     fn begin_stop(&mut self, reason: StopReason, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
         if self.stopping.is_some() {
             return;
         }
         info!(conversation_id = %self.id, reason = reason.as_str(), "stopping");
+        if self.status == ConversationStatus::Starting {
+            let result = match reason {
+                StopReason::StartTimeout => "timeout",
+                StopReason::RuntimeFailed(_) | StopReason::StoreFailed(_) => "failed",
+                _ => "stopped",
+            };
+            metrics().started(result, self.admitted_at.elapsed());
+        }
+        metrics().stopped(reason.label());
         self.set_status(ConversationStatus::Stopped);
         if let Some(mut rt) = self.runtime.take() {
             rt.stop();
@@ -655,6 +676,7 @@ impl Conversation {
 
     /// Runs once the outbox delivered `CloseAll`: everything is durable and delivered.
     fn finish_stop(&mut self, ctx: &mut Context<Self>) {
+        let _span = self.span.clone().entered();
         // The conversation is stopped for everyone who asked; what follows is cleanup.
         for waiter in self.stop_waiters.drain(..) {
             let _ = waiter.send(());
@@ -698,6 +720,7 @@ impl Actor for Conversation {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
         self.self_addr = Some(ctx.address());
         let store = self.store.clone();
         let id = self.id.clone();
@@ -763,6 +786,7 @@ impl Actor for Conversation {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
         self.set_status(ConversationStatus::Stopped);
         self.shared.set_connections(0);
         if let Some(mut rt) = self.runtime.take() {
@@ -783,6 +807,7 @@ impl Handler<Join> for Conversation {
     type Result = Result<JoinReply, ConversationError>;
 
     fn handle(&mut self, msg: Join, _ctx: &mut Self::Context) -> Self::Result {
+        let _span = self.span.clone().entered();
         self.check_loaded()?;
         let applied = msg.role == Role::Creator && self.created;
         if self.stopping.is_some() {
@@ -813,6 +838,7 @@ impl Handler<UserAction> for Conversation {
     type Result = Result<(), ConversationError>;
 
     fn handle(&mut self, msg: UserAction, ctx: &mut Self::Context) -> Self::Result {
+        let _span = self.span.clone().entered();
         self.check_loaded()?;
         if self.stopping.is_some() {
             return Err(ConversationError::Stopping);
@@ -831,6 +857,7 @@ impl Handler<Stop> for Conversation {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: Stop, ctx: &mut Self::Context) -> Self::Result {
+        let _span = self.span.clone().entered();
         if msg.0 == StopReason::Evicted
             && self.stopping.is_none()
             && (!self.subscribers.is_empty() || self.shared.in_turn())
@@ -858,6 +885,7 @@ impl Handler<SetTitle> for Conversation {
     type Result = ResponseFuture<Result<(), ConversationError>>;
 
     fn handle(&mut self, msg: SetTitle, ctx: &mut Self::Context) -> Self::Result {
+        let _span = self.span.clone().entered();
         let Some(meta) = self.meta.as_mut() else {
             return Box::pin(std::future::ready(Err(ConversationError::NotFound)));
         };
@@ -879,6 +907,7 @@ impl Handler<Subscribe> for Conversation {
     type Result = Result<Subscribed, ConversationError>;
 
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
+        let _span = self.span.clone().entered();
         self.check_loaded()?;
         if self.stopping.is_some() {
             return Err(ConversationError::Stopping);
@@ -905,6 +934,7 @@ impl Handler<Unsubscribe> for Conversation {
     type Result = ();
 
     fn handle(&mut self, msg: Unsubscribe, _ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
         if self.subscribers.remove(&msg.0).is_some() {
             self.shared.set_connections(self.subscribers.len());
             self.touch();
@@ -916,6 +946,7 @@ impl Handler<FromRuntime> for Conversation {
     type Result = ();
 
     fn handle(&mut self, msg: FromRuntime, ctx: &mut Self::Context) {
+        let _span = self.span.clone().entered();
         if self.stopping.is_some() || self.runtime.is_none() {
             return;
         }

@@ -11,12 +11,23 @@ use super::rate_limit::ClientId;
 use super::shared::{ConversationStatus, Registry, Shared};
 use super::supervisor::Supervisor;
 use crate::events::EventBody;
+use crate::ops::metrics::metrics;
 
 /// A live conversation that admission handed out.
 #[derive(Clone)]
 pub struct Admitted {
     pub conversation: ConversationHandle,
     pub role: Role,
+}
+
+/// Live conversations by state, and their attached clients.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Census {
+    pub starting: usize,
+    pub running: usize,
+    /// Stopped but still releasing their runtime.
+    pub stopping: usize,
+    pub clients: usize,
 }
 
 /// Talks to the supervisor.
@@ -39,10 +50,19 @@ impl SupervisorHandle {
         mode: AdmitMode,
         client: Option<ClientId>,
     ) -> Result<Admitted, AdmitError> {
-        self.addr
+        let result = self
+            .addr
             .send(Admit { id, mode, client })
             .await
-            .map_err(|_| AdmitError::ShuttingDown)?
+            .map_err(|_| AdmitError::ShuttingDown)
+            .and_then(|r| r);
+        match &result {
+            Err(AdmitError::TooMany) => metrics().rejected("too_many"),
+            Err(AdmitError::RateLimited { .. }) => metrics().rejected("rate_limited"),
+            Err(AdmitError::ShuttingDown) => metrics().rejected("shutting_down"),
+            _ => {}
+        }
+        result
     }
 
     /// Deletes the conversation `id` with its events (stopping it first if it runs); `false`
@@ -54,9 +74,24 @@ impl SupervisorHandle {
             .map_err(|_| DeleteError::ShuttingDown)?
     }
 
-    /// Stops every conversation and waits until all have stopped.
-    pub async fn shutdown(&self) {
-        let _ = self.addr.send(Shutdown).await;
+    /// Stops every conversation and waits until all have stopped, at most `within`: then
+    /// whatever is left is ended (agents killed).
+    pub async fn shutdown(&self, within: std::time::Duration) {
+        let _ = self.addr.send(Shutdown { within }).await;
+    }
+
+    /// How many live conversations are in each state; no actor hop.
+    pub fn census(&self) -> Census {
+        let mut census = Census::default();
+        for entry in self.registry.iter() {
+            match entry.shared.status() {
+                ConversationStatus::Starting => census.starting += 1,
+                ConversationStatus::Running => census.running += 1,
+                ConversationStatus::Stopped => census.stopping += 1,
+            }
+            census.clients += entry.shared.connections() as usize;
+        }
+        census
     }
 
     /// The live (not stopping) conversation `id`, if any; no actor hop.

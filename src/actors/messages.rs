@@ -90,10 +90,13 @@ pub struct Gone {
     pub generation: u64,
 }
 
-/// Stop every conversation; resolves when all have stopped.
+/// Stop every conversation; resolves when all have stopped, or after `within`, when whatever is
+/// left (e.g. agents inside their grace periods) has been ended.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Shutdown;
+pub struct Shutdown {
+    pub within: std::time::Duration,
+}
 
 /// Why a conversation stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,6 +120,20 @@ pub enum StopReason {
 }
 
 impl StopReason {
+    /// A fixed word for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            StopReason::User => "user",
+            StopReason::Deleted => "deleted",
+            StopReason::Idle => "idle",
+            StopReason::StartTimeout => "start_timeout",
+            StopReason::Evicted => "evicted",
+            StopReason::RuntimeFailed(_) => "runtime_failed",
+            StopReason::StoreFailed(_) => "store_failed",
+            StopReason::Shutdown => "shutdown",
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             StopReason::User => "stopped by user",

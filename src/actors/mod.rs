@@ -13,10 +13,10 @@ pub mod supervisor;
 mod handle;
 mod shared;
 
-pub use handle::{ConversationHandle, SupervisorHandle};
+pub use handle::{Census, ConversationHandle, SupervisorHandle};
 pub use messages::{
     AdmitError, AdmitMode, ClientFrame, CloseReason, DeleteError, JoinReply, Role, StopReason,
     Subscribed,
 };
 pub use rate_limit::ClientId;
-pub use shared::{ConversationStatus, Registry, RegistryEntry, RuntimeStatus, Shared};
+pub use shared::{now_ms, ConversationStatus, Registry, RegistryEntry, RuntimeStatus, Shared};

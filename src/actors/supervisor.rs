@@ -376,7 +376,7 @@ impl Handler<EvictionDeclined> for Supervisor {
 impl Handler<Shutdown> for Supervisor {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: Shutdown, _ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Shutdown, _ctx: &mut Self::Context) -> Self::Result {
         self.shutting_down = true;
         for (_, waiting) in self.deferred.drain() {
             for (_, reply) in waiting {
@@ -398,7 +398,7 @@ impl Handler<Shutdown> for Supervisor {
         }
         let (tx, rx) = oneshot::channel();
         self.shutdown_waiters.push(tx);
-        let limit = Duration::from_secs(self.settings.limits.shutdown_timeout_secs.max(1));
+        let limit = msg.within;
         let arbiters = self.arbiters.clone();
         Box::pin(async move {
             if tokio::time::timeout(limit, rx).await.is_err() {

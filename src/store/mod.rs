@@ -146,4 +146,9 @@ pub trait Store: Send + Sync + 'static {
     fn settings(&self, user: &str) -> StoreFuture<Option<Value>>;
     /// Replaces `user`'s app settings.
     fn save_settings(&self, user: &str, settings: Value) -> StoreFuture<()>;
+    /// A cheap health check for readiness: `Ok` when the store can write now. Durable backends
+    /// take their write path (lock included) without changing anything.
+    fn probe(&self) -> StoreFuture<()> {
+        self.flush()
+    }
 }

@@ -204,6 +204,9 @@ enum WriteCommand {
         json: String,
     },
     Flush,
+    /// An empty write transaction: answers whether the store can take its write lock and
+    /// whether the last batch committed.
+    Probe,
 }
 
 /// Where a write's outcome goes.
@@ -557,6 +560,10 @@ impl Store for SqliteStore {
         };
         self.write(command, WriteReply::Unit)
     }
+
+    fn probe(&self) -> StoreFuture<()> {
+        self.write(WriteCommand::Probe, WriteReply::Unit)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -894,6 +901,8 @@ struct Writer {
     /// moves once, at the end of the batch, rather than once per append (every request of a
     /// batch uses the same timestamp, and nobody sees the batch before it commits).
     appended: Vec<i64>,
+    /// Why the last batch with writes failed to commit, until one commits: a probe reports it.
+    last_failure: Option<String>,
 }
 
 /// How a batch's requests are isolated from each other.
@@ -938,6 +947,7 @@ fn run_writer(conn: Connection, mut rx: mpsc::Receiver<WriteRequest>, batch_max:
         conn,
         seqs: SeqCache::new(SEQ_CACHE_CAPACITY),
         appended: Vec::new(),
+        last_failure: None,
     };
     let mut batch: Vec<WriteRequest> = Vec::new();
     // `None` once every sender is gone and the queue is drained.
@@ -980,18 +990,38 @@ impl Writer {
             return;
         }
         let now = meta_timestamp();
+        let started = std::time::Instant::now();
         let outcome = match self.transaction(batch, &now, Isolation::Direct) {
             Err(BatchError::Retry) => self.transaction(batch, &now, Isolation::Savepoints),
             other => other,
         };
+        let probes_only = batch
+            .iter()
+            .all(|r| matches!(r.command, WriteCommand::Flush | WriteCommand::Probe));
         match outcome {
             Ok(outcomes) => {
+                if !probes_only {
+                    self.last_failure = None;
+                    crate::ops::metrics::metrics().committed(batch.len(), started.elapsed());
+                }
                 for (request, outcome) in batch.drain(..).zip(outcomes) {
+                    let outcome = match (&request.command, &self.last_failure) {
+                        (WriteCommand::Probe, Some(failure)) => Err(StoreError::Io(format!(
+                            "the last write transaction failed: {failure}"
+                        ))),
+                        _ => outcome,
+                    };
                     request.reply.send(outcome);
                 }
             }
-            Err(BatchError::Retry) => fail_batch(batch, "the write failed"),
-            Err(BatchError::Failed(message)) => fail_batch(batch, &message),
+            Err(BatchError::Retry) => {
+                self.last_failure = Some("the write failed".into());
+                fail_batch(batch, "the write failed")
+            }
+            Err(BatchError::Failed(message)) => {
+                self.last_failure = Some(message.clone());
+                fail_batch(batch, &message)
+            }
         }
     }
 
@@ -1078,7 +1108,7 @@ impl Writer {
         command: &WriteCommand,
         now: &str,
     ) -> Result<Result<bool, StoreError>, BatchError> {
-        if matches!(command, WriteCommand::Flush) {
+        if matches!(command, WriteCommand::Flush | WriteCommand::Probe) {
             return Ok(Ok(true));
         }
         self.conn
@@ -1157,7 +1187,7 @@ impl Writer {
                     .execute(params![user, json])?;
                 Ok(true)
             }
-            WriteCommand::Flush => Ok(true),
+            WriteCommand::Flush | WriteCommand::Probe => Ok(true),
         }
     }
 

@@ -27,6 +27,7 @@ use crate::actors::{AdmitError, AdmitMode, ClientFrame, CloseReason, Conversatio
 use crate::api::validation::{is_valid_conversation_id, PROVIDERS};
 use crate::api::{key_matches, resource, resources, ApiError, AppState};
 use crate::events::{parse_user_action, StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
+use crate::ops::metrics::metrics;
 use crate::store::EventQuery;
 
 pub mod socketio;
@@ -231,6 +232,10 @@ pub struct Socket {
     attaching: bool,
     closing: bool,
     last_heard: Instant,
+    /// Counted in `switchboard_clients_attached` (from a successful attach to `stopped`).
+    counted: bool,
+    /// Why the server detached the client (metrics); `None`: the client left.
+    detach_reason: Option<&'static str>,
 }
 
 impl Socket {
@@ -244,11 +249,22 @@ impl Socket {
             attaching: false,
             closing: false,
             last_heard: Instant::now(),
+            counted: false,
+            detach_reason: None,
         }
     }
 
     fn is_socketio(&self) -> bool {
         matches!(self.proto, Proto::SocketIo(_))
+    }
+
+    /// The transport, as the metrics name it.
+    fn transport(&self) -> &'static str {
+        if self.is_socketio() {
+            "socketio"
+        } else {
+            "ws"
+        }
     }
 
     /// Sends one payload (an event or a status/error object) in this transport's framing.
@@ -278,6 +294,14 @@ impl Socket {
             return;
         }
         self.closing = true;
+        self.detach_reason = Some(match code {
+            ws::CloseCode::Normal => "conversation_stopped",
+            ws::CloseCode::Away => "ping_timeout",
+            ws::CloseCode::Size => "frame_too_large",
+            ws::CloseCode::Protocol => "protocol_error",
+            ws::CloseCode::Policy => "too_slow",
+            _ => "server_error",
+        });
         if self.is_socketio() {
             ctx.text(socketio::DISCONNECT);
         }
@@ -299,6 +323,8 @@ impl Socket {
             match res {
                 Ok((handle, subscribed, rx)) => {
                     act.attached = Some((handle, subscribed.subscriber_id));
+                    act.counted = true;
+                    metrics().attached(act.transport(), 1);
                     if let Proto::SocketIo(sio) = &mut act.proto {
                         sio.connected = true;
                         let ack = socketio::connect_ack(&socketio::new_sid());
@@ -541,6 +567,10 @@ impl Actor for Socket {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         if let Some((handle, subscriber)) = self.attached.take() {
             handle.unsubscribe(subscriber);
+        }
+        if self.counted {
+            metrics().attached(self.transport(), -1);
+            metrics().detached(self.detach_reason.unwrap_or("client_left"));
         }
     }
 }

@@ -59,6 +59,8 @@ pub enum OnLimit {
 pub enum RuntimeKind {
     Echo,
     Process,
+    /// The process runtime running the OpenHands adapter (`agents/openhands/`).
+    Openhands,
 }
 
 /// Log line format.
@@ -167,6 +169,16 @@ pub struct RuntimeSettings {
     pub kind: RuntimeKind,
     pub echo: EchoSettings,
     pub process: ProcessSettings,
+    pub openhands: OpenhandsSettings,
+}
+
+/// The `openhands` runtime: the process runtime with the OpenHands adapter as its agent.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenhandsSettings {
+    /// The Python environment with OpenHands installed; empty means where
+    /// `agents/openhands/install.sh` installs it (`~/.cache/switchboard/openhands-0.53.0`).
+    pub venv: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -329,6 +341,11 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
         "SWITCHBOARD_ECHO_START_DELAY_MS",
         "runtime.echo.start_delay_ms",
         EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_OPENHANDS_VENV",
+        "runtime.openhands.venv",
+        EnvKind::Str,
     ),
     (
         "SWITCHBOARD_PROCESS_COMMAND",

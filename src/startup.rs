@@ -38,6 +38,8 @@ pub enum StartupError {
     },
     #[error("{0}")]
     Store(String),
+    #[error("{0}")]
+    Agent(String),
 }
 
 /// A built, bound, not yet running server.
@@ -166,7 +168,8 @@ impl Application {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> Result<Application, StartupError> {
-        let settings = Arc::new(settings);
+        let settings =
+            Arc::new(crate::runtime::openhands::prepare(settings).map_err(StartupError::Agent)?);
         // Whatever agents of a previous run on this data directory left running ends here.
         crate::runtime::process_tree::sweep(&settings.data_dir);
         let addr = format!("{}:{}", settings.host, settings.port);

@@ -1129,3 +1129,237 @@ async fn delete_answers_once_the_agent_is_gone_and_the_data_with_it() {
     app.shutdown().await;
     assert_no_lasting_zombies().await;
 }
+
+// ---- the OpenHands agent ----------------------------------------------------------------
+
+/// The OpenHands environment `agents/openhands/install.sh` created, or `None` (the test is
+/// skipped) when it is missing; `.ci/run` installs it and sets
+/// `SWITCHBOARD_REQUIRE_AGENT_TESTS=1`, which turns a missing environment into a failure.
+fn openhands_venv() -> Option<String> {
+    let venv = std::env::var("SWITCHBOARD_OPENHANDS_VENV")
+        .ok()
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(switchboard::runtime::openhands::default_venv)?;
+    if venv.join("bin/python").is_file() {
+        return Some(venv.display().to_string());
+    }
+    let required = std::env::var("SWITCHBOARD_REQUIRE_AGENT_TESTS").is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "the OpenHands environment is required but not installed at {}",
+        venv.display()
+    );
+    eprintln!(
+        "SKIPPED: the OpenHands environment is not installed at {} (agents/openhands/install.sh)",
+        venv.display()
+    );
+    None
+}
+
+/// `agents/openhands/mock_llm.py` on a free port of 127.0.0.1; killed when dropped.
+struct MockLlm {
+    child: std::process::Child,
+    url: String,
+}
+
+impl MockLlm {
+    fn start() -> MockLlm {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(python())
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/agents/openhands/mock_llm.py"
+            ))
+            .args(["--port", "0"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("mock LLM starts");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("mock LLM says where it listens");
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        MockLlm {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    /// Every request the mock got: `{"authorization", "path", "body"}`.
+    async fn requests(&self) -> Vec<Value> {
+        let mut resp = awc::Client::default()
+            .get(format!("{}/requests", self.url))
+            .send()
+            .await
+            .expect("mock LLM answers");
+        resp.json::<Vec<Value>>()
+            .limit(64 * 1024 * 1024)
+            .await
+            .expect("requests")
+    }
+}
+
+impl Drop for MockLlm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn count_state(events: &[Value], state: &str) -> usize {
+    agent_states(events).iter().filter(|s| *s == state).count()
+}
+
+/// The live processes of a conversation whose command line contains `text`.
+fn processes_running(conversation_id: &str, text: &str) -> usize {
+    agent_pids(conversation_id)
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(text)
+            })
+        })
+        .count()
+}
+
+#[actix_web::test]
+async fn openhands_agent_runs_stops_and_resumes() {
+    let Some(venv) = openhands_venv() else {
+        return;
+    };
+    let llm = MockLlm::start();
+    let base_url = format!("{}/v1", llm.url);
+    let app = spawn_app_with(|s| {
+        s.runtime.kind = RuntimeKind::Openhands;
+        s.runtime.openhands.venv = venv;
+        s.runtime.process.stop_grace_secs = 10;
+        s.limits.start_timeout_secs = 180;
+        let env = &mut s.runtime.process.env;
+        // Settings the web app does not have; saved settings win over the rest.
+        env.insert("LLM_NATIVE_TOOL_CALLING".into(), "true".into());
+        env.insert("LLM_MODEL".into(), "openai/not-this-one".into());
+    })
+    .await;
+    // The model, base URL and key a user saved in the web app's settings.
+    let r = app
+        .post(
+            "/api/settings",
+            json!({"llm_model": "openai/mock", "llm_base_url": base_url,
+                   "llm_api_key": "sk-switchboard-test"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = app.create(json!({"initial_user_msg": "run echo hi"})).await;
+    app.wait_status(&id, "RUNNING", 180).await;
+    let events = app
+        .wait_events(&id, 120, |e| count_state(e, "finished") == 1)
+        .await;
+    assert_dense(&events);
+    // One announcement of each state: switchboard adds none of its own to the agent's.
+    assert_eq!(
+        agent_states(&events),
+        ["loading", "running", "finished"],
+        "{events:#?}"
+    );
+    let recall = find(&events, |e| e["action"] == "recall").expect("the recall action");
+    assert_eq!(recall["source"], "user");
+    let system = find(&events, |e| e["action"] == "system").expect("the system prompt");
+    assert_eq!(system["args"]["agent_class"], "CodeActAgent");
+    let run = find(&events, |e| e["action"] == "run").expect("the run action");
+    assert_eq!(run["args"]["command"], "echo hi");
+    assert_eq!(run["tool_call_metadata"]["function_name"], "execute_bash");
+    let call_id = run["tool_call_metadata"]["tool_call_id"].clone();
+    assert!(call_id.is_string(), "{run:#}");
+    assert!(run["llm_metrics"]["accumulated_token_usage"]["prompt_tokens"].as_u64() > Some(0));
+    let output = find(&events, |e| e["observation"] == "run").expect("the run observation");
+    assert_eq!(output["cause"], run["id"]);
+    assert_eq!(output["content"].as_str().map(str::trim), Some("hi"));
+    assert_eq!(output["tool_call_metadata"]["tool_call_id"], call_id);
+    assert_eq!(output["success"], true);
+    let finish = find(&events, |e| e["action"] == "finish").expect("the finish action");
+    assert_eq!(finish["tool_call_metadata"]["function_name"], "finish");
+    assert!(finish["llm_metrics"].is_object());
+    // The saved model, base URL and key are what the agent used.
+    let requests = llm.requests().await;
+    assert_eq!(
+        requests.len(),
+        2,
+        "one call for the command, one for finish"
+    );
+    for r in &requests {
+        assert_eq!(r["authorization"], "Bearer sk-switchboard-test");
+        assert_eq!(r["path"], "/v1/chat/completions");
+        assert_eq!(r["body"]["model"], "mock");
+    }
+
+    // A second turn, which leaves a process behind on purpose, then one that is still running.
+    post_message(&app, &id, "run nohup sleep 123 >/dev/null 2>&1 &").await;
+    app.wait_events(&id, 120, |e| count_state(e, "finished") == 2)
+        .await;
+    post_message(&app, &id, "run sleep 300").await;
+    let started = Instant::now();
+    while processes_running(&id, "sleep 300") == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "sleep 300 never ran"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(processes_running(&id, "sleep 123"), 1);
+    // OpenHands' state is the conversation's own, outside its working directory.
+    let state = app._data_dir.path().join("openhands-state").join(&id);
+    assert!(state.join("home/.openhands/microagents").is_dir());
+
+    // Stop: the agent, the running command and the one it left in the background are gone.
+    stop(&app, &id).await;
+    wait_no_agents(&id, 30).await;
+
+    // Started again, the agent resumes from the history: the model sees the earlier call.
+    let before = llm.requests().await.len();
+    let r = app
+        .post(&format!("/api/conversations/{id}/start"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    app.wait_status(&id, "RUNNING", 180).await;
+    post_message(&app, &id, "run echo again").await;
+    let events = app
+        .wait_events(&id, 120, |e| count_state(e, "finished") == 3)
+        .await;
+    assert_dense(&events);
+    let requests = llm.requests().await;
+    let resumed = &requests[before]["body"]["messages"];
+    let text = serde_json::to_string(resumed).unwrap();
+    assert!(text.contains(call_id.as_str().unwrap()), "{text}");
+    assert!(
+        resumed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["role"] == "tool" && m["tool_call_id"] == call_id),
+        "the earlier result is missing: {resumed:#}"
+    );
+    let again = events
+        .iter()
+        .rev()
+        .find(|e| e["observation"] == "run")
+        .unwrap();
+    assert_eq!(again["content"].as_str().map(str::trim), Some("again"));
+    assert!(find(&events, |e| e["observation"] == "error").is_none());
+    // No command ran twice: one output of `echo hi`, as before.
+    let his = events
+        .iter()
+        .filter(|e| e["observation"] == "run" && e["extras"]["command"] == "echo hi")
+        .count();
+    assert_eq!(his, 1);
+    app.shutdown().await;
+    wait_no_agents(&id, 30).await;
+    assert_no_lasting_zombies().await;
+}

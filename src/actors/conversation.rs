@@ -570,7 +570,9 @@ impl Conversation {
             RuntimeKind::Echo => Box::new(EchoRuntime::new(Duration::from_millis(
                 self.settings.runtime.echo.start_delay_ms,
             ))),
-            RuntimeKind::Process => Box::new(ProcessRuntime::new(self.settings.clone())),
+            RuntimeKind::Process | RuntimeKind::Openhands => {
+                Box::new(ProcessRuntime::new(self.settings.clone()))
+            }
         };
         let Some(meta) = self.meta.as_ref() else {
             return;

@@ -18,6 +18,7 @@ use crate::events::{EventBody, StatusUpdate};
 use crate::store::{InitData, Store};
 
 pub mod echo;
+pub mod openhands;
 pub mod process;
 pub mod process_tree;
 

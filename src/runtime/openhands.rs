@@ -1,0 +1,103 @@
+//! The `openhands` runtime preset: the process runtime with OpenHands' CodeActAgent as the
+//! agent, through the adapter shipped in `agents/openhands/adapter.py`.
+//!
+//! The adapter is compiled into the binary and written to `<data_dir>/agents/openhands/` at
+//! start (so a release binary needs no checkout); it runs with the Python of the OpenHands
+//! environment that `agents/openhands/install.sh` creates (`runtime.openhands.venv`). Each
+//! conversation's OpenHands state goes to `<data_dir>/openhands-state/<conversation_id>`
+//! (`OPENHANDS_STATE_DIR`), outside its working directory and the user's home. Everything
+//! else — working directory, grace periods, limits, extra environment — is
+//! `[runtime.process]`'s.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{RuntimeKind, Settings};
+
+/// The adapter's source, as shipped in the repository.
+pub const ADAPTER: &str = include_str!("../../agents/openhands/adapter.py");
+/// The OpenHands version the adapter and the install script are pinned to.
+pub const OPENHANDS_VERSION: &str = "0.53.0";
+
+/// Where `agents/openhands/install.sh` puts the OpenHands environment by default:
+/// `$XDG_CACHE_HOME/switchboard/openhands-<version>` (`~/.cache/…` without XDG_CACHE_HOME).
+pub fn default_venv() -> Option<PathBuf> {
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    Some(
+        cache
+            .join("switchboard")
+            .join(format!("openhands-{OPENHANDS_VERSION}")),
+    )
+}
+
+/// The OpenHands environment the settings name.
+pub fn venv(settings: &Settings) -> Option<PathBuf> {
+    let configured = &settings.runtime.openhands.venv;
+    if configured.is_empty() {
+        default_venv()
+    } else {
+        Some(PathBuf::from(configured))
+    }
+}
+
+/// With `runtime.kind = "openhands"`: writes the adapter into the data directory and makes it
+/// the process runtime's command. Other settings pass through unchanged.
+pub fn prepare(mut settings: Settings) -> Result<Settings, String> {
+    if settings.runtime.kind != RuntimeKind::Openhands {
+        return Ok(settings);
+    }
+    let venv = venv(&settings)
+        .ok_or("cannot find the OpenHands environment: set runtime.openhands.venv")?;
+    let python = venv.join("bin").join("python");
+    if !python.is_file() {
+        return Err(format!(
+            "the OpenHands environment is not installed at {} (runtime.openhands.venv): \
+             run agents/openhands/install.sh",
+            venv.display()
+        ));
+    }
+    let data_dir = std::path::absolute(&settings.data_dir).map_err(|e| {
+        format!(
+            "cannot resolve the data directory {}: {e}",
+            settings.data_dir.display()
+        )
+    })?;
+    let adapter = write_adapter(&data_dir.join("agents").join("openhands"))?;
+    let process = &mut settings.runtime.process;
+    process.command = vec![
+        python.to_string_lossy().into_owned(),
+        adapter.to_string_lossy().into_owned(),
+    ];
+    process
+        .env
+        .entry("OPENHANDS_STATE_DIR".into())
+        .or_insert_with(|| {
+            data_dir
+                .join("openhands-state")
+                .to_string_lossy()
+                .into_owned()
+        });
+    Ok(settings)
+}
+
+/// Writes the adapter into `dir` unless it is there already; returns its path.
+fn write_adapter(dir: &Path) -> Result<PathBuf, String> {
+    let path = dir.join("adapter.py");
+    if std::fs::read_to_string(&path).is_ok_and(|text| text == ADAPTER) {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    // Written aside and renamed: an agent starting meanwhile never reads half a file.
+    let partial = dir.join("adapter.py.partial");
+    std::fs::write(&partial, ADAPTER)
+        .and_then(|()| std::fs::rename(&partial, &path))
+        .map_err(|e| {
+            format!(
+                "cannot write the OpenHands adapter to {}: {e}",
+                path.display()
+            )
+        })?;
+    Ok(path)
+}

@@ -63,6 +63,13 @@ pub enum RuntimeKind {
     Openhands,
 }
 
+impl RuntimeKind {
+    /// Whether each conversation runs an agent process (`process`, and the `openhands` preset).
+    pub fn runs_agent_process(self) -> bool {
+        matches!(self, RuntimeKind::Process | RuntimeKind::Openhands)
+    }
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -754,8 +754,12 @@ impl Actor for Conversation {
         };
         // An agent process starts with the user's saved LLM/agent settings; the echo runtime
         // has no use for them.
-        let settings_store =
-            (self.settings.runtime.kind == RuntimeKind::Process).then(|| self.store.clone());
+        let settings_store = self
+            .settings
+            .runtime
+            .kind
+            .runs_agent_process()
+            .then(|| self.store.clone());
         let load = async move {
             let loaded = load.await;
             let settings = match settings_store {

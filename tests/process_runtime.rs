@@ -1315,7 +1315,7 @@ async fn openhands_agent_runs_stops_and_resumes() {
     }
     assert_eq!(processes_running(&id, "sleep 123"), 1);
     // OpenHands' state is the conversation's own, outside its working directory.
-    let state = app._data_dir.path().join("openhands-state").join(&id);
+    let state = app._data_dir.path().join("openhands/state").join(&id);
     assert!(state.join("home/.openhands/microagents").is_dir());
 
     // Stop: the agent, the running command and the one it left in the background are gone.

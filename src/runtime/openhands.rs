@@ -1,10 +1,10 @@
 //! The `openhands` runtime preset: the process runtime with OpenHands' CodeActAgent as the
 //! agent, through the adapter shipped in `agents/openhands/adapter.py`.
 //!
-//! The adapter is compiled into the binary and written to `<data_dir>/agents/openhands/` at
+//! The adapter is compiled into the binary and written to `<data_dir>/openhands/` at
 //! start (so a release binary needs no checkout); it runs with the Python of the OpenHands
 //! environment that `agents/openhands/install.sh` creates (`runtime.openhands.venv`). Each
-//! conversation's OpenHands state goes to `<data_dir>/openhands-state/<conversation_id>`
+//! conversation's OpenHands state goes to `<data_dir>/openhands/state/<conversation_id>`
 //! (`OPENHANDS_STATE_DIR`), outside its working directory and the user's home. Everything
 //! else — working directory, grace periods, limits, extra environment — is
 //! `[runtime.process]`'s.
@@ -64,7 +64,7 @@ pub fn prepare(mut settings: Settings) -> Result<Settings, String> {
             settings.data_dir.display()
         )
     })?;
-    let adapter = write_adapter(&data_dir.join("agents").join("openhands"))?;
+    let adapter = write_adapter(&data_dir.join("openhands"))?;
     let process = &mut settings.runtime.process;
     process.command = vec![
         python.to_string_lossy().into_owned(),
@@ -75,7 +75,8 @@ pub fn prepare(mut settings: Settings) -> Result<Settings, String> {
         .entry("OPENHANDS_STATE_DIR".into())
         .or_insert_with(|| {
             data_dir
-                .join("openhands-state")
+                .join("openhands")
+                .join("state")
                 .to_string_lossy()
                 .into_owned()
         });

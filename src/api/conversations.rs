@@ -28,7 +28,7 @@ const PAGE_LIMIT_DEFAULT: usize = 20;
 const PAGE_LIMIT_MAX: usize = 100;
 
 /// Reads and checks the `{id}` path segment.
-fn path_id(path: &web::Path<String>) -> Result<Arc<str>, ApiError> {
+pub(super) fn path_id(path: &web::Path<String>) -> Result<Arc<str>, ApiError> {
     let id = path.as_str();
     match conversation_id_error(id, vec![json!("path"), json!("conversation_id")]) {
         Some(e) => Err(ApiError::one(e)),
@@ -190,7 +190,7 @@ pub async fn create(
 }
 
 /// Query parameters as a list of pairs; a malformed query string is a 422.
-fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, ApiError> {
+pub(super) fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, ApiError> {
     serde_urlencoded::from_str::<Vec<(String, String)>>(req.query_string()).map_err(|e| {
         ApiError::one(FieldError::new(
             "value_error",
@@ -201,7 +201,7 @@ fn query_pairs(req: &HttpRequest) -> Result<Vec<(String, String)>, ApiError> {
     })
 }
 
-fn query_get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+pub(super) fn query_get<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
     pairs
         .iter()
         .rev()
@@ -574,9 +574,7 @@ pub async fn events(
             )))
         }
     };
-    if state.supervisor.shared(&id).is_none() && state.store.get(&id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("Conversation {id} not found")));
-    }
+    require_conversation(&state, &id).await?;
     let query = EventQuery {
         start_id,
         end_id,
@@ -590,6 +588,14 @@ pub async fn events(
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(EventsPage::render(&events, has_more)))
+}
+
+/// 404 `{"detail": "Conversation <id> not found"}` unless the conversation is live or stored.
+pub(super) async fn require_conversation(state: &AppState, id: &str) -> Result<(), ApiError> {
+    if state.supervisor.shared(id).is_none() && state.store.get(id).await?.is_none() {
+        return Err(ApiError::NotFound(format!("Conversation {id} not found")));
+    }
+    Ok(())
 }
 
 /// `POST /api/conversations/{id}/events` with a user action: same as the socket's

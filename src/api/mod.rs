@@ -26,6 +26,7 @@ pub mod openapi;
 pub mod schema;
 pub mod settings;
 pub mod validation;
+pub mod workspace;
 
 pub use errors::ApiError;
 
@@ -166,6 +167,42 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     resource("/conversations/{conversation_id}/events", "GET, POST")
                         .route(web::get().to(c::events))
                         .route(web::post().to(c::post_event)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/config", "GET")
+                        .route(web::get().to(workspace::config)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/vscode-url", "GET")
+                        .route(web::get().to(workspace::vscode_url)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/web-hosts", "GET")
+                        .route(web::get().to(workspace::web_hosts)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/git/changes", "GET")
+                        .route(web::get().to(workspace::git_changes)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/list-files", "GET")
+                        .route(web::get().to(workspace::list_files)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/select-file", "GET")
+                        .route(web::get().to(workspace::select_file)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/upload-files", "POST")
+                        .route(web::post().to(workspace::upload_files)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/microagents", "GET")
+                        .route(web::get().to(workspace::microagents)),
+                )
+                .service(
+                    resource("/conversations/{conversation_id}/trajectory", "GET")
+                        .route(web::get().to(workspace::trajectory)),
                 )
                 .service(resource("/options/config", "GET").route(web::get().to(settings::config)))
                 .service(resource("/options/models", "GET").route(web::get().to(settings::models)))

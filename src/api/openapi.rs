@@ -16,7 +16,7 @@ use utoipa::openapi::{ContentBuilder, RefOr};
 use utoipa::{Modify, OpenApi};
 
 use super::schema::*;
-use super::{conversations, settings};
+use super::{conversations, settings, workspace};
 
 /// The name of the session-key security scheme (the `X-Session-API-Key` header).
 pub const SECURITY_SCHEME: &str = "APIKeyHeader";
@@ -47,6 +47,15 @@ pub const QUERY_SECURITY_SCHEME: &str = "APIKeyQuery";
         conversations::stop,
         conversations::events,
         conversations::post_event,
+        workspace::config,
+        workspace::vscode_url,
+        workspace::web_hosts,
+        workspace::git_changes,
+        workspace::list_files,
+        workspace::select_file,
+        workspace::upload_files,
+        workspace::microagents,
+        workspace::trajectory,
         settings::config,
         settings::models,
         settings::agents,
@@ -74,6 +83,7 @@ pub const QUERY_SECURITY_SCHEME: &str = "APIKeyQuery";
     tags(
         (name = "probes", description = "Liveness and health, no session key needed"),
         (name = "conversations", description = "The OpenHands-compatible conversation API"),
+        (name = "workspace", description = "What the web app shows beside a conversation: its files, git changes, uploads, microagents, trajectory"),
         (name = "settings", description = "The web app's settings side (OpenHands' OSS mode)"),
         (name = "meta", description = "This document"),
         (name = "sockets", description = "Attach to a conversation over WebSocket (an HTTP upgrade). \

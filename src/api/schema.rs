@@ -544,20 +544,29 @@ impl EventsPage {
     /// The JSON of an `EventsPage` holding `events`, with their stored JSON texts spliced in as
     /// they are (no re-encoding). The unit tests hold it to `EventsPage`'s serialization.
     pub fn render(events: &[StoredEvent], has_more: bool) -> String {
-        let mut body =
-            String::with_capacity(32 + events.iter().map(|e| e.json.len() + 1).sum::<usize>());
-        body.push_str("{\"events\":[");
-        for (i, event) in events.iter().enumerate() {
-            if i > 0 {
-                body.push(',');
-            }
-            body.push_str(&event.json);
-        }
-        body.push_str("],\"has_more\":");
+        let mut body = render_event_list("{\"events\":", events);
+        body.push_str(",\"has_more\":");
         body.push_str(if has_more { "true" } else { "false" });
         body.push('}');
         body
     }
+}
+
+/// `head` followed by a JSON list of `events`, their stored JSON texts spliced in as they are.
+pub fn render_event_list(head: &str, events: &[StoredEvent]) -> String {
+    let mut body = String::with_capacity(
+        head.len() + 24 + events.iter().map(|e| e.json.len() + 1).sum::<usize>(),
+    );
+    body.push_str(head);
+    body.push('[');
+    for (i, event) in events.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&event.json);
+    }
+    body.push(']');
+    body
 }
 
 /// `POST /api/conversations/{conversation_id}/events` accepted the action.
@@ -872,6 +881,87 @@ pub struct SettingsStored {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorMessageOnly {
     pub error: String,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The per-conversation workspace routes
+
+/// `GET …/config`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RuntimeConfig {
+    /// Always null: no remote runtime.
+    pub runtime_id: Option<String>,
+    /// The conversation id.
+    pub session_id: String,
+}
+
+/// `GET …/vscode-url`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VscodeUrl {
+    /// Always null: switchboard runs no editor.
+    pub vscode_url: Option<String>,
+}
+
+/// `GET …/web-hosts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct WebHosts {
+    /// URL → port.
+    pub hosts: BTreeMap<String, u16>,
+}
+
+/// One changed file of `GET …/git/changes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct GitChange {
+    /// `M`, `A` (untracked files too), `D`, `R` or `U`.
+    pub status: String,
+    /// Relative to the working directory.
+    pub path: String,
+}
+
+/// `GET …/select-file`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FileContent {
+    pub code: String,
+}
+
+/// `POST …/upload-files`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct UploadedFiles {
+    /// The names written, relative to the working directory.
+    pub uploaded_files: Vec<String>,
+    /// `{"name": …, "reason": …}` for each file refused.
+    #[schema(value_type = Vec<Object>)]
+    pub skipped_files: Vec<Value>,
+}
+
+/// `GET …/microagents`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Microagents {
+    /// `{"name", "type", "content", "triggers", "inputs", "tools"}` each.
+    #[schema(value_type = Vec<Object>)]
+    pub microagents: Vec<Value>,
+}
+
+/// `GET …/trajectory`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Trajectory {
+    pub trajectory: Vec<Event>,
+}
+
+/// Query of `GET …/list-files`.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListFilesQuery {
+    /// A directory relative to the working directory (default: the working directory).
+    pub path: Option<String>,
+}
+
+/// Query of `GET …/select-file`.
+#[derive(Debug, Clone, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SelectFileQuery {
+    /// A file relative to the working directory.
+    pub file: String,
 }
 
 #[cfg(test)]

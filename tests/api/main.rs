@@ -17,3 +17,4 @@ mod settings;
 mod sockets;
 mod third_party;
 mod validation;
+mod workspace;

@@ -20,6 +20,15 @@ const ROUTES: &[(&str, &str)] = &[
     ("post", "/api/conversations/{conversation_id}/stop"),
     ("get", "/api/conversations/{conversation_id}/events"),
     ("post", "/api/conversations/{conversation_id}/events"),
+    ("get", "/api/conversations/{conversation_id}/config"),
+    ("get", "/api/conversations/{conversation_id}/vscode-url"),
+    ("get", "/api/conversations/{conversation_id}/web-hosts"),
+    ("get", "/api/conversations/{conversation_id}/git/changes"),
+    ("get", "/api/conversations/{conversation_id}/list-files"),
+    ("get", "/api/conversations/{conversation_id}/select-file"),
+    ("post", "/api/conversations/{conversation_id}/upload-files"),
+    ("get", "/api/conversations/{conversation_id}/microagents"),
+    ("get", "/api/conversations/{conversation_id}/trajectory"),
     ("get", "/api/options/config"),
     ("get", "/api/options/models"),
     ("get", "/api/options/agents"),
@@ -99,6 +108,9 @@ async fn the_document_lists_exactly_the_served_routes() {
         if path.starts_with("/socket.io") {
             concrete.push_str(&format!("?EIO=4&transport=websocket&conversation_id={id}"));
         }
+        if path.ends_with("/select-file") {
+            concrete.push_str("?file=README.md");
+        }
         if path.starts_with("/socket.io") || path.starts_with("/ws/") {
             // A socket route: a plain GET (no upgrade) is a documented 400.
             let r = app.get(&concrete).await;
@@ -123,9 +135,23 @@ async fn the_document_lists_exactly_the_served_routes() {
         let r = app
             .send(&method.to_uppercase(), &concrete, body.as_ref())
             .await;
-        assert_eq!(r.status, 200, "{method} {concrete}: {}", r.body);
-        // The answer has the keys its documented schema requires.
         let op = &doc["paths"][path][method];
+        // A fresh conversation has no git repository and no files, and a JSON body is no
+        // upload: documented refusals.
+        let expected = match (method, path.rsplit('/').next()) {
+            ("get", Some("changes" | "select-file")) => 404,
+            ("post", Some("upload-files")) => 400,
+            _ => 200,
+        };
+        assert_eq!(r.status, expected, "{method} {concrete}: {}", r.body);
+        if expected != 200 {
+            assert!(
+                op["responses"][expected.to_string()].is_object(),
+                "{method} {path}: {expected} is not documented"
+            );
+            continue;
+        }
+        // The answer has the keys its documented schema requires.
         let schema = resolve(
             &doc,
             &op["responses"]["200"]["content"]["application/json"]["schema"],

@@ -1787,3 +1787,155 @@ fn config_prints_the_effective_settings_and_where_each_came_from() {
         "{help}"
     );
 }
+
+// ---- the OpenHands web app, end to end ----------------------------------------------------
+
+/// Whether CI demands the browser test (`.ci/run` installs Chromium and Playwright).
+fn browser_required() -> bool {
+    std::env::var("SWITCHBOARD_REQUIRE_BROWSER_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// The built OpenHands 0.53.0 web app: `SWITCHBOARD_WEBAPP_FIXTURE`, or the project's shared
+/// fixture next to the repository (a test fixture, never part of switchboard).
+fn webapp_fixture() -> std::path::PathBuf {
+    std::env::var_os("SWITCHBOARD_WEBAPP_FIXTURE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../shared/fixtures/openhands-frontend-0.53.0.tar.gz")
+        })
+}
+
+/// The system Chromium: `SWITCHBOARD_CHROMIUM`, or Debian's paths.
+fn chromium() -> Option<std::path::PathBuf> {
+    if let Some(path) = std::env::var_os("SWITCHBOARD_CHROMIUM") {
+        return Some(path.into());
+    }
+    ["/usr/bin/chromium", "/usr/lib/chromium/chromium"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+/// Where a failed run's screenshots are kept for CI: `SWITCHBOARD_E2E_ARTIFACTS`, or
+/// `<target dir>/e2e-artifacts`.
+fn e2e_artifacts_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("SWITCHBOARD_E2E_ARTIFACTS") {
+        return dir.into();
+    }
+    // The test binary is `<target>/<profile>/deps/cli-<hash>`.
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.ancestors().nth(3).map(Path::to_path_buf))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("e2e-artifacts")
+}
+
+/// The OpenHands web app, unpacked from its build and served by the real binary with
+/// `--frontend`, driven in headless Chromium through `tests/e2e/webapp.py` (Playwright):
+/// first-run modals → launch → chat → echo → reload → listed → rename → stop → resume →
+/// delete → settings page, with no `/api` answer of 404 or 5xx beyond OpenHands' own protocol.
+/// Prints the time from clicking "Launch" to an enabled chat box.
+#[test]
+fn the_openhands_web_app_works_end_to_end() {
+    let skip = |why: String| {
+        assert!(!browser_required(), "the browser test is required: {why}");
+        eprintln!("SKIPPED: {why}");
+    };
+    let fixture = webapp_fixture();
+    if !fixture.is_file() {
+        return skip(format!("no web app build at {}", fixture.display()));
+    }
+    let Some(chromium) = chromium() else {
+        return skip("no Chromium (apt-get install chromium)".into());
+    };
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let playwright = Command::new(&python)
+        .args(["-c", "import playwright.async_api"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !playwright {
+        return skip("no Playwright for Python (pip install playwright)".into());
+    }
+
+    let site = tempfile::tempdir().expect("temp dir");
+    let unpacked = Command::new("tar")
+        .arg("-xzf")
+        .arg(&fixture)
+        .arg("-C")
+        .arg(site.path())
+        .status()
+        .expect("tar runs");
+    assert!(unpacked.success(), "cannot unpack {}", fixture.display());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let site_arg = site.path().to_str().expect("utf-8 path").to_string();
+    let server = Server::start_with_args(dir, &data, "sqlite", &["--frontend", &site_arg], &[]);
+    let shots = tempfile::tempdir().expect("temp dir");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/webapp.py");
+    let mut child = Guard(
+        Command::new(&python)
+            .arg(&script)
+            .arg("--url")
+            .arg(format!("http://127.0.0.1:{}", server.port))
+            .arg("--artifacts")
+            .arg(shots.path())
+            .arg("--chromium")
+            .arg(&chromium)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("python runs"),
+    );
+    let mut stdout = child.0.stdout.take().expect("stdout");
+    let mut stderr = child.0.stderr.take().expect("stderr");
+    let out = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stdout.read_to_string(&mut text);
+        text
+    });
+    let err = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = stderr.read_to_string(&mut text);
+        text
+    });
+    let status = child.wait_for_exit(Duration::from_secs(300));
+    let (out, err) = (
+        out.join().unwrap_or_default(),
+        err.join().unwrap_or_default(),
+    );
+    let report: Value = out
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str(l).ok())
+        .unwrap_or(Value::Null);
+    let passed = status.is_some_and(|s| s.success()) && report["ok"] == true;
+    if !passed {
+        let keep = e2e_artifacts_dir().join(format!(
+            "webapp-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        ));
+        let _ = std::fs::create_dir_all(&keep);
+        for entry in std::fs::read_dir(shots.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
+        }
+        panic!(
+            "the web app run failed ({status:?}); screenshots in {}\nreport: {report}\n{err}",
+            keep.display()
+        );
+    }
+    println!(
+        "e2e: launch to an enabled chat box: {} ms (debug build, {} steps)",
+        report["launch_to_chat_enabled_ms"], report["steps"]
+    );
+    drop(server);
+}

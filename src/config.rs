@@ -159,6 +159,12 @@ pub struct Limits {
     pub create_rate_per_sec: u32,
     /// How many a client may start at once before the rate applies.
     pub create_burst: u32,
+    /// Most bytes one conversation keeps in the store; 0: no limit.
+    pub max_bytes_per_conversation: u64,
+    /// Most bytes the whole store uses; 0: no limit.
+    pub max_store_bytes: u64,
+    /// Bytes of disk kept in reserve for deletes on a full disk; 0: none.
+    pub disk_reserve_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -321,6 +327,21 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
     (
         "SWITCHBOARD_CREATE_BURST",
         "limits.create_burst",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_BYTES_PER_CONVERSATION",
+        "limits.max_bytes_per_conversation",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_STORE_BYTES",
+        "limits.max_store_bytes",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_DISK_RESERVE_BYTES",
+        "limits.disk_reserve_bytes",
         EnvKind::Literal,
     ),
     (

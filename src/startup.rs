@@ -26,7 +26,7 @@ use crate::actors::SupervisorHandle;
 use crate::api::{self, AppState};
 use crate::config::{Settings, StoreKind};
 use crate::ops::{Ops, Readiness};
-use crate::store::{MemoryStore, SqliteStore, Store};
+use crate::store::{MemoryStore, SqliteStore, Store, StoreLimits};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -83,11 +83,14 @@ fn after_conversations(bound: Duration) -> Duration {
 
 /// Opens the store the settings ask for.
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
+    let limits = StoreLimits::from_limits(&settings.limits);
     match settings.store {
-        StoreKind::Memory => Ok(Arc::new(MemoryStore::new())),
-        StoreKind::Sqlite => SqliteStore::open(&settings.data_dir, &settings.store_tuning)
-            .map(|store| Arc::new(store) as Arc<dyn Store>)
-            .map_err(|e| StartupError::Store(e.to_string())),
+        StoreKind::Memory => Ok(Arc::new(MemoryStore::with_limits(limits))),
+        StoreKind::Sqlite => {
+            SqliteStore::open_with(&settings.data_dir, &settings.store_tuning, limits)
+                .map(|store| Arc::new(store) as Arc<dyn Store>)
+                .map_err(|e| StartupError::Store(e.to_string()))
+        }
     }
 }
 

@@ -624,39 +624,80 @@ fn unusable_data_directories_are_refused_clearly() {
     );
 }
 
-#[test]
-fn a_full_disk_is_a_clear_503_not_a_crash() {
-    let mount = tempfile::tempdir().expect("temp dir");
-    let path = mount.path().to_str().expect("utf-8").to_string();
-    let mounted = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs", &path])
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !mounted {
-        eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root)");
-        return;
-    }
-    struct Unmount(String);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+/// A mounted tmpfs of `size` (e.g. `256k`), unmounted when dropped; `None` (the test prints
+/// `SKIPPED`) where mounting needs rights this process lacks.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().to_str().expect("utf-8");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", path])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("SKIPPED: cannot mount a small tmpfs here (needs root)");
+            return None;
         }
+        Some(SmallDisk { dir })
     }
-    let _unmount = Unmount(path.clone());
-    let work = tempfile::tempdir().expect("temp dir");
-    let mut server = Server::start_in(work, mount.path(), "sqlite");
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Free bytes on it.
+    fn available(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["-B1", "--output=avail"])
+            .arg(self.path())
+            .output()
+            .expect("df");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df output")
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Creates conversations with big first messages until the server refuses one; their ids and
+/// the refusal.
+fn fill_up(port: u16) -> (Vec<String>, (u16, Value)) {
     let big = "x".repeat(16 * 1024);
-    let mut refused = None;
+    let mut created = Vec::new();
     for _ in 0..200 {
         let body = format!(r#"{{"initial_user_msg":"{big}"}}"#);
-        let (status, body) = http(server.port, "POST", "/api/conversations", Some(&body));
+        let (status, body) = http(port, "POST", "/api/conversations", Some(&body));
         if status != 200 {
-            refused = Some((status, body));
-            break;
+            return (created, (status, body));
         }
+        created.push(body["conversation_id"].as_str().expect("id").to_string());
     }
-    let (status, body) = refused.expect("the disk never filled up");
+    panic!("the disk never filled up");
+}
+
+#[test]
+fn a_full_disk_is_a_clear_503_not_a_crash() {
+    let Some(disk) = SmallDisk::mount("256k") else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::start_in(work, disk.path(), "sqlite");
+    let (_, (status, body)) = fill_up(server.port);
     assert_eq!(status, 503, "{body}");
     // Readiness says so (its store probe is reused for a second, then asked again).
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1938,4 +1979,86 @@ fn the_openhands_web_app_works_end_to_end() {
         report["launch_to_chat_enabled_ms"], report["steps"]
     );
     drop(server);
+}
+
+#[test]
+fn delete_on_a_full_disk_succeeds_and_gives_the_space_back() {
+    let Some(disk) = SmallDisk::mount("1m") else {
+        return;
+    };
+    let work = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::start_with(
+        work,
+        disk.path(),
+        "sqlite",
+        &[("SWITCHBOARD_DISK_RESERVE_BYTES", "131072")],
+    );
+    let (created, (status, body)) = fill_up(server.port);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        created.len() >= 4,
+        "only {} conversations fit",
+        created.len()
+    );
+    let full = disk.available();
+
+    let half = created.len() / 2;
+    for id in &created[..half] {
+        let (status, body) = http(
+            server.port,
+            "DELETE",
+            &format!("/api/conversations/{id}"),
+            None,
+        );
+        if status != 200 {
+            server.drain_nonblocking();
+        }
+        assert_eq!(
+            (status, &body),
+            (200, &Value::Bool(true)),
+            "DELETE {id}: {:#?}",
+            server.seen
+        );
+    }
+    let freed = disk.available().saturating_sub(full);
+    eprintln!(
+        "deleting {half} of {} conversations on a full 1 MiB disk gave back {freed} bytes",
+        created.len()
+    );
+    assert!(freed >= 64 * 1024, "only {freed} bytes came back");
+    for id in &created[..half] {
+        let (status, body) = http(
+            server.port,
+            "GET",
+            &format!("/api/conversations/{id}"),
+            None,
+        );
+        assert_eq!((status, body), (200, Value::Null), "{id} is gone");
+    }
+    let (status, body) = http(
+        server.port,
+        "GET",
+        &format!("/api/conversations/{}", created[half]),
+        None,
+    );
+    assert_eq!(status, 200);
+    assert_eq!(
+        body["conversation_id"],
+        created[half].as_str(),
+        "the rest is kept"
+    );
+    // And there is room for new work.
+    let (status, body) = http(
+        server.port,
+        "POST",
+        "/api/conversations",
+        Some(r#"{"initial_user_msg":"hello again"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    server.drain_nonblocking();
+    assert!(
+        !server.seen.iter().any(|l| l.contains("panicked")),
+        "{:#?}",
+        server.seen
+    );
 }

@@ -130,13 +130,6 @@ fn run_output_containing<'a>(events: &'a [Value], text: &str) -> Option<&'a Valu
     })
 }
 
-fn error_observation(events: &[Value]) -> String {
-    find(events, |e| e["observation"] == "error")
-        .and_then(|e| e["content"].as_str())
-        .unwrap_or_else(|| panic!("no error observation in {events:#?}"))
-        .to_string()
-}
-
 async fn post_message(app: &TestApp, id: &str, content: &str) {
     let r = app
         .post(

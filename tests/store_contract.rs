@@ -11,7 +11,8 @@ use serde_json::json;
 use switchboard::config::StoreTuning;
 use switchboard::events::{EventBody, Source, StoredEvent};
 use switchboard::store::{
-    ConversationMeta, EventQuery, InitData, MemoryStore, SqliteStore, Store, StoreError,
+    events_bytes, meta_bytes, ConversationMeta, EventQuery, InitData, MemoryStore, Quota,
+    SqliteStore, Store, StoreError, StoreLimits,
 };
 use tempfile::TempDir;
 
@@ -31,13 +32,41 @@ fn memory() -> Fixture<MemoryStore> {
     }
 }
 
+fn memory_limited(limits: StoreLimits) -> Fixture<MemoryStore> {
+    Fixture {
+        store: Arc::new(MemoryStore::with_limits(limits)),
+        _dir: None,
+    }
+}
+
 fn sqlite_with(batch_max: usize, queue: usize) -> Fixture<SqliteStore> {
+    sqlite_limited_with(batch_max, queue, StoreLimits::default())
+}
+
+fn sqlite_limited_with(
+    batch_max: usize,
+    queue: usize,
+    limits: StoreLimits,
+) -> Fixture<SqliteStore> {
     let dir = tempfile::tempdir().expect("tempdir");
-    let store = SqliteStore::open(dir.path(), &StoreTuning { batch_max, queue }).expect("open");
+    let tuning = StoreTuning { batch_max, queue };
+    let store = SqliteStore::open_with(dir.path(), &tuning, limits).expect("open");
     Fixture {
         store: Arc::new(store),
         _dir: Some(dir),
     }
+}
+
+fn sqlite_limited(limits: StoreLimits) -> Fixture<SqliteStore> {
+    sqlite_limited_with(512, 1024, limits)
+}
+
+fn sqlite_tiny_limited(limits: StoreLimits) -> Fixture<SqliteStore> {
+    sqlite_limited_with(1, 1, limits)
+}
+
+fn sqlite_small_limited(limits: StoreLimits) -> Fixture<SqliteStore> {
+    sqlite_limited_with(3, 2, limits)
 }
 
 fn sqlite() -> Fixture<SqliteStore> {
@@ -389,10 +418,176 @@ async fn settings_round_trip<S: Store>(store: Arc<S>) {
     assert!(store.list(0, 10).await.expect("list").is_empty());
 }
 
+/// An event whose stored JSON is about `size` bytes.
+fn big_event(id: u64, size: usize) -> StoredEvent {
+    EventBody::message(Source::User, &"x".repeat(size), json!([]), false)
+        .stamp(id, "2024-05-01T12:00:00.000000")
+}
+
+fn quota_of(e: StoreError) -> Quota {
+    match e {
+        StoreError::QuotaExceeded { quota, message } => {
+            assert!(message.contains("quota"), "{message}");
+            quota
+        }
+        other => panic!("expected a quota refusal, got {other:?}"),
+    }
+}
+
+/// A conversation is refused what would take it past its quota, with nothing written; others
+/// are not affected, and deleting always works.
+async fn conversation_quota<S: Store>(store: Arc<S>) {
+    let limit = store.limits().max_bytes_per_conversation;
+    store.create(meta("full", OLD)).await.expect("create");
+    store.create(meta("other", OLD)).await.expect("create");
+    let record = store.get("full").await.expect("get").expect("exists");
+    let init = serde_json::to_string(&record.meta.init).expect("json");
+    assert_eq!(record.bytes, meta_bytes(&init));
+
+    // Fill it to just under the quota, in a few appends.
+    let mut held = record.bytes;
+    let mut next = 0;
+    loop {
+        let event = big_event(next, 900);
+        let size = events_bytes(std::slice::from_ref(&event));
+        if held + size > limit {
+            break;
+        }
+        store.append("full", vec![event]).await.expect("append");
+        held += size;
+        next += 1;
+    }
+    assert!(next >= 2, "the quota {limit} is too small for this test");
+    let record = store.get("full").await.expect("get").expect("exists");
+    assert_eq!((record.bytes, record.next_event_id), (held, next));
+
+    // One more, alone or with a small event that would fit, is refused whole.
+    let refused = store
+        .append("full", vec![event(next), big_event(next + 1, 900)])
+        .await
+        .expect_err("over the quota");
+    assert_eq!(quota_of(refused), Quota::Conversation);
+    let after = store.get("full").await.expect("get").expect("exists");
+    assert_eq!(after, record, "a refused append changes nothing");
+    assert_eq!(
+        store.events("full", all()).await.expect("events").len() as u64,
+        next
+    );
+
+    // Another conversation still takes events, and a small one still fits here.
+    store
+        .append("other", events(0..3))
+        .await
+        .expect("append other");
+    let small = event(next);
+    if held + events_bytes(std::slice::from_ref(&small)) <= limit {
+        store
+            .append("full", vec![small])
+            .await
+            .expect("a small event fits");
+    }
+
+    // A conversation whose init data alone is over the quota is never created.
+    let mut huge = meta("huge", OLD);
+    huge.init.initial_user_msg = Some("y".repeat(limit as usize));
+    assert_eq!(
+        quota_of(store.create(huge).await.expect_err("over the quota")),
+        Quota::Conversation
+    );
+    assert_eq!(store.get("huge").await.expect("get"), None);
+
+    assert!(store.delete("full").await.expect("delete"));
+    assert_eq!(store.get("full").await.expect("get"), None);
+}
+
+/// The store is refused what would take it past its quota, with nothing written; deleting
+/// always works and makes room again.
+async fn store_quota<S: Store>(store: Arc<S>) {
+    let limit = store.limits().max_store_bytes;
+    assert!(store.used_bytes() < limit);
+    let mut created = Vec::new();
+    let refusal = 'fill: {
+        for c in 0..1000 {
+            let id = format!("c{c}");
+            if let Err(e) = store.create(meta(&id, OLD)).await {
+                break 'fill e;
+            }
+            created.push(id.clone());
+            for i in 0..4 {
+                if let Err(e) = store.append(&id, vec![big_event(i, 2000)]).await {
+                    break 'fill e;
+                }
+            }
+        }
+        panic!(
+            "the store never filled up; it uses {} bytes",
+            store.used_bytes()
+        );
+    };
+    assert_eq!(quota_of(refusal), Quota::Store);
+    assert!(
+        store.used_bytes() <= limit,
+        "{} > {limit}",
+        store.used_bytes()
+    );
+    let last = created.last().expect("a conversation").clone();
+    let before = store.get(&last).await.expect("get").expect("exists");
+    let refused = store
+        .append(&last, vec![big_event(before.next_event_id, 2000)])
+        .await
+        .expect_err("still full");
+    assert_eq!(quota_of(refused), Quota::Store);
+    assert_eq!(store.get(&last).await.expect("get"), Some(before.clone()));
+
+    // Deleting gives room back.
+    let used = store.used_bytes();
+    for id in &created[..created.len() / 2] {
+        assert!(store.delete(id).await.expect("delete on a full store"));
+    }
+    store.flush().await.expect("flush");
+    assert!(
+        store.used_bytes() < used,
+        "{} !< {used}",
+        store.used_bytes()
+    );
+    store
+        .append(&last, vec![big_event(before.next_event_id, 2000)])
+        .await
+        .expect("room again");
+}
+
+fn quota_limits() -> StoreLimits {
+    StoreLimits {
+        max_bytes_per_conversation: 8 * 1024,
+        max_store_bytes: 0,
+        disk_reserve_bytes: 0,
+    }
+}
+
+fn store_quota_limits() -> StoreLimits {
+    StoreLimits {
+        max_bytes_per_conversation: 0,
+        max_store_bytes: 256 * 1024,
+        disk_reserve_bytes: 0,
+    }
+}
+
 macro_rules! contract_tests {
-    ($backend:ident, $fixture:expr) => {
+    ($backend:ident, $fixture:expr, $limited:path) => {
         mod $backend {
             use super::*;
+
+            #[tokio::test]
+            async fn conversation_quota() {
+                let f = $limited(quota_limits());
+                super::conversation_quota(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn store_quota() {
+                let f = $limited(store_quota_limits());
+                super::store_quota(f.store.clone()).await;
+            }
 
             #[tokio::test]
             async fn create_then_exists() {
@@ -463,7 +658,15 @@ macro_rules! contract_tests {
     };
 }
 
-contract_tests!(memory_store, memory());
-contract_tests!(sqlite_store, sqlite());
-contract_tests!(sqlite_store_one_request_batches, sqlite_tiny());
-contract_tests!(sqlite_store_small_queue, sqlite_small());
+contract_tests!(memory_store, memory(), memory_limited);
+contract_tests!(sqlite_store, sqlite(), sqlite_limited);
+contract_tests!(
+    sqlite_store_one_request_batches,
+    sqlite_tiny(),
+    sqlite_tiny_limited
+);
+contract_tests!(
+    sqlite_store_small_queue,
+    sqlite_small(),
+    sqlite_small_limited
+);

@@ -740,8 +740,10 @@ fn a_pre_release_schema_is_refused() {
     assert!(message.contains(&db.display().to_string()), "{message}");
 }
 
-/// A database of schema version 1 (before the settings table) is migrated in place when
-/// opened: its conversations and events stay, and settings can be stored.
+/// A database of schema version 1 (before the settings table and the byte counts, without
+/// incremental auto-vacuum) is migrated in place when opened: its conversations and events
+/// stay, each conversation's bytes are counted, settings can be stored, and deletes give space
+/// back from then on.
 #[tokio::test]
 async fn a_version_1_database_is_migrated() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -767,6 +769,8 @@ async fn a_version_1_database_is_migrated() {
     let record = store.get("old").await.expect("get").expect("kept");
     assert_eq!(record.meta.title, "Old one");
     assert_eq!(record.next_event_id, 1);
+    let event = r#"{"id":0,"source":"user","message":"hi"}"#;
+    assert_eq!(record.bytes, ("{}".len() + event.len()) as u64);
     assert_eq!(store.settings("").await.expect("settings"), None);
     store
         .save_settings("", json!({"language": "en"}))
@@ -778,5 +782,52 @@ async fn a_version_1_database_is_migrated() {
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("user_version");
     assert_eq!(version, SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(SCHEMA_VERSION, 3);
+    let auto_vacuum: i64 = conn
+        .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
+        .expect("auto_vacuum");
+    assert_eq!(auto_vacuum, 2, "incremental");
+}
+
+/// Deleting a conversation makes the database file smaller, not just emptier.
+#[tokio::test]
+async fn delete_gives_the_space_back_to_the_file_system() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    let big = "b".repeat(4000);
+    for c in 0..4 {
+        let id = format!("c{c}");
+        store
+            .create(meta(&id, "2024-01-01T00:00:00.000000Z"))
+            .await
+            .expect("create");
+        let events: Vec<StoredEvent> = (0..100)
+            .map(|i| EventBody::message(Source::User, &big, json!([]), false).stamp(i, "t"))
+            .collect();
+        store.append(&id, events).await.expect("append");
+    }
+    store.flush().await.expect("flush");
+    let size = |store: &SqliteStore| {
+        let db = std::fs::metadata(store.path()).map_or(0, |m| m.len());
+        let wal = std::fs::metadata(store.path().with_extension("db-wal")).map_or(0, |m| m.len());
+        db + wal
+    };
+    let used = store.used_bytes();
+    let before = size(&store);
+    for c in 0..3 {
+        assert!(store.delete(&format!("c{c}")).await.expect("delete"));
+    }
+    store.flush().await.expect("flush");
+    let after = size(&store);
+    eprintln!("database + WAL: {before} bytes before deleting 3 of 4 conversations, {after} after");
+    assert!(after < before / 2, "{after} !< {before} / 2");
+    assert!(store.used_bytes() < used / 2);
+    assert_eq!(
+        store
+            .events("c3", EventQuery::after(None, 1000))
+            .await
+            .expect("events")
+            .len(),
+        100
+    );
 }

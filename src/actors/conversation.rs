@@ -40,7 +40,7 @@ use crate::runtime::{
     EchoRuntime, FromRuntime, ProcessRuntime, RefMap, ReferencedEvent, Runtime, RuntimeSignal,
     RuntimeSink, RuntimeStart,
 };
-use crate::store::{ConversationMeta, ConversationRecord, Store, StoreError};
+use crate::store::{meta_bytes, ConversationMeta, ConversationRecord, Store, StoreError};
 
 /// What leaves the actor, in order.
 enum Outgoing {
@@ -55,6 +55,15 @@ enum Outgoing {
     Payload(Arc<str>),
     /// Close every attachment (the last step of teardown).
     CloseAll(String),
+}
+
+/// Why an event was not emitted.
+enum NotEmitted {
+    /// The event limit is reached, or the store failed.
+    Full,
+    /// It would exceed a byte quota (user and runtime content only; the conversation's own
+    /// status events may use the headroom the quota keeps for them).
+    OverQuota(StoreError),
 }
 
 enum Loaded {
@@ -78,6 +87,8 @@ pub struct Conversation {
     created: bool,
     status: ConversationStatus,
     next_id: u64,
+    /// The bytes the conversation holds against its quota, counting what is not durable yet.
+    bytes: u64,
     /// Every id below this is durable.
     durable_before: u64,
     /// Stamped events not yet handed to the store.
@@ -98,7 +109,7 @@ pub struct Conversation {
     stop_waiters: Vec<oneshot::Sender<()>>,
     last_activity_ms: u64,
     /// Why loading from the store failed, told to every request until the actor stops.
-    load_error: Option<String>,
+    load_error: Option<StoreError>,
     /// The STARTING deadline, cancelled once the runtime is ready.
     start_deadline: Option<SpawnHandle>,
     /// Completes once the stopped runtime has released everything (see `Runtime::finished`).
@@ -133,6 +144,7 @@ impl Conversation {
             created: false,
             status: ConversationStatus::Starting,
             next_id: 0,
+            bytes: 0,
             durable_before: 0,
             unsent: Vec::new(),
             outbox: VecDeque::new(),
@@ -161,7 +173,7 @@ impl Conversation {
     /// `NotFound`, or the storage error, when there is no conversation to talk to.
     fn check_loaded(&self) -> Result<(), ConversationError> {
         if let Some(e) = &self.load_error {
-            return Err(ConversationError::Storage(e.clone()));
+            return Err(e.clone().into());
         }
         if self.meta.is_none() {
             return Err(ConversationError::NotFound);
@@ -185,23 +197,39 @@ impl Conversation {
     /// event goes to the runtime once durable.
     fn emit(&mut self, body: EventBody) -> bool {
         let for_runtime = body.source == Source::User;
-        self.emit_event(body, for_runtime, None).is_some()
+        self.emit_event(body, for_runtime, None, false).is_ok()
     }
 
-    /// Stamps an event and queues it for persistence: its id, or `None` when the log is full.
-    /// `ack`: the runtime's `ref` for it, acknowledged once the event is durable.
+    /// Stamps an event and queues it for persistence: its id, or why not. `ack`: the runtime's
+    /// `ref` for it, acknowledged once the event is durable. `content`: the event is a user's
+    /// or the runtime's, held to the byte quotas before anything is queued.
     fn emit_event(
         &mut self,
         body: EventBody,
         for_runtime: bool,
         ack: Option<serde_json::Value>,
-    ) -> Option<u64> {
+        content: bool,
+    ) -> Result<u64, NotEmitted> {
         if self.store_failed {
-            return None;
+            return Err(NotEmitted::Full);
         }
         if self.next_id >= self.settings.limits.max_events_per_conversation {
             warn!(conversation_id = %self.id, "event limit reached; event dropped");
-            return None;
+            return Err(NotEmitted::Full);
+        }
+        let id = self.next_id;
+        let timestamp = events::event_timestamp();
+        let event = body.stamp(id, &timestamp);
+        let size = event.json.len() as u64;
+        if content {
+            let limits = self.store.limits();
+            let fits = limits
+                .check_content(&self.id, self.bytes, size)
+                .and_then(|()| limits.check_store(self.store.used_bytes(), size));
+            if let Err(e) = fits {
+                warn!(conversation_id = %self.id, error = %e, "event over quota; dropped");
+                return Err(NotEmitted::OverQuota(e));
+            }
         }
         if let Some(state) = body.announced_agent_state() {
             self.agent_state = events::AGENT_STATES
@@ -216,10 +244,8 @@ impl Conversation {
             // The agent owes an answer: a turn is under way until it waits for the user again.
             self.shared.set_in_turn(true);
         }
-        let id = self.next_id;
         self.next_id += 1;
-        let timestamp = events::event_timestamp();
-        let event = body.stamp(id, &timestamp);
+        self.bytes += size;
         let title = body
             .user_message_content()
             .and_then(events::title_from_message);
@@ -235,7 +261,7 @@ impl Conversation {
             self.auto_title(title);
         }
         self.touch();
-        Some(id)
+        Ok(id)
     }
 
     /// Titles the conversation from its first non-blank user message while it still has its
@@ -431,15 +457,20 @@ impl Conversation {
         reference: Option<serde_json::Value>,
         ctx: &mut Context<Self>,
     ) {
-        match self.emit_event(body, false, reference.clone()) {
-            Some(id) => {
+        match self.emit_event(body, false, reference.clone(), true) {
+            Ok(id) => {
                 if let Some(reference) = reference {
                     self.runtime_refs
                         .get_or_insert_with(Default::default)
                         .remember(&reference, id);
                 }
             }
-            None => self.begin_stop(StopReason::RuntimeFailed("event limit reached".into()), ctx),
+            Err(NotEmitted::Full) => {
+                self.begin_stop(StopReason::RuntimeFailed("event limit reached".into()), ctx)
+            }
+            Err(NotEmitted::OverQuota(e)) => {
+                self.begin_stop(StopReason::RuntimeFailed(e.to_string()), ctx)
+            }
         }
     }
 
@@ -505,6 +536,7 @@ impl Conversation {
             Ok(Loaded::Created(meta)) => {
                 info!(conversation_id = %self.id, trigger = %meta.trigger, "conversation created");
                 self.created = true;
+                self.bytes = meta_bytes(&serde_json::to_string(&meta.init).unwrap_or_default());
                 let init = meta.init.clone();
                 self.meta = Some(*meta);
                 self.emit(EventBody::agent_state("loading", ""));
@@ -512,7 +544,7 @@ impl Conversation {
                     match EventBody::from_value(value) {
                         Ok(body) => {
                             // Replayed events are history, not new work for the runtime.
-                            self.emit_event(body, false, None);
+                            let _ = self.emit_event(body, false, None, false);
                         }
                         Err(e) => {
                             warn!(conversation_id = %self.id, error = %e, "skipping replayed event")
@@ -534,6 +566,7 @@ impl Conversation {
             Ok(Loaded::Resumed(record)) => {
                 info!(conversation_id = %self.id, next_event_id = record.next_event_id, "conversation resumed");
                 self.next_id = record.next_event_id;
+                self.bytes = record.bytes;
                 self.durable_before = record.next_event_id;
                 self.meta = Some(record.meta);
                 self.emit(EventBody::agent_state("loading", ""));
@@ -547,7 +580,7 @@ impl Conversation {
             Err(e) => {
                 tracing::error!(conversation_id = %self.id, error = %e, "could not load conversation");
                 self.store_failed = true;
-                self.load_error = Some(e.to_string());
+                self.load_error = Some(e);
                 self.set_status(ConversationStatus::Stopped);
                 // Linger briefly so that the requests already waiting learn why.
                 ctx.run_later(Duration::from_millis(200), |_, ctx| ctx.stop());
@@ -727,9 +760,19 @@ impl Actor for Conversation {
         let store = self.store.clone();
         let id = self.id.clone();
         let mode = self.mode.take().unwrap_or(AdmitMode::LoadOnly);
+        // A new conversation must have room for what it starts with: refused whole otherwise.
+        let room = |store: &Arc<dyn Store>, meta: &ConversationMeta| {
+            let init = serde_json::to_string(&meta.init).unwrap_or_default();
+            store.limits().check_new_conversation(
+                &meta.conversation_id,
+                meta_bytes(&init),
+                store.used_bytes(),
+            )
+        };
         let load = async move {
             match mode {
                 AdmitMode::Fresh(meta) => {
+                    room(&store, &meta)?;
                     store.create((*meta).clone()).await?;
                     Ok(Loaded::Created(meta))
                 }
@@ -737,6 +780,7 @@ impl Actor for Conversation {
                     if let Some(rec) = store.get(&id).await? {
                         return Ok(Loaded::Resumed(Box::new(rec)));
                     }
+                    room(&store, &meta)?;
                     match store.create((*meta).clone()).await {
                         Ok(()) => Ok(Loaded::Created(meta)),
                         Err(StoreError::Exists(_)) => Ok(store
@@ -849,10 +893,15 @@ impl Handler<UserAction> for Conversation {
         if self.stopping.is_some() {
             return Err(ConversationError::Stopping);
         }
-        if !self.emit(msg.0) {
-            return Err(ConversationError::Refused(
-                "the conversation has reached its event limit".into(),
-            ));
+        let for_runtime = msg.0.source == Source::User;
+        match self.emit_event(msg.0, for_runtime, None, true) {
+            Ok(_) => {}
+            Err(NotEmitted::Full) => {
+                return Err(ConversationError::Refused(
+                    "the conversation has reached its event limit".into(),
+                ))
+            }
+            Err(NotEmitted::OverQuota(e)) => return Err(e.into()),
         }
         self.commit(ctx);
         Ok(())

@@ -166,6 +166,20 @@ pub enum ConversationError {
     Refused(String),
     #[error("storage error: {0}")]
     Storage(String),
+    /// A byte quota would be exceeded; nothing was stored.
+    #[error("{1}")]
+    OverQuota(crate::store::Quota, String),
+}
+
+impl From<crate::store::StoreError> for ConversationError {
+    fn from(e: crate::store::StoreError) -> Self {
+        match e {
+            crate::store::StoreError::QuotaExceeded { quota, message } => {
+                ConversationError::OverQuota(quota, message)
+            }
+            other => ConversationError::Storage(other.to_string()),
+        }
+    }
 }
 
 /// A request (POST) joins the conversation.

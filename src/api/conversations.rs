@@ -110,6 +110,11 @@ async fn admit_and_join(
             .await
         {
             Ok(reply) => return Ok((admitted.conversation, reply.status, reply.message)),
+            Err(ConversationError::Stopping) if matches!(mode, AdmitMode::Fresh(_)) => {
+                // This request created it, and it stopped before the join was answered (its
+                // runtime failed at once): it exists, stopped; creating it again would fail.
+                return Ok((admitted.conversation, ConversationStatus::Stopped, None));
+            }
             Err(e @ ConversationError::Stopping) => last = e,
             // It joined an incarnation that was only looking the id up (a socket or `start`)
             // and found nothing; that one stops, and the retry creates the conversation.
@@ -120,6 +125,9 @@ async fn admit_and_join(
                 return Err(ApiError::NotFound("Conversation not found".into()))
             }
             Err(ConversationError::Storage(e)) => return Err(ApiError::Storage(e)),
+            Err(ConversationError::OverQuota(quota, why)) => {
+                return Err(ApiError::OverQuota(quota, why))
+            }
             Err(e) => return Err(ApiError::Internal(e.to_string())),
         }
     }
@@ -658,6 +666,7 @@ pub async fn post_event(
         }
         Err(ConversationError::Stopping) => Err(refused("The conversation is stopping".into())),
         Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e)),
+        Err(ConversationError::OverQuota(quota, why)) => Err(ApiError::OverQuota(quota, why)),
     }
 }
 

@@ -46,6 +46,9 @@ pub enum ApiError {
     /// 503 `{"detail": "Storage error: …"}`: the store failed (disk full, I/O error).
     #[error("Storage error: {0}")]
     Storage(String),
+    /// 413 (the conversation's quota) or 507 (the store's) `{"detail": …}`: nothing was stored.
+    #[error("{1}")]
+    OverQuota(crate::store::Quota, String),
     /// A status with an exact body (OpenHands' route-specific shapes).
     #[error("{0}")]
     Exact(StatusCode, Value),
@@ -72,6 +75,10 @@ impl ResponseError for ApiError {
                 StatusCode::TOO_MANY_REQUESTS
             }
             ApiError::Unavailable(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::OverQuota(crate::store::Quota::Conversation, _) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
+            ApiError::OverQuota(crate::store::Quota::Store, _) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Exact(status, _) => *status,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -81,7 +88,10 @@ impl ResponseError for ApiError {
         let body = match self {
             ApiError::Validation(errors) => json!({ "detail": errors }),
             ApiError::Unauthorized => json!({"detail": "Unauthorized"}),
-            ApiError::BadRequest(m) | ApiError::NotFound(m) | ApiError::Unavailable(m) => {
+            ApiError::BadRequest(m)
+            | ApiError::NotFound(m)
+            | ApiError::Unavailable(m)
+            | ApiError::OverQuota(_, m) => {
                 json!({ "detail": m })
             }
             ApiError::PayloadTooLarge(_) | ApiError::Storage(_) => {
@@ -122,6 +132,9 @@ impl ResponseError for ApiError {
 
 impl From<crate::store::StoreError> for ApiError {
     fn from(e: crate::store::StoreError) -> Self {
+        if let crate::store::StoreError::QuotaExceeded { quota, message } = e {
+            return ApiError::OverQuota(quota, message);
+        }
         tracing::error!(error = %e, "store operation failed");
         ApiError::Storage(e.to_string())
     }

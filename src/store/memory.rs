@@ -8,20 +8,33 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::Value;
 
-use super::{ConversationMeta, ConversationRecord, EventQuery, Store, StoreError, StoreFuture};
+use super::{
+    events_bytes, meta_bytes, ConversationMeta, ConversationRecord, EventQuery, Store, StoreError,
+    StoreFuture, StoreLimits,
+};
 use crate::events::{meta_timestamp, StoredEvent};
 
 #[derive(Default)]
 struct Entry {
     meta: Option<ConversationMeta>,
     events: Vec<StoredEvent>,
+    /// What it counts for against the quotas.
+    bytes: u64,
+}
+
+#[derive(Default)]
+struct Conversations {
+    map: HashMap<String, Entry>,
+    /// The sum of every entry's `bytes`.
+    used: u64,
 }
 
 /// A store that keeps everything in this process.
 #[derive(Default, Clone)]
 pub struct MemoryStore {
-    inner: Arc<Mutex<HashMap<String, Entry>>>,
+    inner: Arc<Mutex<Conversations>>,
     settings: Arc<Mutex<HashMap<String, Value>>>,
+    limits: StoreLimits,
 }
 
 impl MemoryStore {
@@ -29,7 +42,15 @@ impl MemoryStore {
         Self::default()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+    /// A memory store that enforces `limits`' quotas (it has no disk to keep a reserve on).
+    pub fn with_limits(limits: StoreLimits) -> Self {
+        MemoryStore {
+            limits,
+            ..Self::default()
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Conversations> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -40,18 +61,33 @@ fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
 
 impl Store for MemoryStore {
     fn create(&self, meta: ConversationMeta) -> StoreFuture<()> {
-        let mut map = self.lock();
-        let entry = map.entry(meta.conversation_id.clone()).or_default();
-        if entry.meta.is_some() {
+        let mut inner = self.lock();
+        if inner
+            .map
+            .get(&meta.conversation_id)
+            .is_some_and(|e| e.meta.is_some())
+        {
             return ready(Err(StoreError::Exists(meta.conversation_id)));
         }
+        let init = serde_json::to_string(&meta.init).unwrap_or_default();
+        let bytes = meta_bytes(&init);
+        let checked = self
+            .limits
+            .check_conversation(&meta.conversation_id, 0, bytes)
+            .and_then(|()| self.limits.check_store(inner.used, bytes));
+        if let Err(e) = checked {
+            return ready(Err(e));
+        }
+        inner.used += bytes;
+        let entry = inner.map.entry(meta.conversation_id.clone()).or_default();
+        entry.bytes += bytes;
         entry.meta = Some(meta);
         ready(Ok(()))
     }
 
     fn set_title(&self, id: &str, title: &str) -> StoreFuture<bool> {
-        let mut map = self.lock();
-        let found = match map.get_mut(id).and_then(|e| e.meta.as_mut()) {
+        let mut inner = self.lock();
+        let found = match inner.map.get_mut(id).and_then(|e| e.meta.as_mut()) {
             Some(meta) => {
                 meta.title = title.to_string();
                 meta.last_updated_at = meta_timestamp();
@@ -63,20 +99,21 @@ impl Store for MemoryStore {
     }
 
     fn get(&self, id: &str) -> StoreFuture<Option<ConversationRecord>> {
-        let map = self.lock();
-        let record = map.get(id).and_then(|e| {
+        let inner = self.lock();
+        let record = inner.map.get(id).and_then(|e| {
             e.meta.clone().map(|meta| ConversationRecord {
                 meta,
                 next_event_id: e.events.last().map_or(0, |ev| ev.id + 1),
+                bytes: e.bytes,
             })
         });
         ready(Ok(record))
     }
 
     fn list(&self, offset: usize, limit: usize) -> StoreFuture<Vec<ConversationMeta>> {
-        let map = self.lock();
+        let inner = self.lock();
         let mut all: Vec<&ConversationMeta> =
-            map.values().filter_map(|e| e.meta.as_ref()).collect();
+            inner.map.values().filter_map(|e| e.meta.as_ref()).collect();
         all.sort_by(|a, b| {
             b.created_at
                 .cmp(&a.created_at)
@@ -87,18 +124,29 @@ impl Store for MemoryStore {
     }
 
     fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()> {
-        let mut map = self.lock();
-        let entry = map.entry(id.to_string()).or_default();
+        let mut inner = self.lock();
+        let bytes = events_bytes(&events);
+        let held = inner.map.get(id).map_or(0, |e| e.bytes);
+        let checked = self
+            .limits
+            .check_conversation(id, held, bytes)
+            .and_then(|()| self.limits.check_store(inner.used, bytes));
+        if let Err(e) = checked {
+            return ready(Err(e));
+        }
+        inner.used += bytes;
+        let entry = inner.map.entry(id.to_string()).or_default();
         if let Some(meta) = entry.meta.as_mut() {
             meta.last_updated_at = meta_timestamp();
         }
+        entry.bytes += bytes;
         entry.events.extend(events);
         ready(Ok(()))
     }
 
     fn events(&self, id: &str, q: EventQuery) -> StoreFuture<Vec<StoredEvent>> {
-        let map = self.lock();
-        let Some(entry) = map.get(id) else {
+        let inner = self.lock();
+        let Some(entry) = inner.map.get(id) else {
             return ready(Ok(Vec::new()));
         };
         // Ids are dense from 0, so the id is the index.
@@ -119,12 +167,24 @@ impl Store for MemoryStore {
     }
 
     fn delete(&self, id: &str) -> StoreFuture<bool> {
-        let removed = self.lock().remove(id).is_some_and(|e| e.meta.is_some());
-        ready(Ok(removed))
+        let mut inner = self.lock();
+        let removed = inner.map.remove(id);
+        if let Some(entry) = &removed {
+            inner.used = inner.used.saturating_sub(entry.bytes);
+        }
+        ready(Ok(removed.is_some_and(|e| e.meta.is_some())))
     }
 
     fn flush(&self) -> StoreFuture<()> {
         ready(Ok(()))
+    }
+
+    fn limits(&self) -> StoreLimits {
+        self.limits
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.lock().used
     }
 
     fn settings(&self, user: &str) -> StoreFuture<Option<Value>> {

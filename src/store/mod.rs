@@ -10,7 +10,11 @@
 //!   broadcast.
 //! - `append` also moves the conversation's `last_updated_at` forward.
 //! - `list` returns newest `created_at` first, ties broken by id.
-//! - `delete` removes one conversation's metadata and events and nothing else.
+//! - `delete` removes one conversation's metadata and events and nothing else, and works
+//!   whatever the quotas say.
+//! - **Quotas** ([`StoreLimits`]): a `create` or `append` that would take a conversation past
+//!   `max_bytes_per_conversation` (its events' JSON and its init data), or the store past
+//!   `max_store_bytes`, is refused with [`StoreError::QuotaExceeded`] and writes nothing.
 //! - `settings` returns exactly what the last `save_settings` for that user stored (a JSON
 //!   object, secrets included: the store is trusted, the API never echoes them), or `None`
 //!   before the first save; it is durable like everything else.
@@ -45,6 +49,119 @@ pub enum StoreError {
     /// the message names the file and what to do. The server refuses to start.
     #[error("cannot open the store: {0}")]
     Open(String),
+    /// The write would exceed a quota; nothing was written.
+    #[error("{message}")]
+    QuotaExceeded { quota: Quota, message: String },
+}
+
+/// Which byte quota a write would exceed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quota {
+    /// `limits.max_bytes_per_conversation`.
+    Conversation,
+    /// `limits.max_store_bytes`.
+    Store,
+}
+
+/// The byte quotas and the disk reserve a store keeps (`[limits]`); 0 turns each off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreLimits {
+    pub max_bytes_per_conversation: u64,
+    pub max_store_bytes: u64,
+    /// Bytes of disk held in reserve and given up so that deletes work on a full disk.
+    pub disk_reserve_bytes: u64,
+}
+
+impl StoreLimits {
+    pub fn from_limits(limits: &crate::config::Limits) -> Self {
+        StoreLimits {
+            max_bytes_per_conversation: limits.max_bytes_per_conversation,
+            max_store_bytes: limits.max_store_bytes,
+            disk_reserve_bytes: limits.disk_reserve_bytes,
+        }
+    }
+
+    /// Refuses `more` bytes for conversation `id`, which holds `held`, past its quota.
+    pub fn check_conversation(&self, id: &str, held: u64, more: u64) -> Result<(), StoreError> {
+        self.conversation_room(id, held, more, 0)
+    }
+
+    /// As [`StoreLimits::check_conversation`] for a user's or a runtime's event, which must
+    /// leave [`STATUS_HEADROOM`] bytes of the quota for the conversation's own status events
+    /// (so that it can always record why it stopped).
+    pub fn check_content(&self, id: &str, held: u64, more: u64) -> Result<(), StoreError> {
+        self.conversation_room(id, held, more, STATUS_HEADROOM)
+    }
+
+    /// Refuses a new conversation whose init data (`init_bytes`, see [`meta_bytes`]) leaves no
+    /// room, in its quota or in a store that uses `used`, for the events made of it (its first
+    /// message, replayed events: about as many bytes again) and its status events.
+    pub fn check_new_conversation(
+        &self,
+        id: &str,
+        init_bytes: u64,
+        used: u64,
+    ) -> Result<(), StoreError> {
+        let events = init_bytes.saturating_mul(2);
+        self.conversation_room(id, 0, events, STATUS_HEADROOM)?;
+        self.check_store(used, events.saturating_add(STATUS_HEADROOM))
+    }
+
+    fn conversation_room(
+        &self,
+        id: &str,
+        held: u64,
+        more: u64,
+        headroom: u64,
+    ) -> Result<(), StoreError> {
+        let limit = self.max_bytes_per_conversation;
+        let total = held.saturating_add(more);
+        if limit == 0 || total.saturating_add(headroom) <= limit {
+            return Ok(());
+        }
+        Err(StoreError::QuotaExceeded {
+            quota: Quota::Conversation,
+            message: format!(
+                "Conversation {id} holds {held} bytes; {more} more would exceed its quota of \
+                 {limit} bytes (limits.max_bytes_per_conversation{}); nothing was stored",
+                if headroom > 0 {
+                    format!(", less {headroom} bytes kept for status events")
+                } else {
+                    String::new()
+                }
+            ),
+        })
+    }
+
+    /// Refuses `more` bytes for a store that uses `used`, past its quota.
+    pub fn check_store(&self, used: u64, more: u64) -> Result<(), StoreError> {
+        let limit = self.max_store_bytes;
+        let total = used.saturating_add(more);
+        if limit == 0 || total <= limit {
+            return Ok(());
+        }
+        Err(StoreError::QuotaExceeded {
+            quota: Quota::Store,
+            message: format!(
+                "The store would use {total} bytes, more than its quota of {limit} bytes \
+                 (limits.max_store_bytes); nothing was stored. Delete conversations to free space"
+            ),
+        })
+    }
+}
+
+/// Bytes of `max_bytes_per_conversation` that users' and runtimes' events leave for the
+/// conversation's own status events.
+pub const STATUS_HEADROOM: u64 = 16 * 1024;
+
+/// The bytes a conversation's metadata counts for against its quota: its init data as stored.
+pub fn meta_bytes(init_json: &str) -> u64 {
+    init_json.len() as u64
+}
+
+/// The bytes events count for against their conversation's quota: their stored JSON.
+pub fn events_bytes(events: &[StoredEvent]) -> u64 {
+    events.iter().map(|e| e.json.len() as u64).sum()
 }
 
 /// What a conversation was started with; handed to its runtime and kept across restarts.
@@ -96,6 +213,9 @@ pub struct ConversationMeta {
 pub struct ConversationRecord {
     pub meta: ConversationMeta,
     pub next_event_id: u64,
+    /// The bytes it holds against `max_bytes_per_conversation` (see [`meta_bytes`],
+    /// [`events_bytes`]).
+    pub bytes: u64,
 }
 
 /// Which events to read.
@@ -141,6 +261,11 @@ pub trait Store: Send + Sync + 'static {
     fn delete(&self, id: &str) -> StoreFuture<bool>;
     /// Completes once everything accepted so far is durable.
     fn flush(&self) -> StoreFuture<()>;
+    /// The limits this store enforces.
+    fn limits(&self) -> StoreLimits;
+    /// The bytes the store uses now, as `max_store_bytes` counts them (the memory store: what
+    /// its conversations hold; SQLite: the database pages in use). Cheap; never waits.
+    fn used_bytes(&self) -> u64;
     /// The app settings saved for `user` (`""` when no session key owns them); `None` until
     /// the first save.
     fn settings(&self, user: &str) -> StoreFuture<Option<Value>>;

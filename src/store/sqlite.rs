@@ -38,6 +38,15 @@
 //!   written by a newer switchboard (higher schema version), another program's SQLite database or
 //!   an unusable location makes [`SqliteStore::open`] fail with [`StoreError::Open`] naming the
 //!   file and the reason; it never starts empty on top of existing data.
+//! - **Space comes back.** The database uses incremental auto-vacuum (a database from before
+//!   schema version 3 is converted once at open, with a `VACUUM`); after a batch that deleted
+//!   a conversation the writer moves freed pages off the end of the file and truncates it and
+//!   the WAL ([`RECLAIM_PAGES`] at a time). Quotas ([`StoreLimits`]) count each conversation's
+//!   `bytes` column and, for the whole store, the pages in use.
+//! - **Deletes work on a full disk.** [`StoreLimits::disk_reserve_bytes`] stay allocated in
+//!   `<data_dir>/switchboard.reserve`; a failing batch with a delete gives them up and runs
+//!   again, and the WAL is kept within half the reserve so that the checkpoint after the delete
+//!   fits as well.
 //! - **Clean shutdown.** [`SqliteStore`] is a cheap `Clone`; when the last clone (and every
 //!   pending future) is dropped, the threads finish the queued work, close their connections and
 //!   exit. [`SqliteStore::close`] waits for that.
@@ -45,6 +54,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -54,13 +64,23 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    ConversationMeta, ConversationRecord, EventQuery, InitData, Store, StoreError, StoreFuture,
+    events_bytes, meta_bytes, ConversationMeta, ConversationRecord, EventQuery, InitData, Store,
+    StoreError, StoreFuture, StoreLimits,
 };
 use crate::config::StoreTuning;
 use crate::events::{meta_timestamp, StoredEvent};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE_NAME: &str = "switchboard.db";
+
+/// The disk reserve's file name inside the data directory (see [`Reserve`]).
+pub const RESERVE_FILE_NAME: &str = "switchboard.reserve";
+
+/// How often a reserve that could not be taken is tried again (besides after every delete).
+const RESERVE_RETRY: Duration = Duration::from_secs(60);
+
+/// Pages given back to the file system per step after a delete (1 MiB of 4 KiB pages).
+const RECLAIM_PAGES: u32 = 256;
 
 /// `PRAGMA application_id` of a switchboard database ("SWBD"); tells our files from other
 /// programs' SQLite files.
@@ -107,6 +127,14 @@ const MIGRATIONS: &[&str] = &[
         json    TEXT NOT NULL
     ) WITHOUT ROWID;
     "#,
+    // 3: the bytes each conversation holds against `limits.max_bytes_per_conversation`: its
+    // init data and its events' JSON, in bytes.
+    r#"
+    ALTER TABLE conversations ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0;
+    UPDATE conversations SET bytes = length(CAST(init_json AS BLOB)) + coalesce(
+        (SELECT sum(length(CAST(json AS BLOB))) FROM events WHERE conv_seq = conversations.seq),
+        0);
+    "#,
 ];
 
 /// The tables and indexes this build uses; `open` refuses a file that lacks one.
@@ -147,21 +175,25 @@ mod sql {
     pub const CREATE: &str = concat!(
         "INSERT INTO conversations (",
         meta_columns!(),
-        ") VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT (id) DO NOTHING"
+        ", bytes) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING"
     );
     pub const SET_TITLE: &str =
         "UPDATE conversations SET title = ?2, last_updated_at = ?3 WHERE id = ?1";
-    pub const TOUCH: &str = "UPDATE conversations SET last_updated_at = ?2 WHERE seq = ?1";
+    /// `?1` seq: `?2` the new `last_updated_at`, `?3` bytes appended.
+    pub const TOUCH: &str =
+        "UPDATE conversations SET last_updated_at = ?2, bytes = bytes + ?3 WHERE seq = ?1";
+    /// `?1` seq → the bytes the conversation holds.
+    pub const BYTES: &str = "SELECT bytes FROM conversations WHERE seq = ?1";
     pub const INSERT_EVENT: &str = "INSERT INTO events (conv_seq, id, json) VALUES (?1, ?2, ?3)";
     pub const LAST_EVENT_ID: &str =
         "SELECT id FROM events WHERE conv_seq = ?1 ORDER BY id DESC LIMIT 1";
     pub const DELETE_EVENTS: &str = "DELETE FROM events WHERE conv_seq = ?1";
     pub const DELETE_CONVERSATION: &str = "DELETE FROM conversations WHERE seq = ?1";
-    /// `?1` id → the metadata columns, then seq.
+    /// `?1` id → the metadata columns, then seq and bytes.
     pub const GET: &str = concat!(
         "SELECT ",
         meta_columns!(),
-        ", seq FROM conversations WHERE id = ?1"
+        ", seq, bytes FROM conversations WHERE id = ?1"
     );
     /// `?1` limit, `?2` offset.
     pub const LIST: &str = concat!(
@@ -340,6 +372,9 @@ pub struct SqliteStore {
     /// Number of store threads still running.
     running: watch::Receiver<usize>,
     path: Arc<PathBuf>,
+    limits: StoreLimits,
+    /// The bytes of the database pages in use, as of the writer's last commit.
+    used: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -371,6 +406,16 @@ impl SqliteStore {
     /// Opens (creating if needed) `<data_dir>/switchboard.db`, migrates its schema and starts the
     /// writer and reader threads. Blocks for the duration of the open; call it at startup.
     pub fn open(data_dir: &Path, tuning: &StoreTuning) -> Result<SqliteStore, StoreError> {
+        Self::open_with(data_dir, tuning, StoreLimits::default())
+    }
+
+    /// [`SqliteStore::open`] enforcing `limits` (quotas, and the disk reserve in
+    /// `<data_dir>/switchboard.reserve`).
+    pub fn open_with(
+        data_dir: &Path,
+        tuning: &StoreTuning,
+        limits: StoreLimits,
+    ) -> Result<SqliteStore, StoreError> {
         if data_dir.exists() && !data_dir.is_dir() {
             return Err(open_error(
                 data_dir,
@@ -399,6 +444,12 @@ impl SqliteStore {
 
         let write_conn = open_connection(&path, false)?;
         prepare_database(&path, &write_conn)?;
+        let used = Arc::new(AtomicU64::new(
+            pages_in_use(&write_conn).map_err(|e| open_error(&path, e))?,
+        ));
+        let reserve = Reserve::new(data_dir.join(RESERVE_FILE_NAME), limits.disk_reserve_bytes);
+        fit_wal_to_reserve(&write_conn, limits.disk_reserve_bytes)
+            .map_err(|e| open_error(&path, e))?;
         let mut read_conns = Vec::with_capacity(READER_THREADS);
         for _ in 0..READER_THREADS {
             read_conns.push(open_connection(&path, true)?);
@@ -425,10 +476,20 @@ impl SqliteStore {
                 .map_err(|e| open_error(&path, format_args!("cannot start a store thread: {e}")))
         };
 
-        spawn(
-            "store-writer".into(),
-            Box::new(move || run_writer(write_conn, write_rx, batch_max)),
-        )?;
+        spawn("store-writer".into(), {
+            let writer = Writer {
+                conn: write_conn,
+                seqs: SeqCache::new(SEQ_CACHE_CAPACITY),
+                appended: HashMap::new(),
+                limits,
+                used: used.clone(),
+                added: 0,
+                deleted: false,
+                reserve,
+                last_failure: None,
+            };
+            Box::new(move || run_writer(writer, write_rx, batch_max))
+        })?;
         for (i, conn) in read_conns.into_iter().enumerate() {
             let rx = read_rx.clone();
             spawn(
@@ -446,6 +507,8 @@ impl SqliteStore {
             reads: read_tx,
             running: running_rx,
             path: Arc::new(path),
+            limits,
+            used,
         })
     }
 
@@ -546,6 +609,14 @@ impl Store for SqliteStore {
 
     fn flush(&self) -> StoreFuture<()> {
         self.write(WriteCommand::Flush, WriteReply::Unit)
+    }
+
+    fn limits(&self) -> StoreLimits {
+        self.limits
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
     }
 
     fn settings(&self, user: &str) -> StoreFuture<Option<Value>> {
@@ -707,6 +778,12 @@ fn prepare_database(path: &Path, conn: &Connection) -> Result<(), StoreError> {
         ));
     }
 
+    if version == 0 && objects.is_empty() {
+        // Before the first table: deletes give their pages back (see `Writer::reclaim`).
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")
+            .map_err(fail)?;
+    }
+
     // Pages: full check while that is cheap, see QUICK_CHECK_MAX_BYTES.
     let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     if size <= QUICK_CHECK_MAX_BYTES {
@@ -735,6 +812,7 @@ fn prepare_database(path: &Path, conn: &Connection) -> Result<(), StoreError> {
     }
 
     migrate(path, conn)?;
+    enable_incremental_vacuum(path, conn);
 
     // The tables and indexes this build uses must exist (a damaged or hand-edited schema is
     // refused here rather than failing on the first request).
@@ -767,6 +845,7 @@ fn prepare_database(path: &Path, conn: &Connection) -> Result<(), StoreError> {
         ),
         "SELECT seq FROM conversations WHERE id = ''",
         "SELECT conv_seq, id, json FROM events LIMIT 1",
+        "SELECT bytes FROM conversations LIMIT 1",
     ];
     for sql in probes {
         let mut stmt = conn.prepare(sql).map_err(|e| {
@@ -781,6 +860,26 @@ fn prepare_database(path: &Path, conn: &Connection) -> Result<(), StoreError> {
         stmt.query_row([], |_| Ok(())).optional().map_err(fail)?;
     }
     Ok(())
+}
+
+/// Converts a database created without incremental auto-vacuum (before schema version 3): its
+/// `auto_vacuum` mode can only change with a `VACUUM`, which rewrites the file once (it needs
+/// about the file's size in free disk space for a moment). If that fails the database works as
+/// before, deletes leaving free pages inside the file for later writes; the next start tries
+/// again.
+fn enable_incremental_vacuum(path: &Path, conn: &Connection) {
+    const INCREMENTAL: i64 = 2;
+    let mode = conn.pragma_query_value(None, "auto_vacuum", |r| r.get::<_, i64>(0));
+    if mode.is_ok_and(|m| m == INCREMENTAL) {
+        return;
+    }
+    tracing::info!(path = %path.display(), "converting the database to incremental auto-vacuum (a one-time VACUUM)");
+    let converted = conn
+        .pragma_update(None, "auto_vacuum", "INCREMENTAL")
+        .and_then(|()| conn.execute_batch("VACUUM"));
+    if let Err(e) = converted {
+        tracing::warn!(path = %path.display(), error = %e, "cannot convert the database to incremental auto-vacuum; deleted conversations' space stays inside the file");
+    }
 }
 
 /// Applies the pending [`MIGRATIONS`], each in one transaction with its version bump.
@@ -897,10 +996,21 @@ impl SeqCache {
 struct Writer {
     conn: Connection,
     seqs: SeqCache,
-    /// The conversations appended to in the current transaction: their `last_updated_at`
-    /// moves once, at the end of the batch, rather than once per append (every request of a
-    /// batch uses the same timestamp, and nobody sees the batch before it commits).
-    appended: Vec<i64>,
+    /// The conversations appended to in the current transaction, with the bytes appended:
+    /// their `last_updated_at` and `bytes` move once, at the end of the batch, rather than once
+    /// per append (every request of a batch uses the same timestamp, and nobody sees the batch
+    /// before it commits).
+    appended: HashMap<i64, u64>,
+    limits: StoreLimits,
+    /// The bytes of the database pages in use after the last commit (shared with the handles).
+    used: Arc<AtomicU64>,
+    /// Bytes the current transaction added so far (counted against `max_store_bytes` on top of
+    /// `used`).
+    added: u64,
+    /// The current transaction deleted a conversation: its pages go back to the file system
+    /// once it commits.
+    deleted: bool,
+    reserve: Reserve,
     /// Why the last batch with writes failed to commit, until one commits: a probe reports it.
     last_failure: Option<String>,
 }
@@ -942,13 +1052,7 @@ enum BatchError {
     Failed(String),
 }
 
-fn run_writer(conn: Connection, mut rx: mpsc::Receiver<WriteRequest>, batch_max: usize) {
-    let mut writer = Writer {
-        conn,
-        seqs: SeqCache::new(SEQ_CACHE_CAPACITY),
-        appended: Vec::new(),
-        last_failure: None,
-    };
+fn run_writer(mut writer: Writer, mut rx: mpsc::Receiver<WriteRequest>, batch_max: usize) {
     let mut batch: Vec<WriteRequest> = Vec::new();
     // `None` once every sender is gone and the queue is drained.
     while let Some(first) = rx.blocking_recv() {
@@ -991,10 +1095,29 @@ impl Writer {
         }
         let now = meta_timestamp();
         let started = std::time::Instant::now();
-        let outcome = match self.transaction(batch, &now, Isolation::Direct) {
-            Err(BatchError::Retry) => self.transaction(batch, &now, Isolation::Savepoints),
-            other => other,
-        };
+        let mut outcome = self.run_batch(batch, &now);
+        if outcome.is_err()
+            && batch
+                .iter()
+                .any(|r| matches!(r.command, WriteCommand::Delete { .. }))
+            && self.reserve.release()
+        {
+            // Most likely the disk is full: deleting needs a little room in the WAL. The
+            // reserve gives it; the delete gives more back.
+            tracing::warn!(
+                "store write failed with a delete pending; released the disk reserve and retrying"
+            );
+            outcome = self.run_batch(batch, &now);
+        }
+        let deleted = std::mem::take(&mut self.deleted);
+        if outcome.is_ok() && deleted {
+            self.reclaim();
+        }
+        if deleted || self.reserve.due() {
+            // Space came back (or may have): hold the reserve again.
+            self.reserve.take();
+        }
+        self.refresh_used();
         let probes_only = batch
             .iter()
             .all(|r| matches!(r.command, WriteCommand::Flush | WriteCommand::Probe));
@@ -1025,6 +1148,64 @@ impl Writer {
         }
     }
 
+    /// Runs the batch in one transaction, then (should a request fail halfway) again with each
+    /// request in its own savepoint.
+    fn run_batch(
+        &mut self,
+        batch: &[WriteRequest],
+        now: &str,
+    ) -> Result<Vec<Result<bool, StoreError>>, BatchError> {
+        match self.transaction(batch, now, Isolation::Direct) {
+            Err(BatchError::Retry) => self.transaction(batch, now, Isolation::Savepoints),
+            other => other,
+        }
+    }
+
+    /// Gives the pages deleted conversations freed back to the file system: moves them off the
+    /// end of the file and truncates it ([`RECLAIM_PAGES`] at a time, with a checkpoint after
+    /// each, so that the WAL never needs much room on a nearly full disk). Best effort: pages
+    /// it leaves stay free inside the file for later writes.
+    fn reclaim(&mut self) {
+        let free = |conn: &Connection| {
+            conn.pragma_query_value(None, "freelist_count", |r| r.get::<_, i64>(0))
+                .unwrap_or(0)
+        };
+        let mut left = free(&self.conn);
+        while left > 0 {
+            let vacuum = format!("PRAGMA incremental_vacuum({RECLAIM_PAGES})");
+            if let Err(e) = self.conn.execute_batch(&vacuum) {
+                tracing::warn!(error = %e, "store: cannot give freed pages back to the file system");
+                break;
+            }
+            self.checkpoint();
+            let now = free(&self.conn);
+            if now >= left {
+                break;
+            }
+            left = now;
+        }
+        self.checkpoint();
+    }
+
+    /// Copies the WAL into the database and truncates both; best effort (a busy reader leaves
+    /// the WAL for the next one).
+    fn checkpoint(&self) {
+        if let Err(e) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::debug!(error = %e, "store: checkpoint failed");
+        }
+    }
+
+    /// Publishes the bytes of the pages in use.
+    fn refresh_used(&self) {
+        match pages_in_use(&self.conn) {
+            Ok(bytes) => self.used.store(bytes, Ordering::Relaxed),
+            Err(e) => tracing::debug!(error = %e, "store: cannot read the database size"),
+        }
+    }
+
     /// Runs the batch in one transaction and commits it; returns each request's outcome. On
     /// failure the transaction is rolled back and nothing of the batch is kept.
     fn transaction(
@@ -1045,7 +1226,9 @@ impl Writer {
                 Ok(outcomes)
             });
         self.appended.clear();
+        self.added = 0;
         if result.is_err() {
+            self.deleted = false;
             if !self.conn.is_autocommit() {
                 let _ = self.conn.execute_batch("ROLLBACK");
             }
@@ -1078,16 +1261,17 @@ impl Writer {
             };
             outcomes.push(outcome);
         }
-        // One `last_updated_at` update per conversation appended to.
-        self.appended.sort_unstable();
-        self.appended.dedup();
+        // One `last_updated_at` and `bytes` update per conversation appended to.
+        let mut appended: Vec<(i64, u64)> = self.appended.iter().map(|(s, b)| (*s, *b)).collect();
+        appended.sort_unstable();
         let mut touch = self
             .conn
             .prepare_cached(sql::TOUCH)
             .map_err(|e| self.statement_failed(isolation, e))?;
-        for seq in &self.appended {
+        for (seq, bytes) in appended {
+            let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
             touch
-                .execute(params![seq, now])
+                .execute(params![seq, now, bytes])
                 .map_err(|e| self.statement_failed(isolation, e))?;
         }
         Ok(outcomes)
@@ -1161,8 +1345,11 @@ impl Writer {
                         "conversation {id} does not exist; cannot append events to it"
                     ))));
                 };
+                let bytes = events_bytes(events);
+                self.check_quotas(id, seq, bytes)?;
                 self.append_events(id, seq, events)?;
-                self.appended.push(seq);
+                *self.appended.entry(seq).or_default() += bytes;
+                self.added += bytes;
                 Ok(true)
             }
             WriteCommand::Delete { id } => {
@@ -1178,7 +1365,8 @@ impl Writer {
                 // A later conversation may get the same seq (rowids restart from the largest
                 // in use): nothing may remember this one.
                 self.seqs.remove(id);
-                self.appended.retain(|s| *s != seq);
+                self.appended.remove(&seq);
+                self.deleted = true;
                 Ok(true)
             }
             WriteCommand::SaveSettings { user, json } => {
@@ -1195,6 +1383,12 @@ impl Writer {
         let init = serde_json::to_string(&meta.init).map_err(|e| {
             ApplyError::Refused(StoreError::Io(format!("cannot encode init data: {e}")))
         })?;
+        let bytes = meta_bytes(&init);
+        let quota = self
+            .limits
+            .check_conversation(&meta.conversation_id, 0, bytes)
+            .and_then(|()| self.check_store(bytes));
+        quota.map_err(ApplyError::Refused)?;
         let inserted = self.conn.prepare_cached(sql::CREATE)?.execute(params![
             meta.conversation_id,
             meta.title,
@@ -1203,15 +1397,40 @@ impl Writer {
             meta.trigger,
             meta.owner,
             init,
+            i64::try_from(bytes).unwrap_or(i64::MAX),
         ])?;
         if inserted == 0 {
             return Err(ApplyError::Refused(StoreError::Exists(
                 meta.conversation_id.clone(),
             )));
         }
+        self.added += bytes;
         let seq = self.conn.last_insert_rowid();
         self.seqs.insert(meta.conversation_id.clone(), seq);
         Ok(true)
+    }
+
+    /// Refuses `more` bytes past the store's quota, counting what this transaction added.
+    fn check_store(&self, more: u64) -> Result<(), StoreError> {
+        let used = self.used.load(Ordering::Relaxed).saturating_add(self.added);
+        self.limits.check_store(used, more)
+    }
+
+    /// Refuses an append of `more` bytes to conversation `seq` past either quota.
+    fn check_quotas(&mut self, id: &str, seq: i64, more: u64) -> Result<(), ApplyError> {
+        if self.limits.max_bytes_per_conversation > 0 {
+            let stored: i64 = self
+                .conn
+                .prepare_cached(sql::BYTES)?
+                .query_row(params![seq], |r| r.get(0))?;
+            let held = u64::try_from(stored)
+                .unwrap_or(0)
+                .saturating_add(self.appended.get(&seq).copied().unwrap_or(0));
+            self.limits
+                .check_conversation(id, held, more)
+                .map_err(ApplyError::Refused)?;
+        }
+        self.check_store(more).map_err(ApplyError::Refused)
     }
 
     /// The conversation's `seq`, from the cache or `conversations_by_id`.
@@ -1272,6 +1491,135 @@ impl Writer {
             insert.execute(params![seq, key, &*event.json])?;
         }
         Ok(())
+    }
+}
+
+/// Keeps the WAL within half the disk reserve (SQLite's default is 1000 pages, 4 MiB): on a
+/// full disk, the reserve must hold a delete's transaction and the checkpoint that gives its
+/// pages back, which writes at most what the WAL holds into the database file.
+fn fit_wal_to_reserve(conn: &Connection, reserve: u64) -> rusqlite::Result<()> {
+    if reserve == 0 {
+        return Ok(());
+    }
+    let page = conn
+        .pragma_query_value(None, "page_size", |r| r.get::<_, i64>(0))?
+        .max(512);
+    let half = i64::try_from(reserve / 2).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "wal_autocheckpoint", (half / page).clamp(8, 1000))?;
+    conn.pragma_update(None, "journal_size_limit", half)
+}
+
+/// The bytes of the database's pages in use (its size without its free pages).
+fn pages_in_use(conn: &Connection) -> rusqlite::Result<u64> {
+    let value = |name: &str| conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0));
+    let pages = value("page_count")?.saturating_sub(value("freelist_count")?);
+    Ok(u64::try_from(pages.saturating_mul(value("page_size")?)).unwrap_or(0))
+}
+
+/// Disk space held for deletes on a full disk: a file of `bytes` allocated (not sparse) bytes
+/// next to the database. A write batch with a delete that fails gives it up and runs again —
+/// the delete's transaction needs a little room in the WAL, and then gives pages back — and
+/// the reserve is taken again once there is room.
+struct Reserve {
+    path: PathBuf,
+    bytes: u64,
+    held: bool,
+    /// When taking it last failed.
+    missed: Option<std::time::Instant>,
+}
+
+impl Reserve {
+    /// Takes the reserve (or removes a stale one when `bytes` is 0).
+    fn new(path: PathBuf, bytes: u64) -> Reserve {
+        let mut reserve = Reserve {
+            path,
+            bytes,
+            held: false,
+            missed: None,
+        };
+        if bytes == 0 {
+            reserve.held = true;
+            let _ = std::fs::remove_file(&reserve.path);
+        } else if !reserve.take() {
+            tracing::warn!(
+                path = %reserve.path.display(),
+                bytes,
+                "no room for the disk reserve; deletes on a full disk may fail until there is"
+            );
+        }
+        reserve
+    }
+
+    /// Allocates the reserve unless it is held; false when the disk has no room for it.
+    fn take(&mut self) -> bool {
+        if self.held {
+            return true;
+        }
+        match allocate(&self.path, self.bytes) {
+            Ok(()) => {
+                self.held = true;
+                self.missed = None;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(path = %self.path.display(), error = %e, "cannot take the disk reserve");
+                let _ = std::fs::remove_file(&self.path);
+                self.missed = Some(std::time::Instant::now());
+                false
+            }
+        }
+    }
+
+    /// Not held, and the last try was long enough ago to try again ([`RESERVE_RETRY`]).
+    fn due(&self) -> bool {
+        !self.held && self.missed.is_none_or(|at| at.elapsed() >= RESERVE_RETRY)
+    }
+
+    /// Gives the reserve's space back to the disk; false when there was none to give.
+    fn release(&mut self) -> bool {
+        if !self.held || self.bytes == 0 {
+            return false;
+        }
+        self.held = false;
+        std::fs::remove_file(&self.path).is_ok()
+    }
+}
+
+/// Makes `path` a file of exactly `bytes` allocated bytes.
+fn allocate(path: &Path, bytes: u64) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(false)
+        .open(path)?;
+    if file.metadata()?.len() > bytes {
+        file.set_len(bytes)?;
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let len = libc::off_t::try_from(bytes)
+            .map_err(|_| std::io::Error::other("the reserve is too large"))?;
+        // SAFETY: `file` is open for writing; posix_fallocate only reads its arguments.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) };
+        if rc != 0 {
+            return Err(std::io::Error::from_raw_os_error(rc));
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        // Written out, so that the blocks are really taken (a sparse file would take none).
+        use std::io::Write;
+        let mut file = file;
+        let chunk = vec![0u8; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len() as u64) as usize;
+            file.write_all(&chunk[..n])?;
+            left -= n as u64;
+        }
+        file.sync_all()
     }
 }
 
@@ -1384,12 +1732,12 @@ fn read_get(conn: &mut Connection, id: &str) -> Result<Option<ConversationRecord
         .prepare_cached(sql::GET)
         .and_then(|mut s| {
             s.query_row(params![id], |r| {
-                Ok((meta_from_row(r)?, r.get::<_, i64>(7)?))
+                Ok((meta_from_row(r)?, r.get::<_, i64>(7)?, r.get::<_, i64>(8)?))
             })
             .optional()
         })
         .map_err(io_error)?;
-    let Some((row, seq)) = row else {
+    let Some((row, seq, bytes)) = row else {
         return Ok(None);
     };
     let meta = decode_init(row)?;
@@ -1397,6 +1745,7 @@ fn read_get(conn: &mut Connection, id: &str) -> Result<Option<ConversationRecord
     Ok(Some(ConversationRecord {
         meta,
         next_event_id,
+        bytes: u64::try_from(bytes).unwrap_or(0),
     }))
 }
 
@@ -1516,6 +1865,7 @@ mod tests {
         expect(sql::SEQ_BY_ID, &[covering_by_id]);
         expect(sql::SET_TITLE, &[by_id]);
         expect(sql::TOUCH, &["USING INTEGER PRIMARY KEY (rowid=?)"]);
+        expect(sql::BYTES, &["USING INTEGER PRIMARY KEY (rowid=?)"]);
         expect(
             sql::DELETE_CONVERSATION,
             &["USING INTEGER PRIMARY KEY (rowid=?)"],
@@ -1552,7 +1902,8 @@ mod tests {
                     "x",
                     "gui",
                     None::<String>,
-                    "{}"
+                    "{}",
+                    2
                 ],
             )
             .expect("insert");

@@ -7,7 +7,7 @@ use actix_web::dev::ServerHandle;
 use serde_json::Value;
 use switchboard::config::{Settings, StoreKind};
 use switchboard::startup::Application;
-use switchboard::store::{MemoryStore, Store};
+use switchboard::store::Store;
 
 pub struct TestApp {
     pub url: String,
@@ -37,10 +37,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = test_settings();
     settings.data_dir = dir.path().to_path_buf();
     tweak(&mut settings);
-    let store: Arc<dyn Store> = match settings.store {
-        StoreKind::Memory => Arc::new(MemoryStore::new()),
-        StoreKind::Sqlite => switchboard::startup::open_store(&settings).expect("store"),
-    };
+    let store = switchboard::startup::open_store(&settings).expect("store");
     spawn_with_store(settings, store, dir).await
 }
 
@@ -266,6 +263,16 @@ pub fn agent_states(events: &[Value]) -> Vec<String> {
 }
 
 /// Asserts ids are 0..n, dense and ordered.
+/// The content of the first `error` observation; panics when there is none.
+pub fn error_observation(events: &[Value]) -> String {
+    events
+        .iter()
+        .find(|e| e["observation"] == "error")
+        .and_then(|e| e["content"].as_str())
+        .unwrap_or_else(|| panic!("no error observation in {events:#?}"))
+        .to_string()
+}
+
 pub fn assert_dense(events: &[Value]) {
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["id"], i as u64, "ids not dense at {i}: {events:#?}");

@@ -51,11 +51,7 @@ async fn starting_past_the_deadline_stops_with_a_readable_error() {
     app.wait_status(&id, "STOPPED", 10).await;
     let events = app.events(&id).await;
     assert_dense(&events);
-    let error = events
-        .iter()
-        .find(|e| e["observation"] == "error")
-        .expect("an error observation");
-    assert!(error["content"].as_str().unwrap().contains("deadline"));
+    assert!(error_observation(&events).contains("deadline"));
     assert_eq!(agent_states(&events).last().unwrap(), "stopped");
 }
 

@@ -244,3 +244,115 @@ async fn a_creation_rate_of_zero_switches_the_limit_off() {
         assert_eq!(r.status, 200, "{}", r.body);
     }
 }
+
+// ---- byte quotas ------------------------------------------------------------------------
+
+fn message(content: &str) -> serde_json::Value {
+    json!({"action": "message", "args": {"content": content}})
+}
+
+#[actix_web::test]
+async fn a_message_over_the_conversation_quota_is_413_and_stores_nothing() {
+    let app = spawn_app_with(|s| s.limits.max_bytes_per_conversation = 64 * 1024).await;
+    let id = app.create(json!({"initial_user_msg": "hello"})).await;
+    app.wait_events(&id, 10, |e| e.len() >= 5).await;
+    let before = app.events(&id).await;
+
+    let r = app
+        .post(
+            &format!("/api/conversations/{id}/events"),
+            message(&"x".repeat(64 * 1024)),
+        )
+        .await;
+    assert_eq!(r.status, 413, "{}", r.body);
+    let detail = r.body["detail"].as_str().expect("detail");
+    assert!(
+        detail.contains("limits.max_bytes_per_conversation") && detail.contains(&id),
+        "{detail}"
+    );
+    assert_eq!(app.events(&id).await, before, "nothing was stored");
+    assert_eq!(app.info(&id).await["status"], "RUNNING");
+
+    // A message that fits still goes through, and is echoed.
+    let r = app
+        .post(&format!("/api/conversations/{id}/events"), message("small"))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    app.wait_events(&id, 10, |e| {
+        e.iter()
+            .any(|ev| ev["source"] == "agent" && ev["args"]["content"] == "small")
+    })
+    .await;
+}
+
+#[actix_web::test]
+async fn an_agent_event_over_the_quota_stops_the_conversation_with_a_clear_error() {
+    let app = spawn_app_with(|s| s.limits.max_bytes_per_conversation = 48 * 1024).await;
+    // The first message fits; the echo runtime's copy of it would not.
+    let big = "y".repeat(12 * 1024);
+    let id = app.create(json!({"initial_user_msg": big})).await;
+    app.wait_status(&id, "STOPPED", 10).await;
+    let events = app.events(&id).await;
+    assert_dense(&events);
+    let error = error_observation(&events);
+    assert!(
+        error.contains("limits.max_bytes_per_conversation"),
+        "{error}"
+    );
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["source"] == "agent" && e["args"]["content"] == big.as_str()),
+        "the echo over the quota was stored"
+    );
+    assert_eq!(
+        agent_states(&events).last().map(String::as_str),
+        Some("stopped")
+    );
+}
+
+#[actix_web::test]
+async fn a_full_store_is_507_and_delete_makes_room() {
+    let app = spawn_app_with(|s| s.limits.max_store_bytes = 96 * 1024).await;
+    let body = json!({"initial_user_msg": "z".repeat(8 * 1024)});
+    let mut created = Vec::new();
+    let refused = loop {
+        let r = app.post("/api/conversations", body.clone()).await;
+        if r.status != 200 {
+            break r;
+        }
+        created.push(r.body["conversation_id"].as_str().expect("id").to_string());
+        assert!(created.len() < 50, "the store never filled up");
+    };
+    assert_eq!(refused.status, 507, "{}", refused.body);
+    let detail = refused.body["detail"].as_str().expect("detail");
+    assert!(detail.contains("limits.max_store_bytes"), "{detail}");
+    let listed = app.listed().await;
+    assert_eq!(
+        listed,
+        created.len(),
+        "the refused conversation was not kept"
+    );
+
+    // A running conversation's message is refused too, with nothing stored.
+    let id = &created[0];
+    let before = app.events(id).await;
+    let r = app
+        .post(
+            &format!("/api/conversations/{id}/events"),
+            message(&"w".repeat(16 * 1024)),
+        )
+        .await;
+    assert_eq!(r.status, 507, "{}", r.body);
+    assert_eq!(app.events(id).await.len(), before.len());
+
+    // Deleting works on a full store and makes room.
+    for id in &created[..2] {
+        let r = app
+            .send("DELETE", &format!("/api/conversations/{id}"), None)
+            .await;
+        assert_eq!((r.status, &r.body), (200, &json!(true)));
+    }
+    let r = app.post("/api/conversations", body).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

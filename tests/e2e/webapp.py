@@ -3,8 +3,11 @@
 Run by tests/e2e.rs against a fresh server:
 
     python3 tests/e2e/webapp.py --url http://127.0.0.1:PORT --artifacts DIR [--chromium PATH]
+        [--session-key KEY]
 
-Steps: the first-run modals answered -> Launch -> chat -> the echo rendered -> reload -> the
+With --session-key the server has a key: the browser first opens `/?session_api_key=KEY` (the
+cookie login), and everything after runs on the cookie alone; the API refuses a client without
+it. Steps: the first-run modals answered -> Launch -> chat -> the echo rendered -> reload -> the
 conversation listed -> rename -> stop -> resume -> delete -> the settings page. A screenshot per
 step goes to DIR. Every /api answer the app receives is watched: a 404 or 5xx fails the run,
 except `git/changes`' 404 "Not a git repository" and the `GET /api/settings` 404 that opens the
@@ -19,6 +22,9 @@ import re
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 from playwright.async_api import async_playwright
 
@@ -37,6 +43,7 @@ class Run:
         self.failures = []
         self.settings_saved = False
         self.pending = set()
+        self.key = None
         page.on("response", self.on_response)
 
     def on_response(self, response):
@@ -51,8 +58,10 @@ class Run:
         method, url, status = response.request.method, response.url, response.status
         try:
             body = await response.text()
-        except Exception:  # the page navigated away; the status is enough
-            body = ""
+        except Exception:
+            # The page navigated away before the body was read: ask the same question again.
+            body = await asyncio.get_running_loop().run_in_executor(
+                None, self.answer_now, method, url)
         if status == 404 and re.search(r"/git/changes$", url.split("?")[0]):
             if re.search(r"not a git repository", body, re.I):
                 return
@@ -60,6 +69,21 @@ class Run:
                 and not self.settings_saved):
             return
         self.failures.append(f"{status} {method} {url}: {body[:200]}")
+
+    def answer_now(self, method, url):
+        """The body the server gives `url` now (GET only; the key in the header if any)."""
+        if method != "GET":
+            return ""
+        request = urllib.request.Request(url)
+        if self.key:
+            request.add_header("X-Session-API-Key", self.key)
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:
+            return e.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     async def step(self, name):
         self.step_no += 1
@@ -87,7 +111,19 @@ class Run:
     async def send(self, text):
         box = self.page.get_by_test_id("chat-input").locator("textarea")
         await box.fill(text)
-        await box.press("Enter")
+        # Right after a resume the box can be enabled a moment before the app takes a message
+        # (it keeps the text then): press Enter again until the app has taken it.
+        for _ in range(20):
+            await box.press("Enter")
+            try:
+                await self.page.wait_for_function(
+                    """() => { const t = document.querySelector('[data-testid=chat-input] textarea');
+                               return t && t.value === ''; }""",
+                    timeout=1000,
+                )
+                break
+            except Exception:
+                continue
         await self.page.get_by_test_id("agent-message").filter(has_text=text).first.wait_for()
 
     def card(self, title):
@@ -140,10 +176,27 @@ async def first_run(run):
     assert settings["body"]["user_consents_to_analytics"] is False, settings
 
 
+def status_without_credentials(url):
+    """The status of an /api request carrying no key and no cookie."""
+    try:
+        with urllib.request.urlopen(url + "/api/options/config", timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
 async def scenario(run):
     page = run.page
     timings = {}
-    await page.goto(run.url + "/")
+    if run.key:
+        assert status_without_credentials(run.url) == 401
+        await page.goto(run.url + "/?session_api_key=" + urllib.parse.quote(run.key))
+        # The key leaves the address bar; the HttpOnly cookie carries it from now on.
+        assert "session_api_key" not in page.url, page.url
+        cookies = await page.context.cookies()
+        assert any(c["httpOnly"] and c["sameSite"] == "Strict" for c in cookies), cookies
+    else:
+        await page.goto(run.url + "/")
     await first_run(run)
 
     started = time.monotonic()
@@ -214,6 +267,7 @@ async def main():
     parser.add_argument("--url", required=True)
     parser.add_argument("--artifacts", required=True)
     parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--session-key", default=None)
     args = parser.parse_args()
     async with async_playwright() as p:
         context = await p.chromium.launch_persistent_context(
@@ -228,6 +282,7 @@ async def main():
         page = context.pages[0] if context.pages else await context.new_page()
         run = Run(page, args.artifacts)
         run.url = args.url
+        run.key = args.session_key
         error = None
         timings = {}
         try:

@@ -87,6 +87,8 @@ impl Http {
                     .map(|s| Duration::from_secs_f64(s.min(60.0)))
                     .unwrap_or(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
+                // Read the body, or the pooled connection is not fit for the next request.
+                let _ = resp.body().limit(MAX_FRAME_BYTES).await;
                 if Instant::now() + wait >= deadline {
                     return Err("rate-limited".into());
                 }
@@ -222,7 +224,8 @@ impl Conn {
         }
     }
 
-    /// The next event or status update, classified.
+    /// The next event or status update, classified; the Socket.IO CONNECT ack is
+    /// [`Signal::Other`] (and sets [`Conn::acked`]).
     pub async fn next_signal(&mut self) -> Result<Signal, Failure> {
         loop {
             let text = self.next_text().await?;
@@ -233,7 +236,10 @@ impl Conn {
             }
             match socketio::parse(&text) {
                 Packet::Ping => self.send(socketio::PONG.to_string()).await?,
-                Packet::Connect { .. } => self.acked = true,
+                Packet::Connect { .. } => {
+                    self.acked = true;
+                    return Ok(Signal::Other);
+                }
                 Packet::ConnectError { .. } => return Err("sio-refused".into()),
                 Packet::Disconnect { .. } | Packet::Close => return Err("disconnected".into()),
                 Packet::Event { name, args, .. } if name == "oh_event" => {

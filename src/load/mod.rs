@@ -257,15 +257,17 @@ impl Ctx {
     }
 
     /// Polls the conversation's REST status until it is RUNNING (first after `first`, then
-    /// doubling up to [`MAX_POLL`]).
+    /// doubling up to [`MAX_POLL`]). With `events`, also reads its events from that id on (and
+    /// moves it past them), for servers whose REST status says RUNNING before their agent is.
     async fn poll_status(
         &self,
         target: &Target,
         id: &str,
         first: Duration,
-        stopped_fails: bool,
+        mut events: Option<&mut u64>,
         deadline: Instant,
     ) -> Result<(), Failure> {
+        let stopped_fails = events.is_some();
         let mut wait = first;
         loop {
             actix_web::rt::time::sleep(wait).await;
@@ -276,8 +278,29 @@ impl Ctx {
             if let Some(done) = rest_readiness(&info, stopped_fails) {
                 return done;
             }
+            if let Some(next_id) = events.as_deref_mut() {
+                let page = self.events_page(target, id, *next_id, deadline).await?;
+                for e in page["events"].as_array().into_iter().flatten() {
+                    *next_id = e["id"].as_u64().map_or(*next_id, |i| i + 1);
+                    if let Some(done) = readiness(&classify(e)) {
+                        return done;
+                    }
+                }
+            }
             wait = (wait * 2).min(MAX_POLL);
         }
+    }
+
+    /// Up to 100 events of a conversation from `start_id` on.
+    async fn events_page(
+        &self,
+        target: &Target,
+        id: &str,
+        start_id: u64,
+        deadline: Instant,
+    ) -> Result<serde_json::Value, Failure> {
+        let path = format!("/api/conversations/{id}/events?start_id={start_id}&limit=100");
+        self.http.get(target, &path, deadline).await
     }
 
     /// Waits until the conversation is RUNNING: over the socket or over REST, whichever says
@@ -288,11 +311,13 @@ impl Ctx {
         id: &str,
         conn: Option<&mut Conn>,
         running: bool,
+        next_id: &mut u64,
         deadline: Instant,
     ) -> Result<(), Failure> {
         let Some(conn) = conn else {
             if !running {
-                self.poll_status(target, id, Duration::from_millis(1), true, deadline)
+                let first = Duration::from_millis(1);
+                self.poll_status(target, id, first, Some(next_id), deadline)
                     .await?;
             }
             return Ok(());
@@ -308,7 +333,7 @@ impl Ctx {
             // REST is only a fallback here: its failures leave the socket to decide.
             let first = Duration::from_millis(self.args.poll_ms.max(1));
             let from_rest = async {
-                match self.poll_status(target, id, first, false, deadline).await {
+                match self.poll_status(target, id, first, None, deadline).await {
                     Ok(()) => Ok(()),
                     Err(_) => futures_util::future::pending().await,
                 }
@@ -337,14 +362,7 @@ impl Ctx {
         let mut turn = Turn::new(content, self.args.expect);
         let mut wait = Duration::from_millis(1);
         loop {
-            let page = self
-                .http
-                .get(
-                    target,
-                    &format!("{events}?start_id={next_id}&limit=100"),
-                    deadline,
-                )
-                .await?;
+            let page = self.events_page(target, id, *next_id, deadline).await?;
             for e in page["events"].as_array().into_iter().flatten() {
                 *next_id = e["id"].as_u64().map_or(*next_id, |i| i + 1);
                 if let Some(done) = turn.feed(&classify(e)) {
@@ -390,10 +408,11 @@ async fn one_conversation(
             Some(conn)
         }
     };
-    ctx.wait_running(target, &id, conn.as_mut(), running, deadline)
+    // REST only: events read while waiting are not read again for the replies.
+    let mut next_id = 0u64;
+    ctx.wait_running(target, &id, conn.as_mut(), running, &mut next_id, deadline)
         .await?;
     ctx.record("create_to_running", t0.elapsed());
-    let mut next_id = 0u64;
     for m in 0..ctx.args.messages {
         let content = format!("load {n}.{m}");
         let t = Instant::now();
@@ -453,7 +472,7 @@ async fn broadcast(ctx: Rc<Ctx>, clients: u64) -> Result<(), Failure> {
                 let target = ctx.target(0);
                 let t = Instant::now();
                 let mut conn = Conn::open(&ctx.http, target, &id, attach_mode).await?;
-                ctx.wait_running(target, &id, Some(&mut conn), running, deadline)
+                ctx.wait_running(target, &id, Some(&mut conn), running, &mut 0, deadline)
                     .await?;
                 ctx.record("attach", t.elapsed());
                 Ok::<_, Failure>(conn)

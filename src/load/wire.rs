@@ -81,10 +81,17 @@ pub fn readiness(signal: &Signal) -> Option<Result<(), String>> {
 }
 
 /// What a conversation's REST status (`GET /api/conversations/{id}`) says: `Some` ends the
-/// wait. `stopped_fails` says whether `STOPPED` is final (nothing will start it again).
+/// wait. `RUNNING` counts only with no runtime status or `STATUS$READY`: OpenHands says
+/// `RUNNING` with `STATUS$RUNTIME_STARTED` once its runtime is up but before its agent is, and
+/// drops a message sent then. `stopped_fails` says whether `STOPPED` is final (nothing will
+/// start it again).
 pub fn rest_readiness(info: &Value, stopped_fails: bool) -> Option<Result<(), String>> {
+    let runtime_ready = match &info["runtime_status"] {
+        Value::Null => true,
+        status => status == STATUS_READY,
+    };
     match info["status"].as_str() {
-        Some("RUNNING") => Some(Ok(())),
+        Some("RUNNING") if runtime_ready => Some(Ok(())),
         Some("STOPPED") if stopped_fails => Some(Err("stopped".into())),
         Some("ERROR") => Some(Err("status-error: ERROR".into())),
         _ if info.is_null() => Some(Err("conversation-not-found".into())),
@@ -164,6 +171,20 @@ mod tests {
         assert_eq!(
             rest_readiness(&json!({"status":"RUNNING"}), false),
             Some(Ok(()))
+        );
+        assert_eq!(
+            rest_readiness(
+                &json!({"status":"RUNNING","runtime_status":"STATUS$READY"}),
+                false
+            ),
+            Some(Ok(()))
+        );
+        assert_eq!(
+            rest_readiness(
+                &json!({"status":"RUNNING","runtime_status":"STATUS$RUNTIME_STARTED"}),
+                false
+            ),
+            None
         );
         assert_eq!(rest_readiness(&json!({"status":"STARTING"}), true), None);
         assert_eq!(rest_readiness(&json!({"status":"STOPPED"}), false), None);

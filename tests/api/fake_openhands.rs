@@ -1,14 +1,18 @@
 //! A small server that behaves like OpenHands 0.53 on the wire, for testing the load command
 //! against something that is not switchboard.
 //!
-//! What it copies from OpenHands: conversations start `STARTING` and become `RUNNING` a little
-//! later; readiness is an `agent_state_changed` event, never a `STATUS$READY` status, and
-//! nothing is replayed but stored events (the last agent state last), before the CONNECT ack;
-//! the agent answers in its own words, not with an echo; now and then a request gets a `429`.
+//! What it copies from OpenHands: conversations start `STARTING`; a little later their REST
+//! status says `RUNNING` with `STATUS$RUNTIME_STARTED` while the agent is still loading, and a
+//! message sent then is stored but never answered; the agent's readiness is an
+//! `agent_state_changed` event, never a `STATUS$READY` status; nothing is replayed but stored
+//! events (the last agent state last), before the CONNECT ack; the agent answers in its own
+//! words, not with an echo; now and then a request gets a `429`.
 //! What it does per conversation, by creation order `k`:
-//! - `k % 4 == 0`: a normal agent;
+//! - `k % 4 == 0`: a normal agent, ready before any client attaches (so a client learns it
+//!   from the replay, before the CONNECT ack);
 //! - `k % 4 == 1`: the agent fails (`agent_state_changed: error`) on the first message;
-//! - `k % 4 == 2`: a normal agent that never reports its state (RUNNING only over REST);
+//! - `k % 4 == 2`: a normal agent that never reports its state (ready only over REST, as
+//!   `RUNNING` with `STATUS$READY`);
 //! - `k % 4 == 3`: evicted on the first message (the OpenHands status update, then `41`).
 //!
 //! Every third `POST /api/conversations` and every fifth status `GET` is a `429`.
@@ -23,8 +27,9 @@ use actix_web_actors::ws;
 use serde_json::{json, Value};
 use switchboard::ws::socketio::{self, Packet};
 
-/// How long a conversation stays `STARTING`.
+/// How long a conversation stays `STARTING`, then how long its agent takes after that.
 const START_DELAY: Duration = Duration::from_millis(30);
+const AGENT_DELAY: Duration = Duration::from_millis(40);
 
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
@@ -33,6 +38,7 @@ struct Out(String);
 struct Conversation {
     k: usize,
     running: bool,
+    agent_ready: bool,
     stopped: bool,
     events: Vec<Value>,
     sockets: Vec<Addr<FakeSocket>>,
@@ -89,6 +95,9 @@ fn on_user_action(conv: &mut Conversation, action: &Value) {
         conv,
         json!({"source":"user","message":content,"action":"message","args":{"content":content,"image_urls":[],"file_urls":[],"wait_for_response":false}}),
     );
+    if !conv.agent_ready {
+        return; // lost, as in OpenHands before its agent controller exists
+    }
     let silent = conv.k % 4 == 2;
     if !silent {
         emit(conv, agent_state("running"));
@@ -226,11 +235,17 @@ async fn create(state: web::Data<Shared>) -> HttpResponse {
         let mut conv = Conversation {
             k: s.conversations.len(),
             running: false,
+            agent_ready: false,
             stopped: false,
             events: Vec::new(),
             sockets: Vec::new(),
         };
         emit(&mut conv, agent_state("loading"));
+        if conv.k.is_multiple_of(4) {
+            conv.running = true;
+            conv.agent_ready = true;
+            emit(&mut conv, agent_state("awaiting_user_input"));
+        }
         s.conversations.insert(id.clone(), conv);
         id
     };
@@ -238,11 +253,16 @@ async fn create(state: web::Data<Shared>) -> HttpResponse {
     let started = id.clone();
     actix_web::rt::spawn(async move {
         actix_web::rt::time::sleep(START_DELAY).await;
-        let mut s = lock(&shared);
-        if let Some(conv) = s.conversations.get_mut(&started) {
+        if let Some(conv) = lock(&shared).conversations.get_mut(&started) {
             conv.running = true;
-            if conv.k % 4 != 2 {
-                emit(conv, agent_state("awaiting_user_input"));
+        }
+        actix_web::rt::time::sleep(AGENT_DELAY).await;
+        if let Some(conv) = lock(&shared).conversations.get_mut(&started) {
+            if !conv.agent_ready {
+                conv.agent_ready = true;
+                if conv.k % 4 != 2 {
+                    emit(conv, agent_state("awaiting_user_input"));
+                }
             }
         }
     });
@@ -266,8 +286,13 @@ async fn info(path: web::Path<String>, state: web::Data<Shared>) -> HttpResponse
                 (false, true) => "RUNNING",
                 (false, false) => "STARTING",
             };
+            let runtime_status = match (c.running, c.agent_ready && c.k % 4 == 2) {
+                (false, _) => Value::Null,
+                (true, false) => json!("STATUS$RUNTIME_STARTED"),
+                (true, true) => json!("STATUS$READY"),
+            };
             HttpResponse::Ok()
-                .json(json!({"conversation_id":id,"status":status,"runtime_status":null}))
+                .json(json!({"conversation_id":id,"status":status,"runtime_status":runtime_status}))
         }
     }
 }

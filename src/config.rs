@@ -551,20 +551,12 @@ pub struct SettingsBuilder {
     pending_error: Option<ConfigError>,
 }
 
-/// Records `origin` for every leaf of `layer` under `prefix`.
-fn note_sources(sources: &mut Sources, prefix: &str, layer: &toml::Table, origin: &str) {
-    for (key, value) in layer {
-        let dotted = if prefix.is_empty() {
-            key.clone()
-        } else {
-            format!("{prefix}.{key}")
-        };
-        match value {
-            toml::Value::Table(t) if !t.is_empty() => note_sources(sources, &dotted, t, origin),
-            _ => {
-                sources.insert(dotted, origin.to_string());
-            }
-        }
+/// Records `origin` for every leaf of `layer`.
+fn note_sources(sources: &mut Sources, layer: &toml::Table, origin: &str) {
+    let mut all = Vec::new();
+    leaves("", layer, &mut all);
+    for (dotted, _) in all {
+        sources.insert(dotted, origin.to_string());
     }
 }
 
@@ -612,7 +604,7 @@ impl SettingsBuilder {
             .parse::<toml::Table>()
             .expect("built-in config/default.toml is valid TOML");
         let mut sources = Sources::new();
-        note_sources(&mut sources, "", &table, "default");
+        note_sources(&mut sources, &table, "default");
         Self {
             table,
             sources,
@@ -628,7 +620,7 @@ impl SettingsBuilder {
                 path: origin.to_string(),
                 message: e.message().to_string(),
             })?;
-        note_sources(&mut self.sources, "", &layer, &format!("file {origin}"));
+        note_sources(&mut self.sources, &layer, &format!("file {origin}"));
         merge(&mut self.table, layer);
         Ok(self)
     }

@@ -214,7 +214,7 @@ impl Conversation {
             return Err(NotEmitted::Full);
         }
         if self.next_id >= self.settings.limits.max_events_per_conversation {
-            warn!(conversation_id = %self.id, "event limit reached; event dropped");
+            warn!("event limit reached; event dropped");
             return Err(NotEmitted::Full);
         }
         let id = self.next_id;
@@ -227,7 +227,7 @@ impl Conversation {
                 .check_content(&self.id, self.bytes, size)
                 .and_then(|()| limits.check_store(self.store.used_bytes(), size));
             if let Err(e) = fits {
-                warn!(conversation_id = %self.id, error = %e, "event over quota; dropped");
+                warn!(error = %e, "event over quota; dropped");
                 return Err(NotEmitted::OverQuota(e));
             }
         }
@@ -304,13 +304,16 @@ impl Conversation {
         let upto = batch.last().map_or(0, |e| e.id + 1);
         let count = batch.len() as u64;
         let fut = self.store.append(&self.id, batch);
-        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(()) => {
-                metrics().events_appended.inc_by(count);
-                act.durable_before = act.durable_before.max(upto);
-                act.flush(ctx);
+        ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
+            let _span = act.span.clone().entered();
+            match res {
+                Ok(()) => {
+                    metrics().events_appended.inc_by(count);
+                    act.durable_before = act.durable_before.max(upto);
+                    act.flush(ctx);
+                }
+                Err(e) => act.on_store_failure(e, ctx),
             }
-            Err(e) => act.on_store_failure(e, ctx),
         }));
         self.flush(ctx);
     }
@@ -363,7 +366,7 @@ impl Conversation {
         for (sid, sink) in &self.subscribers {
             if let Err(e) = sink.try_send(frame.clone()) {
                 if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                    warn!(conversation_id = %self.id, subscriber = sid, "client too slow; detached");
+                    warn!(subscriber = sid, "client too slow; detached");
                 }
                 dropped.push(*sid);
             }
@@ -420,7 +423,7 @@ impl Conversation {
                             .as_ref()
                             .and_then(|r| r.resolve(&cause_ref));
                         let Some(cause) = known else {
-                            warn!(conversation_id = %self.id, %cause_ref, "agent event names an unknown cause ref; ignored");
+                            warn!(%cause_ref, "agent event names an unknown cause ref; ignored");
                             self.publish_status(StatusUpdate::error(
                                 crate::runtime::process::STATUS_AGENT_PROTOCOL_ERROR,
                                 &format!(
@@ -478,7 +481,7 @@ impl Conversation {
         if self.status != ConversationStatus::Starting {
             return false;
         }
-        info!(conversation_id = %self.id, "runtime ready");
+        info!("runtime ready");
         metrics().started("ready", self.admitted_at.elapsed());
         if let Some(timer) = self.start_deadline.take() {
             ctx.cancel_future(timer);
@@ -512,7 +515,7 @@ impl Conversation {
         if self.store_failed {
             return;
         }
-        tracing::error!(conversation_id = %self.id, %error, "store failed; stopping conversation");
+        tracing::error!(%error, "store failed; stopping conversation");
         self.store_failed = true;
         // Events that never became durable are never shown to anyone.
         let cutoff = self.durable_before;
@@ -534,7 +537,7 @@ impl Conversation {
         let _span = self.span.clone().entered();
         match loaded {
             Ok(Loaded::Created(meta)) => {
-                info!(conversation_id = %self.id, trigger = %meta.trigger, "conversation created");
+                info!(trigger = %meta.trigger, "conversation created");
                 self.created = true;
                 self.bytes = meta_bytes(&serde_json::to_string(&meta.init).unwrap_or_default());
                 let init = meta.init.clone();
@@ -547,7 +550,7 @@ impl Conversation {
                             let _ = self.emit_event(body, false, None, false);
                         }
                         Err(e) => {
-                            warn!(conversation_id = %self.id, error = %e, "skipping replayed event")
+                            warn!(error = %e, "skipping replayed event")
                         }
                     }
                 }
@@ -564,7 +567,7 @@ impl Conversation {
                 }
             }
             Ok(Loaded::Resumed(record)) => {
-                info!(conversation_id = %self.id, next_event_id = record.next_event_id, "conversation resumed");
+                info!(next_event_id = record.next_event_id, "conversation resumed");
                 self.next_id = record.next_event_id;
                 self.bytes = record.bytes;
                 self.durable_before = record.next_event_id;
@@ -572,13 +575,13 @@ impl Conversation {
                 self.emit(EventBody::agent_state("loading", ""));
             }
             Ok(Loaded::NotFound) => {
-                debug!(conversation_id = %self.id, "not found");
+                debug!("not found");
                 self.set_status(ConversationStatus::Stopped);
                 ctx.stop();
                 return;
             }
             Err(e) => {
-                tracing::error!(conversation_id = %self.id, error = %e, "could not load conversation");
+                tracing::error!(error = %e, "could not load conversation");
                 self.store_failed = true;
                 self.load_error = Some(e);
                 self.set_status(ConversationStatus::Stopped);
@@ -636,8 +639,9 @@ impl Conversation {
         }
         let deadline = Duration::from_secs(self.settings.limits.start_timeout_secs);
         self.start_deadline = Some(ctx.run_later(deadline, |act, ctx| {
+            let _span = act.span.clone().entered();
             if act.status == ConversationStatus::Starting && act.stopping.is_none() {
-                warn!(conversation_id = %act.id, "runtime did not start before the deadline");
+                warn!("runtime did not start before the deadline");
                 act.begin_stop(StopReason::StartTimeout, ctx);
             }
         }));
@@ -646,6 +650,7 @@ impl Conversation {
     /// Checks idleness after `after`; re-arms itself until the conversation stops.
     fn arm_idle_timer(&mut self, ctx: &mut Context<Self>, after: Duration) {
         ctx.run_later(after, |act, ctx| {
+            let _span = act.span.clone().entered();
             if act.stopping.is_some() {
                 return;
             }
@@ -653,7 +658,7 @@ impl Conversation {
             let idle_ms = now_ms().saturating_sub(act.last_activity_ms);
             let busy = !act.subscribers.is_empty() || act.agent_state == "running";
             if !busy && idle_ms >= timeout_ms {
-                info!(conversation_id = %act.id, idle_ms, "idle; stopping");
+                info!(idle_ms, "idle; stopping");
                 act.begin_stop(StopReason::Idle, ctx);
                 return;
             }
@@ -672,7 +677,7 @@ impl Conversation {
         if self.stopping.is_some() {
             return;
         }
-        info!(conversation_id = %self.id, reason = reason.as_str(), "stopping");
+        info!(reason = reason.as_str(), "stopping");
         if self.status == ConversationStatus::Starting {
             let result = match reason {
                 StopReason::StartTimeout => "timeout",
@@ -723,8 +728,9 @@ impl Conversation {
             let limit = Duration::from_secs(process.stop_grace_secs.saturating_mul(2) + 2);
             let fut = tokio::time::timeout(limit, finished);
             ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
+                let _span = act.span.clone().entered();
                 if res.is_err() {
-                    warn!(conversation_id = %act.id, "runtime still stopping after its grace periods");
+                    warn!("runtime still stopping after its grace periods");
                 }
                 act.finish_stop(ctx);
             }));
@@ -849,7 +855,7 @@ impl Actor for Conversation {
         for waiter in self.stop_waiters.drain(..) {
             let _ = waiter.send(());
         }
-        debug!(conversation_id = %self.id, "actor stopped");
+        debug!("actor stopped");
     }
 }
 
@@ -918,7 +924,7 @@ impl Handler<Stop> for Conversation {
             && (!self.subscribers.is_empty() || self.shared.in_turn())
         {
             // A client attached or a turn began since the supervisor chose this one.
-            debug!(conversation_id = %self.id, "eviction declined: in use");
+            debug!("eviction declined: in use");
             self.supervisor.do_send(EvictionDeclined {
                 id: self.id.clone(),
                 generation: self.generation,

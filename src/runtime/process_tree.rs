@@ -117,6 +117,24 @@ struct Procs {
 }
 
 impl Procs {
+    /// A scan of `/proc` that began after this call: the one in progress is not good enough,
+    /// but callers waiting together share the next one (many agents stopping at once cost a
+    /// few scans, not one each).
+    fn fresh() -> Arc<Procs> {
+        static LAST: Mutex<Option<(Instant, Arc<Procs>)>> = Mutex::new(None);
+        let asked = Instant::now();
+        let mut last = LAST.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((began, procs)) = last.as_ref() {
+            if *began >= asked {
+                return procs.clone();
+            }
+        }
+        let began = Instant::now();
+        let procs = Arc::new(Procs::scan());
+        *last = Some((began, procs.clone()));
+        procs
+    }
+
     fn scan() -> Procs {
         let mut list = Vec::new();
         if let Ok(dir) = std::fs::read_dir("/proc") {
@@ -214,7 +232,10 @@ impl AgentRecord {
     }
 
     /// Every live process of the agent in `procs` (see the module docs for the rules).
-    fn members(&self, procs: &Procs) -> Vec<ProcInfo> {
+    /// `others`: sessions of other agents that are running; their members are theirs unless
+    /// recorded as ours, and their environments are not read (which keeps the cost of many
+    /// agents stopping at once linear).
+    fn members(&self, procs: &Procs, others: &HashSet<i32>) -> Vec<ProcInfo> {
         let me = own_pid();
         let leader = procs.get(self.pid);
         let leader_is_ours = leader.is_none_or(|l| l.start_time == self.start_time);
@@ -230,6 +251,7 @@ impl AgentRecord {
                 && (p.pid == self.pid || p.session == self.pid || p.pgrp == self.pid))
                 || recorded.contains(&(p.pid, p.start_time))
                 || (!leader_running
+                    && !others.contains(&p.session)
                     && environ_value(p.pid, TOKEN_ENV).is_some_and(|t| t == self.token));
             if ours && found.insert(p.pid) {
                 stack.push(p.pid);
@@ -322,8 +344,11 @@ impl AgentTree {
 
     /// Looks the members up in `procs` and keeps the record up to date.
     fn update(&self, procs: &Procs) -> Vec<ProcInfo> {
+        // Other trees' records are read before this one is locked: never two locks at once.
+        let pid = self.lock().pid;
+        let others = Tracker::get().running_sessions(procs, pid);
         let mut record = self.lock();
-        let members = record.members(procs);
+        let members = record.members(procs, &others);
         let seen: Vec<(i32, u64)> = members
             .iter()
             .filter(|p| p.pid != record.pid)
@@ -341,12 +366,12 @@ impl AgentTree {
     /// Looks the members up now and records them, off the caller's thread.
     pub async fn refresh(self: &Arc<Self>) {
         let tree = self.clone();
-        let _ = tokio::task::spawn_blocking(move || tree.update(&Procs::scan())).await;
+        let _ = tokio::task::spawn_blocking(move || tree.update(&Procs::fresh())).await;
     }
 
     /// Sends `signal` to every process of the agent; how many got it.
     pub fn signal_now(&self, signal: libc::c_int) -> usize {
-        let members = self.update(&Procs::scan());
+        let members = self.update(&Procs::fresh());
         members.iter().filter(|p| signal_exact(p, signal)).count()
     }
 
@@ -433,6 +458,20 @@ impl Tracker {
             .retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), tree));
     }
 
+    /// The sessions of the tracked agents other than `except` that are running in `procs`.
+    fn running_sessions(&self, procs: &Procs, except: i32) -> HashSet<i32> {
+        let trees: Vec<Arc<AgentTree>> = self.lock().iter().filter_map(Weak::upgrade).collect();
+        trees
+            .iter()
+            .filter_map(|tree| {
+                let record = tree.lock();
+                let leader = procs.get(record.pid)?;
+                (record.pid != except && leader.start_time == record.start_time && !leader.zombie)
+                    .then_some(record.pid)
+            })
+            .collect()
+    }
+
     fn tick(&self) {
         let trees: Vec<Arc<AgentTree>> = {
             let mut live = self.lock();
@@ -442,7 +481,7 @@ impl Tracker {
         if trees.is_empty() {
             return;
         }
-        let procs = Procs::scan();
+        let procs = Procs::fresh();
         for tree in trees {
             tree.update(&procs);
         }
@@ -513,7 +552,7 @@ pub fn sweep(data_dir: &Path) -> SweepReport {
         let procs = Procs::scan();
         let mut left = Vec::new();
         for (path, record) in records {
-            let members = record.members(&procs);
+            let members = record.members(&procs, &HashSet::new());
             if members.is_empty() {
                 debug!(conversation_id = %record.conversation_id, pid = record.pid, "agent record swept");
                 remove_file(&path);

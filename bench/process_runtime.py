@@ -21,6 +21,7 @@ import argparse
 import concurrent.futures as futures
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -33,6 +34,8 @@ import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AGENT = os.path.join(ROOT, "examples", "agents", "shell_agent.py")
+# The process runtime requires a session key; the benchmark sets its own.
+KEY = secrets.token_hex(24)
 
 
 def free_port():
@@ -44,7 +47,8 @@ def free_port():
 def call(base, method, path, body=None):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(base + path, data=data, method=method,
-                                 headers={"content-type": "application/json"})
+                                 headers={"content-type": "application/json",
+                                          "X-Session-API-Key": KEY})
     with urllib.request.urlopen(req, timeout=60) as resp:
         text = resp.read()
         return json.loads(text) if text else None
@@ -125,6 +129,7 @@ def main():
                SWITCHBOARD_STORE="memory",
                SWITCHBOARD_LOG="warn",
                SWITCHBOARD_RUNTIME="process",
+               SWITCHBOARD_SESSION_API_KEY=KEY,
                SWITCHBOARD_PROCESS_COMMAND=args.command,
                SWITCHBOARD_MAX_RUNNING_CONVERSATIONS=str(n + 10),
                SWITCHBOARD_CREATE_RATE_PER_SEC="0")

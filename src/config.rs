@@ -85,12 +85,15 @@ pub struct Settings {
     pub port: u16,
     pub data_dir: PathBuf,
     pub store: StoreKind,
-    pub session_api_key: String,
+    /// The session key as configured: `None` when no layer set it (the default), `Some("")`
+    /// when one set it empty on purpose. [`Settings::session_key_policy`] says what it means.
+    #[serde(default)]
+    pub session_api_key: Option<String>,
     pub workers: usize,
     pub conversation_threads: usize,
-    pub cors_allowed_origins: Vec<String>,
     pub log: String,
     pub log_format: LogFormat,
+    pub http: HttpSettings,
     pub limits: Limits,
     pub socket: SocketSettings,
     pub runtime: RuntimeSettings,
@@ -143,6 +146,34 @@ pub struct WorkspaceSettings {
     pub max_list_files: usize,
 }
 
+/// Who may talk to the server over HTTP: the allow-lists behind the Origin and Host checks (and
+/// the CORS answers), see [`crate::http::origin`].
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Origins allowed besides the server's own and loopback ones: `scheme://host[:port]`,
+    /// `scheme://host:*`, or `*` (no Origin check at all).
+    pub allowed_origins: Vec<String>,
+    /// `Host` names allowed besides loopback names, IP addresses and the bound host: `name`,
+    /// `*.domain`, or `*` (no Host check at all).
+    pub allowed_hosts: Vec<String>,
+}
+
+/// What the configured session key means, once the runtime is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionKeyPolicy {
+    /// This key is required.
+    Required(String),
+    /// No key was configured and the runtime runs code (an agent process): generate one at
+    /// start.
+    Generate,
+    /// No key was configured and the runtime runs no code: no authentication.
+    Off,
+    /// The key was set empty on purpose while the runtime runs code: no authentication,
+    /// with a warning.
+    ExplicitlyOff,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
@@ -151,6 +182,10 @@ pub struct Limits {
     pub idle_timeout_secs: u64,
     pub start_timeout_secs: u64,
     pub max_body_bytes: usize,
+    /// Seconds a request body may take to arrive in full (408 after).
+    pub body_timeout_secs: u64,
+    /// Bytes held by request bodies still arriving, across all connections (503 over it).
+    pub max_pending_body_bytes: usize,
     pub max_events_per_conversation: u64,
     pub max_clients_per_conversation: usize,
     pub mailbox_capacity: usize,
@@ -272,8 +307,13 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Literal,
     ),
     (
-        "SWITCHBOARD_CORS_ALLOWED_ORIGINS",
-        "cors_allowed_origins",
+        "SWITCHBOARD_ALLOWED_ORIGINS",
+        "http.allowed_origins",
+        EnvKind::List,
+    ),
+    (
+        "SWITCHBOARD_ALLOWED_HOSTS",
+        "http.allowed_hosts",
         EnvKind::List,
     ),
     ("SWITCHBOARD_LOG", "log", EnvKind::Str),
@@ -297,6 +337,16 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
     (
         "SWITCHBOARD_MAX_BODY_BYTES",
         "limits.max_body_bytes",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_BODY_TIMEOUT_SECS",
+        "limits.body_timeout_secs",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_PENDING_BODY_BYTES",
+        "limits.max_pending_body_bytes",
         EnvKind::Literal,
     ),
     (
@@ -529,6 +579,12 @@ fn is_secret(setting: &str) -> bool {
     setting == "session_api_key" || setting.starts_with("runtime.process.env.")
 }
 
+/// The setting `[http] allowed_origins` replaced, and why it is refused rather than read.
+const REPLACED_CORS_SETTING: &str = "was replaced by `[http] allowed_origins` \
+     (env SWITCHBOARD_ALLOWED_ORIGINS): one list now governs both the Origin check and CORS, \
+     and it adds to the built-in loopback origins instead of replacing them; move the origins \
+     there and remove the old setting";
+
 /// Values given on the command line; `None` leaves the lower layers in force.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
@@ -661,6 +717,15 @@ impl SettingsBuilder {
     /// Applies `SWITCHBOARD_*` variables from `vars` (usually `std::env::vars()`).
     pub fn merge_env(mut self, vars: impl IntoIterator<Item = (String, String)>) -> Self {
         for (name, raw) in vars {
+            if name == "SWITCHBOARD_CORS_ALLOWED_ORIGINS" {
+                self.pending_error.get_or_insert_with(|| {
+                    invalid(
+                        "cors_allowed_origins",
+                        format!("SWITCHBOARD_CORS_ALLOWED_ORIGINS {REPLACED_CORS_SETTING}"),
+                    )
+                });
+                continue;
+            }
             let Some((_, dotted, kind)) = ENV_VARS.iter().find(|(n, _, _)| *n == name) else {
                 if name.starts_with("SWITCHBOARD_") && !is_known_env_var(&name) {
                     let suggestion = closest_env_var(&name);
@@ -768,6 +833,9 @@ impl SettingsBuilder {
     pub fn build(self) -> Result<Settings, ConfigError> {
         if let Some(error) = self.pending_error {
             return Err(error);
+        }
+        if self.table.contains_key("cors_allowed_origins") {
+            return Err(invalid("cors_allowed_origins", REPLACED_CORS_SETTING));
         }
         let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(self.table))
             .map_err(|e| ConfigError::Invalid {
@@ -880,19 +948,21 @@ impl Settings {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "expected a directory path"));
         }
-        if self.session_api_key.len() > 1024 {
-            return Err(invalid(
-                "session_api_key",
-                "expected at most 1024 characters",
-            ));
-        }
-        for origin in &self.cors_allowed_origins {
-            if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+        if let Some(key) = &self.session_api_key {
+            if key.len() > 1024 || key.chars().any(char::is_control) {
                 return Err(invalid(
-                    "cors_allowed_origins",
-                    format!("expected http(s)://host[:port] origins, got {origin:?}"),
+                    "session_api_key",
+                    "expected at most 1024 characters, none of them control characters",
                 ));
             }
+        }
+        for origin in &self.http.allowed_origins {
+            crate::http::origin::OriginPattern::parse(origin)
+                .map_err(|why| invalid("http.allowed_origins", why))?;
+        }
+        for host in &self.http.allowed_hosts {
+            crate::http::origin::HostPattern::parse(host)
+                .map_err(|why| invalid("http.allowed_hosts", why))?;
         }
         let l = &self.limits;
         positive(
@@ -902,6 +972,20 @@ impl Settings {
         positive("limits.idle_timeout_secs", l.idle_timeout_secs)?;
         positive("limits.start_timeout_secs", l.start_timeout_secs)?;
         positive("limits.max_body_bytes", l.max_body_bytes as u64)?;
+        positive("limits.body_timeout_secs", l.body_timeout_secs)?;
+        let largest = l
+            .max_body_bytes
+            .max(crate::http::body::upload_body_limit(&self.workspace));
+        if l.max_pending_body_bytes < largest {
+            return Err(invalid(
+                "limits.max_pending_body_bytes",
+                format!(
+                    "expected at least the largest request body: limits.max_body_bytes, or \
+                     workspace.max_upload_bytes with room for the multipart framing \
+                     ({largest}); otherwise no body of that size could ever arrive"
+                ),
+            ));
+        }
         positive(
             "limits.max_events_per_conversation",
             l.max_events_per_conversation,
@@ -1025,6 +1109,18 @@ impl Settings {
         Ok(())
     }
 
+    /// What the session key means here: a key to require, one to generate, or none.
+    pub fn session_key_policy(&self) -> SessionKeyPolicy {
+        let runs_code = self.runtime.kind.runs_agent_process();
+        match self.session_api_key.as_deref() {
+            Some("") if runs_code => SessionKeyPolicy::ExplicitlyOff,
+            Some("") => SessionKeyPolicy::Off,
+            Some(key) => SessionKeyPolicy::Required(key.to_string()),
+            None if runs_code => SessionKeyPolicy::Generate,
+            None => SessionKeyPolicy::Off,
+        }
+    }
+
     /// Number of threads hosting conversation actors.
     pub fn conversation_thread_count(&self) -> usize {
         if self.conversation_threads == 0 {
@@ -1052,7 +1148,7 @@ mod tests {
         assert_eq!(s.host, "127.0.0.1");
         assert_eq!(s.port, 3000);
         assert_eq!(s.data_dir, PathBuf::from("./data"));
-        assert_eq!(s.session_api_key, "");
+        assert_eq!(s.session_api_key, None);
         assert_eq!(s.runtime.kind, RuntimeKind::Echo);
         assert_eq!(s.runtime.echo.start_delay_ms, 0);
         assert_eq!(s.limits.max_running_conversations, 10000);
@@ -1106,7 +1202,7 @@ mod tests {
             .build()
             .unwrap();
         assert_eq!(s.port, 6000);
-        assert_eq!(s.session_api_key, "12345");
+        assert_eq!(s.session_api_key.as_deref(), Some("12345"));
         assert_eq!(s.limits.on_limit, OnLimit::EvictOldest);
         assert_eq!(s.runtime.echo.start_delay_ms, 250);
     }
@@ -1313,6 +1409,133 @@ mod tests {
         let key = find("session_api_key");
         assert_eq!(key.source, "env SWITCHBOARD_SESSION_API_KEY");
         assert!(!key.value.contains("hush"));
+    }
+
+    #[test]
+    fn an_unset_key_differs_from_an_empty_one() {
+        let process = |pairs: &[(&str, &str)]| {
+            let mut all = vec![
+                ("SWITCHBOARD_RUNTIME", "process"),
+                ("SWITCHBOARD_PROCESS_COMMAND", "sh"),
+            ];
+            all.extend_from_slice(pairs);
+            SettingsBuilder::new().merge_env(env(&all)).build().unwrap()
+        };
+        assert_eq!(
+            process(&[]).session_key_policy(),
+            SessionKeyPolicy::Generate
+        );
+        assert_eq!(
+            process(&[("SWITCHBOARD_SESSION_API_KEY", "")]).session_key_policy(),
+            SessionKeyPolicy::ExplicitlyOff
+        );
+        assert_eq!(
+            process(&[("SWITCHBOARD_SESSION_API_KEY", "k")]).session_key_policy(),
+            SessionKeyPolicy::Required("k".into())
+        );
+        assert_eq!(
+            Settings::defaults().session_key_policy(),
+            SessionKeyPolicy::Off
+        );
+        // A file can set it empty on purpose; a flag wins over both.
+        let s = SettingsBuilder::new()
+            .merge_toml("f", "session_api_key = \"\"")
+            .unwrap()
+            .build()
+            .unwrap();
+        assert_eq!(s.session_api_key.as_deref(), Some(""));
+        let s = SettingsBuilder::new()
+            .merge_env(env(&[("SWITCHBOARD_SESSION_API_KEY", "from-env")]))
+            .merge_overrides(&Overrides {
+                session_api_key: Some(String::new()),
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        assert_eq!(s.session_api_key.as_deref(), Some(""));
+    }
+
+    #[test]
+    fn origin_and_host_lists_and_body_limits() {
+        let s = SettingsBuilder::new()
+            .merge_env(env(&[
+                (
+                    "SWITCHBOARD_ALLOWED_ORIGINS",
+                    "https://app.example.com, http://dev.example.com:*",
+                ),
+                ("SWITCHBOARD_ALLOWED_HOSTS", "*"),
+                ("SWITCHBOARD_BODY_TIMEOUT_SECS", "3"),
+            ]))
+            .build()
+            .unwrap();
+        assert_eq!(
+            s.http.allowed_origins,
+            ["https://app.example.com", "http://dev.example.com:*"]
+        );
+        assert_eq!(s.http.allowed_hosts, ["*"]);
+        assert_eq!(s.limits.body_timeout_secs, 3);
+        let d = Settings::defaults();
+        assert!(d.http.allowed_origins.is_empty() && d.http.allowed_hosts.is_empty());
+        assert_eq!(d.limits.body_timeout_secs, 10);
+        assert_eq!(d.limits.max_pending_body_bytes, 64 * 1024 * 1024);
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "SWITCHBOARD_ALLOWED_ORIGINS",
+                "example.com",
+                "http.allowed_origins",
+            ),
+            (
+                "SWITCHBOARD_ALLOWED_ORIGINS",
+                "https://a.example/x",
+                "http.allowed_origins",
+            ),
+            (
+                "SWITCHBOARD_ALLOWED_HOSTS",
+                "http://a.example",
+                "http.allowed_hosts",
+            ),
+            (
+                "SWITCHBOARD_BODY_TIMEOUT_SECS",
+                "0",
+                "limits.body_timeout_secs",
+            ),
+            (
+                "SWITCHBOARD_MAX_PENDING_BODY_BYTES",
+                "1000",
+                "limits.max_pending_body_bytes",
+            ),
+            ("SWITCHBOARD_SESSION_API_KEY", "a\nb", "session_api_key"),
+        ];
+        for (var, value, setting) in cases {
+            let err = SettingsBuilder::new()
+                .merge_env(env(&[(var, value)]))
+                .build()
+                .expect_err(var);
+            assert!(err.to_string().contains(setting), "{var}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn the_replaced_cors_setting_is_refused_with_its_successor() {
+        let from_file = SettingsBuilder::new()
+            .merge_toml("f", "cors_allowed_origins = [\"http://a.example\"]")
+            .unwrap()
+            .build()
+            .unwrap_err()
+            .to_string();
+        let from_env = SettingsBuilder::new()
+            .merge_env(env(&[(
+                "SWITCHBOARD_CORS_ALLOWED_ORIGINS",
+                "http://a.example",
+            )]))
+            .build()
+            .unwrap_err()
+            .to_string();
+        for text in [from_file, from_env] {
+            assert!(text.contains("cors_allowed_origins"), "{text}");
+            assert!(text.contains("[http] allowed_origins"), "{text}");
+            assert!(text.contains("SWITCHBOARD_ALLOWED_ORIGINS"), "{text}");
+        }
     }
 
     #[test]

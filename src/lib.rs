@@ -3,6 +3,7 @@
 //! Module map:
 //! - [`config`]: layered, typed settings.
 //! - [`startup`]: builds and runs the server from settings.
+//! - [`http`]: the front gate (Origin and Host checks, body limits) and the session key.
 //! - [`api`]: HTTP routes, request validation and error bodies.
 //! - [`actors`]: the supervisor and the per-conversation actors.
 //! - [`runtime`]: what runs behind a conversation (echo, …).
@@ -20,6 +21,7 @@ pub mod api;
 pub mod config;
 pub mod events;
 pub mod frontend;
+pub mod http;
 pub mod load;
 pub mod ops;
 pub mod runtime;

@@ -53,7 +53,8 @@ struct ServeArgs {
     /// Store backend: sqlite or memory (SWITCHBOARD_STORE).
     #[arg(long)]
     store: Option<String>,
-    /// Session API key; empty turns it off (SWITCHBOARD_SESSION_API_KEY).
+    /// Session API key (SWITCHBOARD_SESSION_API_KEY). Unset: generated with the process
+    /// runtime, off otherwise; "" turns it off on purpose.
     #[arg(long)]
     session_api_key: Option<String>,
     /// Runtime kind: echo or process (SWITCHBOARD_RUNTIME).
@@ -130,11 +131,16 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
     };
     switchboard::telemetry::init(&settings);
+    switchboard::startup::return_large_frees_to_the_os();
     let result = actix_web::rt::System::new().block_on(async move {
         let app = Application::build(settings).await?;
         // Handlers first: a signal right after the "listening" line must still stop gracefully.
         app.stop_on_signals();
         tracing::info!("switchboard listening on {}", app.url());
+        if let Some(line) = app.login_line() {
+            // Like Jupyter's token line: for the operator's eyes, never through the log.
+            eprintln!("{line}");
+        }
         app.run_until_stopped()
             .await
             .map_err(|e| switchboard::startup::StartupError::Store(e.to_string()))

@@ -11,6 +11,10 @@
 //! (agents get `stop`, and are ended when the bound comes near); then in-flight requests finish
 //! and the store is flushed. All of it within `limits.shutdown_timeout_secs`; past that (plus a
 //! moment) the process exits with status 1 whatever is left. A second signal exits at once.
+//!
+//! The session key is settled here ([`Settings::session_key_policy`]): with a runtime that
+//! runs agent processes and no key configured, a random one is generated for this run and
+//! [`Application::login_line`] tells the operator how to use it.
 
 use std::net::TcpListener;
 use std::sync::{Arc, OnceLock};
@@ -24,7 +28,9 @@ use actix_web::{web, App, HttpServer};
 use crate::actors::supervisor::Supervisor;
 use crate::actors::SupervisorHandle;
 use crate::api::{self, AppState};
-use crate::config::{Settings, StoreKind};
+use crate::config::{SessionKeyPolicy, Settings, StoreKind};
+use crate::http::auth::SessionAuth;
+use crate::http::origin::AllowList;
 use crate::ops::{Ops, Readiness};
 use crate::store::{MemoryStore, SqliteStore, Store, StoreLimits};
 
@@ -40,6 +46,8 @@ pub enum StartupError {
     Store(String),
     #[error("{0}")]
     Agent(String),
+    #[error("cannot generate a session key: {0}")]
+    Key(String),
 }
 
 /// A built, bound, not yet running server.
@@ -51,6 +59,10 @@ pub struct Application {
     store: Arc<dyn Store>,
     readiness: Arc<Readiness>,
     shutdown: Arc<ShutdownClock>,
+    /// The key every client must present, if any.
+    session_key: Option<String>,
+    /// Whether that key was generated for this run.
+    key_generated: bool,
     /// Held for the process's life: one server per data directory.
     _data_dir_lock: Option<std::fs::File>,
 }
@@ -124,36 +136,28 @@ pub fn lock_data_dir(settings: &Settings) -> Result<Option<std::fs::File>, Start
     }
 }
 
-fn cors(settings: &Settings) -> Cors {
-    let allowed = settings.cors_allowed_origins.clone();
+/// CORS answers follow the same origin rule as the Origin check.
+fn cors(allow: AllowList) -> Cors {
     Cors::default()
-        .allowed_origin_fn(move |origin, _| {
-            let Ok(origin) = origin.to_str() else {
-                return false;
-            };
-            if allowed.is_empty() {
-                is_local_origin(origin)
-            } else {
-                allowed.iter().any(|a| a == origin)
-            }
+        .allowed_origin_fn(move |origin, head| {
+            let host = head
+                .headers()
+                .get(actix_web::http::header::HOST)
+                .and_then(|h| h.to_str().ok());
+            origin
+                .to_str()
+                .is_ok_and(|origin| allow.origin_allowed(origin, host))
         })
         .allow_any_method()
         .allow_any_header()
         .max_age(3600)
 }
 
-/// `http://localhost[:port]` or `http://127.0.0.1[:port]`.
-fn is_local_origin(origin: &str) -> bool {
-    ["http://localhost", "http://127.0.0.1"]
-        .iter()
-        .any(|prefix| {
-            origin.strip_prefix(prefix).is_some_and(|rest| {
-                rest.is_empty()
-                    || rest
-                        .strip_prefix(':')
-                        .is_some_and(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
-            })
-        })
+/// A new random session key: 24 bytes from the OS, as 48 hex digits.
+fn generate_key() -> std::io::Result<String> {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Application {
@@ -187,11 +191,30 @@ impl Application {
                 source,
             })?
             .port();
+        let (session_key, key_generated) = match settings.session_key_policy() {
+            SessionKeyPolicy::Required(key) => (Some(key), false),
+            SessionKeyPolicy::Generate => {
+                let key = generate_key().map_err(|e| StartupError::Key(e.to_string()))?;
+                (Some(key), true)
+            }
+            SessionKeyPolicy::Off => (None, false),
+            SessionKeyPolicy::ExplicitlyOff => {
+                tracing::warn!(
+                    "session_api_key is set empty: authentication is OFF while agents run as \
+                     processes; anyone who can connect to {}:{port} can run commands as this \
+                     user. Set a key, or leave it unset to get a generated one.",
+                    settings.host
+                );
+                (None, false)
+            }
+        };
         let supervisor = Supervisor::start(settings.clone(), store.clone());
         let state = web::Data::new(AppState {
             settings: settings.clone(),
             store: store.clone(),
             supervisor: supervisor.clone(),
+            auth: SessionAuth::new(session_key.clone(), port),
+            gate: crate::http::Gate::new(&settings),
         });
         let readiness = Readiness::new(store.clone());
         let ops = web::Data::new(Ops::new(
@@ -199,21 +222,25 @@ impl Application {
             readiness.clone(),
             supervisor.clone(),
         ));
-        let cors_settings = settings.clone();
         let frontend =
             (!settings.frontend.dir.as_os_str().is_empty()).then(|| settings.frontend.dir.clone());
         if let Some(dir) = &frontend {
             tracing::info!(dir = %dir.display(), "serving the web app at /");
         }
+        let allow = state.gate.allow.clone();
         let mut server = HttpServer::new(move || {
+            // The last `wrap` runs first: the access log, the gate, CORS, then the login.
             App::new()
                 .app_data(state.clone())
                 .app_data(ops.clone())
-                .wrap(cors(&cors_settings))
+                .wrap(from_fn(crate::http::auth::login))
+                .wrap(cors(allow.clone()))
+                .wrap(from_fn(crate::http::gate))
                 .wrap(from_fn(crate::ops::request::observe))
                 .configure(api::configure)
                 .configure(crate::ops::configure)
                 .configure(crate::ws::configure)
+                .configure(crate::http::auth::configure)
                 .configure(|cfg| {
                     if let Some(dir) = &frontend {
                         crate::frontend::configure(cfg, dir);
@@ -260,6 +287,8 @@ impl Application {
                 bound: Duration::from_secs(settings.limits.shutdown_timeout_secs),
                 deadline: OnceLock::new(),
             }),
+            session_key,
+            key_generated,
             _data_dir_lock: None,
         })
     }
@@ -271,6 +300,34 @@ impl Application {
     /// `http://host:port`.
     pub fn url(&self) -> String {
         format!("http://{}:{}", self.host, self.port)
+    }
+
+    /// The key every client must present, if any (configured or generated).
+    pub fn session_key(&self) -> Option<&str> {
+        self.session_key.as_deref()
+    }
+
+    /// When the key was generated for this run: the one line that tells the operator how to
+    /// log a browser in and what API clients must send (the key is in it, on purpose; no log
+    /// line carries it).
+    pub fn login_line(&self) -> Option<String> {
+        let key = self.session_key.as_deref().filter(|_| self.key_generated)?;
+        let unspecified = self
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_unspecified());
+        let host = match self.host.as_str() {
+            _ if unspecified => "127.0.0.1".to_string(),
+            h if h.contains(':') && !h.starts_with('[') => format!("[{h}]"),
+            h => h.to_string(),
+        };
+        Some(format!(
+            "switchboard: no session key was configured and the agents run code, so this run \
+             requires a generated one. Log a browser in at \
+             http://{host}:{port}/?session_api_key={key} ; API clients send the header \
+             X-Session-API-Key: {key}",
+            port = self.port
+        ))
     }
 
     /// Stops the HTTP server (gracefully or not) from elsewhere.
@@ -346,6 +403,22 @@ impl Application {
     }
 }
 
+/// Makes the allocator give large blocks (request bodies, big pages of events) back to the OS
+/// when they are freed, so a burst of large bodies does not stay in the server's memory.
+///
+/// glibc serves blocks from 128 KiB up with their own mappings, but raises that threshold to
+/// the size of each such block freed (up to 32 MiB), after which bodies land in the heap arenas,
+/// which rarely shrink. Setting the threshold explicitly turns that adjustment off. Call it once
+/// at start, before the server's threads exist.
+pub fn return_large_frees_to_the_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `mallopt` only changes allocator parameters; it is called before other threads
+    // start allocating.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 * 1024);
+    }
+}
+
 /// SIGINT and SIGTERM, registered when made; each `next` completes on the next of either.
 struct Signals {
     #[cfg(unix)]
@@ -380,19 +453,5 @@ impl Signals {
             return;
         }
         let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_local_origin;
-
-    #[test]
-    fn local_origins() {
-        assert!(is_local_origin("http://localhost:3001"));
-        assert!(is_local_origin("http://127.0.0.1"));
-        assert!(!is_local_origin("http://localhost.evil.com"));
-        assert!(!is_local_origin("https://example.com"));
-        assert!(!is_local_origin("http://localhost:"));
     }
 }

@@ -349,10 +349,6 @@ fn http_raw(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Answer {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
     let body = body.unwrap_or("");
     let extra: String = headers
         .iter()
@@ -363,6 +359,15 @@ fn http_raw(
          Content-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
+    exchange(port, &request)
+}
+
+/// Sends `request` exactly as given on a new connection and reads the whole answer.
+fn exchange(port: u16, request: &str) -> Answer {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
     stream.write_all(request.as_bytes()).expect("send");
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).expect("read response");
@@ -527,7 +532,7 @@ fn kill_9_loses_no_event_a_client_has_seen() {
                     return;
                 };
                 let request = format!(
-                    "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                    "POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
                      Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
                     body.len()
                 );
@@ -1047,6 +1052,8 @@ impl Runaways {
             ("SWITCHBOARD_RUNTIME", "process"),
             ("SWITCHBOARD_PROCESS_COMMAND", command.as_str()),
             ("SWITCHBOARD_PROCESS_STOP_GRACE_SECS", "2"),
+            // Not about authentication: keep the generated key out of the way.
+            ("SWITCHBOARD_SESSION_API_KEY", ""),
         ];
         let work = tempfile::tempdir().expect("temp dir");
         Server::start_with(work, &self.data(), store, &envs)
@@ -1608,7 +1615,8 @@ fn stubborn_agent_config(dir: &Path, bound_secs: u64) -> std::path::PathBuf {
     );
     let config = dir.join("stubborn.toml");
     let text = format!(
-        "[limits]\nshutdown_timeout_secs = {bound_secs}\n[runtime]\nkind = \"process\"\n\
+        "# Not about authentication: no generated key.\nsession_api_key = \"\"\n\
+         [limits]\nshutdown_timeout_secs = {bound_secs}\n[runtime]\nkind = \"process\"\n\
          [runtime.process]\nstop_grace_secs = 600\ncommand = [\"sh\", \"-c\", {script:?}]\n"
     );
     std::fs::write(&config, text).expect("write config");
@@ -2061,4 +2069,263 @@ fn delete_on_a_full_disk_succeeds_and_gives_the_space_back() {
         "{:#?}",
         server.seen
     );
+}
+
+// ---- safe by default: the generated key, an explicitly empty key, unfinished bodies ----------
+
+/// The binary with the process runtime running the example shell agent, plus `args`; and the
+/// directory that holds the conversations' working directories.
+fn shell_agent_server(args: &[&str]) -> (Server, std::path::PathBuf) {
+    let agent = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/examples/agents/shell_agent.py"
+    );
+    let command = format!("python3 '{agent}'");
+    let work = tempfile::tempdir().expect("temp dir");
+    let data = work.path().join("data");
+    let mut all = vec!["--runtime", "process"];
+    all.extend_from_slice(args);
+    let server = Server::start_with_args(
+        work,
+        &data,
+        "memory",
+        &all,
+        &[("SWITCHBOARD_PROCESS_COMMAND", command.as_str())],
+    );
+    (server, data.join("workspaces"))
+}
+
+/// What a cross-site page sends: a JSON body with no Content-Type (no CORS preflight) that
+/// names its own conversation and first message.
+fn cross_site_attack(port: u16) -> (u16, String) {
+    let body = r#"{"conversation_id":"pwned","initial_user_msg":"id > pwned"}"#;
+    let request = format!(
+        "POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Origin: http://evil.example\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = exchange(port, &request);
+    (answer.status, answer.body)
+}
+
+/// Polls `check` for up to 20 s.
+fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !check() {
+        assert!(Instant::now() < deadline, "{what} did not happen in 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_process_runtime_requires_a_generated_key_printed_at_start() {
+    let (mut server, workspaces) = shell_agent_server(&[]);
+    let port = server.port;
+    let line = server.wait_line(Duration::from_secs(10), |l| l.contains("session_api_key="));
+    let key: String = line[line.find("session_api_key=").expect("key") + 16..]
+        .chars()
+        .take_while(char::is_ascii_hexdigit)
+        .collect();
+    assert_eq!(key.len(), 48, "{line}");
+    assert!(
+        line.contains(&format!("http://127.0.0.1:{port}/?session_api_key={key}")),
+        "the line names the URL that logs a browser in: {line}"
+    );
+    assert!(line.contains("X-Session-API-Key"), "{line}");
+
+    // Without the key nothing runs; with it (header, query or login cookie) the agent does.
+    let (status, body) = http(
+        port,
+        "POST",
+        "/api/conversations",
+        Some(r#"{"conversation_id":"nokey","initial_user_msg":"echo ran > proof"}"#),
+    );
+    assert_eq!(
+        (status, body),
+        (401, serde_json::json!({"detail": "Unauthorized"}))
+    );
+    let body = r#"{"conversation_id":"withkey","initial_user_msg":"echo ran > proof"}"#;
+    let request = format!(
+        "POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         X-Session-API-Key: {key}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let answer = exchange(port, &request);
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    eventually("the agent's command", || {
+        workspaces.join("withkey").join("proof").is_file()
+    });
+    assert!(!workspaces.join("nokey").exists());
+    let login = exchange(
+        port,
+        &format!(
+            "GET /?session_api_key={key} HTTP/1.1\r\nHost: localhost:{port}\r\n\
+             Connection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(login.status, 303, "{}", login.head);
+    let cookie = login
+        .header("set-cookie")
+        .and_then(|c| c.split(';').next())
+        .unwrap_or_else(|| panic!("no login cookie: {}", login.head))
+        .to_string();
+    let list = exchange(
+        port,
+        &format!(
+            "GET /api/conversations HTTP/1.1\r\nHost: localhost:{port}\r\nCookie: {cookie}\r\n\
+             Connection: close\r\n\r\n"
+        ),
+    );
+    assert_eq!(list.status, 200, "{}", list.body);
+    let (status, _) = http(
+        port,
+        "GET",
+        &format!("/api/conversations?session_api_key={key}"),
+        None,
+    );
+    assert_eq!(status, 200);
+    let (status, _) = http(
+        port,
+        "GET",
+        "/api/conversations?session_api_key=wrong",
+        None,
+    );
+    assert_eq!(status, 401);
+
+    // The key is in that one line and in no log line.
+    let pid = server.child.0.id().to_string();
+    let _ = Command::new("kill").args(["-TERM", &pid]).status();
+    server
+        .child
+        .wait_for_exit(Duration::from_secs(20))
+        .expect("stops on SIGTERM");
+    server.drain();
+    let with_key: Vec<&String> = server.seen.iter().filter(|l| l.contains(&key)).collect();
+    assert_eq!(with_key, vec![&line], "{:#?}", server.seen);
+
+    // Every start has its own key.
+    let (mut again, _) = shell_agent_server(&[]);
+    let second = again.wait_line(Duration::from_secs(10), |l| l.contains("session_api_key="));
+    assert!(!second.contains(&key));
+}
+
+#[test]
+fn an_explicitly_empty_key_keeps_authentication_off_with_a_warning() {
+    let (mut server, workspaces) = shell_agent_server(&["--session-api-key", ""]);
+    let port = server.port;
+    server.drain_nonblocking();
+    let warning = match server
+        .seen
+        .iter()
+        .find(|l| l.contains("authentication is OFF"))
+    {
+        Some(line) => line.clone(),
+        None => server.wait_line(Duration::from_secs(10), |l| {
+            l.contains("authentication is OFF")
+        }),
+    };
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(
+        warning.contains("run commands"),
+        "names the risk: {warning}"
+    );
+    // No key is required …
+    let (status, body) = http(
+        port,
+        "POST",
+        "/api/conversations",
+        Some(r#"{"conversation_id":"legit","initial_user_msg":"echo ran > proof"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    eventually("the agent's command", || {
+        workspaces.join("legit").join("proof").is_file()
+    });
+    // … yet the same request from a web page on another site is refused, and runs nothing.
+    let (status, payload) = cross_site_attack(port);
+    assert_eq!(status, 403, "{payload}");
+    assert!(payload.contains("allowed_origins"), "{payload}");
+    let (status, info) = http(port, "GET", "/api/conversations/pwned", None);
+    assert_eq!((status, info), (200, Value::Null));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!workspaces.join("pwned").exists());
+    server.drain_nonblocking();
+    assert!(
+        !server.seen.iter().any(|l| l.contains("session_api_key=")),
+        "no login line without a key: {:#?}",
+        server.seen
+    );
+}
+
+/// The resident set size of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn unfinished_bodies_are_cut_at_the_deadline_and_their_memory_freed() {
+    const CLIENTS: usize = 100;
+    let work = tempfile::tempdir().expect("temp dir");
+    let data = work.path().join("data");
+    let mut server = Server::start_with(
+        work,
+        &data,
+        "memory",
+        &[("SWITCHBOARD_BODY_TIMEOUT_SECS", "5")],
+    );
+    let pid = server.child.0.id();
+    let port = server.port;
+    let before = rss_kib(pid);
+    // Three rounds: freed memory may stay with the allocator, but later rounds must not
+    // grow the server further (a plateau, not a leak).
+    for round in 1..=3 {
+        // Each client announces 1 MiB, sends half of it and stops.
+        let half = vec![b' '; 512 * 1024];
+        let mut clients = Vec::new();
+        for _ in 0..CLIENTS {
+            let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            let head = format!(
+                "POST /api/conversations HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 1048576\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).expect("head");
+            stream.write_all(&half).expect("half a body");
+            clients.push(stream);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let during = rss_kib(pid);
+        let mut statuses = Vec::new();
+        for mut stream in clients {
+            stream
+                .set_read_timeout(Some(Duration::from_secs(60)))
+                .expect("timeout");
+            let mut raw = Vec::new();
+            let _ = stream.read_to_end(&mut raw);
+            let text = String::from_utf8_lossy(&raw);
+            statuses.push(
+                text.split_whitespace()
+                    .nth(1)
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .unwrap_or(0),
+            );
+            assert!(text.contains("body_timeout_secs"), "a clear reason: {text}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        let after = rss_kib(pid);
+        eprintln!(
+            "server RSS, round {round}: {CLIENTS} unfinished 1 MiB bodies (512 KiB sent each): \
+             before {before} KiB, while pending {during} KiB, after all were cut {after} KiB"
+        );
+        assert!(statuses.iter().all(|s| *s == 408), "{statuses:?}");
+    }
+    let (status, _) = http(port, "GET", "/alive", None);
+    assert_eq!(status, 200);
+    server.drain_nonblocking();
+    assert!(!server.seen.iter().any(|l| l.contains("panicked")));
 }

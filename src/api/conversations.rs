@@ -185,7 +185,7 @@ pub async fn create(
     } else {
         AdmitMode::LoadOrCreate(meta)
     };
-    let client = client_id(&req, &state.settings);
+    let client = client_id(&req, &state);
     let (_, status, message) = admit_and_join(
         &state,
         id.clone(),

@@ -30,6 +30,15 @@ pub enum ApiError {
     /// 413 `{"detail": …}`.
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
+    /// 408 `{"detail": …}`: the body did not arrive in time; the connection is closed.
+    #[error("Request body not received within {0} s (limits.body_timeout_secs)")]
+    BodyTimeout(u64),
+    /// 503 `{"detail": …}` with `Retry-After`: too many bodies are arriving at once.
+    #[error(
+        "Too many request bodies are arriving at once (limits.max_pending_body_bytes); \
+         try again shortly"
+    )]
+    BodiesBusy,
     /// 429 with the OpenHands too-many-conversations body.
     #[error("too many conversations")]
     TooManyConversations,
@@ -71,6 +80,8 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::BodiesBusy => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::TooManyConversations | ApiError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
@@ -94,7 +105,10 @@ impl ResponseError for ApiError {
             | ApiError::OverQuota(_, m) => {
                 json!({ "detail": m })
             }
-            ApiError::PayloadTooLarge(_) | ApiError::Storage(_) => {
+            ApiError::PayloadTooLarge(_)
+            | ApiError::Storage(_)
+            | ApiError::BodyTimeout(_)
+            | ApiError::BodiesBusy => {
                 json!({ "detail": self.to_string() })
             }
             ApiError::TooManyConversations => json!({
@@ -126,7 +140,20 @@ impl ResponseError for ApiError {
                 json!({"detail": "Internal Server Error"})
             }
         };
-        HttpResponse::build(self.status_code()).json(body)
+        let mut response = HttpResponse::build(self.status_code());
+        match self {
+            // The rest of the body may still be on its way: do not read it, close.
+            ApiError::BodyTimeout(_) | ApiError::PayloadTooLarge(_) => {
+                response.force_close();
+            }
+            ApiError::BodiesBusy => {
+                response
+                    .force_close()
+                    .insert_header((actix_web::http::header::RETRY_AFTER, "1"));
+            }
+            _ => {}
+        }
+        response.json(body)
     }
 }
 

@@ -2,19 +2,17 @@
 //!
 //! Handlers validate input, translate it into actor messages through the handles in
 //! [`crate::actors`], and map every failure to an exact status and JSON body ([`ApiError`]).
-//! Every `/api` route sits behind the session key when one is configured and answers with
+//! Every `/api` route sits behind the session key when one is configured
+//! ([`crate::http::auth`]) and answers with
 //! `cache-control: no-cache, no-store, must-revalidate, max-age=0`.
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
-use actix_web::body::{EitherBody, MessageBody};
-use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header;
-use actix_web::middleware::{from_fn, DefaultHeaders, Next};
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::middleware::{from_fn, DefaultHeaders};
+use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
-use subtle::ConstantTimeEq;
 
 use crate::actors::{ClientId, SupervisorHandle};
 use crate::config::Settings;
@@ -35,13 +33,21 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Arc<dyn Store>,
     pub supervisor: SupervisorHandle,
+    /// The session key and the login cookie.
+    pub auth: crate::http::auth::SessionAuth,
+    /// The checks every request passes before routing.
+    pub gate: crate::http::Gate,
 }
 
-/// Reads a request body of at most `limit` bytes.
+/// Reads a request body of at most `limit` bytes: 413 over it, 408 when it does not arrive in
+/// time, 503 when too many bodies are arriving at once (see [`crate::http::body`]).
 pub async fn read_body(mut payload: web::Payload, limit: usize) -> Result<web::BytesMut, ApiError> {
     let mut body = web::BytesMut::new();
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk.map_err(|e| ApiError::BadRequest(format!("Could not read body: {e}")))?;
+        let chunk = chunk.map_err(|e| match crate::http::body::BodyError::of(&e) {
+            Some(why) => ApiError::from(why),
+            None => ApiError::BadRequest(format!("Could not read body: {e}")),
+        })?;
         if body.len() + chunk.len() > limit {
             return Err(ApiError::PayloadTooLarge(limit));
         }
@@ -57,46 +63,17 @@ pub fn content_type(req: &actix_web::HttpRequest) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-/// Whether `presented` is the configured key, compared in constant time.
-pub fn key_matches(expected: &str, presented: Option<&str>) -> bool {
-    match presented {
-        Some(p) => bool::from(p.as_bytes().ct_eq(expected.as_bytes())),
-        None => false,
-    }
-}
-
 /// The identity a request's creations are counted against ([`ClientId`]): the session key
 /// when one is configured (the request passed the key check to get here), otherwise the peer's
 /// address.
-pub fn client_id(req: &HttpRequest, settings: &Settings) -> ClientId {
-    if !settings.session_api_key.is_empty() {
+pub fn client_id(req: &HttpRequest, state: &AppState) -> ClientId {
+    if state.auth.key().is_some() {
         return ClientId::SessionKey;
     }
     let ip = req
         .peer_addr()
         .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
     ClientId::peer(ip)
-}
-
-async fn require_session_key(
-    req: ServiceRequest,
-    next: Next<impl MessageBody>,
-) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    let expected = req
-        .app_data::<web::Data<AppState>>()
-        .map(|s| s.settings.session_api_key.clone())
-        .unwrap_or_default();
-    if !expected.is_empty() {
-        let presented = req
-            .headers()
-            .get("X-Session-API-Key")
-            .and_then(|v| v.to_str().ok());
-        if !key_matches(&expected, presented) {
-            let response = ApiError::Unauthorized.error_response();
-            return Ok(req.into_response(response).map_into_right_body());
-        }
-    }
-    Ok(next.call(req).await?.map_into_left_body())
 }
 
 async fn alive() -> HttpResponse {
@@ -139,7 +116,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(resource("/openapi.json", "GET").route(web::get().to(openapi::openapi_json)))
         .service(
             web::scope("/api")
-                .wrap(from_fn(require_session_key))
+                .wrap(from_fn(crate::http::auth::require_key))
                 .wrap(DefaultHeaders::new().add((
                     header::CACHE_CONTROL,
                     "no-cache, no-store, must-revalidate, max-age=0",

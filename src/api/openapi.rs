@@ -28,9 +28,16 @@ pub const QUERY_SECURITY_SCHEME: &str = "APIKeyQuery";
     info(
         title = "switchboard",
         description = "Self-hosted, OpenHands-compatible conversation orchestrator.\n\n\
-            Every `/api` route needs the `X-Session-API-Key` header when the server has a session \
-            key configured, and answers with `cache-control: no-cache, no-store, \
-            must-revalidate, max-age=0`. A request body with no `Content-Type` is read as JSON. \
+            Every `/api` route needs the session key when the server has one: the \
+            `X-Session-API-Key` header, the `session_api_key` query parameter, or the login \
+            cookie a browser gets from `/login` or `/?session_api_key=…`. Every `/api` route \
+            answers with `cache-control: no-cache, no-store, must-revalidate, max-age=0`. A \
+            request body with no `Content-Type` is read as JSON. Any request with a `Host` \
+            that is not the server's own answers 400; a state-changing request or a socket \
+            upgrade with a foreign `Origin` answers 403; a body declared larger than \
+            `limits.max_body_bytes` answers 413 before it is read, one slower than \
+            `limits.body_timeout_secs` 408, and one that does not fit in \
+            `limits.max_pending_body_bytes` 503. `HEAD` is answered wherever `GET` is. \
             Any other path answers `404 {\"detail\":\"Not Found\"}`, and a listed path with an \
             unlisted method answers `405 {\"detail\":\"Method Not Allowed\"}`."
     ),
@@ -65,6 +72,8 @@ pub const QUERY_SECURITY_SCHEME: &str = "APIKeyQuery";
         socket_io,
         socket_io_no_slash,
         plain_socket,
+        login_page,
+        login_submit,
     ),
     components(schemas(
         ProviderType,
@@ -86,6 +95,8 @@ pub const QUERY_SECURITY_SCHEME: &str = "APIKeyQuery";
         (name = "workspace", description = "What the web app shows beside a conversation: its files, git changes, uploads, microagents, trajectory"),
         (name = "settings", description = "The web app's settings side (OpenHands' OSS mode)"),
         (name = "meta", description = "This document"),
+        (name = "login", description = "The browser login: the session key becomes an \
+            HttpOnly, SameSite=Strict cookie"),
         (name = "sockets", description = "Attach to a conversation over WebSocket (an HTTP upgrade). \
             After the 101 the connection speaks WebSocket, which HTTP fuzzers cannot follow: \
             exclude this tag when fuzzing."),
@@ -111,7 +122,7 @@ impl Modify for Refinements {
             QUERY_SECURITY_SCHEME,
             SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
                 "session_api_key",
-                "The session key as a query parameter; WebSocket routes only.",
+                "The session key as a query parameter (meant for the sockets; /api takes it too).",
             ))),
         );
         // Answers of no listed operation, kept for reference.
@@ -332,6 +343,42 @@ fn socket_io_no_slash() {}
 )]
 #[allow(dead_code)]
 fn plain_socket() {}
+
+// `/login` is served by `crate::http::auth`; these describe it.
+
+/// The login form (HTML).
+///
+/// Without a configured key, or with the browser already logged in, a 303 to `next`.
+#[utoipa::path(
+    get,
+    path = "/login",
+    tag = "login",
+    operation_id = "login_page",
+    params(("next" = Option<String>, Query, description = "A local path to go back to (default `/`)")),
+    responses(
+        (status = 200, description = "The login form", content_type = "text/html"),
+        (status = 303, description = "Nothing to log in to: back to `next`"),
+    ),
+)]
+#[allow(dead_code)]
+fn login_page() {}
+
+/// The login form's answer (`application/x-www-form-urlencoded`: `session_api_key`, `next`).
+#[utoipa::path(
+    post,
+    path = "/login",
+    tag = "login",
+    operation_id = "login_submit",
+    request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "`session_api_key=…&next=/path`"),
+    responses(
+        (status = 303, description = "Logged in: the cookie is set, back to `next`"),
+        (status = 400, description = "Not a login form", body = ErrorDetail),
+        (status = 401, description = "The wrong key: the form again", content_type = "text/html"),
+        (status = 403, description = "Posted from a foreign origin", body = ErrorDetail),
+    ),
+)]
+#[allow(dead_code)]
+fn login_submit() {}
 
 #[cfg(test)]
 mod tests {

@@ -166,27 +166,14 @@ async fn ready(ops: web::Data<Ops>) -> HttpResponse {
     }
 }
 
-/// The key a scraper presented: `X-Session-API-Key`, or `Authorization: Bearer <key>`.
-fn presented_key(req: &HttpRequest) -> Option<&str> {
-    if let Some(key) = req
-        .headers()
-        .get("X-Session-API-Key")
-        .and_then(|v| v.to_str().ok())
-    {
-        return Some(key);
-    }
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-}
-
-async fn scrape(req: HttpRequest, ops: web::Data<Ops>) -> HttpResponse {
-    let key = &ops.settings.session_api_key;
-    if ops.settings.metrics.require_key
-        && !key.is_empty()
-        && !crate::api::key_matches(key, presented_key(&req))
-    {
+/// `/metrics`: behind the session key when `metrics.require_key` (a scraper may send it as
+/// `Authorization: Bearer <key>`, see [`crate::http::auth`]).
+async fn scrape(
+    req: HttpRequest,
+    ops: web::Data<Ops>,
+    state: web::Data<crate::api::AppState>,
+) -> HttpResponse {
+    if ops.settings.metrics.require_key && !state.auth.allows_request(&req) {
         use actix_web::ResponseError;
         return crate::api::ApiError::Unauthorized.error_response();
     }

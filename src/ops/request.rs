@@ -44,21 +44,13 @@ fn is_probe(route: &str) -> bool {
     matches!(route, "/alive" | "/health" | "/ready" | "/metrics")
 }
 
-/// Who made the request, for the log: `key` when the configured session key came with it,
-/// `anonymous` otherwise (also when no key is configured).
+/// Who made the request, for the log: `key` when the configured session key came with it
+/// (header, query or login cookie), `anonymous` otherwise (also when no key is configured).
 fn user(req: &ServiceRequest) -> &'static str {
-    let expected = req
+    let keyed = req
         .app_data::<web::Data<AppState>>()
-        .map(|s| s.settings.session_api_key.as_str())
-        .unwrap_or("");
-    if expected.is_empty() {
-        return "anonymous";
-    }
-    let presented = req
-        .headers()
-        .get("X-Session-API-Key")
-        .and_then(|v| v.to_str().ok());
-    if crate::api::key_matches(expected, presented) {
+        .is_some_and(|s| s.auth.key().is_some() && s.auth.allows_request(req.request()));
+    if keyed {
         "key"
     } else {
         "anonymous"

@@ -6,7 +6,8 @@
 //! durable event after the client's `latest_event_id` from the store, then the conversation's
 //! latest status update, then live frames — each event id exactly once, in order.
 //!
-//! Bounds: frames from the client are limited to `socket.max_frame_bytes`; frames to the client
+//! Bounds: messages from the client are limited to `socket.max_frame_bytes`, whether in one
+//! frame or fragmented into several (reassembled up to that size in all); frames to the client
 //! pass through a channel of `socket.queue_frames`. The actor only runs while the HTTP
 //! dispatcher takes its output, so a client that stops reading freezes its own socket: the
 //! conversation then finds the channel full and drops the subscriber, and the client is told
@@ -25,8 +26,9 @@ use tokio::sync::mpsc;
 use crate::actors::messages::ConversationError;
 use crate::actors::{AdmitError, AdmitMode, ClientFrame, CloseReason, ConversationHandle};
 use crate::api::validation::{is_valid_conversation_id, PROVIDERS};
-use crate::api::{key_matches, resource, resources, ApiError, AppState};
+use crate::api::{resource, resources, ApiError, AppState};
 use crate::events::{parse_user_action, StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
+use crate::http::auth::Presented;
 use crate::ops::metrics::metrics;
 use crate::store::EventQuery;
 
@@ -64,14 +66,6 @@ fn query_get<'a>(q: &'a Query, key: &str) -> Option<&'a str> {
 /// `latest_event_id`: a non-integer (or negative) counts as "nothing seen".
 fn latest_event_id(q: &Query) -> Option<u64> {
     query_get(q, "latest_event_id").and_then(|v| v.trim().parse::<u64>().ok())
-}
-
-fn presented_key(req: &HttpRequest, q: &Query) -> Option<String> {
-    req.headers()
-        .get("X-Session-API-Key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| query_get(q, "session_api_key").map(str::to_string))
 }
 
 fn bad_request(message: &str) -> ApiError {
@@ -119,7 +113,7 @@ async fn socketio_route(
         connected: false,
         query_id: query_get(&q, "conversation_id").map(str::to_string),
         providers_set: query_get(&q, "providers_set").unwrap_or("").to_string(),
-        key: presented_key(&req, &q),
+        presented: state.auth.presented(&req),
     };
     let socket = Socket::new(
         Proto::SocketIo(Box::new(sio)),
@@ -147,8 +141,7 @@ async fn plain_route(
             ),
         ));
     }
-    let expected = &state.settings.session_api_key;
-    if !expected.is_empty() && !key_matches(expected, presented_key(&req, &q).as_deref()) {
+    if !state.auth.allows_request(&req) {
         return Err(ApiError::Unauthorized);
     }
     if state.supervisor.live(&id).is_none() && state.store.get(&id).await?.is_none() {
@@ -212,8 +205,8 @@ struct SocketIo {
     connected: bool,
     query_id: Option<String>,
     providers_set: String,
-    /// The key from the query or the upgrade header, if any.
-    key: Option<String>,
+    /// The keys the upgrade request carried (header, cookie, query).
+    presented: Presented,
 }
 
 enum Proto {
@@ -236,6 +229,8 @@ pub struct Socket {
     counted: bool,
     /// Why the server detached the client (metrics); `None`: the client left.
     detach_reason: Option<&'static str>,
+    /// A fragmented message being reassembled: whether it is text, and its bytes so far.
+    fragments: Option<(bool, web::BytesMut)>,
 }
 
 impl Socket {
@@ -251,6 +246,7 @@ impl Socket {
             last_heard: Instant::now(),
             counted: false,
             detach_reason: None,
+            fragments: None,
         }
     }
 
@@ -398,6 +394,73 @@ impl Socket {
         }));
     }
 
+    /// One complete text message from the client.
+    fn on_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
+        if self.is_socketio() {
+            self.on_socketio_text(text, ctx);
+        } else {
+            match serde_json::from_str::<Value>(text) {
+                Ok(action) => self.user_action(action, ctx),
+                Err(e) => self.send_error(ctx, &format!("Malformed JSON: {e}")),
+            }
+        }
+    }
+
+    /// One frame of a fragmented message (RFC 6455 5.4): reassembled up to
+    /// `socket.max_frame_bytes` in all, then handled like an unfragmented one.
+    fn on_fragment(&mut self, item: actix_http::ws::Item, ctx: &mut ws::WebsocketContext<Self>) {
+        let (first, data, last) = match item {
+            actix_http::ws::Item::FirstText(data) => (Some(true), data, false),
+            actix_http::ws::Item::FirstBinary(data) => (Some(false), data, false),
+            actix_http::ws::Item::Continue(data) => (None, data, false),
+            actix_http::ws::Item::Last(data) => (None, data, true),
+        };
+        if let Some(text) = first {
+            if self.fragments.is_some() {
+                self.close(
+                    ctx,
+                    ws::CloseCode::Protocol,
+                    "a new message began inside a fragmented one",
+                );
+                return;
+            }
+            self.fragments = Some((text, web::BytesMut::new()));
+        }
+        let max = self.state.settings.socket.max_frame_bytes;
+        let Some((_, buffer)) = self.fragments.as_mut() else {
+            self.close(
+                ctx,
+                ws::CloseCode::Protocol,
+                "a continuation frame without a first frame",
+            );
+            return;
+        };
+        if buffer.len() + data.len() > max {
+            self.fragments = None;
+            self.close(ctx, ws::CloseCode::Size, "message too large");
+            return;
+        }
+        buffer.extend_from_slice(&data);
+        if !last {
+            return;
+        }
+        let Some((text, buffer)) = self.fragments.take() else {
+            return;
+        };
+        if !text {
+            self.send_error(ctx, "Binary frames are not supported");
+            return;
+        }
+        match std::str::from_utf8(&buffer) {
+            Ok(text) => self.on_text(text, ctx),
+            Err(_) => self.close(
+                ctx,
+                ws::CloseCode::Invalid,
+                "a text message that is not UTF-8",
+            ),
+        }
+    }
+
     fn on_socketio_text(&mut self, text: &str, ctx: &mut ws::WebsocketContext<Self>) {
         match socketio::parse(text) {
             Packet::Pong => {}
@@ -450,17 +513,13 @@ impl Socket {
             self.send_error(ctx, "Already connected");
             return;
         }
-        let (query_id, providers_set, key) = (
-            sio.query_id.clone(),
-            sio.providers_set.clone(),
-            sio.key.clone(),
-        );
-        let refusal = self.connect_refusal(
-            query_id.as_deref(),
-            &providers_set,
-            key.as_deref(),
-            auth.as_ref(),
-        );
+        let (query_id, providers_set) = (sio.query_id.clone(), sio.providers_set.clone());
+        let from_auth = auth
+            .as_ref()
+            .and_then(|a| a.get("session_api_key"))
+            .and_then(Value::as_str);
+        let presented = sio.presented.clone().with(from_auth);
+        let refusal = self.connect_refusal(query_id.as_deref(), &providers_set, &presented);
         match refusal {
             Some(reason) => ctx.text(socketio::connect_error(&reason)),
             None => self.attach(ctx),
@@ -472,18 +531,10 @@ impl Socket {
         &mut self,
         query_id: Option<&str>,
         providers_set: &str,
-        key: Option<&str>,
-        auth: Option<&Value>,
+        presented: &Presented,
     ) -> Option<String> {
-        let expected = &self.state.settings.session_api_key;
-        if !expected.is_empty() {
-            let from_auth = auth
-                .and_then(|a| a.get("session_api_key"))
-                .and_then(Value::as_str);
-            let presented = from_auth.or(key);
-            if !key_matches(expected, presented) {
-                return Some("invalid_session_api_key".into());
-            }
+        if !self.state.auth.allows(presented) {
+            return Some("invalid_session_api_key".into());
         }
         let id = match query_id {
             None | Some("") => return Some("No conversation_id in query params".into()),
@@ -579,22 +630,11 @@ impl StreamHandler<Result<ws::Message, ws::ProtocolError>> for Socket {
     fn handle(&mut self, msg: Result<ws::Message, ws::ProtocolError>, ctx: &mut Self::Context) {
         self.last_heard = Instant::now();
         match msg {
-            Ok(ws::Message::Text(text)) => {
-                if self.is_socketio() {
-                    self.on_socketio_text(&text, ctx);
-                } else {
-                    match serde_json::from_str::<Value>(&text) {
-                        Ok(action) => self.user_action(action, ctx),
-                        Err(e) => self.send_error(ctx, &format!("Malformed JSON: {e}")),
-                    }
-                }
-            }
+            Ok(ws::Message::Text(text)) => self.on_text(&text, ctx),
             Ok(ws::Message::Binary(_)) => self.send_error(ctx, "Binary frames are not supported"),
             Ok(ws::Message::Ping(p)) => ctx.pong(&p),
             Ok(ws::Message::Pong(_)) | Ok(ws::Message::Nop) => {}
-            Ok(ws::Message::Continuation(_)) => {
-                self.send_error(ctx, "Fragmented frames are not supported")
-            }
+            Ok(ws::Message::Continuation(item)) => self.on_fragment(item, ctx),
             Ok(ws::Message::Close(reason)) => {
                 self.closing = true;
                 ctx.close(reason);

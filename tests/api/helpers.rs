@@ -65,10 +65,10 @@ pub async fn spawn_with_store(
     store: Arc<dyn Store>,
     dir: tempfile::TempDir,
 ) -> TestApp {
-    let key = (!settings.session_api_key.is_empty()).then(|| settings.session_api_key.clone());
     let app = Application::build_with_store(settings, store.clone())
         .await
         .expect("server starts");
+    let key = app.session_key().map(str::to_string);
     let url = format!("http://127.0.0.1:{}", app.port());
     let handle = app.handle();
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -348,7 +348,134 @@ impl TestApp {
     }
 }
 
+/// An answer read off a raw connection.
+#[derive(Debug)]
+pub struct RawReply {
+    pub status: u16,
+    /// The head, interim `1xx` answers included.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl RawReply {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| {
+            panic!(
+                "{}: body is not JSON: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// One header's value (the last one of that name).
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().rev().find_map(|line| {
+            let (n, value) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name)
+                .then(|| value.trim().to_string())
+        })
+    }
+}
+
+impl TestApp {
+    /// A raw TCP connection to the server, for requests no client library would send.
+    pub async fn connect(&self) -> actix_web::rt::net::TcpStream {
+        let addr = self.url.trim_start_matches("http://");
+        actix_web::rt::net::TcpStream::connect(addr)
+            .await
+            .expect("connect")
+    }
+
+    /// `host:port` of the server, as a `Host` header names it.
+    pub fn authority(&self) -> &str {
+        self.url.trim_start_matches("http://")
+    }
+
+    /// Sends `request` (head and body, exactly as given) on a new connection and reads the
+    /// answer.
+    pub async fn raw(&self, request: &[u8]) -> RawReply {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = self.connect().await;
+        stream.write_all(request).await.expect("send");
+        read_reply(&mut stream, 30)
+            .await
+            .expect("an answer within 30 s")
+    }
+}
+
+/// Reads one final HTTP/1.1 answer (after any interim `1xx` ones) with a `Content-Length` body,
+/// or `None` when the connection closes or `secs` pass first.
+pub async fn read_reply(stream: &mut actix_web::rt::net::TcpStream, secs: u64) -> Option<RawReply> {
+    use tokio::io::AsyncReadExt;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut buf = Vec::new();
+    let mut heads = String::new();
+    loop {
+        while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            let status: u16 = head.split_whitespace().nth(1)?.parse().ok()?;
+            heads.push_str(&head);
+            heads.push('\n');
+            if (100..200).contains(&status) {
+                buf.drain(..end + 4);
+                continue;
+            }
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            while buf.len() < end + 4 + length {
+                let mut chunk = [0u8; 8192];
+                let left = deadline.checked_duration_since(Instant::now())?;
+                match actix_web::rt::time::timeout(left, stream.read(&mut chunk)).await {
+                    Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+                    _ => return None,
+                }
+            }
+            return Some(RawReply {
+                status,
+                head: heads,
+                body: buf[end + 4..end + 4 + length].to_vec(),
+            });
+        }
+        let mut chunk = [0u8; 8192];
+        let left = deadline.checked_duration_since(Instant::now())?;
+        match actix_web::rt::time::timeout(left, stream.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
 impl WsClient {
+    /// Sends one message split into `parts` frames (a first frame and continuations, RFC 6455
+    /// 5.4), the way a client that fragments does.
+    pub async fn send_fragmented(&mut self, text: &str, parts: usize) {
+        use actix_http::ws::Item;
+        use awc::ws::Message;
+        use futures_util::SinkExt;
+        let bytes = text.as_bytes();
+        let size = bytes.len().div_ceil(parts.max(2));
+        let chunks: Vec<&[u8]> = bytes.chunks(size.max(1)).collect();
+        for (i, chunk) in chunks.iter().enumerate() {
+            let data = actix_web::web::Bytes::copy_from_slice(chunk);
+            let item = match i {
+                0 => Item::FirstText(data),
+                i if i + 1 == chunks.len() => Item::Last(data),
+                _ => Item::Continue(data),
+            };
+            self.framed
+                .send(Message::Continuation(item))
+                .await
+                .expect("send a fragment");
+        }
+    }
+
     pub async fn send(&mut self, text: &str) {
         use futures_util::SinkExt;
         self.framed

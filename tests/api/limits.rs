@@ -210,7 +210,7 @@ async fn a_client_over_its_creation_rate_gets_429_with_retry_after_and_others_do
 #[actix_web::test]
 async fn with_a_session_key_the_key_is_the_client() {
     let app = spawn_app_with(|s| {
-        s.session_api_key = "k".into();
+        s.session_api_key = Some("k".into());
         s.limits.create_rate_per_sec = 1;
         s.limits.create_burst = 3;
     })

@@ -98,7 +98,7 @@ async fn an_openhands_like_server_is_measured_and_its_failures_classified() {
 
 #[actix_web::test]
 async fn refusals_and_rate_limits_are_counted_by_kind() {
-    let app = spawn_app_with(|s| s.session_api_key = "k".into()).await;
+    let app = spawn_app_with(|s| s.session_api_key = Some("k".into())).await;
     let s = execute(args(&app.url, Attach::Socketio)).await;
     assert_eq!(s.conversations_ok, 0);
     assert_eq!(s.conversations_failed, 12);

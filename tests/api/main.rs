@@ -12,6 +12,7 @@ mod load;
 mod openapi;
 mod restart;
 mod routes;
+mod security;
 mod session_key;
 mod settings;
 mod sockets;

@@ -6,7 +6,7 @@ use crate::helpers::*;
 
 #[actix_web::test]
 async fn every_api_route_requires_the_key() {
-    let mut app = spawn_app_with(|s| s.session_api_key = "s3cret".into()).await;
+    let mut app = spawn_app_with(|s| s.session_api_key = Some("s3cret".into())).await;
     let id = app.create(json!({})).await;
     let routes = [
         ("POST", "/api/conversations".to_string()),

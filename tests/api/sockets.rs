@@ -72,7 +72,7 @@ async fn reconnecting_with_latest_event_id_gets_only_what_was_missed() {
 
 #[actix_web::test]
 async fn every_refusal_is_a_44_with_a_reason() {
-    let app = spawn_app_with(|s| s.session_api_key = "k3y".into()).await;
+    let app = spawn_app_with(|s| s.session_api_key = Some("k3y".into())).await;
     let id = app.create(json!({})).await;
     let cases: Vec<(String, &str, &str)> = vec![
         (
@@ -472,7 +472,7 @@ async fn plain_websocket_route() {
 
 #[actix_web::test]
 async fn plain_websocket_route_needs_the_key() {
-    let app = spawn_app_with(|s| s.session_api_key = "k".into()).await;
+    let app = spawn_app_with(|s| s.session_api_key = Some("k".into())).await;
     let id = app.create(json!({})).await;
     assert_eq!(
         app.ws(&format!("/ws/conversations/{id}"), &[]).await.err(),

@@ -1,0 +1,114 @@
+//! What every HTTP request passes before it is routed: the server's front gate.
+//!
+//! [`gate`] runs first for every request, in this order:
+//! 1. a `Host` that is not ours is refused with 400 (DNS rebinding), see [`origin`];
+//! 2. a state-changing request (any method but GET, HEAD, OPTIONS) or a WebSocket upgrade (the
+//!    socket routes) whose `Origin` is not allowed is refused with 403 — sockets before the
+//!    upgrade; requests without an `Origin` pass;
+//! 3. a body is bounded in size, time and shared memory, see [`body`];
+//! 4. `HEAD` is served as `GET` (the HTTP layer sends the head without the body).
+//!
+//! Then [`auth::login`] turns `?session_api_key=` into a login cookie for pages, and the routes
+//! check the key through [`auth::SessionAuth::allows`].
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::middleware::Next;
+use actix_web::{web, ResponseError};
+use serde_json::json;
+
+use crate::api::{ApiError, AppState};
+use crate::config::Settings;
+
+pub mod auth;
+pub mod body;
+pub mod origin;
+
+/// The allow-lists and body limits every request is checked against.
+#[derive(Debug)]
+pub struct Gate {
+    pub allow: origin::AllowList,
+    pub bodies: body::BodyLimits,
+}
+
+impl Gate {
+    pub fn new(settings: &Settings) -> Gate {
+        Gate {
+            allow: origin::AllowList::from_settings(settings),
+            bodies: body::BodyLimits::new(settings),
+        }
+    }
+
+    /// Why `req` is refused before routing, if it is; prepares its body and method otherwise.
+    fn check(&self, req: &mut ServiceRequest) -> Result<(), ApiError> {
+        let headers = req.headers();
+        let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
+        if let Some(h) = headers.get(header::HOST) {
+            if host.is_none_or(|h| !self.allow.host_allowed(h)) {
+                let shown = String::from_utf8_lossy(h.as_bytes());
+                tracing::info!(host = %shown, path = req.path(), "refused a request for a foreign Host");
+                return Err(refusal(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "Host {shown:?} is not allowed: this server answers only to its own \
+                         names (DNS rebinding protection). Add the name to [http] allowed_hosts \
+                         or SWITCHBOARD_ALLOWED_HOSTS."
+                    ),
+                ));
+            }
+        }
+        if let Some(o) = headers.get(header::ORIGIN) {
+            let guarded = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+                || is_socket_path(req.path())
+                || headers.contains_key(header::UPGRADE);
+            let allowed = || {
+                o.to_str()
+                    .is_ok_and(|origin| self.allow.origin_allowed(origin, host))
+            };
+            if guarded && !allowed() {
+                let shown = String::from_utf8_lossy(o.as_bytes());
+                tracing::info!(origin = %shown, method = %req.method(), path = req.path(), "refused a cross-site request");
+                return Err(refusal(
+                    StatusCode::FORBIDDEN,
+                    format!(
+                        "Origin {shown:?} is not allowed to change anything or open a socket \
+                         here (cross-site request). Add it to [http] allowed_origins or \
+                         SWITCHBOARD_ALLOWED_ORIGINS."
+                    ),
+                ));
+            }
+        }
+        self.bodies.check(req)?;
+        if req.method() == Method::HEAD {
+            req.head_mut().method = Method::GET;
+        }
+        Ok(())
+    }
+}
+
+/// The socket routes: `/socket.io/` and `/ws/…`.
+fn is_socket_path(path: &str) -> bool {
+    path == "/socket.io" || path.starts_with("/socket.io/") || path.starts_with("/ws/")
+}
+
+fn refusal(status: StatusCode, detail: String) -> ApiError {
+    ApiError::Exact(status, json!({ "detail": detail }))
+}
+
+/// The middleware around the whole app; see the module docs.
+pub async fn gate(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let checked = match req.app_data::<web::Data<AppState>>().cloned() {
+        Some(state) => state.gate.check(&mut req),
+        None => Ok(()),
+    };
+    if let Err(refused) = checked {
+        return Ok(req
+            .into_response(refused.error_response())
+            .map_into_right_body());
+    }
+    Ok(next.call(req).await?.map_into_left_body())
+}

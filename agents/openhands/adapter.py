@@ -32,7 +32,6 @@ sys.stdout = sys.stderr
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("LOG_LEVEL", "WARNING")
-os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 STATE_ROOT = os.path.abspath(
     os.environ.get("OPENHANDS_STATE_DIR")

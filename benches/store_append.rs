@@ -5,7 +5,8 @@
 //! `cargo bench --bench store_append` (about 30 s); add `-- --quick` (or set
 //! `SWITCHBOARD_BENCH_QUICK=1`) for a ~6 s run, or `SWITCHBOARD_BENCH_SECS=<seconds>` to set the
 //! time each scenario runs; other arguments pick the scenarios whose names contain one of them
-//! (`-- --quick "new conv"`). Every scenario uses a fresh database in a temp dir; each event is
+//! (`-- --quick "new conv"`). Every scenario uses a fresh database in a temp dir, with the
+//! server's default quotas and disk reserve (`[limits]`); each event is
 //! ~250 bytes of JSON. A writer awaits its appends before issuing more (as a conversation actor
 //! does while idle), except with "in flight", where it keeps that many appends queued (as an
 //! actor emitting faster than the store commits does). So the numbers are committed events
@@ -17,9 +18,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use switchboard::config::StoreTuning;
+use switchboard::config::{Settings, StoreTuning};
 use switchboard::events::{meta_timestamp, EventBody, Source};
-use switchboard::store::{ConversationMeta, InitData, SqliteStore, Store, StoreError};
+use switchboard::store::{ConversationMeta, InitData, SqliteStore, Store, StoreError, StoreLimits};
 
 #[derive(Clone, Copy)]
 enum Work {
@@ -207,7 +208,9 @@ async fn run(scenario: &Scenario, duration: Duration) -> Result<Outcome, String>
         queue: 1024,
     };
     let earlier = writer_threads();
-    let store = SqliteStore::open(dir.path(), &tuning).map_err(|e| e.to_string())?;
+    // The server's default quotas and disk reserve, so that their checks are measured too.
+    let limits = StoreLimits::from_limits(&Settings::defaults().limits);
+    let store = SqliteStore::open_with(dir.path(), &tuning, limits).map_err(|e| e.to_string())?;
 
     let body = EventBody::message(
         Source::Agent,

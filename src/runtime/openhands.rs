@@ -102,3 +102,63 @@ fn write_adapter(dir: &Path) -> Result<PathBuf, String> {
         })?;
     Ok(path)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn openhands_settings(data_dir: &Path, venv: &Path) -> Settings {
+        let mut s = Settings::defaults();
+        s.data_dir = data_dir.to_path_buf();
+        s.runtime.kind = RuntimeKind::Openhands;
+        s.runtime.openhands.venv = venv.display().to_string();
+        s
+    }
+
+    #[test]
+    fn a_missing_environment_is_refused_with_the_install_script_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let why = prepare(openhands_settings(dir.path(), &dir.path().join("none"))).unwrap_err();
+        assert!(why.contains("agents/openhands/install.sh"), "{why}");
+        assert!(why.contains("runtime.openhands.venv"), "{why}");
+        assert!(!dir.path().join("openhands").exists(), "nothing written");
+    }
+
+    #[test]
+    fn the_adapter_becomes_the_process_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let venv = dir.path().join("venv");
+        std::fs::create_dir_all(venv.join("bin")).unwrap();
+        std::fs::write(venv.join("bin/python"), "").unwrap();
+        let mut settings = openhands_settings(&dir.path().join("data"), &venv);
+        settings
+            .runtime
+            .process
+            .env
+            .insert("LLM_MODEL".into(), "openai/x".into());
+        let s = prepare(settings).unwrap();
+        let adapter = dir.path().join("data/openhands/adapter.py");
+        assert_eq!(
+            s.runtime.process.command,
+            [
+                venv.join("bin/python").display().to_string(),
+                adapter.display().to_string()
+            ]
+        );
+        assert_eq!(std::fs::read_to_string(&adapter).unwrap(), ADAPTER);
+        assert_eq!(
+            s.runtime.process.env["OPENHANDS_STATE_DIR"],
+            dir.path()
+                .join("data/openhands/state")
+                .display()
+                .to_string()
+        );
+        assert_eq!(s.runtime.process.env["LLM_MODEL"], "openai/x");
+        // Other kinds pass through untouched.
+        let mut echo = Settings::defaults();
+        echo.data_dir = dir.path().join("echo");
+        let echo = prepare(echo).unwrap();
+        assert!(echo.runtime.process.command.is_empty());
+        assert!(!dir.path().join("echo").exists());
+    }
+}

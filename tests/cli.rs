@@ -1887,6 +1887,19 @@ fn e2e_artifacts_dir() -> std::path::PathBuf {
 /// Prints the time from clicking "Launch" to an enabled chat box.
 #[test]
 fn the_openhands_web_app_works_end_to_end() {
+    run_the_web_app(None);
+}
+
+/// The same with a session key: the browser logs in once through `/?session_api_key=K` and
+/// the HttpOnly cookie carries the key for every `/api` call and socket after that.
+#[test]
+fn the_openhands_web_app_works_with_a_session_key_through_the_cookie_login() {
+    run_the_web_app(Some("e2e-key-5b1c0d"));
+}
+
+/// Runs `tests/e2e/webapp.py` against a fresh server; SKIPPED without the fixture, Chromium
+/// or Playwright unless `SWITCHBOARD_REQUIRE_BROWSER_TESTS=1`.
+fn run_the_web_app(session_key: Option<&str>) {
     let skip = |why: String| {
         assert!(!browser_required(), "the browser test is required: {why}");
         eprintln!("SKIPPED: {why}");
@@ -1921,12 +1934,20 @@ fn the_openhands_web_app_works_end_to_end() {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let site_arg = site.path().to_str().expect("utf-8 path").to_string();
-    let server = Server::start_with_args(dir, &data, "sqlite", &["--frontend", &site_arg], &[]);
+    let mut args = vec!["--frontend", site_arg.as_str()];
+    if let Some(key) = session_key {
+        args.extend(["--session-api-key", key]);
+    }
+    let server = Server::start_with_args(dir, &data, "sqlite", &args, &[]);
     let shots = tempfile::tempdir().expect("temp dir");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/webapp.py");
+    let mut python_cmd = Command::new(&python);
+    python_cmd.arg(&script);
+    if let Some(key) = session_key {
+        python_cmd.args(["--session-key", key]);
+    }
     let mut child = Guard(
-        Command::new(&python)
-            .arg(&script)
+        python_cmd
             .arg("--url")
             .arg(format!("http://127.0.0.1:{}", server.port))
             .arg("--artifacts")
@@ -1964,7 +1985,8 @@ fn the_openhands_web_app_works_end_to_end() {
     let passed = status.is_some_and(|s| s.success()) && report["ok"] == true;
     if !passed {
         let keep = e2e_artifacts_dir().join(format!(
-            "webapp-{}",
+            "webapp{}-{}",
+            if session_key.is_some() { "-key" } else { "" },
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs())
@@ -1983,8 +2005,14 @@ fn the_openhands_web_app_works_end_to_end() {
         );
     }
     println!(
-        "e2e: launch to an enabled chat box: {} ms (debug build, {} steps)",
-        report["launch_to_chat_enabled_ms"], report["steps"]
+        "e2e{}: launch to an enabled chat box: {} ms ({} steps)",
+        if session_key.is_some() {
+            " with a session key"
+        } else {
+            ""
+        },
+        report["launch_to_chat_enabled_ms"],
+        report["steps"]
     );
     drop(server);
 }

@@ -9,8 +9,8 @@ With --session-key the server has a key: the browser first opens `/?session_api_
 cookie login), and everything after runs on the cookie alone; the API refuses a client without
 it. Steps: the first-run modals answered -> Launch -> chat -> the echo rendered -> reload -> the
 conversation listed -> rename -> stop -> resume -> delete -> the settings page. A screenshot per
-step goes to DIR. Every /api answer the app receives is watched: a 404 or 5xx fails the run,
-except `git/changes`' 404 "Not a git repository" and the `GET /api/settings` 404 that opens the
+step goes to DIR. Every /api answer the app receives is watched: a 401, 403, 404 or 5xx fails
+the run (with a key, the login cookie must authenticate everything), except `git/changes`' 404 "Not a git repository" and the `GET /api/settings` 404 that opens the
 first-run modal before anything is saved (both are OpenHands' protocol). Prints one JSON line
 with the measured times; exits non-zero on any failure.
 """
@@ -49,7 +49,7 @@ class Run:
     def on_response(self, response):
         if "/api/" not in response.url:
             return
-        if response.status == 404 or response.status >= 500:
+        if response.status in (401, 403, 404) or response.status >= 500:
             task = asyncio.ensure_future(self.check_refusal(response))
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)

@@ -1,6 +1,10 @@
-//! Appends per second into the SQLite store, with and without group commit, and the write
-//! pattern of `POST /api/conversations` (a new conversation with a random id, then its first
-//! events).
+//! Appends per second into the SQLite store and the PostgreSQL store, with and without group
+//! commit, and the write pattern of `POST /api/conversations` (a new conversation with a random
+//! id, then its first events).
+//!
+//! The PostgreSQL scenarios run when `SWITCHBOARD_TEST_POSTGRES_URL` names a server
+//! (`eval "$(.ci/postgres.sh start)"` starts a local one), each in a fresh database; the
+//! argument `sqlite` or `postgres` runs one backend only.
 //!
 //! `cargo bench --bench store_append` (about 30 s); add `-- --quick` (or set
 //! `SWITCHBOARD_BENCH_QUICK=1`) for a ~6 s run, or `SWITCHBOARD_BENCH_SECS=<seconds>` to set the
@@ -12,15 +16,81 @@
 //! actor emitting faster than the store commits does). So the numbers are committed events
 //! (and, for the creating scenario, committed new conversations) per second, and the CPU time
 //! the writer thread and the whole bench process spent per event (Linux only; the process
-//! includes the tasks issuing the writes).
+//! includes the tasks issuing the writes; for PostgreSQL the "writer" is the store's thread,
+//! and the PostgreSQL server's own CPU is not counted).
+
+#[path = "../tests/pg/mod.rs"]
+mod pg;
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use switchboard::config::{Settings, StoreTuning};
+use switchboard::config::{PostgresSettings, Settings, StoreTuning};
 use switchboard::events::{meta_timestamp, EventBody, Source};
-use switchboard::store::{ConversationMeta, InitData, SqliteStore, Store, StoreError, StoreLimits};
+use switchboard::store::{
+    ConversationMeta, InitData, PostgresStore, SqliteStore, Store, StoreError, StoreLimits,
+};
+
+/// Which store a scenario runs on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// An open store and what must outlive it.
+enum Opened {
+    Sqlite(SqliteStore, tempfile::TempDir),
+    Postgres(PostgresStore, pg::TestDatabase),
+}
+
+impl Opened {
+    fn open(backend: Backend, tuning: &StoreTuning, limits: StoreLimits) -> Result<Opened, String> {
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                let store = SqliteStore::open_with(dir.path(), tuning, limits)
+                    .map_err(|e| e.to_string())?;
+                Ok(Opened::Sqlite(store, dir))
+            }
+            Backend::Postgres => {
+                let db = pg::database().ok_or("no PostgreSQL server")?;
+                let settings = PostgresSettings {
+                    url: db.url.clone(),
+                    pool_size: 8,
+                };
+                let store = PostgresStore::open_with(&settings, tuning, limits)
+                    .map_err(|e| e.to_string())?;
+                Ok(Opened::Postgres(store, db))
+            }
+        }
+    }
+
+    fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Opened::Sqlite(store, _) => Arc::new(store.clone()),
+            Opened::Postgres(store, _) => Arc::new(store.clone()),
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Opened::Sqlite(store, _dir) => store.close().await,
+            Opened::Postgres(store, _db) => store.close().await,
+        }
+    }
+}
 
 #[derive(Clone, Copy)]
 enum Work {
@@ -99,7 +169,7 @@ struct Done {
 }
 
 async fn append_loop(
-    store: SqliteStore,
+    store: Arc<dyn Store>,
     body: EventBody,
     id: String,
     in_flight: usize,
@@ -129,7 +199,7 @@ async fn append_loop(
 }
 
 async fn create_loop(
-    store: SqliteStore,
+    store: Arc<dyn Store>,
     body: EventBody,
     deadline: Instant,
 ) -> Result<Done, StoreError> {
@@ -150,7 +220,7 @@ async fn create_loop(
     Ok(done)
 }
 
-/// The ids of this process's threads named `store-writer` (Linux only).
+/// The ids of this process's store writer threads (Linux only).
 fn writer_threads() -> Vec<String> {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
         return Vec::new();
@@ -159,7 +229,7 @@ fn writer_threads() -> Vec<String> {
         .flatten()
         .filter(|task| {
             std::fs::read_to_string(task.path().join("comm"))
-                .is_ok_and(|comm| comm.trim() == "store-writer")
+                .is_ok_and(|comm| matches!(comm.trim(), "store-writer" | "store-postgres"))
         })
         .map(|task| task.file_name().to_string_lossy().into_owned())
         .collect()
@@ -201,8 +271,7 @@ struct Outcome {
     cpu: Option<(f64, f64)>,
 }
 
-async fn run(scenario: &Scenario, duration: Duration) -> Result<Outcome, String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+async fn run(scenario: &Scenario, backend: Backend, duration: Duration) -> Result<Outcome, String> {
     let tuning = StoreTuning {
         batch_max: scenario.batch_max,
         queue: 1024,
@@ -210,7 +279,8 @@ async fn run(scenario: &Scenario, duration: Duration) -> Result<Outcome, String>
     let earlier = writer_threads();
     // The server's default quotas and disk reserve, so that their checks are measured too.
     let limits = StoreLimits::from_limits(&Settings::defaults().limits);
-    let store = SqliteStore::open_with(dir.path(), &tuning, limits).map_err(|e| e.to_string())?;
+    let opened = Opened::open(backend, &tuning, limits)?;
+    let store = opened.store();
 
     let body = EventBody::message(
         Source::Agent,
@@ -267,7 +337,8 @@ async fn run(scenario: &Scenario, duration: Duration) -> Result<Outcome, String>
     let cpu = cpu_before
         .zip(cpu_seconds(writer.as_deref()))
         .map(|((w0, p0), (w1, p1))| (w1 - w0, p1 - p0));
-    store.close().await;
+    drop(store);
+    opened.close().await;
     Ok(Outcome {
         done: total,
         elapsed,
@@ -295,13 +366,48 @@ fn main() {
         }
     };
 
-    // Any other argument picks the scenarios whose names contain it.
-    let filters: Vec<String> = std::env::args()
+    // `sqlite` or `postgres` picks a backend; any other argument picks the scenarios whose
+    // names contain it.
+    let args: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    let (backend_args, filters): (Vec<String>, Vec<String>) = args
+        .into_iter()
+        .partition(|a| a == "sqlite" || a == "postgres");
+    let mut backends = vec![Backend::Sqlite, Backend::Postgres];
+    if !backend_args.is_empty() {
+        backends.retain(|b| backend_args.iter().any(|a| a == b.name()));
+    }
+    for backend in backends {
+        match backend {
+            Backend::Sqlite => {
+                println!("SQLite store appends (WAL, synchronous=NORMAL), {secs} s per scenario\n")
+            }
+            Backend::Postgres => {
+                if std::env::var("SWITCHBOARD_TEST_POSTGRES_URL").is_err() {
+                    println!(
+                        "PostgreSQL store: skipped (no SWITCHBOARD_TEST_POSTGRES_URL; \
+                         eval \"$(.ci/postgres.sh start)\" starts a server)"
+                    );
+                    continue;
+                }
+                println!(
+                    "\nPostgreSQL store appends (local server, synchronous_commit=on), \
+                     {secs} s per scenario\n"
+                )
+            }
+        }
+        bench_backend(&runtime, backend, &filters, duration);
+    }
+}
 
-    println!("SQLite store appends (WAL, synchronous=NORMAL), {secs} s per scenario\n");
+fn bench_backend(
+    runtime: &tokio::runtime::Runtime,
+    backend: Backend,
+    filters: &[String],
+    duration: Duration,
+) {
     println!(
         "{:<36} {:>9} {:>8} {:>10} {:>10} {:>10} {:>10} {:>10}",
         "scenario", "batch_max", "writers", "events", "events/s", "new conv/s", "writer", "process"
@@ -314,7 +420,7 @@ fn main() {
         .iter()
         .filter(|s| filters.is_empty() || filters.iter().any(|f| s.name.contains(f.as_str())));
     for scenario in picked {
-        match runtime.block_on(run(scenario, duration)) {
+        match runtime.block_on(run(scenario, backend, duration)) {
             Ok(Outcome { done, elapsed, cpu }) => {
                 let per_sec = |n: u64| n as f64 / elapsed.as_secs_f64();
                 let conversations = match scenario.work {

@@ -40,6 +40,7 @@ pub enum ConfigError {
 pub enum StoreKind {
     Sqlite,
     Memory,
+    Postgres,
 }
 
 /// What the supervisor does when the running-conversation limit is reached.
@@ -101,6 +102,7 @@ pub struct Settings {
     pub workspace: WorkspaceSettings,
     pub store_tuning: StoreTuning,
     pub metrics: MetricsSettings,
+    pub postgres: PostgresSettings,
 }
 
 /// `GET /metrics`.
@@ -109,6 +111,17 @@ pub struct Settings {
 pub struct MetricsSettings {
     /// Whether scraping needs the session key (when one is set).
     pub require_key: bool,
+}
+
+/// The PostgreSQL store (`store = "postgres"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresSettings {
+    /// `postgres://user:password@host:port/dbname` (or the `key=value` form); required when
+    /// `store = "postgres"`. Connections are unencrypted (no TLS).
+    pub url: String,
+    /// Connections at most: one for the writer, the rest for reads.
+    pub pool_size: usize,
 }
 
 /// The OpenHands web app: where its build is, and what `GET /api/options/*` tell it.
@@ -517,6 +530,12 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
     (
         "SWITCHBOARD_METRICS_REQUIRE_KEY",
         "metrics.require_key",
+        EnvKind::Literal,
+    ),
+    ("SWITCHBOARD_POSTGRES_URL", "postgres.url", EnvKind::Str),
+    (
+        "SWITCHBOARD_POSTGRES_POOL_SIZE",
+        "postgres.pool_size",
         EnvKind::Literal,
     ),
 ];
@@ -1005,6 +1024,7 @@ impl Settings {
         positive("socket.ping_timeout_ms", self.socket.ping_timeout_ms)?;
         positive("store_tuning.batch_max", self.store_tuning.batch_max as u64)?;
         positive("store_tuning.queue", self.store_tuning.queue as u64)?;
+        self.validate_postgres()?;
         self.validate_process()?;
         let w = &self.workspace;
         positive("workspace.max_upload_files", w.max_upload_files as u64)?;
@@ -1012,6 +1032,35 @@ impl Settings {
         positive("workspace.max_read_file_bytes", w.max_read_file_bytes)?;
         positive("workspace.max_list_files", w.max_list_files as u64)?;
         self.validate_frontend()?;
+        Ok(())
+    }
+
+    /// The PostgreSQL settings: a URL that parses when the store needs one (the message never
+    /// repeats the URL, which may hold a password), and room for the writer plus a reader.
+    fn validate_postgres(&self) -> Result<(), ConfigError> {
+        let p = &self.postgres;
+        if p.pool_size < 2 {
+            return Err(invalid(
+                "postgres.pool_size",
+                "expected a whole number of at least 2 (one connection writes, the others read)",
+            ));
+        }
+        if self.store != StoreKind::Postgres {
+            return Ok(());
+        }
+        if p.url.trim().is_empty() {
+            return Err(invalid(
+                "postgres.url",
+                "store = \"postgres\" needs the database's URL \
+                 (postgres://user:password@host:port/dbname; env SWITCHBOARD_POSTGRES_URL)",
+            ));
+        }
+        if let Err(e) = p.url.parse::<tokio_postgres::Config>() {
+            return Err(invalid(
+                "postgres.url",
+                format!("not a PostgreSQL connection URL: {e}"),
+            ));
+        }
         Ok(())
     }
 
@@ -1225,6 +1274,8 @@ mod tests {
             ),
             ("SWITCHBOARD_RUNTIME", "docker", "runtime.kind"),
             ("SWITCHBOARD_STORE", "mysql", "store"),
+            ("SWITCHBOARD_STORE", "postgres", "postgres.url"),
+            ("SWITCHBOARD_POSTGRES_POOL_SIZE", "1", "postgres.pool_size"),
         ];
         for (var, value, setting) in cases {
             let err = SettingsBuilder::new()

@@ -8,7 +8,7 @@
 //! - [`actors`]: the supervisor and the per-conversation actors.
 //! - [`runtime`]: what runs behind a conversation (echo, …).
 //! - [`events`]: the OpenHands event model and its JSON form.
-//! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite).
+//! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite, PostgreSQL).
 //! - [`ws`]: socket transports (Socket.IO and plain JSON WebSocket).
 //! - [`load`]: the load generator behind `switchboard load`.
 //! - [`frontend`]: serving a built OpenHands web app at `/`.

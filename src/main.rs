@@ -50,7 +50,7 @@ struct ServeArgs {
     /// Data directory (SWITCHBOARD_DATA_DIR).
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// Store backend: sqlite or memory (SWITCHBOARD_STORE).
+    /// Store backend: sqlite, postgres or memory (SWITCHBOARD_STORE).
     #[arg(long)]
     store: Option<String>,
     /// Session API key (SWITCHBOARD_SESSION_API_KEY). Unset: generated with the process

@@ -32,7 +32,7 @@ use crate::config::{SessionKeyPolicy, Settings, StoreKind};
 use crate::http::auth::SessionAuth;
 use crate::http::origin::AllowList;
 use crate::ops::{Ops, Readiness};
-use crate::store::{MemoryStore, SqliteStore, Store, StoreLimits};
+use crate::store::{MemoryStore, PostgresStore, SqliteStore, Store, StoreLimits};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +100,11 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::with_limits(limits))),
         StoreKind::Sqlite => {
             SqliteStore::open_with(&settings.data_dir, &settings.store_tuning, limits)
+                .map(|store| Arc::new(store) as Arc<dyn Store>)
+                .map_err(|e| StartupError::Store(e.to_string()))
+        }
+        StoreKind::Postgres => {
+            PostgresStore::open_with(&settings.postgres, &settings.store_tuning, limits)
                 .map(|store| Arc::new(store) as Arc<dyn Store>)
                 .map_err(|e| StartupError::Store(e.to_string()))
         }

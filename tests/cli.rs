@@ -1,5 +1,6 @@
 //! The real `switchboard` binary: refusing bad settings, serving, and stopping gracefully on
-//! SIGTERM and SIGINT. Only std is used to talk to it (a tiny HTTP/1.1 client).
+//! SIGTERM and SIGINT, and keeping what it stored across `kill -9` (on SQLite and on PostgreSQL).
+//! Only std is used to talk to it (a tiny HTTP/1.1 client).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -10,6 +11,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+mod pg;
 
 /// The binary, run in `dir` (so no `./config/default.toml` is layered in) with a clean
 /// environment for its settings and logs.
@@ -510,10 +513,25 @@ fn watch(
 
 #[test]
 fn kill_9_loses_no_event_a_client_has_seen() {
+    kill_9_then_restart_loses_nothing("sqlite", &[]);
+}
+
+/// The server runs on PostgreSQL end to end: what a client saw survives `kill -9` and a restart
+/// on the same database, and the conversation goes on there.
+#[test]
+fn on_postgres_kill_9_loses_no_event_a_client_has_seen() {
+    let Some(db) = pg::database() else { return };
+    kill_9_then_restart_loses_nothing("postgres", &[("SWITCHBOARD_POSTGRES_URL", &db.url)]);
+}
+
+/// Serves on `store` (with `envs`), kills the server with `kill -9` while a client watches a busy
+/// conversation, restarts it on the same store and checks that every event the client saw is
+/// there, unchanged, with dense ids, and that the conversation resumes.
+fn kill_9_then_restart_loses_nothing(store: &str, envs: &[(&str, &str)]) {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let work = tempfile::tempdir().expect("temp dir");
-    let mut server = Server::start_in(work, &data, "sqlite");
+    let mut server = Server::start_with(work, &data, store, envs);
     let port = server.port;
     let (status, body) = http(port, "POST", "/api/conversations", Some("{}"));
     assert_eq!(status, 200, "{body}");
@@ -559,7 +577,7 @@ fn kill_9_loses_no_event_a_client_has_seen() {
 
     // Restart on the same data: everything the client saw is there, byte for byte.
     let work = tempfile::tempdir().expect("temp dir");
-    let server = Server::start_in(work, &data, "sqlite");
+    let server = Server::start_with(work, &data, store, envs);
     let stored = all_events(server.port, &id);
     for (i, e) in stored.iter().enumerate() {
         assert_eq!(e["id"], i as u64, "ids dense after the restart");

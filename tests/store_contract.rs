@@ -1,18 +1,21 @@
-//! The `Store` contract, written once and run against every backend: the in-memory store and the
+//! The `Store` contract, written once and run against every backend: the in-memory store, the
 //! SQLite store (with the default tuning, and with tiny queues so that back-pressure and
-//! one-request batches are exercised too). SQLite stores live in real files in a temp dir.
+//! one-request batches are exercised too) and the PostgreSQL store (likewise; skipped without a
+//! PostgreSQL server, see `tests/pg`). SQLite stores live in real files in a temp dir, PostgreSQL
+//! stores in a fresh database each.
 
 mod common;
+mod pg;
 use common::meta;
 
 use std::sync::Arc;
 
 use serde_json::json;
-use switchboard::config::StoreTuning;
+use switchboard::config::{PostgresSettings, StoreTuning};
 use switchboard::events::{EventBody, Source, StoredEvent};
 use switchboard::store::{
-    events_bytes, meta_bytes, ConversationMeta, EventQuery, InitData, MemoryStore, Quota,
-    SqliteStore, Store, StoreError, StoreLimits,
+    events_bytes, meta_bytes, ConversationMeta, EventQuery, InitData, MemoryStore, PostgresStore,
+    Quota, SqliteStore, Store, StoreError, StoreLimits,
 };
 use tempfile::TempDir;
 
@@ -23,12 +26,31 @@ use tempfile::TempDir;
 struct Fixture<S> {
     store: Arc<S>,
     _dir: Option<TempDir>,
+    _db: Option<pg::TestDatabase>,
+}
+
+/// A fixture, or `None` when the backend is not available here (the test is skipped).
+trait MaybeFixture<S> {
+    fn fixture(self) -> Option<Fixture<S>>;
+}
+
+impl<S> MaybeFixture<S> for Fixture<S> {
+    fn fixture(self) -> Option<Fixture<S>> {
+        Some(self)
+    }
+}
+
+impl<S> MaybeFixture<S> for Option<Fixture<S>> {
+    fn fixture(self) -> Option<Fixture<S>> {
+        self
+    }
 }
 
 fn memory() -> Fixture<MemoryStore> {
     Fixture {
         store: Arc::new(MemoryStore::new()),
         _dir: None,
+        _db: None,
     }
 }
 
@@ -36,6 +58,7 @@ fn memory_limited(limits: StoreLimits) -> Fixture<MemoryStore> {
     Fixture {
         store: Arc::new(MemoryStore::with_limits(limits)),
         _dir: None,
+        _db: None,
     }
 }
 
@@ -54,6 +77,7 @@ fn sqlite_limited_with(
     Fixture {
         store: Arc::new(store),
         _dir: Some(dir),
+        _db: None,
     }
 }
 
@@ -67,6 +91,42 @@ fn sqlite_tiny_limited(limits: StoreLimits) -> Fixture<SqliteStore> {
 
 fn sqlite_small_limited(limits: StoreLimits) -> Fixture<SqliteStore> {
     sqlite_limited_with(3, 2, limits)
+}
+
+/// A PostgreSQL store on a fresh database; `None` (test skipped) without a server.
+fn postgres_limited_with(
+    batch_max: usize,
+    queue: usize,
+    limits: StoreLimits,
+) -> Option<Fixture<PostgresStore>> {
+    let db = pg::database()?;
+    let settings = PostgresSettings {
+        url: db.url.clone(),
+        pool_size: 4,
+    };
+    let tuning = StoreTuning { batch_max, queue };
+    let store = PostgresStore::open_with(&settings, &tuning, limits).expect("open");
+    Some(Fixture {
+        store: Arc::new(store),
+        _dir: None,
+        _db: Some(db),
+    })
+}
+
+fn postgres() -> Option<Fixture<PostgresStore>> {
+    postgres_limited_with(512, 1024, StoreLimits::default())
+}
+
+fn postgres_tiny() -> Option<Fixture<PostgresStore>> {
+    postgres_limited_with(1, 1, StoreLimits::default())
+}
+
+fn postgres_limited(limits: StoreLimits) -> Option<Fixture<PostgresStore>> {
+    postgres_limited_with(512, 1024, limits)
+}
+
+fn postgres_tiny_limited(limits: StoreLimits) -> Option<Fixture<PostgresStore>> {
+    postgres_limited_with(1, 1, limits)
 }
 
 fn sqlite() -> Fixture<SqliteStore> {
@@ -579,79 +639,105 @@ macro_rules! contract_tests {
 
             #[tokio::test]
             async fn conversation_quota() {
-                let f = $limited(quota_limits());
+                let Some(f) = MaybeFixture::fixture($limited(quota_limits())) else {
+                    return;
+                };
                 super::conversation_quota(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn store_quota() {
-                let f = $limited(store_quota_limits());
+                let Some(f) = MaybeFixture::fixture($limited(store_quota_limits())) else {
+                    return;
+                };
                 super::store_quota(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn create_then_exists() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::create_then_exists(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn get_and_next_event_id() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::get_and_next_event_id(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn append_and_query() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::append_and_query(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn append_moves_last_updated_at() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::append_moves_last_updated_at(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn list_order_and_paging() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::list_order_and_paging(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn set_title() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::set_title(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn delete_removes_only_one() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::delete_removes_only_one(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn append_fifo_spawned_in_order() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::append_fifo(f.store.clone(), false).await;
             }
 
             #[tokio::test]
             async fn append_fifo_spawned_in_reverse() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::append_fifo(f.store.clone(), true).await;
             }
 
             #[tokio::test]
             async fn settings_round_trip() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::settings_round_trip(f.store.clone()).await;
             }
 
             #[tokio::test]
             async fn flush_completes() {
-                let f = $fixture;
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
                 super::flush_completes(f.store.clone()).await;
             }
         }
@@ -669,4 +755,10 @@ contract_tests!(
     sqlite_store_small_queue,
     sqlite_small(),
     sqlite_small_limited
+);
+contract_tests!(postgres_store, postgres(), postgres_limited);
+contract_tests!(
+    postgres_store_one_request_batches,
+    postgres_tiny(),
+    postgres_tiny_limited
 );

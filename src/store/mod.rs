@@ -27,10 +27,13 @@ use serde_json::Value;
 
 use crate::events::StoredEvent;
 
+mod durable;
 pub mod memory;
+pub mod postgres;
 pub mod sqlite;
 
 pub use memory::MemoryStore;
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// A boxed store operation.

@@ -1,0 +1,1080 @@
+//! The PostgreSQL store (`store = "postgres"`): conversations, their event logs and the app
+//! settings in a PostgreSQL database (`[postgres] url`), so that they outlive the machine a
+//! switchboard runs on.
+//!
+//! This module owns that database's schema and migrations, the connections to it and the
+//! thread that uses them. Besides the promises of every [`Store`], it promises:
+//!
+//! - **Durability.** A completed `create`, `set_title`, `append`, `delete`, `save_settings` (and
+//!   a completed `flush`) is committed by PostgreSQL (with the server's `synchronous_commit`,
+//!   `on` by default: flushed to its WAL). A write whose commit was sent but whose answer never
+//!   came back (the connection broke at that moment) is reported as failed although PostgreSQL
+//!   may have committed it.
+//! - **Never blocking the caller.** Every operation only queues a request and returns a future.
+//!   One dedicated thread runs a single-threaded tokio runtime with an async client
+//!   (`tokio-postgres`) and a connection pool (`deadpool-postgres`, `[postgres] pool_size`
+//!   connections at most). One task, the *writer*, owns one connection; reads run concurrently
+//!   on the others, so they never wait behind a write batch.
+//! - **Group commit.** As the SQLite store: the writer takes a request, drains whatever else is
+//!   queued (up to [`StoreTuning::batch_max`] events/requests) and applies the lot in ONE
+//!   transaction, then answers every request. A refusal (an id collision, a gap in event ids, an
+//!   append to an unknown conversation) writes nothing and keeps the transaction healthy; should
+//!   a statement fail otherwise, the transaction is rolled back and the batch run again with
+//!   each request in its own savepoint, so that request alone fails. If the transaction itself
+//!   fails (connection lost, server down), every request of the batch gets [`StoreError::Io`]
+//!   and the writer reconnects for the next batch. `append` moves `last_updated_at` once per
+//!   conversation per batch. Each append is one statement: the check that its ids continue the
+//!   log and the insert go to the server together.
+//! - **FIFO writes, in call order**, exactly as the SQLite store (the same queue).
+//! - **Versioned migrations.** The table `switchboard_schema` holds the schema version. Opening
+//!   applies the pending [`MIGRATIONS`] in one transaction under an advisory lock, so several
+//!   switchboards starting at once on one database migrate it once. A database written by a
+//!   newer switchboard (higher version), or one holding other tables but no
+//!   `switchboard_schema`, is refused with [`StoreError::Open`]; it never starts empty on top of
+//!   existing data.
+//! - **Byte-identical events.** Event and init JSON are stored as text, exactly as given (not
+//!   `jsonb`, which would reorder keys); ids and timestamps sort bytewise (`COLLATE "C"`), as in
+//!   SQLite.
+//! - **No TLS.** Connections are unencrypted: run PostgreSQL on a trusted network or the same
+//!   machine. A URL that asks for `sslmode=require` fails to connect.
+//! - **Clean shutdown.** [`PostgresStore`] is a cheap `Clone`; when the last clone (and every
+//!   pending future) is dropped, the writer finishes the queued work, the pool closes and the
+//!   thread exits. [`PostgresStore::close`] waits for that.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio_postgres::{NoTls, Row};
+
+use super::durable::{
+    all_ended, check_append, decode_init, decode_settings, event_range, fail_batch, fill_batch,
+    next_after, only_flushes, sql_count, stored_event_id, ReadQueue, ReadRequest, Running,
+    WriteCommand, WriteQueue, WriteRequest,
+};
+use super::{
+    events_bytes, meta_bytes, ConversationMeta, ConversationRecord, EventQuery, InitData, Store,
+    StoreError, StoreFuture, StoreLimits,
+};
+use crate::config::{PostgresSettings, StoreTuning};
+use crate::events::{meta_timestamp, StoredEvent};
+
+/// Schema migrations: step `i` takes the database from version `i` to `i + 1`. All pending
+/// steps run in one transaction together with the version bump. Only ever append here.
+///
+/// `seq` is an integer given in creation order; events are keyed by `(conv_seq, id)`, so one
+/// conversation's log is one contiguous range of the primary key and new conversations land at
+/// its right edge. Text that is sorted or compared (ids, timestamps) uses the "C" collation:
+/// bytewise, as SQLite's, whatever the database's locale.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: conversations, their event logs, the app settings.
+    r#"
+    CREATE TABLE conversations (
+        seq             BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        id              TEXT COLLATE "C" NOT NULL UNIQUE,
+        title           TEXT NOT NULL,
+        created_at      TEXT COLLATE "C" NOT NULL,
+        last_updated_at TEXT NOT NULL,
+        "trigger"       TEXT NOT NULL,
+        owner           TEXT,
+        init_json       TEXT NOT NULL,
+        -- What it holds against limits.max_bytes_per_conversation: init data + events' JSON.
+        bytes           BIGINT NOT NULL DEFAULT 0
+    );
+    CREATE INDEX conversations_by_created_at ON conversations (created_at, id);
+    CREATE TABLE events (
+        conv_seq BIGINT NOT NULL,
+        id       BIGINT NOT NULL,
+        json     TEXT NOT NULL,
+        PRIMARY KEY (conv_seq, id)
+    );
+    CREATE TABLE settings (
+        user_id TEXT COLLATE "C" PRIMARY KEY,
+        json    TEXT NOT NULL
+    );
+    "#,
+];
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// The advisory lock (`pg_advisory_xact_lock`) that serialises migrations ("SWBD").
+const MIGRATION_LOCK: i64 = 0x5357_4244;
+
+/// How long connecting to the server may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a read waits for a free connection before failing.
+const POOL_WAIT: Duration = Duration::from_secs(30);
+
+/// The columns `meta_from_row` reads, in its order.
+macro_rules! meta_columns {
+    () => {
+        r#"id, title, created_at, last_updated_at, "trigger", owner, init_json"#
+    };
+}
+
+/// Every statement the store runs (opening prepares each one, so a schema that does not match
+/// is refused at start).
+mod sql {
+    pub const CREATE: &str = concat!(
+        "INSERT INTO conversations (",
+        meta_columns!(),
+        ", bytes) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (id) DO NOTHING"
+    );
+    pub const SET_TITLE: &str =
+        "UPDATE conversations SET title = $2, last_updated_at = $3 WHERE id = $1";
+    /// `$1` ids, `$2` the bytes appended to each, `$3` timestamp.
+    pub const TOUCH: &str = "UPDATE conversations c SET last_updated_at = $3, \
+         bytes = c.bytes + t.bytes FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS t (id, bytes) \
+         WHERE c.id = t.id";
+    /// Inserts events `$3` (ids) / `$4` (JSON texts) into conversation `$1`'s log if its last
+    /// stored id is `$2` (-1 for an empty log) and its bytes plus `$5` stay within `$6`; the
+    /// checks and the insert are one statement.
+    pub const APPEND: &str = "WITH c AS (SELECT seq, bytes FROM conversations WHERE id = $1) \
+         INSERT INTO events (conv_seq, id, json) \
+         SELECT c.seq, t.id, t.json FROM c, UNNEST($3::BIGINT[], $4::TEXT[]) AS t (id, json) \
+         WHERE COALESCE((SELECT max(e.id) FROM events e WHERE e.conv_seq = c.seq), -1) = $2 \
+         AND c.bytes + $5 <= $6";
+    /// Whether conversation `$1` exists, its last event id and its bytes (for an append's
+    /// refusal).
+    pub const LOG_END: &str = "SELECT (SELECT max(e.id) FROM events e WHERE e.conv_seq = c.seq), \
+         c.bytes FROM conversations c WHERE c.id = $1";
+    /// Deletes conversation `$1` and its events; one row (its bytes) when it existed.
+    pub const DELETE: &str = "WITH c AS (DELETE FROM conversations WHERE id = $1 \
+         RETURNING seq, bytes), \
+         e AS (DELETE FROM events WHERE conv_seq IN (SELECT seq FROM c)) \
+         SELECT bytes FROM c";
+    /// The bytes every conversation holds, together (what `max_store_bytes` counts).
+    pub const USED: &str = "SELECT COALESCE(sum(bytes), 0)::BIGINT FROM conversations";
+    /// `$1` id → the metadata columns, then the last event id and the bytes.
+    pub const GET: &str = concat!(
+        "SELECT ",
+        meta_columns!(),
+        ", (SELECT max(e.id) FROM events e WHERE e.conv_seq = c.seq), bytes \
+         FROM conversations c WHERE c.id = $1"
+    );
+    /// `$1` limit, `$2` offset.
+    pub const LIST: &str = concat!(
+        "SELECT ",
+        meta_columns!(),
+        " FROM conversations ORDER BY created_at DESC, id DESC LIMIT $1 OFFSET $2"
+    );
+    /// A range of one conversation's events: `$1` conversation id, `$2`..=`$3` event ids, `$4`
+    /// limit.
+    pub const EVENTS_OLDEST_FIRST: &str = "SELECT id, json FROM events \
+         WHERE conv_seq = (SELECT seq FROM conversations WHERE id = $1) \
+         AND id BETWEEN $2 AND $3 ORDER BY id ASC LIMIT $4";
+    /// As [`EVENTS_OLDEST_FIRST`], newest first.
+    pub const EVENTS_NEWEST_FIRST: &str = "SELECT id, json FROM events \
+         WHERE conv_seq = (SELECT seq FROM conversations WHERE id = $1) \
+         AND id BETWEEN $2 AND $3 ORDER BY id DESC LIMIT $4";
+    pub const SETTINGS: &str = "SELECT json FROM settings WHERE user_id = $1";
+    pub const SAVE_SETTINGS: &str = "INSERT INTO settings (user_id, json) VALUES ($1, $2) \
+         ON CONFLICT (user_id) DO UPDATE SET json = excluded.json";
+
+    /// Every statement above, for the check at open.
+    pub const ALL: &[&str] = &[
+        CREATE,
+        SET_TITLE,
+        TOUCH,
+        APPEND,
+        LOG_END,
+        DELETE,
+        USED,
+        GET,
+        LIST,
+        EVENTS_OLDEST_FIRST,
+        EVENTS_NEWEST_FIRST,
+        SETTINGS,
+        SAVE_SETTINGS,
+    ];
+}
+
+/// The PostgreSQL-backed [`Store`]. Cheap to clone; all clones share the same thread.
+#[derive(Clone)]
+pub struct PostgresStore {
+    writes: Arc<WriteQueue>,
+    reads: ReadQueue,
+    running: watch::Receiver<usize>,
+    limits: StoreLimits,
+    /// The bytes all conversations hold, as of the writer's last commit.
+    used: Arc<AtomicU64>,
+    /// The database, as `postgres://user@host:port/dbname` (never with the password).
+    target: Arc<str>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Names a database without its password: `postgres://user@host:port/dbname`.
+fn describe(config: &tokio_postgres::Config) -> String {
+    let user = config.get_user().unwrap_or("");
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .zip(config.get_ports().iter().chain(std::iter::repeat(&5432)))
+        .map(|(host, port)| match host {
+            tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+            tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+        })
+        .collect();
+    let dbname = config.get_dbname().unwrap_or(user);
+    format!("postgres://{user}@{}/{dbname}", hosts.join(","))
+}
+
+fn io_error(e: tokio_postgres::Error) -> StoreError {
+    StoreError::Io(postgres_message(&e))
+}
+
+/// An error's text with the server's own message when there is one.
+fn postgres_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{e}: {}", db.message()),
+        None => match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => {
+            StoreError::Io(format!("cannot reach PostgreSQL: {}", postgres_message(&e)))
+        }
+        other => StoreError::Io(format!("cannot reach PostgreSQL: {other}")),
+    }
+}
+
+impl PostgresStore {
+    /// Connects to the database `settings.url` names, migrates its schema and starts the store's
+    /// thread. Blocks for the duration of the open; call it at startup.
+    pub fn open(
+        settings: &PostgresSettings,
+        tuning: &StoreTuning,
+    ) -> Result<PostgresStore, StoreError> {
+        Self::open_with(settings, tuning, StoreLimits::default())
+    }
+
+    /// [`PostgresStore::open`] enforcing `limits`' quotas (`max_store_bytes` counts the bytes
+    /// the conversations hold; the disk reserve is the SQLite store's and does not apply).
+    pub fn open_with(
+        settings: &PostgresSettings,
+        tuning: &StoreTuning,
+        limits: StoreLimits,
+    ) -> Result<PostgresStore, StoreError> {
+        let mut config: tokio_postgres::Config = settings.url.parse().map_err(|e| {
+            StoreError::Open(format!("[postgres] url is not a PostgreSQL URL: {e}"))
+        })?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        config.application_name("switchboard");
+        let target: Arc<str> = describe(&config).into();
+        let open_error = {
+            let target = target.clone();
+            move |what: String| StoreError::Open(format!("{target}: {what}"))
+        };
+
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size.max(2))
+            .runtime(Runtime::Tokio1)
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .wait_timeout(Some(POOL_WAIT))
+            .build()
+            .map_err(|e| open_error(format!("cannot set up the connection pool: {e}")))?;
+
+        let batch_max = tuning.batch_max.max(1);
+        let (writes, write_rx) = WriteQueue::new(tuning.queue);
+        let (reads, read_rx) = ReadQueue::new(tuning.queue);
+        let running = Running::new();
+        let exit = running.thread();
+        let used = Arc::new(AtomicU64::new(0));
+        let writer_used = used.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread_target = target.clone();
+        std::thread::Builder::new()
+            .name("store-postgres".into())
+            .spawn(move || {
+                let _exit = exit;
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(format!("cannot start its runtime: {e}")));
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    let conn = match prepare_database(&pool).await {
+                        Ok((conn, in_use)) => {
+                            writer_used.store(in_use, Ordering::Relaxed);
+                            conn
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                            pool.close();
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    let writer = Writer {
+                        pool: pool.clone(),
+                        conn: Some(conn),
+                        limits,
+                        used: writer_used,
+                    };
+                    tokio::join!(
+                        writer.run(write_rx, batch_max),
+                        run_readers(pool.clone(), read_rx)
+                    );
+                    pool.close();
+                    tracing::debug!(target = %thread_target, "PostgreSQL store finished");
+                });
+            })
+            .map_err(|e| open_error(format!("cannot start the store thread: {e}")))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(what)) => return Err(open_error(what)),
+            Err(_) => return Err(open_error("the store thread ended while opening".into())),
+        }
+        tracing::info!(target = %target, schema_version = SCHEMA_VERSION, "PostgreSQL store open");
+        Ok(PostgresStore {
+            limits,
+            used,
+            writes,
+            reads,
+            running: running.receiver(),
+            target,
+        })
+    }
+
+    /// The database, as `postgres://user@host:port/dbname` (without the password).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    /// Drops this handle and completes once the store's thread has finished every queued
+    /// request and closed its connections — i.e. once this was the last handle and no operation
+    /// future is left.
+    pub fn close(self) -> impl Future<Output = ()> + Send + 'static {
+        let running = self.running.clone();
+        drop(self);
+        all_ended(running)
+    }
+}
+
+impl Store for PostgresStore {
+    fn create(&self, meta: ConversationMeta) -> StoreFuture<()> {
+        self.writes.create(meta)
+    }
+
+    fn set_title(&self, id: &str, title: &str) -> StoreFuture<bool> {
+        self.writes.set_title(id, title)
+    }
+
+    fn get(&self, id: &str) -> StoreFuture<Option<ConversationRecord>> {
+        self.reads.get(id)
+    }
+
+    fn list(&self, offset: usize, limit: usize) -> StoreFuture<Vec<ConversationMeta>> {
+        self.reads.list(offset, limit)
+    }
+
+    fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()> {
+        self.writes.append(id, events)
+    }
+
+    fn events(&self, id: &str, query: EventQuery) -> StoreFuture<Vec<StoredEvent>> {
+        self.reads.events(id, query)
+    }
+
+    fn delete(&self, id: &str) -> StoreFuture<bool> {
+        self.writes.delete(id)
+    }
+
+    fn flush(&self) -> StoreFuture<()> {
+        self.writes.flush()
+    }
+
+    fn limits(&self) -> StoreLimits {
+        self.limits
+    }
+
+    fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    fn settings(&self, user: &str) -> StoreFuture<Option<Value>> {
+        self.reads.settings(user)
+    }
+
+    fn save_settings(&self, user: &str, settings: Value) -> StoreFuture<()> {
+        self.writes.save_settings(user, settings)
+    }
+
+    /// Whether the database answers: a lookup of an id no conversation has, on a pooled
+    /// connection (so `/ready` turns 503 while PostgreSQL is unreachable).
+    fn probe(&self) -> StoreFuture<()> {
+        let lookup = self.reads.get("");
+        Box::pin(async move { lookup.await.map(|_| ()) })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Opening
+
+/// Connects, migrates the schema to [`SCHEMA_VERSION`] and checks that every statement the store
+/// runs fits it; returns the connection the writer keeps and the bytes the conversations hold.
+/// The error is what to tell the operator.
+async fn prepare_database(pool: &Pool) -> Result<(Object, u64), String> {
+    let mut conn = pool.get().await.map_err(|e| match e {
+        deadpool_postgres::PoolError::Backend(e) => {
+            format!(
+                "cannot connect ({}); is PostgreSQL running there and the URL right?",
+                postgres_message(&e)
+            )
+        }
+        other => format!("cannot connect ({other})"),
+    })?;
+    if let Err(e) = migrate(&mut conn).await {
+        // The migration's transaction may still be open on this connection: never reuse it.
+        let _ = Object::take(conn);
+        return Err(e);
+    }
+    for statement in sql::ALL {
+        conn.prepare_cached(statement).await.map_err(|e| {
+            format!(
+                "the schema does not match schema version {SCHEMA_VERSION} ({}); refusing to \
+                 start. Point [postgres] url at another database",
+                postgres_message(&e)
+            )
+        })?;
+    }
+    let in_use: i64 = conn
+        .query_one(sql::USED, &[])
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| format!("cannot read the bytes in use: {}", postgres_message(&e)))?;
+    Ok((conn, u64::try_from(in_use).unwrap_or(0)))
+}
+
+/// Applies the pending [`MIGRATIONS`] in one transaction, under [`MIGRATION_LOCK`].
+async fn migrate(conn: &mut Object) -> Result<(), String> {
+    let fail =
+        |e: tokio_postgres::Error| format!("preparing the schema failed: {}", postgres_message(&e));
+    let tx = conn.transaction().await.map_err(fail)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(fail)?;
+    let has_schema_table: bool = tx
+        .query_one("SELECT to_regclass('switchboard_schema') IS NOT NULL", &[])
+        .await
+        .map_err(fail)?
+        .get(0);
+    let version: i64 =
+        if has_schema_table {
+            let row = tx
+                .query_opt("SELECT version FROM switchboard_schema", &[])
+                .await
+                .map_err(fail)?;
+            match row {
+                Some(row) => row.get(0),
+                None => return Err(
+                    "the schema is damaged: switchboard_schema holds no version; refusing to start"
+                        .into(),
+                ),
+            }
+        } else {
+            let foreign: Vec<String> = tx
+                .query(
+                    "SELECT table_name::TEXT FROM information_schema.tables \
+                 WHERE table_schema = current_schema() ORDER BY table_name",
+                    &[],
+                )
+                .await
+                .map_err(fail)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            if !foreign.is_empty() {
+                return Err(format!(
+                    "holds tables that are not switchboard's ({}); refusing to use it. Point \
+                 [postgres] url at an empty database",
+                    foreign.join(", ")
+                ));
+            }
+            tx.batch_execute(
+                "CREATE TABLE switchboard_schema (\
+                 one BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (one), version BIGINT NOT NULL); \
+             INSERT INTO switchboard_schema (version) VALUES (0)",
+            )
+            .await
+            .map_err(fail)?;
+            0
+        };
+    if version > SCHEMA_VERSION {
+        return Err(format!(
+            "the database has schema version {version}, but this build of switchboard only \
+             knows versions up to {SCHEMA_VERSION}; it was written by a newer switchboard. \
+             Upgrade switchboard (or use another database) — refusing to open it"
+        ));
+    }
+    let from = version;
+    for (step, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+        let next = step as i64 + 1;
+        tx.batch_execute(migration).await.map_err(|e| {
+            format!(
+                "migrating the schema from version {step} to {next} failed: {}",
+                postgres_message(&e)
+            )
+        })?;
+        tx.execute("UPDATE switchboard_schema SET version = $1", &[&next])
+            .await
+            .map_err(fail)?;
+    }
+    tx.commit().await.map_err(fail)?;
+    if from < SCHEMA_VERSION {
+        tracing::info!(from, to = SCHEMA_VERSION, "migrated the PostgreSQL schema");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The writer
+
+/// The writer task's connection (re-made after it breaks) and the quotas it enforces.
+struct Writer {
+    pool: Pool,
+    conn: Option<Object>,
+    limits: StoreLimits,
+    /// The bytes all conversations hold, as of the last commit (shared with the handles).
+    used: Arc<AtomicU64>,
+}
+
+/// What one transaction attempt has done so far, besides its SQL.
+struct Pending<'a> {
+    conn: &'a Object,
+    limits: StoreLimits,
+    /// `used` when the transaction began.
+    used: u64,
+    /// Bytes the transaction added (creates and appends).
+    added: u64,
+    /// Bytes of the conversations it deleted.
+    freed: u64,
+    /// The conversations appended to, with the bytes appended: their `last_updated_at` and
+    /// `bytes` move once, at the end of the batch.
+    appended: HashMap<String, u64>,
+}
+
+/// How a batch's requests are isolated from each other (as in the SQLite store).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// No savepoints: every refusal is found without a failing statement, so any failing
+    /// statement means: roll back, run the batch again with `Savepoints`.
+    Direct,
+    /// Each request in its own savepoint, so a failing one is undone alone.
+    Savepoints,
+}
+
+/// Why a batch's transaction did not commit.
+enum BatchError {
+    /// In `Direct` mode a statement failed: rolled back, run it again with savepoints.
+    Retry,
+    /// The transaction failed: every request of the batch fails with this message.
+    Failed(String),
+}
+
+/// Why one request was not applied.
+enum ApplyError {
+    /// Refused without writing anything (the transaction is healthy); the request's answer.
+    Refused(StoreError),
+    /// A statement failed; the transaction is aborted.
+    Sql(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for ApplyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ApplyError::Sql(e)
+    }
+}
+
+impl From<StoreError> for ApplyError {
+    fn from(e: StoreError) -> Self {
+        ApplyError::Refused(e)
+    }
+}
+
+/// A byte count as a BIGINT (saturating; no count gets near).
+fn bigint(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl Writer {
+    async fn run(mut self, mut rx: mpsc::Receiver<WriteRequest>, batch_max: usize) {
+        let mut batch: Vec<WriteRequest> = Vec::new();
+        while let Some(first) = rx.recv().await {
+            fill_batch(first, &mut rx, batch_max, &mut batch);
+            self.commit_batch(&mut batch).await;
+        }
+        tracing::debug!("PostgreSQL store writer finished");
+    }
+
+    /// Applies `batch` in one transaction, then answers every request in it.
+    async fn commit_batch(&mut self, batch: &mut Vec<WriteRequest>) {
+        if only_flushes(batch) {
+            for request in batch.drain(..) {
+                request.reply.send(Ok(true));
+            }
+            return;
+        }
+        if self.conn.as_ref().is_none_or(|c| c.is_closed()) {
+            self.conn = None;
+            match self.pool.get().await {
+                Ok(conn) => self.conn = Some(conn),
+                Err(e) => {
+                    fail_batch(batch, &pool_error(e).to_string());
+                    return;
+                }
+            }
+        }
+        let Some(conn) = self.conn.as_ref() else {
+            return;
+        };
+        let now = meta_timestamp();
+        let used = self.used.load(Ordering::Relaxed);
+        let mut outcome = self
+            .transaction(conn, used, batch, &now, Isolation::Direct)
+            .await;
+        if let Err(BatchError::Retry) = outcome {
+            outcome = self
+                .transaction(conn, used, batch, &now, Isolation::Savepoints)
+                .await;
+        }
+        match outcome {
+            Ok((outcomes, used)) => {
+                self.used.store(used, Ordering::Relaxed);
+                for (request, outcome) in batch.drain(..).zip(outcomes) {
+                    request.reply.send(outcome);
+                }
+            }
+            Err(BatchError::Retry) => fail_batch(batch, "the write failed"),
+            Err(BatchError::Failed(message)) => {
+                // A connection left inside a failed transaction is not used again.
+                if let Some(conn) = self.conn.take() {
+                    if !conn.is_closed() && conn.batch_execute("ROLLBACK").await.is_ok() {
+                        self.conn = Some(conn);
+                    } else {
+                        let _ = Object::take(conn);
+                    }
+                }
+                fail_batch(batch, &message)
+            }
+        }
+    }
+
+    /// Runs the batch in one transaction and commits it; returns each request's outcome and
+    /// the bytes in use after it. On failure the transaction is rolled back (or the connection
+    /// is broken) and nothing of the batch is kept.
+    async fn transaction(
+        &self,
+        conn: &Object,
+        used: u64,
+        batch: &[WriteRequest],
+        now: &str,
+        isolation: Isolation,
+    ) -> Result<(Vec<Result<bool, StoreError>>, u64), BatchError> {
+        let failed = |e: tokio_postgres::Error| BatchError::Failed(postgres_message(&e));
+        conn.batch_execute("BEGIN").await.map_err(failed)?;
+        let mut pending = Pending {
+            conn,
+            limits: self.limits,
+            used,
+            added: 0,
+            freed: 0,
+            appended: HashMap::new(),
+        };
+        match pending.apply_batch(batch, now, isolation).await {
+            Ok(outcomes) => {
+                conn.batch_execute("COMMIT").await.map_err(failed)?;
+                let used = used
+                    .saturating_add(pending.added)
+                    .saturating_sub(pending.freed);
+                Ok((outcomes, used))
+            }
+            Err(e) => {
+                if conn.batch_execute("ROLLBACK").await.is_err() {
+                    return Err(BatchError::Failed(match e {
+                        BatchError::Failed(message) => message,
+                        BatchError::Retry => "the write failed and could not be rolled back".into(),
+                    }));
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Pending<'_> {
+    async fn apply_batch(
+        &mut self,
+        batch: &[WriteRequest],
+        now: &str,
+        isolation: Isolation,
+    ) -> Result<Vec<Result<bool, StoreError>>, BatchError> {
+        let statement_failed = |e: tokio_postgres::Error| match isolation {
+            Isolation::Direct => BatchError::Retry,
+            Isolation::Savepoints => BatchError::Failed(postgres_message(&e)),
+        };
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for request in batch {
+            let outcome = match isolation {
+                Isolation::Direct => match self.apply(&request.command, now).await {
+                    Ok(value) => Ok(value),
+                    Err(ApplyError::Refused(e)) => Err(e),
+                    Err(ApplyError::Sql(_)) => return Err(BatchError::Retry),
+                },
+                Isolation::Savepoints => self.apply_in_savepoint(&request.command, now).await?,
+            };
+            outcomes.push(outcome);
+        }
+        // One `last_updated_at` and `bytes` update per conversation appended to.
+        if !self.appended.is_empty() {
+            let (ids, bytes): (Vec<&str>, Vec<i64>) = self
+                .appended
+                .iter()
+                .map(|(id, bytes)| (id.as_str(), bigint(*bytes)))
+                .unzip();
+            let touch = self
+                .conn
+                .prepare_cached(sql::TOUCH)
+                .await
+                .map_err(statement_failed)?;
+            self.conn
+                .execute(&touch, &[&ids, &bytes, &now])
+                .await
+                .map_err(statement_failed)?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Runs one request inside a savepoint, so that its failure leaves the rest of the batch
+    /// alone. `Err` when the failure took the whole transaction with it.
+    async fn apply_in_savepoint(
+        &mut self,
+        command: &WriteCommand,
+        now: &str,
+    ) -> Result<Result<bool, StoreError>, BatchError> {
+        if matches!(command, WriteCommand::Flush) {
+            return Ok(Ok(true));
+        }
+        let failed = |e: tokio_postgres::Error| BatchError::Failed(postgres_message(&e));
+        self.conn
+            .batch_execute("SAVEPOINT request")
+            .await
+            .map_err(failed)?;
+        let outcome = match self.apply(command, now).await {
+            Ok(value) => {
+                self.conn
+                    .batch_execute("RELEASE SAVEPOINT request")
+                    .await
+                    .map_err(failed)?;
+                return Ok(Ok(value));
+            }
+            Err(ApplyError::Refused(e)) => e,
+            Err(ApplyError::Sql(e)) => io_error(e),
+        };
+        self.conn
+            .batch_execute("ROLLBACK TO SAVEPOINT request; RELEASE SAVEPOINT request")
+            .await
+            .map_err(failed)?;
+        Ok(Err(outcome))
+    }
+
+    /// Applies one request. A refusal writes nothing and leaves the transaction healthy; the
+    /// writer's bookkeeping changes only once every statement of the request has succeeded.
+    async fn apply(&mut self, command: &WriteCommand, now: &str) -> Result<bool, ApplyError> {
+        let conn = self.conn;
+        match command {
+            WriteCommand::Create(meta) => self.create(meta).await,
+            WriteCommand::SetTitle { id, title } => {
+                let statement = conn.prepare_cached(sql::SET_TITLE).await?;
+                let changed = conn.execute(&statement, &[id, title, &now]).await?;
+                Ok(changed > 0)
+            }
+            WriteCommand::Append { id, events } => self.append(id, events).await,
+            WriteCommand::Delete { id } => {
+                let statement = conn.prepare_cached(sql::DELETE).await?;
+                let Some(row) = conn.query_opt(&statement, &[id]).await? else {
+                    return Ok(false);
+                };
+                let bytes: i64 = row.try_get(0)?;
+                self.freed = self.freed.saturating_add(u64::try_from(bytes).unwrap_or(0));
+                self.appended.remove(id);
+                Ok(true)
+            }
+            WriteCommand::SaveSettings { user, json } => {
+                let statement = conn.prepare_cached(sql::SAVE_SETTINGS).await?;
+                conn.execute(&statement, &[user, json]).await?;
+                Ok(true)
+            }
+            WriteCommand::Flush => Ok(true),
+        }
+    }
+
+    /// The bytes in use if this transaction commits now (deletes not subtracted: they may yet
+    /// roll back with their savepoint).
+    fn in_use(&self) -> u64 {
+        self.used.saturating_add(self.added)
+    }
+
+    async fn create(&mut self, meta: &ConversationMeta) -> Result<bool, ApplyError> {
+        let init = serde_json::to_string(&meta.init).map_err(|e| {
+            ApplyError::Refused(StoreError::Io(format!("cannot encode init data: {e}")))
+        })?;
+        let bytes = meta_bytes(&init);
+        self.limits
+            .check_conversation(&meta.conversation_id, 0, bytes)?;
+        self.limits.check_store(self.in_use(), bytes)?;
+        let statement = self.conn.prepare_cached(sql::CREATE).await?;
+        let inserted = self
+            .conn
+            .execute(
+                &statement,
+                &[
+                    &meta.conversation_id,
+                    &meta.title,
+                    &meta.created_at,
+                    &meta.last_updated_at,
+                    &meta.trigger,
+                    &meta.owner,
+                    &init,
+                    &bigint(bytes),
+                ],
+            )
+            .await?;
+        if inserted == 0 {
+            return Err(ApplyError::Refused(StoreError::Exists(
+                meta.conversation_id.clone(),
+            )));
+        }
+        self.added = self.added.saturating_add(bytes);
+        Ok(true)
+    }
+
+    /// Appends `events` in one statement that inserts them only if the log ends right before
+    /// the first and the conversation's quota has room; when it does not (or the conversation
+    /// is unknown), reads why and refuses.
+    async fn append(&mut self, id: &str, events: &[StoredEvent]) -> Result<bool, ApplyError> {
+        let Some(first) = events.first() else {
+            // Nothing to store; an unknown conversation is fine too (as in every store).
+            return Ok(true);
+        };
+        // The ids must be consecutive and fit the column; `first - 1` is then the log's end.
+        let Ok(first_id) = i64::try_from(first.id) else {
+            return Err(ApplyError::Refused(StoreError::Io(format!(
+                "conversation {id}: event id {} is too large",
+                first.id
+            ))));
+        };
+        let expected_last = (first_id > 0).then(|| first_id - 1);
+        check_append(id, expected_last, events)?;
+        let more = events_bytes(events);
+        self.limits.check_store(self.in_use(), more)?;
+        let earlier = self.appended.get(id).copied().unwrap_or(0);
+        let room = match self.limits.max_bytes_per_conversation {
+            0 => i64::MAX,
+            limit => bigint(limit),
+        };
+        let ids: Vec<i64> = events.iter().map(|e| e.id as i64).collect();
+        let texts: Vec<&str> = events.iter().map(|e| &*e.json).collect();
+        let statement = self.conn.prepare_cached(sql::APPEND).await?;
+        let expected_end = expected_last.unwrap_or(-1);
+        let inserted = self
+            .conn
+            .execute(
+                &statement,
+                &[
+                    &id,
+                    &expected_end,
+                    &ids,
+                    &texts,
+                    &bigint(earlier.saturating_add(more)),
+                    &room,
+                ],
+            )
+            .await?;
+        if inserted as usize == events.len() {
+            self.added = self.added.saturating_add(more);
+            *self.appended.entry(id.to_string()).or_default() += more;
+            return Ok(true);
+        }
+        // Nothing was inserted (the statement is all or nothing): say why.
+        let statement = self.conn.prepare_cached(sql::LOG_END).await?;
+        let Some(row) = self.conn.query_opt(&statement, &[&id]).await? else {
+            return Err(ApplyError::Refused(StoreError::Io(format!(
+                "conversation {id} does not exist; cannot append events to it"
+            ))));
+        };
+        let last: Option<i64> = row.try_get(0)?;
+        let held: i64 = row.try_get(1)?;
+        check_append(id, last, events)?;
+        let held = u64::try_from(held).unwrap_or(0).saturating_add(earlier);
+        self.limits.check_conversation(id, held, more)?;
+        // Cannot happen while this writer is the only one; said plainly if it does.
+        Err(ApplyError::Refused(StoreError::Io(format!(
+            "conversation {id}: the log changed while appending at event id {}",
+            first.id
+        ))))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The readers
+
+/// Serves read requests concurrently, each on a pooled connection, until the queue closes and
+/// every started read has answered. At most as many reads run as the pool has connections;
+/// further requests wait in the (bounded) queue, so a flood of reads holds back its senders
+/// instead of piling up here.
+async fn run_readers(pool: Pool, mut rx: mpsc::Receiver<ReadRequest>) {
+    let most = pool.status().max_size.max(1);
+    let mut reads = JoinSet::new();
+    loop {
+        if reads.len() >= most {
+            reads.join_next().await;
+            continue;
+        }
+        let Some(request) = rx.recv().await else {
+            break;
+        };
+        let pool = pool.clone();
+        reads.spawn(async move { serve(&pool, request).await });
+    }
+    while reads.join_next().await.is_some() {}
+}
+
+async fn serve(pool: &Pool, request: ReadRequest) {
+    // A caller that dropped its future no longer wants the answer; that is fine.
+    match request {
+        ReadRequest::Get { id, reply } => {
+            let _ = reply.send(read_get(pool, &id).await);
+        }
+        ReadRequest::List {
+            offset,
+            limit,
+            reply,
+        } => {
+            let _ = reply.send(read_list(pool, offset, limit).await);
+        }
+        ReadRequest::Events { id, query, reply } => {
+            let _ = reply.send(read_events(pool, &id, query).await);
+        }
+        ReadRequest::Settings { user, reply } => {
+            let _ = reply.send(read_settings(pool, &user).await);
+        }
+    }
+}
+
+/// Runs one query on a pooled connection.
+async fn query(
+    pool: &Pool,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Vec<Row>, StoreError> {
+    let conn = pool.get().await.map_err(pool_error)?;
+    let statement = conn.prepare_cached(sql).await.map_err(io_error)?;
+    conn.query(&statement, params).await.map_err(io_error)
+}
+
+fn meta_from_row(row: &Row) -> Result<(ConversationMeta, String), StoreError> {
+    let get = |e: tokio_postgres::Error| io_error(e);
+    Ok((
+        ConversationMeta {
+            conversation_id: row.try_get(0).map_err(get)?,
+            title: row.try_get(1).map_err(get)?,
+            created_at: row.try_get(2).map_err(get)?,
+            last_updated_at: row.try_get(3).map_err(get)?,
+            trigger: row.try_get(4).map_err(get)?,
+            owner: row.try_get(5).map_err(get)?,
+            init: InitData::default(),
+        },
+        row.try_get(6).map_err(get)?,
+    ))
+}
+
+async fn read_get(pool: &Pool, id: &str) -> Result<Option<ConversationRecord>, StoreError> {
+    // One statement: the metadata and the log's end come from the same snapshot.
+    let rows = query(pool, sql::GET, &[&id]).await?;
+    let Some(row) = rows.first() else {
+        return Ok(None);
+    };
+    let meta = decode_init(meta_from_row(row)?)?;
+    let last: Option<i64> = row.try_get(7).map_err(io_error)?;
+    let bytes: i64 = row.try_get(8).map_err(io_error)?;
+    Ok(Some(ConversationRecord {
+        meta,
+        next_event_id: next_after(id, last)?,
+        bytes: u64::try_from(bytes).unwrap_or(0),
+    }))
+}
+
+async fn read_list(
+    pool: &Pool,
+    offset: usize,
+    limit: usize,
+) -> Result<Vec<ConversationMeta>, StoreError> {
+    let rows = query(pool, sql::LIST, &[&sql_count(limit), &sql_count(offset)]).await?;
+    rows.iter()
+        .map(|row| decode_init(meta_from_row(row)?))
+        .collect()
+}
+
+async fn read_events(pool: &Pool, id: &str, q: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
+    let Some((start, end, limit)) = event_range(&q) else {
+        return Ok(Vec::new());
+    };
+    let sql = if q.reverse {
+        sql::EVENTS_NEWEST_FIRST
+    } else {
+        sql::EVENTS_OLDEST_FIRST
+    };
+    let rows = query(pool, sql, &[&id, &start, &end, &limit]).await?;
+    rows.iter()
+        .map(|row| {
+            let event_id: i64 = row.try_get(0).map_err(io_error)?;
+            let json: String = row.try_get(1).map_err(io_error)?;
+            Ok(StoredEvent {
+                id: stored_event_id(id, event_id)?,
+                json: json.into(),
+            })
+        })
+        .collect()
+}
+
+async fn read_settings(pool: &Pool, user: &str) -> Result<Option<Value>, StoreError> {
+    let rows = query(pool, sql::SETTINGS, &[&user]).await?;
+    let text: Option<String> = match rows.first() {
+        Some(row) => Some(row.try_get(0).map_err(io_error)?),
+        None => None,
+    };
+    decode_settings(text)
+}

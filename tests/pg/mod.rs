@@ -1,0 +1,107 @@
+//! A fresh PostgreSQL database for one test, on the server `SWITCHBOARD_TEST_POSTGRES_URL`
+//! names (`.ci/postgres.sh` starts one and prints that variable). Each test gets its own
+//! database with a random name, dropped when the [`TestDatabase`] is, so tests run in parallel.
+//! Without the variable a test prints `SKIPPED` and returns; with
+//! `SWITCHBOARD_REQUIRE_CLUSTER_TESTS=1` (set by `.ci/run`) it fails instead.
+
+use tokio_postgres::NoTls;
+
+/// One test's database; dropped (with every connection to it) when this is.
+pub struct TestDatabase {
+    /// The URL switchboard connects to.
+    pub url: String,
+    admin: String,
+    name: String,
+}
+
+fn required() -> bool {
+    std::env::var("SWITCHBOARD_REQUIRE_CLUSTER_TESTS").is_ok_and(|v| v == "1")
+}
+
+/// A new empty database, or `None` (after printing SKIPPED) when no server is configured.
+pub fn database() -> Option<TestDatabase> {
+    let admin = match std::env::var("SWITCHBOARD_TEST_POSTGRES_URL") {
+        Ok(url) if !url.is_empty() => url,
+        _ => {
+            assert!(
+                !required(),
+                "SWITCHBOARD_REQUIRE_CLUSTER_TESTS=1 but SWITCHBOARD_TEST_POSTGRES_URL is not \
+                 set (eval \"$(.ci/postgres.sh start)\" sets it)"
+            );
+            eprintln!(
+                "SKIPPED: no PostgreSQL for this test (eval \"$(.ci/postgres.sh start)\" \
+                 starts one and sets SWITCHBOARD_TEST_POSTGRES_URL)"
+            );
+            return None;
+        }
+    };
+    let name = format!("switchboard_test_{}", uuid::Uuid::new_v4().simple());
+    run(&admin, format!("CREATE DATABASE {name}"))
+        .unwrap_or_else(|e| panic!("cannot create a test database on {admin}: {e}"));
+    Some(TestDatabase {
+        url: with_dbname(&admin, &name),
+        admin,
+        name,
+    })
+}
+
+impl TestDatabase {
+    /// Runs SQL statements in this database.
+    #[allow(dead_code)] // not every test binary that uses this module needs it
+    pub fn execute(&self, sql: &str) {
+        run(&self.url, sql.to_string()).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let drop_it = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(e) = run(&self.admin, drop_it) {
+            eprintln!("could not drop test database {}: {e}", self.name);
+        }
+    }
+}
+
+/// `url` with its database name replaced by `name`.
+fn with_dbname(url: &str, name: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        // The key=value form: a later key wins.
+        return format!("{url} dbname={name}");
+    };
+    let (base, query) = match url.find('?') {
+        Some(q) => (&url[..q], &url[q..]),
+        None => (url, ""),
+    };
+    let rest = &base[scheme_end + 3..];
+    let authority = rest.find('/').map_or(rest, |slash| &rest[..slash]);
+    format!("{}{authority}/{name}{query}", &base[..scheme_end + 3])
+}
+
+/// Runs `sql` on a connection of its own, on a runtime of its own (callers may be inside one).
+fn run(url: &str, sql: String) -> Result<(), String> {
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async move {
+            let (client, connection) = tokio_postgres::connect(&url, NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            let connection = tokio::spawn(connection);
+            let outcome = client
+                .batch_execute(&sql)
+                .await
+                .map_err(|e| match e.as_db_error() {
+                    Some(db) => db.message().to_string(),
+                    None => e.to_string(),
+                });
+            drop(client);
+            let _ = connection.await;
+            outcome
+        })
+    })
+    .join()
+    .map_err(|_| "the PostgreSQL helper thread panicked".to_string())?
+}

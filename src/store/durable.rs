@@ -1,8 +1,7 @@
-//! The request machinery of a durable store that runs on threads of its own (the PostgreSQL
-//! store): the write requests, the bounded queue that admits them in call order, batching for
-//! group commit, the rules an append must follow before anything is written, the read requests
-//! its readers answer, and how a store knows its threads have ended. (The SQLite store keeps its
-//! own copy of the same queue, with a `Probe` request; folding the two is still to do.)
+//! What the durable stores (SQLite, PostgreSQL) share: the write requests, the bounded queue
+//! that admits them in call order, batching for group commit, the rules an append must follow
+//! before anything is written, the read requests their readers answer, and how a store knows its
+//! threads have ended.
 //!
 //! Promises (the stores' module docs repeat them for their callers):
 //! - **FIFO writes, in call order.** A write request is admitted into the writer's bounded queue
@@ -44,6 +43,9 @@ pub(super) enum WriteCommand {
         json: String,
     },
     Flush,
+    /// An empty write transaction: answers whether the store can write now (and, for SQLite,
+    /// whether the last batch committed).
+    Probe,
 }
 
 /// Where a write's outcome goes.
@@ -193,7 +195,7 @@ impl WriteQueue {
         }
     }
 
-    fn submit<T: Send + 'static>(
+    pub(super) fn submit<T: Send + 'static>(
         self: &Arc<Self>,
         command: WriteCommand,
         make_reply: impl FnOnce(Reply<T>) -> WriteReply,
@@ -242,6 +244,10 @@ impl WriteQueue {
 
     pub(super) fn flush(self: &Arc<Self>) -> StoreFuture<()> {
         self.submit(WriteCommand::Flush, WriteReply::Unit)
+    }
+
+    pub(super) fn probe(self: &Arc<Self>) -> StoreFuture<()> {
+        self.submit(WriteCommand::Probe, WriteReply::Unit)
     }
 
     pub(super) fn save_settings(
@@ -342,7 +348,7 @@ impl ReadQueue {
         (ReadQueue(tx), rx)
     }
 
-    fn read<T: Send + 'static>(
+    pub(super) fn read<T: Send + 'static>(
         &self,
         make: impl FnOnce(Reply<T>) -> ReadRequest,
     ) -> StoreFuture<T> {

@@ -51,18 +51,22 @@
 //!   pending future) is dropped, the threads finish the queued work, close their connections and
 //!   exit. [`SqliteStore::close`] waits for that.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension, Row};
 use serde_json::Value;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
+use super::durable::{
+    decode_init, decode_settings, event_range, fail_batch, fill_batch, next_after, sql_count,
+    stored_event_id, ReadQueue, ReadRequest, Reply, WriteCommand, WriteQueue, WriteReply,
+    WriteRequest,
+};
 use super::{
     events_bytes, meta_bytes, ConversationMeta, ConversationRecord, EventQuery, InitData, Store,
     StoreError, StoreFuture, StoreLimits,
@@ -215,160 +219,11 @@ mod sql {
          AND id BETWEEN ?2 AND ?3 ORDER BY id DESC LIMIT ?4";
 }
 
-type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
-
-/// A change, applied by the writer thread.
-enum WriteCommand {
-    Create(Box<ConversationMeta>),
-    SetTitle {
-        id: String,
-        title: String,
-    },
-    Append {
-        id: String,
-        events: Vec<StoredEvent>,
-    },
-    Delete {
-        id: String,
-    },
-    SaveSettings {
-        user: String,
-        json: String,
-    },
-    Flush,
-    /// An empty write transaction: answers whether the store can take its write lock and
-    /// whether the last batch committed.
-    Probe,
-}
-
-/// Where a write's outcome goes.
-enum WriteReply {
-    Unit(Reply<()>),
-    Flag(Reply<bool>),
-}
-
-impl WriteReply {
-    fn send(self, outcome: Result<bool, StoreError>) {
-        // A caller that dropped its future no longer wants the answer; that is fine.
-        match self {
-            WriteReply::Unit(tx) => {
-                let _ = tx.send(outcome.map(|_| ()));
-            }
-            WriteReply::Flag(tx) => {
-                let _ = tx.send(outcome);
-            }
-        }
-    }
-}
-
-struct WriteRequest {
-    command: WriteCommand,
-    reply: WriteReply,
-}
-
-impl WriteRequest {
-    /// How much of a batch this request uses: its events, or 1.
-    fn weight(&self) -> usize {
-        match &self.command {
-            WriteCommand::Append { events, .. } => events.len().max(1),
-            _ => 1,
-        }
-    }
-}
-
-/// A query, answered by a reader thread.
-enum ReadRequest {
-    Get {
-        id: String,
-        reply: Reply<Option<ConversationRecord>>,
-    },
-    List {
-        offset: usize,
-        limit: usize,
-        reply: Reply<Vec<ConversationMeta>>,
-    },
-    Events {
-        id: String,
-        query: EventQuery,
-        reply: Reply<Vec<StoredEvent>>,
-    },
-    Settings {
-        user: String,
-        reply: Reply<Option<Value>>,
-    },
-}
-
-/// Admits write requests into the writer's bounded queue in call order (see the module docs).
-struct WriteQueue {
-    tx: mpsc::Sender<WriteRequest>,
-    overflow: Mutex<Overflow>,
-}
-
-/// Requests that found the queue full, oldest first. `moved` counts the requests ever moved
-/// from here into the queue; the request with ticket `t` sits at index `t - moved`.
-#[derive(Default)]
-struct Overflow {
-    waiting: VecDeque<WriteRequest>,
-    issued: u64,
-    moved: u64,
-}
-
-/// Whether a request is in the writer's queue yet.
-enum Admission {
-    Queued,
-    /// In the overflow list with this ticket.
-    Waiting(u64),
-}
-
-impl WriteQueue {
-    fn lock(&self) -> MutexGuard<'_, Overflow> {
-        self.overflow.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Queues `request` now if nothing is waiting and there is room; otherwise puts it at the
-    /// end of the overflow list. Every send happens under the lock, so the queue's order is the
-    /// call order.
-    fn admit(&self, request: WriteRequest) -> Result<Admission, StoreError> {
-        let mut overflow = self.lock();
-        let request = if overflow.waiting.is_empty() {
-            match self.tx.try_send(request) {
-                Ok(()) => return Ok(Admission::Queued),
-                Err(TrySendError::Full(request)) => request,
-                Err(TrySendError::Closed(_)) => return Err(StoreError::Closed),
-            }
-        } else {
-            request
-        };
-        let ticket = overflow.issued;
-        overflow.issued += 1;
-        overflow.waiting.push_back(request);
-        Ok(Admission::Waiting(ticket))
-    }
-
-    /// Moves overflow requests into the queue, front first, until the one with `ticket` is in.
-    async fn wait_admitted(&self, ticket: u64) -> Result<(), StoreError> {
-        loop {
-            if self.lock().moved > ticket {
-                return Ok(());
-            }
-            let permit = self.tx.reserve().await.map_err(|_| StoreError::Closed)?;
-            let mut overflow = self.lock();
-            if overflow.moved > ticket {
-                return Ok(());
-            }
-            if let Some(front) = overflow.waiting.pop_front() {
-                permit.send(front);
-                overflow.moved += 1;
-            }
-        }
-    }
-}
-
 /// The SQLite-backed [`Store`]. Cheap to clone; all clones share the same threads.
 #[derive(Clone)]
 pub struct SqliteStore {
     writes: Arc<WriteQueue>,
-    reads: mpsc::Sender<ReadRequest>,
+    reads: ReadQueue,
     /// Number of store threads still running.
     running: watch::Receiver<usize>,
     path: Arc<PathBuf>,
@@ -457,8 +312,8 @@ impl SqliteStore {
 
         let queue = tuning.queue.max(1);
         let batch_max = tuning.batch_max.max(1);
-        let (write_tx, write_rx) = mpsc::channel(queue);
-        let (read_tx, read_rx) = mpsc::channel(queue);
+        let (writes, write_rx) = WriteQueue::new(queue);
+        let (reads, read_rx) = ReadQueue::new(queue);
         let read_rx = Arc::new(Mutex::new(read_rx));
         let (running_tx, running_rx) = watch::channel(0usize);
         let running_tx = Arc::new(running_tx);
@@ -500,11 +355,8 @@ impl SqliteStore {
 
         tracing::info!(path = %path.display(), schema_version = SCHEMA_VERSION, "SQLite store open");
         Ok(SqliteStore {
-            writes: Arc::new(WriteQueue {
-                tx: write_tx,
-                overflow: Mutex::new(Overflow::default()),
-            }),
-            reads: read_tx,
+            writes,
+            reads,
             running: running_rx,
             path: Arc::new(path),
             limits,
@@ -534,32 +386,14 @@ impl SqliteStore {
         command: WriteCommand,
         make_reply: impl FnOnce(Reply<T>) -> WriteReply,
     ) -> StoreFuture<T> {
-        let (tx, rx) = oneshot::channel();
-        let request = WriteRequest {
-            command,
-            reply: make_reply(tx),
-        };
-        let admission = self.writes.admit(request);
-        let queue = self.writes.clone();
-        Box::pin(async move {
-            if let Admission::Waiting(ticket) = admission? {
-                queue.wait_admitted(ticket).await?;
-            }
-            rx.await.map_err(|_| StoreError::Closed)?
-        })
+        self.writes.submit(command, make_reply)
     }
 
     fn read<T: Send + 'static>(
         &self,
         make: impl FnOnce(Reply<T>) -> ReadRequest,
     ) -> StoreFuture<T> {
-        let (tx, rx) = oneshot::channel();
-        let request = make(tx);
-        let reads = self.reads.clone();
-        Box::pin(async move {
-            reads.send(request).await.map_err(|_| StoreError::Closed)?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        })
+        self.reads.read(make)
     }
 }
 
@@ -1056,17 +890,7 @@ fn run_writer(mut writer: Writer, mut rx: mpsc::Receiver<WriteRequest>, batch_ma
     let mut batch: Vec<WriteRequest> = Vec::new();
     // `None` once every sender is gone and the queue is drained.
     while let Some(first) = rx.blocking_recv() {
-        let mut weight = first.weight();
-        batch.push(first);
-        while weight < batch_max {
-            match rx.try_recv() {
-                Ok(next) => {
-                    weight += next.weight();
-                    batch.push(next);
-                }
-                Err(_) => break,
-            }
-        }
+        fill_batch(first, &mut rx, batch_max, &mut batch);
         writer.commit_batch(&mut batch);
     }
     // Fold the WAL back into the database file so that a closed store is one self-contained
@@ -1623,33 +1447,11 @@ fn allocate(path: &Path, bytes: u64) -> std::io::Result<()> {
     }
 }
 
-fn fail_batch(batch: &mut Vec<WriteRequest>, message: &str) {
-    tracing::error!(requests = batch.len(), error = %message, "store write batch failed");
-    for request in batch.drain(..) {
-        request.reply.send(Err(StoreError::Io(message.to_string())));
-    }
-}
-
 /// The largest event id of a conversation; one primary-key seek.
 fn last_event_id(conn: &Connection, seq: i64) -> rusqlite::Result<Option<i64>> {
     conn.prepare_cached(sql::LAST_EVENT_ID)?
         .query_row(params![seq], |r| r.get(0))
         .optional()
-}
-
-/// The id the event after `last` gets (0 for an empty log). `id` is for messages.
-fn next_after(id: &str, last: Option<i64>) -> Result<u64, StoreError> {
-    match last {
-        None => Ok(0),
-        Some(last) => u64::try_from(last)
-            .ok()
-            .and_then(|l| l.checked_add(1))
-            .ok_or_else(|| {
-                StoreError::Io(format!(
-                    "conversation {id}: stored event id {last} is invalid"
-                ))
-            }),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1689,11 +1491,7 @@ fn read_settings(conn: &Connection, user: &str) -> Result<Option<Value>, StoreEr
         .prepare_cached(sql::SETTINGS)
         .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get(0)).optional())
         .map_err(io_error)?;
-    text.map(|t| {
-        serde_json::from_str(&t)
-            .map_err(|e| StoreError::Io(format!("the stored settings are unreadable: {e}")))
-    })
-    .transpose()
+    decode_settings(text)
 }
 
 fn meta_from_row(row: &Row<'_>) -> rusqlite::Result<(ConversationMeta, String)> {
@@ -1711,18 +1509,6 @@ fn meta_from_row(row: &Row<'_>) -> rusqlite::Result<(ConversationMeta, String)> 
         },
         init_json,
     ))
-}
-
-fn decode_init(
-    (mut meta, init_json): (ConversationMeta, String),
-) -> Result<ConversationMeta, StoreError> {
-    meta.init = serde_json::from_str(&init_json).map_err(|e| {
-        StoreError::Io(format!(
-            "conversation {}: stored init data is unreadable: {e}",
-            meta.conversation_id
-        ))
-    })?;
-    Ok(meta)
 }
 
 fn read_get(conn: &mut Connection, id: &str) -> Result<Option<ConversationRecord>, StoreError> {
@@ -1749,11 +1535,6 @@ fn read_get(conn: &mut Connection, id: &str) -> Result<Option<ConversationRecord
     }))
 }
 
-/// A count for `LIMIT`/`OFFSET`; anything beyond `i64::MAX` is as good as unlimited.
-fn sql_count(n: usize) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
 fn read_list(
     conn: &Connection,
     offset: usize,
@@ -1771,17 +1552,9 @@ fn read_list(
 }
 
 fn read_events(conn: &Connection, id: &str, q: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
-    // Stored ids are at most i64::MAX, so a start beyond it matches nothing and an end beyond
-    // it is no bound.
-    let Ok(start) = i64::try_from(q.start_id) else {
+    let Some((start, end, limit)) = event_range(&q) else {
         return Ok(Vec::new());
     };
-    let end = q
-        .end_id
-        .map_or(i64::MAX, |e| i64::try_from(e).unwrap_or(i64::MAX));
-    if q.limit == 0 || start > end {
-        return Ok(Vec::new());
-    }
     let sql = if q.reverse {
         sql::EVENTS_NEWEST_FIRST
     } else {
@@ -1789,20 +1562,15 @@ fn read_events(conn: &Connection, id: &str, q: EventQuery) -> Result<Vec<StoredE
     };
     let mut stmt = conn.prepare_cached(sql).map_err(io_error)?;
     let rows = stmt
-        .query_map(params![id, start, end, sql_count(q.limit)], |r| {
+        .query_map(params![id, start, end, limit], |r| {
             Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
         })
         .map_err(io_error)?;
     let mut out = Vec::new();
     for row in rows {
         let (event_id, json) = row.map_err(io_error)?;
-        let event_id = u64::try_from(event_id).map_err(|_| {
-            StoreError::Io(format!(
-                "conversation {id}: stored event id {event_id} is invalid"
-            ))
-        })?;
         out.push(StoredEvent {
-            id: event_id,
+            id: stored_event_id(id, event_id)?,
             json: json.into(),
         });
     }

@@ -1898,37 +1898,9 @@ fn e2e_artifacts_dir() -> std::path::PathBuf {
         .join("e2e-artifacts")
 }
 
-/// The OpenHands web app, unpacked from its build and served by the real binary with
-/// `--frontend`, driven in headless Chromium through `tests/e2e/webapp.py` (Playwright):
-/// first-run modals → launch → chat → echo → reload → listed → rename → stop → resume →
-/// delete → settings page, with no `/api` answer of 404 or 5xx beyond OpenHands' own protocol.
-/// Prints the time from clicking "Launch" to an enabled chat box.
-#[test]
-fn the_openhands_web_app_works_end_to_end() {
-    run_the_web_app(None);
-}
-
-/// The same with a session key: the browser logs in once through `/?session_api_key=K` and
-/// the HttpOnly cookie carries the key for every `/api` call and socket after that.
-#[test]
-fn the_openhands_web_app_works_with_a_session_key_through_the_cookie_login() {
-    run_the_web_app(Some("e2e-key-5b1c0d"));
-}
-
-/// Runs `tests/e2e/webapp.py` against a fresh server; SKIPPED without the fixture, Chromium
-/// or Playwright unless `SWITCHBOARD_REQUIRE_BROWSER_TESTS=1`.
-fn run_the_web_app(session_key: Option<&str>) {
-    let skip = |why: String| {
-        assert!(!browser_required(), "the browser test is required: {why}");
-        eprintln!("SKIPPED: {why}");
-    };
-    let fixture = webapp_fixture();
-    if !fixture.is_file() {
-        return skip(format!("no web app build at {}", fixture.display()));
-    }
-    let Some(chromium) = chromium() else {
-        return skip("no Chromium (apt-get install chromium)".into());
-    };
+/// Chromium and a Python with Playwright, or why the browser tests cannot run here.
+fn browser() -> Result<(std::path::PathBuf, String), String> {
+    let chromium = chromium().ok_or("no Chromium (apt-get install chromium)")?;
     let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
     let playwright = Command::new(&python)
         .args(["-c", "import playwright.async_api"])
@@ -1937,41 +1909,39 @@ fn run_the_web_app(session_key: Option<&str>) {
         .status()
         .is_ok_and(|s| s.success());
     if !playwright {
-        return skip("no Playwright for Python (pip install playwright)".into());
+        return Err("no Playwright for Python (pip install playwright)".into());
     }
+    Ok((chromium, python))
+}
 
-    let site = tempfile::tempdir().expect("temp dir");
-    let unpacked = Command::new("tar")
-        .arg("-xzf")
-        .arg(&fixture)
-        .arg("-C")
-        .arg(site.path())
-        .status()
-        .expect("tar runs");
-    assert!(unpacked.success(), "cannot unpack {}", fixture.display());
-    let dir = tempfile::tempdir().expect("temp dir");
-    let data = dir.path().join("data");
-    let site_arg = site.path().to_str().expect("utf-8 path").to_string();
-    let mut args = vec!["--frontend", site_arg.as_str()];
-    if let Some(key) = session_key {
-        args.extend(["--session-api-key", key]);
-    }
-    let server = Server::start_with_args(dir, &data, "sqlite", &args, &[]);
-    let shots = tempfile::tempdir().expect("temp dir");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/e2e/webapp.py");
-    let mut python_cmd = Command::new(&python);
-    python_cmd.arg(&script);
-    if let Some(key) = session_key {
-        python_cmd.args(["--session-key", key]);
-    }
+/// Skips a browser test (`SKIPPED: why`), or fails it when CI demands browser tests.
+fn skip_browser_test(why: &str) {
+    assert!(!browser_required(), "the browser test is required: {why}");
+    eprintln!("SKIPPED: {why}");
+}
+
+/// Runs `tests/e2e/<script>` (Playwright, headless Chromium) against `server`, its
+/// screenshots going to `shots`: whether it passed, its JSON report and its stderr.
+fn drive_browser(
+    (chromium, python): &(std::path::PathBuf, String),
+    script: &str,
+    server: &Server,
+    shots: &Path,
+    args: &[&str],
+) -> (bool, Value, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/e2e")
+        .join(script);
     let mut child = Guard(
-        python_cmd
+        Command::new(python)
+            .arg(&script)
             .arg("--url")
             .arg(format!("http://127.0.0.1:{}", server.port))
             .arg("--artifacts")
-            .arg(shots.path())
+            .arg(shots)
             .arg("--chromium")
-            .arg(&chromium)
+            .arg(chromium)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -2001,6 +1971,60 @@ fn run_the_web_app(session_key: Option<&str>) {
         .find_map(|l| serde_json::from_str(l).ok())
         .unwrap_or(Value::Null);
     let passed = status.is_some_and(|s| s.success()) && report["ok"] == true;
+    (passed, report, err)
+}
+
+/// The OpenHands web app, unpacked from its build and served by the real binary with
+/// `--frontend`, driven in headless Chromium through `tests/e2e/webapp.py` (Playwright):
+/// first-run modals → launch → chat → echo → reload → listed → rename → stop → resume →
+/// delete → settings page, with no `/api` answer of 404 or 5xx beyond OpenHands' own protocol.
+/// Prints the time from clicking "Launch" to an enabled chat box.
+#[test]
+fn the_openhands_web_app_works_end_to_end() {
+    run_the_web_app(None);
+}
+
+/// The same with a session key: the browser logs in once through `/?session_api_key=K` and
+/// the HttpOnly cookie carries the key for every `/api` call and socket after that.
+#[test]
+fn the_openhands_web_app_works_with_a_session_key_through_the_cookie_login() {
+    run_the_web_app(Some("e2e-key-5b1c0d"));
+}
+
+/// Runs `tests/e2e/webapp.py` against a fresh server; SKIPPED without the fixture, Chromium
+/// or Playwright unless `SWITCHBOARD_REQUIRE_BROWSER_TESTS=1`.
+fn run_the_web_app(session_key: Option<&str>) {
+    let fixture = webapp_fixture();
+    if !fixture.is_file() {
+        return skip_browser_test(&format!("no web app build at {}", fixture.display()));
+    }
+    let browser = match browser() {
+        Ok(b) => b,
+        Err(why) => return skip_browser_test(&why),
+    };
+
+    let site = tempfile::tempdir().expect("temp dir");
+    let unpacked = Command::new("tar")
+        .arg("-xzf")
+        .arg(&fixture)
+        .arg("-C")
+        .arg(site.path())
+        .status()
+        .expect("tar runs");
+    assert!(unpacked.success(), "cannot unpack {}", fixture.display());
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let site_arg = site.path().to_str().expect("utf-8 path").to_string();
+    let mut args = vec!["--frontend", site_arg.as_str()];
+    let mut script_args = Vec::new();
+    if let Some(key) = session_key {
+        args.extend(["--session-api-key", key]);
+        script_args.extend(["--session-key", key]);
+    }
+    let server = Server::start_with_args(dir, &data, "sqlite", &args, &[]);
+    let shots = tempfile::tempdir().expect("temp dir");
+    let (passed, report, err) =
+        drive_browser(&browser, "webapp.py", &server, shots.path(), &script_args);
     if !passed {
         let keep = e2e_artifacts_dir().join(format!(
             "webapp{}-{}",
@@ -2018,7 +2042,7 @@ fn run_the_web_app(session_key: Option<&str>) {
             let _ = std::fs::copy(entry.path(), keep.join(entry.file_name()));
         }
         panic!(
-            "the web app run failed ({status:?}); screenshots in {}\nreport: {report}\n{err}",
+            "the web app run failed; screenshots in {}\nreport: {report}\n{err}",
             keep.display()
         );
     }
@@ -2032,6 +2056,45 @@ fn run_the_web_app(session_key: Option<&str>) {
         report["launch_to_chat_enabled_ms"],
         report["steps"]
     );
+    drop(server);
+}
+
+/// The operators' page in headless Chromium (`tests/e2e/status.py`), on a server with a
+/// session key: `/status` sends the browser to the login form, the key logs it in, the page
+/// lists a conversation created through the API with the totals counting it, its live tail
+/// attaches over the plain socket route, and a message posted through the API shows up in the
+/// tail. The screenshots stay in `<target>/e2e-artifacts/status/`.
+#[test]
+fn the_status_page_lists_conversations_and_tails_one_live() {
+    let browser = match browser() {
+        Ok(b) => b,
+        Err(why) => return skip_browser_test(&why),
+    };
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let key = "status-page-test-key";
+    let server = Server::start_with(
+        dir,
+        &data,
+        "sqlite",
+        &[("SWITCHBOARD_SESSION_API_KEY", key)],
+    );
+    let shots = e2e_artifacts_dir().join("status");
+    std::fs::create_dir_all(&shots).expect("artifacts dir");
+    let (passed, report, err) = drive_browser(
+        &browser,
+        "status.py",
+        &server,
+        &shots,
+        &["--session-key", key],
+    );
+    assert!(
+        passed,
+        "the status page run failed; screenshots in {}\nreport: {report}\n{err}",
+        shots.display()
+    );
+    assert!(shots.join("status-2-tail.png").is_file());
+    println!("e2e: status page screenshots in {}", shots.display());
     drop(server);
 }
 

@@ -94,6 +94,15 @@ impl SupervisorHandle {
         census
     }
 
+    /// Every conversation with an actor (stopping included) and its published state; no
+    /// actor hop.
+    pub fn conversations(&self) -> Vec<(Arc<str>, Arc<Shared>)> {
+        self.registry
+            .iter()
+            .map(|entry| (entry.key().clone(), entry.shared.clone()))
+            .collect()
+    }
+
     /// The live (not stopping) conversation `id`, if any; no actor hop.
     pub fn live(&self, id: &str) -> Option<ConversationHandle> {
         let entry = self.registry.get(id)?;

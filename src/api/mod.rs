@@ -181,6 +181,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
                     resource("/conversations/{conversation_id}/trajectory", "GET")
                         .route(web::get().to(workspace::trajectory)),
                 )
+                .service(
+                    resource("/status", "GET").route(web::get().to(crate::ops::status::api_status)),
+                )
                 .service(resource("/options/config", "GET").route(web::get().to(settings::config)))
                 .service(resource("/options/models", "GET").route(web::get().to(settings::models)))
                 .service(resource("/options/agents", "GET").route(web::get().to(settings::agents)))

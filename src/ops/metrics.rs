@@ -98,6 +98,11 @@ pub fn metrics() -> &'static Metrics {
 }
 
 impl Metrics {
+    /// When this process started serving, seconds since the epoch.
+    pub fn start_time(&self) -> f64 {
+        self.start_time
+    }
+
     /// Counts a conversation stop.
     pub fn stopped(&self, reason: &'static str) {
         self.conversation_stops

@@ -9,6 +9,7 @@
 //!   one is set and `metrics.require_key` is on (header `X-Session-API-Key` or
 //!   `Authorization: Bearer <key>`).
 //! - [`request::observe`]: request ids, spans, access log lines and request metrics.
+//! - `GET /status` and `GET /api/status` ([`status`]): the operators' page and its JSON.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::store::Store;
 
 pub mod metrics;
 pub mod request;
+pub mod status;
 
 /// How long a store probe's answer is reused.
 const PROBE_EVERY_MS: u64 = 1000;
@@ -142,10 +144,11 @@ impl Ops {
     }
 }
 
-/// Registers `/ready` and `/metrics`.
+/// Registers `/ready`, `/metrics` and the `/status` page (its JSON is under `/api`).
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(crate::api::resource("/ready", "GET").route(web::get().to(ready)))
-        .service(crate::api::resource("/metrics", "GET").route(web::get().to(scrape)));
+        .service(crate::api::resource("/metrics", "GET").route(web::get().to(scrape)))
+        .service(crate::api::resource("/status", "GET").route(web::get().to(status::page)));
 }
 
 async fn ready(ops: web::Data<Ops>) -> HttpResponse {

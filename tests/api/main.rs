@@ -16,6 +16,7 @@ mod security;
 mod session_key;
 mod settings;
 mod sockets;
+mod status;
 mod third_party;
 mod validation;
 mod workspace;

@@ -19,7 +19,7 @@ fn request(method: &str, path: &str, host: &str, headers: &[(&str, &str)], body:
 }
 
 /// [`request`] to the server under its own `Host`, on a new connection.
-async fn call(
+pub(crate) async fn call(
     app: &TestApp,
     method: &str,
     path: &str,

@@ -15,12 +15,10 @@ first-run modal before anything is saved (both are OpenHands' protocol). Prints 
 with the measured times; exits non-zero on any failure.
 """
 
-import argparse
 import asyncio
 import json
 import re
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -28,11 +26,12 @@ import urllib.request
 
 from playwright.async_api import async_playwright
 
+from browser import STEP_TIMEOUT_MS, arguments, launch
+
 MESSAGE = "hello from the browser test, with a longer first line"
 TITLE = MESSAGE[:30] + "..."
 RENAMED = "Renamed by the browser test"
 SECOND = "back again after a stop"
-STEP_TIMEOUT_MS = 20_000
 
 
 class Run:
@@ -263,23 +262,9 @@ async def scenario(run):
 
 
 async def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--artifacts", required=True)
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
-    parser.add_argument("--session-key", default=None)
-    args = parser.parse_args()
+    args = arguments()
     async with async_playwright() as p:
-        context = await p.chromium.launch_persistent_context(
-            tempfile.mkdtemp(prefix="switchboard-e2e-profile-"),
-            executable_path=args.chromium,
-            headless=True,
-            args=["--no-sandbox", "--headless", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync", "--no-first-run",
-                  "--disable-quic"],
-        )
-        context.set_default_timeout(STEP_TIMEOUT_MS)
-        page = context.pages[0] if context.pages else await context.new_page()
+        context, page = await launch(p, args.chromium)
         run = Run(page, args.artifacts)
         run.url = args.url
         run.key = args.session_key

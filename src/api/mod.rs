@@ -1,4 +1,5 @@
-//! HTTP routes: the OpenHands-compatible API, health probes and the OpenAPI document.
+//! HTTP routes: the OpenHands-compatible API, health probes, the OpenAPI document and its
+//! interactive view (`/docs`).
 //!
 //! Handlers validate input, translate it into actor messages through the handles in
 //! [`crate::actors`], and map every failure to an exact status and JSON body ([`ApiError`]).
@@ -19,6 +20,7 @@ use crate::config::Settings;
 use crate::store::Store;
 
 pub mod conversations;
+pub mod docs;
 pub mod errors;
 pub mod openapi;
 pub mod schema;
@@ -114,6 +116,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(resource("/alive", "GET").route(web::get().to(alive)))
         .service(resource("/health", "GET").route(web::get().to(health)))
         .service(resource("/openapi.json", "GET").route(web::get().to(openapi::openapi_json)))
+        .configure(docs::configure)
         .service(
             web::scope("/api")
                 .wrap(from_fn(crate::http::auth::require_key))

@@ -1,5 +1,5 @@
-//! The operators' page: `GET /status` (HTML behind the cookie login) and the JSON it reads,
-//! `GET /api/status` (behind the key).
+//! The operators' pages: `GET /status` (HTML behind the cookie login) and the JSON it reads,
+//! `GET /api/status` (behind the key); `GET /docs`, Swagger UI over `/openapi.json`.
 
 use serde_json::{json, Value};
 
@@ -100,28 +100,91 @@ async fn the_status_json_counts_the_live_conversations() {
     assert!(row(&status, &first).is_none(), "{status}");
 }
 
-#[actix_web::test]
-async fn the_status_page_is_served_behind_the_login() {
-    let app = spawn_app_with(|s| s.session_api_key = Some("s3cret".into())).await;
+/// `path` asked for by a browser: without credentials, a redirect to `login`; with the key
+/// (the app's is `s3cret`), the page (200).
+async fn html_page_behind_login(app: &TestApp, path: &str, login: &str) -> RawReply {
     let html = ("Accept", "text/html");
-    let r = call(&app, "GET", "/status", &[html], "").await;
+    let r = call(app, "GET", path, &[html], "").await;
     assert_eq!(r.status, 303, "{r:?}");
-    assert_eq!(
-        r.header("location").as_deref(),
-        Some("/login?next=%2Fstatus")
-    );
+    assert_eq!(r.header("location").as_deref(), Some(login));
     let r = call(
-        &app,
+        app,
         "GET",
-        "/status",
+        path,
         &[html, ("X-Session-API-Key", "s3cret")],
         "",
     )
     .await;
     assert_eq!(r.status, 200, "{r:?}");
+    r
+}
+
+#[actix_web::test]
+async fn the_status_page_is_served_behind_the_login() {
+    let app = spawn_app_with(|s| s.session_api_key = Some("s3cret".into())).await;
+    let r = html_page_behind_login(&app, "/status", "/login?next=%2Fstatus").await;
     assert!(r
         .header("content-type")
         .is_some_and(|ct| ct.starts_with("text/html")));
     let body = String::from_utf8_lossy(&r.body);
     assert!(body.contains("/api/status") && body.contains("/ws/conversations/"));
+}
+
+#[actix_web::test]
+async fn the_api_docs_are_served_from_the_binary_behind_the_login() {
+    let app = spawn_app_with(|s| s.session_api_key = Some("s3cret".into())).await;
+    let r = html_page_behind_login(&app, "/docs", "/login?next=%2Fdocs").await;
+    let page = String::from_utf8_lossy(&r.body).to_string();
+    for needed in [
+        "/docs/swagger-ui-bundle.js",
+        "/docs/swagger-ui.css",
+        "\"/openapi.json\"",
+        "validatorUrl: null",
+    ] {
+        assert!(page.contains(needed), "{needed}: {page}");
+    }
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "{page}"
+    );
+
+    // The vendored files: no key needed (they hold nothing of the server's), gzip on request.
+    for (path, content_type, start) in [
+        (
+            "/docs/swagger-ui-bundle.js",
+            "text/javascript",
+            "/*! For license information",
+        ),
+        ("/docs/swagger-ui.css", "text/css", ".swagger-ui"),
+    ] {
+        let plain = call(&app, "GET", path, &[], "").await;
+        assert_eq!(plain.status, 200, "{path}");
+        assert!(
+            plain
+                .header("content-type")
+                .is_some_and(|ct| ct.starts_with(content_type)),
+            "{path}: {:?}",
+            plain.header("content-type")
+        );
+        assert!(
+            String::from_utf8_lossy(&plain.body[..200.min(plain.body.len())]).contains(start),
+            "{path}"
+        );
+        let gz = call(&app, "GET", path, &[("Accept-Encoding", "gzip")], "").await;
+        assert_eq!(gz.status, 200, "{path}");
+        assert_eq!(
+            gz.header("content-encoding").as_deref(),
+            Some("gzip"),
+            "{path}"
+        );
+    }
+    let r = call(
+        &app,
+        "POST",
+        "/docs",
+        &[("X-Session-API-Key", "s3cret")],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 405, "{r:?}");
 }

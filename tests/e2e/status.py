@@ -8,8 +8,9 @@ Run by tests/cli.rs against a fresh server that has a session key:
 Steps: a conversation is created through the API -> `/status` sends the browser to the login
 form -> the key is typed in -> back on `/status`, the totals count it running and the list
 shows it -> its live tail is opened (the plain socket route) -> a message posted through the
-API appears in the tail. Screenshots go to DIR (`status-*.png`). Prints one JSON line;
-exits non-zero on any failure.
+API appears in the tail -> `/docs` renders the API's operations with the Swagger UI compiled
+into the binary; no request of the whole run leaves the server. Screenshots go to DIR
+(`status-*.png`). Prints one JSON line; exits non-zero on any failure.
 """
 
 import asyncio
@@ -36,6 +37,9 @@ def api(url, key, method, path, body=None):
 
 
 async def scenario(page, url, key, artifacts):
+    foreign = []
+    page.on("request", lambda r: None if r.url.startswith((url, "data:", "blob:"))
+            else foreign.append(r.url))
     created = api(url, key, "POST", "/api/conversations", {})
     conversation_id = created["conversation_id"]
 
@@ -70,7 +74,17 @@ async def scenario(page, url, key, artifacts):
     await lines.filter(has_text=MESSAGE).first.wait_for()
     assert await lines.count() > before
     await page.screenshot(path=f"{artifacts}/status-2-tail.png", full_page=True)
-    return {"tail_lines": await lines.count()}
+    tail_lines = await lines.count()
+
+    # /docs: Swagger UI, from the binary, renders the API's operations.
+    await page.goto(url + "/docs")
+    await page.locator(".swagger-ui .info .title").wait_for()
+    operations = page.locator(".opblock")
+    await operations.first.wait_for()
+    assert await page.locator(".opblock-summary-path", has_text="/api/conversations").count()
+    await page.screenshot(path=f"{artifacts}/status-3-docs.png", full_page=True)
+    assert not foreign, f"requests left the server: {foreign}"
+    return {"tail_lines": tail_lines, "docs_operations": await operations.count()}
 
 
 async def main():

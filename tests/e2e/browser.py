@@ -5,15 +5,20 @@ so it is on their path).
 """
 
 import argparse
+import atexit
+import shutil
 import tempfile
 
 STEP_TIMEOUT_MS = 20_000
 
 
 async def launch(playwright, chromium):
-    """A fresh headless Chromium (its own profile, no background traffic) and its page."""
+    """A fresh headless Chromium (its own profile, no background traffic) and its page. The
+    profile directory is removed when the script exits."""
+    profile = tempfile.mkdtemp(prefix="switchboard-e2e-profile-")
+    atexit.register(shutil.rmtree, profile, ignore_errors=True)
     context = await playwright.chromium.launch_persistent_context(
-        tempfile.mkdtemp(prefix="switchboard-e2e-profile-"),
+        profile,
         executable_path=chromium,
         headless=True,
         args=["--no-sandbox", "--headless", "--disable-background-networking",

@@ -63,9 +63,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, watch};
 
 use super::durable::{
-    decode_init, decode_settings, event_range, fail_batch, fill_batch, next_after, sql_count,
-    stored_event_id, ReadQueue, ReadRequest, Reply, WriteCommand, WriteQueue, WriteReply,
-    WriteRequest,
+    check_append, decode_init, decode_settings, event_range, fail_batch, fill_batch, next_after,
+    sql_count, stored_event_id, ReadQueue, ReadRequest, Reply, WriteCommand, WriteQueue,
+    WriteReply, WriteRequest,
 };
 use super::{
     events_bytes, meta_bytes, ConversationMeta, ConversationRecord, EventQuery, InitData, Store,
@@ -1281,36 +1281,14 @@ impl Writer {
         seq: i64,
         events: &[StoredEvent],
     ) -> Result<(), ApplyError> {
-        let Some(first) = events.first() else {
+        if events.is_empty() {
             return Ok(());
-        };
-        let refused = |message: String| ApplyError::Refused(StoreError::Io(message));
+        }
         let last = last_event_id(&self.conn, seq)?;
-        let next = next_after(id, last).map_err(ApplyError::Refused)?;
-        if first.id != next {
-            return Err(refused(format!(
-                "conversation {id}: append starts at event id {} but the log continues at {next}",
-                first.id
-            )));
-        }
-        for (expected, event) in (next..).zip(events) {
-            if event.id != expected {
-                return Err(refused(format!(
-                    "conversation {id}: event ids in one append must be consecutive; \
-                     got {} where {expected} was due",
-                    event.id
-                )));
-            }
-        }
-        let last = events.last().map_or(next, |e| e.id);
-        if i64::try_from(last).is_err() {
-            return Err(refused(format!(
-                "conversation {id}: event id {last} is too large"
-            )));
-        }
+        check_append(id, last, events).map_err(ApplyError::Refused)?;
         let mut insert = self.conn.prepare_cached(sql::INSERT_EVENT)?;
         for event in events {
-            // Checked above: every id is at most `last`.
+            // Checked by `check_append`: every id fits an i64.
             let key = event.id as i64;
             insert.execute(params![seq, key, &*event.json])?;
         }

@@ -71,6 +71,16 @@ impl RuntimeKind {
     }
 }
 
+/// How each agent process is confined (`runtime.process.sandbox`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxKind {
+    /// Not at all: the agent runs as a plain child process.
+    None,
+    /// Under bubblewrap (`bwrap`), see [`crate::runtime::sandbox`].
+    Bwrap,
+}
+
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -265,6 +275,14 @@ pub struct ProcessSettings {
     pub max_line_bytes: usize,
     /// Last stderr lines kept for the error shown when the agent exits.
     pub stderr_tail_lines: usize,
+    /// How each agent is confined.
+    pub sandbox: SandboxKind,
+    /// Whether a sandboxed agent keeps the network (`false`: only its own loopback).
+    pub sandbox_network: bool,
+    /// Directories, besides the working directory, a sandboxed agent may write; set by runtime
+    /// presets, not configurable. `{conversation_id}` is replaced as in `working_dir`.
+    #[serde(skip)]
+    pub sandbox_writable: Vec<String>,
 }
 
 impl ProcessSettings {
@@ -273,12 +291,23 @@ impl ProcessSettings {
         if self.working_dir.is_empty() {
             data_dir.join("workspaces").join(conversation_id)
         } else {
-            PathBuf::from(
-                self.working_dir
-                    .replace("{conversation_id}", conversation_id),
-            )
+            for_conversation(&self.working_dir, conversation_id)
         }
     }
+
+    /// The directories besides its working directory one conversation's sandboxed agent may
+    /// write.
+    pub fn sandbox_writable_for(&self, conversation_id: &str) -> Vec<PathBuf> {
+        self.sandbox_writable
+            .iter()
+            .map(|dir| for_conversation(dir, conversation_id))
+            .collect()
+    }
+}
+
+/// A configured path with `{conversation_id}` replaced.
+fn for_conversation(path: &str, conversation_id: &str) -> PathBuf {
+    PathBuf::from(path.replace("{conversation_id}", conversation_id))
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -461,6 +490,16 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
     (
         "SWITCHBOARD_PROCESS_STDERR_TAIL_LINES",
         "runtime.process.stderr_tail_lines",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_PROCESS_SANDBOX",
+        "runtime.process.sandbox",
+        EnvKind::Str,
+    ),
+    (
+        "SWITCHBOARD_PROCESS_SANDBOX_NETWORK",
+        "runtime.process.sandbox_network",
         EnvKind::Literal,
     ),
     ("SWITCHBOARD_FRONTEND_DIR", "frontend.dir", EnvKind::Str),
@@ -1304,10 +1343,14 @@ mod tests {
                     "SWITCHBOARD_PROCESS_WORKING_DIR",
                     "/srv/{conversation_id}/work",
                 ),
+                ("SWITCHBOARD_PROCESS_SANDBOX", "bwrap"),
+                ("SWITCHBOARD_PROCESS_SANDBOX_NETWORK", "false"),
             ]))
             .build()
             .unwrap();
         assert_eq!(s.runtime.kind, RuntimeKind::Process);
+        assert_eq!(s.runtime.process.sandbox, SandboxKind::Bwrap);
+        assert!(!s.runtime.process.sandbox_network);
         assert_eq!(
             s.runtime.process.command,
             ["sh", "examples/agents/shell agent.py", "--flag=a b", "c d"]
@@ -1319,6 +1362,8 @@ mod tests {
         );
         let d = Settings::defaults();
         assert_eq!(d.runtime.process.stop_grace_secs, 10);
+        assert_eq!(d.runtime.process.sandbox, SandboxKind::None);
+        assert!(d.runtime.process.sandbox_network);
         assert!(d.runtime.process.command.is_empty());
         assert_eq!(
             d.runtime.process.working_dir_for(Path::new("/data"), "abc"),

@@ -182,6 +182,7 @@ impl Application {
     ) -> Result<Application, StartupError> {
         let settings =
             Arc::new(crate::runtime::openhands::prepare(settings).map_err(StartupError::Agent)?);
+        crate::runtime::sandbox::check(&settings).map_err(StartupError::Agent)?;
         // Whatever agents of a previous run on this data directory left running ends here.
         crate::runtime::process_tree::sweep(&settings.data_dir);
         let addr = format!("{}:{}", settings.host, settings.port);

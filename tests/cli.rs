@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 mod pg;
+mod sandbox;
 
 /// The binary, run in `dir` (so no `./config/default.toml` is layered in) with a clean
 /// environment for its settings and logs.
@@ -155,6 +156,24 @@ fn bad_environment_settings_are_refused_with_one_line_naming_them() {
         &[("SWITCHBOARD_STORE", "mysql")],
         &[],
         "`store`",
+        Some(free_port()),
+    );
+    refuses(
+        &[("SWITCHBOARD_PROCESS_SANDBOX", "docker")],
+        &[],
+        "runtime.process.sandbox",
+        Some(free_port()),
+    );
+    // The bwrap sandbox without bubblewrap (not on PATH).
+    refuses(
+        &[
+            ("SWITCHBOARD_RUNTIME", "process"),
+            ("SWITCHBOARD_PROCESS_COMMAND", "/bin/sh -c true"),
+            ("SWITCHBOARD_PROCESS_SANDBOX", "bwrap"),
+            ("PATH", "/nonexistent"),
+        ],
+        &[],
+        "bwrap",
         Some(free_port()),
     );
     // A web app directory without index.html (or none at all), by flag and by environment.
@@ -1045,7 +1064,8 @@ struct Runaways {
 
 impl Runaways {
     fn new() -> Runaways {
-        let dir = tempfile::tempdir().expect("temp dir");
+        // Not under /tmp: a sandboxed agent sees a private, empty one.
+        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
         std::fs::write(dir.path().join("runaway.py"), RUNAWAY_AGENT).expect("write agent");
         let mark = unique_mark();
         Runaways {
@@ -1061,18 +1081,24 @@ impl Runaways {
 
     /// A server with the `store` backend on the data directory, running the runaway agent.
     fn server(&self, store: &str) -> Server {
+        self.server_with(store, &[])
+    }
+
+    /// Like [`Runaways::server`], with more settings.
+    fn server_with(&self, store: &str, more: &[(&str, &str)]) -> Server {
         let command = format!(
             "python3 {} {}",
             self.dir.path().join("runaway.py").display(),
             self.mark
         );
-        let envs = [
+        let mut envs = vec![
             ("SWITCHBOARD_RUNTIME", "process"),
             ("SWITCHBOARD_PROCESS_COMMAND", command.as_str()),
             ("SWITCHBOARD_PROCESS_STOP_GRACE_SECS", "2"),
             // Not about authentication: keep the generated key out of the way.
             ("SWITCHBOARD_SESSION_API_KEY", ""),
         ];
+        envs.extend_from_slice(more);
         let work = tempfile::tempdir().expect("temp dir");
         Server::start_with(work, &self.data(), store, &envs)
     }
@@ -1161,6 +1187,35 @@ fn kill_9_of_the_server_then_a_restart_leaves_no_agent_process() {
     assert!(agent_records(&data).is_empty());
     let (status, _) = server.request("GET", "/alive", None);
     assert_eq!(status, 200);
+}
+
+#[test]
+fn a_sandboxed_agent_takes_everything_it_started_with_it() {
+    if !sandbox::bwrap_works() {
+        return;
+    }
+    let runaways = Runaways::new();
+    let mark = runaways.mark.as_str();
+    let sandbox = [("SWITCHBOARD_PROCESS_SANDBOX", "bwrap")];
+    let mut server = runaways.server_with("sqlite", &sandbox);
+
+    // Stopping the conversation: every sleeper, those that left the agent's session included.
+    let (status, body) = server.request("POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    wait_sleepers(mark, 30, |n| n == RUNAWAYS);
+    let (status, body) =
+        server.request("POST", &format!("/api/conversations/{id}/stop"), Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    wait_sleepers(mark, 15, |n| n == 0);
+
+    // `kill -9` of the server: the agent dies with it, and everything it started with the
+    // agent's PID namespace, with no restart to sweep them.
+    let (status, body) = server.request("POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    wait_sleepers(mark, 30, |n| n == RUNAWAYS);
+    server.kill_9();
+    wait_sleepers(mark, 15, |n| n == 0);
 }
 
 /// `setsid sleep <mark>`: a process that leads its own session, like an agent.

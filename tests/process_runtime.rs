@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use serde_json::{json, Value};
-use switchboard::config::{RuntimeKind, Settings};
+use switchboard::config::{RuntimeKind, SandboxKind, Settings};
 use switchboard::events::{EventBody, Source};
 use switchboard::runtime::{
     FromRuntime, ProcessRuntime, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart,
@@ -22,6 +22,8 @@ use switchboard::runtime::{
 use switchboard::store::{ConversationMeta, InitData, MemoryStore, Store};
 
 use helpers::*;
+
+mod sandbox;
 
 const SHELL_AGENT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -1354,5 +1356,69 @@ async fn openhands_agent_runs_stops_and_resumes() {
     assert_eq!(his, 1);
     app.shutdown().await;
     wait_no_agents(&id, 30).await;
+    assert_no_lasting_zombies().await;
+}
+
+// ---- the bwrap sandbox ------------------------------------------------------------------
+
+#[actix_web::test]
+async fn a_sandboxed_agent_writes_only_its_working_directory_and_its_own_tmp_offline() {
+    if !sandbox::bwrap_works() {
+        return;
+    }
+    // Outside the working directory: a directory of the test's own (not under /tmp, whose
+    // sandboxed view is the agent's private one) and the host's /tmp.
+    let outside = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let mark = uuid::Uuid::new_v4().simple().to_string();
+    let host_tmp = Path::new("/tmp").join(format!("switchboard-sandbox-{mark}"));
+    let app = process_app(vec![python(), SHELL_AGENT.into()], |s| {
+        s.runtime.process.sandbox = SandboxKind::Bwrap;
+        s.runtime.process.sandbox_network = false;
+    })
+    .await;
+    let id = app
+        .create(json!({"initial_user_msg": "echo started"}))
+        .await;
+    app.wait_status(&id, "RUNNING", 30).await;
+    let outside_file = outside.path().join("escaped.txt");
+    let command = format!(
+        "echo in > inside.txt && echo inside=ok; \
+         echo out > {} && echo outside=written || echo outside=refused; \
+         echo secret > {} && echo tmp=$(cat {}); \
+         echo nets=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\\n' ,)",
+        outside_file.display(),
+        host_tmp.display(),
+        host_tmp.display()
+    );
+    post_message(&app, &id, &command).await;
+    let events = app
+        .wait_events(&id, 30, |e| run_output_containing(e, "inside=").is_some())
+        .await;
+    let output = run_output_containing(&events, "inside=").unwrap()["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(output.contains("inside=ok"), "{output}");
+    assert!(
+        output.contains("outside=refused") && output.contains("Read-only file system"),
+        "{output}"
+    );
+    assert!(output.contains("tmp=secret"), "{output}");
+    // No network: its own loopback only.
+    assert!(output.contains("nets=lo,\n"), "{output}");
+    let workspace = app._data_dir.path().join("workspaces").join(&id);
+    assert_eq!(
+        std::fs::read_to_string(workspace.join("inside.txt")).unwrap(),
+        "in\n"
+    );
+    assert!(
+        !outside_file.exists(),
+        "the agent wrote outside its workspace"
+    );
+    assert!(!host_tmp.exists(), "the agent's /tmp is the host's");
+
+    stop(&app, &id).await;
+    wait_no_agents(&id, 15).await;
+    app.shutdown().await;
     assert_no_lasting_zombies().await;
 }

@@ -21,6 +21,7 @@ pub mod echo;
 pub mod openhands;
 pub mod process;
 pub mod process_tree;
+pub mod sandbox;
 
 pub use echo::EchoRuntime;
 pub use process::ProcessRuntime;

@@ -70,7 +70,7 @@ pub fn prepare(mut settings: Settings) -> Result<Settings, String> {
         python.to_string_lossy().into_owned(),
         adapter.to_string_lossy().into_owned(),
     ];
-    process
+    let state_root = process
         .env
         .entry("OPENHANDS_STATE_DIR".into())
         .or_insert_with(|| {
@@ -79,7 +79,15 @@ pub fn prepare(mut settings: Settings) -> Result<Settings, String> {
                 .join("state")
                 .to_string_lossy()
                 .into_owned()
-        });
+        })
+        .clone();
+    // A sandboxed agent writes its own conversation's state, and no other's.
+    process.sandbox_writable.push(
+        Path::new(&state_root)
+            .join("{conversation_id}")
+            .to_string_lossy()
+            .into_owned(),
+    );
     Ok(settings)
 }
 
@@ -154,6 +162,11 @@ mod tests {
                 .to_string()
         );
         assert_eq!(s.runtime.process.env["LLM_MODEL"], "openai/x");
+        // A sandboxed agent may write its own conversation's state.
+        assert_eq!(
+            s.runtime.process.sandbox_writable_for("c1"),
+            [dir.path().join("data/openhands/state/c1")]
+        );
         // Other kinds pass through untouched.
         let mut echo = Settings::defaults();
         echo.data_dir = dir.path().join("echo");

@@ -30,7 +30,8 @@
 //! ([`super::process_tree`] finds them, even ones that left its session). Once the agent is
 //! gone, whatever it left is killed; the child is killed when its watcher is dropped (server
 //! shutdown) and, on Linux, by the kernel if the server dies (`PR_SET_PDEATHSIG`) — what it
-//! started then is swept by the next start from the record.
+//! started then is swept by the next start from the record. With `runtime.process.sandbox`
+//! the command is wrapped by [`super::sandbox`] and the process started is the sandbox's.
 
 use std::collections::VecDeque;
 use std::ffi::OsString;
@@ -51,6 +52,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::process_tree::{AgentTree, TOKEN_ENV};
+use super::sandbox;
 use super::{ReferencedEvent, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
 use crate::config::Settings;
 use crate::events::{EventBody, Source, StatusUpdate};
@@ -142,6 +144,7 @@ impl ProcessRuntime {
         })?;
         let token = uuid::Uuid::new_v4().simple().to_string();
 
+        let (program, args) = sandbox::command(p, program, args, &dir, &conversation_id)?;
         let mut command = Command::new(program);
         command
             .args(args)
@@ -182,6 +185,7 @@ impl ProcessRuntime {
             pid,
             command = %shown,
             working_dir = %dir.display(),
+            sandbox = ?p.sandbox,
             "agent process started"
         );
         // From here on, dropping the guard kills and reaps the agent.

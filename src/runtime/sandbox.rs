@@ -1,0 +1,169 @@
+//! The sandbox process agents run in (`runtime.process.sandbox`).
+//!
+//! This module is the one place an agent's command is wrapped. With `"none"` the command runs
+//! as it is. With `"bwrap"` it runs under bubblewrap:
+//!
+//! - the whole filesystem read-only (`--ro-bind / /`), a fresh `/dev` and `/proc`;
+//! - a private, empty `/tmp` (`--tmpfs /tmp`) that disappears with the agent;
+//! - writable: its working directory, and the directories a runtime preset names
+//!   ([`ProcessSettings::sandbox_writable_for`], e.g. the OpenHands state directory), each
+//!   created before the start;
+//! - its own PID namespace (`--unshare-pid`) and `--die-with-parent`: when the namespace's
+//!   first process ends, the kernel kills every process in it, so nothing the agent started
+//!   outlives it; seen from the server the agent's process is `bwrap`, which is what
+//!   [`super::process_tree`] records and signals (and its scan of `/proc` still finds every
+//!   process inside, which carry the agent's token);
+//! - with `sandbox_network = false`, its own network namespace with only a loopback
+//!   (`--unshare-net`).
+//!
+//! It does not change the user id, hide files from reading, or limit CPU and memory.
+//! [`check`] runs `bwrap` once at start, so a missing or unusable bubblewrap stops the server
+//! with one line instead of failing every conversation.
+
+use std::ffi::OsString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use crate::config::{ProcessSettings, SandboxKind, Settings};
+
+/// The bubblewrap program, looked up on PATH.
+pub const BWRAP: &str = "bwrap";
+
+/// With `runtime.process.sandbox = "bwrap"` and an agent-process runtime: checks that `bwrap`
+/// exists and can create its sandbox here (`bwrap --ro-bind / / true`).
+pub fn check(settings: &Settings) -> Result<(), String> {
+    if !settings.runtime.kind.runs_agent_process()
+        || settings.runtime.process.sandbox != SandboxKind::Bwrap
+    {
+        return Ok(());
+    }
+    let output = Command::new(BWRAP)
+        .args(["--ro-bind", "/", "/", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output();
+    match output {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
+            "runtime.process.sandbox = \"bwrap\" needs bubblewrap, but `{BWRAP}` is not on PATH: \
+             install it (apt-get install bubblewrap) or set sandbox = \"none\""
+        )),
+        Err(e) => Err(format!(
+            "runtime.process.sandbox = \"bwrap\": cannot run `{BWRAP}`: {e}"
+        )),
+        Ok(out) if !out.status.success() => {
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let why = stderr.lines().next().unwrap_or("").trim();
+            Err(format!(
+                "runtime.process.sandbox = \"bwrap\": `{BWRAP} --ro-bind / / true` fails \
+                 ({}{}{why}): bubblewrap cannot create its sandbox on this machine \
+                 (unprivileged user namespaces disabled?)",
+                out.status,
+                if why.is_empty() { "" } else { ": " },
+            ))
+        }
+        Ok(_) => Ok(()),
+    }
+}
+
+/// The program and arguments that run `program args` for one conversation, sandboxed as
+/// `settings.sandbox` says, in `working_dir`. Creates the extra writable directories.
+pub fn command(
+    settings: &ProcessSettings,
+    program: &OsString,
+    args: &[OsString],
+    working_dir: &Path,
+    conversation_id: &str,
+) -> Result<(OsString, Vec<OsString>), String> {
+    match settings.sandbox {
+        SandboxKind::None => Ok((program.clone(), args.to_vec())),
+        SandboxKind::Bwrap => {
+            let writable = settings.sandbox_writable_for(conversation_id);
+            for dir in &writable {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    format!(
+                        "cannot create the agent's writable directory {}: {e}",
+                        dir.display()
+                    )
+                })?;
+            }
+            Ok((
+                BWRAP.into(),
+                bwrap_args(
+                    working_dir,
+                    &writable,
+                    settings.sandbox_network,
+                    program,
+                    args,
+                ),
+            ))
+        }
+    }
+}
+
+/// bubblewrap's arguments. Order matters: later mounts go on top of earlier ones, so the
+/// writable directories come after the private `/tmp` (a working directory under `/tmp` stays
+/// the real one).
+fn bwrap_args(
+    working_dir: &Path,
+    writable: &[PathBuf],
+    network: bool,
+    program: &OsString,
+    args: &[OsString],
+) -> Vec<OsString> {
+    let mut out: Vec<OsString> = [
+        "--ro-bind",
+        "/",
+        "/",
+        "--dev",
+        "/dev",
+        "--proc",
+        "/proc",
+        "--tmpfs",
+        "/tmp",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    for dir in std::iter::once(working_dir).chain(writable.iter().map(PathBuf::as_path)) {
+        out.extend(["--bind".into(), dir.into(), dir.into()]);
+    }
+    out.extend(["--chdir".into(), working_dir.into()]);
+    out.extend(["--unshare-pid".into(), "--die-with-parent".into()]);
+    if !network {
+        out.push("--unshare-net".into());
+    }
+    out.push("--".into());
+    out.push(program.clone());
+    out.extend(args.iter().cloned());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writable_directories_are_bound_after_the_private_tmp() {
+        let args = bwrap_args(
+            Path::new("/tmp/w"),
+            &[PathBuf::from("/data/state/c1")],
+            false,
+            &"python3".into(),
+            &["agent.py".into()],
+        );
+        let text: Vec<String> = args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let at = |word: &str| text.iter().position(|a| a == word).unwrap();
+        assert!(at("--tmpfs") < at("--bind"), "{text:?}");
+        assert!(text.windows(3).any(|w| w == ["--bind", "/tmp/w", "/tmp/w"]));
+        assert!(text
+            .windows(3)
+            .any(|w| w == ["--bind", "/data/state/c1", "/data/state/c1"]));
+        assert!(text.contains(&"--unshare-net".to_string()));
+        assert_eq!(&text[text.len() - 3..], ["--", "python3", "agent.py"]);
+    }
+}

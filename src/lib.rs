@@ -6,14 +6,15 @@
 //! - [`http`]: the front gate (Origin and Host checks, body limits) and the session key.
 //! - [`api`]: HTTP routes, request validation and error bodies.
 //! - [`actors`]: the supervisor and the per-conversation actors.
-//! - [`runtime`]: what runs behind a conversation (echo, …).
+//! - [`runtime`]: what runs behind a conversation (echo, agent processes, the openhands preset).
 //! - [`events`]: the OpenHands event model and its JSON form.
 //! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite, PostgreSQL).
 //! - [`ws`]: socket transports (Socket.IO and plain JSON WebSocket).
 //! - [`load`]: the load generator behind `switchboard load`.
 //! - [`frontend`]: serving a built OpenHands web app at `/`.
 //! - [`workspace`]: a conversation's working directory and path confinement.
-//! - [`ops`]: readiness (`/ready`), Prometheus metrics (`/metrics`), request ids and access logs.
+//! - [`ops`]: readiness (`/ready`), Prometheus metrics (`/metrics`), request ids, access logs and
+//!   the operators' page (`/status`).
 //! - [`telemetry`]: logging setup.
 
 pub mod actors;

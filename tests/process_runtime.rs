@@ -1227,6 +1227,18 @@ fn processes_running(conversation_id: &str, text: &str) -> usize {
 
 #[actix_web::test]
 async fn openhands_agent_runs_stops_and_resumes() {
+    openhands_round(SandboxKind::None).await;
+}
+
+#[actix_web::test]
+async fn openhands_agent_runs_stops_and_resumes_in_the_sandbox() {
+    if sandbox::bwrap_works() {
+        openhands_round(SandboxKind::Bwrap).await;
+    }
+}
+
+/// An OpenHands conversation run, stopped and resumed, its agent confined as `sandbox` says.
+async fn openhands_round(sandbox: SandboxKind) {
     let Some(venv) = openhands_venv() else {
         return;
     };
@@ -1234,6 +1246,7 @@ async fn openhands_agent_runs_stops_and_resumes() {
     let base_url = format!("{}/v1", llm.url);
     let app = spawn_app_with(|s| {
         s.runtime.kind = RuntimeKind::Openhands;
+        s.runtime.process.sandbox = sandbox;
         s.runtime.openhands.venv = venv;
         s.runtime.process.stop_grace_secs = 10;
         s.limits.start_timeout_secs = 180;

@@ -4,7 +4,8 @@
 //! as it is. With `"bwrap"` it runs under bubblewrap:
 //!
 //! - the whole filesystem read-only (`--ro-bind / /`), a fresh `/dev` and `/proc`;
-//! - a private, empty `/tmp` (`--tmpfs /tmp`) that disappears with the agent;
+//! - a private, empty `/tmp` (`--tmpfs /tmp`) that disappears with the agent — but for the
+//!   agent's own program and script files, when they are under `/tmp` (read-only);
 //! - writable: its working directory, and the directories a runtime preset names
 //!   ([`ProcessSettings::sandbox_writable_for`], e.g. the OpenHands state directory), each
 //!   created before the start;
@@ -126,6 +127,13 @@ fn bwrap_args(
     .iter()
     .map(OsString::from)
     .collect();
+    // The agent's own program and script stay visible when they live under /tmp.
+    for word in std::iter::once(program).chain(args) {
+        let path = Path::new(word);
+        if path.is_absolute() && path.starts_with("/tmp") && path.exists() {
+            out.extend(["--ro-bind".into(), word.clone(), word.clone()]);
+        }
+    }
     for dir in std::iter::once(working_dir).chain(writable.iter().map(PathBuf::as_path)) {
         out.extend(["--bind".into(), dir.into(), dir.into()]);
     }

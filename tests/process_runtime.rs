@@ -1379,9 +1379,10 @@ async fn a_sandboxed_agent_writes_only_its_working_directory_and_its_own_tmp_off
     if !sandbox::bwrap_works() {
         return;
     }
-    // Outside the working directory: a directory of the test's own (not under /tmp, whose
-    // sandboxed view is the agent's private one) and the host's /tmp.
-    let outside = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    // Outside the working directory: a directory of the test's own in /var/tmp (never under
+    // /tmp, whose sandboxed view is the agent's private one — the checkout, and so the target
+    // directory, may well be under /tmp) and the host's /tmp.
+    let outside = tempfile::tempdir_in("/var/tmp").expect("temp dir in /var/tmp");
     let mark = uuid::Uuid::new_v4().simple().to_string();
     let host_tmp = Path::new("/tmp").join(format!("switchboard-sandbox-{mark}"));
     let app = process_app(vec![python(), SHELL_AGENT.into()], |s| {

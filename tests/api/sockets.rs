@@ -178,8 +178,16 @@ async fn acks_malformed_frames_and_unknown_events() {
     let app = spawn_app().await;
     let id = app.create(json!({})).await;
     app.wait_events(&id, 5, |e| e.len() >= 2).await;
-    let (mut ws, _) = app.sio_attached(&format!("conversation_id={id}")).await;
+    let (mut ws, replay) = app.sio_attached(&format!("conversation_id={id}")).await;
     let before = app.events(&id).await.len();
+    // Events the store held before the conversation actor had released them come live, after
+    // the status update that ends the replay: read them first, each exactly once, in order.
+    let mut seen = stored(&replay).len();
+    while seen < before {
+        let e = ws.oh_event().await;
+        assert_eq!(e["id"], seen, "{e}");
+        seen += 1;
+    }
     for bad in [
         "42{}",
         "42[1]",

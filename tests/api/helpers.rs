@@ -346,6 +346,23 @@ impl TestApp {
             .await;
         (ws, replay)
     }
+
+    /// [`TestApp::sio_attached`] to conversation `id`, then reads on until the client holds
+    /// every event the store held once the replay ended: events stored before the conversation
+    /// actor released them reach the client live, after the status update that ends the replay.
+    pub async fn sio_caught_up(&self, id: &str) -> WsClient {
+        let (mut ws, replay) = self.sio_attached(&format!("conversation_id={id}")).await;
+        let before = self.events(id).await.len();
+        let mut seen = stored(&replay).len();
+        while seen < before {
+            let e = ws.oh_event().await;
+            if e.get("id").is_some_and(Value::is_u64) {
+                assert_eq!(e["id"], seen, "{e}");
+                seen += 1;
+            }
+        }
+        ws
+    }
 }
 
 /// An answer read off a raw connection.

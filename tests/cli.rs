@@ -1422,6 +1422,19 @@ fn scrape(port: u16, headers: &[(&str, &str)]) -> Scrape {
     Scrape::parse(&answer.body)
 }
 
+/// Scrapes until `done` holds for a scrape (at most 10 s), and returns that scrape.
+fn scrape_until(port: u16, what: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = scrape(port, &[]);
+        if done(&now) {
+            return now;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The value of the sample `name` whose labels include `labels` (for a histogram, ask for
 /// `<name>_count`).
 fn sample(scrape: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -1491,18 +1504,9 @@ fn metrics_are_prometheus_text_and_move_as_conversations_start_and_stop() {
     wait_status(port, &id, "RUNNING");
     let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let client = watch(port, id.clone(), seen.clone());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let running = loop {
-        let now = scrape(port, &[]);
-        if sample(&now, "switchboard_clients_attached", &[("transport", "ws")]) == Some(1.0) {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the client never counted as attached"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let running = scrape_until(port, "the client never counted as attached", |now| {
+        sample(now, "switchboard_clients_attached", &[("transport", "ws")]) == Some(1.0)
+    });
     assert_eq!(
         sample(
             &running,
@@ -1550,20 +1554,10 @@ fn metrics_are_prometheus_text_and_move_as_conversations_start_and_stop() {
     let (status, _) = http(port, "POST", &format!("/api/conversations/{id}/stop"), None);
     assert_eq!(status, 200);
     let _ = client.join();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let stopped = loop {
-        let now = scrape(port, &[]);
-        if sample(&now, "switchboard_clients_attached", &[("transport", "ws")]) == Some(0.0)
-            && sample(&now, "switchboard_conversations", &[("status", "running")]) == Some(0.0)
-        {
-            break now;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the stop never showed in the metrics"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let stopped = scrape_until(port, "the stop never showed in the metrics", |now| {
+        sample(now, "switchboard_clients_attached", &[("transport", "ws")]) == Some(0.0)
+            && sample(now, "switchboard_conversations", &[("status", "running")]) == Some(0.0)
+    });
     assert_eq!(
         sample(
             &stopped,

@@ -30,6 +30,15 @@ async def launch(playwright, chromium):
     return context, page
 
 
+async def screenshot_failure(page, path):
+    """A full-page screenshot of a failed run at `path`; a page that cannot be shot any more
+    (closed, crashed) leaves none, and the run's own error is what gets reported."""
+    try:
+        await page.screenshot(path=path, full_page=True)
+    except Exception:
+        pass
+
+
 def arguments(key_required=False):
     """The command line every browser test takes: the server, where screenshots go, the
     browser, and the server's session key."""

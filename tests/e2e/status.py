@@ -20,7 +20,7 @@ import urllib.request
 
 from playwright.async_api import async_playwright
 
-from browser import arguments, launch
+from browser import arguments, launch, screenshot_failure
 
 MESSAGE = "hello from the status page test"
 
@@ -96,11 +96,7 @@ async def main():
             report = await scenario(page, args.url, args.session_key, args.artifacts)
         except Exception as e:  # report, then fail below
             error = f"{type(e).__name__}: {e}"
-            try:
-                await page.screenshot(path=f"{args.artifacts}/status-FAILED.png",
-                                      full_page=True)
-            except Exception:
-                pass
+            await screenshot_failure(page, f"{args.artifacts}/status-FAILED.png")
         await context.close()
     print(json.dumps({"ok": error is None, "error": error, **report}))
     return 0 if error is None else 1

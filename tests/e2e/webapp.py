@@ -26,7 +26,7 @@ import urllib.request
 
 from playwright.async_api import async_playwright
 
-from browser import STEP_TIMEOUT_MS, arguments, launch
+from browser import STEP_TIMEOUT_MS, arguments, launch, screenshot_failure
 
 MESSAGE = "hello from the browser test, with a longer first line"
 TITLE = MESSAGE[:30] + "..."
@@ -274,11 +274,7 @@ async def main():
             timings = await scenario(run)
         except Exception as e:  # report, then fail below
             error = f"step {run.step_no + 1} failed: {type(e).__name__}: {e}"
-            try:
-                await page.screenshot(path=f"{args.artifacts}/{run.step_no + 1:02d}-FAILED.png",
-                                      full_page=True)
-            except Exception:
-                pass
+            await screenshot_failure(page, f"{args.artifacts}/{run.step_no + 1:02d}-FAILED.png")
         await asyncio.sleep(0.5)
         if run.pending:
             await asyncio.gather(*run.pending, return_exceptions=True)

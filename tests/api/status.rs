@@ -188,3 +188,32 @@ async fn the_api_docs_are_served_from_the_binary_behind_the_login() {
     .await;
     assert_eq!(r.status, 405, "{r:?}");
 }
+
+#[actix_web::test]
+async fn the_status_json_lists_a_bounded_number_of_the_most_recently_active() {
+    use switchboard::ops::status::STATUS_ROWS;
+    let app = spawn_app_with(|s| s.limits.create_rate_per_sec = 0).await;
+    let mut ids = Vec::new();
+    for _ in 0..=STATUS_ROWS {
+        ids.push(app.create(json!({})).await);
+    }
+    // The first one created becomes the most recently active.
+    let oldest = &ids[0];
+    app.wait_status(oldest, "RUNNING", 10).await;
+    let r = app
+        .post(
+            &format!("/api/conversations/{oldest}/events"),
+            json!({"action": "message", "args": {"content": "hi"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    app.wait_events(oldest, 10, |e| {
+        e.iter().filter(|e| e["action"] == "message").count() == 2
+    })
+    .await;
+    let status = app.get("/api/status").await.body;
+    let rows = status["conversations"].as_array().expect("conversations");
+    assert_eq!(rows.len(), STATUS_ROWS);
+    assert_eq!(status["totals"]["live"], STATUS_ROWS + 1);
+    assert_eq!(rows[0]["conversation_id"], oldest.as_str(), "{}", rows[0]);
+}

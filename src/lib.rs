@@ -4,6 +4,7 @@
 //! - [`config`]: layered, typed settings.
 //! - [`startup`]: builds and runs the server from settings.
 //! - [`http`]: the front gate (Origin and Host checks, body limits) and the session key.
+//! - [`keys`]: user keys (made, hashed, named) and the `switchboard keys` command.
 //! - [`api`]: HTTP routes, request validation and error bodies.
 //! - [`actors`]: the supervisor and the per-conversation actors.
 //! - [`runtime`]: what runs behind a conversation (echo, agent processes, the openhands preset).
@@ -23,6 +24,7 @@ pub mod config;
 pub mod events;
 pub mod frontend;
 pub mod http;
+pub mod keys;
 pub mod load;
 pub mod ops;
 pub mod runtime;

@@ -29,6 +29,35 @@ enum Command {
     Config(ServeArgs),
     /// Generate load against a running server and report throughput and latency.
     Load(switchboard::load::LoadArgs),
+    /// Manage user keys in the store (SQLite or PostgreSQL; works beside a running server).
+    /// Each subcommand takes the same options as `serve`, so it finds the same store.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Add a key for NAME and print it (only this once: the store keeps its hash).
+    Add {
+        /// The user's name: 1-64 characters of A-Z, a-z, 0-9, '.', '_' or '-'.
+        name: String,
+        /// An admin key: sees and touches every conversation.
+        #[arg(long)]
+        admin: bool,
+        #[command(flatten)]
+        options: ServeArgs,
+    },
+    /// List the keys: name, admin, created (never the key).
+    List {
+        #[command(flatten)]
+        options: ServeArgs,
+    },
+    /// Revoke NAME's key: refused from the next request on.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        options: ServeArgs,
+    },
 }
 
 /// Where the settings without a flag are.
@@ -36,7 +65,7 @@ const SETTINGS_HELP: &str = "Every setting, including those without a flag: conf
 (each with its SWITCHBOARD_* environment variable), or `switchboard config` for the effective \
 values and where each came from.";
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 struct ServeArgs {
     /// A TOML file layered over config/default.toml.
     #[arg(long, value_name = "FILE")]
@@ -70,6 +99,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Config(args) => config(args),
+        Command::Keys(command) => keys(command),
         Command::Load(args) => match switchboard::load::run(args) {
             Ok(summary) if summary.conversations_failed == 0 && summary.errors.is_empty() => {
                 ExitCode::SUCCESS
@@ -117,6 +147,55 @@ fn config(args: ServeArgs) -> ExitCode {
         Err(e) => {
             eprintln!("switchboard: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `switchboard keys …`: the new key alone on stdout (for scripts), everything else on stderr.
+fn keys(command: KeysCommand) -> ExitCode {
+    use switchboard::keys::{self, KeysError};
+    let options = match &command {
+        KeysCommand::Add { options, .. }
+        | KeysCommand::List { options }
+        | KeysCommand::Revoke { options, .. } => options,
+    };
+    let settings = match Settings::load(&options.clone().overrides()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("switchboard: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match &command {
+        KeysCommand::Add { name, admin, .. } => keys::add(&settings, name, *admin).map(|key| {
+            let kind = if *admin { "an admin key" } else { "a user key" };
+            eprintln!(
+                "switchboard: added {kind} for {name:?}. It is shown only now; the store keeps \
+                 its hash. Send it as the header X-Session-API-Key."
+            );
+            println!("{key}");
+        }),
+        KeysCommand::List { .. } => keys::list(&settings).map(|all| {
+            let width = all.iter().map(|k| k.name.len()).max().unwrap_or(0).max(4);
+            println!("{:<width$}  admin  created", "name");
+            for key in all {
+                let admin = if key.admin { "yes" } else { "no" };
+                println!("{:<width$}  {admin:<5}  {}", key.name, key.created_at);
+            }
+        }),
+        KeysCommand::Revoke { name, .. } => keys::revoke(&settings, name).map(|()| {
+            eprintln!("switchboard: revoked the key of {name:?}");
+        }),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ KeysError::Invalid(_)) => {
+            eprintln!("switchboard: {e}");
+            ExitCode::from(2)
+        }
+        Err(e @ KeysError::Store(_)) => {
+            eprintln!("switchboard: {e}");
+            ExitCode::from(1)
         }
     }
 }

@@ -160,9 +160,7 @@ fn cors(allow: AllowList) -> Cors {
 
 /// A new random session key: 24 bytes from the OS, as 48 hex digits.
 fn generate_key() -> std::io::Result<String> {
-    let mut bytes = [0u8; 24];
-    getrandom::fill(&mut bytes).map_err(|e| std::io::Error::other(e.to_string()))?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    crate::keys::random_hex(24)
 }
 
 impl Application {

@@ -2487,3 +2487,132 @@ fn unfinished_bodies_are_cut_at_the_deadline_and_their_memory_freed() {
     server.drain_nonblocking();
     assert!(!server.seen.iter().any(|l| l.contains("panicked")));
 }
+
+/// What one `switchboard keys …` run said: its success, stdout and stderr.
+struct KeysRun {
+    ok: bool,
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `switchboard keys ARGS --data-dir DATA` (SQLite, the default store) in `dir`.
+fn keys_cli(dir: &Path, data: &Path, args: &[&str]) -> KeysRun {
+    let output = switchboard(dir)
+        .arg("keys")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(Stdio::piped())
+        .output()
+        .expect("run switchboard keys");
+    KeysRun {
+        ok: output.status.success(),
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: strip_ansi(&String::from_utf8_lossy(&output.stderr)),
+    }
+}
+
+/// `keys add` and returns the key it printed.
+fn add_key(dir: &Path, data: &Path, name: &str, admin: bool) -> String {
+    let mut args = vec!["add", name];
+    if admin {
+        args.push("--admin");
+    }
+    let run = keys_cli(dir, data, &args);
+    assert!(run.ok, "keys add {name}: {}", run.stderr);
+    let key = run.stdout.trim().to_string();
+    assert!(key.starts_with("sbk_") && key.len() == 68, "{key:?}");
+    assert!(run.stderr.contains("shown only now"), "{}", run.stderr);
+    key
+}
+
+/// The `keys list` table as (name, admin) pairs.
+fn listed_keys(dir: &Path, data: &Path) -> Vec<(String, String)> {
+    let run = keys_cli(dir, data, &["list"]);
+    assert!(run.ok, "keys list: {}", run.stderr);
+    let mut lines = run.stdout.lines();
+    let header: Vec<&str> = lines.next().expect("header").split_whitespace().collect();
+    assert_eq!(header, ["name", "admin", "created"]);
+    lines
+        .map(|l| {
+            let cols: Vec<&str> = l.split_whitespace().collect();
+            assert_eq!(cols.len(), 3, "{l:?}");
+            assert!(cols[2].starts_with("20") && cols[2].ends_with('Z'), "{l:?}");
+            (cols[0].to_string(), cols[1].to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn keys_are_added_listed_and_revoked_and_bad_input_changes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let d = dir.path();
+    assert!(listed_keys(d, &data).is_empty());
+    let alice = add_key(d, &data, "alice", false);
+    let root = add_key(d, &data, "root", true);
+    assert_ne!(alice, root);
+    let expected = vec![
+        ("alice".to_string(), "no".to_string()),
+        ("root".to_string(), "yes".to_string()),
+    ];
+    assert_eq!(listed_keys(d, &data), expected);
+    // The store keeps no key, only hashes.
+    let db = std::fs::read(data.join("switchboard.db")).expect("database");
+    let db = String::from_utf8_lossy(&db);
+    for key in [&alice, &root] {
+        assert!(!db.contains(key.as_str()), "a key is stored in clear");
+    }
+    // The list never shows a key.
+    let run = keys_cli(d, &data, &["list"]);
+    assert!(!run.stdout.contains("sbk_"), "{}", run.stdout);
+
+    // Bad input: a clear error, exit status 2, nothing printed on stdout, nothing changed.
+    let long = "x".repeat(65);
+    for (args, says) in [
+        (vec!["add", ""], "needs a name"),
+        (vec!["add", "alice"], "exists already"),
+        (vec!["add", "alice", "--admin"], "exists already"),
+        (vec!["add", "has space"], "character ' '"),
+        (vec!["add", long.as_str()], "at most 64"),
+        (vec!["add", "key"], "reserved"),
+        (vec!["revoke", "nobody"], "no key named \"nobody\""),
+        (vec!["revoke", ""], "needs a name"),
+    ] {
+        let run = keys_cli(d, &data, &args);
+        assert!(!run.ok, "{args:?} succeeded");
+        assert_eq!(run.code, Some(2), "{args:?}: {}", run.stderr);
+        assert!(run.stderr.contains(says), "{args:?}: {:?}", run.stderr);
+        assert_eq!(run.stdout, "", "{args:?}");
+        assert_eq!(listed_keys(d, &data), expected, "{args:?} changed the keys");
+    }
+
+    // Revoked: gone from the list; the name can be given a new key.
+    let run = keys_cli(d, &data, &["revoke", "alice"]);
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(
+        listed_keys(d, &data),
+        vec![("root".to_string(), "yes".to_string())]
+    );
+    let again = add_key(d, &data, "alice", false);
+    assert_ne!(again, alice);
+
+    // The memory store cannot hold keys: said clearly.
+    let run = switchboard(d)
+        .args(["keys", "list", "--store", "memory"])
+        .output()
+        .expect("run");
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("memory store keeps nothing"));
+    // The keys command reads the same configuration layers as `serve`.
+    let run = switchboard(d)
+        .args(["keys", "list"])
+        .env("SWITCHBOARD_DATA_DIR", &data)
+        .stdout(Stdio::piped())
+        .output()
+        .expect("run");
+    assert!(run.status.success());
+    assert!(String::from_utf8_lossy(&run.stdout).contains("alice"));
+}

@@ -14,8 +14,8 @@ use serde_json::json;
 use switchboard::config::{PostgresSettings, StoreTuning};
 use switchboard::events::{EventBody, Source, StoredEvent};
 use switchboard::store::{
-    events_bytes, meta_bytes, ConversationMeta, EventQuery, InitData, MemoryStore, PostgresStore,
-    Quota, SqliteStore, Store, StoreError, StoreLimits,
+    events_bytes, meta_bytes, ApiKey, ConversationMeta, EventQuery, InitData, KeyLookup,
+    MemoryStore, PostgresStore, Quota, SqliteStore, Store, StoreError, StoreLimits,
 };
 use tempfile::TempDir;
 
@@ -478,6 +478,146 @@ async fn settings_round_trip<S: Store>(store: Arc<S>) {
     assert!(store.list(0, 10).await.expect("list").is_empty());
 }
 
+fn owned(id: &str, at: &str, owner: Option<&str>) -> ConversationMeta {
+    ConversationMeta {
+        owner: owner.map(str::to_string),
+        ..meta(id, at)
+    }
+}
+
+/// `list_owned` lists one owner's conversations in `list`'s order, with paging.
+async fn list_owned_filters_by_owner<S: Store>(store: Arc<S>) {
+    let day1 = "2024-01-01T00:00:00.000000Z";
+    let day2 = "2024-01-02T00:00:00.000000Z";
+    for (id, at, owner) in [
+        ("a1", day1, Some("alice")),
+        ("b1", day1, Some("bob")),
+        ("a2", day2, Some("alice")),
+        ("n1", day2, None),
+        ("a3", day1, Some("alice")),
+    ] {
+        store.create(owned(id, at, owner)).await.expect("create");
+    }
+    let page = |owner: &'static str, offset, limit| {
+        let store = store.clone();
+        async move {
+            store
+                .list_owned(owner, offset, limit)
+                .await
+                .expect("list_owned")
+                .into_iter()
+                .map(|m| m.conversation_id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page("alice", 0, 20).await, ["a2", "a3", "a1"]);
+    assert_eq!(page("alice", 1, 1).await, ["a3"]);
+    assert_eq!(page("bob", 0, 20).await, ["b1"]);
+    assert!(page("carol", 0, 20).await.is_empty());
+    // An owner is matched exactly, never by prefix or case.
+    assert!(page("Alice", 0, 20).await.is_empty());
+    assert!(page("ali", 0, 20).await.is_empty());
+    let listed = store.list_owned("bob", 0, 1).await.expect("list_owned");
+    assert_eq!(
+        listed[0],
+        store.get("b1").await.expect("get").expect("exists").meta
+    );
+    assert_eq!(store.list(0, 20).await.expect("list").len(), 5);
+}
+
+fn key(name: &str, admin: bool) -> ApiKey {
+    ApiKey {
+        name: name.to_string(),
+        admin,
+        created_at: "2024-05-01T12:00:00.000000Z".to_string(),
+    }
+}
+
+/// Keys: added by hash, listed by name, found by hash, names unique, revoked for good.
+async fn keys_round_trip<S: Store>(store: Arc<S>) {
+    assert_eq!(
+        store.lookup_key(None).await.expect("lookup"),
+        KeyLookup::default()
+    );
+    assert_eq!(
+        store.lookup_key(Some("h-alice")).await.expect("lookup"),
+        KeyLookup::default()
+    );
+    assert!(store.list_keys().await.expect("list").is_empty());
+    store
+        .add_key(key("bob", true), "h-bob".into())
+        .await
+        .expect("add");
+    store
+        .add_key(key("alice", false), "h-alice".into())
+        .await
+        .expect("add");
+    assert_eq!(
+        store.list_keys().await.expect("list"),
+        [key("alice", false), key("bob", true)]
+    );
+    assert_eq!(
+        store.lookup_key(Some("h-alice")).await.expect("lookup"),
+        KeyLookup {
+            key: Some(key("alice", false)),
+            any: true
+        }
+    );
+    assert_eq!(
+        store.lookup_key(Some("h-bob")).await.expect("lookup").key,
+        Some(key("bob", true))
+    );
+    assert_eq!(
+        store.lookup_key(Some("h-nobody")).await.expect("lookup"),
+        KeyLookup {
+            key: None,
+            any: true
+        }
+    );
+    assert!(store.lookup_key(None).await.expect("lookup").any);
+
+    // A taken name is refused and changes nothing (not even with another hash).
+    match store.add_key(key("alice", true), "h-other".into()).await {
+        Err(StoreError::KeyExists(name)) => assert_eq!(name, "alice"),
+        other => panic!("expected KeyExists, got {other:?}"),
+    }
+    assert_eq!(
+        store.lookup_key(Some("h-other")).await.expect("lookup").key,
+        None
+    );
+    assert_eq!(store.list_keys().await.expect("list").len(), 2);
+
+    // Revoked: gone at once; unknown names are `false`; the name can be used again.
+    assert!(store.revoke_key("alice").await.expect("revoke"));
+    assert!(!store.revoke_key("alice").await.expect("revoke"));
+    assert!(!store.revoke_key("carol").await.expect("revoke"));
+    assert_eq!(
+        store.lookup_key(Some("h-alice")).await.expect("lookup").key,
+        None
+    );
+    assert_eq!(store.list_keys().await.expect("list"), [key("bob", true)]);
+    store
+        .add_key(key("alice", false), "h-alice-2".into())
+        .await
+        .expect("add again");
+    assert_eq!(
+        store
+            .lookup_key(Some("h-alice-2"))
+            .await
+            .expect("lookup")
+            .key,
+        Some(key("alice", false))
+    );
+    assert!(store.revoke_key("alice").await.expect("revoke"));
+    assert!(store.revoke_key("bob").await.expect("revoke"));
+    assert_eq!(
+        store.lookup_key(Some("h-bob")).await.expect("lookup"),
+        KeyLookup::default()
+    );
+    // Keys are not conversations.
+    assert!(store.list(0, 10).await.expect("list").is_empty());
+}
+
 /// An event whose stored JSON is about `size` bytes.
 fn big_event(id: u64, size: usize) -> StoredEvent {
     EventBody::message(Source::User, &"x".repeat(size), json!([]), false)
@@ -731,6 +871,22 @@ macro_rules! contract_tests {
                     return;
                 };
                 super::settings_round_trip(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn list_owned_filters_by_owner() {
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
+                super::list_owned_filters_by_owner(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn keys_round_trip() {
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
+                super::keys_round_trip(f.store.clone()).await;
             }
 
             #[tokio::test]

@@ -740,10 +740,10 @@ fn a_pre_release_schema_is_refused() {
     assert!(message.contains(&db.display().to_string()), "{message}");
 }
 
-/// A database of schema version 1 (before the settings table and the byte counts, without
-/// incremental auto-vacuum) is migrated in place when opened: its conversations and events
-/// stay, each conversation's bytes are counted, settings can be stored, and deletes give space
-/// back from then on.
+/// A database of schema version 1 (before the settings table, the byte counts and the user
+/// keys, without incremental auto-vacuum) is migrated in place when opened: its conversations
+/// and events stay, each conversation's bytes are counted, settings and keys can be stored,
+/// its conversations are listed by owner, and deletes give space back from then on.
 #[tokio::test]
 async fn a_version_1_database_is_migrated() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -776,13 +776,26 @@ async fn a_version_1_database_is_migrated() {
         .save_settings("", json!({"language": "en"}))
         .await
         .expect("save");
+    assert!(store.list_keys().await.expect("keys").is_empty());
+    assert!(store
+        .list_owned("alice", 0, 10)
+        .await
+        .expect("list")
+        .is_empty());
+    let key = switchboard::store::ApiKey {
+        name: "alice".into(),
+        admin: false,
+        created_at: "2024-01-02T00:00:00.000000Z".into(),
+    };
+    store.add_key(key, "h".into()).await.expect("add key");
+    assert!(store.lookup_key(Some("h")).await.expect("lookup").any);
     close(store).await;
     let conn = Connection::open(&db).expect("open");
     let version: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .expect("user_version");
     assert_eq!(version, SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(SCHEMA_VERSION, 4);
     let auto_vacuum: i64 = conn
         .pragma_query_value(None, "auto_vacuum", |r| r.get(0))
         .expect("auto_vacuum");

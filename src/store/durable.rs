@@ -19,7 +19,9 @@ use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{ConversationMeta, ConversationRecord, EventQuery, StoreError, StoreFuture};
+use super::{
+    ApiKey, ConversationMeta, ConversationRecord, EventQuery, KeyLookup, StoreError, StoreFuture,
+};
 use crate::events::StoredEvent;
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -41,6 +43,14 @@ pub(super) enum WriteCommand {
     SaveSettings {
         user: String,
         json: String,
+    },
+    /// Refused with [`StoreError::KeyExists`] when the name is taken.
+    AddKey {
+        key: ApiKey,
+        hash: String,
+    },
+    RevokeKey {
+        name: String,
     },
     Flush,
     /// An empty write transaction: answers whether the store can write now (and, for SQLite,
@@ -261,6 +271,17 @@ impl WriteQueue {
         };
         self.submit(command, WriteReply::Unit)
     }
+
+    pub(super) fn add_key(self: &Arc<Self>, key: ApiKey, hash: String) -> StoreFuture<()> {
+        self.submit(WriteCommand::AddKey { key, hash }, WriteReply::Unit)
+    }
+
+    pub(super) fn revoke_key(self: &Arc<Self>, name: &str) -> StoreFuture<bool> {
+        let command = WriteCommand::RevokeKey {
+            name: name.to_string(),
+        };
+        self.submit(command, WriteReply::Flag)
+    }
 }
 
 /// The id the event after `last` gets (0 for an empty log). `id` is for messages.
@@ -335,6 +356,19 @@ pub(super) enum ReadRequest {
         user: String,
         reply: Reply<Option<Value>>,
     },
+    ListOwned {
+        owner: String,
+        offset: usize,
+        limit: usize,
+        reply: Reply<Vec<ConversationMeta>>,
+    },
+    ListKeys {
+        reply: Reply<Vec<ApiKey>>,
+    },
+    LookupKey {
+        hash: Option<String>,
+        reply: Reply<KeyLookup>,
+    },
 }
 
 /// The read half of the `Store` trait: queues [`ReadRequest`]s for the store's readers.
@@ -382,6 +416,30 @@ impl ReadQueue {
     pub(super) fn settings(&self, user: &str) -> StoreFuture<Option<Value>> {
         let user = user.to_string();
         self.read(|reply| ReadRequest::Settings { user, reply })
+    }
+
+    pub(super) fn list_owned(
+        &self,
+        owner: &str,
+        offset: usize,
+        limit: usize,
+    ) -> StoreFuture<Vec<ConversationMeta>> {
+        let owner = owner.to_string();
+        self.read(|reply| ReadRequest::ListOwned {
+            owner,
+            offset,
+            limit,
+            reply,
+        })
+    }
+
+    pub(super) fn list_keys(&self) -> StoreFuture<Vec<ApiKey>> {
+        self.read(|reply| ReadRequest::ListKeys { reply })
+    }
+
+    pub(super) fn lookup_key(&self, hash: Option<&str>) -> StoreFuture<KeyLookup> {
+        let hash = hash.map(str::to_string);
+        self.read(|reply| ReadRequest::LookupKey { hash, reply })
     }
 }
 

@@ -3,14 +3,14 @@
 //! Operations complete immediately; a `std::sync` lock is taken only inside each call, never
 //! across an `.await`.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde_json::Value;
 
 use super::{
-    events_bytes, meta_bytes, ConversationMeta, ConversationRecord, EventQuery, Store, StoreError,
-    StoreFuture, StoreLimits,
+    events_bytes, meta_bytes, ApiKey, ConversationMeta, ConversationRecord, EventQuery, KeyLookup,
+    Store, StoreError, StoreFuture, StoreLimits,
 };
 use crate::events::{meta_timestamp, StoredEvent};
 
@@ -34,6 +34,8 @@ struct Conversations {
 pub struct MemoryStore {
     inner: Arc<Mutex<Conversations>>,
     settings: Arc<Mutex<HashMap<String, Value>>>,
+    /// User keys by name, with their hashes.
+    keys: Arc<Mutex<BTreeMap<String, (ApiKey, String)>>>,
     limits: StoreLimits,
 }
 
@@ -52,6 +54,32 @@ impl MemoryStore {
 
     fn lock(&self) -> MutexGuard<'_, Conversations> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn keys(&self) -> MutexGuard<'_, BTreeMap<String, (ApiKey, String)>> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A page of the conversations `keep` accepts, newest first.
+    fn page(
+        &self,
+        keep: impl Fn(&ConversationMeta) -> bool,
+        offset: usize,
+        limit: usize,
+    ) -> Vec<ConversationMeta> {
+        let inner = self.lock();
+        let mut all: Vec<&ConversationMeta> = inner
+            .map
+            .values()
+            .filter_map(|e| e.meta.as_ref())
+            .filter(|m| keep(m))
+            .collect();
+        all.sort_by(|a, b| {
+            b.created_at
+                .cmp(&a.created_at)
+                .then_with(|| b.conversation_id.cmp(&a.conversation_id))
+        });
+        all.into_iter().skip(offset).take(limit).cloned().collect()
     }
 }
 
@@ -111,16 +139,17 @@ impl Store for MemoryStore {
     }
 
     fn list(&self, offset: usize, limit: usize) -> StoreFuture<Vec<ConversationMeta>> {
-        let inner = self.lock();
-        let mut all: Vec<&ConversationMeta> =
-            inner.map.values().filter_map(|e| e.meta.as_ref()).collect();
-        all.sort_by(|a, b| {
-            b.created_at
-                .cmp(&a.created_at)
-                .then_with(|| b.conversation_id.cmp(&a.conversation_id))
-        });
-        let page = all.into_iter().skip(offset).take(limit).cloned().collect();
-        ready(Ok(page))
+        ready(Ok(self.page(|_| true, offset, limit)))
+    }
+
+    fn list_owned(
+        &self,
+        owner: &str,
+        offset: usize,
+        limit: usize,
+    ) -> StoreFuture<Vec<ConversationMeta>> {
+        let mine = |m: &ConversationMeta| m.owner.as_deref() == Some(owner);
+        ready(Ok(self.page(mine, offset, limit)))
     }
 
     fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()> {
@@ -196,5 +225,35 @@ impl Store for MemoryStore {
         let mut map = self.settings.lock().unwrap_or_else(|p| p.into_inner());
         map.insert(user.to_string(), settings);
         ready(Ok(()))
+    }
+
+    fn add_key(&self, key: ApiKey, hash: String) -> StoreFuture<()> {
+        let mut keys = self.keys();
+        if keys.contains_key(&key.name) {
+            return ready(Err(StoreError::KeyExists(key.name)));
+        }
+        keys.insert(key.name.clone(), (key, hash));
+        ready(Ok(()))
+    }
+
+    fn list_keys(&self) -> StoreFuture<Vec<ApiKey>> {
+        ready(Ok(self.keys().values().map(|(k, _)| k.clone()).collect()))
+    }
+
+    fn revoke_key(&self, name: &str) -> StoreFuture<bool> {
+        ready(Ok(self.keys().remove(name).is_some()))
+    }
+
+    fn lookup_key(&self, hash: Option<&str>) -> StoreFuture<KeyLookup> {
+        let keys = self.keys();
+        let key = hash.and_then(|h| {
+            keys.values()
+                .find(|(_, stored)| stored == h)
+                .map(|(k, _)| k.clone())
+        });
+        ready(Ok(KeyLookup {
+            key,
+            any: !keys.is_empty(),
+        }))
     }
 }

@@ -18,6 +18,13 @@
 //! - `settings` returns exactly what the last `save_settings` for that user stored (a JSON
 //!   object, secrets included: the store is trusted, the API never echoes them), or `None`
 //!   before the first save; it is durable like everything else.
+//! - `list_owned` is `list` restricted to one owner's conversations, same order.
+//! - **User keys** ([`ApiKey`]): stored by name with the key's hash only (the key itself never
+//!   reaches a store). Names are unique: `add_key` with a taken name is refused with
+//!   [`StoreError::KeyExists`] and changes nothing; `revoke_key` removes the key (`false` when
+//!   no key has that name); `lookup_key` sees every completed `add_key`/`revoke_key`, also
+//!   those made by another process on the same database (the `switchboard keys` command beside
+//!   a running server), so a revoked key is refused from its next request on.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -55,6 +62,9 @@ pub enum StoreError {
     /// The write would exceed a quota; nothing was written.
     #[error("{message}")]
     QuotaExceeded { quota: Quota, message: String },
+    /// A user key with this name exists already; nothing was written.
+    #[error("a key named {0:?} exists already")]
+    KeyExists(String),
 }
 
 /// Which byte quota a write would exceed.
@@ -246,6 +256,26 @@ impl EventQuery {
     }
 }
 
+/// A user key as the store keeps it: never the key itself (see [`crate::keys`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ApiKey {
+    /// Unique; the owner of the conversations made with the key.
+    pub name: String,
+    /// Sees and touches every conversation.
+    pub admin: bool,
+    /// When it was added (the events' timestamp format).
+    pub created_at: String,
+}
+
+/// What [`Store::lookup_key`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyLookup {
+    /// The key with the hash asked for, if there is one.
+    pub key: Option<ApiKey>,
+    /// Whether the store holds any user key at all.
+    pub any: bool,
+}
+
 /// A conversation store. See the module docs for the promises every backend keeps.
 pub trait Store: Send + Sync + 'static {
     /// Records a new conversation; `Exists` if the id is taken.
@@ -256,6 +286,13 @@ pub trait Store: Send + Sync + 'static {
     fn get(&self, id: &str) -> StoreFuture<Option<ConversationRecord>>;
     /// A page of conversations, newest `created_at` first.
     fn list(&self, offset: usize, limit: usize) -> StoreFuture<Vec<ConversationMeta>>;
+    /// A page of `owner`'s conversations, newest `created_at` first.
+    fn list_owned(
+        &self,
+        owner: &str,
+        offset: usize,
+        limit: usize,
+    ) -> StoreFuture<Vec<ConversationMeta>>;
     /// Appends events (ids continue the log densely) and moves `last_updated_at`.
     fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()>;
     /// Reads events of one conversation.
@@ -274,6 +311,14 @@ pub trait Store: Send + Sync + 'static {
     fn settings(&self, user: &str) -> StoreFuture<Option<Value>>;
     /// Replaces `user`'s app settings.
     fn save_settings(&self, user: &str, settings: Value) -> StoreFuture<()>;
+    /// Adds a user key by its hash; [`StoreError::KeyExists`] when the name is taken.
+    fn add_key(&self, key: ApiKey, hash: String) -> StoreFuture<()>;
+    /// Every user key, by name.
+    fn list_keys(&self) -> StoreFuture<Vec<ApiKey>>;
+    /// Removes the key named `name`; `false` when there is none.
+    fn revoke_key(&self, name: &str) -> StoreFuture<bool>;
+    /// The key whose hash is `hash` (none asked for: `None`), and whether any key exists.
+    fn lookup_key(&self, hash: Option<&str>) -> StoreFuture<KeyLookup>;
     /// A cheap health check for readiness: `Ok` when the store can write now. Durable backends
     /// take their write path (lock included) without changing anything.
     fn probe(&self) -> StoreFuture<()> {

@@ -59,8 +59,8 @@ use super::durable::{
     WriteCommand, WriteQueue, WriteRequest,
 };
 use super::{
-    events_bytes, meta_bytes, ConversationMeta, ConversationRecord, EventQuery, InitData, Store,
-    StoreError, StoreFuture, StoreLimits,
+    events_bytes, meta_bytes, ApiKey, ConversationMeta, ConversationRecord, EventQuery, InitData,
+    KeyLookup, Store, StoreError, StoreFuture, StoreLimits,
 };
 use crate::config::{PostgresSettings, StoreTuning};
 use crate::events::{meta_timestamp, StoredEvent};
@@ -98,6 +98,17 @@ pub const MIGRATIONS: &[&str] = &[
         user_id TEXT COLLATE "C" PRIMARY KEY,
         json    TEXT NOT NULL
     );
+    "#,
+    // 2: user keys (only their SHA-256, see `crate::keys`), and each owner's conversations in
+    // listing order.
+    r#"
+    CREATE TABLE api_keys (
+        name       TEXT COLLATE "C" PRIMARY KEY,
+        hash       TEXT COLLATE "C" NOT NULL UNIQUE,
+        admin      BOOLEAN NOT NULL,
+        created_at TEXT NOT NULL
+    );
+    CREATE INDEX conversations_by_owner ON conversations (owner, created_at, id);
     "#,
 ];
 
@@ -178,6 +189,22 @@ mod sql {
     pub const SETTINGS: &str = "SELECT json FROM settings WHERE user_id = $1";
     pub const SAVE_SETTINGS: &str = "INSERT INTO settings (user_id, json) VALUES ($1, $2) \
          ON CONFLICT (user_id) DO UPDATE SET json = excluded.json";
+    /// `$1` owner, `$2` limit, `$3` offset.
+    pub const LIST_OWNED: &str = concat!(
+        "SELECT ",
+        meta_columns!(),
+        " FROM conversations WHERE owner = $1 ORDER BY created_at DESC, id DESC LIMIT $2 OFFSET $3"
+    );
+    /// No row when the name is taken.
+    pub const ADD_KEY: &str = "INSERT INTO api_keys (name, hash, admin, created_at) \
+         VALUES ($1, $2, $3, $4) ON CONFLICT (name) DO NOTHING";
+    pub const REVOKE_KEY: &str = "DELETE FROM api_keys WHERE name = $1";
+    pub const LIST_KEYS: &str = "SELECT name, admin, created_at FROM api_keys ORDER BY name";
+    /// `$1` hash (or NULL) → the key's columns (NULL when none matches) and whether any key
+    /// exists, in one row.
+    pub const LOOKUP_KEY: &str = "SELECT k.name, k.admin, k.created_at, \
+         EXISTS (SELECT 1 FROM api_keys) FROM (SELECT 1) AS one \
+         LEFT JOIN api_keys k ON k.hash = $1::TEXT";
 
     /// Every statement above, for the check at open.
     pub const ALL: &[&str] = &[
@@ -194,6 +221,11 @@ mod sql {
         EVENTS_NEWEST_FIRST,
         SETTINGS,
         SAVE_SETTINGS,
+        LIST_OWNED,
+        ADD_KEY,
+        REVOKE_KEY,
+        LIST_KEYS,
+        LOOKUP_KEY,
     ];
 }
 
@@ -400,6 +432,15 @@ impl Store for PostgresStore {
         self.reads.list(offset, limit)
     }
 
+    fn list_owned(
+        &self,
+        owner: &str,
+        offset: usize,
+        limit: usize,
+    ) -> StoreFuture<Vec<ConversationMeta>> {
+        self.reads.list_owned(owner, offset, limit)
+    }
+
     fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()> {
         self.writes.append(id, events)
     }
@@ -436,6 +477,22 @@ impl Store for PostgresStore {
     /// turns 503 while PostgreSQL cannot take a write).
     fn probe(&self) -> StoreFuture<()> {
         self.writes.probe()
+    }
+
+    fn add_key(&self, key: ApiKey, hash: String) -> StoreFuture<()> {
+        self.writes.add_key(key, hash)
+    }
+
+    fn list_keys(&self) -> StoreFuture<Vec<ApiKey>> {
+        self.reads.list_keys()
+    }
+
+    fn revoke_key(&self, name: &str) -> StoreFuture<bool> {
+        self.writes.revoke_key(name)
+    }
+
+    fn lookup_key(&self, hash: Option<&str>) -> StoreFuture<KeyLookup> {
+        self.reads.lookup_key(hash)
     }
 }
 
@@ -836,6 +893,20 @@ impl Pending<'_> {
                 conn.execute(&statement, &[user, json]).await?;
                 Ok(true)
             }
+            WriteCommand::AddKey { key, hash } => {
+                let statement = conn.prepare_cached(sql::ADD_KEY).await?;
+                let added = conn
+                    .execute(&statement, &[&key.name, hash, &key.admin, &key.created_at])
+                    .await?;
+                if added == 0 {
+                    return Err(ApplyError::Refused(StoreError::KeyExists(key.name.clone())));
+                }
+                Ok(true)
+            }
+            WriteCommand::RevokeKey { name } => {
+                let statement = conn.prepare_cached(sql::REVOKE_KEY).await?;
+                Ok(conn.execute(&statement, &[name]).await? > 0)
+            }
             WriteCommand::Flush | WriteCommand::Probe => Ok(true),
         }
     }
@@ -990,6 +1061,20 @@ async fn serve(pool: &Pool, request: ReadRequest) {
         ReadRequest::Settings { user, reply } => {
             let _ = reply.send(read_settings(pool, &user).await);
         }
+        ReadRequest::ListOwned {
+            owner,
+            offset,
+            limit,
+            reply,
+        } => {
+            let _ = reply.send(read_list_owned(pool, &owner, offset, limit).await);
+        }
+        ReadRequest::ListKeys { reply } => {
+            let _ = reply.send(read_keys(pool).await);
+        }
+        ReadRequest::LookupKey { hash, reply } => {
+            let _ = reply.send(read_lookup_key(pool, hash.as_deref()).await);
+        }
     }
 }
 
@@ -1045,6 +1130,56 @@ async fn read_list(
     rows.iter()
         .map(|row| decode_init(meta_from_row(row)?))
         .collect()
+}
+
+async fn read_list_owned(
+    pool: &Pool,
+    owner: &str,
+    offset: usize,
+    limit: usize,
+) -> Result<Vec<ConversationMeta>, StoreError> {
+    let rows = query(
+        pool,
+        sql::LIST_OWNED,
+        &[&owner, &sql_count(limit), &sql_count(offset)],
+    )
+    .await?;
+    rows.iter()
+        .map(|row| decode_init(meta_from_row(row)?))
+        .collect()
+}
+
+/// A key from columns 0–2 of `row`; `None` when its name is NULL (no key matched).
+fn key_from_row(row: &Row) -> Result<Option<ApiKey>, StoreError> {
+    let name: Option<String> = row.try_get(0).map_err(io_error)?;
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    Ok(Some(ApiKey {
+        name,
+        admin: row.try_get(1).map_err(io_error)?,
+        created_at: row.try_get(2).map_err(io_error)?,
+    }))
+}
+
+async fn read_keys(pool: &Pool) -> Result<Vec<ApiKey>, StoreError> {
+    let rows = query(pool, sql::LIST_KEYS, &[]).await?;
+    let keys = rows
+        .iter()
+        .map(key_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(keys.into_iter().flatten().collect())
+}
+
+async fn read_lookup_key(pool: &Pool, hash: Option<&str>) -> Result<KeyLookup, StoreError> {
+    let rows = query(pool, sql::LOOKUP_KEY, &[&hash]).await?;
+    let Some(row) = rows.first() else {
+        return Ok(KeyLookup::default());
+    };
+    Ok(KeyLookup {
+        key: key_from_row(row)?,
+        any: row.try_get(3).map_err(io_error)?,
+    })
 }
 
 async fn read_events(pool: &Pool, id: &str, q: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {

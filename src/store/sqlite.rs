@@ -68,8 +68,8 @@ use super::durable::{
     WriteReply, WriteRequest,
 };
 use super::{
-    events_bytes, meta_bytes, ConversationMeta, ConversationRecord, EventQuery, InitData, Store,
-    StoreError, StoreFuture, StoreLimits,
+    events_bytes, meta_bytes, ApiKey, ConversationMeta, ConversationRecord, EventQuery, InitData,
+    KeyLookup, Store, StoreError, StoreFuture, StoreLimits,
 };
 use crate::config::StoreTuning;
 use crate::events::{meta_timestamp, StoredEvent};
@@ -139,6 +139,17 @@ const MIGRATIONS: &[&str] = &[
         (SELECT sum(length(CAST(json AS BLOB))) FROM events WHERE conv_seq = conversations.seq),
         0);
     "#,
+    // 4: user keys (only their SHA-256, see `crate::keys`), and each owner's conversations
+    // in listing order.
+    r#"
+    CREATE TABLE api_keys (
+        name       TEXT PRIMARY KEY NOT NULL,
+        hash       TEXT NOT NULL UNIQUE,
+        admin      INTEGER NOT NULL,
+        created_at TEXT NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX conversations_by_owner ON conversations (owner, created_at, id);
+    "#,
 ];
 
 /// The tables and indexes this build uses; `open` refuses a file that lacks one.
@@ -146,8 +157,10 @@ const SCHEMA_OBJECTS: &[(&str, &str)] = &[
     ("table", "conversations"),
     ("table", "events"),
     ("table", "settings"),
+    ("table", "api_keys"),
     ("index", "conversations_by_id"),
     ("index", "conversations_by_created_at"),
+    ("index", "conversations_by_owner"),
 ];
 
 /// The schema version this build writes and understands.
@@ -217,6 +230,19 @@ mod sql {
     pub const EVENTS_NEWEST_FIRST: &str = "SELECT id, json FROM events \
          WHERE conv_seq = (SELECT seq FROM conversations WHERE id = ?1) \
          AND id BETWEEN ?2 AND ?3 ORDER BY id DESC LIMIT ?4";
+    /// `?1` owner, `?2` limit, `?3` offset.
+    pub const LIST_OWNED: &str = concat!(
+        "SELECT ",
+        meta_columns!(),
+        " FROM conversations WHERE owner = ?1 ORDER BY created_at DESC, id DESC LIMIT ?2 OFFSET ?3"
+    );
+    pub const KEY_EXISTS: &str = "SELECT 1 FROM api_keys WHERE name = ?1";
+    pub const ADD_KEY: &str =
+        "INSERT INTO api_keys (name, hash, admin, created_at) VALUES (?1, ?2, ?3, ?4)";
+    pub const REVOKE_KEY: &str = "DELETE FROM api_keys WHERE name = ?1";
+    pub const LIST_KEYS: &str = "SELECT name, admin, created_at FROM api_keys ORDER BY name";
+    pub const KEY_BY_HASH: &str = "SELECT name, admin, created_at FROM api_keys WHERE hash = ?1";
+    pub const ANY_KEY: &str = "SELECT EXISTS (SELECT 1 FROM api_keys)";
 }
 
 /// The SQLite-backed [`Store`]. Cheap to clone; all clones share the same threads.
@@ -423,6 +449,15 @@ impl Store for SqliteStore {
         })
     }
 
+    fn list_owned(
+        &self,
+        owner: &str,
+        offset: usize,
+        limit: usize,
+    ) -> StoreFuture<Vec<ConversationMeta>> {
+        self.reads.list_owned(owner, offset, limit)
+    }
+
     fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()> {
         let command = WriteCommand::Append {
             id: id.to_string(),
@@ -468,6 +503,22 @@ impl Store for SqliteStore {
 
     fn probe(&self) -> StoreFuture<()> {
         self.write(WriteCommand::Probe, WriteReply::Unit)
+    }
+
+    fn add_key(&self, key: ApiKey, hash: String) -> StoreFuture<()> {
+        self.writes.add_key(key, hash)
+    }
+
+    fn list_keys(&self) -> StoreFuture<Vec<ApiKey>> {
+        self.reads.list_keys()
+    }
+
+    fn revoke_key(&self, name: &str) -> StoreFuture<bool> {
+        self.writes.revoke_key(name)
+    }
+
+    fn lookup_key(&self, hash: Option<&str>) -> StoreFuture<KeyLookup> {
+        self.reads.lookup_key(hash)
     }
 }
 
@@ -1199,6 +1250,29 @@ impl Writer {
                     .execute(params![user, json])?;
                 Ok(true)
             }
+            WriteCommand::AddKey { key, hash } => {
+                let taken = self
+                    .conn
+                    .prepare_cached(sql::KEY_EXISTS)?
+                    .exists(params![key.name])?;
+                if taken {
+                    return Err(ApplyError::Refused(StoreError::KeyExists(key.name.clone())));
+                }
+                self.conn.prepare_cached(sql::ADD_KEY)?.execute(params![
+                    key.name,
+                    hash,
+                    key.admin,
+                    key.created_at
+                ])?;
+                Ok(true)
+            }
+            WriteCommand::RevokeKey { name } => {
+                let removed = self
+                    .conn
+                    .prepare_cached(sql::REVOKE_KEY)?
+                    .execute(params![name])?;
+                Ok(removed > 0)
+            }
             WriteCommand::Flush | WriteCommand::Probe => Ok(true),
         }
     }
@@ -1459,6 +1533,20 @@ fn run_reader(mut conn: Connection, rx: Arc<Mutex<mpsc::Receiver<ReadRequest>>>)
             ReadRequest::Settings { user, reply } => {
                 let _ = reply.send(read_settings(&conn, &user));
             }
+            ReadRequest::ListOwned {
+                owner,
+                offset,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(read_list_owned(&conn, &owner, offset, limit));
+            }
+            ReadRequest::ListKeys { reply } => {
+                let _ = reply.send(read_keys(&conn));
+            }
+            ReadRequest::LookupKey { hash, reply } => {
+                let _ = reply.send(read_lookup_key(&conn, hash.as_deref()));
+            }
         }
     }
     tracing::debug!("store reader finished");
@@ -1518,15 +1606,66 @@ fn read_list(
     offset: usize,
     limit: usize,
 ) -> Result<Vec<ConversationMeta>, StoreError> {
-    let mut stmt = conn.prepare_cached(sql::LIST).map_err(io_error)?;
-    let rows = stmt
-        .query_map(params![sql_count(limit), sql_count(offset)], meta_from_row)
-        .map_err(io_error)?;
+    read_metas(
+        conn,
+        sql::LIST,
+        params![sql_count(limit), sql_count(offset)],
+    )
+}
+
+fn read_list_owned(
+    conn: &Connection,
+    owner: &str,
+    offset: usize,
+    limit: usize,
+) -> Result<Vec<ConversationMeta>, StoreError> {
+    let page = params![owner, sql_count(limit), sql_count(offset)];
+    read_metas(conn, sql::LIST_OWNED, page)
+}
+
+/// The conversations a listing statement selects.
+fn read_metas(
+    conn: &Connection,
+    sql: &str,
+    params: &[&dyn rusqlite::ToSql],
+) -> Result<Vec<ConversationMeta>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql).map_err(io_error)?;
+    let rows = stmt.query_map(params, meta_from_row).map_err(io_error)?;
     let mut out = Vec::new();
     for row in rows {
         out.push(decode_init(row.map_err(io_error)?)?);
     }
     Ok(out)
+}
+
+fn key_from_row(row: &Row<'_>) -> rusqlite::Result<ApiKey> {
+    Ok(ApiKey {
+        name: row.get(0)?,
+        admin: row.get(1)?,
+        created_at: row.get(2)?,
+    })
+}
+
+fn read_keys(conn: &Connection) -> Result<Vec<ApiKey>, StoreError> {
+    let mut stmt = conn.prepare_cached(sql::LIST_KEYS).map_err(io_error)?;
+    let rows = stmt.query_map([], key_from_row).map_err(io_error)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().map_err(io_error)
+}
+
+fn read_lookup_key(conn: &Connection, hash: Option<&str>) -> Result<KeyLookup, StoreError> {
+    let key = match hash {
+        Some(hash) => conn
+            .prepare_cached(sql::KEY_BY_HASH)
+            .and_then(|mut s| s.query_row(params![hash], key_from_row).optional())
+            .map_err(io_error)?,
+        None => None,
+    };
+    let any = key.is_some()
+        || conn
+            .prepare_cached(sql::ANY_KEY)
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, bool>(0)))
+            .map_err(io_error)?;
+    Ok(KeyLookup { key, any })
 }
 
 fn read_events(conn: &Connection, id: &str, q: EventQuery) -> Result<Vec<StoredEvent>, StoreError> {
@@ -1607,6 +1746,16 @@ mod tests {
             sql::LIST,
             &["SCAN conversations USING INDEX conversations_by_created_at"],
         );
+        expect(
+            sql::LIST_OWNED,
+            &["SEARCH conversations USING INDEX conversations_by_owner (owner=?)"],
+        );
+        expect(
+            sql::KEY_BY_HASH,
+            &["USING INDEX sqlite_autoindex_api_keys_2"],
+        );
+        expect(sql::KEY_EXISTS, &["USING PRIMARY KEY (name=?)"]);
+        expect(sql::REVOKE_KEY, &["USING PRIMARY KEY (name=?)"]);
         expect(sql::GET, &[by_id]);
         expect(sql::SEQ_BY_ID, &[covering_by_id]);
         expect(sql::SET_TITLE, &[by_id]);

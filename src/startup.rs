@@ -217,7 +217,7 @@ impl Application {
             settings: settings.clone(),
             store: store.clone(),
             supervisor: supervisor.clone(),
-            auth: SessionAuth::new(session_key.clone(), port),
+            auth: SessionAuth::new(session_key.clone(), port, store.clone()),
             gate: crate::http::Gate::new(&settings),
         });
         let readiness = Readiness::new(store.clone());

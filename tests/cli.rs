@@ -2616,3 +2616,87 @@ fn keys_are_added_listed_and_revoked_and_bad_input_changes_nothing() {
     assert!(run.status.success());
     assert!(String::from_utf8_lossy(&run.stdout).contains("alice"));
 }
+
+/// `method path` with `key` and a request id; the answer.
+fn keyed(port: u16, method: &str, path: &str, key: &str, request_id: &str) -> Answer {
+    let body = (method == "POST").then_some("{}");
+    http_raw(
+        port,
+        method,
+        path,
+        &[("X-Session-API-Key", key), ("X-Request-Id", request_id)],
+        body,
+    )
+}
+
+#[test]
+fn keys_added_and_revoked_beside_a_running_server_count_from_the_next_request() {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let alice = add_key(cwd.path(), &data, "alice", false);
+    let mut server = Server::start_with_args(
+        dir,
+        &data,
+        "sqlite",
+        &["--session-api-key", "s3cret-key"],
+        &[],
+    );
+    let port = server.port;
+    let made = keyed(port, "POST", "/api/conversations", &alice, "alice-1");
+    assert_eq!(made.status, 200, "{}", made.body);
+    let id = serde_json::from_str::<Value>(&made.body).expect("json")["conversation_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    // The access log names the user, never the key.
+    let line = server.wait_line(Duration::from_secs(10), |l| l.contains("alice-1"));
+    assert!(line.contains("user=\"alice\""), "{line}");
+
+    // A key added while the server runs works at once, and sees only its own.
+    let bob = add_key(cwd.path(), &data, "bob", false);
+    let listed = keyed(port, "GET", "/api/conversations", &bob, "bob-1");
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let results = serde_json::from_str::<Value>(&listed.body).expect("json")["results"].clone();
+    assert_eq!(results, serde_json::json!([]));
+    let theirs = keyed(
+        port,
+        "GET",
+        &format!("/api/conversations/{id}"),
+        &bob,
+        "bob-2",
+    );
+    assert_eq!((theirs.status, theirs.body.trim()), (200, "null"));
+    // The session key is an admin: it sees alice's conversation.
+    let admin = keyed(
+        port,
+        "GET",
+        &format!("/api/conversations/{id}"),
+        "s3cret-key",
+        "k-1",
+    );
+    assert!(admin.body.contains(&id), "{}", admin.body);
+
+    // Revoked beside the running server: the next request with that key is refused.
+    let run = keys_cli(cwd.path(), &data, &["revoke", "alice"]);
+    assert!(run.ok, "{}", run.stderr);
+    let refused = keyed(port, "GET", "/api/conversations", &alice, "alice-2");
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    assert_eq!(refused.body, r#"{"detail":"Unauthorized"}"#);
+    // Her conversation stays, and an admin still sees it.
+    let admin = keyed(
+        port,
+        "GET",
+        &format!("/api/conversations/{id}"),
+        "s3cret-key",
+        "k-2",
+    );
+    assert!(admin.body.contains(&id), "{}", admin.body);
+    server.drain_nonblocking();
+    for key in [&alice, &bob] {
+        assert!(
+            !server.seen.iter().any(|l| l.contains(key.as_str())),
+            "a key was logged"
+        );
+    }
+}

@@ -802,6 +802,20 @@ impl Actor for Conversation {
                     .map_or(Loaded::NotFound, |r| Loaded::Resumed(Box::new(r)))),
             }
         };
+        // A stored conversation of another owner than the one admitted for is not loaded (its
+        // id was deleted and taken again since the caller looked).
+        let owner = self.shared.owner().cloned();
+        let load = {
+            let owner = owner.clone();
+            async move {
+                match load.await {
+                    Ok(Loaded::Resumed(r)) if r.meta.owner.as_deref() != owner.as_deref() => {
+                        Ok(Loaded::NotFound)
+                    }
+                    other => other,
+                }
+            }
+        };
         // An agent process starts with the user's saved LLM/agent settings; the echo runtime
         // has no use for them.
         let settings_store = self
@@ -814,7 +828,8 @@ impl Actor for Conversation {
             let loaded = load.await;
             let settings = match settings_store {
                 Some(store) if loaded.is_ok() => {
-                    match store.settings(crate::api::settings::SINGLE_USER).await {
+                    let user = crate::api::settings::user_of(owner.as_deref());
+                    match store.settings(user).await {
                         Ok(Some(serde_json::Value::Object(map))) => {
                             Some(crate::api::settings::for_runtime(&map))
                         }

@@ -42,17 +42,23 @@ impl SupervisorHandle {
         SupervisorHandle { addr, registry }
     }
 
-    /// Finds or starts the conversation `id`; starting it counts against `client`'s creation
-    /// rate limit when one is given.
+    /// Finds or starts the conversation `id` of `owner`; starting it counts against
+    /// `client`'s creation rate limit when one is given.
     pub async fn admit(
         &self,
         id: Arc<str>,
         mode: AdmitMode,
         client: Option<ClientId>,
+        owner: Option<Arc<str>>,
     ) -> Result<Admitted, AdmitError> {
         let result = self
             .addr
-            .send(Admit { id, mode, client })
+            .send(Admit {
+                id,
+                mode,
+                client,
+                owner,
+            })
             .await
             .map_err(|_| AdmitError::ShuttingDown)
             .and_then(|r| r);

@@ -53,6 +53,9 @@ pub struct Admit {
     /// Who asks, when bringing the conversation up counts against their creation rate limit
     /// (`POST /api/conversations`); `None` for starts, user actions and sockets.
     pub client: Option<ClientId>,
+    /// The conversation's owner as the caller found it (or, for a new one, will make it):
+    /// a live conversation of another owner is not joined, a stored one not loaded.
+    pub owner: Option<Arc<str>>,
 }
 
 /// Delete a conversation and its events. Decided by the supervisor in order with every

@@ -13,6 +13,7 @@
 
 use std::net::IpAddr;
 use std::num::NonZeroU32;
+use std::sync::Arc;
 use std::time::Duration;
 
 use governor::clock::{Clock, DefaultClock};
@@ -24,6 +25,8 @@ use governor::{Quota, RateLimiter};
 pub enum ClientId {
     /// Whoever presented the server's session key (all holders of the one key are one client).
     SessionKey,
+    /// A user key's user, by name (however many addresses it comes from).
+    User(Arc<str>),
     /// A client without a key, by its address: IPv4 as is, IPv6 by its /64 network (one host
     /// commonly owns a whole /64).
     Peer(IpAddr),
@@ -114,7 +117,14 @@ mod tests {
         assert_eq!(retry_after_secs(wait), 1);
         assert_eq!(limiter.check(&b), Ok(()));
         assert_eq!(limiter.check(&ClientId::SessionKey), Ok(()));
-        assert_eq!(limiter.tracked(), 3);
+        // Users are counted apart from each other and from the session key.
+        let alice = ClientId::User(Arc::from("alice"));
+        for _ in 0..3 {
+            assert_eq!(limiter.check(&alice), Ok(()));
+        }
+        assert!(limiter.check(&alice).is_err());
+        assert_eq!(limiter.check(&ClientId::User(Arc::from("bob"))), Ok(()));
+        assert_eq!(limiter.tracked(), 5);
     }
 
     #[test]

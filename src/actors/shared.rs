@@ -92,21 +92,29 @@ pub struct Shared {
     /// A turn is under way: a user message the agent has not yet answered by waiting for the
     /// user again (or finishing).
     in_turn: AtomicBool,
+    /// Its owner, fixed when the supervisor admitted it (the actor refuses to load a stored
+    /// conversation of another owner).
+    owner: Option<Arc<str>>,
 }
 
-impl Default for Shared {
-    fn default() -> Self {
+impl Shared {
+    /// The state of a conversation just admitted for `owner`.
+    pub(super) fn new(owner: Option<Arc<str>>) -> Self {
         Shared {
             status: AtomicU8::new(0),
             runtime_status: AtomicU8::new(RuntimeStatus::Starting as u8),
             connections: AtomicU32::new(0),
             last_active_ms: AtomicU64::new(now_ms()),
             in_turn: AtomicBool::new(false),
+            owner,
         }
     }
-}
 
-impl Shared {
+    /// Whose conversation it is (`None`: made without a user key).
+    pub fn owner(&self) -> Option<&Arc<str>> {
+        self.owner.as_ref()
+    }
+
     pub fn status(&self) -> ConversationStatus {
         ConversationStatus::from_u8(self.status.load(Ordering::Acquire))
     }

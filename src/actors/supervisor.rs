@@ -112,6 +112,11 @@ impl Supervisor {
         }
         if let Some(entry) = self.registry.get(&msg.id).map(|e| e.clone()) {
             match entry.addr.upgrade() {
+                // Another owner's conversation (the id was deleted and taken again since the
+                // caller looked): never joined.
+                Some(_) if entry.shared.owner() != msg.owner.as_ref() => {
+                    return Ok(Err(AdmitError::NotFound));
+                }
                 Some(addr) if entry.shared.status() != ConversationStatus::Stopped => {
                     return Ok(Ok(Admitted {
                         conversation: ConversationHandle {
@@ -178,7 +183,7 @@ impl Supervisor {
     fn spawn(&mut self, msg: Admit, ctx: &mut Context<Self>) -> Admitted {
         let generation = self.next_generation;
         self.next_generation += 1;
-        let shared = Arc::new(Shared::default());
+        let shared = Arc::new(Shared::new(msg.owner.clone()));
         let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
         let role = match msg.mode {

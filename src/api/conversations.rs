@@ -6,6 +6,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use serde_json::{json, Value};
 
+use super::access::{find, visible, Found, Owner};
 use super::errors::ApiError;
 use super::schema::{
     self, ActionAccepted, ActionRefused, ConversationIdPath, ConversationInfo,
@@ -22,6 +23,7 @@ use crate::actors::{
 };
 use crate::config::Limits;
 use crate::events::{default_title, meta_timestamp, parse_user_action};
+use crate::http::auth::Caller;
 use crate::store::{ConversationMeta, EventQuery};
 
 const PAGE_LIMIT_DEFAULT: usize = 20;
@@ -88,20 +90,22 @@ fn admit_error(e: AdmitError, limits: &Limits) -> ApiError {
     }
 }
 
-/// Admits and joins `id`, retrying when it raced with a stopping incarnation. Bringing the
-/// conversation up counts against `client`'s creation rate limit when one is given.
+/// Admits and joins `id` of `owner`, retrying when it raced with a stopping incarnation.
+/// Bringing the conversation up counts against `client`'s creation rate limit when one is
+/// given.
 async fn admit_and_join(
     state: &AppState,
     id: Arc<str>,
     mode: AdmitMode,
     client: Option<ClientId>,
+    owner: Owner,
     brings_initial_message: bool,
 ) -> Result<(ConversationHandle, ConversationStatus, Option<String>), ApiError> {
     let mut last = ConversationError::Stopping;
     for _ in 0..5 {
         let admitted = state
             .supervisor
-            .admit(id.clone(), mode.clone(), client.clone())
+            .admit(id.clone(), mode.clone(), client.clone(), owner.clone())
             .await
             .map_err(|e| admit_error(e, &state.settings.limits))?;
         match admitted
@@ -149,6 +153,7 @@ async fn admit_and_join(
         (status = 400, description = "The request body could not be read", body = ErrorDetail),
         (status = 401, description = "Missing or wrong `X-Session-API-Key` (only when a session key is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
         (status = 404, description = "The conversation could not be loaded (deleted while joining)", body = ErrorDetail),
+        (status = 409, description = "The client-chosen `conversation_id` is another user's conversation (user keys): it is neither joined nor created", body = ErrorMessage, example = json!({"status": "error", "msg_id": "CONVERSATION$ID_TAKEN", "message": "The conversation id … is taken; choose another one, or leave conversation_id out to get a new one"})),
         (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
         (status = 422, description = "Validation error", body = HttpValidationError),
         (status = 429, description = "Too many conversations are running (`limits.on_limit = \"reject\"`, or `evict_oldest` with every running conversation attached or mid-turn), or this client has used up its creation rate limit (`limits.create_rate_per_sec`; `msg_id` `SWITCHBOARD$CREATE_RATE_LIMITED`, with `retry_after_secs` and `Retry-After`)", body = ErrorMessage, headers(("Retry-After" = u64, description = "Seconds until this client may create again (rate limit only)")), example = json!({"status": "error", "message": crate::events::TOO_MANY_CONVERSATIONS_MESSAGE, "msg_id": crate::events::TOO_MANY_CONVERSATIONS})),
@@ -159,6 +164,7 @@ async fn admit_and_join(
 )]
 pub async fn create(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
@@ -170,6 +176,16 @@ pub async fn create(
         Some(id) => id.into(),
         None => uuid::Uuid::new_v4().simple().to_string().into(),
     };
+    // A new conversation is the caller's; an existing one is joined only when visible.
+    let owner = if generated {
+        caller.name().cloned()
+    } else {
+        match find(&state, &caller, &id).await? {
+            Found::Visible(owner) => owner,
+            Found::Missing => caller.name().cloned(),
+            Found::Hidden => return Err(id_taken(&id)),
+        }
+    };
     let now = meta_timestamp();
     let meta = Box::new(ConversationMeta {
         conversation_id: id.to_string(),
@@ -177,7 +193,7 @@ pub async fn create(
         created_at: now.clone(),
         last_updated_at: now,
         trigger: new.trigger.to_string(),
-        owner: None,
+        owner: owner.as_deref().map(str::to_string),
         init: new.init,
     });
     let mode = if generated {
@@ -185,16 +201,33 @@ pub async fn create(
     } else {
         AdmitMode::LoadOrCreate(meta)
     };
-    let client = client_id(&req, &state);
+    let client = client_id(&req, &caller);
     let (_, status, message) = admit_and_join(
         &state,
         id.clone(),
         mode,
         Some(client),
+        owner,
         new.brings_initial_message,
     )
     .await?;
     Ok(HttpResponse::Ok().json(conversation_response(&id, status, message)))
+}
+
+/// 409: a client-chosen id that another user's conversation has (see [`super::access`]).
+fn id_taken(id: &str) -> ApiError {
+    ApiError::Exact(
+        actix_web::http::StatusCode::CONFLICT,
+        schema::to_value(&ErrorMessage {
+            status: ErrorStatus::Error,
+            message: format!(
+                "The conversation id {id} is taken; choose another one, or leave \
+                 conversation_id out to get a new one"
+            ),
+            msg_id: "CONVERSATION$ID_TAKEN".into(),
+            retry_after_secs: None,
+        }),
+    )
 }
 
 /// Query parameters as a list of pairs; a malformed query string is a 422.
@@ -261,7 +294,11 @@ fn page_limit(pairs: &[(String, String)]) -> Result<usize, ApiError> {
     ),
     security(("APIKeyHeader" = [])),
 )]
-pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn list(
+    state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     let pairs = query_pairs(&req)?;
     let limit = page_limit(&pairs)?;
     let offset = match query_get(&pairs, "page_id") {
@@ -273,7 +310,12 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
             .and_then(|s| s.parse::<usize>().ok())
             .ok_or_else(|| ApiError::BadRequest("Invalid page_id".into()))?,
     };
-    let mut page = state.store.list(offset, limit + 1).await?;
+    // A user lists its own conversations only; admins list them all.
+    let mut page = match caller.name() {
+        Some(name) if !caller.sees_all() => state.store.list_owned(name, offset, limit + 1),
+        _ => state.store.list(offset, limit + 1),
+    }
+    .await?;
     let next_page_id = (page.len() > limit).then(|| {
         page.truncate(limit);
         base64::engine::general_purpose::STANDARD.encode((offset + limit).to_string())
@@ -309,10 +351,13 @@ pub async fn list(state: web::Data<AppState>, req: HttpRequest) -> Result<HttpRe
 )]
 pub async fn get(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    let info = state.store.get(&id).await?.map(|record| {
+    let record = state.store.get(&id).await?;
+    let mine = record.filter(|r| caller.may_see(r.meta.owner.as_deref()));
+    let info = mine.map(|record| {
         let live = state.supervisor.shared(&id);
         conversation_info(&record.meta, live.as_deref())
     });
@@ -353,6 +398,7 @@ fn not_found_patch() -> ApiError {
 )]
 pub async fn update(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,
@@ -362,7 +408,10 @@ pub async fn update(
     let obj =
         validation::parse_object_body(content_type(&req), &body).map_err(ApiError::Validation)?;
     let title = validation::parse_conversation_update(&obj).map_err(ApiError::Validation)?;
-    let updated = match state.supervisor.live(&id) {
+    let Some(owner) = visible(&state, &caller, &id).await? else {
+        return Err(not_found_patch());
+    };
+    let updated = match live_of(&state, &id, &owner) {
         Some(conversation) => match conversation.set_title(title.clone()).await {
             Ok(()) => true,
             Err(ConversationError::Stopping) => state.store.set_title(&id, &title).await?,
@@ -394,9 +443,13 @@ pub async fn update(
 )]
 pub async fn delete(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
+    if visible(&state, &caller, &id).await?.is_none() {
+        return Ok(HttpResponse::Ok().json(false));
+    }
     let deleted = state.supervisor.delete(id).await.map_err(|e| match e {
         DeleteError::ShuttingDown => ApiError::Unavailable("The server is shutting down".into()),
         DeleteError::Store(e) => ApiError::Storage(e.to_string()),
@@ -438,6 +491,7 @@ fn not_found_status(id: &str) -> ApiError {
 )]
 pub async fn start(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,
@@ -451,15 +505,16 @@ pub async fn start(
             .map_err(ApiError::Validation)?;
         check_providers_set(obj.get("providers_set"))?;
     }
-    if state.supervisor.live(&id).is_none() && state.store.get(&id).await?.is_none() {
+    let Some(owner) = visible(&state, &caller, &id).await? else {
         return Err(not_found_status(&id));
-    }
-    let (_, status, _) = admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, None, false)
-        .await
-        .map_err(|e| match e {
-            ApiError::NotFound(_) => not_found_status(&id),
-            other => other,
-        })?;
+    };
+    let (_, status, _) =
+        admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, None, owner, false)
+            .await
+            .map_err(|e| match e {
+                ApiError::NotFound(_) => not_found_status(&id),
+                other => other,
+            })?;
     Ok(HttpResponse::Ok().json(conversation_response(&id, status, None)))
 }
 
@@ -517,20 +572,19 @@ fn check_providers_set(value: Option<&Value>) -> Result<(), ApiError> {
 )]
 pub async fn stop(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    let message = match state.supervisor.live(&id) {
+    let Some(owner) = visible(&state, &caller, &id).await? else {
+        return Err(not_found_status(&id));
+    };
+    let message = match live_of(&state, &id, &owner) {
         Some(conversation) => {
             conversation.stop(StopReason::User).await;
             "Conversation stopped successfully"
         }
-        None => {
-            if state.store.get(&id).await?.is_none() {
-                return Err(not_found_status(&id));
-            }
-            "Conversation was not running"
-        }
+        None => "Conversation was not running",
     };
     Ok(HttpResponse::Ok().json(conversation_response(
         &id,
@@ -559,6 +613,7 @@ pub async fn stop(
 )]
 pub async fn events(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -582,7 +637,7 @@ pub async fn events(
             )))
         }
     };
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     let query = EventQuery {
         start_id,
         end_id,
@@ -598,12 +653,24 @@ pub async fn events(
         .body(EventsPage::render(&events, has_more)))
 }
 
-/// 404 `{"detail": "Conversation <id> not found"}` unless the conversation is live or stored.
-pub(super) async fn require_conversation(state: &AppState, id: &str) -> Result<(), ApiError> {
-    if state.supervisor.shared(id).is_none() && state.store.get(id).await?.is_none() {
-        return Err(ApiError::NotFound(format!("Conversation {id} not found")));
-    }
-    Ok(())
+/// The conversation's owner; 404 `{"detail": "Conversation <id> not found"}` unless it is
+/// live or stored and the caller may see it.
+pub(super) async fn require_conversation(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<Owner, ApiError> {
+    visible(state, caller, id)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("Conversation {id} not found")))
+}
+
+/// The live conversation `id` when it is `owner`'s.
+fn live_of(state: &AppState, id: &str, owner: &Owner) -> Option<ConversationHandle> {
+    state
+        .supervisor
+        .live(id)
+        .filter(|c| c.shared().owner() == owner.as_ref())
 }
 
 /// `POST /api/conversations/{id}/events` with a user action: same as the socket's
@@ -632,6 +699,7 @@ pub(super) async fn require_conversation(state: &AppState, id: &str) -> Result<(
 )]
 pub async fn post_event(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,
@@ -647,13 +715,11 @@ pub async fn post_event(
             Value::Object(obj),
         ))
     })?;
-    let conversation = match state.supervisor.live(&id) {
+    let owner = require_conversation(&state, &caller, &id).await?;
+    let conversation = match live_of(&state, &id, &owner) {
         Some(c) => c,
         None => {
-            if state.store.get(&id).await?.is_none() {
-                return Err(ApiError::NotFound(format!("Conversation {id} not found")));
-            }
-            admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, None, false)
+            admit_and_join(&state, id.clone(), AdmitMode::LoadOnly, None, owner, false)
                 .await?
                 .0
         }

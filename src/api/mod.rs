@@ -3,11 +3,10 @@
 //!
 //! Handlers validate input, translate it into actor messages through the handles in
 //! [`crate::actors`], and map every failure to an exact status and JSON body ([`ApiError`]).
-//! Every `/api` route sits behind the session key when one is configured
-//! ([`crate::http::auth`]) and answers with
+//! Every `/api` route sits behind the key check ([`crate::http::auth`]), sees only what its
+//! caller may see ([`access`]) and answers with
 //! `cache-control: no-cache, no-store, must-revalidate, max-age=0`.
 
-use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 
 use actix_web::http::header;
@@ -17,8 +16,10 @@ use futures_util::StreamExt;
 
 use crate::actors::{ClientId, SupervisorHandle};
 use crate::config::Settings;
+use crate::http::auth::Caller;
 use crate::store::Store;
 
+pub mod access;
 pub mod conversations;
 pub mod docs;
 pub mod errors;
@@ -65,17 +66,10 @@ pub fn content_type(req: &actix_web::HttpRequest) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
 }
 
-/// The identity a request's creations are counted against ([`ClientId`]): the session key
-/// when one is configured (the request passed the key check to get here), otherwise the peer's
-/// address.
-pub fn client_id(req: &HttpRequest, state: &AppState) -> ClientId {
-    if state.auth.key().is_some() {
-        return ClientId::SessionKey;
-    }
-    let ip = req
-        .peer_addr()
-        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
-    ClientId::peer(ip)
+/// The identity a request's creations are counted against ([`ClientId`]): its user, the
+/// session key, or without a key the peer's address.
+pub fn client_id(req: &HttpRequest, caller: &Caller) -> ClientId {
+    caller.client_id(req.peer_addr().map(|a| a.ip()))
 }
 
 async fn alive() -> HttpResponse {

@@ -18,11 +18,19 @@ use super::schema::{
     StoredSettings,
 };
 use super::{content_type, read_body, validation, AppState};
+use crate::http::auth::Caller;
 use crate::store::Store;
 
-/// Whose settings a request reads and writes. switchboard serves one user per server (or per
-/// session key), as OpenHands' OSS mode does.
+/// Whose settings a caller without a user key (the session key, or nobody when
+/// authentication is off) reads and writes: the server's one set, as in OpenHands' OSS mode.
 pub const SINGLE_USER: &str = "";
+
+/// Settings are per user: a user key's user (by name) has its own; every caller without one
+/// shares [`SINGLE_USER`]'s. Admin keys have their own too (they are users). A conversation's
+/// agent starts with its owner's settings.
+pub fn user_of(name: Option<&str>) -> &str {
+    name.unwrap_or(SINGLE_USER)
+}
 
 /// Fields kept from the stored settings when a `POST` sends them `null` or leaves them out.
 const KEPT_WHEN_NULL: &[&str] = &[
@@ -130,9 +138,9 @@ fn shown(stored: &Map<String, Value>) -> Map<String, Value> {
     out
 }
 
-/// The stored settings of the single user, if any were saved.
-pub async fn load(store: &dyn Store) -> Result<Option<Map<String, Value>>, ApiError> {
-    match store.settings(SINGLE_USER).await? {
+/// The stored settings of `user`, if any were saved.
+pub async fn load(store: &dyn Store, user: &str) -> Result<Option<Map<String, Value>>, ApiError> {
+    match store.settings(user).await? {
         None => Ok(None),
         Some(Value::Object(map)) => Ok(Some(map)),
         Some(_) => Err(ApiError::Internal(
@@ -156,8 +164,12 @@ pub async fn load(store: &dyn Store) -> Result<Option<Map<String, Value>>, ApiEr
     ),
     security(("APIKeyHeader" = [])),
 )]
-pub async fn get(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    match load(state.store.as_ref()).await? {
+pub async fn get(
+    state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
+) -> Result<HttpResponse, ApiError> {
+    let user = user_of(caller.name().map(|n| &**n));
+    match load(state.store.as_ref(), user).await? {
         Some(stored) => Ok(HttpResponse::Ok().json(Value::Object(shown(&stored)))),
         None => Err(ApiError::Exact(
             StatusCode::NOT_FOUND,
@@ -186,14 +198,16 @@ pub async fn get(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
 )]
 pub async fn post(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
+    let user = user_of(caller.name().map(|n| &**n));
     let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
     let obj =
         validation::parse_object_body(content_type(&req), &body).map_err(ApiError::Validation)?;
     let mut settings = validation::parse_settings(&obj).map_err(ApiError::Validation)?;
-    if let Some(existing) = load(state.store.as_ref()).await? {
+    if let Some(existing) = load(state.store.as_ref(), user).await? {
         for key in KEPT_WHEN_NULL {
             if settings.get(*key).is_none_or(Value::is_null) {
                 if let Some(old) = existing.get(*key) {
@@ -204,7 +218,7 @@ pub async fn post(
     }
     state
         .store
-        .save_settings(SINGLE_USER, Value::Object(settings))
+        .save_settings(user, Value::Object(settings))
         .await?;
     tracing::info!("settings stored");
     Ok(HttpResponse::Ok().json(SettingsStored {

@@ -26,6 +26,7 @@ use super::schema::{
 };
 use super::validation::FieldError;
 use super::AppState;
+use crate::http::auth::Caller;
 use crate::store::EventQuery;
 use crate::workspace::{canonical_root, confine, working_dir};
 
@@ -64,10 +65,11 @@ fn existing_root(state: &AppState, id: &str) -> Option<PathBuf> {
 )]
 pub async fn config(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     Ok(HttpResponse::Ok().json(RuntimeConfig {
         runtime_id: None,
         session_id: id.to_string(),
@@ -93,10 +95,11 @@ pub async fn config(
 )]
 pub async fn vscode_url(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     Ok(HttpResponse::Ok().json(VscodeUrl { vscode_url: None }))
 }
 
@@ -119,10 +122,11 @@ pub async fn vscode_url(
 )]
 pub async fn web_hosts(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     Ok(HttpResponse::Ok().json(WebHosts {
         hosts: Default::default(),
     }))
@@ -184,10 +188,11 @@ fn parse_porcelain(output: &[u8]) -> Vec<GitChange> {
 )]
 pub async fn git_changes(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     let not_a_repo = || error(StatusCode::NOT_FOUND, "Not a git repository");
     let Some(root) = existing_root(&state, &id) else {
         return Err(not_a_repo());
@@ -261,12 +266,13 @@ fn refused_path(refusal: crate::workspace::PathRefusal) -> ApiError {
 )]
 pub async fn list_files(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
     let pairs = query_pairs(&req)?;
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     let sub = query_get(&pairs, "path").unwrap_or("").to_string();
     let Some(root) = existing_root(&state, &id) else {
         return Ok(HttpResponse::Ok().json(Vec::<String>::new()));
@@ -348,6 +354,7 @@ fn list_dir(dir: &Path, prefix: &str, limit: usize) -> Result<Vec<String>, ApiEr
 )]
 pub async fn select_file(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     req: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
@@ -361,7 +368,7 @@ pub async fn select_file(
             Value::Null,
         )));
     };
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     let not_found = || error(StatusCode::NOT_FOUND, format!("File not found: {file}"));
     let Some(root) = existing_root(&state, &id) else {
         return Err(not_found());
@@ -438,12 +445,13 @@ enum FileProblem {
 )]
 pub async fn upload_files(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     req: HttpRequest,
     path: web::Path<String>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     let limits = &state.settings.workspace;
     // Read every part first (bounded), so that a refused request writes nothing.
     let mut multipart = Multipart::new(req.headers(), payload);
@@ -551,10 +559,11 @@ fn write_uploads(
 )]
 pub async fn microagents(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     let found = match existing_root(&state, &id) {
         Some(root) => web::block(move || read_microagents(&root))
             .await
@@ -610,10 +619,11 @@ fn read_microagents(root: &Path) -> Vec<Value> {
 )]
 pub async fn trajectory(
     state: web::Data<AppState>,
+    caller: web::ReqData<Caller>,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
-    require_conversation(&state, &id).await?;
+    require_conversation(&state, &caller, &id).await?;
     let events = state
         .store
         .events(&id, EventQuery::after(None, usize::MAX))

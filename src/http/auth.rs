@@ -1,10 +1,22 @@
-//! The session key: one check for every `/api` route and both socket routes, and the cookie
-//! login that lets a browser carry the key.
+//! Keys: one check for every `/api` route, both socket routes, `/metrics` and the pages, and
+//! the cookie login that lets a browser carry a key.
 //!
-//! A request may present the key in the `X-Session-API-Key` header, as `Authorization: Bearer`
+//! A request may present a key in the `X-Session-API-Key` header, as `Authorization: Bearer`
 //! (metrics scrapers), in the `session_api_key` query parameter, or in this server's login
 //! cookie; a Socket.IO CONNECT may add it in its auth payload.
-//! [`SessionAuth::allows`] is the one place that decides, comparing in constant time.
+//! [`SessionAuth::resolve`] is the one place that decides who the caller is ([`Caller`]):
+//! - the configured session key (compared in constant time) is an admin, as in OpenHands;
+//! - a user key (`sbk_…`, see [`crate::keys`]) is looked up by its hash in the store at every
+//!   request, so a key added or revoked by `switchboard keys` counts from the next request on:
+//!   its user, or an admin when it was added with `--admin`;
+//! - with no session key configured and no user key in the store, everyone is let in
+//!   ([`Caller::Open`]: authentication is off, as before user keys existed) — except with a
+//!   user key that is not in the store (a revoked one is refused from its next request on);
+//! - anything else is refused (401). In particular, once a user key exists a key is required
+//!   even without a session key, or a user's isolation would mean nothing.
+//!
+//! The caller found for a request is kept in its extensions (handlers take
+//! `web::ReqData<Caller>`), and the access log names it ([`Caller::log_name`]).
 //!
 //! The cookie login: an HTML `GET` (the page `/`, or any request that accepts `text/html`) with
 //! `?session_api_key=K` and the right key gets an `HttpOnly`, `SameSite=Strict` cookie and a
@@ -18,10 +30,14 @@ use actix_web::cookie::{Cookie, SameSite};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::middleware::Next;
-use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
+use actix_web::{web, HttpMessage, HttpRequest, HttpResponse, ResponseError};
+use std::net::IpAddr;
+use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
+use crate::actors::ClientId;
 use crate::api::{read_body, resource, ApiError, AppState};
+use crate::store::{Store, StoreError};
 
 /// The header that carries the key.
 pub const KEY_HEADER: &str = "X-Session-API-Key";
@@ -30,11 +46,88 @@ pub const KEY_QUERY: &str = "session_api_key";
 /// The login form's path.
 pub const LOGIN_PATH: &str = "/login";
 
-/// The key this server requires, if any, and the name of its login cookie.
-#[derive(Debug, Clone)]
+/// The session key this server requires, if any, the store holding the user keys, and the
+/// name of the login cookie.
+#[derive(Clone)]
 pub struct SessionAuth {
     key: Option<String>,
     cookie_name: String,
+    store: Arc<dyn Store>,
+}
+
+/// The outcome of a login attempt.
+enum Login {
+    SetCookie,
+    NotNeeded,
+    Refused,
+}
+
+/// Who a request or a socket is, once its key was checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// No session key is configured and no user key exists: authentication is off, and
+    /// everyone sees everything.
+    Open,
+    /// The configured (or generated) session key: an admin.
+    SessionKey,
+    /// A user key: its name, and whether it is an admin key.
+    User { name: Arc<str>, admin: bool },
+}
+
+impl Caller {
+    /// Whether it sees and touches every conversation.
+    pub fn sees_all(&self) -> bool {
+        match self {
+            Caller::Open | Caller::SessionKey => true,
+            Caller::User { admin, .. } => *admin,
+        }
+    }
+
+    /// The user's name (the `owner` of what it creates, the key of its settings).
+    pub fn name(&self) -> Option<&Arc<str>> {
+        match self {
+            Caller::User { name, .. } => Some(name),
+            Caller::Open | Caller::SessionKey => None,
+        }
+    }
+
+    /// THE isolation rule: whether it may see (and touch) a conversation owned by `owner`.
+    /// Admins see every conversation; a user sees exactly its own.
+    pub fn may_see(&self, owner: Option<&str>) -> bool {
+        self.sees_all() || (self.name().is_some_and(|name| Some(&**name) == owner))
+    }
+
+    /// Who it is in the access log: the user's name, `key` for the session key, `anonymous`.
+    pub fn log_name(&self) -> &str {
+        match self {
+            Caller::Open => "anonymous",
+            Caller::SessionKey => "key",
+            Caller::User { name, .. } => name,
+        }
+    }
+
+    /// The identity its creations count against ([`ClientId`]): its user, the session key, or
+    /// without a key the peer's address.
+    pub fn client_id(&self, peer: Option<IpAddr>) -> ClientId {
+        match self {
+            Caller::User { name, .. } => ClientId::User(name.clone()),
+            Caller::SessionKey => ClientId::SessionKey,
+            Caller::Open => {
+                ClientId::peer(peer.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED)))
+            }
+        }
+    }
+
+    /// 403 unless it is an admin (the operators' routes: `/metrics`, `/api/status`).
+    pub fn require_admin(&self) -> Result<(), ApiError> {
+        if self.sees_all() {
+            return Ok(());
+        }
+        Err(ApiError::Exact(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({"detail": "Forbidden: this needs an admin key"}),
+        ))
+    }
 }
 
 /// The credentials one request (or socket) presented.
@@ -67,11 +160,13 @@ fn query_value(query: &str, name: &str) -> Option<String> {
 }
 
 impl SessionAuth {
-    /// `key` is the effective key (`None` or empty: no authentication); `port` the bound port.
-    pub fn new(key: Option<String>, port: u16) -> SessionAuth {
+    /// `key` is the effective session key (`None` or empty: none); `port` the bound port;
+    /// `store` holds the user keys.
+    pub fn new(key: Option<String>, port: u16, store: Arc<dyn Store>) -> SessionAuth {
         SessionAuth {
             key: key.filter(|k| !k.is_empty()),
             cookie_name: format!("switchboard-session-{port}"),
+            store,
         }
     }
 
@@ -107,17 +202,68 @@ impl SessionAuth {
         Presented(keys)
     }
 
-    /// THE check: whether these credentials may pass (always, when no key is set).
-    pub fn allows(&self, presented: &Presented) -> bool {
-        match &self.key {
-            None => true,
-            Some(expected) => presented.0.iter().any(|p| key_matches(expected, p)),
+    /// THE check: who these credentials are, or `None` when they may not pass (see the module
+    /// docs). Reads the store only when a user key is presented, or when no session key is
+    /// configured (to learn whether any user key exists).
+    pub async fn resolve(&self, presented: &Presented) -> Result<Option<Caller>, StoreError> {
+        if let Some(expected) = &self.key {
+            if presented.0.iter().any(|p| key_matches(expected, p)) {
+                return Ok(Some(Caller::SessionKey));
+            }
+        }
+        let user_key = presented
+            .0
+            .iter()
+            .find(|p| p.starts_with(crate::keys::KEY_PREFIX));
+        if user_key.is_none() && self.key.is_some() {
+            return Ok(None);
+        }
+        let hash = user_key.map(|k| crate::keys::hash(k));
+        let found = self.store.lookup_key(hash.as_deref()).await?;
+        Ok(match found.key {
+            Some(key) => Some(Caller::User {
+                name: Arc::from(key.name),
+                admin: key.admin,
+            }),
+            // A user key that is not (or no longer) in the store never passes, not even
+            // on an open server.
+            None if user_key.is_none() && self.key.is_none() && !found.any => Some(Caller::Open),
+            None => None,
+        })
+    }
+
+    /// [`SessionAuth::resolve`] for a request's own credentials.
+    pub async fn resolve_request(&self, req: &HttpRequest) -> Result<Option<Caller>, StoreError> {
+        self.resolve(&self.presented(req)).await
+    }
+
+    /// [`SessionAuth::resolve_request`], keeping the caller in the request's extensions (for
+    /// handlers and the access log): the caller, 401 when refused, 503 when the store failed.
+    pub async fn authenticate(&self, req: &HttpRequest) -> Result<Caller, ApiError> {
+        match self.resolve_request(req).await {
+            Ok(Some(caller)) => {
+                req.extensions_mut().insert(caller.clone());
+                Ok(caller)
+            }
+            Ok(None) => Err(ApiError::Unauthorized),
+            Err(e) => Err(ApiError::Storage(e.to_string())),
         }
     }
 
-    /// [`SessionAuth::allows`] for a request's own credentials.
-    pub fn allows_request(&self, req: &HttpRequest) -> bool {
-        self.key.is_none() || self.allows(&self.presented(req))
+    /// Whether a page request may pass: a caller was found (a store failure counts as no, the
+    /// login form then says so no more than a wrong key would).
+    async fn lets_in(&self, req: &HttpRequest) -> bool {
+        matches!(self.resolve_request(req).await, Ok(Some(_)))
+    }
+
+    /// What logging a browser in with `key` does: set the cookie (a session or user key),
+    /// nothing (an open server needs no login), or refuse (a wrong key).
+    async fn login_with(&self, key: &str) -> Login {
+        match self.resolve(&Presented::default().with(Some(key))).await {
+            Ok(Some(Caller::SessionKey | Caller::User { .. })) => Login::SetCookie,
+            Ok(Some(Caller::Open)) => Login::NotNeeded,
+            Ok(None) | Err(_) => Login::Refused,
+        }
     }
 
     /// The `Set-Cookie` value that logs a browser in.
@@ -136,15 +282,18 @@ fn state_of(req: &HttpRequest) -> Option<web::Data<AppState>> {
     req.app_data::<web::Data<AppState>>().cloned()
 }
 
-/// Middleware for `/api`: 401 unless the request presents the key.
+/// Middleware for `/api`: finds the caller (kept in the request's extensions for the
+/// handlers), or answers 401 (503 when the store cannot say).
 pub async fn require_key(
     req: ServiceRequest,
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
-    let allowed = state_of(req.request()).is_none_or(|s| s.auth.allows_request(req.request()));
-    if !allowed {
-        let response = ApiError::Unauthorized.error_response();
-        return Ok(req.into_response(response).map_into_right_body());
+    if let Some(state) = state_of(req.request()) {
+        if let Err(refused) = state.auth.authenticate(req.request()).await {
+            return Ok(req
+                .into_response(refused.error_response())
+                .map_into_right_body());
+        }
     }
     Ok(next.call(req).await?.map_into_left_body())
 }
@@ -210,25 +359,24 @@ pub async fn login(
         && !is_machine_path(req.path())
         && (req.path() == "/" || accepts_html(req.request()));
     let state = state_of(req.request());
-    let Some(auth) = state.as_ref().map(|s| &s.auth).filter(|a| a.key.is_some()) else {
+    let Some(auth) = state.as_ref().map(|s| &s.auth).filter(|_| page) else {
         return Ok(next.call(req).await?.map_into_left_body());
     };
-    if !page {
-        return Ok(next.call(req).await?.map_into_left_body());
-    }
     if let Some(key) = query_value(req.query_string(), KEY_QUERY) {
-        let response = if auth.allows(&Presented::default().with(Some(&key))) {
-            let mut response = see_other(&without_key(req.request()));
-            if let Ok(cookie) = header::HeaderValue::from_str(&auth.login_cookie(&key)) {
-                response.headers_mut().append(header::SET_COOKIE, cookie);
+        let response = match auth.login_with(&key).await {
+            Login::SetCookie => {
+                let mut response = see_other(&without_key(req.request()));
+                if let Ok(cookie) = header::HeaderValue::from_str(&auth.login_cookie(&key)) {
+                    response.headers_mut().append(header::SET_COOKIE, cookie);
+                }
+                response
             }
-            response
-        } else {
-            login_form(&without_key(req.request()), true)
+            Login::NotNeeded => return Ok(next.call(req).await?.map_into_left_body()),
+            Login::Refused => login_form(&without_key(req.request()), true),
         };
         return Ok(req.into_response(response).map_into_right_body());
     }
-    if !auth.allows_request(req.request()) {
+    if !auth.lets_in(req.request()).await {
         let next_url = without_key(req.request());
         let location = format!(
             "{LOGIN_PATH}?{}",
@@ -303,7 +451,7 @@ struct LoginQuery {
 async fn login_page(req: HttpRequest, query: web::Query<LoginQuery>) -> HttpResponse {
     let next = safe_next(query.next.as_deref().unwrap_or("/"));
     match state_of(&req) {
-        Some(state) if !state.auth.allows_request(&req) => login_form(next, false),
+        Some(state) if !state.auth.lets_in(&req).await => login_form(next, false),
         _ => see_other(next),
     }
 }
@@ -324,11 +472,10 @@ async fn login_submit(
         .map_err(|e| ApiError::BadRequest(format!("Invalid login form: {e}")))?;
     let next = safe_next(form.next.as_deref().unwrap_or("/"));
     let auth = &state.auth;
-    let Some(_) = auth.key() else {
-        return Ok(see_other(next));
-    };
-    if !auth.allows(&Presented::default().with(Some(&form.session_api_key))) {
-        return Ok(login_form(next, true));
+    match auth.login_with(&form.session_api_key).await {
+        Login::SetCookie => {}
+        Login::NotNeeded => return Ok(see_other(next)),
+        Login::Refused => return Ok(login_form(next, true)),
     }
     let mut response = see_other(next);
     if let Ok(cookie) = header::HeaderValue::from_str(&auth.login_cookie(&form.session_api_key)) {
@@ -350,16 +497,90 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_one_check() {
-        let auth = SessionAuth::new(Some("s3cret".into()), 3000);
-        assert!(!auth.allows(&Presented::default()));
-        assert!(!auth.allows(&Presented::default().with(Some("s3cre"))));
-        assert!(!auth.allows(&Presented::default().with(Some("s3cret2"))));
-        assert!(auth.allows(&Presented::default().with(Some("x")).with(Some("s3cret"))));
-        let open = SessionAuth::new(Some(String::new()), 3000);
+    fn auth(key: Option<&str>, store: &crate::store::MemoryStore) -> SessionAuth {
+        SessionAuth::new(key.map(str::to_string), 3000, Arc::new(store.clone()))
+    }
+
+    async fn who(auth: &SessionAuth, keys: &[&str]) -> Option<Caller> {
+        let presented = keys
+            .iter()
+            .fold(Presented::default(), |p, k| p.with(Some(k)));
+        auth.resolve(&presented).await.expect("resolve")
+    }
+
+    fn user(name: &str, admin: bool) -> Caller {
+        Caller::User {
+            name: Arc::from(name),
+            admin,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_one_check() {
+        let store = crate::store::MemoryStore::new();
+        let keyed = auth(Some("s3cret"), &store);
+        assert_eq!(who(&keyed, &[]).await, None);
+        assert_eq!(who(&keyed, &["s3cre"]).await, None);
+        assert_eq!(who(&keyed, &["s3cret2"]).await, None);
+        assert_eq!(
+            who(&keyed, &["x", "s3cret"]).await,
+            Some(Caller::SessionKey)
+        );
+        let open = auth(Some(""), &store);
         assert!(open.key().is_none());
-        assert!(open.allows(&Presented::default()));
+        assert_eq!(who(&open, &[]).await, Some(Caller::Open));
+        assert_eq!(who(&open, &["anything"]).await, Some(Caller::Open));
+
+        // User keys: found by hash; once one exists, a key is needed even without a
+        // session key.
+        let alice = crate::keys::generate().expect("key");
+        let root = crate::keys::generate().expect("key");
+        for (name, key, admin) in [("alice", &alice, false), ("root", &root, true)] {
+            let record = crate::store::ApiKey {
+                name: name.into(),
+                admin,
+                created_at: "2024-01-01T00:00:00.000000Z".into(),
+            };
+            store
+                .add_key(record, crate::keys::hash(key))
+                .await
+                .expect("add");
+        }
+        assert_eq!(who(&open, &[]).await, None);
+        assert_eq!(who(&open, &["anything"]).await, None);
+        assert_eq!(who(&open, &[&alice]).await, Some(user("alice", false)));
+        assert_eq!(who(&open, &[&root]).await, Some(user("root", true)));
+        assert_eq!(who(&keyed, &[&alice]).await, Some(user("alice", false)));
+        assert_eq!(who(&keyed, &["s3cret"]).await, Some(Caller::SessionKey));
+        let wrong = crate::keys::generate().expect("key");
+        assert_eq!(who(&keyed, &[&wrong]).await, None);
+        // Revoked: refused at once, also once no key is left and the server is open again.
+        store.revoke_key("alice").await.expect("revoke");
+        assert_eq!(who(&keyed, &[&alice]).await, None);
+        assert_eq!(who(&open, &[&alice]).await, None);
+        store.revoke_key("root").await.expect("revoke");
+        assert_eq!(who(&open, &[&alice]).await, None);
+        assert_eq!(who(&open, &[]).await, Some(Caller::Open));
+    }
+
+    #[test]
+    fn the_isolation_rule() {
+        let alice = user("alice", false);
+        assert!(alice.may_see(Some("alice")));
+        assert!(!alice.may_see(Some("bob")));
+        assert!(!alice.may_see(Some("alic")));
+        assert!(!alice.may_see(None));
+        for admin in [Caller::Open, Caller::SessionKey, user("root", true)] {
+            assert!(
+                admin.may_see(Some("alice")) && admin.may_see(None),
+                "{admin:?}"
+            );
+        }
+        assert_eq!(alice.log_name(), "alice");
+        assert_eq!(Caller::SessionKey.log_name(), "key");
+        assert_eq!(Caller::Open.log_name(), "anonymous");
+        assert!(alice.require_admin().is_err());
+        assert!(user("root", true).require_admin().is_ok());
     }
 
     #[test]
@@ -378,7 +599,7 @@ mod tests {
 
     #[test]
     fn the_cookie_is_http_only_and_strict() {
-        let auth = SessionAuth::new(Some("a b;c".into()), 3000);
+        let auth = auth(Some("a b;c"), &crate::store::MemoryStore::new());
         let cookie = auth.login_cookie("a b;c");
         assert!(
             cookie.starts_with("switchboard-session-3000=a%20b%3Bc"),

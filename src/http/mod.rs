@@ -9,7 +9,8 @@
 //! 4. `HEAD` is served as `GET` (the HTTP layer sends the head without the body).
 //!
 //! Then [`auth::login`] turns `?session_api_key=` into a login cookie for pages, and the routes
-//! check the key through [`auth::SessionAuth::allows`].
+//! find their caller through [`auth::SessionAuth::resolve`] (the session key, a user key, or
+//! no key while authentication is off).
 
 use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};

@@ -169,16 +169,24 @@ async fn ready(ops: web::Data<Ops>) -> HttpResponse {
     }
 }
 
-/// `/metrics`: behind the session key when `metrics.require_key` (a scraper may send it as
-/// `Authorization: Bearer <key>`, see [`crate::http::auth`]).
+/// `/metrics`: behind an admin key (the session key or an admin user key) when
+/// `metrics.require_key` (a scraper may send it as `Authorization: Bearer <key>`, see
+/// [`crate::http::auth`]); a user key gets 403.
 async fn scrape(
     req: HttpRequest,
     ops: web::Data<Ops>,
     state: web::Data<crate::api::AppState>,
 ) -> HttpResponse {
-    if ops.settings.metrics.require_key && !state.auth.allows_request(&req) {
+    if ops.settings.metrics.require_key {
         use actix_web::ResponseError;
-        return crate::api::ApiError::Unauthorized.error_response();
+        let allowed = state
+            .auth
+            .authenticate(&req)
+            .await
+            .and_then(|caller| caller.require_admin());
+        if let Err(refused) = allowed {
+            return refused.error_response();
+        }
     }
     match metrics::encode(&[&ops.registry, &ops.process_registry]) {
         Ok(text) => HttpResponse::Ok()

@@ -7,7 +7,9 @@
 //! line is logged (target `access`: method, route pattern, status, duration, bytes, user) and
 //! the request is counted in `switchboard_request_duration_seconds`. Probes (`/alive`,
 //! `/health`, `/ready`, `/metrics`) log at debug level so that they do not drown the log.
-//! The session key itself never reaches a log line: `user` only says whether it was presented.
+//! No key ever reaches a log line: `user` is the caller's name as the key check found it
+//! ([`crate::http::auth::Caller::log_name`]): a user key's user, `key` for the session key,
+//! `anonymous` otherwise (also for requests refused or never checked, such as probes).
 
 use std::time::Instant;
 
@@ -15,11 +17,11 @@ use actix_web::body::{BodySize, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::Next;
-use actix_web::web;
+use actix_web::HttpMessage;
 use tracing::Instrument;
 
 use super::metrics::{method_label, metrics, HttpLabels};
-use crate::api::AppState;
+use crate::http::auth::Caller;
 
 /// The request id header.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -44,17 +46,12 @@ fn is_probe(route: &str) -> bool {
     matches!(route, "/alive" | "/health" | "/ready" | "/metrics")
 }
 
-/// Who made the request, for the log: `key` when the configured session key came with it
-/// (header, query or login cookie), `anonymous` otherwise (also when no key is configured).
-fn user(req: &ServiceRequest) -> &'static str {
-    let keyed = req
-        .app_data::<web::Data<AppState>>()
-        .is_some_and(|s| s.auth.key().is_some() && s.auth.allows_request(req.request()));
-    if keyed {
-        "key"
-    } else {
-        "anonymous"
-    }
+/// Who made the request, for the log: the caller its key check found, if any.
+fn user(req: &actix_web::HttpRequest) -> String {
+    req.extensions()
+        .get::<Caller>()
+        .map_or("anonymous", Caller::log_name)
+        .to_string()
 }
 
 /// The middleware (wrap the whole `App` with `from_fn(observe)`).
@@ -68,7 +65,6 @@ pub async fn observe(
         None => new_request_id(),
     };
     let method = method_label(req.method());
-    let user = user(&req);
     let span = tracing::info_span!("request", request_id = %id);
     let result = next.call(req).instrument(span.clone()).await;
     let took = started.elapsed();
@@ -80,6 +76,8 @@ pub async fn observe(
                 .match_pattern()
                 .unwrap_or_else(|| "unmatched".to_string());
             let status = res.status().as_u16();
+            let user = user(res.request());
+            let user = user.as_str();
             if let Ok(value) = HeaderValue::from_str(&id) {
                 res.headers_mut().insert(REQUEST_ID, value);
             }
@@ -107,7 +105,7 @@ pub async fn observe(
         Err(e) => {
             let status = e.as_response_error().status_code().as_u16();
             let duration_ms = took.as_secs_f64() * 1000.0;
-            tracing::info!(target: "access", method, route = "unmatched", status, duration_ms, user, error = %e, "request failed");
+            tracing::info!(target: "access", method, route = "unmatched", status, duration_ms, user = "anonymous", error = %e, "request failed");
             metrics()
                 .request_duration
                 .get_or_create(&HttpLabels {

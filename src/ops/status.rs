@@ -2,9 +2,10 @@
 //!
 //! The page is one HTML file compiled into the binary (`status.html`, no build step, nothing
 //! fetched from elsewhere). It polls `/api/status` and tails one conversation's events over
-//! the plain socket route (`/ws/conversations/{id}`). Both sit behind the session key the usual
-//! way ([`crate::http::auth`]): `/api/status` under `/api`'s check, the page under the cookie
-//! login (a browser without credentials is sent to `/login`).
+//! the plain socket route (`/ws/conversations/{id}`). Both sit behind the key check the usual
+//! way ([`crate::http::auth`]): `/api/status` under `/api`'s check and for admins only (it
+//! lists every user's conversations), the page under the cookie login (a browser without
+//! credentials is sent to `/login`).
 //!
 //! `/api/status` reads what the metrics read, at request time and without an actor hop: the
 //! supervisor's registry (conversations by status, attached clients), the process-wide
@@ -49,7 +50,12 @@ struct Row {
 }
 
 /// `GET /api/status`: totals and the [`STATUS_ROWS`] most recently active live conversations.
-pub async fn api_status(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+/// For admins only (a user key gets 403): it shows every user's conversations.
+pub async fn api_status(
+    state: web::Data<AppState>,
+    caller: web::ReqData<crate::http::auth::Caller>,
+) -> Result<HttpResponse, ApiError> {
+    caller.require_admin()?;
     let census = state.supervisor.census();
     let mut live = state.supervisor.conversations();
     let live_count = live.len();

@@ -28,7 +28,7 @@ use crate::actors::{AdmitError, AdmitMode, ClientFrame, CloseReason, Conversatio
 use crate::api::validation::{is_valid_conversation_id, PROVIDERS};
 use crate::api::{resource, resources, ApiError, AppState};
 use crate::events::{parse_user_action, StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
-use crate::http::auth::Presented;
+use crate::http::auth::{Caller, Presented};
 use crate::ops::metrics::metrics;
 use crate::store::EventQuery;
 
@@ -141,20 +141,23 @@ async fn plain_route(
             ),
         ));
     }
-    if !state.auth.allows_request(&req) {
-        return Err(ApiError::Unauthorized);
-    }
-    if state.supervisor.live(&id).is_none() && state.store.get(&id).await?.is_none() {
+    let caller = state.auth.authenticate(&req).await?;
+    if crate::api::access::visible(&state, &caller, &id)
+        .await?
+        .is_none()
+    {
         return Err(ApiError::NotFound("Conversation not found".into()));
     }
     let mut socket = Socket::new(Proto::Plain, state.clone(), latest_event_id(&q));
     socket.conversation_id = Some(id.into());
+    socket.caller = Some(caller);
     start(socket, &req, payload, &state)
 }
 
-/// Finds (starting it if stopped) and subscribes to a conversation.
+/// Finds (starting it if stopped) and subscribes to a conversation `caller` may see.
 async fn open_conversation(
     state: web::Data<AppState>,
+    caller: Caller,
     id: Arc<str>,
 ) -> Result<
     (
@@ -165,17 +168,21 @@ async fn open_conversation(
     String,
 > {
     for _ in 0..5 {
-        let handle = match state.supervisor.live(&id) {
+        let owner = match crate::api::access::visible(&state, &caller, &id).await {
+            Ok(Some(owner)) => owner,
+            Ok(None) => return Err("Conversation not found".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        let live = state
+            .supervisor
+            .live(&id)
+            .filter(|h| h.shared().owner() == owner.as_ref());
+        let handle = match live {
             Some(h) => h,
             None => {
-                match state.store.get(&id).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return Err("Conversation not found".into()),
-                    Err(e) => return Err(format!("storage error: {e}")),
-                }
                 match state
                     .supervisor
-                    .admit(id.clone(), AdmitMode::LoadOnly, None)
+                    .admit(id.clone(), AdmitMode::LoadOnly, None, owner)
                     .await
                 {
                     Ok(admitted) => admitted.conversation,
@@ -218,6 +225,9 @@ enum Proto {
 pub struct Socket {
     proto: Proto,
     state: web::Data<AppState>,
+    /// Who the client is, once its key was checked (plain: at the upgrade; Socket.IO: at
+    /// CONNECT).
+    caller: Option<Caller>,
     conversation_id: Option<Arc<str>>,
     /// Events up to this id are already with the client.
     after: Option<u64>,
@@ -238,6 +248,7 @@ impl Socket {
         Socket {
             proto,
             state,
+            caller: None,
             conversation_id: None,
             after,
             attached: None,
@@ -309,11 +320,11 @@ impl Socket {
     }
 
     fn attach(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        let Some(id) = self.conversation_id.clone() else {
+        let (Some(id), Some(caller)) = (self.conversation_id.clone(), self.caller.clone()) else {
             return;
         };
         self.attaching = true;
-        let fut = open_conversation(self.state.clone(), id);
+        let fut = open_conversation(self.state.clone(), caller, id);
         ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
             act.attaching = false;
             match res {
@@ -519,23 +530,29 @@ impl Socket {
             .and_then(|a| a.get("session_api_key"))
             .and_then(Value::as_str);
         let presented = sio.presented.clone().with(from_auth);
-        let refusal = self.connect_refusal(query_id.as_deref(), &providers_set, &presented);
-        match refusal {
-            Some(reason) => ctx.text(socketio::connect_error(&reason)),
-            None => self.attach(ctx),
-        }
+        // Checking the key may read the store: no other frame is handled meanwhile.
+        self.attaching = true;
+        let state = self.state.clone();
+        let resolve = async move { state.auth.resolve(&presented).await };
+        ctx.wait(resolve.into_actor(self).map(move |resolved, act, ctx| {
+            act.attaching = false;
+            let refusal = match resolved {
+                Ok(Some(caller)) => {
+                    act.caller = Some(caller);
+                    act.connect_refusal(query_id.as_deref(), &providers_set)
+                }
+                Ok(None) => Some("invalid_session_api_key".into()),
+                Err(e) => Some(ApiError::Storage(e.to_string()).to_string()),
+            };
+            match refusal {
+                Some(reason) => ctx.text(socketio::connect_error(&reason)),
+                None => act.attach(ctx),
+            }
+        }));
     }
 
     /// Why a CONNECT must be refused, if it must; also records the conversation id.
-    fn connect_refusal(
-        &mut self,
-        query_id: Option<&str>,
-        providers_set: &str,
-        presented: &Presented,
-    ) -> Option<String> {
-        if !self.state.auth.allows(presented) {
-            return Some("invalid_session_api_key".into());
-        }
+    fn connect_refusal(&mut self, query_id: Option<&str>, providers_set: &str) -> Option<String> {
         let id = match query_id {
             None | Some("") => return Some("No conversation_id in query params".into()),
             Some(id) if !is_valid_conversation_id(id) => return Some(

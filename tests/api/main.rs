@@ -6,6 +6,7 @@ mod conversations;
 mod fake_openhands;
 mod frontend;
 mod helpers;
+mod keys;
 mod lifecycle;
 mod limits;
 mod load;

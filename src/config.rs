@@ -201,6 +201,8 @@ pub enum SessionKeyPolicy {
 #[serde(deny_unknown_fields)]
 pub struct Limits {
     pub max_running_conversations: usize,
+    /// Most conversations one user key's user may have running at once (0: no limit).
+    pub max_running_per_user: usize,
     pub on_limit: OnLimit,
     pub idle_timeout_secs: u64,
     pub start_timeout_secs: u64,
@@ -363,6 +365,11 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
     (
         "SWITCHBOARD_MAX_RUNNING_CONVERSATIONS",
         "limits.max_running_conversations",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_MAX_RUNNING_PER_USER",
+        "limits.max_running_per_user",
         EnvKind::Literal,
     ),
     ("SWITCHBOARD_ON_LIMIT", "limits.on_limit", EnvKind::Str),
@@ -1240,6 +1247,7 @@ mod tests {
         assert_eq!(s.runtime.kind, RuntimeKind::Echo);
         assert_eq!(s.runtime.echo.start_delay_ms, 0);
         assert_eq!(s.limits.max_running_conversations, 10000);
+        assert_eq!(s.limits.max_running_per_user, 100);
         assert_eq!(s.limits.on_limit, OnLimit::Reject);
         assert_eq!(s.limits.idle_timeout_secs, 900);
         assert_eq!(s.limits.start_timeout_secs, 60);

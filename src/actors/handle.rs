@@ -66,6 +66,7 @@ impl SupervisorHandle {
             Err(AdmitError::TooMany) => metrics().rejected("too_many"),
             Err(AdmitError::RateLimited { .. }) => metrics().rejected("rate_limited"),
             Err(AdmitError::ShuttingDown) => metrics().rejected("shutting_down"),
+            Err(AdmitError::UserLimit { .. }) => metrics().rejected("user_limit"),
             _ => {}
         }
         result

@@ -38,6 +38,12 @@ pub enum AdmitError {
     RateLimited { retry_after_secs: u64 },
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The conversation's owner has `limits.max_running_per_user` conversations running.
+    #[error(
+        "Too many conversations of this user at once: at most {limit} may run \
+         (limits.max_running_per_user). Stop one, or wait until one stops"
+    )]
+    UserLimit { limit: usize },
     #[error("conversation not found")]
     NotFound,
     #[error("the conversation could not be started: {0}")]

@@ -16,7 +16,11 @@
 //!
 //! A `POST /api/conversations` that brings a conversation up takes a token from its client's
 //! bucket ([`CreateLimiter`]) here, before any limit or eviction is considered; joining a live
-//! conversation never does.
+//! conversation never does. Then its owner's count is checked against
+//! `limits.max_running_per_user` (every conversation with an actor counts, stopping ones
+//! included; conversations without an owner are not counted), then the server's limit.
+//! Admission is also where owners are kept apart: a live conversation is joined only by an
+//! admission for its owner.
 //!
 //! Under `evict_oldest`, only a conversation with no client attached and no turn under way is
 //! evicted (the least recently active of those); when there is none, admission is refused.
@@ -58,6 +62,8 @@ pub struct Supervisor {
     deleting: HashMap<Arc<str>, Vec<DeleteReply>>,
     /// Every client's creation token bucket.
     create_limiter: CreateLimiter,
+    /// Conversations with an actor, by owner (for `limits.max_running_per_user`).
+    per_owner: HashMap<Arc<str>, usize>,
     shutting_down: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
 }
@@ -83,6 +89,7 @@ impl Supervisor {
             deferred: HashMap::new(),
             deleting: HashMap::new(),
             create_limiter,
+            per_owner: HashMap::new(),
             shutting_down: false,
             shutdown_waiters: Vec::new(),
         };
@@ -129,10 +136,7 @@ impl Supervisor {
                 // Still stopping: wait for its Gone.
                 Some(_) => return Err(msg),
                 // The actor vanished without reporting (its thread died): forget it.
-                None => {
-                    self.registry.remove(&msg.id);
-                    self.evicting.remove(&msg.id);
-                }
+                None => self.unregister(&msg.id),
             }
         }
         if let Some(client) = &msg.client {
@@ -141,6 +145,13 @@ impl Supervisor {
                 let retry_after_secs = retry_after_secs(wait);
                 tracing::debug!(?client, retry_after_secs, "creation rate limit reached");
                 return Ok(Err(AdmitError::RateLimited { retry_after_secs }));
+            }
+        }
+        let per_user = self.settings.limits.max_running_per_user;
+        if let Some(owner) = &msg.owner {
+            if per_user > 0 && self.per_owner.get(owner).copied().unwrap_or(0) >= per_user {
+                tracing::info!(%owner, limit = per_user, "user at its running limit");
+                return Ok(Err(AdmitError::UserLimit { limit: per_user }));
             }
         }
         if self.running() >= self.settings.limits.max_running_conversations {
@@ -206,6 +217,9 @@ impl Supervisor {
                 supervisor,
             )
         });
+        if let Some(owner) = msg.owner {
+            *self.per_owner.entry(owner).or_default() += 1;
+        }
         self.registry.insert(
             msg.id,
             RegistryEntry {
@@ -217,6 +231,27 @@ impl Supervisor {
         Admitted {
             conversation: ConversationHandle { addr, shared },
             role,
+        }
+    }
+
+    /// Forgets `id`'s registry entry, if any (whatever its generation).
+    fn unregister(&mut self, id: &str) {
+        if let Some((_, entry)) = self.registry.remove(id) {
+            self.forget(&entry);
+        }
+        self.evicting.remove(id);
+    }
+
+    /// Counts a removed registry entry out of its owner's conversations.
+    fn forget(&mut self, entry: &RegistryEntry) {
+        let Some(owner) = entry.shared.owner() else {
+            return;
+        };
+        if let Some(n) = self.per_owner.get_mut(owner) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.per_owner.remove(owner);
+            }
         }
     }
 
@@ -314,9 +349,9 @@ impl Handler<Gone> for Supervisor {
     fn handle(&mut self, msg: Gone, ctx: &mut Self::Context) {
         let removed = self
             .registry
-            .remove_if(&msg.id, |_, e| e.generation == msg.generation)
-            .is_some();
-        if removed {
+            .remove_if(&msg.id, |_, e| e.generation == msg.generation);
+        if let Some((_, entry)) = removed {
+            self.forget(&entry);
             self.evicting.remove(&msg.id);
             if self.deleting.contains_key(&msg.id) {
                 // Its actor is gone: now the data goes; admissions wait until it has.
@@ -349,8 +384,7 @@ impl Handler<Delete> for Supervisor {
             // Stop it first (clients get `stopped` and a close); its Gone deletes the data.
             Some(Some(addr)) => addr.do_send(Stop(StopReason::Deleted)),
             Some(None) => {
-                self.registry.remove(&msg.id);
-                self.evicting.remove(&msg.id);
+                self.unregister(&msg.id);
                 self.delete_stored(msg.id, ctx);
             }
             None => self.delete_stored(msg.id, ctx),

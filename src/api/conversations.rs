@@ -26,6 +26,9 @@ use crate::events::{default_title, meta_timestamp, parse_user_action};
 use crate::http::auth::Caller;
 use crate::store::{ConversationMeta, EventQuery};
 
+/// `msg_id` of a 429 for `limits.max_running_per_user`.
+pub const USER_LIMIT: &str = "SWITCHBOARD$USER_LIMIT";
+
 const PAGE_LIMIT_DEFAULT: usize = 20;
 const PAGE_LIMIT_MAX: usize = 100;
 
@@ -85,6 +88,15 @@ fn admit_error(e: AdmitError, limits: &Limits) -> ApiError {
             burst: limits.create_burst,
         },
         AdmitError::ShuttingDown => ApiError::Unavailable("The server is shutting down".into()),
+        e @ AdmitError::UserLimit { .. } => ApiError::Exact(
+            actix_web::http::StatusCode::TOO_MANY_REQUESTS,
+            schema::to_value(&ErrorMessage {
+                status: ErrorStatus::Error,
+                message: e.to_string(),
+                msg_id: USER_LIMIT.into(),
+                retry_after_secs: None,
+            }),
+        ),
         AdmitError::NotFound => ApiError::NotFound("Conversation not found".into()),
         AdmitError::Failed(why) => ApiError::Internal(why),
     }

@@ -331,3 +331,120 @@ async fn with_user_keys_and_no_session_key_a_key_is_required() {
     assert_eq!(app.listed().await, 2);
     assert_eq!(app.info(&mine).await["conversation_id"], mine.as_str());
 }
+
+/// Creates conversations as the app's current key until one is refused; the refusal and how
+/// many were made before it (at most `most` tries).
+async fn create_until_refused(app: &TestApp, most: usize) -> (Reply, usize) {
+    for made in 0..most {
+        let r = app.post("/api/conversations", json!({})).await;
+        if r.status != 200 {
+            return (r, made);
+        }
+    }
+    panic!("{most} conversations were all created");
+}
+
+#[actix_web::test]
+async fn a_user_at_its_running_limit_is_refused_and_nobody_else_is() {
+    let mut app = spawn_app_with(|s| {
+        s.session_api_key = Some("s3cret".into());
+        s.limits.max_running_per_user = 2;
+    })
+    .await;
+    let alice = add_user_key(app.store.as_ref(), "alice", false).await;
+    let bob = add_user_key(app.store.as_ref(), "bob", false).await;
+    app.key = Some(alice.clone());
+    let (refused, made) = create_until_refused(&app, 10).await;
+    assert_eq!(made, 2);
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    assert_eq!(refused.body["msg_id"], "SWITCHBOARD$USER_LIMIT");
+    let message = refused.body["message"].as_str().expect("message");
+    assert!(message.contains("limits.max_running_per_user"), "{message}");
+    assert!(message.contains("at most 2"), "{message}");
+    // Nothing was made by the refused request.
+    assert_eq!(app.listed().await, 2);
+    // Others are not counted against her: bob, and the session key (no owner, no limit).
+    app.key = Some(bob.clone());
+    app.create(json!({})).await;
+    app.key = Some("s3cret".into());
+    for _ in 0..3 {
+        app.create(json!({})).await;
+    }
+
+    // Her stopped conversation is not counted: once one has stopped she may start another.
+    app.key = Some(alice.clone());
+    let page = app.get("/api/conversations").await.body;
+    let first = page["results"][0]["conversation_id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+    let r = app
+        .post(&format!("/api/conversations/{first}/stop"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = app.post("/api/conversations", json!({})).await;
+        if r.status == 200 {
+            break;
+        }
+        assert_eq!(r.body["msg_id"], "SWITCHBOARD$USER_LIMIT");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stop was never counted"
+        );
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // At the limit again: starting her stopped conversation is refused too, even by an admin
+    // (counted per owner), and so is attaching to it (which would start it).
+    let r = app
+        .post(&format!("/api/conversations/{first}/start"), json!({}))
+        .await;
+    assert_eq!(r.status, 429, "{:?}", r.body);
+    app.key = Some("s3cret".into());
+    let r = app
+        .post(&format!("/api/conversations/{first}/start"), json!({}))
+        .await;
+    assert_eq!(r.body["msg_id"], "SWITCHBOARD$USER_LIMIT", "{:?}", r.body);
+    let reply = sio_connect(&app, &first, &alice).await;
+    assert!(reply.contains("limits.max_running_per_user"), "{reply}");
+    // Counted as a rejection by reason (no user label: names are unbounded).
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.url))
+        .insert_header(("X-Session-API-Key", "s3cret"))
+        .send()
+        .await
+        .expect("metrics")
+        .body()
+        .await
+        .expect("body");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains(r#"switchboard_admissions_rejected_total{reason="user_limit"}"#),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("alice"));
+}
+
+#[actix_web::test]
+async fn creation_rate_limits_count_per_user() {
+    let mut app = spawn_app_with(|s| {
+        s.session_api_key = Some("s3cret".into());
+        s.limits.create_rate_per_sec = 1;
+        s.limits.create_burst = 3;
+    })
+    .await;
+    let alice = add_user_key(app.store.as_ref(), "alice", false).await;
+    let bob = add_user_key(app.store.as_ref(), "bob", false).await;
+    app.key = Some(alice.clone());
+    let (refused, made) = create_until_refused(&app, 20).await;
+    assert!(made >= 3, "{made}");
+    assert_eq!(refused.status, 429, "{:?}", refused.body);
+    assert_eq!(refused.body["msg_id"], "SWITCHBOARD$CREATE_RATE_LIMITED");
+    // Same address, other users: buckets of their own.
+    app.key = Some(bob.clone());
+    app.create(json!({})).await;
+    app.key = Some("s3cret".into());
+    app.create(json!({})).await;
+}

@@ -281,6 +281,9 @@ pub struct ProcessSettings {
     pub sandbox: SandboxKind,
     /// Whether a sandboxed agent keeps the network (`false`: only its own loopback).
     pub sandbox_network: bool,
+    /// Agents kept started and waiting for their conversation (see [`crate::runtime::pool`]);
+    /// 0: every conversation starts its own.
+    pub warm: usize,
     /// Directories, besides the working directory, a sandboxed agent may write; set by runtime
     /// presets, not configurable. `{conversation_id}` is replaced as in `working_dir`.
     #[serde(skip)]
@@ -507,6 +510,11 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
     (
         "SWITCHBOARD_PROCESS_SANDBOX_NETWORK",
         "runtime.process.sandbox_network",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_PROCESS_WARM",
+        "runtime.process.warm",
         EnvKind::Literal,
     ),
     ("SWITCHBOARD_FRONTEND_DIR", "frontend.dir", EnvKind::Str),
@@ -1201,6 +1209,23 @@ impl Settings {
                 "expected a whole number of seconds from 0 to 3600",
             ));
         }
+        if p.warm > 0 && !self.runtime.kind.runs_agent_process() {
+            return Err(invalid(
+                "runtime.process.warm",
+                "keeps agent processes started, but this runtime starts none: set warm = 0, \
+                 or runtime.kind = \"process\" or \"openhands\"",
+            ));
+        }
+        if p.warm > self.limits.max_running_conversations {
+            return Err(invalid(
+                "runtime.process.warm",
+                format!(
+                    "expected at most limits.max_running_conversations ({}): warm agents count \
+                     toward that limit",
+                    self.limits.max_running_conversations
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -1376,6 +1401,51 @@ mod tests {
         assert_eq!(
             d.runtime.process.working_dir_for(Path::new("/data"), "abc"),
             PathBuf::from("/data/workspaces/abc")
+        );
+    }
+
+    #[test]
+    fn warm_agents_need_a_process_runtime_and_fit_the_running_limit() {
+        let process = [
+            ("SWITCHBOARD_RUNTIME", "process"),
+            ("SWITCHBOARD_PROCESS_COMMAND", "sh agent.sh"),
+        ];
+        let build = |more: &[(&str, &str)]| {
+            let mut pairs = process.to_vec();
+            pairs.extend_from_slice(more);
+            SettingsBuilder::new().merge_env(env(&pairs)).build()
+        };
+        assert_eq!(Settings::defaults().runtime.process.warm, 0);
+        let s = build(&[("SWITCHBOARD_PROCESS_WARM", "3")]).unwrap();
+        assert_eq!(s.runtime.process.warm, 3);
+        for bad in ["-1", "many", "1.5"] {
+            let err = build(&[("SWITCHBOARD_PROCESS_WARM", bad)]).unwrap_err();
+            let text = err.to_string();
+            assert!(text.contains("runtime.process.warm"), "{bad}: {text}");
+        }
+        let err = SettingsBuilder::new()
+            .merge_toml("f", "[runtime.process]\nwarm = -2\n")
+            .and_then(|b| b.build())
+            .unwrap_err();
+        assert!(err.to_string().contains("runtime.process.warm"), "{err}");
+        // The echo runtime starts no agent to keep warm.
+        let err = SettingsBuilder::new()
+            .merge_env(env(&[("SWITCHBOARD_PROCESS_WARM", "2")]))
+            .build()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("runtime.process.warm"), "{text}");
+        assert!(text.contains("starts none"), "{text}");
+        // Warm agents count toward the running limit: more than it is refused.
+        let err = build(&[
+            ("SWITCHBOARD_PROCESS_WARM", "5"),
+            ("SWITCHBOARD_MAX_RUNNING_CONVERSATIONS", "4"),
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("limits.max_running_conversations (4)"),
+            "{text}"
         );
     }
 

@@ -183,6 +183,7 @@ impl Application {
         crate::runtime::sandbox::check(&settings).map_err(StartupError::Agent)?;
         // Whatever agents of a previous run on this data directory left running ends here.
         crate::runtime::process_tree::sweep(&settings.data_dir);
+        crate::runtime::pool::sweep_dirs(&settings);
         let addr = format!("{}:{}", settings.host, settings.port);
         let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind {
             addr: addr.clone(),

@@ -985,7 +985,8 @@ fn delete_racing_a_join_and_an_attach_is_consistent_and_logs_no_error() {
 const RUNAWAY_AGENT: &str = r#"
 import json, subprocess, sys
 mark = sys.argv[1]
-sys.stdin.readline()
+if not sys.stdin.readline():
+    sys.exit(0)
 subprocess.Popen(["sleep", mark])
 subprocess.run(["sh", "-c", "nohup sleep " + mark + " >/dev/null 2>&1 &"])
 subprocess.Popen(["setsid", "sleep", mark])
@@ -1011,12 +1012,17 @@ fn unique_mark() -> String {
 /// Live (non-zombie) processes whose command line is `sleep <mark>`.
 fn sleepers(mark: &str) -> Vec<u32> {
     let want = format!("sleep\0{mark}\0");
+    live_with_cmdline(|c| c == want.as_bytes())
+}
+
+/// Live (non-zombie) processes whose command line (`/proc/<pid>/cmdline`) passes `check`.
+fn live_with_cmdline(check: impl Fn(&[u8]) -> bool) -> Vec<u32> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want.as_bytes())
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| check(&c))
                 && std::fs::read_to_string(format!("/proc/{pid}/stat"))
                     .ok()
                     .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')))
@@ -1027,15 +1033,30 @@ fn sleepers(mark: &str) -> Vec<u32> {
 
 /// Waits until `check` holds for the sleepers of `mark`, at most `secs`.
 fn wait_sleepers(mark: &str, secs: u64, check: impl Fn(usize) -> bool) -> Vec<u32> {
+    wait_pids(
+        &format!("sleepers of {mark}"),
+        secs,
+        || sleepers(mark),
+        check,
+    )
+}
+
+/// Waits until `check` holds for the number of processes `find` finds, at most `secs`.
+fn wait_pids(
+    what: &str,
+    secs: u64,
+    find: impl Fn() -> Vec<u32>,
+    check: impl Fn(usize) -> bool,
+) -> Vec<u32> {
     let deadline = Instant::now() + Duration::from_secs(secs);
     loop {
-        let found = sleepers(mark);
+        let found = find();
         if check(found.len()) {
             return found;
         }
         assert!(
             Instant::now() < deadline,
-            "sleepers of {mark}: {found:?} after {secs} s"
+            "{what}: {found:?} after {secs} s"
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -1147,6 +1168,26 @@ fn stopping_a_conversation_ends_everything_its_agent_started() {
     }
 }
 
+/// Waits until the agent records in `data` name every one of `pids`: the daemon with a cleared
+/// environment is found through the records alone once the server is gone.
+fn wait_recorded(data: &Path, pids: &[u32]) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let recorded: Vec<u32> = agent_records(data)
+            .iter()
+            .flat_map(|r| r.members.iter().map(|(pid, _)| *pid as u32))
+            .collect();
+        if pids.iter().all(|p| recorded.contains(p)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{pids:?} not all in {recorded:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn kill_9_of_the_server_then_a_restart_leaves_no_agent_process() {
     let runaways = Runaways::new();
@@ -1157,23 +1198,7 @@ fn kill_9_of_the_server_then_a_restart_leaves_no_agent_process() {
         assert_eq!(status, 200, "{body}");
     }
     let pids = wait_sleepers(mark, 30, |n| n == 2 * RUNAWAYS);
-    // The daemon with a cleared environment is found through the records alone: wait until
-    // the server has seen every sleeper once.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let recorded: Vec<u32> = agent_records(&data)
-            .iter()
-            .flat_map(|r| r.members.iter().map(|(pid, _)| *pid as u32))
-            .collect();
-        if pids.iter().all(|p| recorded.contains(p)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{pids:?} not all in {recorded:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_recorded(&data, &pids);
 
     server.kill_9();
     // The agents died with the server; what they started did not.
@@ -1187,6 +1212,128 @@ fn kill_9_of_the_server_then_a_restart_leaves_no_agent_process() {
     assert!(agent_records(&data).is_empty());
     let (status, _) = server.request("GET", "/alive", None);
     assert_eq!(status, 200);
+}
+
+/// Live agent processes of the runaway agent with `mark` (pooled or serving a conversation).
+fn runaway_agents(mark: &str) -> Vec<u32> {
+    let tail = format!("runaway.py\0{mark}\0");
+    live_with_cmdline(|c| c.ends_with(tail.as_bytes()))
+}
+
+/// Waits until `check` holds for the runaway agents of `mark`, at most `secs`.
+fn wait_runaway_agents(mark: &str, secs: u64, check: impl Fn(usize) -> bool) -> Vec<u32> {
+    wait_pids(
+        &format!("agents of {mark}"),
+        secs,
+        || runaway_agents(mark),
+        check,
+    )
+}
+
+/// The directories pooled agents use in a data directory (`workspaces/.pool-…`).
+fn pool_dirs(data: &Path) -> Vec<String> {
+    std::fs::read_dir(data.join("workspaces"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with(".pool-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn warm_agents_never_outlive_the_server_killed_or_stopped() {
+    let runaways = Runaways::new();
+    let (mark, data) = (runaways.mark.as_str(), runaways.data());
+    let warm = [("SWITCHBOARD_PROCESS_WARM", "2")];
+    let mut server = runaways.server_with("sqlite", &warm);
+    // Two agents wait before any request, in directories of their own.
+    wait_runaway_agents(mark, 30, |n| n == 2);
+    let pooled = scrape_until(server.port, "two pooled agents", |s| {
+        sample(s, "switchboard_pool_agents", &[]) == Some(2.0)
+    });
+    assert_eq!(
+        sample(
+            &pooled,
+            "switchboard_conversations",
+            &[("status", "running")]
+        ),
+        Some(0.0)
+    );
+    assert_eq!(pool_dirs(&data).len(), 2);
+    assert_eq!(agent_records(&data).len(), 2, "pooled agents are recorded");
+
+    // A conversation takes one (it starts its sleepers once it has its init); the pool refills.
+    let (status, body) = server.request("POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    wait_status(server.port, &id, "RUNNING");
+    let pids = wait_sleepers(mark, 30, |n| n == RUNAWAYS);
+    wait_recorded(&data, &pids);
+    wait_runaway_agents(mark, 30, |n| n == 3);
+    assert!(data.join("workspaces").join(&id).is_dir());
+
+    // kill -9: the agents, pooled or not, die with the server; what the conversation's agent
+    // started is swept by the next start, which also removes the pooled agents' directories.
+    server.kill_9();
+    wait_runaway_agents(mark, 10, |n| n == 0);
+    assert_eq!(sleepers(mark).len(), RUNAWAYS);
+    assert!(!pool_dirs(&data).is_empty());
+    let server = runaways.server("sqlite");
+    assert!(sleepers(mark).is_empty());
+    assert!(agent_records(&data).is_empty());
+    assert!(pool_dirs(&data).is_empty(), "{:?}", pool_dirs(&data));
+    drop(server);
+
+    // SIGTERM: the shutdown stops the pooled agents too, and removes their directories.
+    let mut server = runaways.server_with("sqlite", &warm);
+    wait_runaway_agents(mark, 30, |n| n == 2);
+    signal(&server, "TERM");
+    let exit = server
+        .child
+        .wait_for_exit(Duration::from_secs(15))
+        .expect("exits after SIGTERM");
+    server.drain();
+    assert!(exit.success(), "{exit}: {:#?}", server.seen);
+    assert!(runaway_agents(mark).is_empty());
+    assert!(sleepers(mark).is_empty());
+    assert!(agent_records(&data).is_empty());
+    assert!(pool_dirs(&data).is_empty(), "{:?}", pool_dirs(&data));
+}
+
+#[test]
+fn a_broken_agent_command_backs_off_instead_of_spinning() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let envs = [
+        ("SWITCHBOARD_RUNTIME", "process"),
+        (
+            "SWITCHBOARD_PROCESS_COMMAND",
+            "sh -c 'echo broken >&2; exit 3'",
+        ),
+        ("SWITCHBOARD_PROCESS_WARM", "3"),
+        ("SWITCHBOARD_SESSION_API_KEY", ""),
+    ];
+    let work = tempfile::tempdir().expect("temp dir");
+    let mut server = Server::start_with(work, &data, "memory", &envs);
+    let failed = scrape_until(server.port, "a failed start", |s| {
+        sample(s, "switchboard_pool_spawn_failures_total", &[]).is_some_and(|n| n >= 1.0)
+    });
+    let first = sample(&failed, "switchboard_pool_spawn_failures_total", &[]).unwrap_or(0.0);
+    std::thread::sleep(Duration::from_secs(3));
+    let later = scrape(server.port, &[]);
+    let failures = sample(&later, "switchboard_pool_spawn_failures_total", &[]).unwrap_or(0.0);
+    // Backing off from half a second, doubling: a handful of tries in three seconds, where a
+    // loop without a pause would have made thousands.
+    assert!(failures - first <= 6.0, "{first} then {failures}");
+    server.wait_line(Duration::from_secs(5), |l| {
+        l.contains("pooled agent exited while waiting")
+    });
+    // A create is not held up by the pool: it starts its own agent, which fails as usual.
+    let (status, body) = server.request("POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    wait_status(server.port, &id, "STOPPED");
 }
 
 #[test]

@@ -23,6 +23,7 @@ use switchboard::store::{ConversationMeta, InitData, MemoryStore, Store};
 
 use helpers::*;
 
+mod pool;
 mod sandbox;
 
 const SHELL_AGENT: &str = concat!(
@@ -73,7 +74,12 @@ fn all_pids() -> Vec<u32> {
 
 /// Live (non-zombie) processes started for a conversation, its agent's children included.
 fn agent_pids(conversation_id: &str) -> Vec<u32> {
-    let needle = format!("SWITCHBOARD_CONVERSATION_ID={conversation_id}\0");
+    pids_with_env(&format!("SWITCHBOARD_CONVERSATION_ID={conversation_id}"))
+}
+
+/// Live (non-zombie) processes with `entry` (`NAME=value`) in their environment.
+fn pids_with_env(entry: &str) -> Vec<u32> {
+    let needle = format!("{entry}\0");
     all_pids()
         .into_iter()
         .filter(|pid| {
@@ -1238,6 +1244,29 @@ async fn openhands_agent_runs_stops_and_resumes_in_the_sandbox() {
     }
 }
 
+/// Saves the mock LLM at `base_url` with `key` as the user's model (the web app's settings),
+/// then runs a conversation with "run echo hi" until its agent finished: its id and events.
+async fn echo_hi_with_saved_settings(
+    app: &TestApp,
+    base_url: &str,
+    key: &str,
+) -> (String, Vec<Value>) {
+    let r = app
+        .post(
+            "/api/settings",
+            json!({"llm_model": "openai/mock", "llm_base_url": base_url, "llm_api_key": key}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let id = app.create(json!({"initial_user_msg": "run echo hi"})).await;
+    app.wait_status(&id, "RUNNING", 180).await;
+    let events = app
+        .wait_events(&id, 120, |e| count_state(e, "finished") == 1)
+        .await;
+    assert_dense(&events);
+    (id, events)
+}
+
 /// An OpenHands conversation run, stopped and resumed, its agent confined as `sandbox` says.
 async fn openhands_round(sandbox: SandboxKind) {
     let Some(venv) = openhands_venv() else {
@@ -1257,21 +1286,7 @@ async fn openhands_round(sandbox: SandboxKind) {
         env.insert("LLM_MODEL".into(), "openai/not-this-one".into());
     })
     .await;
-    // The model, base URL and key a user saved in the web app's settings.
-    let r = app
-        .post(
-            "/api/settings",
-            json!({"llm_model": "openai/mock", "llm_base_url": base_url,
-                   "llm_api_key": "sk-switchboard-test"}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let id = app.create(json!({"initial_user_msg": "run echo hi"})).await;
-    app.wait_status(&id, "RUNNING", 180).await;
-    let events = app
-        .wait_events(&id, 120, |e| count_state(e, "finished") == 1)
-        .await;
-    assert_dense(&events);
+    let (id, events) = echo_hi_with_saved_settings(&app, &base_url, "sk-switchboard-test").await;
     // One announcement of each state: switchboard adds none of its own to the agent's.
     assert_eq!(
         agent_states(&events),

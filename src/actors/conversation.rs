@@ -36,6 +36,7 @@ use super::supervisor::Supervisor;
 use crate::config::{RuntimeKind, Settings};
 use crate::events::{self, EventBody, Source, StatusUpdate, StoredEvent};
 use crate::ops::metrics::metrics;
+use crate::runtime::pool::AgentPool;
 use crate::runtime::{
     EchoRuntime, FromRuntime, ProcessRuntime, RefMap, ReferencedEvent, Runtime, RuntimeSignal,
     RuntimeSink, RuntimeStart,
@@ -79,6 +80,8 @@ pub struct Conversation {
     settings: Arc<Settings>,
     store: Arc<dyn Store>,
     supervisor: Addr<Supervisor>,
+    /// The warm pool its process runtime takes an agent from.
+    pool: Option<Arc<AgentPool>>,
     /// Keeps the mailbox open until the actor decides to stop (registry entries are weak).
     self_addr: Option<Addr<Conversation>>,
     mode: Option<AdmitMode>,
@@ -123,6 +126,12 @@ pub struct Conversation {
 }
 
 impl Conversation {
+    /// Its process runtime takes the agent from `pool` when one waits there.
+    pub(super) fn with_pool(mut self, pool: Option<Arc<AgentPool>>) -> Self {
+        self.pool = pool;
+        self
+    }
+
     pub(super) fn new(
         id: Arc<str>,
         generation: u64,
@@ -133,6 +142,7 @@ impl Conversation {
         supervisor: Addr<Supervisor>,
     ) -> Self {
         Conversation {
+            pool: None,
             generation,
             shared,
             settings,
@@ -607,7 +617,7 @@ impl Conversation {
                 self.settings.runtime.echo.start_delay_ms,
             ))),
             RuntimeKind::Process | RuntimeKind::Openhands => {
-                Box::new(ProcessRuntime::new(self.settings.clone()))
+                Box::new(ProcessRuntime::new(self.settings.clone()).with_pool(self.pool.clone()))
             }
         };
         let Some(meta) = self.meta.as_ref() else {

@@ -12,6 +12,7 @@ use super::shared::{ConversationStatus, Registry, Shared};
 use super::supervisor::Supervisor;
 use crate::events::EventBody;
 use crate::ops::metrics::metrics;
+use crate::runtime::pool::AgentPool;
 
 /// A live conversation that admission handed out.
 #[derive(Clone)]
@@ -35,11 +36,25 @@ pub struct Census {
 pub struct SupervisorHandle {
     addr: Addr<Supervisor>,
     registry: Arc<Registry>,
+    pool: Option<Arc<AgentPool>>,
 }
 
 impl SupervisorHandle {
-    pub(super) fn new(addr: Addr<Supervisor>, registry: Arc<Registry>) -> Self {
-        SupervisorHandle { addr, registry }
+    pub(super) fn new(
+        addr: Addr<Supervisor>,
+        registry: Arc<Registry>,
+        pool: Option<Arc<AgentPool>>,
+    ) -> Self {
+        SupervisorHandle {
+            addr,
+            registry,
+            pool,
+        }
+    }
+
+    /// Agents waiting in the warm pool now (0 without a pool).
+    pub fn pooled_agents(&self) -> usize {
+        self.pool.as_ref().map_or(0, |p| p.waiting())
     }
 
     /// Finds or starts the conversation `id` of `owner`; starting it counts against

@@ -27,6 +27,11 @@
 //!
 //! Conversation actors are started round-robin on a pool of arbiters (threads), not on the
 //! supervisor's own thread.
+//!
+//! The warm pool of agents ([`AgentPool`], with `runtime.process.warm`) is the supervisor's
+//! too: it learns the number of live conversations from every registry change (pooled agents
+//! give way to conversations, never the reverse), and a shutdown waits for its agents as for
+//! the conversations.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -41,6 +46,7 @@ use super::messages::*;
 use super::rate_limit::{retry_after_secs, CreateLimiter};
 use super::shared::{ConversationStatus, Registry, RegistryEntry, Shared};
 use crate::config::{OnLimit, Settings};
+use crate::runtime::pool::AgentPool;
 use crate::store::Store;
 
 type AdmitReply = oneshot::Sender<Result<Admitted, AdmitError>>;
@@ -66,6 +72,8 @@ pub struct Supervisor {
     per_owner: HashMap<Arc<str>, usize>,
     shutting_down: bool,
     shutdown_waiters: Vec<oneshot::Sender<()>>,
+    /// The warm pool of agents, with `runtime.process.warm > 0`.
+    pool: Option<Arc<AgentPool>>,
 }
 
 impl Supervisor {
@@ -77,7 +85,8 @@ impl Supervisor {
             settings.limits.create_rate_per_sec,
             settings.limits.create_burst,
         );
-        let arbiters = (0..threads).map(|_| Arbiter::new().handle()).collect();
+        let arbiters: Vec<ArbiterHandle> = (0..threads).map(|_| Arbiter::new().handle()).collect();
+        let pool = AgentPool::start(settings.clone(), arbiters.clone());
         let supervisor = Supervisor {
             registry: registry.clone(),
             arbiters,
@@ -92,12 +101,20 @@ impl Supervisor {
             per_owner: HashMap::new(),
             shutting_down: false,
             shutdown_waiters: Vec::new(),
+            pool: pool.clone(),
         };
         let addr = Supervisor::create(|ctx| {
             ctx.set_mailbox_capacity(4096);
             supervisor
         });
-        SupervisorHandle::new(addr, registry)
+        SupervisorHandle::new(addr, registry, pool)
+    }
+
+    /// Tells the pool how many conversations live now.
+    fn registry_changed(&self) {
+        if let Some(pool) = &self.pool {
+            pool.set_live(self.registry.len());
+        }
     }
 
     /// Conversations that count against the running limit.
@@ -205,6 +222,7 @@ impl Supervisor {
         let (settings, store, supervisor) =
             (self.settings.clone(), self.store.clone(), ctx.address());
         let capacity = self.settings.limits.mailbox_capacity;
+        let pool = self.pool.clone();
         let addr = Conversation::start_in_arbiter(arbiter, move |cctx| {
             cctx.set_mailbox_capacity(capacity);
             Conversation::new(
@@ -216,6 +234,7 @@ impl Supervisor {
                 store,
                 supervisor,
             )
+            .with_pool(pool)
         });
         if let Some(owner) = msg.owner {
             *self.per_owner.entry(owner).or_default() += 1;
@@ -228,6 +247,7 @@ impl Supervisor {
                 shared: shared.clone(),
             },
         );
+        self.registry_changed();
         Admitted {
             conversation: ConversationHandle { addr, shared },
             role,
@@ -242,8 +262,9 @@ impl Supervisor {
         self.evicting.remove(id);
     }
 
-    /// Counts a removed registry entry out of its owner's conversations.
+    /// Counts a removed registry entry out of its owner's conversations (and the pool's).
     fn forget(&mut self, entry: &RegistryEntry) {
+        self.registry_changed();
         let Some(owner) = entry.shared.owner() else {
             return;
         };
@@ -321,6 +342,9 @@ impl Actor for Supervisor {
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         for arbiter in &self.arbiters {
             arbiter.stop();
+        }
+        if let Some(pool) = &self.pool {
+            pool.stop_thread();
         }
     }
 }
@@ -427,20 +451,29 @@ impl Handler<Shutdown> for Supervisor {
             conversations = self.registry.len(),
             "stopping all conversations"
         );
+        let pool_done = self.pool.as_ref().map(|pool| pool.shut_down());
         for entry in self.registry.iter() {
             if let Some(addr) = entry.addr.upgrade() {
                 addr.do_send(Stop(StopReason::Shutdown));
             }
         }
-        if live == 0 {
-            return Box::pin(std::future::ready(()));
-        }
-        let (tx, rx) = oneshot::channel();
-        self.shutdown_waiters.push(tx);
+        let conversations_done = (live > 0).then(|| {
+            let (tx, rx) = oneshot::channel();
+            self.shutdown_waiters.push(tx);
+            rx
+        });
         let limit = msg.within;
         let arbiters = self.arbiters.clone();
         Box::pin(async move {
-            if tokio::time::timeout(limit, rx).await.is_err() {
+            let done = async {
+                if let Some(rx) = conversations_done {
+                    let _ = rx.await;
+                }
+                if let Some(pool) = pool_done {
+                    pool.await;
+                }
+            };
+            if tokio::time::timeout(limit, done).await.is_err() {
                 // Past the timeout, what is left (e.g. agents inside their grace periods) is
                 // ended with the threads that host it; runtimes kill what they started on drop.
                 tracing::warn!("some conversations did not stop before the shutdown timeout");

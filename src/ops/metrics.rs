@@ -60,6 +60,8 @@ pub struct Metrics {
     pub admissions_rejected: Family<ReasonLabel, Counter>,
     pub events_appended: Counter,
     pub store_commit_duration: Histogram,
+    /// Pooled agents that could not be started or exited while waiting.
+    pub pool_spawn_failures: Counter,
     pub store_commit_batch_size: Histogram,
     /// When this process started serving, seconds since the epoch.
     start_time: f64,
@@ -87,6 +89,7 @@ pub fn metrics() -> &'static Metrics {
         admissions_rejected: Family::default(),
         events_appended: Counter::default(),
         store_commit_duration: latency_histogram(),
+        pool_spawn_failures: Counter::default(),
         store_commit_batch_size: Histogram::new(
             prometheus_client::metrics::histogram::exponential_buckets(1.0, 2.0, 11),
         ),
@@ -212,6 +215,11 @@ pub fn registry(supervisor: SupervisorHandle) -> Registry {
         "Write requests per store transaction",
         m.store_commit_batch_size.clone(),
     );
+    r.register(
+        "pool_spawn_failures",
+        "Warm pool agents that could not be started or exited while waiting",
+        m.pool_spawn_failures.clone(),
+    );
     r.register_collector(Box::new(ScrapeTime { supervisor }));
     r
 }
@@ -274,6 +282,13 @@ impl prometheus_client::collector::Collector for ScrapeTime {
                 (StatusLabel { status: "running" }, census.running as f64),
                 (StatusLabel { status: "stopping" }, census.stopping as f64),
             ],
+        )?;
+        plain_gauge(
+            &mut encoder,
+            "pool_agents",
+            "Agents started and waiting in the warm pool (runtime.process.warm)",
+            None,
+            self.supervisor.pooled_agents() as f64,
         )?;
         gauge(
             &mut encoder,

@@ -19,6 +19,7 @@ use crate::store::{InitData, Store};
 
 pub mod echo;
 pub mod openhands;
+pub mod pool;
 pub mod process;
 pub mod process_tree;
 pub mod sandbox;

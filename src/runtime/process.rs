@@ -8,8 +8,14 @@
 //! are lossless (every field is kept); an event sent with a `ref` is answered with an `ack`
 //! carrying its id once durable (the conversation calls [`Runtime::acknowledge`]).
 //!
-//! Everything here is asynchronous and runs on the conversation's arbiter; `start`,
-//! `on_user_event` and `stop` never wait. Four small tasks serve one agent:
+//! An [`Agent`] is one started agent process. It is launched in a [`Place`] (its directories)
+//! and *attached* to its conversation, which writes `init`: at once for a conversation's own
+//! agent, or later for one of the warm pool's ([`super::pool`]), started before its
+//! conversation existed. Everything here is asynchronous and runs on the arbiter that launched
+//! the agent (the conversation's, or the one the pool chose), also after it was handed to a
+//! conversation elsewhere; `start`, `on_user_event` and `stop` never wait. Four small tasks
+//! serve one agent, and until it is attached they only wait (its exit is then the pool's
+//! business):
 //!
 //! - the **writer** owns the child's stdin: it writes the `init` line (streaming the
 //!   conversation's history from the store, page by page), then every line from a bounded queue,
@@ -37,9 +43,10 @@ use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::future::Future;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -47,14 +54,15 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader, BufWriter};
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc::error::TrySendError;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use super::pool::AgentPool;
 use super::process_tree::{AgentTree, TOKEN_ENV};
 use super::sandbox;
 use super::{ReferencedEvent, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
-use crate::config::Settings;
+use crate::config::{SandboxKind, Settings};
 use crate::events::{EventBody, Source, StatusUpdate};
 use crate::store::{EventQuery, InitData, Store};
 
@@ -91,64 +99,222 @@ const MAX_REF_BYTES: usize = 256;
 /// Runs one agent process per conversation. See the module docs.
 pub struct ProcessRuntime {
     settings: Arc<Settings>,
-    running: Option<Running>,
-}
-
-/// The handles a started runtime keeps; the tasks own everything else.
-struct Running {
-    conversation_id: Arc<str>,
-    /// Lines for the agent's stdin; dropping it closes stdin once the queue is written.
-    input: Option<mpsc::Sender<Vec<u8>>>,
-    /// Tells the watcher to run the stop sequence, handing it the input queue to write `stop`
-    /// to and close (dropping it stops too, with stdin closed at once).
-    stop: Option<oneshot::Sender<mpsc::Sender<Vec<u8>>>>,
-    /// The watcher: done once the agent is reaped.
-    watcher: Option<tokio::task::JoinHandle<()>>,
+    pool: Option<Arc<AgentPool>>,
+    running: Option<Agent>,
 }
 
 impl ProcessRuntime {
     pub fn new(settings: Arc<Settings>) -> Self {
         ProcessRuntime {
             settings,
+            pool: None,
             running: None,
         }
     }
 
+    /// Takes the agent from `pool` when one waits there ([`super::pool`]); starts its own
+    /// otherwise.
+    pub fn with_pool(mut self, pool: Option<Arc<AgentPool>>) -> Self {
+        self.pool = pool;
+        self
+    }
+
     fn spawn(&mut self, start: RuntimeStart<'_>) -> Result<(), String> {
-        let p = &self.settings.runtime.process;
         let conversation_id: Arc<str> = start.conversation_id.into();
+        let place = Place::conversation(&self.settings, &conversation_id);
+        let head = init_head(
+            &conversation_id,
+            start.trigger,
+            start.init,
+            &place.working_dir,
+            start.settings.as_ref(),
+        )?;
+        let history = History {
+            store: start.store,
+            before: start.history_before,
+        };
+        if let Some(mut agent) = self.pool.as_ref().and_then(|pool| pool.take(&place)) {
+            if agent
+                .attach(&conversation_id, &head, history.clone(), start.sink.clone())
+                .is_ok()
+            {
+                info!(conversation_id = %conversation_id, "agent taken from the warm pool");
+                self.running = Some(agent);
+                return Ok(());
+            }
+            // It died just now; its directories are the conversation's already.
+            debug!(conversation_id = %conversation_id, "the pooled agent exited before it was attached");
+        }
+        let mut agent = Agent::launch(&self.settings, place, None)?;
+        agent
+            .attach(&conversation_id, &head, history, start.sink)
+            .map_err(|()| "the agent exited as soon as it started".to_string())?;
+        self.running = Some(agent);
+        Ok(())
+    }
+}
+
+/// Where an agent runs: its working directory and, sandboxed, the other directories it may
+/// write — a conversation's, or a pooled agent's own until it is handed out.
+#[derive(Debug, Clone)]
+pub struct Place {
+    /// The conversation's id, or the pooled agent's name (never a valid conversation id).
+    pub name: Arc<str>,
+    /// Whether `name` is a conversation's id.
+    pub conversation: bool,
+    pub working_dir: PathBuf,
+    /// Writable besides the working directory (sandboxed agents only).
+    pub writable: Vec<PathBuf>,
+}
+
+impl Place {
+    /// A conversation's directories.
+    pub fn conversation(settings: &Settings, conversation_id: &str) -> Place {
+        Place::new(settings, conversation_id, true)
+    }
+
+    /// The directories of a pooled agent named `name`.
+    pub fn pooled(settings: &Settings, name: &str) -> Place {
+        Place::new(settings, name, false)
+    }
+
+    fn new(settings: &Settings, name: &str, conversation: bool) -> Place {
+        let p = &settings.runtime.process;
+        Place {
+            name: name.into(),
+            conversation,
+            working_dir: p.working_dir_for(&settings.data_dir, name),
+            writable: match p.sandbox {
+                SandboxKind::Bwrap => p.sandbox_writable_for(name),
+                SandboxKind::None => Vec::new(),
+            },
+        }
+    }
+
+    /// Every directory of the place, the working directory first.
+    pub fn dirs(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.working_dir.as_path())
+            .chain(self.writable.iter().map(PathBuf::as_path))
+    }
+
+    /// For a pooled agent: each directory's ancestor (or itself) whose name holds the agent's
+    /// name, i.e. what was made for it alone and is renamed when it is handed out (with
+    /// `working_dir = "/srv/{conversation_id}/work"`, `/srv/.pool-…`). Empty for a
+    /// conversation.
+    pub fn own_roots(&self) -> Vec<PathBuf> {
+        if self.conversation {
+            return Vec::new();
+        }
+        self.dirs()
+            .filter_map(|dir| {
+                dir.ancestors()
+                    .find(|a| {
+                        a.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.contains(&*self.name))
+                    })
+                    .map(Path::to_path_buf)
+            })
+            .collect()
+    }
+}
+
+/// The name an agent's log lines carry: its conversation's id once it has one.
+#[derive(Clone)]
+struct Label(Arc<Mutex<Arc<str>>>);
+
+impl Label {
+    fn new(name: Arc<str>) -> Self {
+        Label(Arc::new(Mutex::new(name)))
+    }
+
+    fn get(&self) -> Arc<str> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, name: Arc<str>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = name;
+    }
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.get())
+    }
+}
+
+/// What an agent's tasks wait for before `init`: the conversation it serves.
+struct Attach {
+    writer: oneshot::Sender<(String, History, RuntimeSink)>,
+    /// With the links left at a pooled agent's old directory names, removed at its `ready`.
+    reader: oneshot::Sender<(RuntimeSink, Vec<PathBuf>)>,
+    watcher: oneshot::Sender<RuntimeSink>,
+}
+
+/// One started agent process. Its four tasks run on the arbiter that launched it for the
+/// agent's whole life (also after it was handed to a conversation on another arbiter); this
+/// handle talks to them through channels. Dropping it stops the agent.
+pub struct Agent {
+    label: Label,
+    place: Place,
+    /// Until [`Agent::attach`]: the agent waits for its conversation and has read nothing.
+    attach: Option<Attach>,
+    /// Lines for the agent's stdin; dropping it closes stdin once the queue is written.
+    input: Option<mpsc::Sender<Vec<u8>>>,
+    /// Tells the watcher to run the stop sequence, handing it the input queue to write `stop`
+    /// to and close (dropping it stops too, with stdin closed at once).
+    stop: Option<oneshot::Sender<mpsc::Sender<Vec<u8>>>>,
+    /// The watcher: done once the agent is reaped.
+    watcher: Option<JoinHandle<()>>,
+    /// Set when the agent exited before it was attached.
+    exited: Arc<AtomicBool>,
+    /// Links from the directories' names in the pool to the conversation's.
+    aliases: Vec<PathBuf>,
+    started: std::time::Instant,
+}
+
+impl Agent {
+    /// Starts an agent process in `place` with its tasks on the current arbiter. It gets its
+    /// `init` once attached; `on_exit` is woken if it exits before that.
+    pub fn launch(
+        settings: &Settings,
+        place: Place,
+        on_exit: Option<Arc<Notify>>,
+    ) -> Result<Agent, String> {
+        let p = &settings.runtime.process;
         let words = resolve_command(&p.command);
         let Some((program, args)) = words.split_first() else {
             return Err("no agent command is configured (runtime.process.command)".into());
         };
         let shown = shown_command(&p.command);
-        let dir = p.working_dir_for(&self.settings.data_dir, &conversation_id);
-        std::fs::create_dir_all(&dir).map_err(|e| {
+        let dir = &place.working_dir;
+        std::fs::create_dir_all(dir).map_err(|e| {
             format!(
                 "cannot create the agent's working directory {}: {e}",
                 dir.display()
             )
         })?;
-        let head = init_head(
-            &conversation_id,
-            start.trigger,
-            start.init,
-            &dir,
-            start.settings.as_ref(),
-        )?;
-        let records = AgentTree::prepare(&self.settings.data_dir).map_err(|e| {
+        let records = AgentTree::prepare(&settings.data_dir).map_err(|e| {
             format!(
                 "cannot keep the agent's record in {}: {e}",
-                self.settings.data_dir.display()
+                settings.data_dir.display()
             )
         })?;
         let token = uuid::Uuid::new_v4().simple().to_string();
 
-        let (program, args) = sandbox::command(p, program, args, &dir, &conversation_id)?;
+        // Sandboxed, a pooled agent sees the directories its own are renamed in, so that its
+        // bind mounts show under their new names once it is handed out.
+        let renamed_in: Vec<PathBuf> = place
+            .own_roots()
+            .iter()
+            .filter_map(|root| root.parent().map(Path::to_path_buf))
+            .collect();
+        let (program, args) =
+            sandbox::command(p, program, args, dir, &place.writable, &renamed_in)?;
         let mut command = Command::new(program);
         command
             .args(args)
-            .current_dir(&dir)
+            .current_dir(dir)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -160,10 +326,11 @@ impl ProcessRuntime {
                 command.env_remove(name);
             }
         }
-        command
-            .envs(&p.env)
-            .env("SWITCHBOARD_CONVERSATION_ID", &*conversation_id)
-            .env(TOKEN_ENV, &token);
+        command.envs(&p.env).env(TOKEN_ENV, &token);
+        if place.conversation {
+            // A pooled agent learns its conversation from `init` only.
+            command.env("SWITCHBOARD_CONVERSATION_ID", &*place.name);
+        }
         isolate(&mut command);
         let mut child = command
             .spawn()
@@ -171,7 +338,7 @@ impl ProcessRuntime {
         let pid = child.id().and_then(|p| i32::try_from(p).ok());
         let tree = pid
             .ok_or_else(|| std::io::Error::other("the agent has no pid"))
-            .and_then(|pid| AgentTree::record(records, &conversation_id, pid, token));
+            .and_then(|pid| AgentTree::record(records, &place.name, pid, token));
         let tree = match tree {
             Ok(tree) => tree,
             Err(e) => {
@@ -181,11 +348,12 @@ impl ProcessRuntime {
             }
         };
         info!(
-            conversation_id = %conversation_id,
+            conversation_id = %place.name,
             pid,
             command = %shown,
             working_dir = %dir.display(),
             sandbox = ?p.sandbox,
+            pooled = !place.conversation,
             "agent process started"
         );
         // From here on, dropping the guard kills and reaps the agent.
@@ -202,53 +370,140 @@ impl ProcessRuntime {
             return Err("the agent's stdin, stdout and stderr could not be opened".into());
         };
 
+        let label = Label::new(place.name.clone());
         let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE_LINES);
         let (stop_tx, stop_rx) = oneshot::channel();
+        let (writer_tx, writer_rx) = oneshot::channel();
+        let (reader_tx, reader_rx) = oneshot::channel();
+        let (watcher_tx, watcher_rx) = oneshot::channel();
         let tail = Arc::new(Mutex::new(VecDeque::new()));
-        let history = History {
-            store: start.store,
-            before: start.history_before,
-        };
-        let writer = actix::spawn(write_input(
-            stdin,
-            head,
-            history,
-            input_rx,
-            start.sink.clone(),
-            conversation_id.clone(),
-        ));
+        let exited = Arc::new(AtomicBool::new(false));
+        let writer = actix::spawn(write_input(stdin, writer_rx, input_rx, label.clone()));
         let reader = actix::spawn(read_output(
             stdout,
-            start.sink.clone(),
+            reader_rx,
             p.max_line_bytes,
-            conversation_id.clone(),
+            label.clone(),
         ));
         let stderr_reader = actix::spawn(read_stderr(
             stderr,
             tail.clone(),
             p.stderr_tail_lines,
-            conversation_id.clone(),
+            label.clone(),
         ));
         let watcher = actix::spawn(watch(
             guard,
-            stop_rx,
-            IoTasks {
-                writer,
-                reader,
-                stderr_reader,
+            Watch {
+                attach: watcher_rx,
+                stop: stop_rx,
+                io: IoTasks {
+                    writer,
+                    reader,
+                    stderr_reader,
+                },
+                tail,
+                grace: Duration::from_secs(p.stop_grace_secs),
+                label: label.clone(),
+                exited: exited.clone(),
+                on_exit,
             },
-            start.sink,
-            tail,
-            Duration::from_secs(p.stop_grace_secs),
-            conversation_id.clone(),
         ));
-        self.running = Some(Running {
-            conversation_id,
+        Ok(Agent {
+            label,
+            place,
+            attach: Some(Attach {
+                writer: writer_tx,
+                reader: reader_tx,
+                watcher: watcher_tx,
+            }),
             input: Some(input_tx),
             stop: Some(stop_tx),
             watcher: Some(watcher),
-        });
+            exited,
+            aliases: Vec::new(),
+            started: std::time::Instant::now(),
+        })
+    }
+
+    /// Where the agent runs.
+    pub fn place(&self) -> &Place {
+        &self.place
+    }
+
+    /// The agent now runs in `place` (its directories were moved there); `aliases` are links
+    /// left at the old names, removed at its `ready` (or when it is dropped before).
+    pub fn moved_to(&mut self, place: Place, aliases: Vec<PathBuf>) {
+        self.place = place;
+        self.aliases = aliases;
+    }
+
+    /// When it was started.
+    pub fn started(&self) -> std::time::Instant {
+        self.started
+    }
+
+    /// Whether it exited while waiting to be attached.
+    pub fn exited(&self) -> bool {
+        self.exited.load(Ordering::Acquire)
+    }
+
+    /// Hands the agent its conversation: it is written `init` (`head`, then the history) and
+    /// reports to `sink` from now on. `Err` when it is gone already.
+    fn attach(
+        &mut self,
+        conversation_id: &Arc<str>,
+        head: &str,
+        history: History,
+        sink: RuntimeSink,
+    ) -> Result<(), ()> {
+        let attach = self.attach.take().ok_or(())?;
+        if self.exited() {
+            return Err(());
+        }
+        self.label.set(conversation_id.clone());
+        attach.watcher.send(sink.clone()).map_err(|_| ())?;
+        let _ = attach.reader.send((sink.clone(), self.aliases.clone()));
+        let _ = attach.writer.send((head.to_string(), history, sink));
         Ok(())
+    }
+
+    fn send(&self, line: Vec<u8>) -> Result<(), &'static str> {
+        let input = self.input.as_ref().ok_or("the agent is stopping")?;
+        input.try_send(line).map_err(|e| match e {
+            TrySendError::Full(_) => "the agent is not reading its input",
+            TrySendError::Closed(_) => "the agent closed its input",
+        })
+    }
+
+    /// Starts the stop sequence (an agent never attached only sees its stdin close). Never
+    /// waits.
+    pub fn stop(&mut self) {
+        self.attach = None;
+        let input = self.input.take();
+        if let (Some(stop), Some(input)) = (self.stop.take(), input) {
+            let _ = stop.send(input);
+        }
+    }
+
+    /// The watcher, done once the agent and everything it started are gone (taken once).
+    pub fn take_watcher(&mut self) -> Option<JoinHandle<()>> {
+        self.watcher.take()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.stop();
+        remove_aliases(&self.aliases);
+    }
+}
+
+/// Removes the links [`Agent::moved_to`] was given (those still there).
+fn remove_aliases(aliases: &[PathBuf]) {
+    for alias in aliases {
+        if std::fs::symlink_metadata(alias).is_ok_and(|m| m.file_type().is_symlink()) {
+            let _ = std::fs::remove_file(alias);
+        }
     }
 }
 
@@ -264,19 +519,17 @@ impl Runtime for ProcessRuntime {
     }
 
     fn on_user_event(&mut self, id: u64, event: &EventBody) -> Vec<RuntimeSignal> {
-        let Some(running) = self.running.as_mut() else {
+        let Some(agent) = self.running.as_ref() else {
             return Vec::new();
         };
-        let Some(input) = running.input.as_ref() else {
+        if agent.input.is_none() {
             return Vec::new();
-        };
+        }
         let line = protocol_line(&json!({"type": "event", "event": event_value(id, event)}));
-        let why = match input.try_send(line) {
-            Ok(()) => return Vec::new(),
-            Err(TrySendError::Full(_)) => "the agent is not reading its input",
-            Err(TrySendError::Closed(_)) => "the agent closed its input",
+        let Err(why) = agent.send(line) else {
+            return Vec::new();
         };
-        warn!(conversation_id = %running.conversation_id, event_id = id, "{why}; event not delivered");
+        warn!(conversation_id = %agent.label, event_id = id, "{why}; event not delivered");
         vec![RuntimeSignal::Status(StatusUpdate::error(
             STATUS_AGENT_INPUT_ERROR,
             &format!("Event {id} was not delivered to the agent: {why}."),
@@ -284,45 +537,31 @@ impl Runtime for ProcessRuntime {
     }
 
     fn acknowledge(&mut self, reference: &Value, id: u64, timestamp: &str) {
-        let Some(running) = self.running.as_mut() else {
+        let Some(agent) = self.running.as_ref() else {
             return;
         };
-        let Some(input) = running.input.as_ref() else {
+        if agent.input.is_none() {
             return;
-        };
+        }
         let line = protocol_line(
             &json!({"type": "ack", "ref": reference, "id": id, "timestamp": timestamp}),
         );
-        if let Err(e) = input.try_send(line) {
-            let why = match e {
-                TrySendError::Full(_) => "the agent is not reading its input",
-                TrySendError::Closed(_) => "the agent closed its input",
-            };
-            warn!(conversation_id = %running.conversation_id, event_id = id, "{why}; ack not delivered");
+        if let Err(why) = agent.send(line) {
+            warn!(conversation_id = %agent.label, event_id = id, "{why}; ack not delivered");
         }
     }
 
     fn stop(&mut self) {
-        let Some(running) = self.running.as_mut() else {
-            return;
-        };
-        let input = running.input.take();
-        if let (Some(stop), Some(input)) = (running.stop.take(), input) {
-            let _ = stop.send(input);
+        if let Some(agent) = self.running.as_mut() {
+            agent.stop();
         }
     }
 
     fn finished(&mut self) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
-        let watcher = self.running.as_mut()?.watcher.take()?;
+        let watcher = self.running.as_mut()?.take_watcher()?;
         Some(Box::pin(async move {
             let _ = watcher.await;
         }))
-    }
-}
-
-impl Drop for ProcessRuntime {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -408,6 +647,7 @@ fn init_head(
 }
 
 /// Where the `init` line's history comes from: every event with an id below `before`.
+#[derive(Clone)]
 struct History {
     store: Arc<dyn Store>,
     before: u64,
@@ -438,15 +678,19 @@ impl From<io::Error> for InitError {
     }
 }
 
-/// Writes `init`, then every queued line; closes stdin when the queue closes.
+/// Once attached, writes `init`, then every queued line; closes stdin when the queue closes
+/// (or at once when the agent is stopped before it was attached).
 async fn write_input(
     mut stdin: ChildStdin,
-    head: String,
-    history: History,
+    attach: oneshot::Receiver<(String, History, RuntimeSink)>,
     mut lines: mpsc::Receiver<Vec<u8>>,
-    sink: RuntimeSink,
-    conversation_id: Arc<str>,
+    label: Label,
 ) {
+    let Ok((head, history, sink)) = attach.await else {
+        debug!(conversation_id = %label, "agent stdin closed before init");
+        return;
+    };
+    let conversation_id = label.get();
     match write_init(&mut stdin, &head, &history, &conversation_id).await {
         Ok(()) => {}
         Err(InitError::Store(why)) => {
@@ -576,16 +820,23 @@ impl<R: AsyncRead + Unpin> LineReader<R> {
     }
 }
 
-/// Reads the agent's stdout and hands each message to the conversation, one at a time.
+/// Once attached, reads the agent's stdout and hands each message to the conversation, one at
+/// a time. A pooled agent's links to its moved directories go at its `ready`: it has read
+/// `init` by then, and whatever it looks up by path uses the conversation's names.
 async fn read_output(
     stdout: impl AsyncRead + Unpin,
-    sink: RuntimeSink,
+    attach: oneshot::Receiver<(RuntimeSink, Vec<PathBuf>)>,
     max_line_bytes: usize,
-    conversation_id: Arc<str>,
+    label: Label,
 ) {
     let mut reader = LineReader::new(stdout, STDOUT_BUFFER, max_line_bytes);
     let mut complaints = Complaints::new();
-    let mut attached = true;
+    // Never attached: the output is read and dropped, so that the agent never blocks.
+    let (sink, mut aliases, mut attached) = match attach.await {
+        Ok((sink, aliases)) => (Some(sink), aliases, true),
+        Err(_) => (None, Vec::new(), false),
+    };
+    let conversation_id = label.get();
     loop {
         let line = match reader.next_line().await {
             Ok(Some(line)) => line,
@@ -615,8 +866,13 @@ async fn read_output(
                 None => continue,
             },
         };
-        if !sink.deliver(signal).await {
-            attached = false;
+        if matches!(signal, RuntimeSignal::Ready { .. }) {
+            remove_aliases(&std::mem::take(&mut aliases));
+        }
+        if let Some(sink) = &sink {
+            if !sink.deliver(signal).await {
+                attached = false;
+            }
         }
     }
     debug!(conversation_id = %conversation_id, "agent stdout closed");
@@ -793,7 +1049,7 @@ async fn read_stderr(
     stderr: impl AsyncRead + Unpin,
     tail: Arc<Mutex<VecDeque<String>>>,
     keep: usize,
-    conversation_id: Arc<str>,
+    conversation_id: Label,
 ) {
     let mut reader = LineReader::new(stderr, 4096, STDERR_MAX_LINE);
     let mut window = Instant::now();
@@ -930,48 +1186,94 @@ impl IoTasks {
     }
 }
 
-/// Owns the agent's process: reports its exit, or stops it when told to.
-async fn watch(
-    mut child: ChildGuard,
+/// What the watcher of one agent is given besides its process.
+struct Watch {
+    /// The conversation's sink once attached; dropped unsent when the agent is stopped before.
+    attach: oneshot::Receiver<RuntimeSink>,
     stop: oneshot::Receiver<mpsc::Sender<Vec<u8>>>,
     io: IoTasks,
-    sink: RuntimeSink,
     tail: Arc<Mutex<VecDeque<String>>>,
     grace: Duration,
-    conversation_id: Arc<str>,
-) {
-    let exited = tokio::select! {
-        status = child.wait() => Some(status),
-        // A stop request, or the runtime dropped without one: stop either way.
-        input = stop => {
-            // While the agent runs, every process it started is its descendant: note them all
-            // before it hears `stop` and exits, leaving them orphans.
-            child.tree.refresh().await;
-            if let Ok(input) = input {
-                // When the queue is full the agent does not read anyway; it still sees stdin
-                // close.
-                let _ = input.try_send(protocol_line(&json!({"type": "stop"})));
-            }
-            None
+    label: Label,
+    /// Set, and `on_exit` woken, when the agent exits before it was attached.
+    exited: Arc<AtomicBool>,
+    on_exit: Option<Arc<Notify>>,
+}
+
+/// Owns the agent's process: reports its exit, or stops it when told to. Until the agent is
+/// attached to a conversation its exit is only recorded (the pool replaces it).
+async fn watch(mut child: ChildGuard, w: Watch) {
+    let Watch {
+        mut attach,
+        stop,
+        io,
+        tail,
+        grace,
+        label,
+        exited,
+        on_exit,
+    } = w;
+    let (mut sink, mut status) = tokio::select! {
+        biased;
+        sink = &mut attach => (sink.ok(), None),
+        status = child.wait() => {
+            // Exited while waiting: from now on it is not handed out.
+            exited.store(true, Ordering::Release);
+            (attach.try_recv().ok(), Some(status))
         }
     };
-    match exited {
+    if let (Some(_), None) = (&sink, &status) {
+        status = tokio::select! {
+            status = child.wait() => Some(status),
+            // A stop request, or the runtime dropped without one: stop either way.
+            input = stop => {
+                // While the agent runs, every process it started is its descendant: note them
+                // all before it hears `stop` and exits, leaving them orphans.
+                child.tree.refresh().await;
+                if let Ok(input) = input {
+                    // When the queue is full the agent does not read anyway; it still sees
+                    // stdin close.
+                    let _ = input.try_send(protocol_line(&json!({"type": "stop"})));
+                }
+                None
+            }
+        };
+    } else if status.is_none() {
+        // Stopped before it was attached: its stdin is closed (no `init` was written).
+        child.tree.refresh().await;
+    }
+    match status {
         Some(status) => {
             // Whatever the agent left running goes with it.
             child.end().await;
             io.finish().await;
+            if sink.is_none() {
+                // Attached after all while it was ending: its conversation hears of the exit.
+                attach.close();
+                sink = attach.try_recv().ok();
+            }
             let message = describe_exit(&status, &tail);
-            warn!(conversation_id = %conversation_id, "{message}");
-            sink.send(RuntimeSignal::Failed(message));
+            match sink {
+                Some(sink) => {
+                    warn!(conversation_id = %label, "{message}");
+                    sink.send(RuntimeSignal::Failed(message));
+                }
+                None => {
+                    warn!(agent = %label, "pooled agent exited while waiting: {message}");
+                    if let Some(wake) = on_exit {
+                        wake.notify_one();
+                    }
+                }
+            }
         }
         None => {
-            let status = stop_sequence(&mut child, grace, &conversation_id).await;
+            let status = stop_sequence(&mut child, grace, &label.get()).await;
             match status {
                 Ok(status) => {
-                    info!(conversation_id = %conversation_id, %status, "agent process stopped")
+                    info!(conversation_id = %label, %status, "agent process stopped")
                 }
                 Err(e) => {
-                    warn!(conversation_id = %conversation_id, error = %e, "cannot wait for the agent process")
+                    warn!(conversation_id = %label, error = %e, "cannot wait for the agent process")
                 }
             }
             child.end().await;

@@ -68,20 +68,22 @@ pub fn check(settings: &Settings) -> Result<(), String> {
     }
 }
 
-/// The program and arguments that run `program args` for one conversation, sandboxed as
-/// `settings.sandbox` says, in `working_dir`. Creates the extra writable directories.
+/// The program and arguments that run `program args` for one agent, sandboxed as
+/// `settings.sandbox` says, in `working_dir`, with `writable` writable too (its
+/// [`super::process::Place`]) and `visible` shown read-only even under the private `/tmp` (the
+/// directories a pooled agent's own are renamed in). Creates the extra writable directories.
 pub fn command(
     settings: &ProcessSettings,
     program: &OsString,
     args: &[OsString],
     working_dir: &Path,
-    conversation_id: &str,
+    writable: &[PathBuf],
+    visible: &[PathBuf],
 ) -> Result<(OsString, Vec<OsString>), String> {
     match settings.sandbox {
         SandboxKind::None => Ok((program.clone(), args.to_vec())),
         SandboxKind::Bwrap => {
-            let writable = settings.sandbox_writable_for(conversation_id);
-            for dir in &writable {
+            for dir in writable {
                 std::fs::create_dir_all(dir).map_err(|e| {
                     format!(
                         "cannot create the agent's writable directory {}: {e}",
@@ -93,7 +95,8 @@ pub fn command(
                 BWRAP.into(),
                 bwrap_args(
                     working_dir,
-                    &writable,
+                    writable,
+                    visible,
                     settings.sandbox_network,
                     program,
                     args,
@@ -109,6 +112,7 @@ pub fn command(
 fn bwrap_args(
     working_dir: &Path,
     writable: &[PathBuf],
+    visible: &[PathBuf],
     network: bool,
     program: &OsString,
     args: &[OsString],
@@ -134,6 +138,11 @@ fn bwrap_args(
             out.extend(["--ro-bind".into(), word.clone(), word.clone()]);
         }
     }
+    // A bind mount stays on its directory when that is renamed outside, and shows under the
+    // new name wherever the directory around it is the real one (not the private /tmp).
+    for dir in visible {
+        out.extend(["--ro-bind".into(), dir.into(), dir.into()]);
+    }
     for dir in std::iter::once(working_dir).chain(writable.iter().map(PathBuf::as_path)) {
         out.extend(["--bind".into(), dir.into(), dir.into()]);
     }
@@ -157,6 +166,7 @@ mod tests {
         let args = bwrap_args(
             Path::new("/tmp/w"),
             &[PathBuf::from("/data/state/c1")],
+            &[],
             false,
             &"python3".into(),
             &["agent.py".into()],

@@ -212,6 +212,84 @@ async fn create_then_exists<S: Store>(store: Arc<S>) {
     store.create(meta("c2", OLD)).await.expect("create c2");
 }
 
+/// A conversation created with its first events is one write: both land, or neither does.
+async fn create_with_events<S: Store>(store: Arc<S>) {
+    let m = rich_meta("w");
+    store
+        .create_with_events(m.clone(), events(0..3))
+        .await
+        .expect("create with events");
+    let record = store.get("w").await.expect("get").expect("exists");
+    assert_eq!(record.next_event_id, 3);
+    let init = serde_json::to_string(&m.init).expect("json");
+    assert_eq!(
+        record.bytes,
+        meta_bytes(&init) + events_bytes(&events(0..3))
+    );
+    assert_eq!(record.meta.title, m.title);
+    assert_eq!(record.meta.created_at, m.created_at);
+    assert!(
+        record.meta.last_updated_at > m.last_updated_at,
+        "its events move last_updated_at: {}",
+        record.meta.last_updated_at
+    );
+    assert_eq!(
+        ids(&store.events("w", all()).await.expect("events")),
+        [0, 1, 2]
+    );
+    store
+        .append("w", events(3..4))
+        .await
+        .expect("the log goes on");
+
+    // Taken: refused, and neither the metadata nor the log changes.
+    let again = store.create_with_events(meta("w", OLD), events(0..2)).await;
+    assert!(
+        matches!(&again, Err(StoreError::Exists(id)) if id == "w"),
+        "{again:?}"
+    );
+    let after = store.get("w").await.expect("get").expect("exists");
+    assert_eq!((after.meta.title, after.next_event_id), (m.title, 4));
+
+    // A first event that is not id 0 is refused with nothing written.
+    let gap = store
+        .create_with_events(meta("gap", OLD), events(1..3))
+        .await;
+    assert!(gap.is_err(), "{gap:?}");
+    assert_eq!(store.get("gap").await.expect("get"), None);
+    assert!(store.events("gap", all()).await.expect("events").is_empty());
+}
+
+/// Init data that fits with events that would not: the conversation is never created.
+async fn create_with_events_quota<S: Store>(store: Arc<S>) {
+    let limit = store.limits().max_bytes_per_conversation as usize;
+    let first = vec![big_event(0, limit / 2), big_event(1, limit / 2)];
+    let refused = store
+        .create_with_events(meta("over", OLD), first)
+        .await
+        .expect_err("over the quota");
+    assert_eq!(quota_of(refused), Quota::Conversation);
+    assert_eq!(store.get("over").await.expect("get"), None);
+    assert!(store
+        .events("over", all())
+        .await
+        .expect("events")
+        .is_empty());
+    let fits = vec![big_event(0, limit / 4)];
+    store
+        .create_with_events(meta("over", OLD), fits)
+        .await
+        .expect("the same id with events that fit");
+    assert_eq!(
+        store
+            .get("over")
+            .await
+            .expect("get")
+            .map(|r| r.next_event_id),
+        Some(1)
+    );
+}
+
 async fn get_and_next_event_id<S: Store>(store: Arc<S>) {
     assert_eq!(store.get("nope").await.expect("get"), None);
     let m = rich_meta("g");
@@ -791,6 +869,22 @@ macro_rules! contract_tests {
                     return;
                 };
                 super::store_quota(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn create_with_events_quota() {
+                let Some(f) = MaybeFixture::fixture($limited(quota_limits())) else {
+                    return;
+                };
+                super::create_with_events_quota(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn create_with_events() {
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
+                super::create_with_events(f.store.clone()).await;
             }
 
             #[tokio::test]

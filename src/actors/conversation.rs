@@ -67,11 +67,27 @@ enum NotEmitted {
     OverQuota(StoreError),
 }
 
-enum Loaded {
-    Created(Box<ConversationMeta>),
-    Resumed(Box<ConversationRecord>),
-    NotFound,
+/// Where a loaded conversation comes from.
+enum Origin {
+    /// The store.
+    Stored,
+    /// This incarnation creates it; `meta` is what to store.
+    New {
+        meta: Box<ConversationMeta>,
+        taken_loads: bool,
+    },
 }
+
+/// The request whose admission started this incarnation: how to bring the conversation up, and
+/// its join, answered once the conversation has loaded (or failed to) so that the request needs
+/// no `Join` message of its own.
+pub(super) struct Admission {
+    pub mode: AdmitMode,
+    pub join: Join,
+    pub reply: oneshot::Sender<Result<JoinReply, ConversationError>>,
+}
+
+type FirstJoin = (Join, oneshot::Sender<Result<JoinReply, ConversationError>>);
 
 pub struct Conversation {
     id: Arc<str>,
@@ -85,7 +101,10 @@ pub struct Conversation {
     /// Keeps the mailbox open until the actor decides to stop (registry entries are weak).
     self_addr: Option<Addr<Conversation>>,
     mode: Option<AdmitMode>,
+    first_join: Option<FirstJoin>,
     meta: Option<ConversationMeta>,
+    /// Whether `meta` is in the store yet (until then a title goes into the create itself).
+    meta_stored: bool,
     /// Whether this incarnation created the conversation from the admitting request's data.
     created: bool,
     status: ConversationStatus,
@@ -135,7 +154,7 @@ impl Conversation {
     pub(super) fn new(
         id: Arc<str>,
         generation: u64,
-        mode: AdmitMode,
+        admission: Admission,
         shared: Arc<Shared>,
         settings: Arc<Settings>,
         store: Arc<dyn Store>,
@@ -144,12 +163,14 @@ impl Conversation {
         Conversation {
             pool: None,
             generation,
+            first_join: Some((admission.join, admission.reply)),
+            meta_stored: false,
             shared,
             settings,
             store,
             supervisor,
             self_addr: None,
-            mode: Some(mode),
+            mode: Some(admission.mode),
             meta: None,
             created: false,
             status: ConversationStatus::Starting,
@@ -285,13 +306,15 @@ impl Conversation {
             return;
         }
         meta.title = title.clone();
-        let id = self.id.clone();
-        let stored = self.store.set_title(&self.id, &title);
-        actix::spawn(async move {
-            if let Err(e) = stored.await {
-                warn!(conversation_id = %id, error = %e, "cannot store the conversation's title");
-            }
-        });
+        if self.meta_stored {
+            let id = self.id.clone();
+            let stored = self.store.set_title(&self.id, &title);
+            actix::spawn(async move {
+                if let Err(e) = stored.await {
+                    warn!(conversation_id = %id, error = %e, "cannot store the conversation's title");
+                }
+            });
+        }
         self.publish_status(StatusUpdate::title(&self.id, &title));
     }
 
@@ -304,8 +327,12 @@ impl Conversation {
         self.outbox.push_back(Outgoing::Payload(json));
     }
 
-    /// Hands everything emitted so far to the store as one append.
+    /// Hands everything emitted so far to the store as one append (a conversation not stored
+    /// yet keeps it for its create).
     fn commit(&mut self, ctx: &mut Context<Self>) {
+        if !self.meta_stored {
+            return;
+        }
         if self.unsent.is_empty() {
             self.flush(ctx);
             return;
@@ -543,63 +570,205 @@ impl Conversation {
 
     // ---- lifecycle ----------------------------------------------------------------------
 
-    fn on_loaded(&mut self, loaded: Result<Loaded, StoreError>, ctx: &mut Context<Self>) {
-        let _span = self.span.clone().entered();
-        match loaded {
-            Ok(Loaded::Created(meta)) => {
-                info!(trigger = %meta.trigger, "conversation created");
-                self.created = true;
-                self.bytes = meta_bytes(&serde_json::to_string(&meta.init).unwrap_or_default());
-                let init = meta.init.clone();
-                self.meta = Some(*meta);
-                self.emit(EventBody::agent_state("loading", ""));
-                for value in &init.replay_events {
-                    match EventBody::from_value(value) {
-                        Ok(body) => {
-                            // Replayed events are history, not new work for the runtime.
-                            let _ = self.emit_event(body, false, None, false);
-                        }
-                        Err(e) => {
-                            warn!(error = %e, "skipping replayed event")
-                        }
-                    }
+    /// Loads the stored conversation; when there is none, creates it from `create` if given.
+    /// `wait` holds back every other message until the conversation is loaded.
+    fn load(&mut self, create: Option<Box<ConversationMeta>>, ctx: &mut Context<Self>) {
+        let get = self.store.get(&self.id);
+        ctx.wait(get.into_actor(self).map(move |res, act, ctx| {
+            let _span = act.span.clone().entered();
+            match res {
+                // A stored conversation of another owner than the one admitted for is not
+                // loaded (its id was deleted and taken again since the caller looked).
+                Ok(Some(record))
+                    if record.meta.owner.as_deref() != act.shared.owner().map(|o| &**o) =>
+                {
+                    act.not_found(ctx)
                 }
-                // Replayed history is not a turn of this runtime.
-                self.shared.set_in_turn(false);
-                if init.initial_user_msg.is_some() || !init.image_urls.is_empty() {
-                    let content = init.initial_user_msg.as_deref().unwrap_or("");
-                    self.emit(EventBody::message(
-                        Source::User,
-                        content,
-                        serde_json::json!(init.image_urls),
-                        false,
-                    ));
+                Ok(Some(record)) => act.resume(record, ctx),
+                Ok(None) => match create {
+                    Some(meta) => act.create(meta, true, ctx),
+                    None => act.not_found(ctx),
+                },
+                Err(e) => act.load_failed(e, ctx),
+            }
+        }));
+    }
+
+    /// Creates the conversation. Its first events (`loading`, replayed history, the initial
+    /// message, and whatever a runtime that is ready at once adds) are stamped and the runtime
+    /// started before anything is written; then the conversation and those events are stored in
+    /// one write, and released once it is durable. `taken_loads`: an id taken meanwhile (a
+    /// client-chosen one) is loaded by a new incarnation instead.
+    fn create(&mut self, meta: Box<ConversationMeta>, taken_loads: bool, ctx: &mut Context<Self>) {
+        // A new conversation must have room for what it starts with: refused whole otherwise.
+        let init_json = serde_json::to_string(&meta.init).unwrap_or_default();
+        let init_bytes = meta_bytes(&init_json);
+        let limits = self.store.limits();
+        let room = limits.check_new_conversation(&self.id, init_bytes, self.store.used_bytes());
+        if let Err(e) = room {
+            return self.load_failed(e, ctx);
+        }
+        self.bytes = init_bytes;
+        let init = meta.init.clone();
+        self.meta = Some(*meta);
+        self.emit(EventBody::agent_state("loading", ""));
+        for value in &init.replay_events {
+            match EventBody::from_value(value) {
+                Ok(body) => {
+                    // Replayed events are history, not new work for the runtime.
+                    let _ = self.emit_event(body, false, None, false);
                 }
-            }
-            Ok(Loaded::Resumed(record)) => {
-                info!(next_event_id = record.next_event_id, "conversation resumed");
-                self.next_id = record.next_event_id;
-                self.bytes = record.bytes;
-                self.durable_before = record.next_event_id;
-                self.meta = Some(record.meta);
-                self.emit(EventBody::agent_state("loading", ""));
-            }
-            Ok(Loaded::NotFound) => {
-                debug!("not found");
-                self.set_status(ConversationStatus::Stopped);
-                ctx.stop();
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "could not load conversation");
-                self.store_failed = true;
-                self.load_error = Some(e);
-                self.set_status(ConversationStatus::Stopped);
-                // Linger briefly so that the requests already waiting learn why.
-                ctx.run_later(Duration::from_millis(200), |_, ctx| ctx.stop());
-                return;
+                Err(e) => {
+                    warn!(error = %e, "skipping replayed event")
+                }
             }
         }
+        // Replayed history is not a turn of this runtime.
+        self.shared.set_in_turn(false);
+        if init.initial_user_msg.is_some() || !init.image_urls.is_empty() {
+            let content = init.initial_user_msg.as_deref().unwrap_or("");
+            self.emit(EventBody::message(
+                Source::User,
+                content,
+                serde_json::json!(init.image_urls),
+                false,
+            ));
+        }
+        // As stored: titled from the initial message, init data included (the runtime's start
+        // takes it out of `self.meta`).
+        let Some(stored) = self.meta.clone() else {
+            return;
+        };
+        self.loaded(
+            Origin::New {
+                meta: Box::new(stored),
+                taken_loads,
+            },
+            ctx,
+        );
+    }
+
+    /// Stores the new conversation with everything stamped so far, in one write.
+    fn store_new(
+        &mut self,
+        meta: Box<ConversationMeta>,
+        taken_loads: bool,
+        ctx: &mut Context<Self>,
+    ) {
+        let first = std::mem::take(&mut self.unsent);
+        let upto = self.next_id;
+        self.meta_stored = true;
+        let stored = self.store.create_with_events(*meta, first);
+        ctx.wait(stored.into_actor(self).map(move |res, act, ctx| {
+            let _span = act.span.clone().entered();
+            match res {
+                Ok(()) => {
+                    info!("conversation created");
+                    act.created = true;
+                    metrics().events_appended.inc_by(upto);
+                    act.durable_before = act.durable_before.max(upto);
+                    act.flush(ctx);
+                    act.answer_first_join();
+                }
+                Err(StoreError::Exists(_)) if taken_loads => act.created_elsewhere(ctx),
+                Err(e) => {
+                    act.end_runtime();
+                    act.load_failed(e, ctx);
+                }
+            }
+        }));
+    }
+
+    /// The client-chosen id was created meanwhile by someone else: this incarnation stops, and
+    /// the requests waiting for it retry with one that loads the stored conversation.
+    fn created_elsewhere(&mut self, ctx: &mut Context<Self>) {
+        info!("created meanwhile elsewhere; loading it instead");
+        self.end_runtime();
+        self.unsent.clear();
+        self.outbox.clear();
+        self.set_status(ConversationStatus::Stopped);
+        self.stopping = Some(StopReason::Shutdown);
+        self.answer_first_join();
+        ctx.stop();
+    }
+
+    /// Stops a runtime started for a conversation that will not run.
+    fn end_runtime(&mut self) {
+        if let Some(mut rt) = self.runtime.take() {
+            rt.stop();
+        }
+        self.runtime_ready = false;
+        self.runtime_backlog.clear();
+    }
+
+    fn resume(&mut self, record: ConversationRecord, ctx: &mut Context<Self>) {
+        info!(next_event_id = record.next_event_id, "conversation resumed");
+        self.next_id = record.next_event_id;
+        self.bytes = record.bytes;
+        self.durable_before = record.next_event_id;
+        self.meta = Some(record.meta);
+        self.meta_stored = true;
+        self.emit(EventBody::agent_state("loading", ""));
+        self.loaded(Origin::Stored, ctx);
+    }
+
+    /// Drops what a create that did not happen had stamped.
+    fn forget_unstored(&mut self) {
+        self.meta = None;
+        self.meta_stored = false;
+        self.next_id = 0;
+        self.bytes = 0;
+        self.durable_before = 0;
+        self.unsent.clear();
+        self.outbox.clear();
+        self.agent_state = "loading";
+        self.shared.set_in_turn(false);
+    }
+
+    fn not_found(&mut self, ctx: &mut Context<Self>) {
+        debug!("not found");
+        self.set_status(ConversationStatus::Stopped);
+        self.answer_first_join();
+        ctx.stop();
+    }
+
+    fn load_failed(&mut self, error: StoreError, ctx: &mut Context<Self>) {
+        tracing::error!(%error, "could not load conversation");
+        self.forget_unstored();
+        self.store_failed = true;
+        self.load_error = Some(error);
+        self.set_status(ConversationStatus::Stopped);
+        self.answer_first_join();
+        // Linger briefly so that the requests already waiting learn why.
+        ctx.run_later(Duration::from_millis(200), |_, ctx| ctx.stop());
+    }
+
+    /// The conversation is loaded (or ready to be created): an agent process first gets the
+    /// user's saved LLM/agent settings (the echo runtime has no use for them), then the runtime
+    /// starts.
+    fn loaded(&mut self, origin: Origin, ctx: &mut Context<Self>) {
+        if !self.settings.runtime.kind.runs_agent_process() {
+            return self.start(origin, ctx);
+        }
+        let user = crate::api::settings::user_of(self.shared.owner().map(|o| &**o));
+        let saved = self.store.settings(user);
+        ctx.wait(saved.into_actor(self).map(|saved, act, ctx| {
+            let _span = act.span.clone().entered();
+            act.user_settings = match saved {
+                Ok(Some(serde_json::Value::Object(map))) => {
+                    Some(crate::api::settings::for_runtime(&map))
+                }
+                Ok(_) => None,
+                Err(e) => {
+                    warn!(error = %e, "cannot read the saved settings; starting without");
+                    None
+                }
+            };
+            act.start(origin, ctx);
+        }));
+    }
+
+    fn start(&mut self, origin: Origin, ctx: &mut Context<Self>) {
         self.shared.set_runtime_status(RuntimeStatus::Starting);
         self.publish_status(StatusUpdate::info(events::STATUS_STARTING_RUNTIME));
         self.start_runtime(ctx);
@@ -608,7 +777,46 @@ impl Conversation {
             ctx,
             Duration::from_secs(self.settings.limits.idle_timeout_secs),
         );
-        self.commit(ctx);
+        match origin {
+            Origin::Stored => {
+                self.commit(ctx);
+                self.answer_first_join();
+            }
+            Origin::New { meta, taken_loads } => self.store_new(meta, taken_loads, ctx),
+        }
+    }
+
+    /// Answers the admitting request as its `Join` would have been answered now.
+    fn answer_first_join(&mut self) {
+        if let Some((join, reply)) = self.first_join.take() {
+            let _ = reply.send(self.join(join));
+        }
+    }
+
+    fn join(&mut self, msg: Join) -> Result<JoinReply, ConversationError> {
+        self.check_loaded()?;
+        let applied = msg.role == Role::Creator && self.created;
+        if self.stopping.is_some() {
+            // The request that created it learns the truth (e.g. its runtime failed at once);
+            // anyone else retries and gets a fresh incarnation.
+            return if applied {
+                Ok(JoinReply {
+                    status: ConversationStatus::Stopped,
+                    message: None,
+                })
+            } else {
+                Err(ConversationError::Stopping)
+            };
+        }
+        self.touch();
+        let message = (!applied && msg.brought_initial_message).then(|| {
+            "Joined the existing conversation; the request's initial message was not applied"
+                .to_string()
+        });
+        Ok(JoinReply {
+            status: self.status,
+            message,
+        })
     }
 
     fn start_runtime(&mut self, ctx: &mut Context<Self>) {
@@ -773,92 +981,11 @@ impl Actor for Conversation {
     fn started(&mut self, ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
         self.self_addr = Some(ctx.address());
-        let store = self.store.clone();
-        let id = self.id.clone();
-        let mode = self.mode.take().unwrap_or(AdmitMode::LoadOnly);
-        // A new conversation must have room for what it starts with: refused whole otherwise.
-        let room = |store: &Arc<dyn Store>, meta: &ConversationMeta| {
-            let init = serde_json::to_string(&meta.init).unwrap_or_default();
-            store.limits().check_new_conversation(
-                &meta.conversation_id,
-                meta_bytes(&init),
-                store.used_bytes(),
-            )
-        };
-        let load = async move {
-            match mode {
-                AdmitMode::Fresh(meta) => {
-                    room(&store, &meta)?;
-                    store.create((*meta).clone()).await?;
-                    Ok(Loaded::Created(meta))
-                }
-                AdmitMode::LoadOrCreate(meta) => {
-                    if let Some(rec) = store.get(&id).await? {
-                        return Ok(Loaded::Resumed(Box::new(rec)));
-                    }
-                    room(&store, &meta)?;
-                    match store.create((*meta).clone()).await {
-                        Ok(()) => Ok(Loaded::Created(meta)),
-                        Err(StoreError::Exists(_)) => Ok(store
-                            .get(&id)
-                            .await?
-                            .map_or(Loaded::NotFound, |r| Loaded::Resumed(Box::new(r)))),
-                        Err(e) => Err(e),
-                    }
-                }
-                AdmitMode::LoadOnly => Ok(store
-                    .get(&id)
-                    .await?
-                    .map_or(Loaded::NotFound, |r| Loaded::Resumed(Box::new(r)))),
-            }
-        };
-        // A stored conversation of another owner than the one admitted for is not loaded (its
-        // id was deleted and taken again since the caller looked).
-        let owner = self.shared.owner().cloned();
-        let load = {
-            let owner = owner.clone();
-            async move {
-                match load.await {
-                    Ok(Loaded::Resumed(r)) if r.meta.owner.as_deref() != owner.as_deref() => {
-                        Ok(Loaded::NotFound)
-                    }
-                    other => other,
-                }
-            }
-        };
-        // An agent process starts with the user's saved LLM/agent settings; the echo runtime
-        // has no use for them.
-        let settings_store = self
-            .settings
-            .runtime
-            .kind
-            .runs_agent_process()
-            .then(|| self.store.clone());
-        let load = async move {
-            let loaded = load.await;
-            let settings = match settings_store {
-                Some(store) if loaded.is_ok() => {
-                    let user = crate::api::settings::user_of(owner.as_deref());
-                    match store.settings(user).await {
-                        Ok(Some(serde_json::Value::Object(map))) => {
-                            Some(crate::api::settings::for_runtime(&map))
-                        }
-                        Ok(_) => None,
-                        Err(e) => {
-                            warn!(error = %e, "cannot read the saved settings; starting without");
-                            None
-                        }
-                    }
-                }
-                _ => None,
-            };
-            (loaded, settings)
-        };
-        // `wait` holds back every other message until the conversation is loaded.
-        ctx.wait(load.into_actor(self).map(|(res, settings), act, ctx| {
-            act.user_settings = settings;
-            act.on_loaded(res, ctx)
-        }));
+        match self.mode.take().unwrap_or(AdmitMode::LoadOnly) {
+            AdmitMode::Fresh(meta) => self.create(meta, false, ctx),
+            AdmitMode::LoadOrCreate(meta) => self.load(Some(meta), ctx),
+            AdmitMode::LoadOnly => self.load(None, ctx),
+        }
     }
 
     fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
@@ -889,29 +1016,7 @@ impl Handler<Join> for Conversation {
 
     fn handle(&mut self, msg: Join, _ctx: &mut Self::Context) -> Self::Result {
         let _span = self.span.clone().entered();
-        self.check_loaded()?;
-        let applied = msg.role == Role::Creator && self.created;
-        if self.stopping.is_some() {
-            // The request that created it learns the truth (e.g. its runtime failed at once);
-            // anyone else retries and gets a fresh incarnation.
-            return if applied {
-                Ok(JoinReply {
-                    status: ConversationStatus::Stopped,
-                    message: None,
-                })
-            } else {
-                Err(ConversationError::Stopping)
-            };
-        }
-        self.touch();
-        let message = (!applied && msg.brought_initial_message).then(|| {
-            "Joined the existing conversation; the request's initial message was not applied"
-                .to_string()
-        });
-        Ok(JoinReply {
-            status: self.status,
-            message,
-        })
+        self.join(msg)
     }
 }
 

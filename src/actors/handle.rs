@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use actix::Addr;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::conversation::Conversation;
 use super::messages::*;
@@ -15,10 +15,30 @@ use crate::ops::metrics::metrics;
 use crate::runtime::pool::AgentPool;
 
 /// A live conversation that admission handed out.
-#[derive(Clone)]
 pub struct Admitted {
     pub conversation: ConversationHandle,
     pub role: Role,
+    /// When admission started the conversation: its answer to this request's join, sent once
+    /// it has loaded (so the request takes no second actor hop).
+    pub(super) first_join: Option<oneshot::Receiver<Result<JoinReply, ConversationError>>>,
+}
+
+impl Admitted {
+    /// Joins the conversation: the answer the conversation already owes this request when
+    /// admission started it, a [`Join`] otherwise.
+    pub async fn join(
+        &mut self,
+        brought_initial_message: bool,
+    ) -> Result<JoinReply, ConversationError> {
+        match self.first_join.take() {
+            Some(reply) => reply.await.unwrap_or(Err(ConversationError::Stopping)),
+            None => {
+                self.conversation
+                    .join(self.role, brought_initial_message)
+                    .await
+            }
+        }
+    }
 }
 
 /// Live conversations by state, and their attached clients.
@@ -58,13 +78,15 @@ impl SupervisorHandle {
     }
 
     /// Finds or starts the conversation `id` of `owner`; starting it counts against
-    /// `client`'s creation rate limit when one is given.
+    /// `client`'s creation rate limit when one is given. `brought_initial_message`: see
+    /// [`Join`].
     pub async fn admit(
         &self,
         id: Arc<str>,
         mode: AdmitMode,
         client: Option<ClientId>,
         owner: Option<Arc<str>>,
+        brought_initial_message: bool,
     ) -> Result<Admitted, AdmitError> {
         let result = self
             .addr
@@ -73,6 +95,7 @@ impl SupervisorHandle {
                 mode,
                 client,
                 owner,
+                brought_initial_message,
             })
             .await
             .map_err(|_| AdmitError::ShuttingDown)

@@ -62,6 +62,8 @@ pub struct Admit {
     /// The conversation's owner as the caller found it (or, for a new one, will make it):
     /// a live conversation of another owner is not joined, a stored one not loaded.
     pub owner: Option<Arc<str>>,
+    /// The request carries an initial message (told back when it joins instead of creating).
+    pub brought_initial_message: bool,
 }
 
 /// Delete a conversation and its events. Decided by the supervisor in order with every

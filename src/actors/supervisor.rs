@@ -40,7 +40,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use tokio::sync::oneshot;
 
-use super::conversation::Conversation;
+use super::conversation::{Admission, Conversation};
 use super::handle::{Admitted, ConversationHandle, SupervisorHandle};
 use super::messages::*;
 use super::rate_limit::{retry_after_secs, CreateLimiter};
@@ -148,6 +148,7 @@ impl Supervisor {
                             shared: entry.shared,
                         },
                         role: Role::Joiner,
+                        first_join: None,
                     }));
                 }
                 // Still stopping: wait for its Gone.
@@ -223,12 +224,21 @@ impl Supervisor {
             (self.settings.clone(), self.store.clone(), ctx.address());
         let capacity = self.settings.limits.mailbox_capacity;
         let pool = self.pool.clone();
+        let (reply, join_rx) = oneshot::channel();
+        let admission = Admission {
+            mode,
+            join: Join {
+                role,
+                brought_initial_message: msg.brought_initial_message,
+            },
+            reply,
+        };
         let addr = Conversation::start_in_arbiter(arbiter, move |cctx| {
             cctx.set_mailbox_capacity(capacity);
             Conversation::new(
                 id,
                 generation,
-                mode,
+                admission,
                 actor_shared,
                 settings,
                 store,
@@ -251,6 +261,7 @@ impl Supervisor {
         Admitted {
             conversation: ConversationHandle { addr, shared },
             role,
+            first_join: Some(join_rx),
         }
     }
 

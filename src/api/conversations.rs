@@ -115,16 +115,18 @@ async fn admit_and_join(
 ) -> Result<(ConversationHandle, ConversationStatus, Option<String>), ApiError> {
     let mut last = ConversationError::Stopping;
     for _ in 0..5 {
-        let admitted = state
+        let mut admitted = state
             .supervisor
-            .admit(id.clone(), mode.clone(), client.clone(), owner.clone())
+            .admit(
+                id.clone(),
+                mode.clone(),
+                client.clone(),
+                owner.clone(),
+                brings_initial_message,
+            )
             .await
             .map_err(|e| admit_error(e, &state.settings.limits))?;
-        match admitted
-            .conversation
-            .join(admitted.role, brings_initial_message)
-            .await
-        {
+        match admitted.join(brings_initial_message).await {
             Ok(reply) => return Ok((admitted.conversation, reply.status, reply.message)),
             Err(ConversationError::Stopping) if matches!(mode, AdmitMode::Fresh(_)) => {
                 // This request created it, and it stopped before the join was answered (its

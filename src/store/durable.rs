@@ -28,7 +28,11 @@ pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A change, applied by a store's writer.
 pub(super) enum WriteCommand {
-    Create(Box<ConversationMeta>),
+    /// A new conversation with its first events (ids from 0): both or neither.
+    Create {
+        meta: Box<ConversationMeta>,
+        events: Vec<StoredEvent>,
+    },
     SetTitle {
         id: String,
         title: String,
@@ -87,7 +91,9 @@ impl WriteRequest {
     /// How much of a batch this request uses: its events, or 1.
     fn weight(&self) -> usize {
         match &self.command {
-            WriteCommand::Append { events, .. } => events.len().max(1),
+            WriteCommand::Append { events, .. } | WriteCommand::Create { events, .. } => {
+                events.len().max(1)
+            }
             _ => 1,
         }
     }
@@ -227,8 +233,16 @@ impl WriteQueue {
 
     // The write half of the `Store` trait, for the stores to delegate to.
 
-    pub(super) fn create(self: &Arc<Self>, meta: ConversationMeta) -> StoreFuture<()> {
-        self.submit(WriteCommand::Create(Box::new(meta)), WriteReply::Unit)
+    pub(super) fn create_with_events(
+        self: &Arc<Self>,
+        meta: ConversationMeta,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
+        let command = WriteCommand::Create {
+            meta: Box::new(meta),
+            events,
+        };
+        self.submit(command, WriteReply::Unit)
     }
 
     pub(super) fn set_title(self: &Arc<Self>, id: &str, title: &str) -> StoreFuture<bool> {

@@ -88,28 +88,40 @@ fn ready<T: Send + 'static>(value: Result<T, StoreError>) -> StoreFuture<T> {
 }
 
 impl Store for MemoryStore {
-    fn create(&self, meta: ConversationMeta) -> StoreFuture<()> {
+    fn create_with_events(
+        &self,
+        mut meta: ConversationMeta,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
         let mut inner = self.lock();
-        if inner
-            .map
-            .get(&meta.conversation_id)
-            .is_some_and(|e| e.meta.is_some())
-        {
+        let id = &meta.conversation_id;
+        if inner.map.get(id).is_some_and(|e| e.meta.is_some()) {
             return ready(Err(StoreError::Exists(meta.conversation_id)));
         }
         let init = serde_json::to_string(&meta.init).unwrap_or_default();
         let bytes = meta_bytes(&init);
+        let more = events_bytes(&events);
         let checked = self
             .limits
-            .check_conversation(&meta.conversation_id, 0, bytes)
-            .and_then(|()| self.limits.check_store(inner.used, bytes));
+            .check_conversation(id, 0, bytes)
+            .and_then(|()| self.limits.check_store(inner.used, bytes))
+            .and_then(|()| super::durable::check_append(id, None, &events))
+            .and_then(|()| self.limits.check_conversation(id, bytes, more))
+            .and_then(|()| {
+                self.limits
+                    .check_store(inner.used, bytes.saturating_add(more))
+            });
         if let Err(e) = checked {
             return ready(Err(e));
         }
-        inner.used += bytes;
+        if !events.is_empty() {
+            meta.last_updated_at = meta_timestamp();
+        }
+        inner.used += bytes + more;
         let entry = inner.map.entry(meta.conversation_id.clone()).or_default();
-        entry.bytes += bytes;
+        entry.bytes += bytes + more;
         entry.meta = Some(meta);
+        entry.events.extend(events);
         ready(Ok(()))
     }
 

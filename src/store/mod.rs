@@ -8,7 +8,8 @@
 //! - `append` calls complete in the order they were made, and a completed `append` is durable
 //!   (for the durable backends) — the conversation actor relies on this to persist, then
 //!   broadcast.
-//! - `append` also moves the conversation's `last_updated_at` forward.
+//! - `append` also moves the conversation's `last_updated_at` forward, and so does a
+//!   `create_with_events` that brings events.
 //! - `list` returns newest `created_at` first, ties broken by id.
 //! - `delete` removes one conversation's metadata and events and nothing else, and works
 //!   whatever the quotas say.
@@ -278,8 +279,18 @@ pub struct KeyLookup {
 
 /// A conversation store. See the module docs for the promises every backend keeps.
 pub trait Store: Send + Sync + 'static {
-    /// Records a new conversation; `Exists` if the id is taken.
-    fn create(&self, meta: ConversationMeta) -> StoreFuture<()>;
+    /// Records a new conversation together with its first events (ids from 0) as one write:
+    /// both or neither. `Exists` if the id is taken; the quotas count the init data, then the
+    /// events, as a `create` followed by an `append` would.
+    fn create_with_events(
+        &self,
+        meta: ConversationMeta,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()>;
+    /// Records a new conversation with no events; `Exists` if the id is taken.
+    fn create(&self, meta: ConversationMeta) -> StoreFuture<()> {
+        self.create_with_events(meta, Vec::new())
+    }
     /// Replaces a conversation's title; `false` when the id is unknown.
     fn set_title(&self, id: &str, title: &str) -> StoreFuture<bool>;
     /// Loads one conversation.

@@ -416,8 +416,12 @@ impl PostgresStore {
 }
 
 impl Store for PostgresStore {
-    fn create(&self, meta: ConversationMeta) -> StoreFuture<()> {
-        self.writes.create(meta)
+    fn create_with_events(
+        &self,
+        meta: ConversationMeta,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
+        self.writes.create_with_events(meta, events)
     }
 
     fn set_title(&self, id: &str, title: &str) -> StoreFuture<bool> {
@@ -871,7 +875,7 @@ impl Pending<'_> {
     async fn apply(&mut self, command: &WriteCommand, now: &str) -> Result<bool, ApplyError> {
         let conn = self.conn;
         match command {
-            WriteCommand::Create(meta) => self.create(meta).await,
+            WriteCommand::Create { meta, events } => self.create(meta, events).await,
             WriteCommand::SetTitle { id, title } => {
                 let statement = conn.prepare_cached(sql::SET_TITLE).await?;
                 let changed = conn.execute(&statement, &[id, title, &now]).await?;
@@ -917,14 +921,25 @@ impl Pending<'_> {
         self.used.saturating_add(self.added)
     }
 
-    async fn create(&mut self, meta: &ConversationMeta) -> Result<bool, ApplyError> {
+    /// Inserts a new conversation and its first events. Everything the append could refuse is
+    /// checked before the first write, so a refusal writes nothing.
+    async fn create(
+        &mut self,
+        meta: &ConversationMeta,
+        events: &[StoredEvent],
+    ) -> Result<bool, ApplyError> {
+        let id = &meta.conversation_id;
         let init = serde_json::to_string(&meta.init).map_err(|e| {
             ApplyError::Refused(StoreError::Io(format!("cannot encode init data: {e}")))
         })?;
         let bytes = meta_bytes(&init);
-        self.limits
-            .check_conversation(&meta.conversation_id, 0, bytes)?;
+        let more = events_bytes(events);
+        self.limits.check_conversation(id, 0, bytes)?;
         self.limits.check_store(self.in_use(), bytes)?;
+        check_append(id, None, events)?;
+        self.limits.check_conversation(id, bytes, more)?;
+        self.limits
+            .check_store(self.in_use(), bytes.saturating_add(more))?;
         let statement = self.conn.prepare_cached(sql::CREATE).await?;
         let inserted = self
             .conn
@@ -948,7 +963,7 @@ impl Pending<'_> {
             )));
         }
         self.added = self.added.saturating_add(bytes);
-        Ok(true)
+        self.append(id, events).await
     }
 
     /// Appends `events` in one statement that inserts them only if the log ends right before

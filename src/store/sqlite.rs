@@ -424,8 +424,12 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn create(&self, meta: ConversationMeta) -> StoreFuture<()> {
-        self.write(WriteCommand::Create(Box::new(meta)), WriteReply::Unit)
+    fn create_with_events(
+        &self,
+        meta: ConversationMeta,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
+        self.writes.create_with_events(meta, events)
     }
 
     fn set_title(&self, id: &str, title: &str) -> StoreFuture<bool> {
@@ -1203,7 +1207,7 @@ impl Writer {
     /// statement succeeded; caching a seq it merely read is always right.
     fn apply(&mut self, command: &WriteCommand, now: &str) -> Result<bool, ApplyError> {
         match command {
-            WriteCommand::Create(meta) => self.create(meta),
+            WriteCommand::Create { meta, events } => self.create(meta, events),
             WriteCommand::SetTitle { id, title } => {
                 let changed = self
                     .conn
@@ -1277,18 +1281,29 @@ impl Writer {
         }
     }
 
-    fn create(&mut self, meta: &ConversationMeta) -> Result<bool, ApplyError> {
+    /// Inserts a new conversation and its first events; every refusal comes before the first
+    /// write.
+    fn create(
+        &mut self,
+        meta: &ConversationMeta,
+        events: &[StoredEvent],
+    ) -> Result<bool, ApplyError> {
+        let id = &meta.conversation_id;
         let init = serde_json::to_string(&meta.init).map_err(|e| {
             ApplyError::Refused(StoreError::Io(format!("cannot encode init data: {e}")))
         })?;
         let bytes = meta_bytes(&init);
+        let more = events_bytes(events);
         let quota = self
             .limits
-            .check_conversation(&meta.conversation_id, 0, bytes)
-            .and_then(|()| self.check_store(bytes));
+            .check_conversation(id, 0, bytes)
+            .and_then(|()| self.check_store(bytes))
+            .and_then(|()| check_append(id, None, events))
+            .and_then(|()| self.limits.check_conversation(id, bytes, more))
+            .and_then(|()| self.check_store(bytes.saturating_add(more)));
         quota.map_err(ApplyError::Refused)?;
         let inserted = self.conn.prepare_cached(sql::CREATE)?.execute(params![
-            meta.conversation_id,
+            id,
             meta.title,
             meta.created_at,
             meta.last_updated_at,
@@ -1298,13 +1313,15 @@ impl Writer {
             i64::try_from(bytes).unwrap_or(i64::MAX),
         ])?;
         if inserted == 0 {
-            return Err(ApplyError::Refused(StoreError::Exists(
-                meta.conversation_id.clone(),
-            )));
+            return Err(ApplyError::Refused(StoreError::Exists(id.clone())));
         }
-        self.added += bytes;
         let seq = self.conn.last_insert_rowid();
-        self.seqs.insert(meta.conversation_id.clone(), seq);
+        if !events.is_empty() {
+            self.insert_events(seq, events)?;
+            *self.appended.entry(seq).or_default() += more;
+        }
+        self.added += bytes.saturating_add(more);
+        self.seqs.insert(id.clone(), seq);
         Ok(true)
     }
 
@@ -1360,6 +1377,11 @@ impl Writer {
         }
         let last = last_event_id(&self.conn, seq)?;
         check_append(id, last, events).map_err(ApplyError::Refused)?;
+        Ok(self.insert_events(seq, events)?)
+    }
+
+    /// Inserts events that [`check_append`] accepted.
+    fn insert_events(&self, seq: i64, events: &[StoredEvent]) -> Result<(), rusqlite::Error> {
         let mut insert = self.conn.prepare_cached(sql::INSERT_EVENT)?;
         for event in events {
             // Checked by `check_append`: every id fits an i64.

@@ -182,7 +182,7 @@ async fn open_conversation(
             None => {
                 match state
                     .supervisor
-                    .admit(id.clone(), AdmitMode::LoadOnly, None, owner)
+                    .admit(id.clone(), AdmitMode::LoadOnly, None, owner, false)
                     .await
                 {
                     Ok(admitted) => admitted.conversation,

@@ -2645,11 +2645,23 @@ struct KeysRun {
 
 /// Runs `switchboard keys ARGS --data-dir DATA` (SQLite, the default store) in `dir`.
 fn keys_cli(dir: &Path, data: &Path, args: &[&str]) -> KeysRun {
+    keys_cli_on(dir, data, "sqlite", &[], args)
+}
+
+/// [`keys_cli`] on the `store` backend, with `envs` (the PostgreSQL URL).
+fn keys_cli_on(
+    dir: &Path,
+    data: &Path,
+    store: &str,
+    envs: &[(&str, &str)],
+    args: &[&str],
+) -> KeysRun {
     let output = switchboard(dir)
         .arg("keys")
         .args(args)
-        .arg("--data-dir")
+        .args(["--store", store, "--data-dir"])
         .arg(data)
+        .envs(envs.iter().copied())
         .stdout(Stdio::piped())
         .output()
         .expect("run switchboard keys");
@@ -2663,11 +2675,23 @@ fn keys_cli(dir: &Path, data: &Path, args: &[&str]) -> KeysRun {
 
 /// `keys add` and returns the key it printed.
 fn add_key(dir: &Path, data: &Path, name: &str, admin: bool) -> String {
+    add_key_on(dir, data, "sqlite", &[], name, admin)
+}
+
+/// [`add_key`] on the `store` backend, with `envs`.
+fn add_key_on(
+    dir: &Path,
+    data: &Path,
+    store: &str,
+    envs: &[(&str, &str)],
+    name: &str,
+    admin: bool,
+) -> String {
     let mut args = vec!["add", name];
     if admin {
         args.push("--admin");
     }
-    let run = keys_cli(dir, data, &args);
+    let run = keys_cli_on(dir, data, store, envs, &args);
     assert!(run.ok, "keys add {name}: {}", run.stderr);
     let key = run.stdout.trim().to_string();
     assert!(key.starts_with("sbk_") && key.len() == 68, "{key:?}");
@@ -2778,16 +2802,28 @@ fn keyed(port: u16, method: &str, path: &str, key: &str, request_id: &str) -> An
 
 #[test]
 fn keys_added_and_revoked_beside_a_running_server_count_from_the_next_request() {
+    keys_beside_a_running_server("sqlite", &[]);
+}
+
+#[test]
+fn on_postgres_keys_added_and_revoked_beside_a_running_server_count_from_the_next_request() {
+    let Some(db) = pg::database() else { return };
+    keys_beside_a_running_server("postgres", &[("SWITCHBOARD_POSTGRES_URL", &db.url)]);
+}
+
+/// `switchboard keys` run beside a server on the `store` backend (`envs`: its settings).
+fn keys_beside_a_running_server(store: &str, envs: &[(&str, &str)]) {
     let cwd = tempfile::tempdir().expect("temp dir");
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    let alice = add_key(cwd.path(), &data, "alice", false);
+    let add = |name: &str| add_key_on(cwd.path(), &data, store, envs, name, false);
+    let alice = add("alice");
     let mut server = Server::start_with_args(
         dir,
         &data,
-        "sqlite",
+        store,
         &["--session-api-key", "s3cret-key"],
-        &[],
+        envs,
     );
     let port = server.port;
     let made = keyed(port, "POST", "/api/conversations", &alice, "alice-1");
@@ -2801,7 +2837,7 @@ fn keys_added_and_revoked_beside_a_running_server_count_from_the_next_request() 
     assert!(line.contains("user=\"alice\""), "{line}");
 
     // A key added while the server runs works at once, and sees only its own.
-    let bob = add_key(cwd.path(), &data, "bob", false);
+    let bob = add("bob");
     let listed = keyed(port, "GET", "/api/conversations", &bob, "bob-1");
     assert_eq!(listed.status, 200, "{}", listed.body);
     let results = serde_json::from_str::<Value>(&listed.body).expect("json")["results"].clone();
@@ -2825,7 +2861,7 @@ fn keys_added_and_revoked_beside_a_running_server_count_from_the_next_request() 
     assert!(admin.body.contains(&id), "{}", admin.body);
 
     // Revoked beside the running server: the next request with that key is refused.
-    let run = keys_cli(cwd.path(), &data, &["revoke", "alice"]);
+    let run = keys_cli_on(cwd.path(), &data, store, envs, &["revoke", "alice"]);
     assert!(run.ok, "{}", run.stderr);
     let refused = keyed(port, "GET", "/api/conversations", &alice, "alice-2");
     assert_eq!(refused.status, 401, "{}", refused.body);

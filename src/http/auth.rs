@@ -420,8 +420,9 @@ fn login_form(next: &str, wrong: bool) -> HttpResponse {
 input{{font:inherit;padding:.4rem;width:100%;box-sizing:border-box;margin:.5rem 0}}
 .error{{color:#b00020}}</style></head>
 <body><h1>switchboard</h1>
-<p>This server needs its session key. It was printed when the server started, or is the
-<code>session_api_key</code> it was configured with.</p>{message}
+<p>This server needs a key: your user key (from <code>switchboard keys add</code>), or its
+session key, printed when the server started or the <code>session_api_key</code> it was
+configured with.</p>{message}
 <form method="post" action="{LOGIN_PATH}">
 <input type="hidden" name="next" value="{next}">
 <label for="key">Session key</label>

@@ -41,7 +41,10 @@ use crate::runtime::{
     EchoRuntime, FromRuntime, ProcessRuntime, RefMap, ReferencedEvent, Runtime, RuntimeSignal,
     RuntimeSink, RuntimeStart,
 };
-use crate::store::{meta_bytes, ConversationMeta, ConversationRecord, Store, StoreError};
+use crate::store::{
+    meta_bytes, Acquired, ConversationMeta, ConversationRecord, Lease, NodeAddress, Store,
+    StoreError,
+};
 
 /// What leaves the actor, in order.
 enum Outgoing {
@@ -132,6 +135,11 @@ pub struct Conversation {
     last_activity_ms: u64,
     /// Why loading from the store failed, told to every request until the actor stops.
     load_error: Option<StoreError>,
+    /// The node that owns the conversation instead of this one, told to every request.
+    elsewhere: Option<NodeAddress>,
+    /// This node's hold on the conversation, taken before loading it; every write is made
+    /// under it, and it is given back (once) when the conversation stops.
+    lease: Option<Lease>,
     /// The STARTING deadline, cancelled once the runtime is ready.
     start_deadline: Option<SpawnHandle>,
     /// Completes once the stopped runtime has released everything (see `Runtime::finished`).
@@ -192,6 +200,8 @@ impl Conversation {
             stop_waiters: Vec::new(),
             last_activity_ms: now_ms(),
             load_error: None,
+            elsewhere: None,
+            lease: None,
             start_deadline: None,
             runtime_finished: None,
             user_settings: None,
@@ -205,6 +215,9 @@ impl Conversation {
     fn check_loaded(&self) -> Result<(), ConversationError> {
         if let Some(e) = &self.load_error {
             return Err(e.clone().into());
+        }
+        if let Some(owner) = &self.elsewhere {
+            return Err(ConversationError::Elsewhere(owner.clone()));
         }
         if self.meta.is_none() {
             return Err(ConversationError::NotFound);
@@ -340,7 +353,8 @@ impl Conversation {
         let batch = std::mem::take(&mut self.unsent);
         let upto = batch.last().map_or(0, |e| e.id + 1);
         let count = batch.len() as u64;
-        let fut = self.store.append(&self.id, batch);
+        let lease = self.lease.unwrap_or_default();
+        let fut = self.store.append_owned(&self.id, lease, batch);
         ctx.spawn(fut.into_actor(self).map(move |res, act, ctx| {
             let _span = act.span.clone().entered();
             match res {
@@ -549,6 +563,12 @@ impl Conversation {
     }
 
     fn on_store_failure(&mut self, error: StoreError, ctx: &mut Context<Self>) {
+        if let StoreError::Fenced(why) = &error {
+            // Dropped: another node owns the conversation now; this incarnation writes nothing
+            // more and stops.
+            metrics().fenced_appends.inc();
+            warn!(why = %why, "append fenced; another node owns the conversation");
+        }
         if self.store_failed {
             return;
         }
@@ -730,6 +750,16 @@ impl Conversation {
         self.set_status(ConversationStatus::Stopped);
         self.answer_first_join();
         ctx.stop();
+    }
+
+    /// Another live node owns the conversation: every request waiting here learns which.
+    fn owned_elsewhere(&mut self, owner: NodeAddress, ctx: &mut Context<Self>) {
+        debug!(owner = %owner.node_id, "owned by another node");
+        self.elsewhere = Some(owner);
+        self.set_status(ConversationStatus::Stopped);
+        self.answer_first_join();
+        // Linger briefly so that the requests already waiting learn where it is.
+        ctx.run_later(Duration::from_millis(200), |_, ctx| ctx.stop());
     }
 
     fn load_failed(&mut self, error: StoreError, ctx: &mut Context<Self>) {
@@ -935,6 +965,8 @@ impl Conversation {
     /// Runs once the outbox delivered `CloseAll`: everything is durable and delivered.
     fn finish_stop(&mut self, ctx: &mut Context<Self>) {
         let _span = self.span.clone().entered();
+        // Everything this incarnation wrote is durable: another node may take over at once.
+        self.release();
         // The conversation is stopped for everyone who asked; what follows is cleanup.
         for waiter in self.stop_waiters.drain(..) {
             let _ = waiter.send(());
@@ -957,6 +989,20 @@ impl Conversation {
         // A deleted conversation's data is removed by the supervisor once this actor is gone,
         // while it holds back every admission for the id.
         ctx.stop();
+    }
+
+    /// Gives the lease back, once; called only when no write of this incarnation is pending.
+    fn release(&mut self) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        let released = self.store.release(&self.id, lease);
+        let id = self.id.clone();
+        actix::spawn(async move {
+            if let Err(e) = released.await {
+                warn!(conversation_id = %id, error = %e, "cannot release the conversation");
+            }
+        });
     }
 }
 
@@ -981,11 +1027,24 @@ impl Actor for Conversation {
     fn started(&mut self, ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
         self.self_addr = Some(ctx.address());
-        match self.mode.take().unwrap_or(AdmitMode::LoadOnly) {
-            AdmitMode::Fresh(meta) => self.create(meta, false, ctx),
-            AdmitMode::LoadOrCreate(meta) => self.load(Some(meta), ctx),
-            AdmitMode::LoadOnly => self.load(None, ctx),
-        }
+        let mode = self.mode.take().unwrap_or(AdmitMode::LoadOnly);
+        // Ownership first: what is loaded is then the log as its last owner left it.
+        let acquired = self.store.acquire(&self.id);
+        ctx.wait(acquired.into_actor(self).map(|acquired, act, ctx| {
+            let _span = act.span.clone().entered();
+            match acquired {
+                Ok(Acquired::Owned(lease)) => {
+                    act.lease = Some(lease);
+                    match mode {
+                        AdmitMode::Fresh(meta) => act.create(meta, false, ctx),
+                        AdmitMode::LoadOrCreate(meta) => act.load(Some(meta), ctx),
+                        AdmitMode::LoadOnly => act.load(None, ctx),
+                    }
+                }
+                Ok(Acquired::Elsewhere(node)) => act.owned_elsewhere(node, ctx),
+                Err(e) => act.load_failed(e, ctx),
+            }
+        }));
     }
 
     fn stopping(&mut self, _ctx: &mut Self::Context) -> Running {
@@ -1000,6 +1059,7 @@ impl Actor for Conversation {
         if let Some(mut rt) = self.runtime.take() {
             rt.stop();
         }
+        self.release();
         self.supervisor.do_send(Gone {
             id: self.id.clone(),
             generation: self.generation,

@@ -180,6 +180,9 @@ pub enum ConversationError {
     /// A byte quota would be exceeded; nothing was stored.
     #[error("{1}")]
     OverQuota(crate::store::Quota, String),
+    /// Another live node of the cluster owns the conversation.
+    #[error("conversation is owned by cluster node {} ({})", .0.node_id, .0.url)]
+    Elsewhere(crate::store::NodeAddress),
 }
 
 impl From<crate::store::StoreError> for ConversationError {

@@ -146,6 +146,9 @@ async fn admit_and_join(
             Err(ConversationError::OverQuota(quota, why)) => {
                 return Err(ApiError::OverQuota(quota, why))
             }
+            Err(e @ ConversationError::Elsewhere(_)) => {
+                return Err(ApiError::Unavailable(e.to_string()))
+            }
             Err(e) => return Err(ApiError::Internal(e.to_string())),
         }
     }
@@ -747,6 +750,7 @@ pub async fn post_event(
         Err(ConversationError::Stopping) => Err(refused("The conversation is stopping".into())),
         Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e)),
         Err(ConversationError::OverQuota(quota, why)) => Err(ApiError::OverQuota(quota, why)),
+        Err(e @ ConversationError::Elsewhere(_)) => Err(ApiError::Unavailable(e.to_string())),
     }
 }
 

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub clients_detached: Family<ReasonLabel, Counter>,
     pub admissions_rejected: Family<ReasonLabel, Counter>,
     pub events_appended: Counter,
+    /// Appends the store refused because this node no longer owned the conversation.
+    pub fenced_appends: Counter,
     pub store_commit_duration: Histogram,
     /// Pooled agents that could not be started or exited while waiting.
     pub pool_spawn_failures: Counter,
@@ -88,6 +90,7 @@ pub fn metrics() -> &'static Metrics {
         clients_detached: Family::default(),
         admissions_rejected: Family::default(),
         events_appended: Counter::default(),
+        fenced_appends: Counter::default(),
         store_commit_duration: latency_histogram(),
         pool_spawn_failures: Counter::default(),
         store_commit_batch_size: Histogram::new(
@@ -203,6 +206,12 @@ pub fn registry(supervisor: SupervisorHandle) -> Registry {
         "events_appended",
         "Events made durable in conversation logs",
         m.events_appended.clone(),
+    );
+    r.register(
+        "fenced_appends",
+        "Appends refused because another cluster node had taken the conversation over \
+         (the stale conversation stopped)",
+        m.fenced_appends.clone(),
     );
     r.register_with_unit(
         "store_commit_duration",

@@ -20,7 +20,8 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::{
-    ApiKey, ConversationMeta, ConversationRecord, EventQuery, KeyLookup, StoreError, StoreFuture,
+    ApiKey, ConversationMeta, ConversationRecord, EventQuery, KeyLookup, Lease, StoreError,
+    StoreFuture,
 };
 use crate::events::StoredEvent;
 
@@ -40,6 +41,8 @@ pub(super) enum WriteCommand {
     Append {
         id: String,
         events: Vec<StoredEvent>,
+        /// Appended under this lease (PostgreSQL only; `None` for an unowned append).
+        lease: Option<Lease>,
     },
     Delete {
         id: String,
@@ -254,9 +257,19 @@ impl WriteQueue {
     }
 
     pub(super) fn append(self: &Arc<Self>, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()> {
+        self.append_owned(id, None, events)
+    }
+
+    pub(super) fn append_owned(
+        self: &Arc<Self>,
+        id: &str,
+        lease: Option<Lease>,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
         let command = WriteCommand::Append {
             id: id.to_string(),
             events,
+            lease,
         };
         self.submit(command, WriteReply::Unit)
     }

@@ -26,6 +26,14 @@
 //!   no key has that name); `lookup_key` sees every completed `add_key`/`revoke_key`, also
 //!   those made by another process on the same database (the `switchboard keys` command beside
 //!   a running server), so a revoked key is refused from its next request on.
+//! - **Ownership** ([`Store::acquire`], [`Store::append_owned`], [`Store::release`]): the
+//!   conversation actor takes a [`Lease`] on its conversation before loading it, writes its
+//!   events with that lease and gives it back when it stops. On a single node (memory, SQLite)
+//!   ownership is trivially local: `acquire` always grants, and an owned append is a plain
+//!   append. The PostgreSQL store shares its database with other nodes: there `acquire` refuses
+//!   while another live node owns the conversation, grants with the next *epoch* otherwise, and
+//!   an owned append commits only if its lease is still the conversation's current one, checked
+//!   in the same transaction ([`StoreError::Fenced`] otherwise, and nothing is written).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -36,10 +44,12 @@ use serde_json::Value;
 use crate::events::StoredEvent;
 
 mod durable;
+pub mod membership;
 pub mod memory;
 pub mod postgres;
 pub mod sqlite;
 
+pub use membership::{ClusterNode, Membership};
 pub use memory::MemoryStore;
 pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
@@ -66,6 +76,36 @@ pub enum StoreError {
     /// A user key with this name exists already; nothing was written.
     #[error("a key named {0:?} exists already")]
     KeyExists(String),
+    /// An owned write whose lease is no longer the conversation's current one (another node
+    /// took the conversation over, or this node's membership lapsed); nothing was written.
+    #[error("fenced: {0}")]
+    Fenced(String),
+}
+
+/// This node's hold on one conversation, from [`Store::acquire`]: which registration of the
+/// node took it (`incarnation`) and the conversation's `epoch` then. Both are 0 on a
+/// single-node store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Lease {
+    pub incarnation: i64,
+    pub epoch: i64,
+}
+
+/// What [`Store::acquire`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// This node owns the conversation now.
+    Owned(Lease),
+    /// Another live node owns it.
+    Elsewhere(NodeAddress),
+}
+
+/// A node of the cluster as other nodes reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAddress {
+    pub node_id: String,
+    /// Its `[cluster] advertise_url`.
+    pub url: String,
 }
 
 /// Which byte quota a write would exceed.
@@ -334,5 +374,20 @@ pub trait Store: Send + Sync + 'static {
     /// take their write path (lock included) without changing anything.
     fn probe(&self) -> StoreFuture<()> {
         self.flush()
+    }
+    /// Takes conversation `id` for this node (whether or not it exists yet). Single-node stores
+    /// always grant the default [`Lease`].
+    fn acquire(&self, _id: &str) -> StoreFuture<Acquired> {
+        Box::pin(std::future::ready(Ok(Acquired::Owned(Lease::default()))))
+    }
+    /// [`Store::append`] under `lease`: [`StoreError::Fenced`] (nothing written) unless `lease`
+    /// is still the conversation's current one. Single-node stores append.
+    fn append_owned(&self, id: &str, _lease: Lease, events: Vec<StoredEvent>) -> StoreFuture<()> {
+        self.append(id, events)
+    }
+    /// Gives `lease` on `id` back, after this node's last write under it, so that another node
+    /// may take the conversation at once. Nothing happens if the lease is no longer current.
+    fn release(&self, _id: &str, _lease: Lease) -> StoreFuture<()> {
+        Box::pin(std::future::ready(Ok(())))
     }
 }

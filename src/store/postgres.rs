@@ -58,9 +58,10 @@ use super::durable::{
     next_after, only_flushes, sql_count, stored_event_id, ReadQueue, ReadRequest, Running,
     WriteCommand, WriteQueue, WriteRequest,
 };
+use super::membership::{self, ClusterNode, Membership, NodeState};
 use super::{
-    events_bytes, meta_bytes, ApiKey, ConversationMeta, ConversationRecord, EventQuery, InitData,
-    KeyLookup, Store, StoreError, StoreFuture, StoreLimits,
+    events_bytes, meta_bytes, Acquired, ApiKey, ConversationMeta, ConversationRecord, EventQuery,
+    InitData, KeyLookup, Lease, NodeAddress, Store, StoreError, StoreFuture, StoreLimits,
 };
 use crate::config::{PostgresSettings, StoreTuning};
 use crate::events::{meta_timestamp, StoredEvent};
@@ -110,6 +111,26 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX conversations_by_owner ON conversations (owner, created_at, id);
     "#,
+    // 3: cluster membership, conversation ownership, the epoch each event was written under.
+    r#"
+    CREATE TABLE cluster_nodes (
+        node_id       TEXT COLLATE "C" PRIMARY KEY,
+        incarnation   BIGINT NOT NULL,
+        advertise_url TEXT NOT NULL,
+        started_at    TIMESTAMPTZ NOT NULL,
+        heartbeat_at  TIMESTAMPTZ NOT NULL,
+        expires_at    TIMESTAMPTZ NOT NULL
+    );
+    -- The owner of a conversation (NULL once released) and its epoch, which only grows while
+    -- the row exists; an owned append commits only under the current owner and epoch.
+    CREATE TABLE ownership (
+        conversation_id TEXT COLLATE "C" PRIMARY KEY,
+        node_id         TEXT COLLATE "C",
+        incarnation     BIGINT,
+        epoch           BIGINT NOT NULL
+    );
+    ALTER TABLE events ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// The schema version this build writes and understands.
@@ -146,11 +167,11 @@ mod sql {
          bytes = c.bytes + t.bytes FROM UNNEST($1::TEXT[], $2::BIGINT[]) AS t (id, bytes) \
          WHERE c.id = t.id";
     /// Inserts events `$3` (ids) / `$4` (JSON texts) into conversation `$1`'s log if its last
-    /// stored id is `$2` (-1 for an empty log) and its bytes plus `$5` stay within `$6`; the
-    /// checks and the insert are one statement.
+    /// stored id is `$2` (-1 for an empty log) and its bytes plus `$5` stay within `$6`, under
+    /// epoch `$7` (0 for an unowned append); the checks and the insert are one statement.
     pub const APPEND: &str = "WITH c AS (SELECT seq, bytes FROM conversations WHERE id = $1) \
-         INSERT INTO events (conv_seq, id, json) \
-         SELECT c.seq, t.id, t.json FROM c, UNNEST($3::BIGINT[], $4::TEXT[]) AS t (id, json) \
+         INSERT INTO events (conv_seq, id, json, epoch) \
+         SELECT c.seq, t.id, t.json, $7 FROM c, UNNEST($3::BIGINT[], $4::TEXT[]) AS t (id, json) \
          WHERE COALESCE((SELECT max(e.id) FROM events e WHERE e.conv_seq = c.seq), -1) = $2 \
          AND c.bytes + $5 <= $6";
     /// Whether conversation `$1` exists, its last event id and its bytes (for an append's
@@ -160,7 +181,8 @@ mod sql {
     /// Deletes conversation `$1` and its events; one row (its bytes) when it existed.
     pub const DELETE: &str = "WITH c AS (DELETE FROM conversations WHERE id = $1 \
          RETURNING seq, bytes), \
-         e AS (DELETE FROM events WHERE conv_seq IN (SELECT seq FROM c)) \
+         e AS (DELETE FROM events WHERE conv_seq IN (SELECT seq FROM c)), \
+         o AS (DELETE FROM ownership WHERE conversation_id = $1 AND node_id IS NULL) \
          SELECT bytes FROM c";
     /// The bytes every conversation holds, together (what `max_store_bytes` counts).
     pub const USED: &str = "SELECT COALESCE(sum(bytes), 0)::BIGINT FROM conversations";
@@ -205,6 +227,40 @@ mod sql {
     pub const LOOKUP_KEY: &str = "SELECT k.name, k.admin, k.created_at, \
          EXISTS (SELECT 1 FROM api_keys) FROM (SELECT 1) AS one \
          LEFT JOIN api_keys k ON k.hash = $1::TEXT";
+    /// One row when conversation `$1` is owned by node `$2`, incarnation `$3`, at epoch `$4`,
+    /// and that registration has not expired; the ownership row stays locked until the
+    /// transaction ends, so no other node takes the conversation over between this check and
+    /// the commit of the append it guards.
+    pub const OWNS: &str = "SELECT 1 FROM ownership o JOIN cluster_nodes n \
+         ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
+         WHERE o.conversation_id = $1 AND o.node_id = $2 AND o.incarnation = $3 \
+         AND o.epoch = $4 AND n.expires_at > now() FOR SHARE OF o";
+    /// One row when node `$1`, incarnation `$2`, is registered and not expired.
+    pub const NODE_LIVE: &str = "SELECT 1 FROM cluster_nodes \
+         WHERE node_id = $1 AND incarnation = $2 AND expires_at > now()";
+    /// Takes conversation `$1` for node `$2`, incarnation `$3`, unless another live node owns
+    /// it: the new epoch, or no row (the conflicting row is then locked by this transaction).
+    pub const ACQUIRE: &str = "INSERT INTO ownership AS o \
+         (conversation_id, node_id, incarnation, epoch) VALUES ($1, $2, $3, 1) \
+         ON CONFLICT (conversation_id) DO UPDATE SET node_id = excluded.node_id, \
+         incarnation = excluded.incarnation, epoch = o.epoch + 1 \
+         WHERE o.node_id IS NULL \
+         OR (o.node_id = excluded.node_id AND o.incarnation = excluded.incarnation) \
+         OR NOT EXISTS (SELECT 1 FROM cluster_nodes n WHERE n.node_id = o.node_id \
+         AND n.incarnation = o.incarnation AND n.expires_at > now()) \
+         RETURNING epoch";
+    /// Who owns conversation `$1`, and where that node is reached.
+    pub const OWNER: &str = "SELECT o.node_id, n.advertise_url FROM ownership o \
+         LEFT JOIN cluster_nodes n ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
+         WHERE o.conversation_id = $1";
+    /// Gives back conversation `$1` held by node `$2`, incarnation `$3`, at epoch `$4`.
+    pub const RELEASE: &str = "UPDATE ownership SET node_id = NULL, incarnation = NULL \
+         WHERE conversation_id = $1 AND node_id = $2 AND incarnation = $3 AND epoch = $4";
+    /// As [`RELEASE`] for a conversation that does not exist (a request for an unknown id):
+    /// its row goes.
+    pub const RELEASE_UNKNOWN: &str = "DELETE FROM ownership WHERE conversation_id = $1 \
+         AND node_id = $2 AND incarnation = $3 AND epoch = $4 \
+         AND NOT EXISTS (SELECT 1 FROM conversations WHERE id = $1)";
 
     /// Every statement above, for the check at open.
     pub const ALL: &[&str] = &[
@@ -226,6 +282,12 @@ mod sql {
         REVOKE_KEY,
         LIST_KEYS,
         LOOKUP_KEY,
+        OWNS,
+        NODE_LIVE,
+        ACQUIRE,
+        OWNER,
+        RELEASE,
+        RELEASE_UNKNOWN,
     ];
 }
 
@@ -240,6 +302,23 @@ pub struct PostgresStore {
     used: Arc<AtomicU64>,
     /// The database, as `postgres://user@host:port/dbname` (never with the password).
     target: Arc<str>,
+    /// Ownership requests, served on pooled connections by the store's thread.
+    ownership: mpsc::Sender<OwnershipRequest>,
+    node: Arc<ClusterNode>,
+    state: Arc<NodeState>,
+}
+
+/// A request about conversation ownership, in its own transaction on a pooled connection.
+enum OwnershipRequest {
+    Acquire {
+        id: String,
+        reply: super::durable::Reply<Acquired>,
+    },
+    Release {
+        id: String,
+        lease: Lease,
+        reply: super::durable::Reply<()>,
+    },
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -271,7 +350,7 @@ fn io_error(e: tokio_postgres::Error) -> StoreError {
 }
 
 /// An error's text with the server's own message when there is one.
-fn postgres_message(e: &tokio_postgres::Error) -> String {
+pub(super) fn postgres_message(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{e}: {}", db.message()),
         None => match std::error::Error::source(e) {
@@ -307,6 +386,17 @@ impl PostgresStore {
         tuning: &StoreTuning,
         limits: StoreLimits,
     ) -> Result<PostgresStore, StoreError> {
+        Self::open_node(settings, tuning, limits, ClusterNode::standalone())
+    }
+
+    /// [`PostgresStore::open_with`] as cluster node `node`: registers it (see
+    /// [`super::membership`]) and keeps it registered while the store is open.
+    pub fn open_node(
+        settings: &PostgresSettings,
+        tuning: &StoreTuning,
+        limits: StoreLimits,
+        node: ClusterNode,
+    ) -> Result<PostgresStore, StoreError> {
         let mut config: tokio_postgres::Config = settings.url.parse().map_err(|e| {
             StoreError::Open(format!("[postgres] url is not a PostgreSQL URL: {e}"))
         })?;
@@ -336,6 +426,11 @@ impl PostgresStore {
         let batch_max = tuning.batch_max.max(1);
         let (writes, write_rx) = WriteQueue::new(tuning.queue);
         let (reads, read_rx) = ReadQueue::new(tuning.queue);
+        let (ownership, ownership_rx) = mpsc::channel(tuning.queue.max(1));
+        let node = Arc::new(node);
+        let thread_node = node.clone();
+        let state = NodeState::new();
+        let thread_state = state.clone();
         let running = Running::new();
         let exit = running.thread();
         let used = Arc::new(AtomicU64::new(0));
@@ -368,16 +463,48 @@ impl PostgresStore {
                             return;
                         }
                     };
+                    match membership::register(&pool, &thread_node).await {
+                        Ok(incarnation) => {
+                            tracing::info!(
+                                node_id = %thread_node.node_id,
+                                incarnation,
+                                "cluster node registered"
+                            );
+                            thread_state.set(Membership::Live { incarnation })
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(format!("cannot register the node: {e}")));
+                            pool.close();
+                            return;
+                        }
+                    }
                     let _ = ready_tx.send(Ok(()));
                     let writer = Writer {
                         pool: pool.clone(),
                         conn: Some(conn),
                         limits,
                         used: writer_used,
+                        node_id: thread_node.node_id.clone(),
+                    };
+                    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+                    let served_state = thread_state.clone();
+                    let served_node = thread_node.clone();
+                    let served = async {
+                        tokio::join!(
+                            writer.run(write_rx, batch_max),
+                            run_readers(pool.clone(), read_rx),
+                            run_ownership(pool.clone(), ownership_rx, served_node, served_state)
+                        );
+                        let _ = stop_tx.send(());
                     };
                     tokio::join!(
-                        writer.run(write_rx, batch_max),
-                        run_readers(pool.clone(), read_rx)
+                        served,
+                        membership::run(
+                            pool.clone(),
+                            (*thread_node).clone(),
+                            thread_state,
+                            stop_rx
+                        )
                     );
                     pool.close();
                     tracing::debug!(target = %thread_target, "PostgreSQL store finished");
@@ -397,6 +524,32 @@ impl PostgresStore {
             reads,
             running: running.receiver(),
             target,
+            ownership,
+            node,
+            state,
+        })
+    }
+
+    /// This node's standing in the cluster, as it changes.
+    pub fn membership(&self) -> watch::Receiver<Membership> {
+        self.state.subscribe()
+    }
+
+    /// This node's id and address.
+    pub fn node(&self) -> &ClusterNode {
+        &self.node
+    }
+
+    fn ownership_request<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(super::durable::Reply<T>) -> OwnershipRequest,
+    ) -> StoreFuture<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let request = make(tx);
+        let queue = self.ownership.clone();
+        Box::pin(async move {
+            queue.send(request).await.map_err(|_| StoreError::Closed)?;
+            rx.await.map_err(|_| StoreError::Closed)?
         })
     }
 
@@ -497,6 +650,20 @@ impl Store for PostgresStore {
 
     fn lookup_key(&self, hash: Option<&str>) -> StoreFuture<KeyLookup> {
         self.reads.lookup_key(hash)
+    }
+
+    fn acquire(&self, id: &str) -> StoreFuture<Acquired> {
+        let id = id.to_string();
+        self.ownership_request(|reply| OwnershipRequest::Acquire { id, reply })
+    }
+
+    fn append_owned(&self, id: &str, lease: Lease, events: Vec<StoredEvent>) -> StoreFuture<()> {
+        self.writes.append_owned(id, Some(lease), events)
+    }
+
+    fn release(&self, id: &str, lease: Lease) -> StoreFuture<()> {
+        let id = id.to_string();
+        self.ownership_request(|reply| OwnershipRequest::Release { id, lease, reply })
     }
 }
 
@@ -629,11 +796,14 @@ struct Writer {
     limits: StoreLimits,
     /// The bytes all conversations hold, as of the last commit (shared with the handles).
     used: Arc<AtomicU64>,
+    /// This node, whose leases owned appends carry.
+    node_id: String,
 }
 
 /// What one transaction attempt has done so far, besides its SQL.
 struct Pending<'a> {
     conn: &'a Object,
+    node_id: &'a str,
     limits: StoreLimits,
     /// `used` when the transaction began.
     used: u64,
@@ -767,6 +937,7 @@ impl Writer {
         conn.batch_execute("BEGIN").await.map_err(failed)?;
         let mut pending = Pending {
             conn,
+            node_id: &self.node_id,
             limits: self.limits,
             used,
             added: 0,
@@ -881,7 +1052,12 @@ impl Pending<'_> {
                 let changed = conn.execute(&statement, &[id, title, &now]).await?;
                 Ok(changed > 0)
             }
-            WriteCommand::Append { id, events } => self.append(id, events).await,
+            WriteCommand::Append { id, events, lease } => {
+                if let Some(lease) = lease {
+                    self.check_lease(id, *lease).await?;
+                }
+                self.append(id, events, lease.map_or(0, |l| l.epoch)).await
+            }
             WriteCommand::Delete { id } => {
                 let statement = conn.prepare_cached(sql::DELETE).await?;
                 let Some(row) = conn.query_opt(&statement, &[id]).await? else {
@@ -963,13 +1139,39 @@ impl Pending<'_> {
             )));
         }
         self.added = self.added.saturating_add(bytes);
-        self.append(id, events).await
+        self.append(id, events, 0).await
     }
 
-    /// Appends `events` in one statement that inserts them only if the log ends right before
-    /// the first and the conversation's quota has room; when it does not (or the conversation
-    /// is unknown), reads why and refuses.
-    async fn append(&mut self, id: &str, events: &[StoredEvent]) -> Result<bool, ApplyError> {
+    /// Refuses an owned append whose lease is not the conversation's current one; otherwise
+    /// holds the ownership row (shared) until the transaction ends.
+    async fn check_lease(&mut self, id: &str, lease: Lease) -> Result<(), ApplyError> {
+        let statement = self.conn.prepare_cached(sql::OWNS).await?;
+        let owned = self
+            .conn
+            .query_opt(
+                &statement,
+                &[&id, &self.node_id, &lease.incarnation, &lease.epoch],
+            )
+            .await?;
+        if owned.is_none() {
+            return Err(ApplyError::Refused(StoreError::Fenced(format!(
+                "conversation {id}: this node (incarnation {}) no longer owns it at epoch {} \
+                 (taken over, or the node's registration lapsed); nothing was written",
+                lease.incarnation, lease.epoch
+            ))));
+        }
+        Ok(())
+    }
+
+    /// Appends `events` under `epoch` in one statement that inserts them only if the log ends
+    /// right before the first and the conversation's quota has room; when it does not (or the
+    /// conversation is unknown), reads why and refuses.
+    async fn append(
+        &mut self,
+        id: &str,
+        events: &[StoredEvent],
+        epoch: i64,
+    ) -> Result<bool, ApplyError> {
         let Some(first) = events.first() else {
             // Nothing to store; an unknown conversation is fine too (as in every store).
             return Ok(true);
@@ -1005,6 +1207,7 @@ impl Pending<'_> {
                     &texts,
                     &bigint(earlier.saturating_add(more)),
                     &room,
+                    &epoch,
                 ],
             )
             .await?;
@@ -1031,6 +1234,110 @@ impl Pending<'_> {
             first.id
         ))))
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ownership
+
+/// Serves ownership requests concurrently on pooled connections until the queue closes, as
+/// [`run_readers`] serves reads.
+async fn run_ownership(
+    pool: Pool,
+    mut rx: mpsc::Receiver<OwnershipRequest>,
+    node: Arc<ClusterNode>,
+    state: Arc<NodeState>,
+) {
+    let most = pool.status().max_size.max(1);
+    let mut requests = JoinSet::new();
+    loop {
+        if requests.len() >= most {
+            requests.join_next().await;
+            continue;
+        }
+        let Some(request) = rx.recv().await else {
+            break;
+        };
+        let (pool, node, state) = (pool.clone(), node.clone(), state.clone());
+        requests.spawn(async move {
+            // A caller that dropped its future no longer wants the answer; that is fine.
+            match request {
+                OwnershipRequest::Acquire { id, reply } => {
+                    let _ = reply.send(acquire(&pool, &node.node_id, &state, &id).await);
+                }
+                OwnershipRequest::Release { id, lease, reply } => {
+                    let _ = reply.send(release(&pool, &node.node_id, &id, lease).await);
+                }
+            }
+        });
+    }
+    while requests.join_next().await.is_some() {}
+}
+
+/// Takes conversation `id` for this node in one transaction (see [`sql::ACQUIRE`]); refused
+/// while the node is fenced or its registration has lapsed.
+async fn acquire(
+    pool: &Pool,
+    node_id: &str,
+    state: &NodeState,
+    id: &str,
+) -> Result<Acquired, StoreError> {
+    let Some(incarnation) = state.incarnation() else {
+        return Err(StoreError::Fenced(
+            "this node has fenced itself and owns nothing until it registers again".into(),
+        ));
+    };
+    let mut conn = pool.get().await.map_err(pool_error)?;
+    let tx = conn.transaction().await.map_err(io_error)?;
+    let live = tx.prepare_cached(sql::NODE_LIVE).await.map_err(io_error)?;
+    if tx
+        .query_opt(&live, &[&node_id, &incarnation])
+        .await
+        .map_err(io_error)?
+        .is_none()
+    {
+        return Err(StoreError::Fenced(format!(
+            "this node's registration (incarnation {incarnation}) has lapsed"
+        )));
+    }
+    let statement = tx.prepare_cached(sql::ACQUIRE).await.map_err(io_error)?;
+    let taken = tx
+        .query_opt(&statement, &[&id, &node_id, &incarnation])
+        .await
+        .map_err(io_error)?;
+    let acquired = match taken {
+        Some(row) => Acquired::Owned(Lease {
+            incarnation,
+            epoch: row.try_get(0).map_err(io_error)?,
+        }),
+        None => {
+            let statement = tx.prepare_cached(sql::OWNER).await.map_err(io_error)?;
+            let row = tx.query_one(&statement, &[&id]).await.map_err(io_error)?;
+            Acquired::Elsewhere(NodeAddress {
+                node_id: row
+                    .try_get::<_, Option<String>>(0)
+                    .map_err(io_error)?
+                    .unwrap_or_default(),
+                url: row
+                    .try_get::<_, Option<String>>(1)
+                    .map_err(io_error)?
+                    .unwrap_or_default(),
+            })
+        }
+    };
+    tx.commit().await.map_err(io_error)?;
+    Ok(acquired)
+}
+
+/// Gives `lease` on `id` back (the row goes when the conversation does not exist).
+async fn release(pool: &Pool, node_id: &str, id: &str, lease: Lease) -> Result<(), StoreError> {
+    let conn = pool.get().await.map_err(pool_error)?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&id, &node_id, &lease.incarnation, &lease.epoch];
+    for sql in [sql::RELEASE_UNKNOWN, sql::RELEASE] {
+        let statement = conn.prepare_cached(sql).await.map_err(io_error)?;
+        conn.execute(&statement, &params).await.map_err(io_error)?;
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -466,6 +466,7 @@ impl Store for SqliteStore {
         let command = WriteCommand::Append {
             id: id.to_string(),
             events,
+            lease: None,
         };
         self.write(command, WriteReply::Unit)
     }
@@ -1215,7 +1216,7 @@ impl Writer {
                     .execute(params![id, title, now])?;
                 Ok(changed > 0)
             }
-            WriteCommand::Append { id, events } => {
+            WriteCommand::Append { id, events, .. } => {
                 let Some(seq) = self.seq(id)? else {
                     if events.is_empty() {
                         return Ok(true);

@@ -53,6 +53,28 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// Runs one query in this database; every row's columns as text (`None` for NULL).
+    #[allow(dead_code)] // not every test binary that uses this module needs it
+    pub fn query(&self, sql: &str) -> Vec<Vec<Option<String>>> {
+        on_connection(&self.url, sql.to_string(), |client, sql| async move {
+            let messages = client.simple_query(&sql).await?;
+            Ok(messages
+                .into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                        (0..row.len())
+                            .map(|i| row.get(i).map(str::to_string))
+                            .collect(),
+                    ),
+                    _ => None,
+                })
+                .collect())
+        })
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let drop_it = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
@@ -79,6 +101,18 @@ fn with_dbname(url: &str, name: &str) -> String {
 
 /// Runs `sql` on a connection of its own, on a runtime of its own (callers may be inside one).
 fn run(url: &str, sql: String) -> Result<(), String> {
+    on_connection(url, sql, |client, sql| async move {
+        client.batch_execute(&sql).await
+    })
+}
+
+/// Runs `work` with a client on a connection of its own, on a runtime of its own.
+fn on_connection<T, F, Fut>(url: &str, sql: String, work: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce(tokio_postgres::Client, String) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+{
     let url = url.to_string();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -90,14 +124,10 @@ fn run(url: &str, sql: String) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?;
             let connection = tokio::spawn(connection);
-            let outcome = client
-                .batch_execute(&sql)
-                .await
-                .map_err(|e| match e.as_db_error() {
-                    Some(db) => db.message().to_string(),
-                    None => e.to_string(),
-                });
-            drop(client);
+            let outcome = work(client, sql).await.map_err(|e| match e.as_db_error() {
+                Some(db) => db.message().to_string(),
+                None => e.to_string(),
+            });
             let _ = connection.await;
             outcome
         })

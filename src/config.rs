@@ -113,6 +113,25 @@ pub struct Settings {
     pub store_tuning: StoreTuning,
     pub metrics: MetricsSettings,
     pub postgres: PostgresSettings,
+    pub cluster: ClusterSettings,
+}
+
+/// `[cluster]`: how a node on the PostgreSQL store takes part in the cluster of the nodes
+/// sharing its database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// This node's id in the cluster; empty: `host:port`.
+    pub node_id: String,
+    /// The URL other nodes reach this node at; empty: `http://host:port` with the port the
+    /// listener got.
+    pub advertise_url: String,
+    /// The shared secret that authenticates node-to-node calls; empty: none configured.
+    pub cluster_key: String,
+    /// How often the node renews its registration.
+    pub heartbeat_ms: u64,
+    /// How long a registration lives without a heartbeat; a node fences itself after half.
+    pub node_ttl_ms: u64,
 }
 
 /// `GET /metrics`.
@@ -587,6 +606,27 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
         EnvKind::Literal,
     ),
     ("SWITCHBOARD_POSTGRES_URL", "postgres.url", EnvKind::Str),
+    ("SWITCHBOARD_NODE_ID", "cluster.node_id", EnvKind::Str),
+    (
+        "SWITCHBOARD_ADVERTISE_URL",
+        "cluster.advertise_url",
+        EnvKind::Str,
+    ),
+    (
+        "SWITCHBOARD_CLUSTER_KEY",
+        "cluster.cluster_key",
+        EnvKind::Str,
+    ),
+    (
+        "SWITCHBOARD_HEARTBEAT_MS",
+        "cluster.heartbeat_ms",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_NODE_TTL_MS",
+        "cluster.node_ttl_ms",
+        EnvKind::Literal,
+    ),
     (
         "SWITCHBOARD_POSTGRES_POOL_SIZE",
         "postgres.pool_size",
@@ -649,7 +689,9 @@ pub struct Explained {
 
 /// Settings whose values are never printed.
 fn is_secret(setting: &str) -> bool {
-    setting == "session_api_key" || setting.starts_with("runtime.process.env.")
+    setting == "session_api_key"
+        || setting == "cluster.cluster_key"
+        || setting.starts_with("runtime.process.env.")
 }
 
 /// The setting `[http] allowed_origins` replaced, and why it is refused rather than read.
@@ -1079,6 +1121,7 @@ impl Settings {
         positive("store_tuning.batch_max", self.store_tuning.batch_max as u64)?;
         positive("store_tuning.queue", self.store_tuning.queue as u64)?;
         self.validate_postgres()?;
+        self.validate_cluster()?;
         self.validate_process()?;
         let w = &self.workspace;
         positive("workspace.max_upload_files", w.max_upload_files as u64)?;
@@ -1116,6 +1159,60 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The cluster's timings: a heartbeat, and a TTL whose half leaves room for two of them
+    /// (so that one late heartbeat does not fence a node); an advertised URL that is http(s).
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let c = &self.cluster;
+        positive("cluster.heartbeat_ms", c.heartbeat_ms)?;
+        if c.node_ttl_ms < c.heartbeat_ms.saturating_mul(4) {
+            return Err(invalid(
+                "cluster.node_ttl_ms",
+                format!(
+                    "expected at least 4 × cluster.heartbeat_ms ({} ms): a node fences itself \
+                     when no heartbeat succeeded for half the TTL",
+                    c.heartbeat_ms.saturating_mul(4)
+                ),
+            ));
+        }
+        let url = c.advertise_url.trim();
+        if !(url.is_empty() || url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(invalid(
+                "cluster.advertise_url",
+                "expected an http:// or https:// URL other nodes reach this one at",
+            ));
+        }
+        Ok(())
+    }
+
+    /// This node in the cluster: `[cluster]` with its defaults filled in (`port`: the port the
+    /// listener got, for the default address).
+    pub fn cluster_node(&self, port: u16) -> crate::store::ClusterNode {
+        let c = &self.cluster;
+        // A wildcard address names no machine: the host's name does.
+        let host = match self.host.as_str() {
+            "0.0.0.0" | "::" | "[::]" => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| self.host.clone()),
+            host => host.to_string(),
+        };
+        let node_id = match c.node_id.trim() {
+            "" => format!("{host}:{port}"),
+            id => id.to_string(),
+        };
+        let advertise_url = match c.advertise_url.trim() {
+            "" => format!("http://{host}:{port}"),
+            url => url.trim_end_matches('/').to_string(),
+        };
+        crate::store::ClusterNode {
+            node_id,
+            advertise_url,
+            heartbeat: std::time::Duration::from_millis(c.heartbeat_ms),
+            ttl: std::time::Duration::from_millis(c.node_ttl_ms),
+        }
     }
 
     /// The web app's directory must hold a built app: checked at start, so that a wrong path is
@@ -1348,6 +1445,9 @@ mod tests {
             ("SWITCHBOARD_STORE", "mysql", "store"),
             ("SWITCHBOARD_STORE", "postgres", "postgres.url"),
             ("SWITCHBOARD_POSTGRES_POOL_SIZE", "1", "postgres.pool_size"),
+            ("SWITCHBOARD_HEARTBEAT_MS", "0", "cluster.heartbeat_ms"),
+            ("SWITCHBOARD_NODE_TTL_MS", "3999", "cluster.node_ttl_ms"),
+            ("SWITCHBOARD_ADVERTISE_URL", "10.0.0.5:3000", "cluster.advertise_url"),
         ];
         for (var, value, setting) in cases {
             let err = SettingsBuilder::new()
@@ -1360,6 +1460,37 @@ mod tests {
                 "{var}={value}: {text} should name {setting}"
             );
         }
+    }
+
+    #[test]
+    fn cluster_settings_from_env_and_their_defaults() {
+        let defaults = Settings::defaults();
+        assert_eq!(defaults.cluster.heartbeat_ms, 1000);
+        assert_eq!(defaults.cluster.node_ttl_ms, 10_000);
+        let mut local = defaults.clone();
+        local.host = "127.0.0.1".into();
+        let node = local.cluster_node(4321);
+        assert_eq!(node.node_id, "127.0.0.1:4321");
+        assert_eq!(node.advertise_url, "http://127.0.0.1:4321");
+        assert_eq!(node.ttl, std::time::Duration::from_secs(10));
+
+        let s = SettingsBuilder::new()
+            .merge_env(env(&[
+                ("SWITCHBOARD_NODE_ID", "node-a"),
+                ("SWITCHBOARD_ADVERTISE_URL", "http://10.0.0.5:3000/"),
+                ("SWITCHBOARD_CLUSTER_KEY", "shared secret"),
+                ("SWITCHBOARD_HEARTBEAT_MS", "250"),
+                ("SWITCHBOARD_NODE_TTL_MS", "1000"),
+            ]))
+            .build()
+            .unwrap();
+        assert_eq!(s.cluster.cluster_key, "shared secret");
+        let node = s.cluster_node(1);
+        assert_eq!(node.node_id, "node-a");
+        assert_eq!(node.advertise_url, "http://10.0.0.5:3000");
+        assert_eq!(node.heartbeat, std::time::Duration::from_millis(250));
+        assert_eq!(node.ttl, std::time::Duration::from_millis(1000));
+        assert!(is_secret("cluster.cluster_key"));
     }
 
     #[test]

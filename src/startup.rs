@@ -95,6 +95,12 @@ fn after_conversations(bound: Duration) -> Duration {
 
 /// Opens the store the settings ask for.
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
+    open_store_on(settings, settings.port)
+}
+
+/// [`open_store`] for a server listening on `port` (the PostgreSQL store registers the node
+/// under its `[cluster]` id and address, which default to the host and this port).
+pub fn open_store_on(settings: &Settings, port: u16) -> Result<Arc<dyn Store>, StartupError> {
     let limits = StoreLimits::from_limits(&settings.limits);
     match settings.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::with_limits(limits))),
@@ -104,11 +110,26 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
                 .map_err(|e| StartupError::Store(e.to_string()))
         }
         StoreKind::Postgres => {
-            PostgresStore::open_with(&settings.postgres, &settings.store_tuning, limits)
+            let node = settings.cluster_node(port);
+            PostgresStore::open_node(&settings.postgres, &settings.store_tuning, limits, node)
                 .map(|store| Arc::new(store) as Arc<dyn Store>)
                 .map_err(|e| StartupError::Store(e.to_string()))
         }
     }
+}
+
+/// Binds the HTTP listener (port 0 picks a free one); returns it with its port.
+fn bind(settings: &Settings) -> Result<(TcpListener, u16), StartupError> {
+    let addr = format!("{}:{}", settings.host, settings.port);
+    let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind {
+        addr: addr.clone(),
+        source,
+    })?;
+    let port = listener
+        .local_addr()
+        .map_err(|source| StartupError::Bind { addr, source })?
+        .port();
+    Ok((listener, port))
 }
 
 /// Takes the data directory's lock file, so that two servers never share one database. Only the
@@ -167,8 +188,9 @@ impl Application {
     /// Opens the store, starts the supervisor and binds the HTTP listener.
     pub async fn build(settings: Settings) -> Result<Application, StartupError> {
         let lock = lock_data_dir(&settings)?;
-        let store = open_store(&settings)?;
-        let mut app = Self::build_with_store(settings, store).await?;
+        let (listener, port) = bind(&settings)?;
+        let store = open_store_on(&settings, port)?;
+        let mut app = Self::build_on(settings, store, listener, port).await?;
         app._data_dir_lock = lock;
         Ok(app)
     }
@@ -178,24 +200,23 @@ impl Application {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> Result<Application, StartupError> {
+        let (listener, port) = bind(&settings)?;
+        Self::build_on(settings, store, listener, port).await
+    }
+
+    async fn build_on(
+        settings: Settings,
+        store: Arc<dyn Store>,
+        listener: TcpListener,
+        port: u16,
+    ) -> Result<Application, StartupError> {
+        let addr = format!("{}:{port}", settings.host);
         let settings =
             Arc::new(crate::runtime::openhands::prepare(settings).map_err(StartupError::Agent)?);
         crate::runtime::sandbox::check(&settings).map_err(StartupError::Agent)?;
         // Whatever agents of a previous run on this data directory left running ends here.
         crate::runtime::process_tree::sweep(&settings.data_dir);
         crate::runtime::pool::sweep_dirs(&settings);
-        let addr = format!("{}:{}", settings.host, settings.port);
-        let listener = TcpListener::bind(&addr).map_err(|source| StartupError::Bind {
-            addr: addr.clone(),
-            source,
-        })?;
-        let port = listener
-            .local_addr()
-            .map_err(|source| StartupError::Bind {
-                addr: addr.clone(),
-                source,
-            })?
-            .port();
         let (session_key, key_generated) = match settings.session_key_policy() {
             SessionKeyPolicy::Required(key) => (Some(key), false),
             SessionKeyPolicy::Generate => {

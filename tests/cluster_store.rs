@@ -97,7 +97,7 @@ fn assert_one_writer_per_epoch(log: &[(u64, i64)]) {
 }
 
 async fn wait_for_incarnation(store: &PostgresStore, above: i64) -> i64 {
-    let mut membership = store.membership();
+    let mut membership = store.membership().expect("a PostgreSQL store");
     let state = tokio::time::timeout(
         Duration::from_secs(30),
         membership

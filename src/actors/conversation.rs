@@ -58,7 +58,7 @@ enum Outgoing {
     /// A non-stored payload for clients.
     Payload(Arc<str>),
     /// Close every attachment (the last step of teardown).
-    CloseAll(String),
+    CloseAll(CloseReason),
 }
 
 /// Why an event was not emitted.
@@ -395,8 +395,7 @@ impl Conversation {
                 Some(Outgoing::Payload(json)) => self.broadcast(ClientFrame::Payload(json)),
                 Some(Outgoing::CloseAll(reason)) => {
                     for (_, sink) in self.subscribers.drain() {
-                        let _ =
-                            sink.try_send(ClientFrame::Close(CloseReason::Stopped(reason.clone())));
+                        let _ = sink.try_send(ClientFrame::Close(reason.clone()));
                     }
                     self.shared.set_connections(0);
                     self.finish_stop(ctx);
@@ -574,11 +573,7 @@ impl Conversation {
         }
         tracing::error!(%error, "store failed; stopping conversation");
         self.store_failed = true;
-        // Events that never became durable are never shown to anyone.
-        let cutoff = self.durable_before;
-        self.outbox
-            .retain(|o| !matches!(o, Outgoing::Event { event, .. } if event.id >= cutoff));
-        self.unsent.clear();
+        self.drop_undurable();
         self.shared.set_runtime_status(RuntimeStatus::Error);
         self.publish_status(StatusUpdate::error(
             events::STATUS_ERROR_RUNTIME_DISCONNECTED,
@@ -586,6 +581,14 @@ impl Conversation {
         ));
         self.begin_stop(StopReason::StoreFailed(error.to_string()), ctx);
         self.flush(ctx);
+    }
+
+    /// Forgets the events that are not durable yet: they are never shown to anyone.
+    fn drop_undurable(&mut self) {
+        let cutoff = self.durable_before;
+        self.outbox
+            .retain(|o| !matches!(o, Outgoing::Event { event, .. } if event.id >= cutoff));
+        self.unsent.clear();
     }
 
     // ---- lifecycle ----------------------------------------------------------------------
@@ -926,6 +929,11 @@ impl Conversation {
             return;
         }
         info!(reason = reason.as_str(), "stopping");
+        if reason == StopReason::Fenced {
+            // Another node may own the conversation by now: nothing more is written.
+            self.store_failed = true;
+            self.drop_undurable();
+        }
         if self.status == ConversationStatus::Starting {
             let result = match reason {
                 StopReason::StartTimeout => "timeout",
@@ -956,8 +964,11 @@ impl Conversation {
             _ => {}
         }
         self.emit(EventBody::agent_state("stopped", reason.as_str()));
-        self.outbox
-            .push_back(Outgoing::CloseAll(reason.as_str().to_string()));
+        let close = match reason {
+            StopReason::Fenced => CloseReason::Fenced,
+            _ => CloseReason::Stopped(reason.as_str().to_string()),
+        };
+        self.outbox.push_back(Outgoing::CloseAll(close));
         self.stopping = Some(reason);
         self.commit(ctx);
     }

@@ -109,6 +109,11 @@ pub struct Shutdown {
     pub within: std::time::Duration,
 }
 
+/// This node fenced itself from its cluster: every conversation stops without writing.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Fence;
+
 /// Why a conversation stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StopReason {
@@ -128,6 +133,9 @@ pub enum StopReason {
     StoreFailed(String),
     /// The server is shutting down.
     Shutdown,
+    /// This node fenced itself from its cluster: nothing more is written, clients are
+    /// disconnected so that they reconnect to another node.
+    Fenced,
 }
 
 impl StopReason {
@@ -142,6 +150,7 @@ impl StopReason {
             StopReason::RuntimeFailed(_) => "runtime_failed",
             StopReason::StoreFailed(_) => "store_failed",
             StopReason::Shutdown => "shutdown",
+            StopReason::Fenced => "fenced",
         }
     }
 
@@ -154,6 +163,7 @@ impl StopReason {
             StopReason::Evicted => "too many conversations",
             StopReason::RuntimeFailed(why) | StopReason::StoreFailed(why) => why,
             StopReason::Shutdown => "server shutting down",
+            StopReason::Fenced => "this node lost its cluster membership",
         }
     }
 }
@@ -235,6 +245,9 @@ pub enum ClientFrame {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CloseReason {
     Stopped(String),
+    /// The node fenced itself: the transport closes without saying goodbye (no Socket.IO
+    /// `41`), so that the client reconnects, to another node.
+    Fenced,
 }
 
 /// Attach a client. Events with id below `Subscribed::replay_before` are already durable and

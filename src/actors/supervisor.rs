@@ -47,7 +47,7 @@ use super::rate_limit::{retry_after_secs, CreateLimiter};
 use super::shared::{ConversationStatus, Registry, RegistryEntry, Shared};
 use crate::config::{OnLimit, Settings};
 use crate::runtime::pool::AgentPool;
-use crate::store::Store;
+use crate::store::{Membership, Store};
 
 type AdmitReply = oneshot::Sender<Result<Admitted, AdmitError>>;
 type DeleteReply = oneshot::Sender<Result<bool, DeleteError>>;
@@ -348,6 +348,17 @@ impl Actor for Supervisor {
         if self.create_limiter.enabled() {
             ctx.run_interval(BUCKET_SWEEP, |act, _| act.create_limiter.sweep());
         }
+        if let Some(mut membership) = self.store.membership() {
+            let supervisor = ctx.address();
+            actix::spawn(async move {
+                while membership.changed().await.is_ok() {
+                    let fenced = *membership.borrow_and_update() == Membership::Fenced;
+                    if fenced {
+                        supervisor.do_send(Fence);
+                    }
+                }
+            });
+        }
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
@@ -425,6 +436,24 @@ impl Handler<Delete> for Supervisor {
             None => self.delete_stored(msg.id, ctx),
         }
         answer
+    }
+}
+
+impl Handler<Fence> for Supervisor {
+    type Result = ();
+
+    /// Stops every conversation without writing (admissions meanwhile are refused by the store
+    /// until the node has registered again).
+    fn handle(&mut self, _msg: Fence, _ctx: &mut Self::Context) {
+        tracing::warn!(
+            conversations = self.registry.len(),
+            "fenced from the cluster: stopping every conversation without writing"
+        );
+        for entry in self.registry.iter() {
+            if let Some(addr) = entry.addr.upgrade() {
+                addr.do_send(Stop(StopReason::Fenced));
+            }
+        }
     }
 }
 

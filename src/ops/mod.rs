@@ -84,6 +84,13 @@ impl Readiness {
         self.phase.store(Phase::Draining as u8, Ordering::Release);
     }
 
+    /// Whether this node has fenced itself from its cluster (never on a single-node store).
+    pub fn fenced(&self) -> bool {
+        self.store
+            .membership()
+            .is_some_and(|m| *m.borrow() == crate::store::Membership::Fenced)
+    }
+
     /// Probes the store now (a write through its writer), remembering the answer.
     pub async fn probe_store(&self) -> Result<(), String> {
         let result = match tokio::time::timeout(PROBE_TIMEOUT, self.store.probe()).await {
@@ -160,6 +167,10 @@ async fn ready(ops: web::Data<Ops>) -> HttpResponse {
     match ops.readiness.phase() {
         Phase::Starting => unavailable("starting", "the server is starting"),
         Phase::Draining => unavailable("draining", "the server is shutting down"),
+        Phase::Ready if ops.readiness.fenced() => unavailable(
+            "fenced",
+            "this node lost its cluster membership and is registering again",
+        ),
         Phase::Ready => match ops.readiness.store_health().await {
             Ok(()) => HttpResponse::Ok()
                 .insert_header((header::CACHE_CONTROL, "no-store"))

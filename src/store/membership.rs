@@ -115,37 +115,104 @@ mod sql {
     /// `$1` node id, `$2` incarnation, `$3` TTL in ms; one row while the registration lives.
     pub const HEARTBEAT: &str = "UPDATE cluster_nodes \
          SET heartbeat_at = now(), expires_at = now() + $3::BIGINT * interval '1 millisecond' \
-         WHERE node_id = $1 AND incarnation = $2 AND expires_at > now()";
+         WHERE node_id = $1 AND incarnation = $2 AND expires_at > now() RETURNING 1";
     /// `$1` node id, `$2` incarnation.
     pub const DEREGISTER: &str =
         "DELETE FROM cluster_nodes WHERE node_id = $1 AND incarnation = $2";
 }
 
-/// Registers `node` with a new incarnation; the error is PostgreSQL's message.
-pub(super) async fn register(pool: &Pool, node: &ClusterNode) -> Result<i64, String> {
-    let conn = pool.get().await.map_err(|e| e.to_string())?;
-    let row = conn
-        .query_one(
-            sql::REGISTER,
-            &[&node.node_id, &node.advertise_url, &node.ttl_ms()],
-        )
-        .await
-        .map_err(|e| super::postgres::postgres_message(&e))?;
-    row.try_get(0)
-        .map_err(|e| super::postgres::postgres_message(&e))
+/// The connection membership statements run on: taken out of the pool (so that it never
+/// holds a pooled slot, and a statement stuck behind a lock never delays the store's other
+/// work), with the server cancelling any statement, or wait for a lock, that outlasts
+/// `patience`. Made again after it breaks or times out.
+struct Session {
+    pool: Pool,
+    patience: Duration,
+    client: Option<deadpool_postgres::ClientWrapper>,
 }
 
-/// Whether the registration still lives after moving its expiry forward.
-async fn heartbeat(pool: &Pool, node: &ClusterNode, incarnation: i64) -> Result<bool, String> {
-    let conn = pool.get().await.map_err(|e| e.to_string())?;
-    let changed = conn
-        .execute(
-            sql::HEARTBEAT,
-            &[&node.node_id, &incarnation, &node.ttl_ms()],
-        )
+impl Session {
+    fn new(pool: Pool, patience: Duration) -> Session {
+        Session {
+            pool,
+            patience,
+            client: None,
+        }
+    }
+
+    async fn connect(&self) -> Result<deadpool_postgres::ClientWrapper, String> {
+        let conn = self.pool.get().await.map_err(|e| e.to_string())?;
+        let client = deadpool_postgres::Object::take(conn);
+        let ms = self.patience.as_millis();
+        client
+            .batch_execute(&format!(
+                "SET lock_timeout = {ms}; SET statement_timeout = {ms}"
+            ))
+            .await
+            .map_err(|e| super::postgres::postgres_message(&e))?;
+        Ok(client)
+    }
+
+    /// Runs `statement` with `params`: the rows it changed or returned (`query` for one that
+    /// returns rows). A connection that failed or timed out is dropped, not reused.
+    async fn run(
+        &mut self,
+        statement: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, String> {
+        let limit = self.patience * 2;
+        let work = async {
+            if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+                self.client = Some(self.connect().await?);
+            }
+            let Some(client) = self.client.as_ref() else {
+                return Err("no connection".to_string());
+            };
+            client
+                .query(statement, params)
+                .await
+                .map_err(|e| super::postgres::postgres_message(&e))
+        };
+        let outcome = match tokio::time::timeout(limit, work).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err("PostgreSQL did not answer in time".to_string()),
+        };
+        if outcome.is_err() {
+            self.client = None;
+        }
+        outcome
+    }
+
+    /// Registers `node` with a new incarnation.
+    async fn register(&mut self, node: &ClusterNode) -> Result<i64, String> {
+        let rows = self
+            .run(
+                sql::REGISTER,
+                &[&node.node_id, &node.advertise_url, &node.ttl_ms()],
+            )
+            .await?;
+        let row = rows.first().ok_or("the registration returned nothing")?;
+        row.try_get(0)
+            .map_err(|e| super::postgres::postgres_message(&e))
+    }
+
+    /// Whether the registration still lives after moving its expiry forward.
+    async fn heartbeat(&mut self, node: &ClusterNode, incarnation: i64) -> Result<bool, String> {
+        let rows = self
+            .run(
+                sql::HEARTBEAT,
+                &[&node.node_id, &incarnation, &node.ttl_ms()],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+}
+
+/// Registers `node` with a new incarnation (at open); the error is PostgreSQL's message.
+pub(super) async fn register(pool: &Pool, node: &ClusterNode) -> Result<i64, String> {
+    Session::new(pool.clone(), node.ttl / 2)
+        .register(node)
         .await
-        .map_err(|e| super::postgres::postgres_message(&e))?;
-    Ok(changed > 0)
 }
 
 /// Keeps `node`'s registration alive (see the module docs) until `stop` fires or its sender is
@@ -159,6 +226,7 @@ pub(super) async fn run(
     let half_ttl = node.ttl / 2;
     // A heartbeat that takes longer than this is as good as failed.
     let patience = node.heartbeat.min(half_ttl).max(Duration::from_millis(10));
+    let mut session = Session::new(pool, patience);
     let mut last_ok = Instant::now();
     loop {
         tokio::select! {
@@ -167,58 +235,36 @@ pub(super) async fn run(
         }
         let sent = Instant::now();
         match state.incarnation() {
-            Some(incarnation) => {
-                match tokio::time::timeout(patience, heartbeat(&pool, &node, incarnation)).await {
-                    Ok(Ok(true)) => {
-                        if sent.duration_since(last_ok) < half_ttl {
-                            last_ok = sent;
-                            continue;
-                        }
-                        // It came through, but too late to vouch for the time in between.
+            Some(incarnation) => match session.heartbeat(&node, incarnation).await {
+                Ok(true) if sent.duration_since(last_ok) < half_ttl => last_ok = sent,
+                // It came through, but too late to vouch for the time in between.
+                Ok(true) => fence(&state, &node, "no heartbeat succeeded for half the TTL"),
+                Ok(false) => fence(&state, &node, "its registration lapsed"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cluster heartbeat failed");
+                    if last_ok.elapsed() >= half_ttl {
                         fence(&state, &node, "no heartbeat succeeded for half the TTL");
                     }
-                    Ok(Ok(false)) => fence(&state, &node, "its registration lapsed"),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "cluster heartbeat failed");
-                        if last_ok.elapsed() >= half_ttl {
-                            fence(&state, &node, "no heartbeat succeeded for half the TTL");
-                        }
-                    }
-                    Err(_) => {
-                        tracing::warn!("cluster heartbeat timed out");
-                        if last_ok.elapsed() >= half_ttl {
-                            fence(&state, &node, "no heartbeat succeeded for half the TTL");
-                        }
-                    }
                 }
-            }
-            None => match tokio::time::timeout(patience, register(&pool, &node)).await {
-                Ok(Ok(incarnation)) => {
+            },
+            None => match session.register(&node).await {
+                Ok(incarnation) => {
                     tracing::info!(node_id = %node.node_id, incarnation, "cluster node registered again");
                     last_ok = sent;
                     state.set(Membership::Live { incarnation });
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "cannot register the cluster node yet")
-                }
-                Err(_) => tracing::warn!("registering the cluster node timed out"),
+                Err(e) => tracing::warn!(error = %e, "cannot register the cluster node yet"),
             },
         }
     }
     if let Some(incarnation) = state.incarnation() {
         state.set(Membership::Fenced);
-        let deregister = async {
-            let conn = pool.get().await.map_err(|e| e.to_string())?;
-            conn.execute(sql::DEREGISTER, &[&node.node_id, &incarnation])
-                .await
-                .map_err(|e| super::postgres::postgres_message(&e))
-        };
-        match tokio::time::timeout(patience, deregister).await {
-            Ok(Ok(_)) => tracing::info!(node_id = %node.node_id, incarnation, "cluster node left"),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot remove the cluster node's registration")
-            }
-            Err(_) => tracing::warn!("removing the cluster node's registration timed out"),
+        match session
+            .run(sql::DEREGISTER, &[&node.node_id, &incarnation])
+            .await
+        {
+            Ok(_) => tracing::info!(node_id = %node.node_id, incarnation, "cluster node left"),
+            Err(e) => tracing::warn!(error = %e, "cannot remove the cluster node's registration"),
         }
     }
 }

@@ -390,4 +390,9 @@ pub trait Store: Send + Sync + 'static {
     fn release(&self, _id: &str, _lease: Lease) -> StoreFuture<()> {
         Box::pin(std::future::ready(Ok(())))
     }
+    /// This node's standing in the cluster of the nodes sharing the store, as it changes;
+    /// `None` for single-node stores (always live).
+    fn membership(&self) -> Option<tokio::sync::watch::Receiver<Membership>> {
+        None
+    }
 }

@@ -530,11 +530,6 @@ impl PostgresStore {
         })
     }
 
-    /// This node's standing in the cluster, as it changes.
-    pub fn membership(&self) -> watch::Receiver<Membership> {
-        self.state.subscribe()
-    }
-
     /// This node's id and address.
     pub fn node(&self) -> &ClusterNode {
         &self.node
@@ -664,6 +659,10 @@ impl Store for PostgresStore {
     fn release(&self, id: &str, lease: Lease) -> StoreFuture<()> {
         let id = id.to_string();
         self.ownership_request(|reply| OwnershipRequest::Release { id, lease, reply })
+    }
+
+    fn membership(&self) -> Option<watch::Receiver<Membership>> {
+        Some(self.state.subscribe())
     }
 }
 

@@ -297,6 +297,19 @@ impl Socket {
 
     /// Detaches with a reason: Socket.IO `41` then close; plain: a close frame with the reason.
     fn close(&mut self, ctx: &mut ws::WebsocketContext<Self>, code: ws::CloseCode, reason: &str) {
+        if !self.closing && self.is_socketio() {
+            ctx.text(socketio::DISCONNECT);
+        }
+        self.close_transport(ctx, code, reason);
+    }
+
+    /// Closes the WebSocket without a Socket.IO goodbye: a Socket.IO client reconnects.
+    fn close_transport(
+        &mut self,
+        ctx: &mut ws::WebsocketContext<Self>,
+        code: ws::CloseCode,
+        reason: &str,
+    ) {
         if self.closing {
             return;
         }
@@ -307,11 +320,9 @@ impl Socket {
             ws::CloseCode::Size => "frame_too_large",
             ws::CloseCode::Protocol => "protocol_error",
             ws::CloseCode::Policy => "too_slow",
+            ws::CloseCode::Restart => "fenced",
             _ => "server_error",
         });
-        if self.is_socketio() {
-            ctx.text(socketio::DISCONNECT);
-        }
         ctx.close(Some(ws::CloseReason {
             code,
             description: Some(reason.to_string()),
@@ -682,6 +693,14 @@ impl StreamHandler<ClientFrame> for Socket {
                     ctx,
                     ws::CloseCode::Normal,
                     &format!("conversation stopped: {reason}"),
+                );
+            }
+            ClientFrame::Close(CloseReason::Fenced) => {
+                self.attached = None;
+                self.close_transport(
+                    ctx,
+                    ws::CloseCode::Restart,
+                    "this node left its cluster; reconnect",
                 );
             }
         }

@@ -75,6 +75,60 @@ impl TestDatabase {
     }
 }
 
+/// A transaction kept open (its locks held) until this is dropped; then rolled back.
+#[allow(dead_code)] // not every test binary that uses this module needs it
+pub struct Held {
+    release: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.release.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl TestDatabase {
+    /// Runs `sql` in a transaction that stays open, holding its locks, until the returned
+    /// [`Held`] is dropped.
+    #[allow(dead_code)] // not every test binary that uses this module needs it
+    pub fn hold(&self, sql: &str) -> Held {
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (started, running) = std::sync::mpsc::channel();
+        let sql = format!("BEGIN; {sql}");
+        let thread = {
+            let url = self.url.clone();
+            std::thread::spawn(move || {
+                let outcome = on_connection(&url, sql, move |client, sql| async move {
+                    if let Err(e) = client.batch_execute(&sql).await {
+                        let _ = started.send(Err(e.to_string()));
+                        return Err(e);
+                    }
+                    let _ = started.send(Ok(()));
+                    // Blocks this helper's own thread only.
+                    let _ = released.recv();
+                    client.batch_execute("ROLLBACK").await
+                });
+                if let Err(e) = outcome {
+                    eprintln!("held transaction: {e}");
+                }
+            })
+        };
+        match running.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => panic!("the held transaction did not start"),
+        }
+        Held {
+            release: Some(release),
+            thread: Some(thread),
+        }
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         let drop_it = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);

@@ -1447,7 +1447,11 @@ mod tests {
             ("SWITCHBOARD_POSTGRES_POOL_SIZE", "1", "postgres.pool_size"),
             ("SWITCHBOARD_HEARTBEAT_MS", "0", "cluster.heartbeat_ms"),
             ("SWITCHBOARD_NODE_TTL_MS", "3999", "cluster.node_ttl_ms"),
-            ("SWITCHBOARD_ADVERTISE_URL", "10.0.0.5:3000", "cluster.advertise_url"),
+            (
+                "SWITCHBOARD_ADVERTISE_URL",
+                "10.0.0.5:3000",
+                "cluster.advertise_url",
+            ),
         ];
         for (var, value, setting) in cases {
             let err = SettingsBuilder::new()

@@ -328,6 +328,15 @@ impl Supervisor {
         }));
     }
 
+    /// Tells every live conversation to stop for `reason`.
+    fn stop_all(&self, reason: StopReason) {
+        for entry in self.registry.iter() {
+            if let Some(addr) = entry.addr.upgrade() {
+                addr.do_send(Stop(reason.clone()));
+            }
+        }
+    }
+
     /// Answers the shutdown once no conversation and no delete is left.
     fn maybe_shut_down(&mut self) {
         if self.shutting_down && self.registry.is_empty() && self.deleting.is_empty() {
@@ -449,11 +458,7 @@ impl Handler<Fence> for Supervisor {
             conversations = self.registry.len(),
             "fenced from the cluster: stopping every conversation without writing"
         );
-        for entry in self.registry.iter() {
-            if let Some(addr) = entry.addr.upgrade() {
-                addr.do_send(Stop(StopReason::Fenced));
-            }
-        }
+        self.stop_all(StopReason::Fenced);
     }
 }
 
@@ -492,11 +497,7 @@ impl Handler<Shutdown> for Supervisor {
             "stopping all conversations"
         );
         let pool_done = self.pool.as_ref().map(|pool| pool.shut_down());
-        for entry in self.registry.iter() {
-            if let Some(addr) = entry.addr.upgrade() {
-                addr.do_send(Stop(StopReason::Shutdown));
-            }
-        }
+        self.stop_all(StopReason::Shutdown);
         let conversations_done = (live > 0).then(|| {
             let (tx, rx) = oneshot::channel();
             self.shutdown_waiters.push(tx);

@@ -1242,22 +1242,14 @@ impl Pending<'_> {
 /// [`run_readers`] serves reads.
 async fn run_ownership(
     pool: Pool,
-    mut rx: mpsc::Receiver<OwnershipRequest>,
+    rx: mpsc::Receiver<OwnershipRequest>,
     node: Arc<ClusterNode>,
     state: Arc<NodeState>,
 ) {
     let most = pool.status().max_size.max(1);
-    let mut requests = JoinSet::new();
-    loop {
-        if requests.len() >= most {
-            requests.join_next().await;
-            continue;
-        }
-        let Some(request) = rx.recv().await else {
-            break;
-        };
+    serve_concurrently(most, rx, move |request| {
         let (pool, node, state) = (pool.clone(), node.clone(), state.clone());
-        requests.spawn(async move {
+        async move {
             // A caller that dropped its future no longer wants the answer; that is fine.
             match request {
                 OwnershipRequest::Acquire { id, reply } => {
@@ -1267,9 +1259,31 @@ async fn run_ownership(
                     let _ = reply.send(release(&pool, &node.node_id, &id, lease).await);
                 }
             }
-        });
+        }
+    })
+    .await
+}
+
+/// Runs `serve` on every request from `rx`, at most `most` at once, until the queue closes and
+/// every started one has finished; further requests wait in the (bounded) queue, so a flood
+/// holds back its senders instead of piling up here.
+async fn serve_concurrently<R, F, Fut>(most: usize, mut rx: mpsc::Receiver<R>, serve: F)
+where
+    F: Fn(R) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let mut running = JoinSet::new();
+    loop {
+        if running.len() >= most {
+            running.join_next().await;
+            continue;
+        }
+        let Some(request) = rx.recv().await else {
+            break;
+        };
+        running.spawn(serve(request));
     }
-    while requests.join_next().await.is_some() {}
+    while running.join_next().await.is_some() {}
 }
 
 /// Takes conversation `id` for this node in one transaction (see [`sql::ACQUIRE`]); refused
@@ -1346,21 +1360,13 @@ async fn release(pool: &Pool, node_id: &str, id: &str, lease: Lease) -> Result<(
 /// every started read has answered. At most as many reads run as the pool has connections;
 /// further requests wait in the (bounded) queue, so a flood of reads holds back its senders
 /// instead of piling up here.
-async fn run_readers(pool: Pool, mut rx: mpsc::Receiver<ReadRequest>) {
+async fn run_readers(pool: Pool, rx: mpsc::Receiver<ReadRequest>) {
     let most = pool.status().max_size.max(1);
-    let mut reads = JoinSet::new();
-    loop {
-        if reads.len() >= most {
-            reads.join_next().await;
-            continue;
-        }
-        let Some(request) = rx.recv().await else {
-            break;
-        };
+    serve_concurrently(most, rx, move |request| {
         let pool = pool.clone();
-        reads.spawn(async move { serve(&pool, request).await });
-    }
-    while reads.join_next().await.is_some() {}
+        async move { serve(&pool, request).await }
+    })
+    .await
 }
 
 async fn serve(pool: &Pool, request: ReadRequest) {

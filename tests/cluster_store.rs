@@ -275,6 +275,27 @@ async fn closing_a_node_frees_what_it_owned() {
 }
 
 #[tokio::test]
+async fn a_create_under_a_stale_lease_writes_nothing() {
+    let Some(db) = pg::database() else { return };
+    let (a, b) = (node(&db.url, "a"), node(&db.url, "b"));
+    let old = owned(&a, "new").await;
+    expire(&db, "a");
+    let new = owned(&b, "new").await;
+    match a.create_owned(meta("new", T0), old, vec![event(0)]).await {
+        Err(StoreError::Fenced(_)) => {}
+        other => panic!("the old lease is fenced: {other:?}"),
+    }
+    assert!(
+        a.get("new").await.expect("get").is_none(),
+        "nothing created"
+    );
+    b.create_owned(meta("new", T0), new, vec![event(0), event(1)])
+        .await
+        .expect("the owner creates it");
+    assert_eq!(log(&db, "new"), vec![(0, new.epoch), (1, new.epoch)]);
+}
+
+#[tokio::test]
 async fn a_deleted_conversation_starts_over_and_unknown_ids_leave_nothing_behind() {
     let Some(db) = pg::database() else { return };
     let a = node(&db.url, "a");

@@ -681,7 +681,8 @@ impl Conversation {
         let first = std::mem::take(&mut self.unsent);
         let upto = self.next_id;
         self.meta_stored = true;
-        let stored = self.store.create_with_events(*meta, first);
+        let lease = self.lease.unwrap_or_default();
+        let stored = self.store.create_owned(*meta, lease, first);
         ctx.wait(stored.into_actor(self).map(move |res, act, ctx| {
             let _span = act.span.clone().entered();
             match res {
@@ -695,6 +696,9 @@ impl Conversation {
                 }
                 Err(StoreError::Exists(_)) if taken_loads => act.created_elsewhere(ctx),
                 Err(e) => {
+                    if matches!(e, StoreError::Fenced(_)) {
+                        metrics().fenced_appends.inc();
+                    }
                     act.end_runtime();
                     act.load_failed(e, ctx);
                 }

@@ -33,6 +33,8 @@ pub(super) enum WriteCommand {
     Create {
         meta: Box<ConversationMeta>,
         events: Vec<StoredEvent>,
+        /// Created under this lease (PostgreSQL only; `None` for an unowned create).
+        lease: Option<Lease>,
     },
     SetTitle {
         id: String,
@@ -241,9 +243,19 @@ impl WriteQueue {
         meta: ConversationMeta,
         events: Vec<StoredEvent>,
     ) -> StoreFuture<()> {
+        self.create_owned(meta, None, events)
+    }
+
+    pub(super) fn create_owned(
+        self: &Arc<Self>,
+        meta: ConversationMeta,
+        lease: Option<Lease>,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
         let command = WriteCommand::Create {
             meta: Box::new(meta),
             events,
+            lease,
         };
         self.submit(command, WriteReply::Unit)
     }

@@ -27,8 +27,8 @@
 //!   those made by another process on the same database (the `switchboard keys` command beside
 //!   a running server), so a revoked key is refused from its next request on.
 //! - **Ownership** ([`Store::acquire`], [`Store::append_owned`], [`Store::release`]): the
-//!   conversation actor takes a [`Lease`] on its conversation before loading it, writes its
-//!   events with that lease and gives it back when it stops. On a single node (memory, SQLite)
+//!   conversation actor takes a [`Lease`] on its conversation before loading it, creates it and
+//!   writes its events with that lease and gives it back when it stops. On a single node (memory, SQLite)
 //!   ownership is trivially local: `acquire` always grants, and an owned append is a plain
 //!   append. The PostgreSQL store shares its database with other nodes: there `acquire` refuses
 //!   while another live node owns the conversation, grants with the next *epoch* otherwise, and
@@ -379,6 +379,16 @@ pub trait Store: Send + Sync + 'static {
     /// always grant the default [`Lease`].
     fn acquire(&self, _id: &str) -> StoreFuture<Acquired> {
         Box::pin(std::future::ready(Ok(Acquired::Owned(Lease::default()))))
+    }
+    /// [`Store::create_with_events`] under `lease`: [`StoreError::Fenced`] (nothing written)
+    /// unless `lease` is still the conversation's current one. Single-node stores create.
+    fn create_owned(
+        &self,
+        meta: ConversationMeta,
+        _lease: Lease,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
+        self.create_with_events(meta, events)
     }
     /// [`Store::append`] under `lease`: [`StoreError::Fenced`] (nothing written) unless `lease`
     /// is still the conversation's current one. Single-node stores append.

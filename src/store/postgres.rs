@@ -652,6 +652,15 @@ impl Store for PostgresStore {
         self.ownership_request(|reply| OwnershipRequest::Acquire { id, reply })
     }
 
+    fn create_owned(
+        &self,
+        meta: ConversationMeta,
+        lease: Lease,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
+        self.writes.create_owned(meta, Some(lease), events)
+    }
+
     fn append_owned(&self, id: &str, lease: Lease, events: Vec<StoredEvent>) -> StoreFuture<()> {
         self.writes.append_owned(id, Some(lease), events)
     }
@@ -1045,7 +1054,17 @@ impl Pending<'_> {
     async fn apply(&mut self, command: &WriteCommand, now: &str) -> Result<bool, ApplyError> {
         let conn = self.conn;
         match command {
-            WriteCommand::Create { meta, events } => self.create(meta, events).await,
+            WriteCommand::Create {
+                meta,
+                events,
+                lease,
+            } => {
+                if let Some(lease) = lease {
+                    self.check_lease(&meta.conversation_id, *lease).await?;
+                }
+                self.create(meta, events, lease.map_or(0, |l| l.epoch))
+                    .await
+            }
             WriteCommand::SetTitle { id, title } => {
                 let statement = conn.prepare_cached(sql::SET_TITLE).await?;
                 let changed = conn.execute(&statement, &[id, title, &now]).await?;
@@ -1102,6 +1121,7 @@ impl Pending<'_> {
         &mut self,
         meta: &ConversationMeta,
         events: &[StoredEvent],
+        epoch: i64,
     ) -> Result<bool, ApplyError> {
         let id = &meta.conversation_id;
         let init = serde_json::to_string(&meta.init).map_err(|e| {
@@ -1138,7 +1158,7 @@ impl Pending<'_> {
             )));
         }
         self.added = self.added.saturating_add(bytes);
-        self.append(id, events, 0).await
+        self.append(id, events, epoch).await
     }
 
     /// Refuses an owned append whose lease is not the conversation's current one; otherwise

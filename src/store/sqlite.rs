@@ -1208,7 +1208,7 @@ impl Writer {
     /// statement succeeded; caching a seq it merely read is always right.
     fn apply(&mut self, command: &WriteCommand, now: &str) -> Result<bool, ApplyError> {
         match command {
-            WriteCommand::Create { meta, events } => self.create(meta, events),
+            WriteCommand::Create { meta, events, .. } => self.create(meta, events),
             WriteCommand::SetTitle { id, title } => {
                 let changed = self
                     .conn

@@ -173,45 +173,30 @@ impl EventBody {
         }
     }
 
-    /// Stamps the body with an id and timestamp and renders its JSON once.
+    /// Stamps the body with an id and timestamp and renders its JSON once, in wire key order,
+    /// straight from the body (no intermediate `Value`).
     pub fn stamp(&self, id: u64, timestamp: &str) -> StoredEvent {
+        let wire = Wire {
+            body: self,
+            id,
+            timestamp: Some(timestamp),
+        };
+        // Serializing values with string keys cannot fail; an empty object never is stored.
+        let json = serde_json::to_string(&wire).unwrap_or_else(|_| "{}".to_string());
         StoredEvent {
             id,
-            json: self.to_value(id, Some(timestamp)).to_string().into(),
+            json: json.into(),
         }
     }
 
     /// The event object in wire key order; without `timestamp` when none is given.
     pub fn to_value(&self, id: u64, timestamp: Option<&str>) -> Value {
-        let mut map = Map::new();
-        map.insert("id".into(), json!(id));
-        if let Some(timestamp) = timestamp {
-            map.insert("timestamp".into(), json!(timestamp));
-        }
-        map.insert("source".into(), json!(self.source));
-        map.insert("message".into(), json!(self.message));
-        if let Some(cause) = self.cause {
-            map.insert("cause".into(), json!(cause));
-        }
-        match &self.kind {
-            EventKind::Action { action, args } => {
-                map.insert("action".into(), json!(action));
-                map.insert("args".into(), args.clone());
-            }
-            EventKind::Observation {
-                observation,
-                content,
-                extras,
-            } => {
-                map.insert("observation".into(), json!(observation));
-                map.insert("content".into(), json!(content));
-                map.insert("extras".into(), extras.clone());
-            }
-        }
-        for (key, value) in &self.extra {
-            map.insert(key.clone(), value.clone());
-        }
-        Value::Object(map)
+        let wire = Wire {
+            body: self,
+            id,
+            timestamp,
+        };
+        serde_json::to_value(&wire).unwrap_or_else(|_| Value::Object(Map::new()))
     }
 
     /// Reads a body from an event object (ignoring any `id` and `timestamp` it carries), as
@@ -473,6 +458,79 @@ pub const STATUS_ERROR_RUNTIME_DISCONNECTED: &str = "STATUS$ERROR_RUNTIME_DISCON
 pub const TOO_MANY_CONVERSATIONS: &str = "AGENT_ERROR$TOO_MANY_CONVERSATIONS";
 pub const TOO_MANY_CONVERSATIONS_MESSAGE: &str = "Too many conversations at once. If you are still using this one, try reactivating it by prompting the agent to continue";
 
+/// An event as written to the wire: `id`, `timestamp` (when given), `source`, `message`, `cause` (when
+/// set), then the action's `action`/`args` or the observation's `observation`/`content`/`extras`,
+/// then the unknown fields kept from the event as sent. An unknown field named like a known one
+/// takes the known one's place.
+struct Wire<'a> {
+    body: &'a EventBody,
+    id: u64,
+    timestamp: Option<&'a str>,
+}
+
+impl Wire<'_> {
+    /// Whether `key` is one of the known fields this event writes.
+    fn known(&self, key: &str) -> bool {
+        match key {
+            "id" | "source" | "message" => true,
+            "timestamp" => self.timestamp.is_some(),
+            "cause" => self.body.cause.is_some(),
+            "action" | "args" => matches!(self.body.kind, EventKind::Action { .. }),
+            "observation" | "content" | "extras" => {
+                matches!(self.body.kind, EventKind::Observation { .. })
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Serialize for Wire<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let body = self.body;
+        let mut map = serializer.serialize_map(None)?;
+        // A known field, unless an unknown field of the same name takes its place.
+        macro_rules! entry {
+            ($key:literal, $own:expr) => {
+                match body.extra.get($key) {
+                    Some(sent) => map.serialize_entry($key, sent),
+                    None => map.serialize_entry($key, $own),
+                }
+            };
+        }
+        entry!("id", &self.id)?;
+        if let Some(timestamp) = self.timestamp {
+            entry!("timestamp", timestamp)?;
+        }
+        entry!("source", &body.source)?;
+        entry!("message", &body.message)?;
+        if let Some(cause) = &body.cause {
+            entry!("cause", cause)?;
+        }
+        match &body.kind {
+            EventKind::Action { action, args } => {
+                entry!("action", action)?;
+                entry!("args", args)?;
+            }
+            EventKind::Observation {
+                observation,
+                content,
+                extras,
+            } => {
+                entry!("observation", observation)?;
+                entry!("content", content)?;
+                entry!("extras", extras)?;
+            }
+        }
+        for (key, value) in &body.extra {
+            if !self.known(key) {
+                map.serialize_entry(key, value)?;
+            }
+        }
+        map.end()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -505,6 +563,43 @@ mod tests {
         assert_eq!(
             &*ev.json,
             r#"{"id":4,"timestamp":"2026-11-29T17:41:25.002345","source":"user","message":"What is 2+2?","action":"message","args":{"content":"What is 2+2?","file_urls":[],"image_urls":[],"wait_for_response":false}}"#
+        );
+    }
+
+    /// The wire rendering is what inserting the fields into an ordered map gives: known fields
+    /// first, an unknown field named like a known one in the known one's place.
+    #[test]
+    fn stamped_json_is_the_ordered_map_of_the_fields() {
+        let mut body = EventBody::error("disk full");
+        body.extra.insert("zz".into(), json!(1));
+        body.extra.insert("message".into(), json!("from the agent"));
+        body.extra.insert("cause".into(), json!(7));
+        body.extra.insert("aa".into(), json!({"b": [1.5, null]}));
+        let mut expected = Map::new();
+        expected.insert("id".into(), json!(3));
+        expected.insert("timestamp".into(), json!("t"));
+        expected.insert("source".into(), json!("environment"));
+        expected.insert("message".into(), json!("disk full"));
+        expected.insert("observation".into(), json!("error"));
+        expected.insert("content".into(), json!("disk full"));
+        expected.insert("extras".into(), json!({"error_id": ""}));
+        for (key, value) in &body.extra {
+            expected.insert(key.clone(), value.clone());
+        }
+        let expected = Value::Object(expected);
+        assert_eq!(&*body.stamp(3, "t").json, expected.to_string());
+        assert_eq!(body.to_value(3, Some("t")), expected);
+        let untimed = body.to_value(3, None);
+        assert_eq!(untimed.get("timestamp"), None);
+        assert_eq!(
+            untimed
+                .as_object()
+                .map(|o| o.keys().take(3).cloned().collect::<Vec<_>>()),
+            Some(vec![
+                "id".to_string(),
+                "source".to_string(),
+                "message".to_string()
+            ])
         );
     }
 

@@ -12,7 +12,8 @@ use super::schema::{
     self, ActionAccepted, ActionRefused, ConversationIdPath, ConversationInfo,
     ConversationInfoResultSet, ConversationNotFound, ConversationResponse, ErrorDetail,
     ErrorMessage, ErrorStatus, EventsPage, EventsQuery, HttpValidationError, InitSessionRequest,
-    ListQuery, OkStatus, ProvidersSetModel, UpdateConversationRequest, UserAction,
+    ListQuery, OkStatus, ProvidersSetModel, StoreFailed, Unauthorized, UpdateConversationRequest,
+    UserAction,
 };
 use super::validation::{self, conversation_id_error, FieldError, PROVIDERS};
 use super::{client_id, content_type, read_body, AppState};
@@ -168,7 +169,7 @@ async fn admit_and_join(
     responses(
         (status = 200, description = "Created (`STARTING`), or joined (its live status)", body = ConversationResponse),
         (status = 400, description = "The request body could not be read", body = ErrorDetail),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "The conversation could not be loaded (deleted while joining)", body = ErrorDetail),
         (status = 409, description = "The client-chosen `conversation_id` is another user's conversation (user keys): it is neither joined nor created", body = ErrorMessage, example = json!({"status": "error", "msg_id": "CONVERSATION$ID_TAKEN", "message": "The conversation id … is taken; choose another one, or leave conversation_id out to get a new one"})),
         (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
@@ -305,9 +306,9 @@ fn page_limit(pairs: &[(String, String)]) -> Result<usize, ApiError> {
     responses(
         (status = 200, description = "A page of conversations", body = ConversationInfoResultSet),
         (status = 400, description = "Invalid `limit` or `page_id`", body = ErrorDetail, example = json!({"detail": "Invalid limit"})),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 422, description = "Malformed query string", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -360,9 +361,9 @@ pub async fn list(
     params(ConversationIdPath),
     responses(
         (status = 200, description = "The conversation, or `null` when it is unknown", body = Option<ConversationInfo>),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -405,11 +406,11 @@ fn not_found_patch() -> ApiError {
     responses(
         (status = 200, description = "Renamed (always `true`)", body = bool, content_type = "application/json", example = json!(true)),
         (status = 400, description = "The request body could not be read", body = ErrorDetail),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ErrorMessage, example = json!({"status": "error", "message": "Conversation not found", "msg_id": "CONVERSATION$NOT_FOUND"})),
         (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
         (status = 422, description = "Validation error", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -452,7 +453,7 @@ pub async fn update(
     params(ConversationIdPath),
     responses(
         (status = 200, description = "`true` when it existed and was deleted, `false` when unknown", body = bool, content_type = "application/json"),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
         (status = 503, description = "The store failed, or the server is shutting down", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
     ),
@@ -496,7 +497,7 @@ fn not_found_status(id: &str) -> ApiError {
     responses(
         (status = 200, description = "Its live status", body = ConversationResponse),
         (status = 400, description = "The request body could not be read", body = ErrorDetail),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ConversationNotFound),
         (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
         (status = 422, description = "Validation error", body = HttpValidationError),
@@ -580,10 +581,10 @@ fn check_providers_set(value: Option<&Value>) -> Result<(), ApiError> {
     params(ConversationIdPath),
     responses(
         (status = 200, description = "Stopped (`message` says whether it was running)", body = ConversationResponse),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ConversationNotFound),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -621,10 +622,10 @@ pub async fn stop(
     responses(
         (status = 200, description = "A page of events", body = EventsPage),
         (status = 400, description = "Invalid `limit`", body = ErrorDetail, example = json!({"detail": "Invalid limit"})),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ErrorDetail),
         (status = 422, description = "Invalid `conversation_id` or query parameter", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -703,7 +704,7 @@ fn live_of(state: &AppState, id: &str, owner: &Owner) -> Option<ConversationHand
     responses(
         (status = 200, description = "Accepted", body = ActionAccepted, example = json!({"success": true})),
         (status = 400, description = "The request body could not be read", body = ErrorDetail),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ErrorDetail),
         (status = 409, description = "The conversation refused the action (event limit reached, or it is stopping)", body = ActionRefused),
         (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),

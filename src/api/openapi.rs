@@ -337,7 +337,7 @@ fn socket_io_no_slash() {}
         (status = 401, description = "Missing or wrong session key (only when one is configured)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
         (status = 404, description = "Unknown conversation", body = ErrorDetail, example = json!({"detail": "Conversation not found"})),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = []), ("APIKeyQuery" = [])),
 )]

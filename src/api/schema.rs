@@ -593,6 +593,24 @@ pub struct ErrorDetail {
     pub detail: String,
 }
 
+/// The 401 every `/api` route documents: the session key or a user key is missing or wrong.
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 401,
+    description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)",
+    example = json!({"detail": "Unauthorized"})
+)]
+pub struct Unauthorized(pub ErrorDetail);
+
+/// The 503 of a route whose only such failure is the store's.
+#[derive(utoipa::IntoResponses)]
+#[response(
+    status = 503,
+    description = "The store failed",
+    example = json!({"detail": "Storage error: …"})
+)]
+pub struct StoreFailed(pub ErrorDetail);
+
 /// A 422: every problem of the request, FastAPI/pydantic-shaped.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(as = HTTPValidationError)]

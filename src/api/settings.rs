@@ -15,7 +15,7 @@ use serde_json::{json, Map, Value};
 use super::errors::ApiError;
 use super::schema::{
     AppSettings, ErrorDetail, ErrorMessageOnly, HttpValidationError, ServerConfig, SettingsStored,
-    StoredSettings,
+    StoreFailed, StoredSettings, Unauthorized,
 };
 use super::{content_type, read_body, validation, AppState};
 use crate::http::auth::Caller;
@@ -53,7 +53,7 @@ const SECRETS: &[&str] = &["llm_api_key", "search_api_key", "sandbox_api_key"];
     summary = "What the web app needs to know about this server",
     responses(
         (status = 200, description = "The server's configuration for the web app", body = ServerConfig),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -70,7 +70,7 @@ pub async fn config(state: web::Data<AppState>) -> HttpResponse {
     summary = "The LLM models the settings form offers (`provider/model`)",
     responses(
         (status = 200, description = "Model names", body = Vec<String>, example = json!(["anthropic/claude-sonnet-4-20250514"])),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -87,7 +87,7 @@ pub async fn models(state: web::Data<AppState>) -> HttpResponse {
     summary = "The agents the settings form offers",
     responses(
         (status = 200, description = "Agent names", body = Vec<String>, example = json!(["CodeActAgent"])),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -104,7 +104,7 @@ pub async fn agents(state: web::Data<AppState>) -> HttpResponse {
     summary = "The security analyzers the settings form offers",
     responses(
         (status = 200, description = "Analyzer names", body = Vec<String>, example = json!([])),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -158,9 +158,9 @@ pub async fn load(store: &dyn Store, user: &str) -> Result<Option<Map<String, Va
     summary = "The saved settings, secrets never echoed",
     responses(
         (status = 200, description = "The saved settings", body = AppSettings),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Nothing saved yet (the web app then opens its first-run settings)", body = ErrorMessageOnly, example = json!({"error": "Settings not found"})),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -189,10 +189,10 @@ pub async fn get(
     responses(
         (status = 200, description = "Saved", body = SettingsStored, example = json!({"message": "Settings stored"})),
         (status = 400, description = "The request body could not be read", body = ErrorDetail),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 413, description = "The request body is larger than `limits.max_body_bytes`", body = ErrorDetail),
         (status = 422, description = "Validation error", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]

@@ -21,8 +21,8 @@ use super::conversations::{path_id, query_get, query_pairs, require_conversation
 use super::errors::ApiError;
 use super::schema::{
     render_event_list, ConversationIdPath, ErrorDetail, ErrorMessageOnly, FileContent, GitChange,
-    HttpValidationError, ListFilesQuery, Microagents, RuntimeConfig, SelectFileQuery, Trajectory,
-    UploadedFiles, VscodeUrl, WebHosts,
+    HttpValidationError, ListFilesQuery, Microagents, RuntimeConfig, SelectFileQuery, StoreFailed,
+    Trajectory, Unauthorized, UploadedFiles, VscodeUrl, WebHosts,
 };
 use super::validation::FieldError;
 use super::AppState;
@@ -56,10 +56,10 @@ fn existing_root(state: &AppState, id: &str) -> Option<PathBuf> {
     params(ConversationIdPath),
     responses(
         (status = 200, description = "No remote runtime: `runtime_id` is null", body = RuntimeConfig),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ErrorDetail),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -86,10 +86,10 @@ pub async fn config(
     params(ConversationIdPath),
     responses(
         (status = 200, description = "`vscode_url` is null", body = VscodeUrl),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ErrorDetail),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -113,10 +113,10 @@ pub async fn vscode_url(
     params(ConversationIdPath),
     responses(
         (status = 200, description = "A map URL → port; empty", body = WebHosts),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ErrorDetail),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -178,11 +178,11 @@ fn parse_porcelain(output: &[u8]) -> Vec<GitChange> {
     params(ConversationIdPath),
     responses(
         (status = 200, description = "Changed files (`M`, `A` — untracked files too —, `D`, `R`, `U`)", body = Vec<GitChange>),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation (`detail`), or its working directory is not a git repository (`error`)", body = ErrorMessageOnly, example = json!({"error": "Not a git repository"})),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
         (status = 500, description = "`git` could not be run", body = ErrorMessageOnly),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -257,10 +257,10 @@ fn refused_path(refusal: crate::workspace::PathRefusal) -> ApiError {
     responses(
         (status = 200, description = "Paths relative to the working directory, directories first and ending in `/` (`.git` left out; at most `workspace.max_list_files`)", body = Vec<String>, example = json!(["src/", "README.md"])),
         (status = 400, description = "`path` is absolute, has `..`, leads out of the working directory, or is not a directory", body = ErrorMessageOnly),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation, or no such directory", body = ErrorDetail),
         (status = 422, description = "Invalid `conversation_id` or query string", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -343,12 +343,12 @@ fn list_dir(dir: &Path, prefix: &str, limit: usize) -> Result<Vec<String>, ApiEr
     responses(
         (status = 200, description = "The file's text", body = FileContent),
         (status = 400, description = "`file` is absolute, has `..`, leads out of the working directory, or is a directory", body = ErrorMessageOnly),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation, or no such file", body = ErrorMessageOnly),
         (status = 413, description = "The file is larger than `workspace.max_read_file_bytes`", body = ErrorMessageOnly),
         (status = 415, description = "Not a text (UTF-8) file", body = ErrorMessageOnly),
         (status = 422, description = "Missing `file`, or invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -435,11 +435,11 @@ enum FileProblem {
     responses(
         (status = 200, description = "What was written, and what was refused and why (a path out of the working directory)", body = UploadedFiles),
         (status = 400, description = "Not a readable multipart body", body = ErrorMessageOnly),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ErrorDetail),
         (status = 413, description = "Too many files or bytes; nothing of the request was written", body = ErrorMessageOnly),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -550,10 +550,10 @@ fn write_uploads(
     params(ConversationIdPath),
     responses(
         (status = 200, description = "Each as a repository microagent with its text", body = Microagents),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ErrorDetail),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]
@@ -610,10 +610,10 @@ fn read_microagents(root: &Path) -> Vec<Value> {
     params(ConversationIdPath),
     responses(
         (status = 200, description = "The stored events", body = Trajectory),
-        (status = 401, description = "Missing or wrong `X-Session-API-Key` (when a session key is configured or user keys exist)", body = ErrorDetail, example = json!({"detail": "Unauthorized"})),
+        Unauthorized,
         (status = 404, description = "Unknown conversation", body = ErrorDetail),
         (status = 422, description = "Invalid `conversation_id`", body = HttpValidationError),
-        (status = 503, description = "The store failed", body = ErrorDetail, example = json!({"detail": "Storage error: …"})),
+        StoreFailed,
     ),
     security(("APIKeyHeader" = [])),
 )]

@@ -12,6 +12,10 @@
 //! dispatcher takes its output, so a client that stops reading freezes its own socket: the
 //! conversation then finds the channel full and drops the subscriber, and the client is told
 //! it was too slow when it reads again. Memory per socket stays bounded either way.
+//!
+//! Keys: a socket is let in by the key check ([`crate::http::auth`]) and sees only what its
+//! caller may see ([`crate::api::access`]); a user key is checked again at every heartbeat, and
+//! a socket whose key was revoked is detached.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,7 +154,7 @@ async fn plain_route(
     }
     let mut socket = Socket::new(Proto::Plain, state.clone(), latest_event_id(&q));
     socket.conversation_id = Some(id.into());
-    socket.caller = Some(caller);
+    socket.caller = Some((caller, state.auth.presented(&req)));
     start(socket, &req, payload, &state)
 }
 
@@ -226,8 +230,8 @@ pub struct Socket {
     proto: Proto,
     state: web::Data<AppState>,
     /// Who the client is, once its key was checked (plain: at the upgrade; Socket.IO: at
-    /// CONNECT).
-    caller: Option<Caller>,
+    /// CONNECT), and the keys it presented (a user key is checked again at every heartbeat).
+    caller: Option<(Caller, Presented)>,
     conversation_id: Option<Arc<str>>,
     /// Events up to this id are already with the client.
     after: Option<u64>,
@@ -331,7 +335,8 @@ impl Socket {
     }
 
     fn attach(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
-        let (Some(id), Some(caller)) = (self.conversation_id.clone(), self.caller.clone()) else {
+        let (Some(id), Some((caller, _))) = (self.conversation_id.clone(), self.caller.clone())
+        else {
             return;
         };
         self.attaching = true;
@@ -544,22 +549,26 @@ impl Socket {
         // Checking the key may read the store: no other frame is handled meanwhile.
         self.attaching = true;
         let state = self.state.clone();
-        let resolve = async move { state.auth.resolve(&presented).await };
-        ctx.wait(resolve.into_actor(self).map(move |resolved, act, ctx| {
-            act.attaching = false;
-            let refusal = match resolved {
-                Ok(Some(caller)) => {
-                    act.caller = Some(caller);
-                    act.connect_refusal(query_id.as_deref(), &providers_set)
-                }
-                Ok(None) => Some("invalid_session_api_key".into()),
-                Err(e) => Some(ApiError::Storage(e.to_string()).to_string()),
-            };
-            match refusal {
-                Some(reason) => ctx.text(socketio::connect_error(&reason)),
-                None => act.attach(ctx),
-            }
-        }));
+        let resolve = async move { (state.auth.resolve(&presented).await, presented) };
+        ctx.wait(
+            resolve
+                .into_actor(self)
+                .map(move |(resolved, presented), act, ctx| {
+                    act.attaching = false;
+                    let refusal = match resolved {
+                        Ok(Some(caller)) => {
+                            act.caller = Some((caller, presented));
+                            act.connect_refusal(query_id.as_deref(), &providers_set)
+                        }
+                        Ok(None) => Some("invalid_session_api_key".into()),
+                        Err(e) => Some(ApiError::Storage(e.to_string()).to_string()),
+                    };
+                    match refusal {
+                        Some(reason) => ctx.text(socketio::connect_error(&reason)),
+                        None => act.attach(ctx),
+                    }
+                }),
+        );
     }
 
     /// Why a CONNECT must be refused, if it must; also records the conversation id.
@@ -621,7 +630,30 @@ impl Socket {
             } else {
                 ctx.ping(b"");
             }
+            act.check_key(ctx);
         });
+    }
+
+    /// Checks a user key again (it may have been revoked since the client attached): a
+    /// revoked key is detached. The session key cannot be revoked, and nothing is checked
+    /// while authentication is off; a store that cannot answer leaves the client attached.
+    fn check_key(&mut self, ctx: &mut ws::WebsocketContext<Self>) {
+        let Some((caller @ Caller::User { .. }, presented)) = self.caller.clone() else {
+            return;
+        };
+        let state = self.state.clone();
+        let resolve = async move { state.auth.resolve(&presented).await };
+        ctx.spawn(resolve.into_actor(self).map(move |resolved, act, ctx| {
+            let revoked = match resolved {
+                Ok(now) => now.as_ref() != Some(&caller),
+                Err(_) => false,
+            };
+            if revoked && !act.closing {
+                tracing::info!(conversation_id = ?act.conversation_id, "the client's key was revoked; closing");
+                act.close(ctx, ws::CloseCode::Policy, "the key was revoked");
+                act.detach_reason = Some("key_revoked");
+            }
+        }));
     }
 }
 

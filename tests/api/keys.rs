@@ -448,3 +448,54 @@ async fn creation_rate_limits_count_per_user() {
     app.key = Some("s3cret".into());
     app.create(json!({})).await;
 }
+
+/// Reads until the socket is closed; the close reason's description.
+async fn closed(ws: &mut WsClient) -> String {
+    loop {
+        match ws.read(10).await {
+            WsRead::Text(_) => {}
+            WsRead::Closed(reason) => {
+                return reason.and_then(|r| r.description).unwrap_or_default();
+            }
+            WsRead::Timeout => panic!("the socket stayed open"),
+        }
+    }
+}
+
+#[actix_web::test]
+async fn a_revoked_key_is_detached_from_its_sockets_at_the_next_heartbeat() {
+    let mut app = spawn_app_with(|s| {
+        s.session_api_key = Some("s3cret".into());
+        s.socket.ping_interval_ms = 100;
+    })
+    .await;
+    let alice = add_user_key(app.store.as_ref(), "alice", false).await;
+    app.key = Some(alice.clone());
+    let id = app.create(json!({})).await;
+    let (mut sio, _) = app
+        .sio_attached(&format!("conversation_id={id}&session_api_key={alice}"))
+        .await;
+    let path = format!("/ws/conversations/{id}");
+    let mut plain = app
+        .ws(&path, &[("X-Session-API-Key", alice.as_str())])
+        .await
+        .expect("upgrade");
+    let mut admin = app
+        .ws(&path, &[("X-Session-API-Key", "s3cret")])
+        .await
+        .expect("upgrade");
+    app.store.revoke_key("alice").await.expect("revoke");
+    assert_eq!(closed(&mut sio).await, "the key was revoked");
+    assert_eq!(closed(&mut plain).await, "the key was revoked");
+    // The session key's socket stays: its next action is accepted and comes back.
+    admin
+        .send(r#"{"action":"message","args":{"content":"still here"}}"#)
+        .await;
+    loop {
+        match admin.read(10).await {
+            WsRead::Text(t) if t.contains("still here") => break,
+            WsRead::Text(_) => {}
+            other => panic!("the admin's socket: {other:?}"),
+        }
+    }
+}

@@ -425,6 +425,16 @@ impl Application {
             Ok(Err(e)) => tracing::error!(error = %e, "store flush failed"),
             Err(_) => tracing::error!("store flush timed out"),
         }
+        // Whatever this node still owns is free for the other nodes of its cluster now.
+        let left = self
+            .shutdown
+            .left(Duration::ZERO)
+            .max(Duration::from_millis(100));
+        match tokio::time::timeout(left, self.store.leave()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not leave the cluster"),
+            Err(_) => tracing::warn!("leaving the cluster timed out"),
+        }
         result
     }
 }

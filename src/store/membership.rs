@@ -14,8 +14,9 @@
 //!   append as soon as another node takes it over (its lease names the old incarnation). The
 //!   server reacts to the state change (stops conversations without writing, closes transports).
 //!   The node then registers again with a new incarnation and is live again.
-//! - **Clean exit.** When the store closes, the registration is removed, so that every
-//!   conversation the node still owned is free at once.
+//! - **Clean exit.** [`leave`] (graceful shutdown), or the store closing, removes the
+//!   registration, so that every conversation the node still owned is free at once; after
+//!   `leave` the node never registers again.
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -68,6 +69,8 @@ pub enum Membership {
 pub(super) struct NodeState {
     /// The live incarnation, 0 while fenced.
     incarnation: AtomicI64,
+    /// Set by [`leave`]: the node stays out of the cluster.
+    leaving: std::sync::atomic::AtomicBool,
     tx: watch::Sender<Membership>,
 }
 
@@ -77,6 +80,7 @@ impl NodeState {
         let (tx, _) = watch::channel(Membership::Fenced);
         Arc::new(NodeState {
             incarnation: AtomicI64::new(0),
+            leaving: std::sync::atomic::AtomicBool::new(false),
             tx,
         })
     }
@@ -233,6 +237,9 @@ pub(super) async fn run(
             _ = &mut stop => break,
             _ = tokio::time::sleep(node.heartbeat) => {}
         }
+        if state.leaving.load(Ordering::Acquire) {
+            break;
+        }
         let sent = Instant::now();
         match state.incarnation() {
             Some(incarnation) => match session.heartbeat(&node, incarnation).await {
@@ -267,6 +274,26 @@ pub(super) async fn run(
             Err(e) => tracing::warn!(error = %e, "cannot remove the cluster node's registration"),
         }
     }
+}
+
+/// Leaves the cluster for good (graceful shutdown): the registration goes at once, so what the
+/// node still owns is free for the other nodes; no heartbeat or registration follows.
+pub(super) async fn leave(
+    pool: &Pool,
+    node: &ClusterNode,
+    state: &NodeState,
+) -> Result<(), String> {
+    state.leaving.store(true, Ordering::Release);
+    let Some(incarnation) = state.incarnation() else {
+        return Ok(());
+    };
+    state.set(Membership::Fenced);
+    let mut session = Session::new(pool.clone(), node.ttl / 2);
+    session
+        .run(sql::DEREGISTER, &[&node.node_id, &incarnation])
+        .await?;
+    tracing::info!(node_id = %node.node_id, incarnation, "cluster node left");
+    Ok(())
 }
 
 fn fence(state: &NodeState, node: &ClusterNode, why: &str) {

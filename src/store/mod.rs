@@ -400,6 +400,12 @@ pub trait Store: Send + Sync + 'static {
     fn release(&self, _id: &str, _lease: Lease) -> StoreFuture<()> {
         Box::pin(std::future::ready(Ok(())))
     }
+    /// Leaves the cluster (graceful shutdown, after the conversations stopped): whatever this
+    /// node still owns is free for other nodes at once, and it takes nothing more. Nothing to
+    /// do on single-node stores.
+    fn leave(&self) -> StoreFuture<()> {
+        Box::pin(std::future::ready(Ok(())))
+    }
     /// This node's standing in the cluster of the nodes sharing the store, as it changes;
     /// `None` for single-node stores (always live).
     fn membership(&self) -> Option<tokio::sync::watch::Receiver<Membership>> {

@@ -319,6 +319,9 @@ enum OwnershipRequest {
         lease: Lease,
         reply: super::durable::Reply<()>,
     },
+    Leave {
+        reply: super::durable::Reply<()>,
+    },
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -540,10 +543,20 @@ impl PostgresStore {
         make: impl FnOnce(super::durable::Reply<T>) -> OwnershipRequest,
     ) -> StoreFuture<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let request = make(tx);
+        // Queued now when there is room, so that a caller that never polls the future (a
+        // release on the way out) still has it done.
+        let waiting = match self.ownership.try_send(make(tx)) {
+            Ok(()) => None,
+            Err(mpsc::error::TrySendError::Full(request)) => Some(request),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                return Box::pin(std::future::ready(Err(StoreError::Closed)))
+            }
+        };
         let queue = self.ownership.clone();
         Box::pin(async move {
-            queue.send(request).await.map_err(|_| StoreError::Closed)?;
+            if let Some(request) = waiting {
+                queue.send(request).await.map_err(|_| StoreError::Closed)?;
+            }
             rx.await.map_err(|_| StoreError::Closed)?
         })
     }
@@ -668,6 +681,10 @@ impl Store for PostgresStore {
     fn release(&self, id: &str, lease: Lease) -> StoreFuture<()> {
         let id = id.to_string();
         self.ownership_request(|reply| OwnershipRequest::Release { id, lease, reply })
+    }
+
+    fn leave(&self) -> StoreFuture<()> {
+        self.ownership_request(|reply| OwnershipRequest::Leave { reply })
     }
 
     fn membership(&self) -> Option<watch::Receiver<Membership>> {
@@ -1277,6 +1294,10 @@ async fn run_ownership(
                 }
                 OwnershipRequest::Release { id, lease, reply } => {
                     let _ = reply.send(release(&pool, &node.node_id, &id, lease).await);
+                }
+                OwnershipRequest::Leave { reply } => {
+                    let left = membership::leave(&pool, &node, &state).await;
+                    let _ = reply.send(left.map_err(StoreError::Io));
                 }
             }
         }

@@ -7,17 +7,68 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 
-/// Starts cluster node `node_id` on `db`.
+/// Starts cluster node `node_id` on `db` (heartbeat 100 ms, TTL 1 s).
 fn start_node(db: &pg::TestDatabase, node_id: &str) -> Server {
+    start_node_with_ttl(db, node_id, 1000)
+}
+
+/// Starts cluster node `node_id` on `db` with a heartbeat of 100 ms and a TTL of `ttl_ms`.
+fn start_node_with_ttl(db: &pg::TestDatabase, node_id: &str, ttl_ms: u64) -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
+    let ttl = ttl_ms.to_string();
     let envs = [
         ("SWITCHBOARD_POSTGRES_URL", db.url.as_str()),
         ("SWITCHBOARD_NODE_ID", node_id),
         ("SWITCHBOARD_HEARTBEAT_MS", "100"),
-        ("SWITCHBOARD_NODE_TTL_MS", "1000"),
+        ("SWITCHBOARD_NODE_TTL_MS", ttl.as_str()),
     ];
-    Server::start_with(dir, &data, "postgres", &envs)
+    let node = Server::start_with(dir, &data, "postgres", &envs);
+    let port = node.port;
+    wait_until(Duration::from_secs(15), "the node is ready", || {
+        readiness(port).0 == 200
+    });
+    node
+}
+
+/// Sends `signal` (`STOP`, `CONT`, `TERM`) to the node's process.
+fn signal(node: &Server, signal: &str) {
+    let sent = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(node.child.0.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill -{signal}");
+}
+
+/// Create-or-join of conversation `id` on the node at `port`: its status.
+fn join(port: u16, id: &str) -> u16 {
+    let body = format!(r#"{{"conversation_id":"{id}"}}"#);
+    http(port, "POST", "/api/conversations", Some(&body)).0
+}
+
+/// A user message posted to conversation `id` on the node at `port`: its status.
+fn post_message(port: u16, id: &str, content: &str) -> u16 {
+    let body = format!(r#"{{"action":"message","args":{{"content":"{content}"}}}}"#);
+    let path = format!("/api/conversations/{id}/events");
+    http(port, "POST", &path, Some(&body)).0
+}
+
+/// Checks what one writer per log means in the stored log: ids 0..n, epochs never going back.
+fn assert_one_writer_per_epoch(log: &[(u64, i64, Value)]) {
+    for (i, (event_id, _, _)) in log.iter().enumerate() {
+        assert_eq!(*event_id, i as u64, "ids dense and unique");
+    }
+    for pair in log.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].1,
+            "event {} of epoch {} was committed after event {} of epoch {}",
+            pair[1].0,
+            pair[1].1,
+            pair[0].0,
+            pair[0].1
+        );
+    }
 }
 
 /// Polls `check` every 20 ms until it holds; fails naming `what` after `limit`.
@@ -98,9 +149,6 @@ fn a_node_that_cannot_heartbeat_fences_itself_without_writing_and_comes_back() {
     let Some(db) = pg::database() else { return };
     let mut node = start_node(&db, "a");
     let port = node.port;
-    wait_until(Duration::from_secs(15), "the node is ready", || {
-        readiness(port).0 == 200
-    });
     let (status, body) = http(port, "POST", "/api/conversations", Some("{}"));
     assert_eq!(status, 200, "{body}");
     let id = body["conversation_id"].as_str().expect("id").to_string();
@@ -155,11 +203,163 @@ fn a_node_that_cannot_heartbeat_fences_itself_without_writing_and_comes_back() {
         stored_log(&db, &id).len() > before.len()
     });
     let log = stored_log(&db, &id);
-    for (i, (event_id, _, _)) in log.iter().enumerate() {
-        assert_eq!(*event_id, i as u64, "ids dense");
-    }
+    assert_one_writer_per_epoch(&log);
     let first_epoch = before.last().expect("events before").1;
     let resumed = &log[before.len()];
     assert!(resumed.1 > first_epoch, "resumed under a higher epoch");
     assert_eq!(resumed.2["extras"]["agent_state"], "loading");
+}
+
+/// `kill -9` of the node that owns a conversation: another node takes it over once the dead
+/// node's registration expired (refused with 503 before), the log continues with dense ids
+/// under a higher epoch, and the conversation goes on there. Prints how long the takeover took.
+#[test]
+fn kill_9_of_the_owner_and_another_node_takes_over_with_dense_ids() {
+    let Some(db) = pg::database() else { return };
+    let mut a = start_node(&db, "a");
+    let b = start_node(&db, "b");
+    let (status, body) = a.request(
+        "POST",
+        "/api/conversations",
+        Some(r#"{"initial_user_msg": "before"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    wait_until(Duration::from_secs(15), "the agent answered", || {
+        stored_log(&db, &id)
+            .iter()
+            .any(|(_, _, e)| e["extras"]["agent_state"] == "awaiting_user_input")
+    });
+    assert_eq!(
+        join(b.port, &id),
+        503,
+        "a live owner keeps its conversation"
+    );
+    let before = stored_log(&db, &id);
+
+    a.kill_9();
+    let killed = Instant::now();
+    let mut refused = 0;
+    wait_until(Duration::from_secs(30), "another node takes over", || {
+        let status = join(b.port, &id);
+        refused += usize::from(status == 503);
+        status == 200
+    });
+    let took = killed.elapsed();
+    println!(
+        "takeover after kill -9: {took:?} (node_ttl_ms 1000, heartbeat_ms 100; {refused} \
+         requests refused before)"
+    );
+    assert_eq!(post_message(b.port, &id, "after"), 200);
+    wait_until(Duration::from_secs(15), "the new owner answers", || {
+        stored_log(&db, &id)
+            .iter()
+            .any(|(_, _, e)| e["args"]["content"] == "after" && e["source"] == "agent")
+    });
+    let log = stored_log(&db, &id);
+    assert_one_writer_per_epoch(&log);
+    assert_eq!(&log[..before.len()], &before[..], "nothing stored was lost");
+    assert!(log.last().expect("events").1 > before.last().expect("events").1);
+}
+
+/// The owner stopped (`SIGSTOP`) past its TTL: another node takes the conversation over and
+/// writes to it; when the old owner runs again (`SIGCONT`) it writes nothing more — no event of
+/// its epoch follows one of the new owner's — its Socket.IO client is disconnected without a
+/// `41`, and it becomes ready again under a new incarnation.
+#[test]
+fn sigstop_past_the_ttl_then_sigcont_and_the_old_owner_is_fenced() {
+    let Some(db) = pg::database() else { return };
+    let mut a = start_node(&db, "a");
+    let b = start_node(&db, "b");
+    let (status, body) = a.request("POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    let (client, frames) = socketio(a.port, &id);
+    wait_until(
+        Duration::from_secs(15),
+        "the client sees the conversation",
+        || {
+            frames
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|f| f.contains("awaiting_user_input"))
+        },
+    );
+
+    signal(&a, "STOP");
+    wait_until(Duration::from_secs(30), "another node takes over", || {
+        join(b.port, &id) == 200
+    });
+    assert_eq!(post_message(b.port, &id, "on b"), 200);
+    wait_until(Duration::from_secs(15), "the new owner answers", || {
+        stored_log(&db, &id)
+            .iter()
+            .any(|(_, _, e)| e["args"]["content"] == "on b" && e["source"] == "agent")
+    });
+    let taken_over = stored_log(&db, &id);
+
+    signal(&a, "CONT");
+    // The old owner's actor still believes it owns the conversation: whatever it tries to
+    // write is refused, and it fences itself.
+    let _ = post_message(a.port, &id, "on a, stale");
+    a.wait_line(Duration::from_secs(15), |l| {
+        l.contains("cluster node fenced itself") || l.contains("append fenced")
+    });
+    client.join().expect("the client's thread");
+    let frames = frames.lock().expect("lock").clone();
+    assert!(
+        !frames.iter().any(|f| f == "41"),
+        "the old owner's clients are not told goodbye: {frames:?}"
+    );
+    wait_until(
+        Duration::from_secs(15),
+        "the old owner is ready again",
+        || readiness(a.port).0 == 200,
+    );
+    let log = stored_log(&db, &id);
+    assert_one_writer_per_epoch(&log);
+    assert_eq!(&log[..taken_over.len()], &taken_over[..]);
+    assert!(
+        !log.iter()
+            .any(|(_, _, e)| e["args"]["content"] == "on a, stale"),
+        "the stale owner wrote nothing"
+    );
+}
+
+/// `SIGTERM` hands a node's conversations off at once: with a TTL of a minute, another node
+/// can only take them over because the stopping node released them and left the cluster, and
+/// it does so on its first try after the process exited. Prints how long that took.
+#[test]
+fn sigterm_hands_the_conversations_off_at_once() {
+    let Some(db) = pg::database() else { return };
+    let mut a = start_node_with_ttl(&db, "a", 60_000);
+    let b = start_node_with_ttl(&db, "b", 60_000);
+    let ids: Vec<String> = (0..3)
+        .map(|_| {
+            let (status, body) = a.request("POST", "/api/conversations", Some("{}"));
+            assert_eq!(status, 200, "{body}");
+            body["conversation_id"].as_str().expect("id").to_string()
+        })
+        .collect();
+    assert_eq!(
+        join(b.port, &ids[0]),
+        503,
+        "a live owner keeps its conversation"
+    );
+
+    let sent = Instant::now();
+    signal(&a, "TERM");
+    a.child
+        .wait_for_exit(Duration::from_secs(15))
+        .expect("the node exits");
+    for id in &ids {
+        assert_eq!(join(b.port, id), 200, "taken over on the first try");
+    }
+    println!(
+        "hand-off after SIGTERM: {:?} from the signal until another node had taken all {} \
+         conversations (node_ttl_ms 60000)",
+        sent.elapsed(),
+        ids.len()
+    );
 }

@@ -81,21 +81,6 @@ fn log(db: &pg::TestDatabase, id: &str) -> Vec<(u64, i64)> {
     .collect()
 }
 
-/// The log's ids are 0..n and its epochs never go back.
-fn assert_one_writer_per_epoch(log: &[(u64, i64)]) {
-    for (expected, (id, _)) in log.iter().enumerate() {
-        assert_eq!(*id, expected as u64, "ids dense and unique: {log:?}");
-    }
-    for pair in log.windows(2) {
-        assert!(
-            pair[0].1 <= pair[1].1,
-            "an event of epoch {} was committed after one of epoch {}: {log:?}",
-            pair[1].1,
-            pair[0].1
-        );
-    }
-}
-
 async fn wait_for_incarnation(store: &PostgresStore, above: i64) -> i64 {
     let mut membership = store.membership().expect("a PostgreSQL store");
     let state = tokio::time::timeout(
@@ -232,7 +217,7 @@ async fn a_takeover_fences_the_old_owner_and_no_older_epoch_follows_a_newer_one(
     }
     let log = log(&db, "c");
     assert_eq!(log.len() as u64, next + 3);
-    assert_one_writer_per_epoch(&log);
+    pg::assert_one_writer_per_epoch(log.iter().copied());
     assert!(log.iter().any(|(_, e)| *e == old.epoch));
     assert!(log.iter().any(|(_, e)| *e == new.epoch));
 }

@@ -54,21 +54,9 @@ fn post_message(port: u16, id: &str, content: &str) -> u16 {
     http(port, "POST", &path, Some(&body)).0
 }
 
-/// Checks what one writer per log means in the stored log: ids 0..n, epochs never going back.
+/// Checks what one writer per log means in the stored log (see `tests/pg`).
 fn assert_one_writer_per_epoch(log: &[(u64, i64, Value)]) {
-    for (i, (event_id, _, _)) in log.iter().enumerate() {
-        assert_eq!(*event_id, i as u64, "ids dense and unique");
-    }
-    for pair in log.windows(2) {
-        assert!(
-            pair[0].1 <= pair[1].1,
-            "event {} of epoch {} was committed after event {} of epoch {}",
-            pair[1].0,
-            pair[1].1,
-            pair[0].0,
-            pair[0].1
-        );
-    }
+    pg::assert_one_writer_per_epoch(log.iter().map(|(id, epoch, _)| (*id, *epoch)));
 }
 
 /// Polls `check` every 20 ms until it holds; fails naming `what` after `limit`.
@@ -121,6 +109,38 @@ fn socketio(port: u16, id: &str) -> (JoinHandle<()>, Arc<Mutex<Vec<String>>>) {
     (thread, frames)
 }
 
+/// A new conversation on the node at `port` with a Socket.IO client attached that has seen its
+/// agent ready: its id, the client's thread and what it received.
+fn watched_conversation(port: u16) -> (String, JoinHandle<()>, Arc<Mutex<Vec<String>>>) {
+    let (status, body) = http(port, "POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    let (client, frames) = socketio(port, &id);
+    wait_until(
+        Duration::from_secs(15),
+        "the client sees the conversation",
+        || {
+            frames
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|f| f.contains("awaiting_user_input"))
+        },
+    );
+    (id, client, frames)
+}
+
+/// The server closed the client's connection without Socket.IO's goodbye (`41`), so a
+/// Socket.IO client reconnects.
+fn assert_closed_without_goodbye(client: JoinHandle<()>, frames: &Mutex<Vec<String>>) {
+    client.join().expect("the client's thread");
+    let frames = frames.lock().expect("lock").clone();
+    assert!(
+        !frames.iter().any(|f| f == "41"),
+        "the client was told goodbye: {frames:?}"
+    );
+}
+
 /// Every stored event of conversation `id` as (event id, epoch, event JSON), in id order.
 fn stored_log(db: &pg::TestDatabase, id: &str) -> Vec<(u64, i64, Value)> {
     db.query(&format!(
@@ -149,33 +169,14 @@ fn a_node_that_cannot_heartbeat_fences_itself_without_writing_and_comes_back() {
     let Some(db) = pg::database() else { return };
     let mut node = start_node(&db, "a");
     let port = node.port;
-    let (status, body) = http(port, "POST", "/api/conversations", Some("{}"));
-    assert_eq!(status, 200, "{body}");
-    let id = body["conversation_id"].as_str().expect("id").to_string();
-    let (client, frames) = socketio(port, &id);
-    wait_until(
-        Duration::from_secs(15),
-        "the client sees the conversation",
-        || {
-            frames
-                .lock()
-                .expect("lock")
-                .iter()
-                .any(|f| f.contains("awaiting_user_input"))
-        },
-    );
+    let (id, client, frames) = watched_conversation(port);
     let before = stored_log(&db, &id);
 
     let held = db.hold("SELECT 1 FROM cluster_nodes WHERE node_id = 'a' FOR UPDATE");
     wait_until(Duration::from_secs(15), "/ready says fenced", || {
         readiness(port) == (503, "fenced".to_string())
     });
-    client.join().expect("the client's thread");
-    let frames = frames.lock().expect("lock").clone();
-    assert!(
-        !frames.iter().any(|f| f == "41"),
-        "a fenced node's clients are not told goodbye: {frames:?}"
-    );
+    assert_closed_without_goodbye(client, &frames);
     node.wait_line(Duration::from_secs(15), |l| {
         l.contains("cluster node fenced itself")
     });
@@ -271,21 +272,7 @@ fn sigstop_past_the_ttl_then_sigcont_and_the_old_owner_is_fenced() {
     let Some(db) = pg::database() else { return };
     let mut a = start_node(&db, "a");
     let b = start_node(&db, "b");
-    let (status, body) = a.request("POST", "/api/conversations", Some("{}"));
-    assert_eq!(status, 200, "{body}");
-    let id = body["conversation_id"].as_str().expect("id").to_string();
-    let (client, frames) = socketio(a.port, &id);
-    wait_until(
-        Duration::from_secs(15),
-        "the client sees the conversation",
-        || {
-            frames
-                .lock()
-                .expect("lock")
-                .iter()
-                .any(|f| f.contains("awaiting_user_input"))
-        },
-    );
+    let (id, client, frames) = watched_conversation(a.port);
 
     signal(&a, "STOP");
     wait_until(Duration::from_secs(30), "another node takes over", || {
@@ -306,12 +293,7 @@ fn sigstop_past_the_ttl_then_sigcont_and_the_old_owner_is_fenced() {
     a.wait_line(Duration::from_secs(15), |l| {
         l.contains("cluster node fenced itself") || l.contains("append fenced")
     });
-    client.join().expect("the client's thread");
-    let frames = frames.lock().expect("lock").clone();
-    assert!(
-        !frames.iter().any(|f| f == "41"),
-        "the old owner's clients are not told goodbye: {frames:?}"
-    );
+    assert_closed_without_goodbye(client, &frames);
     wait_until(
         Duration::from_secs(15),
         "the old owner is ready again",

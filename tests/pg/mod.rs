@@ -75,6 +75,27 @@ impl TestDatabase {
     }
 }
 
+/// What one writer per log means for a stored log given as (event id, epoch) in id order: the
+/// ids are 0..n, and the epochs never go back (no event of an older epoch was committed after
+/// one of a newer).
+#[allow(dead_code)] // not every test binary that uses this module needs it
+pub fn assert_one_writer_per_epoch(log: impl IntoIterator<Item = (u64, i64)>) {
+    let log: Vec<(u64, i64)> = log.into_iter().collect();
+    for (expected, (id, _)) in log.iter().enumerate() {
+        assert_eq!(*id, expected as u64, "ids dense and unique: {log:?}");
+    }
+    for pair in log.windows(2) {
+        assert!(
+            pair[0].1 <= pair[1].1,
+            "event {} of epoch {} was committed after event {} of epoch {}",
+            pair[1].0,
+            pair[1].1,
+            pair[0].0,
+            pair[0].1
+        );
+    }
+}
+
 /// A transaction kept open (its locks held) until this is dropped; then rolled back.
 #[allow(dead_code)] // not every test binary that uses this module needs it
 pub struct Held {

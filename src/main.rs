@@ -222,7 +222,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         }
         app.run_until_stopped()
             .await
-            .map_err(|e| switchboard::startup::StartupError::Store(e.to_string()))
+            .map_err(switchboard::startup::StartupError::Serve)
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -32,7 +32,7 @@ use crate::config::{SessionKeyPolicy, Settings, StoreKind};
 use crate::http::auth::SessionAuth;
 use crate::http::origin::AllowList;
 use crate::ops::{Ops, Readiness};
-use crate::store::{MemoryStore, PostgresStore, SqliteStore, Store, StoreLimits};
+use crate::store::{MemoryStore, PostgresStore, SqliteStore, Store, StoreError, StoreLimits};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -42,12 +42,25 @@ pub enum StartupError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("{0}")]
-    Store(String),
+    /// The store cannot be opened; its message says why and what to do.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(
+        "the data directory {} is in use by another switchboard process (lock {})",
+        dir.display(),
+        lock.display()
+    )]
+    DataDirInUse {
+        dir: std::path::PathBuf,
+        lock: std::path::PathBuf,
+    },
     #[error("{0}")]
     Agent(String),
     #[error("cannot generate a session key: {0}")]
-    Key(String),
+    Key(#[source] std::io::Error),
+    /// The HTTP server stopped with an I/O error while serving.
+    #[error("the HTTP server failed: {0}")]
+    Serve(#[source] std::io::Error),
 }
 
 /// A built, bound, not yet running server.
@@ -107,13 +120,13 @@ pub fn open_store_on(settings: &Settings, port: u16) -> Result<Arc<dyn Store>, S
         StoreKind::Sqlite => {
             SqliteStore::open_with(&settings.data_dir, &settings.store_tuning, limits)
                 .map(|store| Arc::new(store) as Arc<dyn Store>)
-                .map_err(|e| StartupError::Store(e.to_string()))
+                .map_err(StartupError::Store)
         }
         StoreKind::Postgres => {
             let node = settings.cluster_node(port);
             PostgresStore::open_node(&settings.postgres, &settings.store_tuning, limits, node)
                 .map(|store| Arc::new(store) as Arc<dyn Store>)
-                .map_err(|e| StartupError::Store(e.to_string()))
+                .map_err(StartupError::Store)
         }
     }
 }
@@ -150,11 +163,10 @@ pub fn lock_data_dir(settings: &Settings) -> Result<Option<std::fs::File>, Start
     };
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StartupError::Store(format!(
-            "the data directory {} is in use by another switchboard process (lock {})",
-            settings.data_dir.display(),
-            path.display()
-        ))),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StartupError::DataDirInUse {
+            dir: settings.data_dir.clone(),
+            lock: path,
+        }),
         Err(std::fs::TryLockError::Error(e)) => {
             tracing::warn!(error = %e, "cannot lock the data directory; continuing without");
             Ok(None)
@@ -220,7 +232,7 @@ impl Application {
         let (session_key, key_generated) = match settings.session_key_policy() {
             SessionKeyPolicy::Required(key) => (Some(key), false),
             SessionKeyPolicy::Generate => {
-                let key = generate_key().map_err(|e| StartupError::Key(e.to_string()))?;
+                let key = generate_key().map_err(StartupError::Key)?;
                 (Some(key), true)
             }
             SessionKeyPolicy::Off => (None, false),
@@ -489,5 +501,31 @@ impl Signals {
             return;
         }
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    #[test]
+    fn startup_errors_say_which_part_failed_and_keep_their_cause() {
+        let serve = StartupError::Serve(std::io::Error::other("accept failed"));
+        assert_eq!(serve.to_string(), "the HTTP server failed: accept failed");
+        assert!(serve.source().is_some());
+        let store = StartupError::from(StoreError::Open("the file is not a database".into()));
+        assert_eq!(
+            store.to_string(),
+            "cannot open the store: the file is not a database"
+        );
+        let in_use = StartupError::DataDirInUse {
+            dir: "/srv/sb".into(),
+            lock: "/srv/sb/switchboard.lock".into(),
+        };
+        assert_eq!(
+            in_use.to_string(),
+            "the data directory /srv/sb is in use by another switchboard process (lock /srv/sb/switchboard.lock)"
+        );
     }
 }

@@ -30,7 +30,11 @@ pub const QUERY_SECURITY_SCHEME: &str = "APIKeyQuery";
         description = "Self-hosted, OpenHands-compatible conversation orchestrator.\n\n\
             Every `/api` route needs the session key when the server has one: the \
             `X-Session-API-Key` header, the `session_api_key` query parameter, or the login \
-            cookie a browser gets from `/login` or `/?session_api_key=…`. Every `/api` route \
+            cookie a browser gets from `/login` or `/?session_api_key=…`. A user key \
+            (`switchboard keys add`, sent the same ways) is needed once any exists; it sees \
+            only its user's conversations: any other answers as an unknown id would (`null`, \
+            404, `false`), and creating one with another user's `conversation_id` answers 409. \
+            The session key and admin keys see every conversation. Every `/api` route \
             answers with `cache-control: no-cache, no-store, must-revalidate, max-age=0`. A \
             request body with no `Content-Type` is read as JSON. Any request with a `Host` \
             that is not the server's own answers 400; a state-changing request or a socket \

@@ -250,10 +250,10 @@ impl SessionAuth {
         }
     }
 
-    /// Whether a page request may pass: a caller was found (a store failure counts as no, the
-    /// login form then says so no more than a wrong key would).
+    /// Whether a page request may pass: a caller was found (kept for the access log; a store
+    /// failure counts as no, the login form then says so no more than a wrong key would).
     async fn lets_in(&self, req: &HttpRequest) -> bool {
-        matches!(self.resolve_request(req).await, Ok(Some(_)))
+        self.authenticate(req).await.is_ok()
     }
 
     /// What logging a browser in with `key` does: set the cookie (a session or user key),

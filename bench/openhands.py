@@ -4,7 +4,8 @@
 Starts a switchboard with each agent in turn and measures, one conversation at a time:
 
 - POST /api/conversations → RUNNING (the agent process started, read `init`, said `ready`),
-  cold: no agent was waiting;
+  cold: no agent was waiting; and warm: with `runtime.process.warm = 1`, each conversation
+  created once the pooled agent is there and idle (done loading);
 - for OpenHands: one turn (a user message `run echo hi` → `run`, its output, `finish`,
   `finished`, two calls to a mock LLM on loopback), through switchboard;
 - the RSS and PSS of each live OpenHands agent (all of them kept running until the end);
@@ -30,7 +31,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from process_runtime import AGENT, ROOT, agent_pids, call, free_port, kib  # noqa: E402
+from process_runtime import AGENT, KEY, ROOT, agent_pids, call, free_port, kib  # noqa: E402
 
 MOCK_LLM = os.path.join(ROOT, "agents", "openhands", "mock_llm.py")
 
@@ -38,7 +39,7 @@ MOCK_LLM = os.path.join(ROOT, "agents", "openhands", "mock_llm.py")
 def start_server(binary, data_dir, env_extra):
     port = free_port()
     env = dict(os.environ, SWITCHBOARD_PORT=str(port), SWITCHBOARD_DATA_DIR=data_dir,
-               SWITCHBOARD_STORE="memory", SWITCHBOARD_LOG="warn",
+               SWITCHBOARD_STORE="memory", SWITCHBOARD_LOG="warn", SWITCHBOARD_SESSION_API_KEY=KEY,
                SWITCHBOARD_START_TIMEOUT_SECS="300", **env_extra)
     server = subprocess.Popen([binary, "serve"], env=env, cwd=ROOT,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -83,10 +84,58 @@ def cold_starts(base, n, body):
     return times, ids
 
 
+def pooled_agents(server_pid):
+    """The server's agents waiting in its warm pool: those in a `.pool-…` directory."""
+    pids = []
+    for pid in agent_pids(server_pid):
+        try:
+            if os.path.basename(os.readlink(f"/proc/{pid}/cwd")).startswith(".pool-"):
+                pids.append(pid)
+        except OSError:
+            pass
+    return pids
+
+
+def cpu_ticks(pid):
+    """User and system CPU time of a process so far, in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def wait_warm(server_pid, warm):
+    """Waits until `warm` agents wait in the pool, done loading (no CPU used for 0.5 s)."""
+    while True:
+        pids = pooled_agents(server_pid)
+        if len(pids) < warm:
+            time.sleep(0.05)
+            continue
+        before = [cpu_ticks(p) for p in pids]
+        time.sleep(0.5)
+        if [cpu_ticks(p) for p in pids] == before:
+            return
+
+
+def warm_starts(base, server_pid, n, body, warm=1):
+    """Seconds from POST to RUNNING for `n` conversations, each with a loaded pooled agent."""
+    times, ids = [], []
+    for _ in range(n):
+        wait_warm(server_pid, warm)
+        t = time.monotonic()
+        cid = call(base, "POST", "/api/conversations", body)["conversation_id"]
+        wait_running(base, cid)
+        times.append(time.monotonic() - t)
+        ids.append(cid)
+    return times, ids
+
+
 def summary(values):
     ordered = sorted(values)
-    return (f"p50 {statistics.median(ordered):.2f} s, min {ordered[0]:.2f} s, "
-            f"max {ordered[-1]:.2f} s (n={len(ordered)})")
+    return (f"p50 {statistics.median(ordered):.3f} s, min {ordered[0]:.3f} s, "
+            f"max {ordered[-1]:.3f} s (n={len(ordered)})")
 
 
 def direct(python, adapter, llm_url, work):
@@ -143,29 +192,56 @@ def main():
     venv = args.venv
     print(f"machine: {os.cpu_count()} CPUs; binary {args.binary}")
 
-    # The shell agent.
-    data_dir = tempfile.mkdtemp(prefix="switchboard-bench-")
-    server, base = start_server(args.binary, data_dir, {
-        "SWITCHBOARD_RUNTIME": "process",
-        "SWITCHBOARD_PROCESS_COMMAND": f"{sys.executable} {AGENT}"})
-    try:
-        cold_starts(base, 1, {})  # page cache
-        times, _ = cold_starts(base, n, {})
-        print(f"shell_agent.py POST→RUNNING cold: {summary(times)}")
-    finally:
-        stop_server(server)
-        shutil.rmtree(data_dir, ignore_errors=True)
+    # The shell agent, cold then from the warm pool.
+    for warm in (0, 1):
+        data_dir = tempfile.mkdtemp(prefix="switchboard-bench-")
+        server, base = start_server(args.binary, data_dir, {
+            "SWITCHBOARD_RUNTIME": "process",
+            "SWITCHBOARD_PROCESS_WARM": str(warm),
+            "SWITCHBOARD_MAX_RUNNING_CONVERSATIONS": str(n + 5),
+            "SWITCHBOARD_PROCESS_COMMAND": f"{sys.executable} {AGENT}"})
+        try:
+            cold_starts(base, 1, {})  # page cache
+            if warm:
+                times, _ = warm_starts(base, server.pid, n, {})
+                print(f"shell_agent.py POST→RUNNING warm: {summary(times)}")
+            else:
+                times, _ = cold_starts(base, n, {})
+                print(f"shell_agent.py POST→RUNNING cold: {summary(times)}")
+        finally:
+            stop_server(server)
+            shutil.rmtree(data_dir, ignore_errors=True)
 
     # The OpenHands agent, with a mock LLM.
     llm = subprocess.Popen([sys.executable, MOCK_LLM, "--port", "0"], stdout=subprocess.PIPE,
                            text=True)
     llm_url = "http://" + llm.stdout.readline().split()[-1]
-    data_dir = tempfile.mkdtemp(prefix="switchboard-bench-")
-    server, base = start_server(args.binary, data_dir, {
+    openhands_env = {
         "SWITCHBOARD_RUNTIME": "openhands",
         "SWITCHBOARD_MAX_RUNNING_CONVERSATIONS": str(n + 5),
         "LLM_MODEL": "openai/mock", "LLM_BASE_URL": llm_url + "/v1", "LLM_API_KEY": "sk-bench",
-        "LLM_NATIVE_TOOL_CALLING": "true"})
+        "LLM_NATIVE_TOOL_CALLING": "true"}
+    # From the warm pool: each conversation once the pooled agent has loaded.
+    data_dir = tempfile.mkdtemp(prefix="switchboard-bench-")
+    server, base = start_server(args.binary, data_dir,
+                                dict(openhands_env, SWITCHBOARD_PROCESS_WARM="1"))
+    try:
+        times, ids = warm_starts(base, server.pid, n, {})
+        print(f"OpenHands agent POST→RUNNING warm: {summary(times)}")
+        turns = []
+        for cid in ids:
+            t = time.monotonic()
+            call(base, "POST", f"/api/conversations/{cid}/events",
+                 {"action": "message", "args": {"content": "run echo hi"}})
+            while states(base, cid).count("finished") == 0:
+                time.sleep(0.005)
+            turns.append(time.monotonic() - t)
+        print(f"OpenHands first turn, pooled agent: {summary(turns)}")
+    finally:
+        stop_server(server)
+        shutil.rmtree(data_dir, ignore_errors=True)
+    data_dir = tempfile.mkdtemp(prefix="switchboard-bench-")
+    server, base = start_server(args.binary, data_dir, openhands_env)
     try:
         cold_starts(base, 1, {})  # page cache
         times, ids = cold_starts(base, n, {})

@@ -7,7 +7,8 @@
 //! - [`keys`]: user keys (made, hashed, named) and the `switchboard keys` command.
 //! - [`api`]: HTTP routes, request validation and error bodies.
 //! - [`actors`]: the supervisor and the per-conversation actors.
-//! - [`runtime`]: what runs behind a conversation (echo, agent processes, the openhands preset).
+//! - [`runtime`]: what runs behind a conversation (echo, agent processes and their warm pool,
+//!   the openhands preset).
 //! - [`events`]: the OpenHands event model and its JSON form.
 //! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite, PostgreSQL).
 //! - [`ws`]: socket transports (Socket.IO and plain JSON WebSocket).

@@ -67,7 +67,9 @@ from pathlib import Path  # noqa: E402
 from pydantic import SecretStr  # noqa: E402
 
 import openhands.agenthub  # noqa: E402,F401  (registers the agents)
+import jinja2  # noqa: E402
 import openhands.memory.memory as oh_memory  # noqa: E402
+import openhands.utils.prompt as oh_prompt  # noqa: E402
 from openhands.controller import AgentController  # noqa: E402
 from openhands.controller.agent import Agent  # noqa: E402
 from openhands.core.config import OpenHandsConfig  # noqa: E402
@@ -314,7 +316,34 @@ def write_history(file_store, sid, history):
 
 # ---- the conversation ---------------------------------------------------------------------
 
+# ---- before `init`: what every conversation would repeat ------------------------------------
+
+_TEMPLATES = {}
+
+
+def _shared_environment(loader):
+    """One jinja environment per prompt directory, so that a template is compiled once per
+    process, not once per agent (OpenHands makes a new environment for each PromptManager)."""
+    key = tuple(getattr(loader, "searchpath", ()) or ())
+    if key not in _TEMPLATES:
+        _TEMPLATES[key] = jinja2.Environment(loader=loader)
+    return _TEMPLATES[key]
+
+
+def warm_up():
+    """Compiles the default agent's prompt templates while waiting for `init`: a warm pool
+    hands this agent out sooner (~10 ms of CodeActAgent's start)."""
+    oh_prompt.Environment = _shared_environment
+    try:
+        cls = Agent.get_cls("CodeActAgent")
+        prompts = os.path.join(os.path.dirname(sys.modules[cls.__module__].__file__), "prompts")
+        oh_prompt.PromptManager(prompt_dir=prompts)
+    except Exception as e:  # only a lost head start
+        log(f"warm-up skipped: {e!r}")
+
+
 async def main():
+    warm_up()
     line = sys.stdin.buffer.readline()
     if not line:
         return

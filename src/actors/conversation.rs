@@ -6,6 +6,11 @@
 //! - **Persist, then broadcast.** Every event gets the next dense id, goes to the store, and is
 //!   released to clients and the runtime only once the store confirmed it — in id order, with
 //!   status payloads kept in order between them (the `outbox`).
+//! - **A new conversation is one write.** Its first events (`loading`, replayed history, the
+//!   initial message, and what a runtime that is ready at once adds) are stamped and its runtime
+//!   started before anything is stored; then the conversation and those events go to the store
+//!   as one `create_with_events`, and nothing is released, nor the request that created it
+//!   answered, before that write is durable. Until then later events wait for it too.
 //! - **Subscribe, then replay, then live.** A subscriber is told `replay_before`: every event
 //!   with a smaller id is durable (read it from the store); every later one reaches it through
 //!   its bounded sink, exactly once. A subscriber whose sink is full is dropped, which closes

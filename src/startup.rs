@@ -271,6 +271,7 @@ impl Application {
             App::new()
                 .app_data(state.clone())
                 .app_data(ops.clone())
+                .wrap(from_fn(crate::http::forward::forward))
                 .wrap(from_fn(crate::http::auth::login))
                 .wrap(cors(allow.clone()))
                 .wrap(from_fn(crate::http::gate))

@@ -147,8 +147,8 @@ async fn admit_and_join(
             Err(ConversationError::OverQuota(quota, why)) => {
                 return Err(ApiError::OverQuota(quota, why))
             }
-            Err(e @ ConversationError::Elsewhere(_)) => {
-                return Err(ApiError::Unavailable(e.to_string()))
+            Err(ConversationError::Elsewhere(owner)) => {
+                return Err(ApiError::Elsewhere(id.to_string(), owner))
             }
             Err(e) => return Err(ApiError::Internal(e.to_string())),
         }
@@ -435,7 +435,10 @@ pub async fn update(
             Err(ConversationError::Stopping) => state.store.set_title(&id, &title).await?,
             Err(_) => false,
         },
-        None => state.store.set_title(&id, &title).await?,
+        None => {
+            owned_here(&state, &id).await?;
+            state.store.set_title(&id, &title).await?
+        }
     };
     if !updated {
         return Err(not_found_patch());
@@ -468,11 +471,23 @@ pub async fn delete(
     if visible(&state, &caller, &id).await?.is_none() {
         return Ok(HttpResponse::Ok().json(false));
     }
+    if state.supervisor.live(&id).is_none() {
+        owned_here(&state, &id).await?;
+    }
     let deleted = state.supervisor.delete(id).await.map_err(|e| match e {
         DeleteError::ShuttingDown => ApiError::Unavailable("The server is shutting down".into()),
         DeleteError::Store(e) => ApiError::Storage(e.to_string()),
     })?;
     Ok(HttpResponse::Ok().json(deleted))
+}
+
+/// Refuses a command for a conversation another live cluster node owns (it is forwarded there,
+/// see [`crate::http::forward`]).
+async fn owned_here(state: &AppState, id: &str) -> Result<(), ApiError> {
+    match state.store.owner(id).await? {
+        Some(owner) => Err(ApiError::Elsewhere(id.to_string(), owner)),
+        None => Ok(()),
+    }
 }
 
 fn not_found_status(id: &str) -> ApiError {
@@ -602,7 +617,10 @@ pub async fn stop(
             conversation.stop(StopReason::User).await;
             "Conversation stopped successfully"
         }
-        None => "Conversation was not running",
+        None => {
+            owned_here(&state, &id).await?;
+            "Conversation was not running"
+        }
     };
     Ok(HttpResponse::Ok().json(conversation_response(
         &id,
@@ -751,7 +769,7 @@ pub async fn post_event(
         Err(ConversationError::Stopping) => Err(refused("The conversation is stopping".into())),
         Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e)),
         Err(ConversationError::OverQuota(quota, why)) => Err(ApiError::OverQuota(quota, why)),
-        Err(e @ ConversationError::Elsewhere(_)) => Err(ApiError::Unavailable(e.to_string())),
+        Err(ConversationError::Elsewhere(owner)) => Err(ApiError::Elsewhere(id.to_string(), owner)),
     }
 }
 

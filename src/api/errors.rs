@@ -61,6 +61,10 @@ pub enum ApiError {
     /// A status with an exact body (OpenHands' route-specific shapes).
     #[error("{0}")]
     Exact(StatusCode, Value),
+    /// 503 `{"detail": …}`: another live cluster node owns the conversation. The response
+    /// carries the owner (an extension) for [`crate::http::forward`], which sends the request on.
+    #[error("Conversation {0} is owned by cluster node {node} ({url})", node = .1.node_id, url = .1.url)]
+    Elsewhere(String, crate::store::NodeAddress),
     /// 500; the cause is logged, not shown.
     #[error("internal error: {0}")]
     Internal(String),
@@ -85,7 +89,9 @@ impl ResponseError for ApiError {
             ApiError::TooManyConversations | ApiError::RateLimited { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            ApiError::Unavailable(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Storage(_) | ApiError::Elsewhere(..) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::OverQuota(crate::store::Quota::Conversation, _) => {
                 StatusCode::PAYLOAD_TOO_LARGE
             }
@@ -110,6 +116,11 @@ impl ResponseError for ApiError {
             | ApiError::BodyTimeout(_)
             | ApiError::BodiesBusy => {
                 json!({ "detail": self.to_string() })
+            }
+            ApiError::Elsewhere(_, owner) => {
+                let mut response = HttpResponse::build(self.status_code());
+                response.extensions_mut().insert(owner.clone());
+                return response.json(json!({ "detail": self.to_string() }));
             }
             ApiError::TooManyConversations => json!({
                 "status": "error",

@@ -24,6 +24,7 @@ use crate::config::Settings;
 
 pub mod auth;
 pub mod body;
+pub mod forward;
 pub mod origin;
 
 /// The allow-lists and body limits every request is checked against.

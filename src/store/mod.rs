@@ -400,6 +400,11 @@ pub trait Store: Send + Sync + 'static {
     fn release(&self, _id: &str, _lease: Lease) -> StoreFuture<()> {
         Box::pin(std::future::ready(Ok(())))
     }
+    /// The node that owns conversation `id` now, if another live one does (single-node stores:
+    /// never).
+    fn owner(&self, _id: &str) -> StoreFuture<Option<NodeAddress>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
     /// Leaves the cluster (graceful shutdown, after the conversations stopped): whatever this
     /// node still owns is free for other nodes at once, and it takes nothing more. Nothing to
     /// do on single-node stores.

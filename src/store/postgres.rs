@@ -253,6 +253,10 @@ mod sql {
     pub const OWNER: &str = "SELECT o.node_id, n.advertise_url FROM ownership o \
          LEFT JOIN cluster_nodes n ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
          WHERE o.conversation_id = $1";
+    /// The live node that owns conversation `$1` and where it is reached; no row otherwise.
+    pub const LIVE_OWNER: &str = "SELECT o.node_id, n.advertise_url FROM ownership o \
+         JOIN cluster_nodes n ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
+         WHERE o.conversation_id = $1 AND n.expires_at > now()";
     /// Gives back conversation `$1` held by node `$2`, incarnation `$3`, at epoch `$4`.
     pub const RELEASE: &str = "UPDATE ownership SET node_id = NULL, incarnation = NULL \
          WHERE conversation_id = $1 AND node_id = $2 AND incarnation = $3 AND epoch = $4";
@@ -286,6 +290,7 @@ mod sql {
         NODE_LIVE,
         ACQUIRE,
         OWNER,
+        LIVE_OWNER,
         RELEASE,
         RELEASE_UNKNOWN,
     ];
@@ -321,6 +326,10 @@ enum OwnershipRequest {
     },
     Leave {
         reply: super::durable::Reply<()>,
+    },
+    Owner {
+        id: String,
+        reply: super::durable::Reply<Option<NodeAddress>>,
     },
 }
 
@@ -681,6 +690,11 @@ impl Store for PostgresStore {
     fn release(&self, id: &str, lease: Lease) -> StoreFuture<()> {
         let id = id.to_string();
         self.ownership_request(|reply| OwnershipRequest::Release { id, lease, reply })
+    }
+
+    fn owner(&self, id: &str) -> StoreFuture<Option<NodeAddress>> {
+        let id = id.to_string();
+        self.ownership_request(|reply| OwnershipRequest::Owner { id, reply })
     }
 
     fn leave(&self) -> StoreFuture<()> {
@@ -1295,6 +1309,9 @@ async fn run_ownership(
                 OwnershipRequest::Release { id, lease, reply } => {
                     let _ = reply.send(release(&pool, &node.node_id, &id, lease).await);
                 }
+                OwnershipRequest::Owner { id, reply } => {
+                    let _ = reply.send(owner(&pool, &node.node_id, &id).await);
+                }
                 OwnershipRequest::Leave { reply } => {
                     let left = membership::leave(&pool, &node, &state).await;
                     let _ = reply.send(left.map_err(StoreError::Io));
@@ -1380,6 +1397,23 @@ async fn acquire(
     };
     tx.commit().await.map_err(io_error)?;
     Ok(acquired)
+}
+
+/// The live node other than `node_id` that owns `id`, if any.
+async fn owner(pool: &Pool, node_id: &str, id: &str) -> Result<Option<NodeAddress>, StoreError> {
+    let conn = pool.get().await.map_err(pool_error)?;
+    let statement = conn
+        .prepare_cached(sql::LIVE_OWNER)
+        .await
+        .map_err(io_error)?;
+    let Some(row) = conn.query_opt(&statement, &[&id]).await.map_err(io_error)? else {
+        return Ok(None);
+    };
+    let owner = NodeAddress {
+        node_id: row.try_get(0).map_err(io_error)?,
+        url: row.try_get(1).map_err(io_error)?,
+    };
+    Ok((owner.node_id != node_id).then_some(owner))
 }
 
 /// Gives `lease` on `id` back (the row goes when the conversation does not exist).

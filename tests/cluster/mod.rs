@@ -12,17 +12,29 @@ fn start_node(db: &pg::TestDatabase, node_id: &str) -> Server {
     start_node_with_ttl(db, node_id, 1000)
 }
 
-/// Starts cluster node `node_id` on `db` with a heartbeat of 100 ms and a TTL of `ttl_ms`.
+/// Starts cluster node `node_id` on `db` with a heartbeat of 100 ms and a TTL of `ttl_ms`
+/// (without a cluster key: commands for another node's conversations are refused with 503).
 fn start_node_with_ttl(db: &pg::TestDatabase, node_id: &str, ttl_ms: u64) -> Server {
+    start_node_with(db, node_id, ttl_ms, &[])
+}
+
+/// [`start_node_with_ttl`] with more settings.
+fn start_node_with(
+    db: &pg::TestDatabase,
+    node_id: &str,
+    ttl_ms: u64,
+    more: &[(&str, &str)],
+) -> Server {
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
     let ttl = ttl_ms.to_string();
-    let envs = [
+    let mut envs = vec![
         ("SWITCHBOARD_POSTGRES_URL", db.url.as_str()),
         ("SWITCHBOARD_NODE_ID", node_id),
         ("SWITCHBOARD_HEARTBEAT_MS", "100"),
         ("SWITCHBOARD_NODE_TTL_MS", ttl.as_str()),
     ];
+    envs.extend_from_slice(more);
     let node = Server::start_with(dir, &data, "postgres", &envs);
     let port = node.port;
     wait_until(Duration::from_secs(15), "the node is ready", || {
@@ -343,5 +355,66 @@ fn sigterm_hands_the_conversations_off_at_once() {
          conversations (node_ttl_ms 60000)",
         sent.elapsed(),
         ids.len()
+    );
+}
+
+/// With a cluster key, a command sent to any node is handled by the conversation's owner and
+/// answered with the owner's answer: a posted message and a create-or-join through B reach the
+/// conversation A owns (one epoch: nothing moved), a stop through B stops it on A. A request
+/// already forwarded is never forwarded again (421 from a node that does not own it), and a
+/// wrong cluster key is refused (403).
+#[test]
+fn commands_sent_to_any_node_are_handled_by_the_owner() {
+    let Some(db) = pg::database() else { return };
+    let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let a = start_node_with(&db, "a", 1000, &key);
+    let b = start_node_with(&db, "b", 1000, &key);
+    let (status, body) = a.request(
+        "POST",
+        "/api/conversations",
+        Some(r#"{"initial_user_msg": "on a"}"#),
+    );
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    wait_until(Duration::from_secs(15), "the agent answered", || {
+        stored_log(&db, &id)
+            .iter()
+            .any(|(_, _, e)| e["extras"]["agent_state"] == "awaiting_user_input")
+    });
+
+    assert_eq!(post_message(b.port, &id, "via b"), 200);
+    wait_until(Duration::from_secs(15), "the owner answers", || {
+        stored_log(&db, &id)
+            .iter()
+            .any(|(_, _, e)| e["args"]["content"] == "via b" && e["source"] == "agent")
+    });
+    assert_eq!(join(b.port, &id), 200);
+    let log = stored_log(&db, &id);
+    assert_one_writer_per_epoch(&log);
+    assert!(
+        log.iter().all(|(_, epoch, _)| *epoch == log[0].1),
+        "one owner throughout: {:?}",
+        log.iter().map(|(i, e, _)| (i, e)).collect::<Vec<_>>()
+    );
+
+    // A message as a node forwards it, with `cluster_key`: the answer's status.
+    let forwarded_message = |port: u16, cluster_key: &str| {
+        let path = format!("/api/conversations/{id}/events");
+        let message = r#"{"action":"message","args":{"content":"again"}}"#;
+        let headers = [("X-Switchboard-Cluster-Key", cluster_key)];
+        http_raw(port, "POST", &path, &headers, Some(message)).status
+    };
+    assert_eq!(forwarded_message(b.port, "a shared secret"), 421);
+    assert_eq!(forwarded_message(a.port, "a guess"), 403);
+
+    let (status, body) = b.request("POST", &format!("/api/conversations/{id}/stop"), None);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["message"], "Conversation stopped successfully",
+        "{body}"
+    );
+    assert_eq!(
+        stored_log(&db, &id).last().expect("events").2["extras"]["agent_state"],
+        "stopped"
     );
 }

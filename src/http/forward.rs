@@ -1,0 +1,187 @@
+//! Forwarding commands to the cluster node that owns their conversation.
+//!
+//! On the PostgreSQL store with a `[cluster] cluster_key`, a command for a conversation (any
+//! `/api/conversations/…` request but a read: POST, PATCH, DELETE) that this node cannot serve
+//! because another live node owns the conversation ([`ApiError::Elsewhere`]) is sent on to that
+//! node over HTTP, with the caller's own credentials and the cluster key
+//! ([`CLUSTER_KEY_HEADER`]), and the owner's answer is the caller's answer: a 200 means the
+//! owner handled it. Promises:
+//!
+//! - **Never forwarded twice.** A request carrying the cluster key is never forwarded again: a
+//!   node that does not own its conversation (any more) answers it 421 Misdirected Request.
+//!   The forwarding node then looks the owner up again, once, and forwards to the new owner if
+//!   there is one; otherwise (or after a second 421) the caller gets 503 and retries.
+//! - **A wrong cluster key is refused** with 403 and nothing is done.
+//! - An owner that cannot be reached answers 503 (the caller retries; once the owner's
+//!   registration has expired, another node takes the conversation over).
+//!
+//! Reads (list, get, events) are never forwarded: every node reads the shared database.
+
+use std::time::Duration;
+
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, Method, StatusCode};
+use actix_web::middleware::Next;
+use actix_web::{web, HttpResponse, ResponseError};
+use serde_json::json;
+use subtle::ConstantTimeEq;
+
+use crate::api::{ApiError, AppState};
+use crate::config::StoreKind;
+use crate::store::NodeAddress;
+
+/// The header a forwarded request carries the cluster key in.
+pub const CLUSTER_KEY_HEADER: &str = "x-switchboard-cluster-key";
+
+/// How long a forwarded request may take.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The caller's headers a forwarded request keeps.
+const KEPT_HEADERS: &[header::HeaderName] = &[
+    header::CONTENT_TYPE,
+    header::AUTHORIZATION,
+    header::COOKIE,
+    header::ACCEPT,
+];
+
+/// The middleware; see the module docs.
+pub async fn forward(
+    mut req: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<BoxBody>, actix_web::Error> {
+    let Some(state) = req.app_data::<web::Data<AppState>>().cloned() else {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    };
+    let key = &state.settings.cluster.cluster_key;
+    if state.settings.store != StoreKind::Postgres || key.is_empty() {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    }
+    if let Some(presented) = req.headers().get(CLUSTER_KEY_HEADER) {
+        if !bool::from(presented.as_bytes().ct_eq(key.as_bytes())) {
+            let refused = refusal(StatusCode::FORBIDDEN, "wrong cluster key".into());
+            return Ok(req.into_response(refused).map_into_boxed_body());
+        }
+        // Forwarded once already: never again.
+        let res = next.call(req).await?;
+        if let Some(owner) = elsewhere(&res) {
+            let detail = format!(
+                "this node does not own the conversation (cluster node {} does)",
+                owner.node_id
+            );
+            let (req, _) = res.into_parts();
+            let answer = refusal(StatusCode::MISDIRECTED_REQUEST, detail);
+            return Ok(ServiceResponse::new(req, answer));
+        }
+        return Ok(res.map_into_boxed_body());
+    }
+    let command = match *req.method() {
+        Method::POST => {
+            req.path() == "/api/conversations" || req.path().starts_with("/api/conversations/")
+        }
+        Method::PATCH | Method::DELETE => req.path().starts_with("/api/conversations/"),
+        _ => false,
+    };
+    if !command {
+        return Ok(next.call(req).await?.map_into_boxed_body());
+    }
+    // Kept, to send on if the owner is another node.
+    let payload = req.extract::<web::Payload>().await?;
+    let body = match crate::api::read_body(payload, state.settings.limits.max_body_bytes).await {
+        Ok(body) => body.freeze(),
+        Err(e) => return Ok(req.into_response(e.error_response()).map_into_boxed_body()),
+    };
+    req.set_payload(actix_web::dev::Payload::from(body.clone()));
+    let res = next.call(req).await?;
+    let Some(mut owner) = elsewhere(&res) else {
+        return Ok(res.map_into_boxed_body());
+    };
+    let (req, _) = res.into_parts();
+    let id = req
+        .match_info()
+        .get("conversation_id")
+        .unwrap_or_default()
+        .to_string();
+    let mut reresolved = false;
+    let answer = loop {
+        match send(&req, &owner, key, body.clone()).await {
+            Ok(answer) if answer.status() == StatusCode::MISDIRECTED_REQUEST && !reresolved => {
+                // Ownership moved meanwhile: look the owner up again, once.
+                reresolved = true;
+                match state.store.owner(&id).await {
+                    Ok(Some(next_owner)) if next_owner.url != owner.url => owner = next_owner,
+                    _ => break unavailable(&id, "its ownership is moving"),
+                }
+            }
+            Ok(answer) if answer.status() == StatusCode::MISDIRECTED_REQUEST => {
+                break unavailable(&id, "its ownership is moving")
+            }
+            Ok(answer) => break answer,
+            Err(why) => {
+                tracing::warn!(conversation_id = %id, owner = %owner.node_id, url = %owner.url, error = %why, "cannot forward to the owner");
+                break unavailable(
+                    &id,
+                    &format!("its owner {} cannot be reached", owner.node_id),
+                );
+            }
+        }
+    };
+    Ok(ServiceResponse::new(req, answer))
+}
+
+/// The owner a response says the conversation has, when it was refused for that.
+fn elsewhere<B>(res: &ServiceResponse<B>) -> Option<NodeAddress> {
+    res.response().extensions().get::<NodeAddress>().cloned()
+}
+
+/// Sends the request on to `owner`; its answer as this node's.
+async fn send(
+    req: &actix_web::HttpRequest,
+    owner: &NodeAddress,
+    key: &str,
+    body: web::Bytes,
+) -> Result<HttpResponse, String> {
+    if owner.url.is_empty() {
+        return Err("it has no address".into());
+    }
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or(req.path(), |p| p.as_str());
+    let client = awc::Client::builder().timeout(FORWARD_TIMEOUT).finish();
+    let mut out = client
+        .request(req.method().clone(), format!("{}{path}", owner.url))
+        .insert_header((CLUSTER_KEY_HEADER, key));
+    for name in KEPT_HEADERS {
+        if let Some(value) = req.headers().get(name) {
+            out = out.insert_header((name.clone(), value.clone()));
+        }
+    }
+    if let Some(value) = req.headers().get(crate::http::auth::KEY_HEADER) {
+        out = out.insert_header((crate::http::auth::KEY_HEADER, value.clone()));
+    }
+    let mut answer = out.send_body(body).await.map_err(|e| e.to_string())?;
+    let bytes = answer
+        .body()
+        .limit(64 * 1024 * 1024)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut response = HttpResponse::build(answer.status());
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+        if let Some(value) = answer.headers().get(&name) {
+            response.insert_header((name, value.clone()));
+        }
+    }
+    Ok(response.body(bytes))
+}
+
+fn unavailable(id: &str, why: &str) -> HttpResponse {
+    refusal(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("Conversation {id} is served by another cluster node, but {why}; try again"),
+    )
+}
+
+fn refusal(status: StatusCode, detail: String) -> HttpResponse {
+    ApiError::Exact(status, json!({ "detail": detail })).error_response()
+}

@@ -153,6 +153,21 @@ fn assert_closed_without_goodbye(client: JoinHandle<()>, frames: &Mutex<Vec<Stri
     );
 }
 
+/// A new conversation on `node` with `first` as its initial message, once its agent has
+/// answered (as stored).
+fn answered_conversation(db: &pg::TestDatabase, node: &Server, first: &str) -> String {
+    let body = format!(r#"{{"initial_user_msg": "{first}"}}"#);
+    let (status, body) = node.request("POST", "/api/conversations", Some(&body));
+    assert_eq!(status, 200, "{body}");
+    let id = body["conversation_id"].as_str().expect("id").to_string();
+    wait_until(Duration::from_secs(15), "the agent answered", || {
+        stored_log(db, &id)
+            .iter()
+            .any(|(_, _, e)| e["extras"]["agent_state"] == "awaiting_user_input")
+    });
+    id
+}
+
 /// Every stored event of conversation `id` as (event id, epoch, event JSON), in id order.
 fn stored_log(db: &pg::TestDatabase, id: &str) -> Vec<(u64, i64, Value)> {
     db.query(&format!(
@@ -231,18 +246,7 @@ fn kill_9_of_the_owner_and_another_node_takes_over_with_dense_ids() {
     let Some(db) = pg::database() else { return };
     let mut a = start_node(&db, "a");
     let b = start_node(&db, "b");
-    let (status, body) = a.request(
-        "POST",
-        "/api/conversations",
-        Some(r#"{"initial_user_msg": "before"}"#),
-    );
-    assert_eq!(status, 200, "{body}");
-    let id = body["conversation_id"].as_str().expect("id").to_string();
-    wait_until(Duration::from_secs(15), "the agent answered", || {
-        stored_log(&db, &id)
-            .iter()
-            .any(|(_, _, e)| e["extras"]["agent_state"] == "awaiting_user_input")
-    });
+    let id = answered_conversation(&db, &a, "before");
     assert_eq!(
         join(b.port, &id),
         503,
@@ -369,18 +373,7 @@ fn commands_sent_to_any_node_are_handled_by_the_owner() {
     let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
     let a = start_node_with(&db, "a", 1000, &key);
     let b = start_node_with(&db, "b", 1000, &key);
-    let (status, body) = a.request(
-        "POST",
-        "/api/conversations",
-        Some(r#"{"initial_user_msg": "on a"}"#),
-    );
-    assert_eq!(status, 200, "{body}");
-    let id = body["conversation_id"].as_str().expect("id").to_string();
-    wait_until(Duration::from_secs(15), "the agent answered", || {
-        stored_log(&db, &id)
-            .iter()
-            .any(|(_, _, e)| e["extras"]["agent_state"] == "awaiting_user_input")
-    });
+    let id = answered_conversation(&db, &a, "on a");
 
     assert_eq!(post_message(b.port, &id, "via b"), 200);
     wait_until(Duration::from_secs(15), "the owner answers", || {

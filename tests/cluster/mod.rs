@@ -411,3 +411,53 @@ fn commands_sent_to_any_node_are_handled_by_the_owner() {
         "stopped"
     );
 }
+
+/// 200 concurrent create-or-join requests for one new id, spread over three nodes sharing a
+/// cluster key: every one is answered 200, and exactly one conversation runtime started (one
+/// `loading` event in the log, every event under one epoch).
+#[test]
+fn concurrent_create_or_join_of_one_id_across_three_nodes_starts_one_runtime() {
+    let Some(db) = pg::database() else { return };
+    let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let nodes = [
+        start_node_with(&db, "a", 1000, &key),
+        start_node_with(&db, "b", 1000, &key),
+        start_node_with(&db, "c", 1000, &key),
+    ];
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let statuses: Vec<u16> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..20)
+            .map(|worker| {
+                let (ports, id) = (&ports, &id);
+                scope.spawn(move || {
+                    (0..10)
+                        .map(|i| join(ports[(worker + i) % ports.len()], id))
+                        .collect::<Vec<u16>>()
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("worker"))
+            .collect()
+    });
+    assert_eq!(statuses.len(), 200);
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every create-or-join answered 200: {statuses:?}"
+    );
+    wait_until(Duration::from_secs(15), "the agent is ready", || {
+        stored_log(&db, &id)
+            .iter()
+            .any(|(_, _, e)| e["extras"]["agent_state"] == "awaiting_user_input")
+    });
+    let log = stored_log(&db, &id);
+    assert_one_writer_per_epoch(&log);
+    let starts = log
+        .iter()
+        .filter(|(_, _, e)| e["extras"]["agent_state"] == "loading")
+        .count();
+    assert_eq!(starts, 1, "one runtime start");
+    assert!(log.iter().all(|(_, epoch, _)| *epoch == log[0].1));
+}

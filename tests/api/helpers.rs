@@ -353,7 +353,9 @@ impl TestApp {
     pub async fn sio_caught_up(&self, id: &str) -> WsClient {
         let (mut ws, replay) = self.sio_attached(&format!("conversation_id={id}")).await;
         let before = self.events(id).await.len();
-        let mut seen = stored(&replay).len();
+        let replayed = stored(&replay);
+        assert_dense(&replayed);
+        let mut seen = replayed.len();
         while seen < before {
             let e = ws.oh_event().await;
             if e.get("id").is_some_and(Value::is_u64) {

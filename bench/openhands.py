@@ -72,10 +72,12 @@ def states(base, cid):
             if e.get("observation") == "agent_state_changed"]
 
 
-def cold_starts(base, n, body):
-    """Seconds from POST to RUNNING for `n` conversations, one after another."""
+def cold_starts(base, n, body, before=lambda: None):
+    """Seconds from POST to RUNNING for `n` conversations, one after another (`before` runs
+    ahead of each, untimed)."""
     times, ids = [], []
     for _ in range(n):
+        before()
         t = time.monotonic()
         cid = call(base, "POST", "/api/conversations", body)["conversation_id"]
         wait_running(base, cid)
@@ -121,15 +123,7 @@ def wait_warm(server_pid, warm):
 
 def warm_starts(base, server_pid, n, body, warm=1):
     """Seconds from POST to RUNNING for `n` conversations, each with a loaded pooled agent."""
-    times, ids = [], []
-    for _ in range(n):
-        wait_warm(server_pid, warm)
-        t = time.monotonic()
-        cid = call(base, "POST", "/api/conversations", body)["conversation_id"]
-        wait_running(base, cid)
-        times.append(time.monotonic() - t)
-        ids.append(cid)
-    return times, ids
+    return cold_starts(base, n, body, before=lambda: wait_warm(server_pid, warm))
 
 
 def summary(values):

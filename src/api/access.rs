@@ -60,3 +60,17 @@ pub async fn visible(
         Found::Hidden | Found::Missing => None,
     })
 }
+
+/// Refuses a request for conversation `id` when another live cluster node owns it and this
+/// node does not run it: [`ApiError::Elsewhere`], which [`crate::http::forward`] sends on to the
+/// owner for a command, and which a socket handshake gets as its 503 (sockets are not spliced to
+/// the owner).
+pub async fn owned_here(state: &AppState, id: &str) -> Result<(), ApiError> {
+    if state.supervisor.live(id).is_some() {
+        return Ok(());
+    }
+    match state.store.owner(id).await? {
+        Some(owner) => Err(ApiError::Elsewhere(id.to_string(), owner)),
+        None => Ok(()),
+    }
+}

@@ -6,7 +6,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use serde_json::{json, Value};
 
-use super::access::{find, visible, Found, Owner};
+use super::access::{find, owned_here, visible, Found, Owner};
 use super::errors::ApiError;
 use super::schema::{
     self, ActionAccepted, ActionRefused, ConversationIdPath, ConversationInfo,
@@ -471,23 +471,12 @@ pub async fn delete(
     if visible(&state, &caller, &id).await?.is_none() {
         return Ok(HttpResponse::Ok().json(false));
     }
-    if state.supervisor.live(&id).is_none() {
-        owned_here(&state, &id).await?;
-    }
+    owned_here(&state, &id).await?;
     let deleted = state.supervisor.delete(id).await.map_err(|e| match e {
         DeleteError::ShuttingDown => ApiError::Unavailable("The server is shutting down".into()),
         DeleteError::Store(e) => ApiError::Storage(e.to_string()),
     })?;
     Ok(HttpResponse::Ok().json(deleted))
-}
-
-/// Refuses a command for a conversation another live cluster node owns (it is forwarded there,
-/// see [`crate::http::forward`]).
-async fn owned_here(state: &AppState, id: &str) -> Result<(), ApiError> {
-    match state.store.owner(id).await? {
-        Some(owner) => Err(ApiError::Elsewhere(id.to_string(), owner)),
-        None => Ok(()),
-    }
 }
 
 fn not_found_status(id: &str) -> ApiError {

@@ -112,6 +112,9 @@ async fn socketio_route(
             "Unsupported transport: switchboard speaks only transport=websocket",
         ));
     }
+    if let Some(id) = query_get(&q, "conversation_id") {
+        crate::api::access::owned_here(&state, id).await?;
+    }
     let sio = SocketIo {
         sid: socketio::new_sid(),
         connected: false,
@@ -152,6 +155,7 @@ async fn plain_route(
     {
         return Err(ApiError::NotFound("Conversation not found".into()));
     }
+    crate::api::access::owned_here(&state, &id).await?;
     let mut socket = Socket::new(Proto::Plain, state.clone(), latest_event_id(&q));
     socket.conversation_id = Some(id.into());
     socket.caller = Some((caller, state.auth.presented(&req)));

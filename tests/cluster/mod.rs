@@ -168,6 +168,19 @@ fn answered_conversation(db: &pg::TestDatabase, node: &Server, first: &str) -> S
     id
 }
 
+/// A Socket.IO WebSocket handshake for conversation `id`: 101 when upgraded, else the status.
+fn socket_handshake(port: u16, id: &str) -> u16 {
+    let url =
+        format!("ws://127.0.0.1:{port}/socket.io/?conversation_id={id}&EIO=4&transport=websocket");
+    actix_web::rt::System::new().block_on(async move {
+        match awc::Client::new().ws(url).connect().await {
+            Ok((response, _)) => response.status().as_u16(),
+            Err(awc::error::WsClientError::InvalidResponseStatus(status)) => status.as_u16(),
+            Err(e) => panic!("handshake failed: {e}"),
+        }
+    })
+}
+
 /// Every stored event of conversation `id` as (event id, epoch, event JSON), in id order.
 fn stored_log(db: &pg::TestDatabase, id: &str) -> Vec<(u64, i64, Value)> {
     db.query(&format!(
@@ -399,6 +412,11 @@ fn commands_sent_to_any_node_are_handled_by_the_owner() {
     };
     assert_eq!(forwarded_message(b.port, "a shared secret"), 421);
     assert_eq!(forwarded_message(a.port, "a guess"), 403);
+
+    // Sockets are not spliced to the owner: a handshake on another node is refused with 503
+    // before the upgrade (Socket.IO clients retry that), and the owner takes it.
+    assert_eq!(socket_handshake(b.port, &id), 503);
+    assert_eq!(socket_handshake(a.port, &id), 101);
 
     let (status, body) = b.request("POST", &format!("/api/conversations/{id}/stop"), None);
     assert_eq!(status, 200, "{body}");

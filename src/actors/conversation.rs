@@ -3,6 +3,11 @@
 //! It owns the conversation's status (`STARTING` → `RUNNING` → `STOPPED`), its event ids and
 //! timestamps, its subscribers (attached clients) and its runtime. Its promises:
 //!
+//! - **Own, then load.** Before loading (or creating) its conversation the actor acquires it
+//!   from the store ([`Store::acquire`]); when another live cluster node owns it, every request
+//!   learns which ([`ConversationError::Elsewhere`]) and the actor stops. Everything it writes is
+//!   written under that lease, and a write the store fences stops it without writing anything
+//!   more; the lease is given back once all it wrote is durable (or at once when it stops).
 //! - **Persist, then broadcast.** Every event gets the next dense id, goes to the store, and is
 //!   released to clients and the runtime only once the store confirmed it — in id order, with
 //!   status payloads kept in order between them (the `outbox`).

@@ -35,6 +35,15 @@
 //! - **Byte-identical events.** Event and init JSON are stored as text, exactly as given (not
 //!   `jsonb`, which would reorder keys); ids and timestamps sort bytewise (`COLLATE "C"`), as in
 //!   SQLite.
+//! - **One writer per log across nodes.** The store is also this node's seat in the cluster of
+//!   the nodes sharing the database (membership: [`super::membership`]). `acquire` takes a
+//!   conversation in one transaction unless another live node owns it (the next epoch);
+//!   `create_owned` and `append_owned` check, in the transaction that writes, that their lease is
+//!   still the conversation's current owner and epoch and that its registration has not expired
+//!   (the ownership row is held `FOR SHARE` until the commit), and refuse with
+//!   [`StoreError::Fenced`] otherwise; every event row keeps the epoch it was written under. So
+//!   once an event of epoch e+1 is committed, no event of an older epoch ever is. `release`
+//!   and `leave` make what the node owned free at once.
 //! - **No TLS.** Connections are unencrypted: run PostgreSQL on a trusted network or the same
 //!   machine. A URL that asks for `sslmode=require` fails to connect.
 //! - **Clean shutdown.** [`PostgresStore`] is a cheap `Clone`; when the last clone (and every

@@ -1,18 +1,24 @@
 //! Handles: what the HTTP and socket layers hold instead of raw actor addresses.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::Addr;
 use tokio::sync::{mpsc, oneshot};
 
 use super::conversation::Conversation;
 use super::messages::*;
-use super::rate_limit::ClientId;
 use super::shared::{ConversationStatus, Registry, Shared};
 use super::supervisor::Supervisor;
 use crate::events::EventBody;
 use crate::ops::metrics::metrics;
 use crate::runtime::pool::AgentPool;
+
+/// How many times [`SupervisorHandle::open`] tries before it gives up.
+const OPEN_ATTEMPTS: usize = 5;
+/// The pause between two of its attempts, so that a stopping incarnation can finish.
+const OPEN_RETRY_PAUSE: Duration = Duration::from_millis(10);
 
 /// A live conversation that admission handed out.
 pub struct Admitted {
@@ -37,6 +43,18 @@ impl Admitted {
                     .join(self.role, brought_initial_message)
                     .await
             }
+        }
+    }
+
+    /// Waits until the conversation has loaded when admission started it: its error (e.g.
+    /// [`ConversationError::NotFound`] when there is nothing to load) if it did not.
+    pub async fn loaded(&mut self) -> Result<(), ConversationError> {
+        match self.first_join.take() {
+            Some(reply) => reply
+                .await
+                .unwrap_or(Err(ConversationError::Stopping))
+                .map(drop),
+            None => Ok(()),
         }
     }
 }
@@ -77,26 +95,11 @@ impl SupervisorHandle {
         self.pool.as_ref().map_or(0, |p| p.waiting())
     }
 
-    /// Finds or starts the conversation `id` of `owner`; starting it counts against
-    /// `client`'s creation rate limit when one is given. `brought_initial_message`: see
-    /// [`Join`].
-    pub async fn admit(
-        &self,
-        id: Arc<str>,
-        mode: AdmitMode,
-        client: Option<ClientId>,
-        owner: Option<Arc<str>>,
-        brought_initial_message: bool,
-    ) -> Result<Admitted, AdmitError> {
+    /// Finds or starts the conversation `request` names (see [`Admit`]).
+    async fn admit(&self, request: Admit) -> Result<Admitted, AdmitError> {
         let result = self
             .addr
-            .send(Admit {
-                id,
-                mode,
-                client,
-                owner,
-                brought_initial_message,
-            })
+            .send(request)
             .await
             .map_err(|_| AdmitError::ShuttingDown)
             .and_then(|r| r);
@@ -108,6 +111,47 @@ impl SupervisorHandle {
             _ => {}
         }
         result
+    }
+
+    /// Opens the conversation `request` names (finding it, or starting it: see [`Admit`]) and
+    /// runs `then` on it (join it, subscribe to it), retrying while that races with a stopping
+    /// incarnation: `then` answering [`ConversationError::Stopping`], or
+    /// [`ConversationError::NotFound`] from an incarnation that was only looking the id up
+    /// when the request's mode may create it. A live conversation is taken without an actor
+    /// hop when the mode only loads.
+    pub async fn open<T, F, Fut>(&self, request: Admit, mut then: F) -> Result<T, OpenError>
+    where
+        F: FnMut(Admitted) -> Fut,
+        Fut: Future<Output = Result<T, ConversationError>>,
+    {
+        let load_only = matches!(request.mode, AdmitMode::LoadOnly);
+        let mut last = ConversationError::Stopping;
+        for attempt in 0..OPEN_ATTEMPTS {
+            if attempt > 0 {
+                actix::clock::sleep(OPEN_RETRY_PAUSE).await;
+            }
+            let live = load_only
+                .then(|| self.live(&request.id))
+                .flatten()
+                .filter(|c| c.shared.owner() == request.owner.as_ref());
+            let admitted = match live {
+                Some(conversation) => Admitted {
+                    conversation,
+                    role: Role::Joiner,
+                    first_join: None,
+                },
+                None => self.admit(request.clone()).await?,
+            };
+            match then(admitted).await {
+                Ok(done) => return Ok(done),
+                Err(e @ ConversationError::Stopping) => last = e,
+                // It met an incarnation that was only looking the id up (a socket or `start`)
+                // and found nothing; that one stops, and the retry creates the conversation.
+                Err(e @ ConversationError::NotFound) if !load_only => last = e,
+                Err(e) => return Err(OpenError::Conversation(e)),
+            }
+        }
+        Err(OpenError::Restarting(last))
     }
 
     /// Deletes the conversation `id` with its events (stopping it first if it runs); `false`

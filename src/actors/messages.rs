@@ -50,8 +50,23 @@ pub enum AdmitError {
     Failed(String),
 }
 
+/// Why [`SupervisorHandle::open`](super::SupervisorHandle::open) could not open a
+/// conversation.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum OpenError {
+    /// The supervisor refused to admit it.
+    #[error(transparent)]
+    Admit(#[from] AdmitError),
+    /// The conversation answered with an error that a retry does not cure.
+    #[error(transparent)]
+    Conversation(#[from] ConversationError),
+    /// Every attempt raced with a stopping incarnation; the last answer.
+    #[error("the conversation is restarting; try again ({0})")]
+    Restarting(ConversationError),
+}
+
 /// Ask the supervisor for a live conversation.
-#[derive(Message)]
+#[derive(Clone, Message)]
 #[rtype(result = "Result<super::handle::Admitted, AdmitError>")]
 pub struct Admit {
     pub id: Arc<str>,

@@ -15,8 +15,8 @@ mod shared;
 
 pub use handle::{Census, ConversationHandle, SupervisorHandle};
 pub use messages::{
-    AdmitError, AdmitMode, ClientFrame, CloseReason, DeleteError, JoinReply, Role, StopReason,
-    Subscribed,
+    Admit, AdmitError, AdmitMode, ClientFrame, CloseReason, DeleteError, JoinReply, OpenError,
+    Role, StopReason, Subscribed,
 };
 pub use rate_limit::ClientId;
 pub use shared::{now_ms, ConversationStatus, Registry, RegistryEntry, RuntimeStatus, Shared};

@@ -19,8 +19,8 @@ use super::validation::{self, conversation_id_error, FieldError, PROVIDERS};
 use super::{client_id, content_type, read_body, AppState};
 use crate::actors::messages::ConversationError;
 use crate::actors::{
-    AdmitError, AdmitMode, ClientId, ConversationHandle, ConversationStatus, DeleteError, Shared,
-    StopReason,
+    Admit, AdmitError, AdmitMode, ClientId, ConversationHandle, ConversationStatus, DeleteError,
+    OpenError, Shared, StopReason,
 };
 use crate::config::Limits;
 use crate::events::{default_title, meta_timestamp, parse_user_action};
@@ -103,9 +103,8 @@ fn admit_error(e: AdmitError, limits: &Limits) -> ApiError {
     }
 }
 
-/// Admits and joins `id` of `owner`, retrying when it raced with a stopping incarnation.
-/// Bringing the conversation up counts against `client`'s creation rate limit when one is
-/// given.
+/// Opens and joins `id` of `owner` ([`crate::actors::SupervisorHandle::open`]). Bringing the
+/// conversation up counts against `client`'s creation rate limit when one is given.
 async fn admit_and_join(
     state: &AppState,
     id: Arc<str>,
@@ -114,48 +113,48 @@ async fn admit_and_join(
     owner: Owner,
     brings_initial_message: bool,
 ) -> Result<(ConversationHandle, ConversationStatus, Option<String>), ApiError> {
-    let mut last = ConversationError::Stopping;
-    for _ in 0..5 {
-        let mut admitted = state
-            .supervisor
-            .admit(
-                id.clone(),
-                mode.clone(),
-                client.clone(),
-                owner.clone(),
-                brings_initial_message,
-            )
-            .await
-            .map_err(|e| admit_error(e, &state.settings.limits))?;
-        match admitted.join(brings_initial_message).await {
-            Ok(reply) => return Ok((admitted.conversation, reply.status, reply.message)),
-            Err(ConversationError::Stopping) if matches!(mode, AdmitMode::Fresh(_)) => {
-                // This request created it, and it stopped before the join was answered (its
-                // runtime failed at once): it exists, stopped; creating it again would fail.
-                return Ok((admitted.conversation, ConversationStatus::Stopped, None));
+    let fresh = matches!(mode, AdmitMode::Fresh(_));
+    state
+        .supervisor
+        .open(
+            Admit {
+                id: id.clone(),
+                mode,
+                client,
+                owner,
+                brought_initial_message: brings_initial_message,
+            },
+            |mut admitted| async move {
+                match admitted.join(brings_initial_message).await {
+                    Ok(reply) => Ok((admitted.conversation, reply.status, reply.message)),
+                    // This request created it, and it stopped before the join was answered
+                    // (its runtime failed at once): it exists, stopped; creating it again
+                    // would fail.
+                    Err(ConversationError::Stopping) if fresh => {
+                        Ok((admitted.conversation, ConversationStatus::Stopped, None))
+                    }
+                    Err(e) => Err(e),
+                }
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            OpenError::Admit(e) => admit_error(e, &state.settings.limits),
+            OpenError::Conversation(ConversationError::NotFound) => {
+                ApiError::NotFound("Conversation not found".into())
             }
-            Err(e @ ConversationError::Stopping) => last = e,
-            // It joined an incarnation that was only looking the id up (a socket or `start`)
-            // and found nothing; that one stops, and the retry creates the conversation.
-            Err(e @ ConversationError::NotFound) if !matches!(mode, AdmitMode::LoadOnly) => {
-                last = e
+            OpenError::Conversation(ConversationError::Storage(e)) => ApiError::Storage(e),
+            OpenError::Conversation(ConversationError::OverQuota(quota, why)) => {
+                ApiError::OverQuota(quota, why)
             }
-            Err(ConversationError::NotFound) => {
-                return Err(ApiError::NotFound("Conversation not found".into()))
+            OpenError::Conversation(ConversationError::Elsewhere(owner)) => {
+                ApiError::Elsewhere(id.to_string(), owner)
             }
-            Err(ConversationError::Storage(e)) => return Err(ApiError::Storage(e)),
-            Err(ConversationError::OverQuota(quota, why)) => {
-                return Err(ApiError::OverQuota(quota, why))
-            }
-            Err(ConversationError::Elsewhere(owner)) => {
-                return Err(ApiError::Elsewhere(id.to_string(), owner))
-            }
-            Err(e) => return Err(ApiError::Internal(e.to_string())),
-        }
-    }
-    Err(ApiError::Unavailable(format!(
-        "conversation {id} is restarting; try again ({last})"
-    )))
+            OpenError::Conversation(e) => ApiError::Internal(e.to_string()),
+            OpenError::Restarting(last) => ApiError::Unavailable(format!(
+                "conversation {id} is restarting; try again ({last})"
+            )),
+        })
 }
 
 /// `POST /api/conversations`: create a conversation or join an existing one.

@@ -28,7 +28,9 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
 use crate::actors::messages::ConversationError;
-use crate::actors::{AdmitError, AdmitMode, ClientFrame, CloseReason, ConversationHandle};
+use crate::actors::{
+    Admit, AdmitError, AdmitMode, ClientFrame, CloseReason, ConversationHandle, OpenError,
+};
 use crate::api::validation::{is_valid_conversation_id, PROVIDERS};
 use crate::api::{resource, resources, ApiError, AppState};
 use crate::events::{parse_user_action, StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
@@ -175,43 +177,37 @@ async fn open_conversation(
     ),
     String,
 > {
-    for _ in 0..5 {
-        let owner = match crate::api::access::visible(&state, &caller, &id).await {
-            Ok(Some(owner)) => owner,
-            Ok(None) => return Err("Conversation not found".into()),
-            Err(e) => return Err(e.to_string()),
-        };
-        let live = state
-            .supervisor
-            .live(&id)
-            .filter(|h| h.shared().owner() == owner.as_ref());
-        let handle = match live {
-            Some(h) => h,
-            None => {
-                match state
-                    .supervisor
-                    .admit(id.clone(), AdmitMode::LoadOnly, None, owner, false)
-                    .await
-                {
-                    Ok(admitted) => admitted.conversation,
-                    Err(AdmitError::TooMany) => return Err(TOO_MANY_CONVERSATIONS_MESSAGE.into()),
-                    Err(AdmitError::NotFound) => return Err("Conversation not found".into()),
-                    Err(e) => return Err(e.to_string()),
-                }
-            }
-        };
-        let (tx, rx) = mpsc::channel(state.settings.socket.queue_frames);
-        match handle.subscribe(tx).await {
-            Ok(subscribed) => return Ok((handle, subscribed, rx)),
-            Err(ConversationError::Stopping) => {
-                actix::clock::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-            Err(ConversationError::NotFound) => return Err("Conversation not found".into()),
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-    Err("The conversation is restarting; try again".into())
+    let owner = match crate::api::access::visible(&state, &caller, &id).await {
+        Ok(Some(owner)) => owner,
+        Ok(None) => return Err("Conversation not found".into()),
+        Err(e) => return Err(e.to_string()),
+    };
+    let queue = state.settings.socket.queue_frames;
+    let opened = state
+        .supervisor
+        .open(
+            Admit {
+                id,
+                mode: AdmitMode::LoadOnly,
+                client: None,
+                owner,
+                brought_initial_message: false,
+            },
+            |mut admitted| async move {
+                admitted.loaded().await?;
+                let (tx, rx) = mpsc::channel(queue);
+                let subscribed = admitted.conversation.subscribe(tx).await?;
+                Ok((admitted.conversation, subscribed, rx))
+            },
+        )
+        .await;
+    opened.map_err(|e| match e {
+        OpenError::Admit(AdmitError::TooMany) => TOO_MANY_CONVERSATIONS_MESSAGE.into(),
+        OpenError::Admit(AdmitError::NotFound)
+        | OpenError::Conversation(ConversationError::NotFound) => "Conversation not found".into(),
+        OpenError::Restarting(_) => "The conversation is restarting; try again".into(),
+        e => e.to_string(),
+    })
 }
 
 struct SocketIo {

@@ -52,8 +52,13 @@ def _use_home(home):
     os.environ["GIT_CONFIG_GLOBAL"] = os.path.join(home, ".gitconfig")
 
 
-# Imports may write caches: never into the user's home.
-_use_home(os.path.join(STATE_ROOT, "_import-home"))
+# Imports may write caches: never into the user's home. Sandboxed (runtime.process.sandbox =
+# "bwrap") the state root is read-only but for this agent's conversation, and the agent's own
+# /tmp is private: the caches go there.
+try:
+    _use_home(os.path.join(STATE_ROOT, "_import-home"))
+except OSError:
+    _use_home(os.path.join(os.environ.get("TMPDIR") or "/tmp", "switchboard-import-home"))
 
 import asyncio  # noqa: E402
 import json  # noqa: E402

@@ -333,6 +333,19 @@ async fn a_sandboxed_pooled_agent_writes_in_its_conversation_directory() {
 
 #[actix_web::test]
 async fn an_openhands_agent_from_the_pool_runs_in_its_conversation() {
+    openhands_from_the_pool(SandboxKind::None).await;
+}
+
+#[actix_web::test]
+async fn a_sandboxed_openhands_agent_from_the_pool_keeps_its_state_in_its_conversation() {
+    if sandbox::bwrap_works() {
+        openhands_from_the_pool(SandboxKind::Bwrap).await;
+    }
+}
+
+/// A conversation served by a pooled OpenHands agent, confined as `sandbox` says: its state
+/// directory (writable in the sandbox) moves with it.
+async fn openhands_from_the_pool(sandbox: SandboxKind) {
     let Some(venv) = openhands_venv() else {
         return;
     };
@@ -342,6 +355,7 @@ async fn an_openhands_agent_from_the_pool_runs_in_its_conversation() {
     let app = spawn_app_with(|s| {
         s.runtime.kind = RuntimeKind::Openhands;
         s.runtime.openhands.venv = venv;
+        s.runtime.process.sandbox = sandbox;
         s.runtime.process.warm = 1;
         s.runtime.process.stop_grace_secs = 10;
         s.limits.start_timeout_secs = 180;

@@ -30,7 +30,8 @@ use serde_json::json;
 use switchboard::config::{PostgresSettings, Settings, StoreTuning};
 use switchboard::events::{meta_timestamp, EventBody, Source};
 use switchboard::store::{
-    ConversationMeta, InitData, PostgresStore, SqliteStore, Store, StoreError, StoreLimits,
+    Acquired, ConversationMeta, InitData, PostgresStore, SqliteStore, Store, StoreError,
+    StoreLimits,
 };
 
 /// Which store a scenario runs on.
@@ -95,8 +96,9 @@ impl Opened {
 #[derive(Clone, Copy)]
 enum Work {
     /// Appends of one event to a conversation created beforehand; `in_flight` appends queued
-    /// at a time per conversation.
-    Appends { in_flight: usize },
+    /// at a time per conversation. `owned`: acquired first and appended under its lease, as
+    /// the server does (on PostgreSQL each append then also checks the lease).
+    Appends { in_flight: usize, owned: bool },
     /// Over and over: create a conversation with a random (uuid4 hex) id, then append its
     /// first two events — what each `POST /api/conversations` asks of the store.
     NewConversations,
@@ -115,31 +117,55 @@ const SCENARIOS: &[Scenario] = &[
         name: "group commit, 64 conversations",
         batch_max: 512,
         writers: 64,
-        work: Work::Appends { in_flight: 1 },
+        work: Work::Appends {
+            in_flight: 1,
+            owned: false,
+        },
+    },
+    Scenario {
+        name: "group commit, 64 conv., owned",
+        batch_max: 512,
+        writers: 64,
+        work: Work::Appends {
+            in_flight: 1,
+            owned: true,
+        },
     },
     Scenario {
         name: "group commit, 8 conversations",
         batch_max: 512,
         writers: 8,
-        work: Work::Appends { in_flight: 1 },
+        work: Work::Appends {
+            in_flight: 1,
+            owned: false,
+        },
     },
     Scenario {
         name: "group commit, 8 conv., 8 in flight",
         batch_max: 512,
         writers: 8,
-        work: Work::Appends { in_flight: 8 },
+        work: Work::Appends {
+            in_flight: 8,
+            owned: false,
+        },
     },
     Scenario {
         name: "no batching, 64 conversations",
         batch_max: 1,
         writers: 64,
-        work: Work::Appends { in_flight: 1 },
+        work: Work::Appends {
+            in_flight: 1,
+            owned: false,
+        },
     },
     Scenario {
         name: "no batching, appends one at a time",
         batch_max: 1,
         writers: 1,
-        work: Work::Appends { in_flight: 1 },
+        work: Work::Appends {
+            in_flight: 1,
+            owned: false,
+        },
     },
     Scenario {
         name: "new conversations, 64 creators",
@@ -173,14 +199,27 @@ async fn append_loop(
     body: EventBody,
     id: String,
     in_flight: usize,
+    owned: bool,
     deadline: Instant,
 ) -> Result<Done, StoreError> {
+    let lease = match owned {
+        true => match store.acquire(&id).await? {
+            Acquired::Owned(lease) => Some(lease),
+            Acquired::Elsewhere(owner) => {
+                return Err(StoreError::Io(format!("{id} is owned by {owner:?}")))
+            }
+        },
+        false => None,
+    };
     let mut next = 0u64;
     let mut pending = VecDeque::new();
     while Instant::now() < deadline {
         while pending.len() < in_flight {
             let event = body.stamp(next, "2024-05-01T12:00:00.000000");
-            pending.push_back(store.append(&id, vec![event]));
+            pending.push_back(match lease {
+                Some(lease) => store.append_owned(&id, lease, vec![event]),
+                None => store.append(&id, vec![event]),
+            });
             next += 1;
         }
         if let Some(oldest) = pending.pop_front() {
@@ -309,13 +348,14 @@ async fn run(scenario: &Scenario, backend: Backend, duration: Duration) -> Resul
         let store = store.clone();
         let body = body.clone();
         tasks.push(tokio::spawn(match scenario.work {
-            Work::Appends { in_flight } => {
+            Work::Appends { in_flight, owned } => {
                 let id = format!("c{w}");
                 futures_util::future::Either::Left(append_loop(
                     store,
                     body,
                     id,
                     in_flight.max(1),
+                    owned,
                     deadline,
                 ))
             }

@@ -43,13 +43,12 @@ use tracing::{debug, info, warn};
 use super::messages::*;
 use super::shared::{now_ms, ConversationStatus, RuntimeStatus, Shared};
 use super::supervisor::Supervisor;
-use crate::config::{RuntimeKind, Settings};
+use crate::config::Settings;
 use crate::events::{self, EventBody, Source, StatusUpdate, StoredEvent};
 use crate::ops::metrics::metrics;
-use crate::runtime::pool::AgentPool;
 use crate::runtime::{
-    EchoRuntime, FromRuntime, ProcessRuntime, RefMap, ReferencedEvent, Runtime, RuntimeSignal,
-    RuntimeSink, RuntimeStart,
+    FromRuntime, RefMap, ReferencedEvent, Runtime, RuntimeFactory, RuntimeSignal, RuntimeSink,
+    RuntimeStart,
 };
 use crate::store::{
     meta_bytes, Acquired, ConversationMeta, ConversationRecord, Lease, NodeAddress, Store,
@@ -109,8 +108,8 @@ pub struct Conversation {
     settings: Arc<Settings>,
     store: Arc<dyn Store>,
     supervisor: Addr<Supervisor>,
-    /// The warm pool its process runtime takes an agent from.
-    pool: Option<Arc<AgentPool>>,
+    /// Makes its runtime at each start.
+    runtimes: RuntimeFactory,
     /// Keeps the mailbox open until the actor decides to stop (registry entries are weak).
     self_addr: Option<Addr<Conversation>>,
     mode: Option<AdmitMode>,
@@ -163,9 +162,10 @@ pub struct Conversation {
 }
 
 impl Conversation {
-    /// Its process runtime takes the agent from `pool` when one waits there.
-    pub(super) fn with_pool(mut self, pool: Option<Arc<AgentPool>>) -> Self {
-        self.pool = pool;
+    /// Its runtimes made by `runtimes` (the supervisor's, with the warm pool) rather than by a
+    /// factory of its own without one.
+    pub(super) fn with_runtimes(mut self, runtimes: RuntimeFactory) -> Self {
+        self.runtimes = runtimes;
         self
     }
 
@@ -179,7 +179,7 @@ impl Conversation {
         supervisor: Addr<Supervisor>,
     ) -> Self {
         Conversation {
-            pool: None,
+            runtimes: RuntimeFactory::new(settings.clone(), None),
             generation,
             first_join: Some((admission.join, admission.reply)),
             meta_stored: false,
@@ -794,7 +794,7 @@ impl Conversation {
     /// user's saved LLM/agent settings (the echo runtime has no use for them), then the runtime
     /// starts.
     fn loaded(&mut self, origin: Origin, ctx: &mut Context<Self>) {
-        if !self.settings.runtime.kind.runs_agent_process() {
+        if !self.runtimes.wants_user_settings() {
             return self.start(origin, ctx);
         }
         let user = crate::api::settings::user_of(self.shared.owner().map(|o| &**o));
@@ -867,14 +867,7 @@ impl Conversation {
     }
 
     fn start_runtime(&mut self, ctx: &mut Context<Self>) {
-        let mut runtime: Box<dyn Runtime> = match self.settings.runtime.kind {
-            RuntimeKind::Echo => Box::new(EchoRuntime::new(Duration::from_millis(
-                self.settings.runtime.echo.start_delay_ms,
-            ))),
-            RuntimeKind::Process | RuntimeKind::Openhands => {
-                Box::new(ProcessRuntime::new(self.settings.clone()).with_pool(self.pool.clone()))
-            }
-        };
+        let mut runtime = self.runtimes.make();
         let Some(meta) = self.meta.as_ref() else {
             return;
         };
@@ -997,16 +990,11 @@ impl Conversation {
             let _ = waiter.send(());
         }
         if let Some(finished) = self.runtime_finished.take() {
-            // The runtime's own stop sequence (an agent's grace periods) runs to its end first;
-            // a shutdown that cannot wait that long is bounded by the supervisor.
-            let process = &self.settings.runtime.process;
-            let limit = Duration::from_secs(process.stop_grace_secs.saturating_mul(2) + 2);
-            let fut = tokio::time::timeout(limit, finished);
-            ctx.wait(fut.into_actor(self).map(|res, act, ctx| {
+            // The runtime's own stop sequence (an agent's grace periods, bounded by the runtime)
+            // runs to its end first; a shutdown that cannot wait that long is bounded by the
+            // supervisor.
+            ctx.wait(finished.into_actor(self).map(|(), act, ctx| {
                 let _span = act.span.clone().entered();
-                if res.is_err() {
-                    warn!("runtime still stopping after its grace periods");
-                }
                 act.finish_stop(ctx);
             }));
             return;

@@ -47,6 +47,7 @@ use super::rate_limit::{retry_after_secs, CreateLimiter};
 use super::shared::{ConversationStatus, Registry, RegistryEntry, Shared};
 use crate::config::{OnLimit, Settings};
 use crate::runtime::pool::AgentPool;
+use crate::runtime::RuntimeFactory;
 use crate::store::{Membership, Store};
 
 type AdmitReply = oneshot::Sender<Result<Admitted, AdmitError>>;
@@ -74,6 +75,8 @@ pub struct Supervisor {
     shutdown_waiters: Vec<oneshot::Sender<()>>,
     /// The warm pool of agents, with `runtime.process.warm > 0`.
     pool: Option<Arc<AgentPool>>,
+    /// Makes each conversation's runtime (with the warm pool).
+    runtimes: RuntimeFactory,
 }
 
 impl Supervisor {
@@ -87,6 +90,7 @@ impl Supervisor {
         );
         let arbiters: Vec<ArbiterHandle> = (0..threads).map(|_| Arbiter::new().handle()).collect();
         let pool = AgentPool::start(settings.clone(), arbiters.clone());
+        let runtimes = RuntimeFactory::new(settings.clone(), pool.clone());
         let supervisor = Supervisor {
             registry: registry.clone(),
             arbiters,
@@ -102,6 +106,7 @@ impl Supervisor {
             shutting_down: false,
             shutdown_waiters: Vec::new(),
             pool: pool.clone(),
+            runtimes,
         };
         let addr = Supervisor::create(|ctx| {
             ctx.set_mailbox_capacity(4096);
@@ -223,7 +228,7 @@ impl Supervisor {
         let (settings, store, supervisor) =
             (self.settings.clone(), self.store.clone(), ctx.address());
         let capacity = self.settings.limits.mailbox_capacity;
-        let pool = self.pool.clone();
+        let runtimes = self.runtimes.clone();
         let (reply, join_rx) = oneshot::channel();
         let admission = Admission {
             mode,
@@ -244,7 +249,7 @@ impl Supervisor {
                 store,
                 supervisor,
             )
-            .with_pool(pool)
+            .with_runtimes(runtimes)
         });
         if let Some(owner) = msg.owner {
             *self.per_owner.entry(owner).or_default() += 1;

@@ -30,8 +30,8 @@ impl Runtime for EchoRuntime {
         }
         let delay = self.start_delay;
         let sink = start.sink;
-        actix::spawn(async move {
-            actix::clock::sleep(delay).await;
+        tokio::task::spawn_local(async move {
+            tokio::time::sleep(delay).await;
             sink.send(RuntimeSignal::READY);
         });
         Vec::new()

@@ -5,26 +5,36 @@
 //! (the echo runtime), or sent later through the [`RuntimeSink`] when they happen
 //! asynchronously (a start delay, an agent process). It only ever sees events that are already
 //! durable, and it never assigns event ids: the conversation actor does.
+//!
+//! The seam to the conversation: [`RuntimeFactory`] is the one place that picks a runtime kind
+//! from the settings (the conversation only asks it for one), and a runtime writes to its
+//! [`RuntimeSink`], behind which any [`SignalTarget`] may sit: [`actor`] makes an actor's
+//! address such a target, and is with [`pool`] (which starts agents on the actors' arbiters)
+//! the only part that names the actor library. A runtime's own stop sequence (an agent's grace
+//! periods) is bounded by that runtime, in [`Runtime::finished`].
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use actix::prelude::*;
 use serde_json::Value;
 
 use crate::events::{EventBody, StatusUpdate};
 use crate::store::{InitData, Store};
 
+pub mod actor;
 pub mod echo;
+mod factory;
 pub mod openhands;
 pub mod pool;
 pub mod process;
 pub mod process_tree;
 pub mod sandbox;
 
+pub use actor::FromRuntime;
 pub use echo::EchoRuntime;
+pub use factory::RuntimeFactory;
 pub use process::ProcessRuntime;
 
 /// Something a runtime reports to its conversation.
@@ -96,19 +106,23 @@ impl RefMap {
     }
 }
 
-/// A signal tagged with the conversation generation it belongs to, so that a late signal from a
-/// previous incarnation is ignored.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct FromRuntime(pub RuntimeSignal);
+/// What receives a runtime's later signals: its conversation (see [`actor`] for an actor's
+/// address).
+pub trait SignalTarget: 'static {
+    /// Delivers a signal without waiting; dropped silently when the conversation is gone.
+    fn send(&self, signal: RuntimeSignal);
+    /// Delivers a signal and completes once the conversation has handled it (waiting for
+    /// room first); false when the conversation is gone.
+    fn deliver(&self, signal: RuntimeSignal) -> Pin<Box<dyn Future<Output = bool>>>;
+}
 
 /// Where a runtime sends signals that happen after the call that caused them returned.
 #[derive(Clone)]
-pub struct RuntimeSink(Recipient<FromRuntime>);
+pub struct RuntimeSink(Arc<dyn SignalTarget + Send + Sync>);
 
 impl RuntimeSink {
-    pub fn new(recipient: Recipient<FromRuntime>) -> Self {
-        RuntimeSink(recipient)
+    pub fn new(target: impl SignalTarget + Send + Sync) -> Self {
+        RuntimeSink(Arc::new(target))
     }
 
     /// Delivers a signal; dropped silently when the conversation is already gone.
@@ -116,14 +130,14 @@ impl RuntimeSink {
     /// This does not wait for the conversation: use it for the occasional signal (ready, a
     /// failure), not for a stream of them.
     pub fn send(&self, signal: RuntimeSignal) {
-        self.0.do_send(FromRuntime(signal));
+        self.0.send(signal);
     }
 
     /// Delivers a signal and waits until the conversation has handled it (waiting for room in
     /// its mailbox first): a producer that awaits each delivery is paced by its conversation
     /// and never piles up signals. False when the conversation is gone.
     pub async fn deliver(&self, signal: RuntimeSignal) -> bool {
-        self.0.send(FromRuntime(signal)).await.is_ok()
+        self.0.deliver(signal).await
     }
 }
 
@@ -155,7 +169,8 @@ pub trait Runtime: 'static {
     fn stop(&mut self);
     /// After [`Runtime::stop`]: completes once everything the runtime started is gone (an agent
     /// process reaped). The conversation reports itself gone only after this, so a restarted
-    /// conversation never overlaps its previous runtime. `None`: nothing to wait for.
+    /// conversation never overlaps its previous runtime. `None`: nothing to wait for. The
+    /// runtime bounds it itself (an agent's grace periods): the conversation waits for it whole.
     fn finished(&mut self) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
         None
     }

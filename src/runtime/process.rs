@@ -378,20 +378,21 @@ impl Agent {
         let (watcher_tx, watcher_rx) = oneshot::channel();
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let exited = Arc::new(AtomicBool::new(false));
-        let writer = actix::spawn(write_input(stdin, writer_rx, input_rx, label.clone()));
-        let reader = actix::spawn(read_output(
+        let writer =
+            tokio::task::spawn_local(write_input(stdin, writer_rx, input_rx, label.clone()));
+        let reader = tokio::task::spawn_local(read_output(
             stdout,
             reader_rx,
             p.max_line_bytes,
             label.clone(),
         ));
-        let stderr_reader = actix::spawn(read_stderr(
+        let stderr_reader = tokio::task::spawn_local(read_stderr(
             stderr,
             tail.clone(),
             p.stderr_tail_lines,
             label.clone(),
         ));
-        let watcher = actix::spawn(watch(
+        let watcher = tokio::task::spawn_local(watch(
             guard,
             Watch {
                 attach: watcher_rx,
@@ -557,10 +558,18 @@ impl Runtime for ProcessRuntime {
         }
     }
 
+    /// The agent's stop sequence runs to its end (`stop_grace_secs` twice, see
+    /// [`stop_sequence`]), bounded a little beyond it should the agent not be reaped by then.
     fn finished(&mut self) -> Option<Pin<Box<dyn Future<Output = ()>>>> {
-        let watcher = self.running.as_mut()?.take_watcher()?;
+        let agent = self.running.as_mut()?;
+        let watcher = agent.take_watcher()?;
+        let label = agent.label.clone();
+        let grace = self.settings.runtime.process.stop_grace_secs;
+        let limit = Duration::from_secs(grace.saturating_mul(2) + 2);
         Some(Box::pin(async move {
-            let _ = watcher.await;
+            if tokio::time::timeout(limit, watcher).await.is_err() {
+                warn!(conversation_id = %label, "runtime still stopping after its grace periods");
+            }
         }))
     }
 }

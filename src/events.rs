@@ -408,6 +408,11 @@ impl StatusUpdate {
         Self::new("error", id, message)
     }
 
+    /// Whether it reports an error (made by [`StatusUpdate::error`] or sent so by a runtime).
+    pub fn is_error(&self) -> bool {
+        self.kind == "error"
+    }
+
     pub fn new(kind: &str, id: &str, message: &str) -> Self {
         StatusUpdate {
             status_update: true,

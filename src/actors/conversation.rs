@@ -1,6 +1,8 @@
 //! The conversation actor: the single writer of one conversation.
 //!
-//! It owns the conversation's status (`STARTING` → `RUNNING` → `STOPPED`), its event ids and
+//! It owns the conversation's lifecycle — one `Phase`: starting, running, then stopping for one
+//! `StopReason` (or ended without ever running: not found, owned elsewhere, load failed), from
+//! which its status (`STARTING` → `RUNNING` → `STOPPED`) follows — its event ids and
 //! timestamps, its subscribers (attached clients) and its runtime. Its promises:
 //!
 //! - **Own, then load.** Before loading (or creating) its conversation the actor acquires it
@@ -101,6 +103,34 @@ pub(super) struct Admission {
 
 type FirstJoin = (Join, oneshot::Sender<Result<JoinReply, ConversationError>>);
 
+/// Where an incarnation is in its life; the status clients see follows from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Phase {
+    /// Loading or creating the conversation and starting its runtime (`STARTING`).
+    Starting,
+    /// Its runtime is ready (`RUNNING`).
+    Running,
+    /// It never ran and goes away with nothing to tear down: not found, owned by another
+    /// node, or its load failed (`STOPPED`).
+    Ended,
+    /// On the one teardown path ([`Conversation::begin_stop`]) for this reason (`STOPPED`).
+    Stopping(StopReason),
+}
+
+impl Phase {
+    fn status(&self) -> ConversationStatus {
+        match self {
+            Phase::Starting => ConversationStatus::Starting,
+            Phase::Running => ConversationStatus::Running,
+            Phase::Ended | Phase::Stopping(_) => ConversationStatus::Stopped,
+        }
+    }
+
+    fn is_stopping(&self) -> bool {
+        matches!(self, Phase::Stopping(_))
+    }
+}
+
 pub struct Conversation {
     id: Arc<str>,
     generation: u64,
@@ -119,7 +149,7 @@ pub struct Conversation {
     meta_stored: bool,
     /// Whether this incarnation created the conversation from the admitting request's data.
     created: bool,
-    status: ConversationStatus,
+    phase: Phase,
     next_id: u64,
     /// The bytes the conversation holds against its quota, counting what is not durable yet.
     bytes: u64,
@@ -131,14 +161,12 @@ pub struct Conversation {
     subscribers: HashMap<u64, mpsc::Sender<ClientFrame>>,
     next_subscriber: u64,
     runtime: Option<Box<dyn Runtime>>,
-    runtime_ready: bool,
     /// Durable user events waiting for the runtime to become ready.
     runtime_backlog: Vec<(u64, EventBody)>,
     /// The ids of the current runtime's `ref`s (allocated only once it names an event).
     runtime_refs: Option<Box<RefMap>>,
     agent_state: &'static str,
     last_status: Option<Arc<str>>,
-    stopping: Option<StopReason>,
     store_failed: bool,
     stop_waiters: Vec<oneshot::Sender<()>>,
     last_activity_ms: u64,
@@ -191,7 +219,7 @@ impl Conversation {
             mode: Some(admission.mode),
             meta: None,
             created: false,
-            status: ConversationStatus::Starting,
+            phase: Phase::Starting,
             next_id: 0,
             bytes: 0,
             durable_before: 0,
@@ -200,12 +228,10 @@ impl Conversation {
             subscribers: HashMap::new(),
             next_subscriber: 0,
             runtime: None,
-            runtime_ready: false,
             runtime_backlog: Vec::new(),
             runtime_refs: None,
             agent_state: "loading",
             last_status: None,
-            stopping: None,
             store_failed: false,
             stop_waiters: Vec::new(),
             last_activity_ms: now_ms(),
@@ -240,9 +266,9 @@ impl Conversation {
         self.shared.touch();
     }
 
-    fn set_status(&mut self, status: ConversationStatus) {
-        self.status = status;
-        self.shared.set_status(status);
+    fn set_phase(&mut self, phase: Phase) {
+        self.shared.set_status(phase.status());
+        self.phase = phase;
     }
 
     // ---- events -------------------------------------------------------------------------
@@ -442,10 +468,10 @@ impl Conversation {
     /// Gives a durable user event to the runtime (or keeps it until ready). True if that
     /// emitted new events.
     fn hand_to_runtime(&mut self, id: u64, body: EventBody, ctx: &mut Context<Self>) -> bool {
-        if self.stopping.is_some() {
+        if self.phase.is_stopping() {
             return false;
         }
-        if !self.runtime_ready {
+        if self.phase != Phase::Running {
             self.runtime_backlog.push((id, body));
             return false;
         }
@@ -460,7 +486,7 @@ impl Conversation {
     fn apply_signals(&mut self, signals: Vec<RuntimeSignal>, ctx: &mut Context<Self>) -> bool {
         let mut emitted = false;
         for signal in signals {
-            if self.stopping.is_some() {
+            if self.phase.is_stopping() {
                 break;
             }
             match signal {
@@ -498,7 +524,7 @@ impl Conversation {
                     emitted = true;
                 }
                 RuntimeSignal::Status(update) => {
-                    if update.kind == "error" {
+                    if update.is_error() {
                         self.shared.set_runtime_status(RuntimeStatus::Error);
                     }
                     self.publish_status(update);
@@ -538,7 +564,7 @@ impl Conversation {
     }
 
     fn on_ready(&mut self, manages_agent_state: bool, ctx: &mut Context<Self>) -> bool {
-        if self.status != ConversationStatus::Starting {
+        if self.phase != Phase::Starting {
             return false;
         }
         info!("runtime ready");
@@ -546,8 +572,7 @@ impl Conversation {
         if let Some(timer) = self.start_deadline.take() {
             ctx.cancel_future(timer);
         }
-        self.runtime_ready = true;
-        self.set_status(ConversationStatus::Running);
+        self.set_phase(Phase::Running);
         self.shared.set_runtime_status(RuntimeStatus::Ready);
         self.publish_status(StatusUpdate::info(events::STATUS_READY));
         let backlog = std::mem::take(&mut self.runtime_backlog);
@@ -723,8 +748,7 @@ impl Conversation {
         self.end_runtime();
         self.unsent.clear();
         self.outbox.clear();
-        self.set_status(ConversationStatus::Stopped);
-        self.stopping = Some(StopReason::Shutdown);
+        self.set_phase(Phase::Stopping(StopReason::Shutdown));
         self.answer_first_join();
         ctx.stop();
     }
@@ -734,7 +758,6 @@ impl Conversation {
         if let Some(mut rt) = self.runtime.take() {
             rt.stop();
         }
-        self.runtime_ready = false;
         self.runtime_backlog.clear();
     }
 
@@ -764,7 +787,7 @@ impl Conversation {
 
     fn not_found(&mut self, ctx: &mut Context<Self>) {
         debug!("not found");
-        self.set_status(ConversationStatus::Stopped);
+        self.set_phase(Phase::Ended);
         self.answer_first_join();
         ctx.stop();
     }
@@ -773,7 +796,7 @@ impl Conversation {
     fn owned_elsewhere(&mut self, owner: NodeAddress, ctx: &mut Context<Self>) {
         debug!(owner = %owner.node_id, "owned by another node");
         self.elsewhere = Some(owner);
-        self.set_status(ConversationStatus::Stopped);
+        self.set_phase(Phase::Ended);
         self.answer_first_join();
         // Linger briefly so that the requests already waiting learn where it is.
         ctx.run_later(Duration::from_millis(200), |_, ctx| ctx.stop());
@@ -784,7 +807,7 @@ impl Conversation {
         self.forget_unstored();
         self.store_failed = true;
         self.load_error = Some(error);
-        self.set_status(ConversationStatus::Stopped);
+        self.set_phase(Phase::Ended);
         self.answer_first_join();
         // Linger briefly so that the requests already waiting learn why.
         ctx.run_later(Duration::from_millis(200), |_, ctx| ctx.stop());
@@ -843,7 +866,7 @@ impl Conversation {
     fn join(&mut self, msg: Join) -> Result<JoinReply, ConversationError> {
         self.check_loaded()?;
         let applied = msg.role == Role::Creator && self.created;
-        if self.stopping.is_some() {
+        if self.phase.is_stopping() {
             // The request that created it learns the truth (e.g. its runtime failed at once);
             // anyone else retries and gets a fresh incarnation.
             return if applied {
@@ -861,7 +884,7 @@ impl Conversation {
                 .to_string()
         });
         Ok(JoinReply {
-            status: self.status,
+            status: self.phase.status(),
             message,
         })
     }
@@ -892,13 +915,13 @@ impl Conversation {
     }
 
     fn arm_start_deadline(&mut self, ctx: &mut Context<Self>) {
-        if self.status != ConversationStatus::Starting {
+        if self.phase != Phase::Starting {
             return;
         }
         let deadline = Duration::from_secs(self.settings.limits.start_timeout_secs);
         self.start_deadline = Some(ctx.run_later(deadline, |act, ctx| {
             let _span = act.span.clone().entered();
-            if act.status == ConversationStatus::Starting && act.stopping.is_none() {
+            if act.phase == Phase::Starting {
                 warn!("runtime did not start before the deadline");
                 act.begin_stop(StopReason::StartTimeout, ctx);
             }
@@ -909,7 +932,7 @@ impl Conversation {
     fn arm_idle_timer(&mut self, ctx: &mut Context<Self>, after: Duration) {
         ctx.run_later(after, |act, ctx| {
             let _span = act.span.clone().entered();
-            if act.stopping.is_some() {
+            if act.phase.is_stopping() {
                 return;
             }
             let timeout_ms = act.settings.limits.idle_timeout_secs.saturating_mul(1000);
@@ -932,7 +955,7 @@ impl Conversation {
     /// The one teardown path.
     fn begin_stop(&mut self, reason: StopReason, ctx: &mut Context<Self>) {
         let _span = self.span.clone().entered();
-        if self.stopping.is_some() {
+        if self.phase.is_stopping() {
             return;
         }
         info!(reason = reason.as_str(), "stopping");
@@ -941,7 +964,7 @@ impl Conversation {
             self.store_failed = true;
             self.drop_undurable();
         }
-        if self.status == ConversationStatus::Starting {
+        if self.phase == Phase::Starting {
             let result = match reason {
                 StopReason::StartTimeout => "timeout",
                 StopReason::RuntimeFailed(_) | StopReason::StoreFailed(_) => "failed",
@@ -950,12 +973,11 @@ impl Conversation {
             metrics().started(result, self.admitted_at.elapsed());
         }
         metrics().stopped(reason.label());
-        self.set_status(ConversationStatus::Stopped);
+        self.set_phase(Phase::Stopping(reason.clone()));
         if let Some(mut rt) = self.runtime.take() {
             rt.stop();
             self.runtime_finished = rt.finished();
         }
-        self.runtime_ready = false;
         self.runtime_backlog.clear();
         self.runtime_refs = None;
         match &reason {
@@ -976,7 +998,6 @@ impl Conversation {
             _ => CloseReason::Stopped(reason.as_str().to_string()),
         };
         self.outbox.push_back(Outgoing::CloseAll(close));
-        self.stopping = Some(reason);
         self.commit(ctx);
     }
 
@@ -1067,7 +1088,8 @@ impl Actor for Conversation {
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
-        self.set_status(ConversationStatus::Stopped);
+        // Gone for everyone, whatever phase it ended in.
+        self.shared.set_status(ConversationStatus::Stopped);
         self.shared.set_connections(0);
         if let Some(mut rt) = self.runtime.take() {
             rt.stop();
@@ -1099,7 +1121,7 @@ impl Handler<UserAction> for Conversation {
     fn handle(&mut self, msg: UserAction, ctx: &mut Self::Context) -> Self::Result {
         let _span = self.span.clone().entered();
         self.check_loaded()?;
-        if self.stopping.is_some() {
+        if self.phase.is_stopping() {
             return Err(ConversationError::Stopping);
         }
         let for_runtime = msg.0.source == Source::User;
@@ -1123,7 +1145,7 @@ impl Handler<Stop> for Conversation {
     fn handle(&mut self, msg: Stop, ctx: &mut Self::Context) -> Self::Result {
         let _span = self.span.clone().entered();
         if msg.0 == StopReason::Evicted
-            && self.stopping.is_none()
+            && !self.phase.is_stopping()
             && (!self.subscribers.is_empty() || self.shared.in_turn())
         {
             // A client attached or a turn began since the supervisor chose this one.
@@ -1136,7 +1158,7 @@ impl Handler<Stop> for Conversation {
         }
         let (tx, rx) = oneshot::channel();
         self.stop_waiters.push(tx);
-        if self.stopping.is_none() {
+        if !self.phase.is_stopping() {
             self.begin_stop(msg.0, ctx);
         }
         Box::pin(async move {
@@ -1173,7 +1195,7 @@ impl Handler<Subscribe> for Conversation {
     fn handle(&mut self, msg: Subscribe, _ctx: &mut Self::Context) -> Self::Result {
         let _span = self.span.clone().entered();
         self.check_loaded()?;
-        if self.stopping.is_some() {
+        if self.phase.is_stopping() {
             return Err(ConversationError::Stopping);
         }
         if self.subscribers.len() >= self.settings.limits.max_clients_per_conversation {
@@ -1211,7 +1233,7 @@ impl Handler<FromRuntime> for Conversation {
 
     fn handle(&mut self, msg: FromRuntime, ctx: &mut Self::Context) {
         let _span = self.span.clone().entered();
-        if self.stopping.is_some() || self.runtime.is_none() {
+        if self.phase.is_stopping() || self.runtime.is_none() {
             return;
         }
         self.apply_signals(vec![msg.0], ctx);

@@ -201,7 +201,7 @@ pub enum ConversationError {
     #[error("{0}")]
     Refused(String),
     #[error("storage error: {0}")]
-    Storage(String),
+    Storage(StoreError),
     /// A byte quota would be exceeded; nothing was stored.
     #[error("{1}")]
     OverQuota(crate::store::Quota, String),
@@ -216,7 +216,7 @@ impl From<crate::store::StoreError> for ConversationError {
             crate::store::StoreError::QuotaExceeded { quota, message } => {
                 ConversationError::OverQuota(quota, message)
             }
-            other => ConversationError::Storage(other.to_string()),
+            other => ConversationError::Storage(other),
         }
     }
 }

@@ -143,7 +143,9 @@ async fn admit_and_join(
             OpenError::Conversation(ConversationError::NotFound) => {
                 ApiError::NotFound("Conversation not found".into())
             }
-            OpenError::Conversation(ConversationError::Storage(e)) => ApiError::Storage(e),
+            OpenError::Conversation(ConversationError::Storage(e)) => {
+                ApiError::Storage(e.to_string())
+            }
             OpenError::Conversation(ConversationError::OverQuota(quota, why)) => {
                 ApiError::OverQuota(quota, why)
             }
@@ -755,7 +757,7 @@ pub async fn post_event(
             Err(ApiError::NotFound(format!("Conversation {id} not found")))
         }
         Err(ConversationError::Stopping) => Err(refused("The conversation is stopping".into())),
-        Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e)),
+        Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e.to_string())),
         Err(ConversationError::OverQuota(quota, why)) => Err(ApiError::OverQuota(quota, why)),
         Err(ConversationError::Elsewhere(owner)) => Err(ApiError::Elsewhere(id.to_string(), owner)),
     }

@@ -34,7 +34,7 @@ const PAGE_LIMIT_DEFAULT: usize = 20;
 const PAGE_LIMIT_MAX: usize = 100;
 
 /// Reads and checks the `{id}` path segment.
-pub(super) fn path_id(path: &web::Path<String>) -> Result<Arc<str>, ApiError> {
+pub(crate) fn path_id(path: &web::Path<String>) -> Result<Arc<str>, ApiError> {
     let id = path.as_str();
     match conversation_id_error(id, vec![json!("path"), json!("conversation_id")]) {
         Some(e) => Err(ApiError::one(e)),

@@ -140,16 +140,7 @@ async fn plain_route(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let q = query(&req)?;
-    let id = path.into_inner();
-    if !is_valid_conversation_id(&id) {
-        return Err(ApiError::one(
-            crate::api::validation::FieldError::value_error(
-                vec![json!("path"), json!("conversation_id")],
-                "conversation_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'",
-                json!(id),
-            ),
-        ));
-    }
+    let id = crate::api::conversations::path_id(&path)?;
     let caller = state.auth.authenticate(&req).await?;
     if crate::api::access::visible(&state, &caller, &id)
         .await?
@@ -159,7 +150,7 @@ async fn plain_route(
     }
     crate::api::access::owned_here(&state, &id).await?;
     let mut socket = Socket::new(Proto::Plain, state.clone(), latest_event_id(&q));
-    socket.conversation_id = Some(id.into());
+    socket.conversation_id = Some(id);
     socket.caller = Some((caller, state.auth.presented(&req)));
     start(socket, &req, payload, &state)
 }

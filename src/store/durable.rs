@@ -25,6 +25,124 @@ use super::{
 };
 use crate::events::StoredEvent;
 
+/// The [`Store`](super::Store) methods every durable store serves the same way: writes through its
+/// [`WriteQueue`] (`self.writes`), reads through its [`ReadQueue`] (`self.reads`), its limits
+/// (`self.limits`) and the bytes in use as of the writer's last commit (`self.used`). Each store
+/// expands it inside its `impl Store` and adds what it does its own way.
+macro_rules! queued_store_methods {
+    () => {
+        fn create_with_events(
+            &self,
+            meta: $crate::store::ConversationMeta,
+            events: Vec<$crate::events::StoredEvent>,
+        ) -> $crate::store::StoreFuture<()> {
+            self.writes.create_with_events(meta, events)
+        }
+
+        fn set_title(&self, id: &str, title: &str) -> $crate::store::StoreFuture<bool> {
+            self.writes.set_title(id, title)
+        }
+
+        fn get(
+            &self,
+            id: &str,
+        ) -> $crate::store::StoreFuture<Option<$crate::store::ConversationRecord>> {
+            self.reads.get(id)
+        }
+
+        fn list(
+            &self,
+            offset: usize,
+            limit: usize,
+        ) -> $crate::store::StoreFuture<Vec<$crate::store::ConversationMeta>> {
+            self.reads.list(offset, limit)
+        }
+
+        fn list_owned(
+            &self,
+            owner: &str,
+            offset: usize,
+            limit: usize,
+        ) -> $crate::store::StoreFuture<Vec<$crate::store::ConversationMeta>> {
+            self.reads.list_owned(owner, offset, limit)
+        }
+
+        fn append(
+            &self,
+            id: &str,
+            events: Vec<$crate::events::StoredEvent>,
+        ) -> $crate::store::StoreFuture<()> {
+            self.writes.append(id, events)
+        }
+
+        fn events(
+            &self,
+            id: &str,
+            query: $crate::store::EventQuery,
+        ) -> $crate::store::StoreFuture<Vec<$crate::events::StoredEvent>> {
+            self.reads.events(id, query)
+        }
+
+        fn delete(&self, id: &str) -> $crate::store::StoreFuture<bool> {
+            self.writes.delete(id)
+        }
+
+        fn flush(&self) -> $crate::store::StoreFuture<()> {
+            self.writes.flush()
+        }
+
+        fn limits(&self) -> $crate::store::StoreLimits {
+            self.limits
+        }
+
+        fn used_bytes(&self) -> u64 {
+            self.used.load(std::sync::atomic::Ordering::Relaxed)
+        }
+
+        fn settings(&self, user: &str) -> $crate::store::StoreFuture<Option<serde_json::Value>> {
+            self.reads.settings(user)
+        }
+
+        fn save_settings(
+            &self,
+            user: &str,
+            settings: serde_json::Value,
+        ) -> $crate::store::StoreFuture<()> {
+            self.writes.save_settings(user, settings)
+        }
+
+        /// An empty write transaction through the writer's queue and connection (so `/ready`
+        /// turns 503 while the database cannot take a write).
+        fn probe(&self) -> $crate::store::StoreFuture<()> {
+            self.writes.probe()
+        }
+
+        fn add_key(
+            &self,
+            key: $crate::store::ApiKey,
+            hash: String,
+        ) -> $crate::store::StoreFuture<()> {
+            self.writes.add_key(key, hash)
+        }
+
+        fn list_keys(&self) -> $crate::store::StoreFuture<Vec<$crate::store::ApiKey>> {
+            self.reads.list_keys()
+        }
+
+        fn revoke_key(&self, name: &str) -> $crate::store::StoreFuture<bool> {
+            self.writes.revoke_key(name)
+        }
+
+        fn lookup_key(
+            &self,
+            hash: Option<&str>,
+        ) -> $crate::store::StoreFuture<$crate::store::KeyLookup> {
+            self.reads.lookup_key(hash)
+        }
+    };
+}
+pub(super) use queued_store_methods;
+
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A change, applied by a store's writer.

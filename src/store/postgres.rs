@@ -64,8 +64,8 @@ use tokio_postgres::{NoTls, Row};
 
 use super::durable::{
     all_ended, check_append, decode_init, decode_settings, event_range, fail_batch, fill_batch,
-    next_after, only_flushes, sql_count, stored_event_id, ReadQueue, ReadRequest, Running,
-    WriteCommand, WriteQueue, WriteRequest,
+    next_after, only_flushes, queued_store_methods, sql_count, stored_event_id, ReadQueue,
+    ReadRequest, Running, WriteCommand, WriteQueue, WriteRequest,
 };
 use super::membership::{self, ClusterNode, Membership, NodeState};
 use super::{
@@ -595,88 +595,7 @@ impl PostgresStore {
 }
 
 impl Store for PostgresStore {
-    fn create_with_events(
-        &self,
-        meta: ConversationMeta,
-        events: Vec<StoredEvent>,
-    ) -> StoreFuture<()> {
-        self.writes.create_with_events(meta, events)
-    }
-
-    fn set_title(&self, id: &str, title: &str) -> StoreFuture<bool> {
-        self.writes.set_title(id, title)
-    }
-
-    fn get(&self, id: &str) -> StoreFuture<Option<ConversationRecord>> {
-        self.reads.get(id)
-    }
-
-    fn list(&self, offset: usize, limit: usize) -> StoreFuture<Vec<ConversationMeta>> {
-        self.reads.list(offset, limit)
-    }
-
-    fn list_owned(
-        &self,
-        owner: &str,
-        offset: usize,
-        limit: usize,
-    ) -> StoreFuture<Vec<ConversationMeta>> {
-        self.reads.list_owned(owner, offset, limit)
-    }
-
-    fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()> {
-        self.writes.append(id, events)
-    }
-
-    fn events(&self, id: &str, query: EventQuery) -> StoreFuture<Vec<StoredEvent>> {
-        self.reads.events(id, query)
-    }
-
-    fn delete(&self, id: &str) -> StoreFuture<bool> {
-        self.writes.delete(id)
-    }
-
-    fn flush(&self) -> StoreFuture<()> {
-        self.writes.flush()
-    }
-
-    fn limits(&self) -> StoreLimits {
-        self.limits
-    }
-
-    fn used_bytes(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    fn settings(&self, user: &str) -> StoreFuture<Option<Value>> {
-        self.reads.settings(user)
-    }
-
-    fn save_settings(&self, user: &str, settings: Value) -> StoreFuture<()> {
-        self.writes.save_settings(user, settings)
-    }
-
-    /// An empty write transaction through the writer's queue and connection (so `/ready`
-    /// turns 503 while PostgreSQL cannot take a write).
-    fn probe(&self) -> StoreFuture<()> {
-        self.writes.probe()
-    }
-
-    fn add_key(&self, key: ApiKey, hash: String) -> StoreFuture<()> {
-        self.writes.add_key(key, hash)
-    }
-
-    fn list_keys(&self) -> StoreFuture<Vec<ApiKey>> {
-        self.reads.list_keys()
-    }
-
-    fn revoke_key(&self, name: &str) -> StoreFuture<bool> {
-        self.writes.revoke_key(name)
-    }
-
-    fn lookup_key(&self, hash: Option<&str>) -> StoreFuture<KeyLookup> {
-        self.reads.lookup_key(hash)
-    }
+    queued_store_methods!();
 
     fn acquire(&self, id: &str) -> StoreFuture<Acquired> {
         let id = id.to_string();

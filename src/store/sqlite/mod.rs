@@ -59,19 +59,14 @@
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
-use serde_json::Value;
 use tokio::sync::watch;
 
-use super::durable::{all_ended, ReadQueue, Running, WriteQueue};
-use super::{
-    ApiKey, ConversationMeta, ConversationRecord, EventQuery, KeyLookup, Store, StoreError,
-    StoreFuture, StoreLimits,
-};
+use super::durable::{all_ended, queued_store_methods, ReadQueue, Running, WriteQueue};
+use super::{Store, StoreError, StoreLimits};
 use crate::config::StoreTuning;
-use crate::events::StoredEvent;
 
 #[macro_use]
 mod sql;
@@ -235,86 +230,7 @@ impl SqliteStore {
 }
 
 impl Store for SqliteStore {
-    fn create_with_events(
-        &self,
-        meta: ConversationMeta,
-        events: Vec<StoredEvent>,
-    ) -> StoreFuture<()> {
-        self.writes.create_with_events(meta, events)
-    }
-
-    fn set_title(&self, id: &str, title: &str) -> StoreFuture<bool> {
-        self.writes.set_title(id, title)
-    }
-
-    fn get(&self, id: &str) -> StoreFuture<Option<ConversationRecord>> {
-        self.reads.get(id)
-    }
-
-    fn list(&self, offset: usize, limit: usize) -> StoreFuture<Vec<ConversationMeta>> {
-        self.reads.list(offset, limit)
-    }
-
-    fn list_owned(
-        &self,
-        owner: &str,
-        offset: usize,
-        limit: usize,
-    ) -> StoreFuture<Vec<ConversationMeta>> {
-        self.reads.list_owned(owner, offset, limit)
-    }
-
-    fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()> {
-        self.writes.append(id, events)
-    }
-
-    fn events(&self, id: &str, query: EventQuery) -> StoreFuture<Vec<StoredEvent>> {
-        self.reads.events(id, query)
-    }
-
-    fn delete(&self, id: &str) -> StoreFuture<bool> {
-        self.writes.delete(id)
-    }
-
-    fn flush(&self) -> StoreFuture<()> {
-        self.writes.flush()
-    }
-
-    fn limits(&self) -> StoreLimits {
-        self.limits
-    }
-
-    fn used_bytes(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    fn settings(&self, user: &str) -> StoreFuture<Option<Value>> {
-        self.reads.settings(user)
-    }
-
-    fn save_settings(&self, user: &str, settings: Value) -> StoreFuture<()> {
-        self.writes.save_settings(user, settings)
-    }
-
-    fn probe(&self) -> StoreFuture<()> {
-        self.writes.probe()
-    }
-
-    fn add_key(&self, key: ApiKey, hash: String) -> StoreFuture<()> {
-        self.writes.add_key(key, hash)
-    }
-
-    fn list_keys(&self) -> StoreFuture<Vec<ApiKey>> {
-        self.reads.list_keys()
-    }
-
-    fn revoke_key(&self, name: &str) -> StoreFuture<bool> {
-        self.writes.revoke_key(name)
-    }
-
-    fn lookup_key(&self, hash: Option<&str>) -> StoreFuture<KeyLookup> {
-        self.reads.lookup_key(hash)
-    }
+    queued_store_methods!();
 }
 
 #[cfg(test)]

@@ -609,112 +609,35 @@ pub fn parse_init_session(
         }
     }
 
-    // suggested_task
+    let task = suggested.map(|(task, tloc)| suggested_task(task, tloc, &mut errors));
     let mut task_prompt = None;
     let mut task_value = None;
-    if let Some((task, tloc)) = suggested {
-        let mut t = Reader {
-            obj: &task,
-            base: tloc.clone(),
-            errors: &mut errors,
-        };
-        let provider = t.req_enum("git_provider", PROVIDERS);
-        let task_type = t.req_enum("task_type", TASK_TYPES);
-        let repo = t.req_str("repo");
-        let number = t.req_int("issue_number");
-        let title = t.req_str("title");
-        if provider.as_deref() == Some("enterprise_sso") {
-            errors.push(FieldError::value_error(
-                loc(&tloc, "git_provider"),
-                "suggested tasks are not supported for enterprise_sso",
-                json!("enterprise_sso"),
-            ));
-        }
-        if let Some(tt @ ("OPEN_PR" | "CREATE_MICROAGENT")) = task_type.as_deref() {
-            errors.push(FieldError::value_error(
-                loc(&tloc, "task_type"),
-                &format!("task type {tt} cannot start a conversation"),
-                json!(tt),
-            ));
-        }
-        if let (Some(provider), Some(task_type), Some(repo), Some(number), Some(title)) =
-            (provider, task_type, repo, number, title)
-        {
-            task_prompt = task_prompt_for(&task_type, &provider, &repo, number, &title);
-            if repository.is_none() {
-                repository = Some(repo);
-            }
-            if git_provider.is_none() {
-                git_provider = Some(provider);
-            }
-        }
-        task_value = Some(Value::Object(task));
+    if let Some(task) = task {
+        task_prompt = task.prompt;
+        repository = repository.or(task.repo);
+        git_provider = git_provider.or(task.provider);
+        task_value = Some(task.value);
     }
 
-    // create_microagent
+    let microagent = microagent.map(|(m, mloc)| create_microagent(m, mloc, &mut errors));
     let mut microagent_value = None;
     let mut title = None;
-    if let Some((m, mloc)) = microagent {
-        let mut c = Reader {
-            obj: &m,
-            base: mloc,
-            errors: &mut errors,
-        };
-        let repo = c.req_str("repo");
-        let provider = c.opt_enum("git_provider", PROVIDERS);
-        title = c.opt_str("title").filter(|t| !t.trim().is_empty());
-        if repository.is_none() {
-            repository = repo;
-        }
-        if git_provider.is_none() {
-            git_provider = provider;
-        }
-        microagent_value = Some(Value::Object(m));
+    if let Some(m) = microagent {
+        title = m.title;
+        repository = repository.or(m.repo);
+        git_provider = git_provider.or(m.provider);
+        microagent_value = Some(m.value);
     }
 
-    // mcp_config
     let mcp_config = mcp.map(|(m, mloc)| {
         validate_mcp(&m, &mloc, &mut errors);
         Value::Object(m)
     });
 
-    // replay_json
-    let mut replay_events = Vec::new();
-    if let Some(text) = &replay_json {
-        let rloc = loc(&base, "replay_json");
-        match serde_json::from_str::<Value>(text) {
-            Ok(Value::Array(items)) => {
-                for (i, item) in items.iter().enumerate() {
-                    if let Err(why) = EventBody::from_value(item) {
-                        errors.push(FieldError::value_error(
-                            rloc.clone(),
-                            &format!("replay_json event {i} is invalid: {why}"),
-                            json!(text),
-                        ));
-                        break;
-                    }
-                }
-                replay_events = items;
-            }
-            Ok(_) => errors.push(FieldError::value_error(
-                rloc,
-                "replay_json must be a JSON list of events",
-                json!(text),
-            )),
-            Err(e) => errors.push(FieldError::value_error(
-                rloc,
-                &format!("replay_json is not valid JSON: {e}"),
-                json!(text),
-            )),
-        }
-        if initial_user_msg.is_some() {
-            errors.push(FieldError::value_error(
-                base.clone(),
-                "replay_json and initial_user_msg cannot be used together",
-                Value::Null,
-            ));
-        }
-    }
+    let replay_events = match &replay_json {
+        Some(text) => replay(text, &base, initial_user_msg.is_some(), &mut errors),
+        None => Vec::new(),
+    };
 
     extra_forbidden(&mut errors, &base, &obj, KNOWN_FIELDS);
     if !errors.is_empty() {
@@ -748,6 +671,141 @@ pub fn parse_init_session(
             create_microagent: microagent_value,
         },
     })
+}
+
+/// What a valid `suggested_task` brings to a new conversation.
+struct TaskParts {
+    /// The first message the task stands for, when it can start a conversation.
+    prompt: Option<String>,
+    /// The repository and provider it names (used when the request names none).
+    repo: Option<String>,
+    provider: Option<String>,
+    /// The task as sent, kept with the conversation.
+    value: Value,
+}
+
+/// Reads a `suggested_task` (at `tloc`), adding what is wrong with it to `errors`.
+fn suggested_task(
+    task: Map<String, Value>,
+    tloc: Vec<Value>,
+    errors: &mut Vec<FieldError>,
+) -> TaskParts {
+    let mut t = Reader {
+        obj: &task,
+        base: tloc.clone(),
+        errors,
+    };
+    let provider = t.req_enum("git_provider", PROVIDERS);
+    let task_type = t.req_enum("task_type", TASK_TYPES);
+    let repo = t.req_str("repo");
+    let number = t.req_int("issue_number");
+    let title = t.req_str("title");
+    if provider.as_deref() == Some("enterprise_sso") {
+        errors.push(FieldError::value_error(
+            loc(&tloc, "git_provider"),
+            "suggested tasks are not supported for enterprise_sso",
+            json!("enterprise_sso"),
+        ));
+    }
+    if let Some(tt @ ("OPEN_PR" | "CREATE_MICROAGENT")) = task_type.as_deref() {
+        errors.push(FieldError::value_error(
+            loc(&tloc, "task_type"),
+            &format!("task type {tt} cannot start a conversation"),
+            json!(tt),
+        ));
+    }
+    let mut parts = TaskParts {
+        prompt: None,
+        repo: None,
+        provider: None,
+        value: Value::Null,
+    };
+    if let (Some(provider), Some(task_type), Some(repo), Some(number), Some(title)) =
+        (provider, task_type, repo, number, title)
+    {
+        parts.prompt = task_prompt_for(&task_type, &provider, &repo, number, &title);
+        parts.repo = Some(repo);
+        parts.provider = Some(provider);
+    }
+    parts.value = Value::Object(task);
+    parts
+}
+
+/// What a valid `create_microagent` brings to a new conversation.
+struct MicroagentParts {
+    repo: Option<String>,
+    provider: Option<String>,
+    /// The conversation's title, when it names one.
+    title: Option<String>,
+    /// The request as sent, kept with the conversation.
+    value: Value,
+}
+
+/// Reads a `create_microagent` (at `mloc`), adding what is wrong with it to `errors`.
+fn create_microagent(
+    m: Map<String, Value>,
+    mloc: Vec<Value>,
+    errors: &mut Vec<FieldError>,
+) -> MicroagentParts {
+    let mut c = Reader {
+        obj: &m,
+        base: mloc,
+        errors,
+    };
+    let repo = c.req_str("repo");
+    let provider = c.opt_enum("git_provider", PROVIDERS);
+    let title = c.opt_str("title").filter(|t| !t.trim().is_empty());
+    MicroagentParts {
+        repo,
+        provider,
+        title,
+        value: Value::Object(m),
+    }
+}
+
+/// The events of a `replay_json` text, adding what is wrong with it to `errors` (a list of valid
+/// events, and no `initial_user_msg` beside it).
+fn replay(
+    text: &str,
+    base: &[Value],
+    with_initial_message: bool,
+    errors: &mut Vec<FieldError>,
+) -> Vec<Value> {
+    let rloc = loc(base, "replay_json");
+    let mut events = Vec::new();
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Array(items)) => {
+            for (i, item) in items.iter().enumerate() {
+                if let Err(why) = EventBody::from_value(item) {
+                    errors.push(FieldError::value_error(
+                        rloc.clone(),
+                        &format!("replay_json event {i} is invalid: {why}"),
+                        json!(text),
+                    ));
+                    break;
+                }
+            }
+            events = items;
+        }
+        Ok(_) => errors.push(FieldError::value_error(
+            rloc,
+            "replay_json must be a JSON list of events",
+            json!(text),
+        )),
+        Err(e) => errors.push(FieldError::value_error(
+            rloc,
+            &format!("replay_json is not valid JSON: {e}"),
+            json!(text),
+        )),
+    }
+    if with_initial_message {
+        errors.push(FieldError::value_error(
+            base.to_vec(),
+            "replay_json and initial_user_msg cannot be used together",
+            Value::Null,
+        ));
+    }
+    events
 }
 
 /// Validates a `PATCH /api/conversations/{id}` body (OpenHands' `ConversationUpdate`, which

@@ -30,8 +30,8 @@
 //!
 //! The warm pool of agents ([`AgentPool`], with `runtime.process.warm`) is the supervisor's
 //! too: it learns the number of live conversations from every registry change (pooled agents
-//! give way to conversations, never the reverse), and a shutdown waits for its agents as for
-//! the conversations.
+//! give way to conversations, never the reverse), a shutdown waits for its agents as for
+//! the conversations, and while the node is fenced from the cluster the pool holds no agent.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -364,9 +364,13 @@ impl Actor for Supervisor {
         }
         if let Some(mut membership) = self.store.membership() {
             let supervisor = ctx.address();
+            let pool = self.pool.clone();
             actix::spawn(async move {
                 while membership.changed().await.is_ok() {
                     let fenced = *membership.borrow_and_update() == Membership::Fenced;
+                    if let Some(pool) = &pool {
+                        pool.set_fenced(fenced);
+                    }
                     if fenced {
                         supervisor.do_send(Fence);
                     }

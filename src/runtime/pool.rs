@@ -25,6 +25,9 @@
 //!   `min(N, limit − live conversations)` agents and stops the extra ones when conversations
 //!   need the room; admission never looks at the pool, so no create is ever refused because of
 //!   it.
+//! - **Nothing runs while the node is fenced** from the cluster ([`AgentPool::set_fenced`]):
+//!   every pooled agent is told to stop and none is started until the node has registered
+//!   again.
 //! - **Nothing outlives the server**: [`AgentPool::shut_down`] stops every pooled agent (its
 //!   stdin closes, then the usual grace periods), the arbiters' teardown kills what is left, and
 //!   after a `kill -9` the next start sweeps the agents' records ([`super::process_tree`]) and
@@ -74,6 +77,8 @@ struct State {
     launching: bool,
     /// An agent was handed out since the refill last looked.
     handed_out: bool,
+    /// The node fenced itself from the cluster: no agent waits until it has registered again.
+    fenced: bool,
     shut: bool,
     arbiter: Option<ArbiterHandle>,
 }
@@ -153,6 +158,30 @@ impl AgentPool {
         Some(taken)
     }
 
+    /// While `fenced` (the node fenced itself from the cluster), every pooled agent is told to
+    /// stop and none is started; once the node has registered again the refill starts them
+    /// anew.
+    pub fn set_fenced(&self, fenced: bool) {
+        {
+            let mut state = self.lock();
+            if state.fenced == fenced {
+                return;
+            }
+            state.fenced = fenced;
+            if fenced {
+                let stopped: Vec<Agent> = state.waiting.drain(..).collect();
+                info!(
+                    agents = stopped.len(),
+                    "fenced from the cluster: stopping the pooled agents"
+                );
+                for agent in stopped {
+                    stop(&mut state, agent);
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
     /// Stops the pool: no more starts, every pooled agent told to stop. Completes once all of
     /// them are gone (the caller bounds the wait; past it, the arbiters' teardown kills them).
     pub fn shut_down(self: &Arc<Self>) -> impl std::future::Future<Output = ()> + 'static {
@@ -223,7 +252,7 @@ impl AgentPool {
                 }
                 drop(dead);
                 let died = before - state.waiting.len();
-                let target = self.target();
+                let target = if state.fenced { 0 } else { self.target() };
                 while state.waiting.len() > target {
                     if let Some(agent) = state.waiting.pop_back() {
                         debug!(agent = %agent.place().name, "stopping a pooled agent to make room");
@@ -247,7 +276,7 @@ impl AgentPool {
                 let mut state = self.lock();
                 state.launching = false;
                 match result {
-                    Ok(agent) if state.shut => stop(&mut state, agent),
+                    Ok(agent) if state.shut || state.fenced => stop(&mut state, agent),
                     Ok(agent) => {
                         debug!(agent = %agent.place().name, "pooled agent started");
                         state.waiting.push_back(agent);

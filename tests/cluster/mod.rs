@@ -251,6 +251,66 @@ fn a_node_that_cannot_heartbeat_fences_itself_without_writing_and_comes_back() {
     assert_eq!(resumed.2["extras"]["agent_state"], "loading");
 }
 
+/// An agent that answers `init` with `ready` and exits when its stdin closes.
+const QUIET_AGENT: &str = r#"
+import json, sys
+if not sys.stdin.readline():
+    sys.exit(0)
+print(json.dumps({"type": "ready"}), flush=True)
+for line in sys.stdin:
+    pass
+"#;
+
+/// A fenced node keeps no pooled agent: with `runtime.process.warm = 2`, once its heartbeats
+/// are blocked and it fenced itself, no process of its agent command is left while it stays
+/// fenced; once it has registered again the pool is refilled.
+#[test]
+fn a_fenced_node_stops_its_pooled_agents_and_refills_once_registered_again() {
+    let Some(db) = pg::database() else { return };
+    // Not under /tmp: a sandboxed agent sees a private, empty one.
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("temp dir");
+    let script = dir.path().join("quiet_agent.py");
+    std::fs::write(&script, QUIET_AGENT).expect("write agent");
+    let command = format!("python3 {}", script.display());
+    let node = start_node_with(
+        &db,
+        "a",
+        1000,
+        &[
+            ("SWITCHBOARD_RUNTIME", "process"),
+            ("SWITCHBOARD_PROCESS_COMMAND", command.as_str()),
+            ("SWITCHBOARD_PROCESS_WARM", "2"),
+        ],
+    );
+    let port = node.port;
+    let needle = script.display().to_string();
+    let agents = || live_with_cmdline(|c| c.windows(needle.len()).any(|w| w == needle.as_bytes()));
+    wait_until(Duration::from_secs(15), "two pooled agents wait", || {
+        agents().len() == 2
+    });
+
+    let held = db.hold("SELECT 1 FROM cluster_nodes WHERE node_id = 'a' FOR UPDATE");
+    wait_until(Duration::from_secs(15), "/ready says fenced", || {
+        readiness(port) == (503, "fenced".to_string())
+    });
+    wait_until(Duration::from_secs(15), "no pooled agent is left", || {
+        agents().is_empty()
+    });
+    assert_eq!(
+        readiness(port),
+        (503, "fenced".to_string()),
+        "still fenced with no pooled agent"
+    );
+
+    drop(held);
+    wait_until(Duration::from_secs(15), "the node is ready again", || {
+        readiness(port).0 == 200
+    });
+    wait_until(Duration::from_secs(15), "the pool is refilled", || {
+        agents().len() == 2
+    });
+}
+
 /// `kill -9` of the node that owns a conversation: another node takes it over once the dead
 /// node's registration expired (refused with 503 before), the log continues with dense ids
 /// under a higher epoch, and the conversation goes on there. Prints how long the takeover took.

@@ -42,9 +42,19 @@ pub(crate) fn path_id(path: &web::Path<String>) -> Result<Arc<str>, ApiError> {
     }
 }
 
-/// `ConversationInfo` for a stored conversation and its live state, if any.
-pub fn conversation_info(meta: &ConversationMeta, live: Option<&Shared>) -> ConversationInfo {
-    let status = live.map_or(ConversationStatus::Stopped, Shared::status);
+/// `ConversationInfo` for a stored conversation and its live state on this node, if any;
+/// `elsewhere`: another live cluster node owns it, so it is live there (shown `RUNNING` — that
+/// node's exact phase, runtime status and clients are its own).
+pub fn conversation_info(
+    meta: &ConversationMeta,
+    live: Option<&Shared>,
+    elsewhere: bool,
+) -> ConversationInfo {
+    let status = match live {
+        Some(shared) => shared.status(),
+        None if elsewhere => ConversationStatus::Running,
+        None => ConversationStatus::Stopped,
+    };
     let running = status != ConversationStatus::Stopped;
     let id = &meta.conversation_id;
     ConversationInfo {
@@ -339,11 +349,24 @@ pub async fn list(
         page.truncate(limit);
         base64::engine::general_purpose::STANDARD.encode((offset + limit).to_string())
     });
+    let live: Vec<_> = page
+        .iter()
+        .map(|meta| state.supervisor.shared(&meta.conversation_id))
+        .collect();
+    // Those not live here may be live on another cluster node: one query for the page.
+    let others = page
+        .iter()
+        .zip(&live)
+        .filter(|(_, live)| live.is_none())
+        .map(|(meta, _)| meta.conversation_id.clone())
+        .collect();
+    let elsewhere = state.store.owned_elsewhere(others).await?;
     let results = page
         .iter()
-        .map(|meta| {
-            let live = state.supervisor.shared(&meta.conversation_id);
-            conversation_info(meta, live.as_deref())
+        .zip(&live)
+        .map(|(meta, live)| {
+            let there = elsewhere.contains(&meta.conversation_id);
+            conversation_info(meta, live.as_deref(), there)
         })
         .collect();
     Ok(HttpResponse::Ok().json(ConversationInfoResultSet {
@@ -375,11 +398,19 @@ pub async fn get(
 ) -> Result<HttpResponse, ApiError> {
     let id = path_id(&path)?;
     let record = state.store.get(&id).await?;
-    let mine = record.filter(|r| caller.may_see(r.meta.owner.as_deref()));
-    let info = mine.map(|record| {
-        let live = state.supervisor.shared(&id);
-        conversation_info(&record.meta, live.as_deref())
-    });
+    let Some(record) = record.filter(|r| caller.may_see(r.meta.owner.as_deref())) else {
+        return Ok(HttpResponse::Ok().json(None::<ConversationInfo>));
+    };
+    let live = state.supervisor.shared(&id);
+    let elsewhere = match live {
+        Some(_) => false,
+        None => !state
+            .store
+            .owned_elsewhere(vec![id.to_string()])
+            .await?
+            .is_empty(),
+    };
+    let info = conversation_info(&record.meta, live.as_deref(), elsewhere);
     Ok(HttpResponse::Ok().json(info))
 }
 

@@ -15,7 +15,9 @@
 //! - An owner that cannot be reached answers 503 (the caller retries; once the owner's
 //!   registration has expired, another node takes the conversation over).
 //!
-//! Reads (list, get, events) are never forwarded: every node reads the shared database.
+//! Reads (list, get, events) are never forwarded: every node reads the shared database (a
+//! conversation another live node owns is shown running there, see
+//! [`crate::store::Store::owned_elsewhere`]).
 
 use std::time::Duration;
 

@@ -35,6 +35,7 @@
 //!   an owned append commits only if its lease is still the conversation's current one, checked
 //!   in the same transaction ([`StoreError::Fenced`] otherwise, and nothing is written).
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 
@@ -404,6 +405,11 @@ pub trait Store: Send + Sync + 'static {
     /// never).
     fn owner(&self, _id: &str) -> StoreFuture<Option<NodeAddress>> {
         Box::pin(std::future::ready(Ok(None)))
+    }
+    /// Which of `ids` another live node owns now — each is live (starting or running) there —
+    /// in one query (single-node stores: none).
+    fn owned_elsewhere(&self, _ids: Vec<String>) -> StoreFuture<HashSet<String>> {
+        Box::pin(std::future::ready(Ok(HashSet::new())))
     }
     /// Leaves the cluster (graceful shutdown, after the conversations stopped): whatever this
     /// node still owns is free for other nodes at once, and it takes nothing more. Nothing to

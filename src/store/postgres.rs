@@ -50,7 +50,7 @@
 //!   pending future) is dropped, the writer finishes the queued work, the pool closes and the
 //!   thread exits. [`PostgresStore::close`] waits for that.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -266,6 +266,10 @@ mod sql {
     pub const LIVE_OWNER: &str = "SELECT o.node_id, n.advertise_url FROM ownership o \
          JOIN cluster_nodes n ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
          WHERE o.conversation_id = $1 AND n.expires_at > now()";
+    /// Which of conversations `$1` (an array) a live node other than `$2` owns.
+    pub const OWNED_ELSEWHERE: &str = "SELECT o.conversation_id FROM ownership o \
+         JOIN cluster_nodes n ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
+         WHERE o.conversation_id = ANY($1) AND o.node_id <> $2 AND n.expires_at > now()";
     /// Gives back conversation `$1` held by node `$2`, incarnation `$3`, at epoch `$4`.
     pub const RELEASE: &str = "UPDATE ownership SET node_id = NULL, incarnation = NULL \
          WHERE conversation_id = $1 AND node_id = $2 AND incarnation = $3 AND epoch = $4";
@@ -300,6 +304,7 @@ mod sql {
         ACQUIRE,
         OWNER,
         LIVE_OWNER,
+        OWNED_ELSEWHERE,
         RELEASE,
         RELEASE_UNKNOWN,
     ];
@@ -339,6 +344,10 @@ enum OwnershipRequest {
     Owner {
         id: String,
         reply: super::durable::Reply<Option<NodeAddress>>,
+    },
+    OwnedElsewhere {
+        ids: Vec<String>,
+        reply: super::durable::Reply<HashSet<String>>,
     },
 }
 
@@ -623,6 +632,13 @@ impl Store for PostgresStore {
     fn owner(&self, id: &str) -> StoreFuture<Option<NodeAddress>> {
         let id = id.to_string();
         self.ownership_request(|reply| OwnershipRequest::Owner { id, reply })
+    }
+
+    fn owned_elsewhere(&self, ids: Vec<String>) -> StoreFuture<HashSet<String>> {
+        if ids.is_empty() {
+            return Box::pin(std::future::ready(Ok(HashSet::new())));
+        }
+        self.ownership_request(|reply| OwnershipRequest::OwnedElsewhere { ids, reply })
     }
 
     fn leave(&self) -> StoreFuture<()> {
@@ -1240,6 +1256,9 @@ async fn run_ownership(
                 OwnershipRequest::Owner { id, reply } => {
                     let _ = reply.send(owner(&pool, &node.node_id, &id).await);
                 }
+                OwnershipRequest::OwnedElsewhere { ids, reply } => {
+                    let _ = reply.send(owned_elsewhere(&pool, &node.node_id, &ids).await);
+                }
                 OwnershipRequest::Leave { reply } => {
                     let left = membership::leave(&pool, &node, &state).await;
                     let _ = reply.send(left.map_err(StoreError::Io));
@@ -1342,6 +1361,26 @@ async fn owner(pool: &Pool, node_id: &str, id: &str) -> Result<Option<NodeAddres
         url: row.try_get(1).map_err(io_error)?,
     };
     Ok((owner.node_id != node_id).then_some(owner))
+}
+
+/// Which of `ids` a live node other than `node_id` owns.
+async fn owned_elsewhere(
+    pool: &Pool,
+    node_id: &str,
+    ids: &[String],
+) -> Result<HashSet<String>, StoreError> {
+    let conn = pool.get().await.map_err(pool_error)?;
+    let statement = conn
+        .prepare_cached(sql::OWNED_ELSEWHERE)
+        .await
+        .map_err(io_error)?;
+    let rows = conn
+        .query(&statement, &[&ids, &node_id])
+        .await
+        .map_err(io_error)?;
+    rows.iter()
+        .map(|row| row.try_get::<_, String>(0).map_err(io_error))
+        .collect()
 }
 
 /// Gives `lease` on `id` back (the row goes when the conversation does not exist).

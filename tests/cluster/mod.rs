@@ -490,6 +490,57 @@ fn commands_sent_to_any_node_are_handled_by_the_owner() {
     );
 }
 
+/// A node that does not own a conversation shows it as its live owner does: `RUNNING` while
+/// another live node runs it, `STOPPED` once it stopped there — in `GET
+/// /api/conversations/{id}` and in the list alike.
+#[test]
+fn a_node_shows_a_conversation_another_node_runs_as_running() {
+    let Some(db) = pg::database() else { return };
+    let a = start_node(&db, "a");
+    let b = start_node(&db, "b");
+    let running = answered_conversation(&db, &a, "runs on a");
+    let stopped = answered_conversation(&db, &a, "stopped on a");
+    let stop = |id: &str| {
+        let (status, body) = http(
+            a.port,
+            "POST",
+            &format!("/api/conversations/{id}/stop"),
+            None,
+        );
+        assert_eq!(status, 200, "{body}");
+    };
+    stop(&stopped);
+    // (`get` status, listed status) of conversation `id` on the node at `port`.
+    let shown = |port: u16, id: &str| {
+        let (status, one) = http(port, "GET", &format!("/api/conversations/{id}"), None);
+        assert_eq!(status, 200, "{one}");
+        let (status, list) = http(port, "GET", "/api/conversations?limit=100", None);
+        assert_eq!(status, 200, "{list}");
+        let listed = list["results"]
+            .as_array()
+            .expect("results")
+            .iter()
+            .find(|c| c["conversation_id"] == id)
+            .map(|c| c["status"].clone());
+        (one["status"].clone(), listed.expect("listed"))
+    };
+    let both = |word: &str| (Value::from(word), Value::from(word));
+    wait_until(
+        Duration::from_secs(15),
+        "B shows the stopped one stopped",
+        || shown(b.port, &stopped) == both("STOPPED"),
+    );
+    for port in [a.port, b.port] {
+        assert_eq!(shown(port, &running), both("RUNNING"), "on port {port}");
+        assert_eq!(shown(port, &stopped), both("STOPPED"), "on port {port}");
+    }
+
+    stop(&running);
+    wait_until(Duration::from_secs(15), "B shows it stopped", || {
+        shown(b.port, &running) == both("STOPPED")
+    });
+}
+
 /// 200 concurrent create-or-join requests for one new id, spread over three nodes sharing a
 /// cluster key: every one is answered 200, and exactly one conversation runtime started (one
 /// `loading` event in the log, every event under one epoch).

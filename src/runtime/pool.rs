@@ -6,7 +6,9 @@
 //! - **N agents wait**, each started exactly like a conversation's own ([`Agent::launch`], the
 //!   same command, environment, sandbox and records under `<data_dir>/agents/`), but in a
 //!   directory of its own named `.pool-<hex>` (never a conversation id), without
-//!   `SWITCHBOARD_CONVERSATION_ID`, and with nothing written to its stdin yet.
+//!   `SWITCHBOARD_CONVERSATION_ID`, and with nothing written to its stdin yet. It joins the
+//!   pool only once its sandbox is set up ([`Agent::set_up`]): bubblewrap mounts and enters the
+//!   `.pool-<hex>` directories by name after the start, and fails if they were renamed first.
 //! - **A conversation takes one at once** ([`AgentPool::take`], the oldest first): its
 //!   directories — the working directory and, sandboxed, the other writable ones such as the
 //!   OpenHands state directory — are renamed to the conversation's (a sandbox's bind mount and
@@ -55,6 +57,8 @@ const NAME_PREFIX: &str = ".pool-";
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 /// The longest pause between two failing starts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a just started pooled agent is looked at until its sandbox is set up.
+const SET_UP_POLL: Duration = Duration::from_millis(5);
 /// How long a pooled agent must have waited for the starts to count as working again.
 const HEALTHY_AFTER: Duration = Duration::from_secs(10);
 
@@ -326,11 +330,39 @@ impl AgentPool {
         } else {
             Err("the conversation thread stopped".into())
         };
-        if result.is_err() {
-            // Its directories were made for nothing.
-            remove_dirs(&Place::pooled(&self.settings, &name));
+        let agent = match result {
+            Ok(agent) => agent,
+            Err(why) => {
+                // Its directories were made for nothing.
+                remove_dirs(&Place::pooled(&self.settings, &name));
+                return Err(why);
+            }
+        };
+        self.until_set_up(agent).await
+    }
+
+    /// Waits until a just started agent's sandbox is set up ([`Agent::set_up`]), so that only
+    /// agents whose directories may be renamed are ever handed out. One that exits meanwhile, or
+    /// is not set up within `limits.start_timeout_secs`, is a failed start (stopped, its
+    /// directories removed once it is gone).
+    async fn until_set_up(&self, agent: Agent) -> Result<Agent, String> {
+        let limit = Duration::from_secs(self.settings.limits.start_timeout_secs);
+        let began = Instant::now();
+        loop {
+            if agent.set_up() || self.lock().shut {
+                return Ok(agent);
+            }
+            let why = if agent.exited() {
+                "it exited while its sandbox was being set up"
+            } else if began.elapsed() >= limit {
+                "its sandbox was not set up within limits.start_timeout_secs"
+            } else {
+                tokio::time::sleep(SET_UP_POLL).await;
+                continue;
+            };
+            stop(&mut self.lock(), agent);
+            return Err(format!("the pooled agent did not start: {why}"));
         }
-        result
     }
 }
 

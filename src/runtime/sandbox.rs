@@ -106,6 +106,59 @@ pub fn command(
     }
 }
 
+/// Whether the sandbox started as process `pid` (by [`command`]) is set up. bubblewrap makes
+/// its mounts and enters the working directory by the names it was given, and only then starts
+/// the agent's program: until a process below it runs something other than bubblewrap, those
+/// names must stay where they are (a pooled agent's directories must not be renamed yet).
+/// Always true without a sandbox.
+pub fn is_set_up(kind: SandboxKind, pid: u32) -> bool {
+    match kind {
+        SandboxKind::None => true,
+        SandboxKind::Bwrap => {
+            let Some(own) = comm(pid) else {
+                return false;
+            };
+            let mut below = children(pid);
+            while let Some(child) = below.pop() {
+                match comm(child) {
+                    Some(name) if name == own => below.extend(children(child)),
+                    Some(_) => return true,
+                    None => {}
+                }
+            }
+            false
+        }
+    }
+}
+
+/// A process's command name (what it runs), `None` once it is gone.
+fn comm(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|name| name.trim_end().to_string())
+}
+
+/// A process's children: from `/proc/<pid>/task/<pid>/children` (bubblewrap forks from its
+/// only thread), or by their parent in `/proc` where the kernel does not offer that file.
+fn children(pid: u32) -> Vec<u32> {
+    match std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+        Ok(list) => list
+            .split_ascii_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect(),
+        Err(_) => std::fs::read_dir("/proc")
+            .map(|dir| {
+                dir.flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                    .filter_map(super::process_tree::read_proc)
+                    .filter(|p| u32::try_from(p.ppid).is_ok_and(|ppid| ppid == pid))
+                    .filter_map(|p| u32::try_from(p.pid).ok())
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
 /// bubblewrap's arguments. Order matters: later mounts go on top of earlier ones, so the
 /// writable directories come after the private `/tmp` (a working directory under `/tmp` stays
 /// the real one).
@@ -183,5 +236,33 @@ mod tests {
             .any(|w| w == ["--bind", "/data/state/c1", "/data/state/c1"]));
         assert!(text.contains(&"--unshare-net".to_string()));
         assert_eq!(&text[text.len() - 3..], ["--", "python3", "agent.py"]);
+    }
+
+    #[test]
+    fn a_sandbox_is_set_up_once_a_process_below_it_runs_another_program() {
+        // Nothing below it yet: not set up (bubblewrap still making its mounts).
+        let mut alone = Command::new("sleep").arg("30").spawn().unwrap();
+        assert!(!is_set_up(SandboxKind::Bwrap, alone.id()));
+        assert!(is_set_up(SandboxKind::None, alone.id()));
+        let _ = alone.kill();
+        let _ = alone.wait();
+        // A child running another program: set up.
+        let mut parent = Command::new("sh")
+            .args(["-c", "sleep 30; true"])
+            .spawn()
+            .unwrap();
+        let started = std::time::Instant::now();
+        while !is_set_up(SandboxKind::Bwrap, parent.id()) {
+            assert!(started.elapsed() < std::time::Duration::from_secs(30));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        for child in children(parent.id()) {
+            // SAFETY: kill has no memory-safety preconditions; the pid is this test's `sleep`.
+            unsafe { libc::kill(child as i32, libc::SIGKILL) };
+        }
+        let _ = parent.kill();
+        let _ = parent.wait();
+        // Gone: not set up.
+        assert!(!is_set_up(SandboxKind::Bwrap, parent.id()));
     }
 }

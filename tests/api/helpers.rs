@@ -159,6 +159,20 @@ impl TestApp {
         self.send("GET", path, None).await
     }
 
+    /// A GET whose answer is text (not JSON): its status and body.
+    pub async fn get_text(&self, path: &str) -> (u16, String) {
+        let mut resp = self
+            .request(awc::http::Method::GET, path)
+            .send()
+            .await
+            .expect("request");
+        let bytes = resp.body().limit(64 * 1024 * 1024).await.expect("body");
+        (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(&bytes).into_owned(),
+        )
+    }
+
     pub async fn post(&self, path: &str, body: Value) -> Reply {
         self.send("POST", path, Some(&body)).await
     }

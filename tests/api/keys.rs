@@ -409,17 +409,8 @@ async fn a_user_at_its_running_limit_is_refused_and_nobody_else_is() {
     let reply = sio_connect(&app, &first, &alice).await;
     assert!(reply.contains("limits.max_running_per_user"), "{reply}");
     // Counted as a rejection by reason (no user label: names are unbounded).
-    let metrics = app
-        .client
-        .get(format!("{}/metrics", app.url))
-        .insert_header(("X-Session-API-Key", "s3cret"))
-        .send()
-        .await
-        .expect("metrics")
-        .body()
-        .await
-        .expect("body");
-    let metrics = String::from_utf8_lossy(&metrics);
+    let (status, metrics) = app.get_text("/metrics").await;
+    assert_eq!(status, 200, "{metrics}");
     assert!(
         metrics.contains(r#"switchboard_admissions_rejected_total{reason="user_limit"}"#),
         "{metrics}"

@@ -72,6 +72,30 @@ async fn wait_for(
     }
 }
 
+/// Waits until the server's pool holds `n` agents ready to be handed out (its
+/// `switchboard_pool_agents` gauge): an agent's process exists a little before that.
+async fn wait_pool_holds(app: &TestApp, n: usize) {
+    let start = Instant::now();
+    loop {
+        let (status, text) = app.get_text("/metrics").await;
+        assert_eq!(status, 200, "{text}");
+        let held = text.lines().find_map(|l| {
+            l.strip_prefix("switchboard_pool_agents ")?
+                .trim()
+                .parse::<f64>()
+                .ok()
+        });
+        if held == Some(n as f64) {
+            return;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the pool never held {n} agents: {text}"
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits for a command output holding `text`; the events then, and that output.
 async fn wait_output(app: &TestApp, id: &str, text: &str) -> (Vec<Value>, String) {
     let events = app
@@ -301,6 +325,7 @@ async fn a_sandboxed_pooled_agent_writes_in_its_conversation_directory() {
     .await;
     // The sandbox's own process (bwrap), in the pool directory.
     let waiting = wait_for("a pooled agent", 30, || pooled(&mark), |p| !p.is_empty()).await;
+    wait_pool_holds(&app, 1).await;
     let id = app.create(json!({})).await;
     app.wait_status(&id, "RUNNING", 30).await;
     let workspace = app._data_dir.path().join("workspaces").join(&id);
@@ -366,6 +391,7 @@ async fn openhands_from_the_pool(sandbox: SandboxKind) {
     .await;
     // Saved after the agent started: a pooled agent gets the settings with its `init`.
     wait_for("a pooled agent", 60, || pooled(&mark), |p| p.len() == 1).await;
+    wait_pool_holds(&app, 1).await;
     let (id, events) = echo_hi_with_saved_settings(&app, &base_url, "sk-switchboard-pool").await;
     let output = find(&events, |e| e["observation"] == "run").expect("the run observation");
     assert_eq!(output["content"].as_str().map(str::trim), Some("hi"));

@@ -173,6 +173,11 @@ impl ChildGuard {
         }
     }
 
+    /// The agent's process id (`None` once it was reaped).
+    pub(super) fn id(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// The agent's stdin, stdout and stderr (once; `None` when one is missing).
     pub(super) fn take_stdio(&mut self) -> Option<(ChildStdin, ChildStdout, ChildStderr)> {
         let c = &mut self.child;

@@ -256,6 +256,9 @@ pub struct Agent {
     /// Links from the directories' names in the pool to the conversation's.
     aliases: Vec<PathBuf>,
     started: std::time::Instant,
+    /// The started process (the sandbox's when there is one).
+    pid: Option<u32>,
+    sandbox: SandboxKind,
 }
 
 impl Agent {
@@ -283,6 +286,7 @@ impl Agent {
             return Err("the agent's stdin, stdout and stderr could not be opened".into());
         };
         let label = Label::new(place.name.clone());
+        let pid = guard.id();
         let (input_tx, input_rx) = mpsc::channel(INPUT_QUEUE_LINES);
         let (stop_tx, stop_rx) = oneshot::channel();
         let (writer_tx, writer_rx) = oneshot::channel();
@@ -337,6 +341,8 @@ impl Agent {
             exited,
             aliases: Vec::new(),
             started: std::time::Instant::now(),
+            pid,
+            sandbox: p.sandbox,
         })
     }
 
@@ -355,6 +361,13 @@ impl Agent {
     /// When it was started.
     pub fn started(&self) -> std::time::Instant {
         self.started
+    }
+
+    /// Whether its sandbox is set up ([`sandbox::is_set_up`]): from then on its directories
+    /// may be renamed. Always true without a sandbox.
+    pub fn set_up(&self) -> bool {
+        self.pid
+            .is_some_and(|pid| sandbox::is_set_up(self.sandbox, pid))
     }
 
     /// Whether it exited while waiting to be attached.

@@ -349,7 +349,12 @@ impl AgentPool {
         let limit = Duration::from_secs(self.settings.limits.start_timeout_secs);
         let began = Instant::now();
         loop {
-            if agent.set_up() || self.lock().shut {
+            let closed = {
+                let state = self.lock();
+                state.shut || state.fenced
+            };
+            // Shut or fenced meanwhile: the refill stops it.
+            if closed || agent.set_up() {
                 return Ok(agent);
             }
             let why = if agent.exited() {

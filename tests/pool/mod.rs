@@ -356,6 +356,66 @@ async fn a_sandboxed_pooled_agent_writes_in_its_conversation_directory() {
     shut_down_clean(app, &mark).await;
 }
 
+/// A sandbox slow to set up (bubblewrap started half a second late by a wrapper found first on
+/// the agents' PATH): its agent joins the pool only once bubblewrap has made its mounts and
+/// entered the pool directory, so a create right after finds it working (renaming the directory
+/// before made the sandbox's setup fail and the conversation stop).
+#[actix_web::test]
+async fn a_pooled_agent_is_handed_out_only_once_its_sandbox_is_set_up() {
+    if !sandbox::bwrap_works() {
+        return;
+    }
+    let path = std::env::var("PATH").unwrap_or_default();
+    let real = std::env::split_paths(&path)
+        .map(|dir| dir.join("bwrap"))
+        .find(|p| p.is_file())
+        .expect("bwrap on PATH");
+    // The interpreter itself (a `python3` on PATH may be a shell wrapper starting it as a
+    // child, which would look like bubblewrap's own start).
+    let exe = std::process::Command::new(python())
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .expect("python");
+    let exe = String::from_utf8_lossy(&exe.stdout).trim().to_string();
+    let bin = tempfile::tempdir().unwrap();
+    let wrapper = bin.path().join("bwrap");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!{exe}\nimport os, sys, time\ntime.sleep(0.5)\n\
+             os.execv({real:?}, [{real:?}] + sys.argv[1:])\n",
+            real = real.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let mark = new_mark();
+    let app = pooled_app(&mark, 1, |s| {
+        s.runtime.process.sandbox = SandboxKind::Bwrap;
+        let path = format!("{}:{path}", bin.path().display());
+        s.runtime.process.env.insert("PATH".into(), path);
+    })
+    .await;
+    wait_pool_holds(&app, 1).await;
+    let id = app
+        .create(json!({"initial_user_msg": "echo pooled=ok; pwd"}))
+        .await;
+    app.wait_status(&id, "RUNNING", 30).await;
+    let (_, output) = wait_output(&app, &id, "pooled=").await;
+    assert!(output.contains("pooled=ok"), "{output}");
+    let workspace = app._data_dir.path().join("workspaces").join(&id);
+    assert!(
+        output.contains(&workspace.display().to_string()),
+        "{output}"
+    );
+    assert_eq!(app.info(&id).await["status"], "RUNNING");
+    shut_down_clean(app, &mark).await;
+}
+
 #[actix_web::test]
 async fn an_openhands_agent_from_the_pool_runs_in_its_conversation() {
     openhands_from_the_pool(SandboxKind::None).await;

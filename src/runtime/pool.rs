@@ -394,17 +394,31 @@ fn backoff(failures: u32) -> Duration {
 /// Renames `from`'s directories to `to`'s (an existing empty directory is replaced; one that
 /// holds files is not, and then nothing is moved). Where the old names were, symbolic links to
 /// the new ones are left (returned): an agent still starting may look its directory up by the
-/// name it started in (a shell wrapper returning to its `$PWD`, say).
+/// name it started in (a shell wrapper returning to its `$PWD`, say). A directory that is its own
+/// root and moves to a new name trades places with its link in one step, so that name is never
+/// missing in between ([`exchange_with_link`]).
 fn move_dirs(from: &Place, to: &Place) -> Result<Vec<PathBuf>, String> {
     let pairs: Vec<(&Path, &Path)> = from.dirs().zip(to.dirs()).filter(|(a, b)| a != b).collect();
+    let roots = from.own_roots();
+    let mut aliases = Vec::new();
     for (i, (a, b)) in pairs.iter().enumerate() {
         let moved = match b.parent() {
             Some(parent) => std::fs::create_dir_all(parent),
             None => Ok(()),
         }
-        .and_then(|()| std::fs::rename(a, b));
+        .and_then(|()| {
+            if roots.iter().any(|r| r == a) && exchange_with_link(a, b)? {
+                aliases.push(a.to_path_buf());
+                Ok(())
+            } else {
+                std::fs::rename(a, b)
+            }
+        });
         if let Err(e) = moved {
             for (a, b) in pairs[..i].iter().rev() {
+                if aliases.iter().any(|l| l == a) {
+                    let _ = std::fs::remove_file(a);
+                }
                 let _ = std::fs::rename(b, a);
             }
             return Err(format!(
@@ -415,8 +429,10 @@ fn move_dirs(from: &Place, to: &Place) -> Result<Vec<PathBuf>, String> {
         }
     }
     remove_emptied_roots(from);
-    let mut aliases = Vec::new();
-    for root in from.own_roots() {
+    for root in roots {
+        if aliases.contains(&root) {
+            continue;
+        }
         let Some(own) = root.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
@@ -427,6 +443,46 @@ fn move_dirs(from: &Place, to: &Place) -> Result<Vec<PathBuf>, String> {
         }
     }
     Ok(aliases)
+}
+
+/// Moves directory `a` to `b` (which must not exist) and leaves a link to `b` at `a` in one step:
+/// a link made at `b` is exchanged with the directory (`renameat2` with `RENAME_EXCHANGE`), so a
+/// process looking `a` up by name never finds it missing. `Ok(false)`, with nothing changed,
+/// where `b` exists or the file system cannot exchange (the caller then renames and links in
+/// two steps).
+#[cfg(target_os = "linux")]
+fn exchange_with_link(a: &Path, b: &Path) -> std::io::Result<bool> {
+    use std::os::unix::ffi::OsStrExt;
+    if std::fs::symlink_metadata(b).is_ok() {
+        return Ok(false);
+    }
+    std::os::unix::fs::symlink(b, b)?;
+    let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+    let (Ok(ca), Ok(cb)) = (c(a), c(b)) else {
+        let _ = std::fs::remove_file(b);
+        return Ok(false);
+    };
+    // SAFETY: both paths are NUL-terminated strings that outlive the call; AT_FDCWD makes
+    // them relative to the current directory, like `std::fs::rename`.
+    let r = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            ca.as_ptr(),
+            libc::AT_FDCWD,
+            cb.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let _ = std::fs::remove_file(b);
+    Ok(false)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn exchange_with_link(_a: &Path, _b: &Path) -> std::io::Result<bool> {
+    Ok(false)
 }
 
 /// Removes a pooled agent's directories (after it is gone).
@@ -505,6 +561,51 @@ mod tests {
         assert_eq!(backoff(4), Duration::from_secs(4));
         assert_eq!(backoff(9), MAX_BACKOFF);
         assert_eq!(backoff(u32::MAX), MAX_BACKOFF);
+    }
+
+    #[test]
+    fn a_pooled_directory_trades_places_with_its_link_at_once() {
+        let root = tempfile::tempdir().unwrap();
+        let (a, b) = (root.path().join(".pool-x"), root.path().join("c1"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::write(a.join("f"), "x").unwrap();
+        assert!(
+            exchange_with_link(&a, &b).unwrap(),
+            "the exchange is supported here"
+        );
+        assert!(std::fs::symlink_metadata(&a)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_link(&a).unwrap(), b);
+        assert!(std::fs::symlink_metadata(&b).unwrap().is_dir());
+        assert_eq!(std::fs::read_to_string(a.join("f")).unwrap(), "x");
+        // A name that exists is not exchanged: nothing changes.
+        let c = root.path().join(".pool-y");
+        std::fs::create_dir(&c).unwrap();
+        assert!(!exchange_with_link(&c, &b).unwrap());
+        assert!(std::fs::symlink_metadata(&c).unwrap().is_dir());
+        assert_eq!(std::fs::read_to_string(b.join("f")).unwrap(), "x");
+
+        // Through move_dirs, a pooled working directory that is its own root.
+        let mut s = Settings::defaults();
+        s.data_dir = root.path().to_path_buf();
+        s.runtime.process.working_dir = root.path().join("{conversation_id}").display().to_string();
+        let name = format!("{NAME_PREFIX}{}", "c".repeat(32));
+        let pooled = Place::pooled(&s, &name);
+        std::fs::create_dir_all(&pooled.working_dir).unwrap();
+        std::fs::write(pooled.working_dir.join("g"), "y").unwrap();
+        let to = Place::conversation(&s, "c2");
+        let aliases = move_dirs(&pooled, &to).unwrap();
+        assert_eq!(aliases, std::slice::from_ref(&pooled.working_dir));
+        assert_eq!(
+            std::fs::read_link(&pooled.working_dir).unwrap(),
+            to.working_dir
+        );
+        assert_eq!(
+            std::fs::read_to_string(to.working_dir.join("g")).unwrap(),
+            "y"
+        );
     }
 
     #[test]

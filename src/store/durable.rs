@@ -143,6 +143,43 @@ macro_rules! queued_store_methods {
 }
 pub(super) use queued_store_methods;
 
+/// How a writer isolates the requests of one batch from each other.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Isolation {
+    /// No savepoints. Every refusal (id taken, gap in the event ids, unknown conversation) is
+    /// found before the request writes anything, so a refused request leaves no trace; any
+    /// other failure rolls the whole transaction back and the batch is run again with
+    /// `Savepoints`.
+    Direct,
+    /// Each request in its own savepoint, so that a request failing halfway through its writes
+    /// is undone alone.
+    Savepoints,
+}
+
+/// Why one request of a batch was not applied; `E` is the database driver's error.
+pub(super) enum ApplyError<E> {
+    /// Refused before anything was written (the transaction is healthy); the request's answer.
+    Refused(StoreError),
+    /// A statement failed; the request may have written part of its changes.
+    Sql(E),
+}
+
+impl<E> From<StoreError> for ApplyError<E> {
+    fn from(e: StoreError) -> Self {
+        ApplyError::Refused(e)
+    }
+}
+
+/// Why a batch's transaction did not commit.
+pub(super) enum BatchError {
+    /// In `Direct` mode a request failed after writing: rolled back, run it again with
+    /// savepoints.
+    Retry,
+    /// The transaction failed (BEGIN or COMMIT failed, or the database rolled it back): every
+    /// request of the batch fails with this message.
+    Failed(String),
+}
+
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 /// A change, applied by a store's writer.

@@ -63,9 +63,9 @@ use tokio::task::JoinSet;
 use tokio_postgres::{NoTls, Row};
 
 use super::durable::{
-    all_ended, check_append, decode_init, decode_settings, event_range, fail_batch, fill_batch,
-    next_after, only_flushes, queued_store_methods, sql_count, stored_event_id, ReadQueue,
-    ReadRequest, Running, WriteCommand, WriteQueue, WriteRequest,
+    self, all_ended, check_append, decode_init, decode_settings, event_range, fail_batch,
+    fill_batch, next_after, only_flushes, queued_store_methods, sql_count, stored_event_id,
+    BatchError, Isolation, ReadQueue, ReadRequest, Running, WriteCommand, WriteQueue, WriteRequest,
 };
 use super::membership::{self, ClusterNode, Membership, NodeState};
 use super::{
@@ -799,41 +799,12 @@ struct Pending<'a> {
     appended: HashMap<String, u64>,
 }
 
-/// How a batch's requests are isolated from each other (as in the SQLite store).
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Isolation {
-    /// No savepoints: every refusal is found without a failing statement, so any failing
-    /// statement means: roll back, run the batch again with `Savepoints`.
-    Direct,
-    /// Each request in its own savepoint, so a failing one is undone alone.
-    Savepoints,
-}
-
-/// Why a batch's transaction did not commit.
-enum BatchError {
-    /// In `Direct` mode a statement failed: rolled back, run it again with savepoints.
-    Retry,
-    /// The transaction failed: every request of the batch fails with this message.
-    Failed(String),
-}
-
 /// Why one request was not applied.
-enum ApplyError {
-    /// Refused without writing anything (the transaction is healthy); the request's answer.
-    Refused(StoreError),
-    /// A statement failed; the transaction is aborted.
-    Sql(tokio_postgres::Error),
-}
+type ApplyError = durable::ApplyError<tokio_postgres::Error>;
 
 impl From<tokio_postgres::Error> for ApplyError {
     fn from(e: tokio_postgres::Error) -> Self {
         ApplyError::Sql(e)
-    }
-}
-
-impl From<StoreError> for ApplyError {
-    fn from(e: StoreError) -> Self {
-        ApplyError::Refused(e)
     }
 }
 

@@ -14,7 +14,8 @@ use super::reserve::Reserve;
 use super::sql::{self, last_event_id};
 use crate::events::{meta_timestamp, StoredEvent};
 use crate::store::durable::{
-    check_append, fail_batch, fill_batch, only_flushes, WriteCommand, WriteRequest,
+    self, check_append, fail_batch, fill_batch, only_flushes, BatchError, Isolation, WriteCommand,
+    WriteRequest,
 };
 use crate::store::{events_bytes, meta_bytes, ConversationMeta, StoreError, StoreLimits};
 
@@ -100,41 +101,13 @@ pub(super) struct Writer {
     last_failure: Option<String>,
 }
 
-/// How a batch's requests are isolated from each other.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Isolation {
-    /// No savepoints. Every refusal (id taken, gap in the event ids, unknown conversation) is
-    /// found before the request writes anything, so a refused request leaves no trace; any
-    /// other failure rolls the whole transaction back and the batch is run again with
-    /// `Savepoints`.
-    Direct,
-    /// Each request in its own savepoint, so that a request failing halfway through its writes
-    /// is undone alone.
-    Savepoints,
-}
-
 /// Why a request was not applied.
-enum ApplyError {
-    /// Refused before anything was written; the answer for that request.
-    Refused(StoreError),
-    /// A statement failed; the request may have written part of its changes.
-    Sql(rusqlite::Error),
-}
+type ApplyError = durable::ApplyError<rusqlite::Error>;
 
 impl From<rusqlite::Error> for ApplyError {
     fn from(e: rusqlite::Error) -> Self {
         ApplyError::Sql(e)
     }
-}
-
-/// Why a batch's transaction did not commit.
-enum BatchError {
-    /// In `Direct` mode a request failed after writing: rolled back, run it again with
-    /// savepoints.
-    Retry,
-    /// The transaction failed (BEGIN or COMMIT failed, or SQLite rolled it back): every request
-    /// of the batch fails with this message.
-    Failed(String),
 }
 
 impl Writer {

@@ -28,11 +28,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchboard::config::{PostgresSettings, Settings, StoreTuning};
+use switchboard::conversation::{ConversationMeta, InitData};
 use switchboard::events::{meta_timestamp, EventBody, Source};
-use switchboard::store::{
-    Acquired, ConversationMeta, InitData, PostgresStore, SqliteStore, Store, StoreError,
-    StoreLimits,
-};
+use switchboard::store::{Acquired, PostgresStore, SqliteStore, Store, StoreError, StoreLimits};
 
 /// Which store a scenario runs on.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -2,6 +2,8 @@
 //!
 //! Module map:
 //! - [`config`]: layered, typed settings.
+//! - [`conversation`]: the domain: what a conversation is (metadata, init data), which api,
+//!   sockets, actors and store all speak.
 //! - [`startup`]: builds and runs the server from settings.
 //! - [`http`]: the front gate (Origin and Host checks, body limits) and the session key.
 //! - [`keys`]: user keys (made, hashed, named) and the `switchboard keys` command.
@@ -22,6 +24,7 @@
 pub mod actors;
 pub mod api;
 pub mod config;
+pub mod conversation;
 pub mod events;
 pub mod frontend;
 pub mod http;

@@ -15,11 +15,12 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use serde_json::{json, Value};
 use switchboard::config::{RuntimeKind, SandboxKind, Settings};
+use switchboard::conversation::{ConversationMeta, InitData};
 use switchboard::events::{EventBody, Source};
 use switchboard::runtime::{
     FromRuntime, ProcessRuntime, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart,
 };
-use switchboard::store::{ConversationMeta, InitData, MemoryStore, Store};
+use switchboard::store::{MemoryStore, Store};
 
 use helpers::*;
 

@@ -12,10 +12,11 @@ use std::sync::Arc;
 
 use serde_json::json;
 use switchboard::config::{PostgresSettings, StoreTuning};
+use switchboard::conversation::{ConversationMeta, InitData};
 use switchboard::events::{EventBody, Source, StoredEvent};
 use switchboard::store::{
-    events_bytes, meta_bytes, ApiKey, ConversationMeta, EventQuery, InitData, KeyLookup,
-    MemoryStore, PostgresStore, Quota, SqliteStore, Store, StoreError, StoreLimits,
+    events_bytes, meta_bytes, ApiKey, EventQuery, KeyLookup, MemoryStore, PostgresStore, Quota,
+    SqliteStore, Store, StoreError, StoreLimits,
 };
 use tempfile::TempDir;
 

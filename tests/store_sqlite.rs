@@ -13,9 +13,10 @@ use futures_util::future::join_all;
 use rusqlite::Connection;
 use serde_json::json;
 use switchboard::config::StoreTuning;
+use switchboard::conversation::{ConversationMeta, InitData};
 use switchboard::events::{EventBody, Source, StoredEvent};
 use switchboard::store::sqlite::{DB_FILE_NAME, SCHEMA_VERSION};
-use switchboard::store::{ConversationMeta, EventQuery, InitData, SqliteStore, Store, StoreError};
+use switchboard::store::{EventQuery, SqliteStore, Store, StoreError};
 
 fn tuning() -> StoreTuning {
     StoreTuning {

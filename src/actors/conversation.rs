@@ -46,16 +46,14 @@ use super::messages::*;
 use super::shared::{now_ms, ConversationStatus, RuntimeStatus, Shared};
 use super::supervisor::Supervisor;
 use crate::config::Settings;
+use crate::conversation::{ConversationMeta, ConversationRecord};
 use crate::events::{self, EventBody, Source, StatusUpdate, StoredEvent};
 use crate::ops::metrics::metrics;
 use crate::runtime::{
     FromRuntime, RefMap, ReferencedEvent, Runtime, RuntimeFactory, RuntimeSignal, RuntimeSink,
     RuntimeStart,
 };
-use crate::store::{
-    meta_bytes, Acquired, ConversationMeta, ConversationRecord, Lease, NodeAddress, Store,
-    StoreError,
-};
+use crate::store::{meta_bytes, Acquired, Lease, NodeAddress, Store, StoreError};
 
 /// What leaves the actor, in order.
 enum Outgoing {

@@ -7,8 +7,9 @@ use tokio::sync::mpsc;
 
 use super::rate_limit::ClientId;
 use super::shared::ConversationStatus;
+use crate::conversation::ConversationMeta;
 use crate::events::{EventBody, StoredEvent};
-use crate::store::{ConversationMeta, StoreError};
+use crate::store::StoreError;
 
 /// How the supervisor should bring up a conversation that is not live.
 #[derive(Debug, Clone)]

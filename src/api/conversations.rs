@@ -23,9 +23,10 @@ use crate::actors::{
     OpenError, Shared, StopReason,
 };
 use crate::config::Limits;
+use crate::conversation::ConversationMeta;
 use crate::events::{default_title, meta_timestamp, parse_user_action};
 use crate::http::auth::Caller;
-use crate::store::{ConversationMeta, EventQuery};
+use crate::store::EventQuery;
 
 /// `msg_id` of a 429 for `limits.max_running_per_user`.
 pub const USER_LIMIT: &str = "SWITCHBOARD$USER_LIMIT";

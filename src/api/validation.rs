@@ -8,8 +8,8 @@
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use crate::conversation::InitData;
 use crate::events::EventBody;
-use crate::store::InitData;
 
 /// One entry of a 422 `detail` list.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -20,8 +20,9 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::conversation::InitData;
 use crate::events::{EventBody, StatusUpdate};
-use crate::store::{InitData, Store};
+use crate::store::Store;
 
 pub mod actor;
 pub mod echo;

@@ -19,10 +19,8 @@ use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{
-    ApiKey, ConversationMeta, ConversationRecord, EventQuery, KeyLookup, Lease, StoreError,
-    StoreFuture,
-};
+use super::{ApiKey, EventQuery, KeyLookup, Lease, StoreError, StoreFuture};
+use crate::conversation::{ConversationMeta, ConversationRecord};
 use crate::events::StoredEvent;
 
 /// The [`Store`](super::Store) methods every durable store serves the same way: writes through its
@@ -33,7 +31,7 @@ macro_rules! queued_store_methods {
     () => {
         fn create_with_events(
             &self,
-            meta: $crate::store::ConversationMeta,
+            meta: $crate::conversation::ConversationMeta,
             events: Vec<$crate::events::StoredEvent>,
         ) -> $crate::store::StoreFuture<()> {
             self.writes.create_with_events(meta, events)
@@ -46,7 +44,7 @@ macro_rules! queued_store_methods {
         fn get(
             &self,
             id: &str,
-        ) -> $crate::store::StoreFuture<Option<$crate::store::ConversationRecord>> {
+        ) -> $crate::store::StoreFuture<Option<$crate::conversation::ConversationRecord>> {
             self.reads.get(id)
         }
 
@@ -54,7 +52,7 @@ macro_rules! queued_store_methods {
             &self,
             offset: usize,
             limit: usize,
-        ) -> $crate::store::StoreFuture<Vec<$crate::store::ConversationMeta>> {
+        ) -> $crate::store::StoreFuture<Vec<$crate::conversation::ConversationMeta>> {
             self.reads.list(offset, limit)
         }
 
@@ -63,7 +61,7 @@ macro_rules! queued_store_methods {
             owner: &str,
             offset: usize,
             limit: usize,
-        ) -> $crate::store::StoreFuture<Vec<$crate::store::ConversationMeta>> {
+        ) -> $crate::store::StoreFuture<Vec<$crate::conversation::ConversationMeta>> {
             self.reads.list_owned(owner, offset, limit)
         }
 

@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::Value;
 
 use super::{
-    events_bytes, meta_bytes, ApiKey, ConversationMeta, ConversationRecord, EventQuery, KeyLookup,
-    Store, StoreError, StoreFuture, StoreLimits,
+    events_bytes, meta_bytes, ApiKey, EventQuery, KeyLookup, Store, StoreError, StoreFuture,
+    StoreLimits,
 };
+use crate::conversation::{ConversationMeta, ConversationRecord};
 use crate::events::{meta_timestamp, StoredEvent};
 
 #[derive(Default)]

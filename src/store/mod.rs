@@ -1,8 +1,9 @@
 //! Persistence: the [`Store`] trait and its backends.
 //!
-//! A store keeps each conversation's metadata ([`ConversationMeta`], including the init data its
-//! runtime needs) and its ordered event log. Every operation returns a future so that backends
-//! doing blocking I/O run it on their own threads; callers (actors, HTTP handlers) never block.
+//! A store keeps each conversation's metadata ([`ConversationMeta`], a type of the domain
+//! module [`crate::conversation`], including the init data its runtime needs) and its ordered
+//! event log. Every operation returns a future so that backends doing blocking I/O run it on
+//! their own threads; callers (actors, HTTP handlers) never block.
 //!
 //! Promises every backend keeps:
 //! - `append` calls complete in the order they were made, and a completed `append` is durable
@@ -39,9 +40,10 @@ use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 
+use crate::conversation::{ConversationMeta, ConversationRecord};
 use crate::events::StoredEvent;
 
 mod durable;
@@ -217,60 +219,6 @@ pub fn meta_bytes(init_json: &str) -> u64 {
 /// The bytes events count for against their conversation's quota: their stored JSON.
 pub fn events_bytes(events: &[StoredEvent]) -> u64 {
     events.iter().map(|e| e.json.len() as u64).sum()
-}
-
-/// What a conversation was started with; handed to its runtime and kept across restarts.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct InitData {
-    #[serde(default)]
-    pub repository: Option<String>,
-    #[serde(default)]
-    pub selected_branch: Option<String>,
-    #[serde(default)]
-    pub git_provider: Option<String>,
-    #[serde(default)]
-    pub conversation_instructions: Option<String>,
-    /// MCP servers as validated JSON; may hold secrets, never echoed in a response.
-    #[serde(default)]
-    pub mcp_config: Option<Value>,
-    /// The first user message (from `initial_user_msg` or a suggested task's prompt).
-    #[serde(default)]
-    pub initial_user_msg: Option<String>,
-    #[serde(default)]
-    pub image_urls: Vec<String>,
-    /// Events from `replay_json`, replayed into the log when the conversation is created.
-    #[serde(default)]
-    pub replay_events: Vec<Value>,
-    /// The suggested task, as sent.
-    #[serde(default)]
-    pub suggested_task: Option<Value>,
-    /// The microagent request, as sent.
-    #[serde(default)]
-    pub create_microagent: Option<Value>,
-}
-
-/// Everything kept about a conversation besides its events.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ConversationMeta {
-    pub conversation_id: String,
-    pub title: String,
-    pub created_at: String,
-    pub last_updated_at: String,
-    /// `gui`, `suggested_task` or `microagent_management`.
-    pub trigger: String,
-    /// Who created it (the session key's owner); `None` when no key is configured.
-    pub owner: Option<String>,
-    pub init: InitData,
-}
-
-/// A conversation as loaded: its metadata and the id its next event gets.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConversationRecord {
-    pub meta: ConversationMeta,
-    pub next_event_id: u64,
-    /// The bytes it holds against `max_bytes_per_conversation` (see [`meta_bytes`],
-    /// [`events_bytes`]).
-    pub bytes: u64,
 }
 
 /// Which events to read.

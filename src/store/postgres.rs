@@ -69,10 +69,11 @@ use super::durable::{
 };
 use super::membership::{self, ClusterNode, Membership, NodeState};
 use super::{
-    events_bytes, meta_bytes, Acquired, ApiKey, ConversationMeta, ConversationRecord, EventQuery,
-    InitData, KeyLookup, Lease, NodeAddress, Store, StoreError, StoreFuture, StoreLimits,
+    events_bytes, meta_bytes, Acquired, ApiKey, EventQuery, KeyLookup, Lease, NodeAddress, Store,
+    StoreError, StoreFuture, StoreLimits,
 };
 use crate::config::{PostgresSettings, StoreTuning};
+use crate::conversation::{ConversationMeta, ConversationRecord, InitData};
 use crate::events::{meta_timestamp, StoredEvent};
 
 /// Schema migrations: step `i` takes the database from version `i` to `i + 1`. All pending

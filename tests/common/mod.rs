@@ -1,6 +1,6 @@
 //! Pieces shared by the store test binaries.
 
-use switchboard::store::{ConversationMeta, InitData};
+use switchboard::conversation::{ConversationMeta, InitData};
 
 /// A conversation's metadata with defaults, created at `created_at`.
 pub fn meta(id: &str, created_at: &str) -> ConversationMeta {

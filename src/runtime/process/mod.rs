@@ -67,8 +67,9 @@ use super::process_tree::{AgentTree, TOKEN_ENV};
 use super::sandbox;
 use super::{ReferencedEvent, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
 use crate::config::{ProcessSettings, SandboxKind, Settings};
+use crate::conversation::InitData;
 use crate::events::{EventBody, Source, StatusUpdate};
-use crate::store::{EventQuery, InitData, Store};
+use crate::store::{EventQuery, Store};
 
 mod child;
 mod pipes;

@@ -1,6 +1,7 @@
 //! The SQLite store's reader threads: each owns a read-only connection and answers the
 //! queued read requests, so reads never wait behind a write batch.
 
+use crate::conversation::{ConversationMeta, ConversationRecord, InitData};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -13,9 +14,7 @@ use crate::events::StoredEvent;
 use crate::store::durable::{
     decode_init, decode_settings, event_range, next_after, sql_count, stored_event_id, ReadRequest,
 };
-use crate::store::{
-    ApiKey, ConversationMeta, ConversationRecord, EventQuery, InitData, KeyLookup, StoreError,
-};
+use crate::store::{ApiKey, EventQuery, KeyLookup, StoreError};
 
 pub(super) fn run_reader(mut conn: Connection, rx: Arc<Mutex<mpsc::Receiver<ReadRequest>>>) {
     loop {

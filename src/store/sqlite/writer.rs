@@ -3,6 +3,7 @@
 //! a failing request in a savepoint; it keeps the quotas and gives deleted conversations'
 //! pages back to the file system.
 
+use crate::conversation::ConversationMeta;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use crate::store::durable::{
     self, check_append, fail_batch, fill_batch, only_flushes, BatchError, Isolation, WriteCommand,
     WriteRequest,
 };
-use crate::store::{events_bytes, meta_bytes, ConversationMeta, StoreError, StoreLimits};
+use crate::store::{events_bytes, meta_bytes, StoreError, StoreLimits};
 
 /// Pages given back to the file system per step after a delete (1 MiB of 4 KiB pages).
 const RECLAIM_PAGES: u32 = 256;

@@ -43,10 +43,11 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::messages::*;
-use super::shared::{now_ms, ConversationStatus, RuntimeStatus, Shared};
+use super::shared::{now_ms, Shared};
 use super::supervisor::Supervisor;
 use crate::config::Settings;
 use crate::conversation::{ConversationMeta, ConversationRecord};
+use crate::conversation::{ConversationStatus, RuntimeStatus};
 use crate::events::{self, EventBody, Source, StatusUpdate, StoredEvent};
 use crate::ops::metrics::metrics;
 use crate::runtime::{

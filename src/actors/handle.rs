@@ -9,8 +9,9 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::conversation::Conversation;
 use super::messages::*;
-use super::shared::{ConversationStatus, Registry, Shared};
+use super::shared::{Registry, Shared};
 use super::supervisor::Supervisor;
+use crate::conversation::ConversationStatus;
 use crate::events::EventBody;
 use crate::ops::metrics::metrics;
 use crate::runtime::pool::AgentPool;

@@ -6,8 +6,8 @@ use actix::prelude::*;
 use tokio::sync::mpsc;
 
 use super::rate_limit::ClientId;
-use super::shared::ConversationStatus;
 use crate::conversation::ConversationMeta;
+use crate::conversation::ConversationStatus;
 use crate::events::{EventBody, StoredEvent};
 use crate::store::StoreError;
 

@@ -19,4 +19,4 @@ pub use messages::{
     Role, StopReason, Subscribed,
 };
 pub use rate_limit::ClientId;
-pub use shared::{now_ms, ConversationStatus, Registry, RegistryEntry, RuntimeStatus, Shared};
+pub use shared::{now_ms, Registry, RegistryEntry, Shared};

@@ -11,64 +11,23 @@ use std::time::Instant;
 
 use actix::WeakAddr;
 use dashmap::DashMap;
-use serde::Serialize;
 
 use super::conversation::Conversation;
+use crate::conversation::{ConversationStatus, RuntimeStatus};
 
-/// A conversation's lifecycle status, as the API reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "UPPERCASE")]
-pub enum ConversationStatus {
-    Starting,
-    Running,
-    Stopped,
-}
-
-impl ConversationStatus {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            0 => ConversationStatus::Starting,
-            1 => ConversationStatus::Running,
-            _ => ConversationStatus::Stopped,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ConversationStatus::Starting => "STARTING",
-            ConversationStatus::Running => "RUNNING",
-            ConversationStatus::Stopped => "STOPPED",
-        }
+fn status_from_u8(v: u8) -> ConversationStatus {
+    match v {
+        0 => ConversationStatus::Starting,
+        1 => ConversationStatus::Running,
+        _ => ConversationStatus::Stopped,
     }
 }
 
-/// The runtime's last reported state, as `runtime_status` shows it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuntimeStatus {
-    None,
-    Starting,
-    Ready,
-    Error,
-}
-
-impl RuntimeStatus {
-    fn from_u8(v: u8) -> Self {
-        match v {
-            1 => RuntimeStatus::Starting,
-            2 => RuntimeStatus::Ready,
-            3 => RuntimeStatus::Error,
-            _ => RuntimeStatus::None,
-        }
-    }
-
-    /// The `STATUS$…` id, or `None` when there is no runtime.
-    pub fn as_id(self) -> Option<&'static str> {
-        match self {
-            RuntimeStatus::None => None,
-            RuntimeStatus::Starting => Some(crate::events::STATUS_STARTING_RUNTIME),
-            RuntimeStatus::Ready => Some(crate::events::STATUS_READY),
-            RuntimeStatus::Error => Some(crate::events::STATUS_ERROR_RUNTIME_DISCONNECTED),
-        }
+fn runtime_status_from_u8(v: u8) -> RuntimeStatus {
+    match v {
+        0 => RuntimeStatus::Starting,
+        1 => RuntimeStatus::Ready,
+        _ => RuntimeStatus::Error,
     }
 }
 
@@ -116,7 +75,7 @@ impl Shared {
     }
 
     pub fn status(&self) -> ConversationStatus {
-        ConversationStatus::from_u8(self.status.load(Ordering::Acquire))
+        status_from_u8(self.status.load(Ordering::Acquire))
     }
 
     pub(super) fn set_status(&self, status: ConversationStatus) {
@@ -124,7 +83,7 @@ impl Shared {
     }
 
     pub fn runtime_status(&self) -> RuntimeStatus {
-        RuntimeStatus::from_u8(self.runtime_status.load(Ordering::Acquire))
+        runtime_status_from_u8(self.runtime_status.load(Ordering::Acquire))
     }
 
     pub(super) fn set_runtime_status(&self, status: RuntimeStatus) {

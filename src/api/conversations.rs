@@ -19,11 +19,11 @@ use super::validation::{self, conversation_id_error, FieldError, PROVIDERS};
 use super::{client_id, content_type, read_body, AppState};
 use crate::actors::messages::ConversationError;
 use crate::actors::{
-    Admit, AdmitError, AdmitMode, ClientId, ConversationHandle, ConversationStatus, DeleteError,
-    OpenError, Shared, StopReason,
+    Admit, AdmitError, AdmitMode, ClientId, ConversationHandle, DeleteError, OpenError, Shared,
+    StopReason,
 };
 use crate::config::Limits;
-use crate::conversation::ConversationMeta;
+use crate::conversation::{ConversationMeta, ConversationStatus};
 use crate::events::{default_title, meta_timestamp, parse_user_action};
 use crate::http::auth::Caller;
 use crate::store::EventQuery;
@@ -62,10 +62,8 @@ pub fn conversation_info(
         conversation_id: id.clone(),
         title: meta.title.clone(),
         last_updated_at: meta.last_updated_at.clone(),
-        status: status.into(),
-        runtime_status: live
-            .filter(|_| running)
-            .and_then(|s| schema::RuntimeStatus::of(s.runtime_status())),
+        status,
+        runtime_status: live.filter(|_| running).map(Shared::runtime_status),
         selected_repository: meta.init.repository.clone(),
         selected_branch: meta.init.selected_branch.clone(),
         git_provider: meta.init.git_provider.clone(),
@@ -87,7 +85,7 @@ fn conversation_response(
         status: OkStatus::Ok,
         conversation_id: id.to_string(),
         message,
-        conversation_status: status.into(),
+        conversation_status: status,
     }
 }
 

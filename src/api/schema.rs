@@ -18,6 +18,7 @@ use utoipa::openapi::schema::{
 use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, ToSchema};
 
+use crate::conversation::{ConversationStatus, RuntimeStatus};
 use crate::events::StoredEvent;
 
 /// The conversation id rule (1–64 characters of `[A-Za-z0-9_-]`) as a JSON Schema pattern.
@@ -44,50 +45,6 @@ pub enum ProviderType {
     Gitlab,
     Bitbucket,
     EnterpriseSso,
-}
-
-/// A conversation's lifecycle status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ConversationStatus {
-    Starting,
-    Running,
-    Stopped,
-}
-
-impl From<crate::actors::ConversationStatus> for ConversationStatus {
-    fn from(status: crate::actors::ConversationStatus) -> Self {
-        use crate::actors::ConversationStatus as S;
-        match status {
-            S::Starting => ConversationStatus::Starting,
-            S::Running => ConversationStatus::Running,
-            S::Stopped => ConversationStatus::Stopped,
-        }
-    }
-}
-
-/// The runtime's last reported state, as the id of its status update.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub enum RuntimeStatus {
-    #[serde(rename = "STATUS$STARTING_RUNTIME")]
-    StartingRuntime,
-    #[serde(rename = "STATUS$READY")]
-    Ready,
-    #[serde(rename = "STATUS$ERROR_RUNTIME_DISCONNECTED")]
-    ErrorRuntimeDisconnected,
-}
-
-impl RuntimeStatus {
-    /// The `runtime_status` of a live conversation (`None` before the runtime reported).
-    pub fn of(status: crate::actors::RuntimeStatus) -> Option<Self> {
-        use crate::actors::RuntimeStatus as R;
-        match status {
-            R::None => None,
-            R::Starting => Some(RuntimeStatus::StartingRuntime),
-            R::Ready => Some(RuntimeStatus::Ready),
-            R::Error => Some(RuntimeStatus::ErrorRuntimeDisconnected),
-        }
-    }
 }
 
 /// What created a conversation.
@@ -1011,14 +968,6 @@ mod tests {
             ]),
             validation::PROVIDERS
         );
-        use crate::actors::ConversationStatus as S;
-        use crate::actors::RuntimeStatus as R;
-        for s in [S::Starting, S::Running, S::Stopped] {
-            assert_eq!(to_value(&ConversationStatus::from(s)), json!(s.as_str()));
-        }
-        for r in [R::None, R::Starting, R::Ready, R::Error] {
-            assert_eq!(to_value(&RuntimeStatus::of(r)), json!(r.as_id()));
-        }
         for (s, e) in [
             (Source::User, EventSource::User),
             (Source::Agent, EventSource::Agent),

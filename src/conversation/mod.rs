@@ -5,9 +5,15 @@
 //! - [`ConversationMeta`]: everything kept about a conversation besides its events, with the
 //!   [`InitData`] it was started with.
 //! - [`ConversationRecord`]: a conversation as loaded (its metadata, next event id and bytes).
+//! - [`ConversationStatus`], [`RuntimeStatus`]: its lifecycle status and its runtime's last
+//!   reported state.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+mod status;
+
+pub use status::{ConversationStatus, RuntimeStatus};
 
 /// What a conversation was started with; handed to its runtime and kept across restarts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

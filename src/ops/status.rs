@@ -24,6 +24,7 @@ use serde_json::json;
 use super::metrics::metrics;
 use crate::actors::now_ms;
 use crate::api::{ApiError, AppState};
+use crate::conversation::ConversationStatus;
 
 /// Most live conversations one `/api/status` answer lists.
 pub const STATUS_ROWS: usize = 100;
@@ -36,7 +37,7 @@ const PAGE: &str = include_str!("status.html");
 struct Row {
     conversation_id: String,
     /// `STARTING`, `RUNNING`, or `STOPPED` while its runtime is being released.
-    status: &'static str,
+    status: ConversationStatus,
     title: Option<String>,
     owner: Option<String>,
     clients: u32,
@@ -83,7 +84,7 @@ pub async fn api_status(
             });
             Row {
                 conversation_id: id.to_string(),
-                status: shared.status().as_str(),
+                status: shared.status(),
                 title: record.as_ref().map(|r| r.meta.title.clone()),
                 owner: record.as_ref().and_then(|r| r.meta.owner.clone()),
                 clients: shared.connections(),

@@ -15,10 +15,15 @@
 //! - An owner that cannot be reached answers 503 (the caller retries; once the owner's
 //!   registration has expired, another node takes the conversation over).
 //!
+//! Sockets take the same way to the owner ([`to_owner`], [`caller_headers`]): see
+//! [`crate::ws`]'s splice. A socket handshake carrying the cluster key is refused like a
+//! command, 421 on a node that does not own its conversation.
+//!
 //! Reads (list, get, events) are never forwarded: every node reads the shared database (a
 //! conversation another live node owns is shown running there, see
 //! [`crate::store::Store::owned_elsewhere`]).
 
+use std::future::Future;
 use std::time::Duration;
 
 use actix_web::body::{BoxBody, MessageBody};
@@ -95,7 +100,7 @@ pub async fn forward(
     };
     req.set_payload(actix_web::dev::Payload::from(body.clone()));
     let res = next.call(req).await?;
-    let Some(mut owner) = elsewhere(&res) else {
+    let Some(owner) = elsewhere(&res) else {
         return Ok(res.map_into_boxed_body());
     };
     let (req, _) = res.into_parts();
@@ -104,31 +109,86 @@ pub async fn forward(
         .get("conversation_id")
         .unwrap_or_default()
         .to_string();
-    let mut reresolved = false;
-    let answer = loop {
-        match send(&req, &owner, key, body.clone()).await {
-            Ok(answer) if answer.status() == StatusCode::MISDIRECTED_REQUEST && !reresolved => {
-                // Ownership moved meanwhile: look the owner up again, once.
-                reresolved = true;
-                match state.store.owner(&id).await {
-                    Ok(Some(next_owner)) if next_owner.url != owner.url => owner = next_owner,
-                    _ => break unavailable(&id, "its ownership is moving"),
+    let attempt = |owner: NodeAddress| {
+        let (req, body) = (&req, body.clone());
+        async move {
+            match send(req, &owner, key, body).await {
+                Ok(answer) if answer.status() == StatusCode::MISDIRECTED_REQUEST => {
+                    Attempt::Misdirected
                 }
-            }
-            Ok(answer) if answer.status() == StatusCode::MISDIRECTED_REQUEST => {
-                break unavailable(&id, "its ownership is moving")
-            }
-            Ok(answer) => break answer,
-            Err(why) => {
-                tracing::warn!(conversation_id = %id, owner = %owner.node_id, url = %owner.url, error = %why, "cannot forward to the owner");
-                break unavailable(
-                    &id,
-                    &format!("its owner {} cannot be reached", owner.node_id),
-                );
+                Ok(answer) => Attempt::Answered(answer),
+                Err(why) => Attempt::Unreachable(why),
             }
         }
     };
+    let answer = match to_owner(&state, &id, owner, attempt).await {
+        Ok(answer) | Err(answer) => answer,
+    };
     Ok(ServiceResponse::new(req, answer))
+}
+
+/// What one attempt to reach a conversation's owner came to.
+pub(crate) enum Attempt<T> {
+    /// The owner answered; its answer.
+    Answered(T),
+    /// The node does not own the conversation (any more): it answered 421.
+    Misdirected,
+    /// The node could not be reached; why.
+    Unreachable(String),
+}
+
+/// Tries `attempt` on `owner`, conversation `id`'s owner as this node last saw it. After a 421
+/// it looks the owner up again, once, and tries the new one; no owner, the same one, a second
+/// 421 or an owner that cannot be reached is the 503 the caller gets (and retries).
+pub(crate) async fn to_owner<T, F, Fut>(
+    state: &AppState,
+    id: &str,
+    mut owner: NodeAddress,
+    mut attempt: F,
+) -> Result<T, HttpResponse>
+where
+    F: FnMut(NodeAddress) -> Fut,
+    Fut: Future<Output = Attempt<T>>,
+{
+    let mut reresolved = false;
+    loop {
+        match attempt(owner.clone()).await {
+            Attempt::Answered(answer) => return Ok(answer),
+            Attempt::Misdirected if !reresolved => {
+                // Ownership moved meanwhile: look the owner up again, once.
+                reresolved = true;
+                match state.store.owner(id).await {
+                    Ok(Some(next)) if next.url != owner.url => owner = next,
+                    _ => return Err(unavailable(id, "its ownership is moving")),
+                }
+            }
+            Attempt::Misdirected => return Err(unavailable(id, "its ownership is moving")),
+            Attempt::Unreachable(why) => {
+                tracing::warn!(conversation_id = %id, owner = %owner.node_id, url = %owner.url, error = %why, "cannot reach the owner");
+                return Err(unavailable(
+                    id,
+                    &format!("its owner {} cannot be reached", owner.node_id),
+                ));
+            }
+        }
+    }
+}
+
+/// The caller's headers a request sent on to the owner keeps: its credentials (the key
+/// header, `Authorization`, cookies) and what its body is.
+pub(crate) fn caller_headers(
+    req: &actix_web::HttpRequest,
+) -> Vec<(header::HeaderName, header::HeaderValue)> {
+    let key = header::HeaderName::from_bytes(crate::http::auth::KEY_HEADER.as_bytes()).ok();
+    KEPT_HEADERS
+        .iter()
+        .cloned()
+        .chain(key)
+        .filter_map(|name| {
+            let value = req.headers().get(&name)?.clone();
+            Some((name, value))
+        })
+        .collect()
 }
 
 /// The owner a response says the conversation has, when it was refused for that.
@@ -154,13 +214,8 @@ async fn send(
     let mut out = client
         .request(req.method().clone(), format!("{}{path}", owner.url))
         .insert_header((CLUSTER_KEY_HEADER, key));
-    for name in KEPT_HEADERS {
-        if let Some(value) = req.headers().get(name) {
-            out = out.insert_header((name.clone(), value.clone()));
-        }
-    }
-    if let Some(value) = req.headers().get(crate::http::auth::KEY_HEADER) {
-        out = out.insert_header((crate::http::auth::KEY_HEADER, value.clone()));
+    for (name, value) in caller_headers(req) {
+        out = out.insert_header((name, value));
     }
     let mut answer = out.send_body(body).await.map_err(|e| e.to_string())?;
     let bytes = answer
@@ -177,7 +232,7 @@ async fn send(
     Ok(response.body(bytes))
 }
 
-fn unavailable(id: &str, why: &str) -> HttpResponse {
+pub(crate) fn unavailable(id: &str, why: &str) -> HttpResponse {
     refusal(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("Conversation {id} is served by another cluster node, but {why}; try again"),

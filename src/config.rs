@@ -132,6 +132,11 @@ pub struct ClusterSettings {
     pub heartbeat_ms: u64,
     /// How long a registration lives without a heartbeat; a node fences itself after half.
     pub node_ttl_ms: u64,
+    /// How long a socket handshake spliced to the conversation's owner waits for the owner to
+    /// accept its upgrade.
+    pub splice_timeout_ms: u64,
+    /// Largest frame a spliced socket takes from the owner.
+    pub splice_max_frame_bytes: usize,
 }
 
 /// `GET /metrics`.
@@ -625,6 +630,16 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
     (
         "SWITCHBOARD_NODE_TTL_MS",
         "cluster.node_ttl_ms",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_SPLICE_TIMEOUT_MS",
+        "cluster.splice_timeout_ms",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_SPLICE_MAX_FRAME_BYTES",
+        "cluster.splice_max_frame_bytes",
         EnvKind::Literal,
     ),
     (
@@ -1166,6 +1181,11 @@ impl Settings {
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
         positive("cluster.heartbeat_ms", c.heartbeat_ms)?;
+        positive("cluster.splice_timeout_ms", c.splice_timeout_ms)?;
+        positive(
+            "cluster.splice_max_frame_bytes",
+            c.splice_max_frame_bytes as u64,
+        )?;
         if c.node_ttl_ms < c.heartbeat_ms.saturating_mul(4) {
             return Err(invalid(
                 "cluster.node_ttl_ms",
@@ -1448,6 +1468,16 @@ mod tests {
             ("SWITCHBOARD_HEARTBEAT_MS", "0", "cluster.heartbeat_ms"),
             ("SWITCHBOARD_NODE_TTL_MS", "3999", "cluster.node_ttl_ms"),
             (
+                "SWITCHBOARD_SPLICE_TIMEOUT_MS",
+                "0",
+                "cluster.splice_timeout_ms",
+            ),
+            (
+                "SWITCHBOARD_SPLICE_MAX_FRAME_BYTES",
+                "0",
+                "cluster.splice_max_frame_bytes",
+            ),
+            (
                 "SWITCHBOARD_ADVERTISE_URL",
                 "10.0.0.5:3000",
                 "cluster.advertise_url",
@@ -1471,6 +1501,8 @@ mod tests {
         let defaults = Settings::defaults();
         assert_eq!(defaults.cluster.heartbeat_ms, 1000);
         assert_eq!(defaults.cluster.node_ttl_ms, 10_000);
+        assert_eq!(defaults.cluster.splice_timeout_ms, 5000);
+        assert_eq!(defaults.cluster.splice_max_frame_bytes, 16 << 20);
         let mut local = defaults.clone();
         local.host = "127.0.0.1".into();
         let node = local.cluster_node(4321);
@@ -1485,10 +1517,12 @@ mod tests {
                 ("SWITCHBOARD_CLUSTER_KEY", "shared secret"),
                 ("SWITCHBOARD_HEARTBEAT_MS", "250"),
                 ("SWITCHBOARD_NODE_TTL_MS", "1000"),
+                ("SWITCHBOARD_SPLICE_TIMEOUT_MS", "750"),
             ]))
             .build()
             .unwrap();
         assert_eq!(s.cluster.cluster_key, "shared secret");
+        assert_eq!(s.cluster.splice_timeout_ms, 750);
         let node = s.cluster_node(1);
         assert_eq!(node.node_id, "node-a");
         assert_eq!(node.advertise_url, "http://10.0.0.5:3000");

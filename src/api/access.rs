@@ -63,8 +63,8 @@ pub async fn visible(
 
 /// Refuses a request for conversation `id` when another live cluster node owns it and this
 /// node does not run it: [`ApiError::Elsewhere`], which [`crate::http::forward`] sends on to the
-/// owner for a command, and which a socket handshake gets as its 503 (sockets are not spliced to
-/// the owner).
+/// owner for a command, and which the socket routes splice to the owner (or answer 503 without
+/// a cluster key).
 pub async fn owned_here(state: &AppState, id: &str) -> Result<(), ApiError> {
     if state.supervisor.live(id).is_some() {
         return Ok(());

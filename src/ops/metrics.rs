@@ -57,6 +57,8 @@ pub struct Metrics {
     pub conversation_stops: Family<ReasonLabel, Counter>,
     pub clients_attached: Family<TransportLabel, Gauge>,
     pub clients_detached: Family<ReasonLabel, Counter>,
+    /// Sockets this node relays to the cluster node that owns their conversation.
+    pub spliced_sockets: Family<TransportLabel, Gauge>,
     pub admissions_rejected: Family<ReasonLabel, Counter>,
     pub events_appended: Counter,
     /// Appends the store refused because this node no longer owned the conversation.
@@ -88,6 +90,7 @@ pub fn metrics() -> &'static Metrics {
         conversation_stops: Family::default(),
         clients_attached: Family::default(),
         clients_detached: Family::default(),
+        spliced_sockets: Family::default(),
         admissions_rejected: Family::default(),
         events_appended: Counter::default(),
         fenced_appends: Counter::default(),
@@ -144,6 +147,13 @@ impl Metrics {
             .inc_by(delta);
     }
 
+    /// One more (or one fewer) socket relayed to another cluster node over `transport`.
+    pub fn spliced(&self, transport: &'static str, delta: i64) {
+        self.spliced_sockets
+            .get_or_create(&TransportLabel { transport })
+            .inc_by(delta);
+    }
+
     /// One store transaction of `requests` writes that took `took`.
     pub fn committed(&self, requests: usize, took: Duration) {
         self.store_commit_duration.observe(took.as_secs_f64());
@@ -191,6 +201,11 @@ pub fn registry(supervisor: SupervisorHandle) -> Registry {
         "clients_attached",
         "Clients attached now, by transport",
         m.clients_attached.clone(),
+    );
+    r.register(
+        "spliced_sockets",
+        "Sockets relayed now to the cluster node that owns their conversation, by transport",
+        m.spliced_sockets.clone(),
     );
     r.register(
         "clients_detached",

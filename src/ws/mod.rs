@@ -13,6 +13,10 @@
 //! conversation then finds the channel full and drops the subscriber, and the client is told
 //! it was too slow when it reads again. Memory per socket stays bounded either way.
 //!
+//! Cluster: a socket for a conversation another live node owns is spliced to the owner's
+//! socket ([`splice`]) when a cluster key is configured, and refused with 503 before the
+//! upgrade otherwise.
+//!
 //! Keys: a socket is let in by the key check ([`crate::http::auth`]) and sees only what its
 //! caller may see ([`crate::api::access`]); a user key is checked again at every heartbeat, and
 //! a socket whose key was revoked is detached.
@@ -39,6 +43,7 @@ use crate::ops::metrics::metrics;
 use crate::store::EventQuery;
 
 pub mod socketio;
+mod splice;
 
 use socketio::Packet;
 
@@ -115,7 +120,12 @@ async fn socketio_route(
         ));
     }
     if let Some(id) = query_get(&q, "conversation_id") {
-        crate::api::access::owned_here(&state, id).await?;
+        match crate::api::access::owned_here(&state, id).await {
+            Err(ApiError::Elsewhere(_, owner)) if splice::applies(&req, &state) => {
+                return splice::splice(&req, payload, &state, id, owner, "socketio").await;
+            }
+            other => other?,
+        }
     }
     let sio = SocketIo {
         sid: socketio::new_sid(),
@@ -148,7 +158,12 @@ async fn plain_route(
     {
         return Err(ApiError::NotFound("Conversation not found".into()));
     }
-    crate::api::access::owned_here(&state, &id).await?;
+    match crate::api::access::owned_here(&state, &id).await {
+        Err(ApiError::Elsewhere(_, owner)) if splice::applies(&req, &state) => {
+            return splice::splice(&req, payload, &state, &id, owner, "ws").await;
+        }
+        other => other?,
+    }
     let mut socket = Socket::new(Proto::Plain, state.clone(), latest_event_id(&q));
     socket.conversation_id = Some(id);
     socket.caller = Some((caller, state.auth.presented(&req)));

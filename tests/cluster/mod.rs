@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 
+mod sockets;
+
 /// Starts cluster node `node_id` on `db` (heartbeat 100 ms, TTL 1 s).
 fn start_node(db: &pg::TestDatabase, node_id: &str) -> Server {
     start_node_with_ttl(db, node_id, 1000)
@@ -89,36 +91,9 @@ fn readiness(port: u16) -> (u16, String) {
 /// A Socket.IO client (WebSocket transport) of conversation `id` on its own thread: every text
 /// frame it received, kept in the returned list, until the server closes the connection.
 fn socketio(port: u16, id: &str) -> (JoinHandle<()>, Arc<Mutex<Vec<String>>>) {
-    let frames = Arc::new(Mutex::new(Vec::new()));
-    let seen = frames.clone();
-    let url = format!(
-        "ws://127.0.0.1:{port}/socket.io/?latest_event_id=-1&conversation_id={id}&EIO=4&transport=websocket"
-    );
-    let thread = std::thread::spawn(move || {
-        actix_web::rt::System::new().block_on(async move {
-            use futures_util::{SinkExt, StreamExt};
-            let (_, mut ws) = awc::Client::new()
-                .ws(url)
-                .connect()
-                .await
-                .expect("socket connects");
-            let mut namespace_joined = false;
-            while let Some(Ok(frame)) = ws.next().await {
-                if let awc::ws::Frame::Text(text) = frame {
-                    let text = String::from_utf8_lossy(&text).to_string();
-                    let open = text.starts_with('0');
-                    seen.lock().expect("lock").push(text);
-                    if open && !namespace_joined {
-                        namespace_joined = true;
-                        ws.send(awc::ws::Message::Text("40".into()))
-                            .await
-                            .expect("join the namespace");
-                    }
-                }
-            }
-        })
-    });
-    (thread, frames)
+    let client = sockets::Client::open(port, id, sockets::Route::SocketIo, Some("-1"))
+        .unwrap_or_else(|status| panic!("socket connects: {status}"));
+    (client.thread, client.frames)
 }
 
 /// A new conversation on the node at `port` with a Socket.IO client attached that has seen its
@@ -170,10 +145,18 @@ fn answered_conversation(db: &pg::TestDatabase, node: &Server, first: &str) -> S
 
 /// A Socket.IO WebSocket handshake for conversation `id`: 101 when upgraded, else the status.
 fn socket_handshake(port: u16, id: &str) -> u16 {
-    let url =
-        format!("ws://127.0.0.1:{port}/socket.io/?conversation_id={id}&EIO=4&transport=websocket");
+    let path = format!("/socket.io/?conversation_id={id}&EIO=4&transport=websocket");
+    socket_handshake_with(port, &path, &[])
+}
+
+/// A WebSocket handshake for `path` with extra `headers`: 101 when upgraded, else the status.
+fn socket_handshake_with(port: u16, path: &str, headers: &[(&str, &str)]) -> u16 {
+    let mut request = awc::Client::new().ws(format!("ws://127.0.0.1:{port}{path}"));
+    for (name, value) in headers {
+        request = request.set_header(*name, *value);
+    }
     actix_web::rt::System::new().block_on(async move {
-        match awc::Client::new().ws(url).connect().await {
+        match request.connect().await {
             Ok((response, _)) => response.status().as_u16(),
             Err(awc::error::WsClientError::InvalidResponseStatus(status)) => status.as_u16(),
             Err(e) => panic!("handshake failed: {e}"),
@@ -439,7 +422,7 @@ fn sigterm_hands_the_conversations_off_at_once() {
 /// answered with the owner's answer: a posted message and a create-or-join through B reach the
 /// conversation A owns (one epoch: nothing moved), a stop through B stops it on A. A request
 /// already forwarded is never forwarded again (421 from a node that does not own it), and a
-/// wrong cluster key is refused (403).
+/// wrong cluster key is refused (403). A socket handshake on B is upgraded (spliced to A).
 #[test]
 fn commands_sent_to_any_node_are_handled_by_the_owner() {
     let Some(db) = pg::database() else { return };
@@ -473,9 +456,9 @@ fn commands_sent_to_any_node_are_handled_by_the_owner() {
     assert_eq!(forwarded_message(b.port, "a shared secret"), 421);
     assert_eq!(forwarded_message(a.port, "a guess"), 403);
 
-    // Sockets are not spliced to the owner: a handshake on another node is refused with 503
-    // before the upgrade (Socket.IO clients retry that), and the owner takes it.
-    assert_eq!(socket_handshake(b.port, &id), 503);
+    // A socket on another node is spliced to the owner's (see `sockets`); the owner takes its
+    // own.
+    assert_eq!(socket_handshake(b.port, &id), 101);
     assert_eq!(socket_handshake(a.port, &id), 101);
 
     let (status, body) = b.request("POST", &format!("/api/conversations/{id}/stop"), None);

@@ -1,0 +1,403 @@
+//! Sockets on any node: a Socket.IO or plain WebSocket client connected to a node that does
+//! not own its conversation is spliced to the owner's socket (three real nodes sharing a
+//! cluster key), and sees exactly what a client of the owner sees.
+
+use super::*;
+
+/// The two socket routes.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Route {
+    SocketIo,
+    Plain,
+}
+
+/// A socket client on its own thread, connected to conversation `id` on one node: it keeps
+/// every text frame it receives and how the server closed the connection. A Socket.IO client
+/// joins the default namespace and answers pings, a plain one answers WebSocket pings.
+pub(super) struct Client {
+    pub(super) frames: Arc<Mutex<Vec<String>>>,
+    /// `Some` once the connection ended: the close code the server sent, if it sent one.
+    closed: Arc<Mutex<Option<Option<u16>>>>,
+    pub(super) thread: JoinHandle<()>,
+}
+
+impl Client {
+    /// Connects over `route` to conversation `id` on the node at `port`, with `latest` as
+    /// `latest_event_id` when given: the client once upgraded, else the handshake's status.
+    pub(super) fn open(
+        port: u16,
+        id: &str,
+        route: Route,
+        latest: Option<&str>,
+    ) -> Result<Client, u16> {
+        let after = latest.map_or(String::new(), |l| format!("latest_event_id={l}&"));
+        let url = match route {
+            Route::SocketIo => format!(
+                "ws://127.0.0.1:{port}/socket.io/?{after}conversation_id={id}&EIO=4&transport=websocket"
+            ),
+            Route::Plain => format!("ws://127.0.0.1:{port}/ws/conversations/{id}?{after}"),
+        };
+        let frames = Arc::new(Mutex::new(Vec::new()));
+        let closed = Arc::new(Mutex::new(None));
+        let (seen, ended) = (frames.clone(), closed.clone());
+        let (handshake, status) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                use futures_util::{SinkExt, StreamExt};
+                let mut ws = match awc::Client::new()
+                    .ws(url)
+                    .max_frame_size(16 << 20)
+                    .connect()
+                    .await
+                {
+                    Ok((_, ws)) => {
+                        let _ = handshake.send(101);
+                        ws
+                    }
+                    Err(awc::error::WsClientError::InvalidResponseStatus(status)) => {
+                        let _ = handshake.send(status.as_u16());
+                        return;
+                    }
+                    Err(e) => panic!("handshake failed: {e}"),
+                };
+                let mut code = None;
+                while let Some(Ok(frame)) = ws.next().await {
+                    let reply = match frame {
+                        awc::ws::Frame::Text(text) => {
+                            let text = String::from_utf8_lossy(&text).to_string();
+                            let reply = match (route, text.as_str()) {
+                                (Route::SocketIo, "2") => Some("3"),
+                                (Route::SocketIo, t) if t.starts_with('0') => Some("40"),
+                                _ => None,
+                            };
+                            seen.lock().expect("lock").push(text);
+                            reply.map(|r| awc::ws::Message::Text(r.into()))
+                        }
+                        awc::ws::Frame::Ping(data) => Some(awc::ws::Message::Pong(data)),
+                        awc::ws::Frame::Close(reason) => {
+                            code = reason.map(|r| u16::from(r.code));
+                            None
+                        }
+                        _ => None,
+                    };
+                    if let Some(reply) = reply {
+                        if ws.send(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                *ended.lock().expect("lock") = Some(code);
+            })
+        });
+        match status.recv() {
+            Ok(101) => Ok(Client {
+                frames,
+                closed,
+                thread,
+            }),
+            Ok(status) => {
+                thread.join().expect("the client's thread");
+                Err(status)
+            }
+            Err(_) => panic!("the client's thread ended before the handshake"),
+        }
+    }
+
+    /// Connects, retrying every 50 ms while the handshake is answered 503 (as socket.io-client
+    /// does), at most `limit`; how many handshakes were refused first.
+    fn open_retrying(
+        port: u16,
+        id: &str,
+        route: Route,
+        latest: Option<&str>,
+        limit: Duration,
+    ) -> (Client, usize) {
+        let deadline = Instant::now() + limit;
+        let mut refused = 0;
+        loop {
+            match Client::open(port, id, route, latest) {
+                Ok(client) => return (client, refused),
+                Err(503) if Instant::now() < deadline => {
+                    refused += 1;
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Err(status) => panic!("handshake answered {status} ({refused} 503s before)"),
+            }
+        }
+    }
+
+    /// The conversation's events received so far, in the order received.
+    fn events(&self) -> Vec<Value> {
+        self.frames
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|frame| {
+                let json = match frame.strip_prefix("42") {
+                    Some(packet) => {
+                        let packet: Value = serde_json::from_str(packet).ok()?;
+                        (packet[0] == "oh_event").then(|| packet[1].clone())?
+                    }
+                    None => serde_json::from_str(frame).ok()?,
+                };
+                json.get("id").is_some_and(Value::is_u64).then_some(json)
+            })
+            .collect()
+    }
+
+    /// The ids of [`Client::events`].
+    fn ids(&self) -> Vec<u64> {
+        self.events()
+            .iter()
+            .filter_map(|e| e["id"].as_u64())
+            .collect()
+    }
+
+    /// Waits until the client has received event `id`.
+    fn wait_for(&self, id: u64, what: &str) {
+        wait_until(Duration::from_secs(20), what, || {
+            self.ids().last().is_some_and(|last| *last >= id)
+        });
+    }
+
+    /// Waits until the server closed the connection: the close code it sent, if any.
+    fn wait_closed(self) -> (Option<u16>, Vec<String>) {
+        self.thread.join().expect("the client's thread");
+        let code = self
+            .closed
+            .lock()
+            .expect("lock")
+            .expect("the connection ended");
+        let frames = self.frames.lock().expect("lock").clone();
+        (code, frames)
+    }
+}
+
+/// Starts three nodes sharing a cluster key (`more` settings on each).
+fn three_nodes(db: &pg::TestDatabase, more: &[(&str, &str)]) -> [Server; 3] {
+    let mut envs = vec![("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    envs.extend_from_slice(more);
+    ["a", "b", "c"].map(|node| start_node_with(db, node, 1000, &envs))
+}
+
+/// The ids of the stored log of conversation `id`.
+fn stored_ids(db: &pg::TestDatabase, id: &str) -> Vec<u64> {
+    stored_log(db, id).iter().map(|(i, _, _)| *i).collect()
+}
+
+/// Posts `count` messages to conversation `id` through each of `ports` in turn, and waits until
+/// the agent answered the last one (as stored): the last stored id.
+fn converse(db: &pg::TestDatabase, ports: &[u16], id: &str, tag: &str, count: usize) -> u64 {
+    let mut last = String::new();
+    for i in 0..count {
+        for port in ports {
+            last = format!("{tag} {i} via {port}");
+            assert_eq!(post_message(*port, id, &last), 200, "{last}");
+        }
+    }
+    wait_until(Duration::from_secs(20), "the agent answers", || {
+        stored_log(db, id)
+            .iter()
+            .any(|(_, _, e)| e["args"]["content"] == last.as_str() && e["source"] == "agent")
+    });
+    *stored_ids(db, id).last().expect("events")
+}
+
+/// Clients on B and C (Socket.IO and plain on each) of a conversation owned by A see every event
+/// once, in id order with no gap, exactly as stored, while messages are posted on A, B and C;
+/// the owner counts them in `num_connections` and B and C in `switchboard_spliced_sockets`.
+#[test]
+fn clients_on_other_nodes_see_every_event_once_in_order() {
+    let Some(db) = pg::database() else { return };
+    let [a, b, c] = three_nodes(&db, &[]);
+    let id = answered_conversation(&db, &a, "on a");
+    let clients: Vec<Client> = [b.port, c.port]
+        .into_iter()
+        .flat_map(|port| [(port, Route::SocketIo), (port, Route::Plain)])
+        .map(|(port, route)| {
+            Client::open(port, &id, route, None)
+                .unwrap_or_else(|status| panic!("{route:?} on {port}: {status}"))
+        })
+        .collect();
+    let (status, info) = a.request("GET", &format!("/api/conversations/{id}"), None);
+    assert_eq!(status, 200, "{info}");
+    wait_until(
+        Duration::from_secs(15),
+        "the owner counts four clients",
+        || {
+            let (_, info) = a.request("GET", &format!("/api/conversations/{id}"), None);
+            info["num_connections"] == 4
+        },
+    );
+    for node in [&b, &c] {
+        let spliced = scrape(node.port, &[]);
+        for transport in ["socketio", "ws"] {
+            assert_eq!(
+                sample(
+                    &spliced,
+                    "switchboard_spliced_sockets",
+                    &[("transport", transport)]
+                ),
+                Some(1.0),
+                "{transport} on port {}",
+                node.port
+            );
+        }
+    }
+
+    let last = converse(&db, &[a.port, b.port, c.port], &id, "message", 3);
+    let stored = stored_log(&db, &id);
+    for client in &clients {
+        client.wait_for(last, "the client sees the last event");
+        let events = client.events();
+        let ids: Vec<u64> = events.iter().filter_map(|e| e["id"].as_u64()).collect();
+        assert_eq!(
+            ids,
+            (0..=last).collect::<Vec<u64>>(),
+            "every event once, in order"
+        );
+        for (event, (_, _, stored)) in events.iter().zip(&stored) {
+            assert_eq!(event, stored, "as stored");
+        }
+    }
+}
+
+/// A client attaching on B with `latest_event_id` (Socket.IO and plain) gets exactly the events
+/// after it from the owner A: the replay, then live ones, each once.
+#[test]
+fn a_client_attaching_on_another_node_gets_exactly_the_events_after_latest_event_id() {
+    let Some(db) = pg::database() else { return };
+    let [a, b, _c] = three_nodes(&db, &[]);
+    let id = answered_conversation(&db, &a, "on a");
+    let before = converse(&db, &[a.port], &id, "before", 2);
+    let seen = before / 2;
+    let clients: Vec<Client> = [Route::SocketIo, Route::Plain]
+        .into_iter()
+        .map(|route| {
+            Client::open(b.port, &id, route, Some(&seen.to_string()))
+                .unwrap_or_else(|status| panic!("{route:?}: {status}"))
+        })
+        .collect();
+    for client in &clients {
+        client.wait_for(before, "the replay reaches the last stored event");
+    }
+    let last = converse(&db, &[b.port], &id, "after", 1);
+    for client in &clients {
+        client.wait_for(last, "the client sees the live events");
+        assert_eq!(
+            client.ids(),
+            (seen + 1..=last).collect::<Vec<u64>>(),
+            "exactly the events after {seen}"
+        );
+    }
+}
+
+/// `kill -9` of the owner A while clients are spliced to it through B: B closes them with 1012
+/// and no Socket.IO `41` (so they reconnect); once A's registration expired and C took the
+/// conversation over, the clients reconnect through B with the last id they saw and receive
+/// exactly what follows — with what they saw before, the stored log, each event once.
+#[test]
+fn kill_9_of_the_owner_closes_spliced_clients_without_goodbye_and_they_resume_through_the_same_node(
+) {
+    let Some(db) = pg::database() else { return };
+    let [mut a, b, c] = three_nodes(&db, &[]);
+    let id = answered_conversation(&db, &a, "on a");
+    let clients: Vec<(Route, Client)> = [Route::SocketIo, Route::Plain]
+        .into_iter()
+        .map(|route| {
+            let client = Client::open(b.port, &id, route, None)
+                .unwrap_or_else(|status| panic!("{route:?}: {status}"));
+            (route, client)
+        })
+        .collect();
+    let before = converse(&db, &[a.port, b.port], &id, "before", 2);
+    for (_, client) in &clients {
+        client.wait_for(before, "the client is up to date");
+    }
+    // One more message, and the owner dies while its answer may be under way.
+    assert_eq!(post_message(b.port, &id, "just before the kill"), 200);
+
+    a.kill_9();
+    let mut seen: Vec<(Route, Vec<u64>)> = Vec::new();
+    for (route, client) in clients {
+        let ids = client.ids();
+        let (code, frames) = client.wait_closed();
+        assert_eq!(code, Some(1012), "{route:?}: closed for a restart");
+        assert!(
+            !frames.iter().any(|f| f == "41"),
+            "{route:?} was told goodbye: {frames:?}"
+        );
+        seen.push((route, ids));
+    }
+
+    wait_until(
+        Duration::from_secs(30),
+        "C takes the conversation over",
+        || join(c.port, &id) == 200,
+    );
+    let mut resumed = Vec::new();
+    for (route, ids) in seen {
+        let latest = ids.last().expect("events seen").to_string();
+        let (client, _) =
+            Client::open_retrying(b.port, &id, route, Some(&latest), Duration::from_secs(30));
+        resumed.push((route, ids, client));
+    }
+    let last = converse(&db, &[b.port, c.port], &id, "after", 2);
+    let stored = stored_ids(&db, &id);
+    assert_eq!(stored, (0..=last).collect::<Vec<u64>>(), "dense ids");
+    assert_one_writer_per_epoch(&stored_log(&db, &id));
+    for (route, before, client) in resumed {
+        client.wait_for(last, "the resumed client sees the last event");
+        let after = client.ids();
+        assert_eq!(
+            after.first().copied(),
+            before.last().map(|l| l + 1),
+            "{route:?} resumes right after the last event it saw"
+        );
+        let mut all = before;
+        all.extend(after);
+        assert_eq!(all, stored, "{route:?}: every event once, in order");
+    }
+}
+
+/// While the owner A is stopped (`SIGSTOP`) but its registration has not expired, a socket
+/// handshake on B (Socket.IO or plain) is answered 503 within `cluster.splice_timeout_ms`. A
+/// handshake already spliced (carrying the cluster key) that reaches a node which does not
+/// own the conversation is refused with 421, never spliced again; one with a wrong cluster key
+/// is refused with 403 — and so is a handshake on a node whose own cluster key is wrong, which
+/// passes the owner's refusal on.
+#[test]
+fn a_paused_owner_is_a_503_and_a_splice_is_never_spliced_again() {
+    let Some(db) = pg::database() else { return };
+    let key = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
+    let quick = ("SWITCHBOARD_SPLICE_TIMEOUT_MS", "300");
+    let a = start_node_with(&db, "a", 20_000, &[key]);
+    let b = start_node_with(&db, "b", 20_000, &[key, quick]);
+    let wrong = start_node_with(
+        &db,
+        "wrong",
+        20_000,
+        &[("SWITCHBOARD_CLUSTER_KEY", "another secret")],
+    );
+    let id = answered_conversation(&db, &a, "on a");
+    let socketio = format!("/socket.io/?conversation_id={id}&EIO=4&transport=websocket");
+    let plain = format!("/ws/conversations/{id}");
+
+    signal(&a, "STOP");
+    let refused: Vec<u16> = [&socketio, &plain]
+        .iter()
+        .map(|path| socket_handshake_with(b.port, path, &[]))
+        .collect();
+    signal(&a, "CONT");
+    assert_eq!(refused, [503, 503], "Socket.IO, plain");
+
+    let spliced = [("X-Switchboard-Cluster-Key", "a shared secret")];
+    let guessed = [("X-Switchboard-Cluster-Key", "a guess")];
+    for path in [&socketio, &plain] {
+        assert_eq!(socket_handshake_with(b.port, path, &spliced), 421, "{path}");
+        assert_eq!(socket_handshake_with(a.port, path, &guessed), 403, "{path}");
+        assert_eq!(socket_handshake_with(wrong.port, path, &[]), 403, "{path}");
+        assert_eq!(socket_handshake_with(a.port, path, &spliced), 101, "{path}");
+        assert_eq!(socket_handshake_with(b.port, path, &[]), 101, "{path}");
+    }
+}

@@ -181,12 +181,12 @@ async fn open_conversation(
         crate::actors::Subscribed,
         mpsc::Receiver<ClientFrame>,
     ),
-    String,
+    Refused,
 > {
     let owner = match crate::api::access::visible(&state, &caller, &id).await {
         Ok(Some(owner)) => owner,
-        Ok(None) => return Err("Conversation not found".into()),
-        Err(e) => return Err(e.to_string()),
+        Ok(None) => return Err(Refused::Reason("Conversation not found".into())),
+        Err(e) => return Err(Refused::Reason(e.to_string())),
     };
     let queue = state.settings.socket.queue_frames;
     let opened = state
@@ -207,13 +207,28 @@ async fn open_conversation(
             },
         )
         .await;
-    opened.map_err(|e| match e {
-        OpenError::Admit(AdmitError::TooMany) => TOO_MANY_CONVERSATIONS_MESSAGE.into(),
-        OpenError::Admit(AdmitError::NotFound)
-        | OpenError::Conversation(ConversationError::NotFound) => "Conversation not found".into(),
-        OpenError::Restarting(_) => "The conversation is restarting; try again".into(),
-        e => e.to_string(),
+    opened.map_err(|e| {
+        Refused::Reason(match e {
+            OpenError::Conversation(ConversationError::Elsewhere(_)) => return Refused::Elsewhere,
+            OpenError::Admit(AdmitError::TooMany) => TOO_MANY_CONVERSATIONS_MESSAGE.into(),
+            OpenError::Admit(AdmitError::NotFound)
+            | OpenError::Conversation(ConversationError::NotFound) => {
+                "Conversation not found".into()
+            }
+            OpenError::Restarting(_) => "The conversation is restarting; try again".into(),
+            e => e.to_string(),
+        })
     })
+}
+
+/// Why a socket could not attach.
+enum Refused {
+    /// Told to the client: a Socket.IO `44`, a plain close with the reason.
+    Reason(String),
+    /// Another cluster node took the conversation between the upgrade and the attach: the
+    /// transport is closed without a goodbye, so a Socket.IO client reconnects (and reaches
+    /// the owner, spliced).
+    Elsewhere,
 }
 
 struct SocketIo {
@@ -368,7 +383,12 @@ impl Socket {
                         rx,
                     );
                 }
-                Err(reason) => {
+                Err(Refused::Elsewhere) => act.close_transport(
+                    ctx,
+                    ws::CloseCode::Restart,
+                    "another cluster node serves this conversation; reconnect",
+                ),
+                Err(Refused::Reason(reason)) => {
                     if act.is_socketio() {
                         ctx.text(socketio::connect_error(&reason));
                     } else {

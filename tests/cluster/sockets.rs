@@ -401,3 +401,68 @@ fn a_paused_owner_is_a_503_and_a_splice_is_never_spliced_again() {
         assert_eq!(socket_handshake_with(b.port, path, &[]), 101, "{path}");
     }
 }
+
+/// A Socket.IO client whose upgrade a node took while nobody owned the conversation, and which
+/// sends its CONNECT only after another node took the conversation, is closed with 1012 and
+/// neither a `44` (which socket.io-client takes as final) nor a `41`; its reconnect through the
+/// same node is spliced to the new owner and attached.
+#[test]
+fn a_socket_whose_conversation_moved_before_its_connect_is_told_to_reconnect() {
+    let Some(db) = pg::database() else { return };
+    let [a, b, _c] = three_nodes(&db, &[]);
+    let id = answered_conversation(&db, &a, "on a");
+    let (status, body) = a.request("POST", &format!("/api/conversations/{id}/stop"), None);
+    assert_eq!(status, 200, "{body}");
+    wait_until(
+        Duration::from_secs(15),
+        "A released the conversation",
+        || {
+            let (_, info) = b.request("GET", &format!("/api/conversations/{id}"), None);
+            info["status"] == "STOPPED"
+        },
+    );
+
+    let url = format!(
+        "ws://127.0.0.1:{}/socket.io/?conversation_id={id}&EIO=4&transport=websocket",
+        b.port
+    );
+    let (code, frames) = actix_web::rt::System::new().block_on(async {
+        use futures_util::{SinkExt, StreamExt};
+        let (_, mut ws) = awc::Client::new()
+            .ws(url)
+            .connect()
+            .await
+            .expect("B takes the upgrade itself: nobody owns the conversation");
+        let mut frames = Vec::new();
+        let mut code = None;
+        let mut connected = false;
+        while let Some(Ok(frame)) = ws.next().await {
+            match frame {
+                awc::ws::Frame::Text(text) => {
+                    let text = String::from_utf8_lossy(&text).to_string();
+                    if text.starts_with('0') && !connected {
+                        connected = true;
+                        // A takes the conversation back before the client's CONNECT.
+                        assert_eq!(join(a.port, &id), 200);
+                        ws.send(awc::ws::Message::Text("40".into()))
+                            .await
+                            .expect("send CONNECT");
+                    }
+                    frames.push(text);
+                }
+                awc::ws::Frame::Close(reason) => code = reason.map(|r| u16::from(r.code)),
+                _ => {}
+            }
+        }
+        (code, frames)
+    });
+    assert_eq!(code, Some(1012), "{frames:?}");
+    assert!(
+        !frames.iter().any(|f| f == "41" || f.starts_with("44")),
+        "no goodbye, no final refusal: {frames:?}"
+    );
+
+    let client = Client::open(b.port, &id, Route::SocketIo, None).expect("spliced to A");
+    let last = converse(&db, &[b.port], &id, "after", 1);
+    client.wait_for(last, "the reconnected client is attached");
+}

@@ -466,3 +466,77 @@ fn a_socket_whose_conversation_moved_before_its_connect_is_told_to_reconnect() {
     let last = converse(&db, &[b.port], &id, "after", 1);
     client.wait_for(last, "the reconnected client is attached");
 }
+
+/// Backpressure crosses the splice: a plain client on B that stops reading is, once the
+/// buffers between it and the owner A are full, dropped by A's conversation as too slow (A's
+/// `num_connections` falls)
+/// (`socket.queue_frames` = 16 on A) — B does not buffer the owner's frames without bound —
+/// while a client on B that reads keeps up and sees every event.
+#[test]
+fn a_spliced_client_that_stops_reading_is_dropped_by_the_owner_as_too_slow() {
+    let Some(db) = pg::database() else { return };
+    let key = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
+    let a = start_node_with(
+        &db,
+        "a",
+        1000,
+        &[key, ("SWITCHBOARD_SOCKET_QUEUE_FRAMES", "16")],
+    );
+    let b = start_node_with(&db, "b", 1000, &[key]);
+    let id = answered_conversation(&db, &a, "on a");
+    let reader = Client::open(b.port, &id, Route::Plain, None).expect("spliced to A");
+
+    // A WebSocket client that completes the upgrade and then never reads.
+    let mut stalled = std::net::TcpStream::connect(("127.0.0.1", b.port)).expect("connect");
+    let upgrade = format!(
+        "GET /ws/conversations/{id} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        b.port
+    );
+    stalled
+        .write_all(upgrade.as_bytes())
+        .expect("send the upgrade");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stalled.read_exact(&mut byte).expect("read the answer");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    wait_until(
+        Duration::from_secs(15),
+        "the owner counts the client",
+        || {
+            let (_, info) = a.request("GET", &format!("/api/conversations/{id}"), None);
+            info["num_connections"] == 2
+        },
+    );
+
+    let connections = || {
+        let (_, info) = a.request("GET", &format!("/api/conversations/{id}"), None);
+        info["num_connections"].clone()
+    };
+    let big = "x".repeat(900_000);
+    let mut posted = 0;
+    wait_until(
+        Duration::from_secs(120),
+        "A drops the stalled client",
+        || {
+            if connections() == 1 {
+                return true;
+            }
+            assert!(posted < 100, "100 messages of 900 kB and still attached");
+            assert_eq!(post_message(b.port, &id, &big), 200);
+            posted += 1;
+            false
+        },
+    );
+    println!("the stalled client was dropped after {posted} messages of 900 kB");
+    let last = converse(&db, &[b.port], &id, "last", 1);
+    reader.wait_for(last, "the reading client sees the last event");
+    assert_eq!(reader.ids(), (0..=last).collect::<Vec<u64>>());
+    assert_eq!(connections(), 1, "the reading client stays attached");
+    drop(stalled);
+}

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use switchboard::config::{PostgresSettings, Settings, StoreTuning};
-use switchboard::conversation::{ConversationMeta, InitData};
+use switchboard::conversation::{ConversationId, ConversationMeta, InitData};
 use switchboard::events::{meta_timestamp, EventBody, Source};
 use switchboard::store::{Acquired, PostgresStore, SqliteStore, Store, StoreError, StoreLimits};
 
@@ -173,9 +173,14 @@ const SCENARIOS: &[Scenario] = &[
     },
 ];
 
+/// The conversation id `text` (the benchmark's ids are valid).
+fn cid(text: impl AsRef<str>) -> ConversationId {
+    ConversationId::parse(text.as_ref()).expect("a valid conversation id")
+}
+
 fn meta(id: &str) -> ConversationMeta {
     ConversationMeta {
-        conversation_id: id.to_string(),
+        conversation_id: cid(id),
         title: format!("Bench {id}"),
         created_at: "2024-01-01T00:00:00.000000Z".into(),
         last_updated_at: "2024-01-01T00:00:00.000000Z".into(),
@@ -201,7 +206,7 @@ async fn append_loop(
     deadline: Instant,
 ) -> Result<Done, StoreError> {
     let lease = match owned {
-        true => match store.acquire(&id).await? {
+        true => match store.acquire(&cid(&id)).await? {
             Acquired::Owned(lease) => Some(lease),
             Acquired::Elsewhere(owner) => {
                 return Err(StoreError::Io(format!("{id} is owned by {owner:?}")))
@@ -215,8 +220,8 @@ async fn append_loop(
         while pending.len() < in_flight {
             let event = body.stamp(next, "2024-05-01T12:00:00.000000");
             pending.push_back(match lease {
-                Some(lease) => store.append_owned(&id, lease, vec![event]),
-                None => store.append(&id, vec![event]),
+                Some(lease) => store.append_owned(&cid(&id), lease, vec![event]),
+                None => store.append(&cid(&id), vec![event]),
             });
             next += 1;
         }
@@ -249,7 +254,7 @@ async fn create_loop(
         store.create(meta).await?;
         let at = "2024-05-01T12:00:00.000000";
         store
-            .append(&id, vec![body.stamp(0, at), body.stamp(1, at)])
+            .append(&cid(&id), vec![body.stamp(0, at), body.stamp(1, at)])
             .await?;
         done.conversations += 1;
         done.events += 2;

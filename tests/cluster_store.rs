@@ -9,7 +9,7 @@
 
 mod common;
 mod pg;
-use common::meta;
+use common::{cid, meta};
 
 use std::time::Duration;
 
@@ -50,7 +50,7 @@ fn event(id: u64) -> StoredEvent {
 }
 
 async fn owned(store: &PostgresStore, id: &str) -> Lease {
-    match store.acquire(id).await.expect("acquire") {
+    match store.acquire(&cid(id)).await.expect("acquire") {
         Acquired::Owned(lease) => lease,
         Acquired::Elsewhere(owner) => panic!("{id} is owned by {owner:?}"),
     }
@@ -105,32 +105,32 @@ async fn one_owner_at_a_time_and_each_takeover_raises_the_epoch() {
 
     let first = owned(&a, "c").await;
     assert_eq!(first.epoch, 1);
-    match b.acquire("c").await.expect("acquire") {
+    match b.acquire(&cid("c")).await.expect("acquire") {
         Acquired::Elsewhere(owner) => {
             assert_eq!(owner.node_id, "a");
             assert_eq!(owner.url, "http://a.example");
         }
         other => panic!("a live owner keeps it: {other:?}"),
     }
-    a.append_owned("c", first, vec![event(0), event(1)])
+    a.append_owned(&cid("c"), first, vec![event(0), event(1)])
         .await
         .expect("the owner appends");
 
     // Released: another node takes it at once, one epoch later.
-    a.release("c", first).await.expect("release");
+    a.release(&cid("c"), first).await.expect("release");
     let second = owned(&b, "c").await;
     assert_eq!(second.epoch, 2);
-    match a.append_owned("c", first, vec![event(2)]).await {
+    match a.append_owned(&cid("c"), first, vec![event(2)]).await {
         Err(StoreError::Fenced(why)) => assert!(why.contains("conversation c"), "{why}"),
         other => panic!("the old lease is fenced: {other:?}"),
     }
-    b.append_owned("c", second, vec![event(2)])
+    b.append_owned(&cid("c"), second, vec![event(2)])
         .await
         .expect("the new owner continues the log");
     // A release under a lease that is no longer current changes nothing.
-    a.release("c", first).await.expect("stale release");
+    a.release(&cid("c"), first).await.expect("stale release");
     assert!(matches!(
-        a.acquire("c").await.expect("acquire"),
+        a.acquire(&cid("c")).await.expect("acquire"),
         Acquired::Elsewhere(_)
     ));
     assert_eq!(log(&db, "c"), vec![(0, 1), (1, 1), (2, 2)]);
@@ -140,7 +140,7 @@ async fn one_owner_at_a_time_and_each_takeover_raises_the_epoch() {
 async fn concurrent_acquires_from_three_nodes_grant_one_owner() {
     let Some(db) = pg::database() else { return };
     let nodes = [node(&db.url, "a"), node(&db.url, "b"), node(&db.url, "c")];
-    let attempts = (0..200).map(|i| nodes[i % 3].acquire("x"));
+    let attempts = (0..200).map(|i| nodes[i % 3].acquire(&cid("x")));
     let outcomes = join_all(attempts).await;
     let mut owners = Vec::new();
     for (i, outcome) in outcomes.into_iter().enumerate() {
@@ -174,7 +174,7 @@ async fn a_takeover_fences_the_old_owner_and_no_older_epoch_follows_a_newer_one(
             let mut next = 0u64;
             loop {
                 let batch: Vec<_> = (next..next + 8)
-                    .map(|id| a.append_owned("c", old, vec![event(id)]))
+                    .map(|id| a.append_owned(&cid("c"), old, vec![event(id)]))
                     .collect();
                 let outcomes = join_all(batch).await;
                 let written = outcomes.iter().take_while(|o| o.is_ok()).count() as u64;
@@ -199,7 +199,7 @@ async fn a_takeover_fences_the_old_owner_and_no_older_epoch_follows_a_newer_one(
     );
 
     let next = b
-        .get("c")
+        .get(&cid("c"))
         .await
         .expect("get")
         .expect("exists")
@@ -208,10 +208,10 @@ async fn a_takeover_fences_the_old_owner_and_no_older_epoch_follows_a_newer_one(
         next, written,
         "the new owner continues after what was written"
     );
-    b.append_owned("c", new, (next..next + 3).map(event).collect())
+    b.append_owned(&cid("c"), new, (next..next + 3).map(event).collect())
         .await
         .expect("the new owner appends");
-    match a.append_owned("c", old, vec![event(next + 3)]).await {
+    match a.append_owned(&cid("c"), old, vec![event(next + 3)]).await {
         Err(StoreError::Fenced(_)) => {}
         other => panic!("the old owner stays fenced: {other:?}"),
     }
@@ -228,21 +228,21 @@ async fn a_lapsed_node_writes_nothing_fences_itself_and_returns_with_a_new_incar
     let a = node(&db.url, "a");
     a.create(meta("c", T0)).await.expect("create");
     let lease = owned(&a, "c").await;
-    a.append_owned("c", lease, vec![event(0)])
+    a.append_owned(&cid("c"), lease, vec![event(0)])
         .await
         .expect("append");
 
     expire(&db, "a");
     // Nobody took it over, yet an expired registration writes nothing.
     assert!(matches!(
-        a.append_owned("c", lease, vec![event(1)]).await,
+        a.append_owned(&cid("c"), lease, vec![event(1)]).await,
         Err(StoreError::Fenced(_))
     ));
     let incarnation = wait_for_incarnation(&a, lease.incarnation).await;
     let again = owned(&a, "c").await;
     assert_eq!(again.incarnation, incarnation);
     assert_eq!(again.epoch, lease.epoch + 1);
-    a.append_owned("c", again, vec![event(1)])
+    a.append_owned(&cid("c"), again, vec![event(1)])
         .await
         .expect("append under the new lease");
     assert_eq!(log(&db, "c"), vec![(0, 1), (1, 2)]);
@@ -271,7 +271,7 @@ async fn a_create_under_a_stale_lease_writes_nothing() {
         other => panic!("the old lease is fenced: {other:?}"),
     }
     assert!(
-        a.get("new").await.expect("get").is_none(),
+        a.get(&cid("new")).await.expect("get").is_none(),
         "nothing created"
     );
     b.create_owned(meta("new", T0), new, vec![event(0), event(1)])
@@ -286,9 +286,11 @@ async fn a_deleted_conversation_starts_over_and_unknown_ids_leave_nothing_behind
     let a = node(&db.url, "a");
     a.create(meta("c", T0)).await.expect("create");
     let lease = owned(&a, "c").await;
-    a.release("c", lease).await.expect("release");
-    assert!(a.delete("c").await.expect("delete"));
+    a.release(&cid("c"), lease).await.expect("release");
+    assert!(a.delete(&cid("c")).await.expect("delete"));
     let lease = owned(&a, "nothing-here").await;
-    a.release("nothing-here", lease).await.expect("release");
+    a.release(&cid("nothing-here"), lease)
+        .await
+        .expect("release");
     assert!(db.query("SELECT * FROM ownership").is_empty());
 }

@@ -468,7 +468,7 @@ async fn server_shutdown_lets_agents_finish_their_stop() {
     );
     wait_no_agents(&id, 5).await;
     let events = store
-        .events(&id, switchboard::store::EventQuery::after(None, 1000))
+        .events(&cid(&id), switchboard::store::EventQuery::after(None, 1000))
         .await
         .unwrap();
     let last: Value = serde_json::from_str(&events.last().unwrap().json).unwrap();
@@ -843,7 +843,7 @@ async fn the_runtime_speaks_the_protocol() {
     };
     store
         .create(ConversationMeta {
-            conversation_id: id.into(),
+            conversation_id: cid(id),
             title: "t".into(),
             created_at: "c".into(),
             last_updated_at: "u".into(),
@@ -859,14 +859,14 @@ async fn the_runtime_speaks_the_protocol() {
             .stamp(1, "2026-01-01T00:00:01.000000"),
         EventBody::agent_state("stopped", "").stamp(2, "2026-01-01T00:00:02.000000"),
     ];
-    store.append(id, history.clone()).await.unwrap();
+    store.append(&cid(id), history.clone()).await.unwrap();
 
     let signals = Arc::new(Mutex::new(Vec::new()));
     let recorder = Recorder(signals.clone()).start();
     let mut runtime = ProcessRuntime::new(settings.clone());
     let store_dyn: Arc<dyn Store> = store.clone();
     let immediate = runtime.start(RuntimeStart {
-        conversation_id: id,
+        conversation_id: &cid(id),
         trigger: "gui",
         init: &init,
         sink: RuntimeSink::new(recorder.recipient()),
@@ -961,7 +961,7 @@ async fn dropping_a_running_runtime_stops_its_agent() {
     let mut runtime = ProcessRuntime::new(Arc::new(settings));
     let init = InitData::default();
     let immediate = runtime.start(RuntimeStart {
-        conversation_id: &id,
+        conversation_id: &cid(&id),
         trigger: "gui",
         init: &init,
         sink: RuntimeSink::new(recorder.recipient()),
@@ -988,7 +988,7 @@ async fn an_agent_that_cannot_be_started_fails_at_once() {
     let mut runtime = ProcessRuntime::new(Arc::new(settings));
     let init = InitData::default();
     let immediate = runtime.start(RuntimeStart {
-        conversation_id: "missing-1",
+        conversation_id: &cid("missing-1"),
         trigger: "gui",
         init: &init,
         sink: RuntimeSink::new(recorder.recipient()),

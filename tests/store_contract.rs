@@ -6,7 +6,7 @@
 
 mod common;
 mod pg;
-use common::meta;
+use common::{cid, meta};
 
 use std::sync::Arc;
 
@@ -207,7 +207,7 @@ async fn create_then_exists<S: Store>(store: Arc<S>) {
         "{again:?}"
     );
     // The first create's data is untouched.
-    let record = store.get("c1").await.expect("get").expect("exists");
+    let record = store.get(&cid("c1")).await.expect("get").expect("exists");
     assert_eq!(record.meta, m);
     // Another id is fine.
     store.create(meta("c2", OLD)).await.expect("create c2");
@@ -220,7 +220,7 @@ async fn create_with_events<S: Store>(store: Arc<S>) {
         .create_with_events(m.clone(), events(0..3))
         .await
         .expect("create with events");
-    let record = store.get("w").await.expect("get").expect("exists");
+    let record = store.get(&cid("w")).await.expect("get").expect("exists");
     assert_eq!(record.next_event_id, 3);
     let init = serde_json::to_string(&m.init).expect("json");
     assert_eq!(
@@ -235,11 +235,11 @@ async fn create_with_events<S: Store>(store: Arc<S>) {
         record.meta.last_updated_at
     );
     assert_eq!(
-        ids(&store.events("w", all()).await.expect("events")),
+        ids(&store.events(&cid("w"), all()).await.expect("events")),
         [0, 1, 2]
     );
     store
-        .append("w", events(3..4))
+        .append(&cid("w"), events(3..4))
         .await
         .expect("the log goes on");
 
@@ -249,7 +249,7 @@ async fn create_with_events<S: Store>(store: Arc<S>) {
         matches!(&again, Err(StoreError::Exists(id)) if id == "w"),
         "{again:?}"
     );
-    let after = store.get("w").await.expect("get").expect("exists");
+    let after = store.get(&cid("w")).await.expect("get").expect("exists");
     assert_eq!((after.meta.title, after.next_event_id), (m.title, 4));
 
     // A first event that is not id 0 is refused with nothing written.
@@ -257,8 +257,12 @@ async fn create_with_events<S: Store>(store: Arc<S>) {
         .create_with_events(meta("gap", OLD), events(1..3))
         .await;
     assert!(gap.is_err(), "{gap:?}");
-    assert_eq!(store.get("gap").await.expect("get"), None);
-    assert!(store.events("gap", all()).await.expect("events").is_empty());
+    assert_eq!(store.get(&cid("gap")).await.expect("get"), None);
+    assert!(store
+        .events(&cid("gap"), all())
+        .await
+        .expect("events")
+        .is_empty());
 }
 
 /// Init data that fits with events that would not: the conversation is never created.
@@ -270,9 +274,9 @@ async fn create_with_events_quota<S: Store>(store: Arc<S>) {
         .await
         .expect_err("over the quota");
     assert_eq!(quota_of(refused), Quota::Conversation);
-    assert_eq!(store.get("over").await.expect("get"), None);
+    assert_eq!(store.get(&cid("over")).await.expect("get"), None);
     assert!(store
-        .events("over", all())
+        .events(&cid("over"), all())
         .await
         .expect("events")
         .is_empty());
@@ -283,7 +287,7 @@ async fn create_with_events_quota<S: Store>(store: Arc<S>) {
         .expect("the same id with events that fit");
     assert_eq!(
         store
-            .get("over")
+            .get(&cid("over"))
             .await
             .expect("get")
             .map(|r| r.next_event_id),
@@ -292,29 +296,35 @@ async fn create_with_events_quota<S: Store>(store: Arc<S>) {
 }
 
 async fn get_and_next_event_id<S: Store>(store: Arc<S>) {
-    assert_eq!(store.get("nope").await.expect("get"), None);
+    assert_eq!(store.get(&cid("nope")).await.expect("get"), None);
     let m = rich_meta("g");
     store.create(m.clone()).await.expect("create");
-    let record = store.get("g").await.expect("get").expect("exists");
+    let record = store.get(&cid("g")).await.expect("get").expect("exists");
     assert_eq!(record.meta, m, "metadata round-trips, init data included");
     assert_eq!(record.next_event_id, 0);
 
-    store.append("g", events(0..3)).await.expect("append");
-    let record = store.get("g").await.expect("get").expect("exists");
+    store.append(&cid("g"), events(0..3)).await.expect("append");
+    let record = store.get(&cid("g")).await.expect("get").expect("exists");
     assert_eq!(record.next_event_id, 3);
-    store.append("g", events(3..4)).await.expect("append");
-    store.append("g", Vec::new()).await.expect("empty append");
-    let record = store.get("g").await.expect("get").expect("exists");
+    store.append(&cid("g"), events(3..4)).await.expect("append");
+    store
+        .append(&cid("g"), Vec::new())
+        .await
+        .expect("empty append");
+    let record = store.get(&cid("g")).await.expect("get").expect("exists");
     assert_eq!(record.next_event_id, 4);
 }
 
 async fn append_and_query<S: Store>(store: Arc<S>) {
     store.create(meta("q", OLD)).await.expect("create");
-    store.append("q", events(0..4)).await.expect("append");
-    store.append("q", events(4..10)).await.expect("append");
+    store.append(&cid("q"), events(0..4)).await.expect("append");
+    store
+        .append(&cid("q"), events(4..10))
+        .await
+        .expect("append");
 
     // JSON text is stored byte for byte.
-    let got = store.events("q", all()).await.expect("events");
+    let got = store.events(&cid("q"), all()).await.expect("events");
     assert_eq!(got, events(0..10));
 
     let cases: Vec<(EventQuery, Vec<u64>)> = vec![
@@ -340,14 +350,14 @@ async fn append_and_query<S: Store>(store: Arc<S>) {
         (EventQuery::after(None, 2), vec![0, 1]),
     ];
     for (q, expected) in cases {
-        let got = store.events("q", q).await.expect("events");
+        let got = store.events(&cid("q"), q).await.expect("events");
         assert_eq!(ids(&got), expected, "{q:?}");
         for e in &got {
             assert_eq!(e, &event(e.id), "event {} round-trips", e.id);
         }
     }
     assert!(store
-        .events("unknown", all())
+        .events(&cid("unknown"), all())
         .await
         .expect("events")
         .is_empty());
@@ -355,8 +365,8 @@ async fn append_and_query<S: Store>(store: Arc<S>) {
 
 async fn append_moves_last_updated_at<S: Store>(store: Arc<S>) {
     store.create(meta("u", OLD)).await.expect("create");
-    store.append("u", events(0..1)).await.expect("append");
-    let record = store.get("u").await.expect("get").expect("exists");
+    store.append(&cid("u"), events(0..1)).await.expect("append");
+    let record = store.get(&cid("u")).await.expect("get").expect("exists");
     assert_ne!(record.meta.last_updated_at, OLD);
     assert!(
         is_meta_timestamp(&record.meta.last_updated_at),
@@ -404,61 +414,78 @@ async fn list_order_and_paging<S: Store>(store: Arc<S>) {
     assert!(page(usize::MAX, 5).await.is_empty());
 
     // Listing returns whole metadata; appends don't reorder (created_at is the key).
-    store.append("d", events(0..2)).await.expect("append");
+    store.append(&cid("d"), events(0..2)).await.expect("append");
     let listed = store.list(0, 20).await.expect("list");
     assert_eq!(listed[4].conversation_id, "d");
     assert_eq!(
         listed[4],
-        store.get("d").await.expect("get").expect("exists").meta
+        store
+            .get(&cid("d"))
+            .await
+            .expect("get")
+            .expect("exists")
+            .meta
     );
 }
 
 async fn set_title<S: Store>(store: Arc<S>) {
     store.create(meta("t", OLD)).await.expect("create");
-    assert!(store.set_title("t", "New title").await.expect("set_title"));
-    let record = store.get("t").await.expect("get").expect("exists");
+    assert!(store
+        .set_title(&cid("t"), "New title")
+        .await
+        .expect("set_title"));
+    let record = store.get(&cid("t")).await.expect("get").expect("exists");
     assert_eq!(record.meta.title, "New title");
     assert!(record.meta.last_updated_at.as_str() > OLD);
     assert!(is_meta_timestamp(&record.meta.last_updated_at));
-    assert!(!store.set_title("unknown", "x").await.expect("set_title"));
-    assert_eq!(store.get("unknown").await.expect("get"), None);
+    assert!(!store
+        .set_title(&cid("unknown"), "x")
+        .await
+        .expect("set_title"));
+    assert_eq!(store.get(&cid("unknown")).await.expect("get"), None);
 }
 
 async fn delete_removes_only_one<S: Store>(store: Arc<S>) {
     for id in ["keep1", "gone", "keep2"] {
         store.create(rich_meta(id)).await.expect("create");
-        store.append(id, events(0..5)).await.expect("append");
+        store.append(&cid(id), events(0..5)).await.expect("append");
     }
-    let before1 = store.get("keep1").await.expect("get");
-    let before2 = store.get("keep2").await.expect("get");
+    let before1 = store.get(&cid("keep1")).await.expect("get");
+    let before2 = store.get(&cid("keep2")).await.expect("get");
 
-    assert!(store.delete("gone").await.expect("delete"));
-    assert_eq!(store.get("gone").await.expect("get"), None);
+    assert!(store.delete(&cid("gone")).await.expect("delete"));
+    assert_eq!(store.get(&cid("gone")).await.expect("get"), None);
     assert!(store
-        .events("gone", all())
+        .events(&cid("gone"), all())
         .await
         .expect("events")
         .is_empty());
-    assert!(!store.delete("gone").await.expect("delete again"));
-    assert!(!store.delete("never-existed").await.expect("delete unknown"));
+    assert!(!store.delete(&cid("gone")).await.expect("delete again"));
+    assert!(!store
+        .delete(&cid("never-existed"))
+        .await
+        .expect("delete unknown"));
 
-    assert_eq!(store.get("keep1").await.expect("get"), before1);
-    assert_eq!(store.get("keep2").await.expect("get"), before2);
+    assert_eq!(store.get(&cid("keep1")).await.expect("get"), before1);
+    assert_eq!(store.get(&cid("keep2")).await.expect("get"), before2);
     for id in ["keep1", "keep2"] {
-        assert_eq!(store.events(id, all()).await.expect("events"), events(0..5));
+        assert_eq!(
+            store.events(&cid(id), all()).await.expect("events"),
+            events(0..5)
+        );
     }
     let listed: Vec<String> = store
         .list(0, 20)
         .await
         .expect("list")
         .into_iter()
-        .map(|m| m.conversation_id)
+        .map(|m| m.conversation_id.to_string())
         .collect();
     assert_eq!(listed, ["keep2", "keep1"]);
 
     // The id can be used again, starting from an empty log.
     store.create(meta("gone", OLD)).await.expect("re-create");
-    let record = store.get("gone").await.expect("get").expect("exists");
+    let record = store.get(&cid("gone")).await.expect("get").expect("exists");
     assert_eq!(record.next_event_id, 0);
 }
 
@@ -475,10 +502,13 @@ async fn append_fifo<S: Store>(store: Arc<S>, reverse_spawn: bool) {
     for i in 0..N {
         // Mix one- and multi-event appends, and interleave another conversation's writes.
         let n = 1 + i % 3;
-        calls.push((next + n - 1, store.append("fifo", events(next..next + n))));
+        calls.push((
+            next + n - 1,
+            store.append(&cid("fifo"), events(next..next + n)),
+        ));
         next += n;
         if i % 10 == 0 {
-            titles.push(store.set_title("other", &format!("title {i}")));
+            titles.push(store.set_title(&cid("other"), &format!("title {i}")));
         }
     }
     let mut tasks = Vec::new();
@@ -491,7 +521,7 @@ async fn append_fifo<S: Store>(store: Arc<S>, reverse_spawn: bool) {
         tasks.push(tokio::spawn(async move {
             future.await.expect("append");
             let seen = store
-                .events("fifo", query(0, Some(last_id), false, usize::MAX))
+                .events(&cid("fifo"), query(0, Some(last_id), false, usize::MAX))
                 .await
                 .expect("events");
             assert_eq!(
@@ -507,14 +537,14 @@ async fn append_fifo<S: Store>(store: Arc<S>, reverse_spawn: bool) {
     for title in titles {
         assert!(title.await.expect("set_title"));
     }
-    let log = store.events("fifo", all()).await.expect("events");
+    let log = store.events(&cid("fifo"), all()).await.expect("events");
     assert_eq!(
         ids(&log),
         (0..next).collect::<Vec<_>>(),
         "dense and ordered"
     );
     assert_eq!(log, events(0..next));
-    let record = store.get("fifo").await.expect("get").expect("exists");
+    let record = store.get(&cid("fifo")).await.expect("get").expect("exists");
     assert_eq!(record.next_event_id, next);
     store.flush().await.expect("flush");
 }
@@ -599,7 +629,12 @@ async fn list_owned_filters_by_owner<S: Store>(store: Arc<S>) {
     let listed = store.list_owned("bob", 0, 1).await.expect("list_owned");
     assert_eq!(
         listed[0],
-        store.get("b1").await.expect("get").expect("exists").meta
+        store
+            .get(&cid("b1"))
+            .await
+            .expect("get")
+            .expect("exists")
+            .meta
     );
     assert_eq!(store.list(0, 20).await.expect("list").len(), 5);
 }
@@ -719,7 +754,7 @@ async fn conversation_quota<S: Store>(store: Arc<S>) {
     let limit = store.limits().max_bytes_per_conversation;
     store.create(meta("full", OLD)).await.expect("create");
     store.create(meta("other", OLD)).await.expect("create");
-    let record = store.get("full").await.expect("get").expect("exists");
+    let record = store.get(&cid("full")).await.expect("get").expect("exists");
     let init = serde_json::to_string(&record.meta.init).expect("json");
     assert_eq!(record.bytes, meta_bytes(&init));
 
@@ -732,36 +767,43 @@ async fn conversation_quota<S: Store>(store: Arc<S>) {
         if held + size > limit {
             break;
         }
-        store.append("full", vec![event]).await.expect("append");
+        store
+            .append(&cid("full"), vec![event])
+            .await
+            .expect("append");
         held += size;
         next += 1;
     }
     assert!(next >= 2, "the quota {limit} is too small for this test");
-    let record = store.get("full").await.expect("get").expect("exists");
+    let record = store.get(&cid("full")).await.expect("get").expect("exists");
     assert_eq!((record.bytes, record.next_event_id), (held, next));
 
     // One more, alone or with a small event that would fit, is refused whole.
     let refused = store
-        .append("full", vec![event(next), big_event(next + 1, 900)])
+        .append(&cid("full"), vec![event(next), big_event(next + 1, 900)])
         .await
         .expect_err("over the quota");
     assert_eq!(quota_of(refused), Quota::Conversation);
-    let after = store.get("full").await.expect("get").expect("exists");
+    let after = store.get(&cid("full")).await.expect("get").expect("exists");
     assert_eq!(after, record, "a refused append changes nothing");
     assert_eq!(
-        store.events("full", all()).await.expect("events").len() as u64,
+        store
+            .events(&cid("full"), all())
+            .await
+            .expect("events")
+            .len() as u64,
         next
     );
 
     // Another conversation still takes events, and a small one still fits here.
     store
-        .append("other", events(0..3))
+        .append(&cid("other"), events(0..3))
         .await
         .expect("append other");
     let small = event(next);
     if held + events_bytes(std::slice::from_ref(&small)) <= limit {
         store
-            .append("full", vec![small])
+            .append(&cid("full"), vec![small])
             .await
             .expect("a small event fits");
     }
@@ -773,10 +815,10 @@ async fn conversation_quota<S: Store>(store: Arc<S>) {
         quota_of(store.create(huge).await.expect_err("over the quota")),
         Quota::Conversation
     );
-    assert_eq!(store.get("huge").await.expect("get"), None);
+    assert_eq!(store.get(&cid("huge")).await.expect("get"), None);
 
-    assert!(store.delete("full").await.expect("delete"));
-    assert_eq!(store.get("full").await.expect("get"), None);
+    assert!(store.delete(&cid("full")).await.expect("delete"));
+    assert_eq!(store.get(&cid("full")).await.expect("get"), None);
 }
 
 /// The store is refused what would take it past its quota, with nothing written; deleting
@@ -793,7 +835,7 @@ async fn store_quota<S: Store>(store: Arc<S>) {
             }
             created.push(id.clone());
             for i in 0..4 {
-                if let Err(e) = store.append(&id, vec![big_event(i, 2000)]).await {
+                if let Err(e) = store.append(&cid(&id), vec![big_event(i, 2000)]).await {
                     break 'fill e;
                 }
             }
@@ -810,18 +852,24 @@ async fn store_quota<S: Store>(store: Arc<S>) {
         store.used_bytes()
     );
     let last = created.last().expect("a conversation").clone();
-    let before = store.get(&last).await.expect("get").expect("exists");
+    let before = store.get(&cid(&last)).await.expect("get").expect("exists");
     let refused = store
-        .append(&last, vec![big_event(before.next_event_id, 2000)])
+        .append(&cid(&last), vec![big_event(before.next_event_id, 2000)])
         .await
         .expect_err("still full");
     assert_eq!(quota_of(refused), Quota::Store);
-    assert_eq!(store.get(&last).await.expect("get"), Some(before.clone()));
+    assert_eq!(
+        store.get(&cid(&last)).await.expect("get"),
+        Some(before.clone())
+    );
 
     // Deleting gives room back.
     let used = store.used_bytes();
     for id in &created[..created.len() / 2] {
-        assert!(store.delete(id).await.expect("delete on a full store"));
+        assert!(store
+            .delete(&cid(id))
+            .await
+            .expect("delete on a full store"));
     }
     store.flush().await.expect("flush");
     assert!(
@@ -830,7 +878,7 @@ async fn store_quota<S: Store>(store: Arc<S>) {
         store.used_bytes()
     );
     store
-        .append(&last, vec![big_event(before.next_event_id, 2000)])
+        .append(&cid(&last), vec![big_event(before.next_event_id, 2000)])
         .await
         .expect("room again");
 }

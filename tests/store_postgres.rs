@@ -7,7 +7,7 @@
 
 mod common;
 mod pg;
-use common::meta;
+use common::{cid, meta};
 
 use std::time::Duration;
 
@@ -67,7 +67,7 @@ async fn data_survives_a_reopen_and_the_schema_is_migrated_once() {
     let store = open(&db.url);
     store.create(meta("c1", T0)).await.expect("create");
     store
-        .append("c1", (0..3).map(event).collect())
+        .append(&cid("c1"), (0..3).map(event).collect())
         .await
         .expect("append");
     store
@@ -77,9 +77,9 @@ async fn data_survives_a_reopen_and_the_schema_is_migrated_once() {
     close(store).await;
 
     let store = open(&db.url);
-    let record = store.get("c1").await.expect("get").expect("kept");
+    let record = store.get(&cid("c1")).await.expect("get").expect("kept");
     assert_eq!(record.next_event_id, 3);
-    let stored = store.events("c1", all()).await.expect("events");
+    let stored = store.events(&cid("c1"), all()).await.expect("events");
     assert_eq!(stored, (0..3).map(event).collect::<Vec<_>>());
     assert_eq!(
         store.settings("alice").await.expect("settings"),
@@ -106,7 +106,7 @@ async fn a_newer_schema_is_refused_and_left_alone() {
         "UPDATE switchboard_schema SET version = {SCHEMA_VERSION}"
     ));
     let store = open(&db.url);
-    assert!(store.get("c1").await.expect("get").is_some());
+    assert!(store.get(&cid("c1")).await.expect("get").is_some());
     close(store).await;
 }
 
@@ -140,7 +140,7 @@ async fn stores_opening_one_database_at_once_migrate_it_once() {
     });
     opened[0].create(meta("c1", T0)).await.expect("create");
     for store in &opened {
-        assert!(store.get("c1").await.expect("get").is_some());
+        assert!(store.get(&cid("c1")).await.expect("get").is_some());
     }
     for store in opened {
         close(store).await;
@@ -179,11 +179,11 @@ async fn a_group_commit_of_many_conversations_keeps_every_log_dense() {
     let mut appends = Vec::new();
     for round in 0..10u64 {
         for id in &ids {
-            appends.push(store.append(id, vec![event(round)]));
+            appends.push(store.append(&cid(id), vec![event(round)]));
         }
     }
     // One bad append in the middle fails alone.
-    appends.push(store.append("c00", vec![event(42)]));
+    appends.push(store.append(&cid("c00"), vec![event(42)]));
     let outcomes = join_all(appends).await;
     let (bad, good) = outcomes.split_last().expect("outcomes");
     assert!(good.iter().all(Result::is_ok), "{good:?}");
@@ -192,11 +192,11 @@ async fn a_group_commit_of_many_conversations_keeps_every_log_dense() {
         "{bad:?}"
     );
     assert!(matches!(
-        store.append("nobody", vec![event(0)]).await,
+        store.append(&cid("nobody"), vec![event(0)]).await,
         Err(StoreError::Io(m)) if m.contains("does not exist")
     ));
     for id in &ids {
-        let stored = store.events(id, all()).await.expect("events");
+        let stored = store.events(&cid(id), all()).await.expect("events");
         assert_eq!(stored, (0..10).map(event).collect::<Vec<_>>(), "{id}");
     }
     close(store).await;

@@ -3,7 +3,7 @@
 //! and opening stays cheap with 100,000 stored conversations. Real files in temp dirs.
 
 mod common;
-use common::meta;
+use common::{cid, meta};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -98,20 +98,29 @@ async fn reopen_keeps_everything() {
         .create(meta("empty", "2024-02-01T10:00:00.000000Z"))
         .await
         .expect("create");
-    store.append("rich", events(0..5)).await.expect("append");
-    store.append("plain", events(0..2)).await.expect("append");
-    assert!(store.set_title("rich", "Renamed").await.expect("title"));
+    store
+        .append(&cid("rich"), events(0..5))
+        .await
+        .expect("append");
+    store
+        .append(&cid("plain"), events(0..2))
+        .await
+        .expect("append");
+    assert!(store
+        .set_title(&cid("rich"), "Renamed")
+        .await
+        .expect("title"));
     let settings = json!({"llm_model": "a/b", "llm_api_key": "sk-1", "mcp_config": null});
     store
         .save_settings("", settings.clone())
         .await
         .expect("settings");
-    let before: Vec<_> = join_all(["rich", "plain", "empty"].map(|id| store.get(id))).await;
+    let before: Vec<_> = join_all(["rich", "plain", "empty"].map(|id| store.get(&cid(id)))).await;
     let listed_before = store.list(0, 10).await.expect("list");
     close(store).await;
 
     let store = open(dir.path());
-    let after: Vec<_> = join_all(["rich", "plain", "empty"].map(|id| store.get(id))).await;
+    let after: Vec<_> = join_all(["rich", "plain", "empty"].map(|id| store.get(&cid(id)))).await;
     for (b, a) in before.iter().zip(&after) {
         assert_eq!(
             a.as_ref().expect("get"),
@@ -127,23 +136,26 @@ async fn reopen_keeps_everything() {
     assert_eq!(record.next_event_id, 5);
     assert_eq!(store.list(0, 10).await.expect("list"), listed_before);
     assert_eq!(
-        store.events("rich", all()).await.expect("events"),
+        store.events(&cid("rich"), all()).await.expect("events"),
         events(0..5)
     );
 
     // The log continues where it stopped.
-    store.append("rich", events(5..7)).await.expect("append");
-    let record = store.get("rich").await.expect("get").expect("exists");
+    store
+        .append(&cid("rich"), events(5..7))
+        .await
+        .expect("append");
+    let record = store.get(&cid("rich")).await.expect("get").expect("exists");
     assert_eq!(record.next_event_id, 7);
     close(store).await;
 
     let store = open(dir.path());
     assert_eq!(
-        store.events("rich", all()).await.expect("events"),
+        store.events(&cid("rich"), all()).await.expect("events"),
         events(0..7)
     );
     assert_eq!(
-        store.events("plain", all()).await.expect("events"),
+        store.events(&cid("plain"), all()).await.expect("events"),
         events(0..2)
     );
     close(store).await;
@@ -159,7 +171,7 @@ async fn dropping_the_store_finishes_queued_work() {
         .await
         .expect("create");
     let pending: Vec<_> = (0..500)
-        .map(|i| store.append("c", vec![event(i)]))
+        .map(|i| store.append(&cid("c"), vec![event(i)]))
         .collect();
     let running = store.clone();
     drop(store);
@@ -169,7 +181,7 @@ async fn dropping_the_store_finishes_queued_work() {
     }
     close(running).await;
     let store = open(dir.path());
-    let record = store.get("c").await.expect("get").expect("exists");
+    let record = store.get(&cid("c")).await.expect("get").expect("exists");
     assert_eq!(record.next_event_id, 500);
     close(store).await;
 }
@@ -244,7 +256,10 @@ async fn corrupt_database_is_refused() {
             .await
             .expect("create");
     }
-    store.append("c000", events(0..200)).await.expect("append");
+    store
+        .append(&cid("c000"), events(0..200))
+        .await
+        .expect("append");
     close(store).await;
     let db = dir.path().join(DB_FILE_NAME);
     {
@@ -334,7 +349,7 @@ async fn kill9_child_process() {
     loop {
         let n = 1 + next % 7;
         store
-            .append("c", events(next..next + n))
+            .append(&cid("c"), events(next..next + n))
             .await
             .expect("append");
         next += n;
@@ -382,7 +397,7 @@ async fn committed_appends_survive_kill_9() {
     let last = last_committed.expect("the child committed appends");
 
     let store = open(dir.path());
-    let log = store.events("c", all()).await.expect("events");
+    let log = store.events(&cid("c"), all()).await.expect("events");
     let ids: Vec<u64> = log.iter().map(|e| e.id).collect();
     println!(
         "child confirmed up to {last}; the log holds {} events",
@@ -395,7 +410,7 @@ async fn committed_appends_survive_kill_9() {
     );
     assert_eq!(ids, (0..ids.len() as u64).collect::<Vec<_>>(), "dense");
     assert_eq!(log, events(0..ids.len() as u64), "intact");
-    let record = store.get("c").await.expect("get").expect("exists");
+    let record = store.get(&cid("c")).await.expect("get").expect("exists");
     assert_eq!(record.next_event_id, ids.len() as u64);
     close(store).await;
 }
@@ -412,11 +427,11 @@ async fn a_failing_request_does_not_fail_its_batch() {
             .expect("create");
     }
     // Issued together, so they usually share one transaction.
-    let first = store.append("a", events(0..2));
-    let gap = store.append("b", events(5..6));
-    let overlap = store.append("a", events(1..3));
+    let first = store.append(&cid("a"), events(0..2));
+    let gap = store.append(&cid("b"), events(5..6));
+    let overlap = store.append(&cid("a"), events(1..3));
     let taken = store.create(meta("a", "2024-01-01T00:00:00.000000Z"));
-    let second = store.append("a", events(2..4));
+    let second = store.append(&cid("a"), events(2..4));
     first.await.expect("first append");
     let gap = gap.await;
     assert!(
@@ -428,10 +443,14 @@ async fn a_failing_request_does_not_fail_its_batch() {
     assert!(matches!(taken.await, Err(StoreError::Exists(_))));
     second.await.expect("second append");
     assert_eq!(
-        store.events("a", all()).await.expect("events"),
+        store.events(&cid("a"), all()).await.expect("events"),
         events(0..4)
     );
-    assert!(store.events("b", all()).await.expect("events").is_empty());
+    assert!(store
+        .events(&cid("b"), all())
+        .await
+        .expect("events")
+        .is_empty());
     close(store).await;
 }
 
@@ -446,17 +465,17 @@ async fn a_failed_batch_reports_io_and_the_writer_continues() {
         .create(meta("c", "2024-01-01T00:00:00.000000Z"))
         .await
         .expect("create");
-    store.append("c", events(0..1)).await.expect("append");
+    store.append(&cid("c"), events(0..1)).await.expect("append");
 
     let locker = Connection::open(dir.path().join(DB_FILE_NAME)).expect("second connection");
     locker
         .execute_batch("BEGIN IMMEDIATE")
         .expect("take the write lock");
 
-    let blocked = store.append("c", events(1..2));
+    let blocked = store.append(&cid("c"), events(1..2));
     tokio::pin!(blocked);
     // Reads use their own connections and threads: they finish while the writer waits.
-    let read = store.get("c");
+    let read = store.get(&cid("c"));
     tokio::select! {
         biased;
         record = read => {
@@ -475,10 +494,13 @@ async fn a_failed_batch_reports_io_and_the_writer_continues() {
 
     locker.execute_batch("ROLLBACK").expect("release");
     drop(locker);
-    store.append("c", events(1..3)).await.expect("append after");
-    assert!(store.set_title("c", "y").await.expect("title after"));
+    store
+        .append(&cid("c"), events(1..3))
+        .await
+        .expect("append after");
+    assert!(store.set_title(&cid("c"), "y").await.expect("title after"));
     assert_eq!(
-        store.events("c", all()).await.expect("events"),
+        store.events(&cid("c"), all()).await.expect("events"),
         events(0..3)
     );
     close(store).await;
@@ -505,7 +527,7 @@ async fn open_stays_fast_with_100k_conversations() {
         }
     }
     store
-        .append("conv-050000", events(0..100))
+        .append(&cid("conv-050000"), events(0..100))
         .await
         .expect("append");
     let fill = started.elapsed();
@@ -523,12 +545,15 @@ async fn open_stays_fast_with_100k_conversations() {
     let page = store.list(0, 20).await.expect("list");
     let list_time = t.elapsed();
     let expected: Vec<String> = (N - 20..N).rev().map(|i| format!("conv-{i:06}")).collect();
-    let got: Vec<String> = page.into_iter().map(|m| m.conversation_id).collect();
+    let got: Vec<String> = page
+        .into_iter()
+        .map(|m| m.conversation_id.to_string())
+        .collect();
     assert_eq!(got, expected);
 
     let t = Instant::now();
     let record = store
-        .get("conv-050000")
+        .get(&cid("conv-050000"))
         .await
         .expect("get")
         .expect("exists");
@@ -540,7 +565,7 @@ async fn open_stays_fast_with_100k_conversations() {
     let deep_time = t.elapsed();
     assert_eq!(deep.len(), 20);
     assert_eq!(
-        deep[0].conversation_id,
+        deep[0].conversation_id.as_str(),
         format!("conv-{:06}", N - 1 - 90_000)
     );
 
@@ -571,10 +596,10 @@ async fn a_request_failing_halfway_is_undone_alone() {
     .expect("trigger");
 
     // Issued together, so they usually share one transaction.
-    let first = store.append("a", events(0..2));
-    let halfway = store.append("b", events(0..5));
+    let first = store.append(&cid("a"), events(0..2));
+    let halfway = store.append(&cid("b"), events(0..5));
     let created = store.create(meta("c", old));
-    let second = store.append("a", events(2..3));
+    let second = store.append(&cid("a"), events(2..3));
     first.await.expect("first append");
     let halfway = halfway.await;
     assert!(
@@ -585,23 +610,27 @@ async fn a_request_failing_halfway_is_undone_alone() {
     second.await.expect("second append");
 
     assert_eq!(
-        store.events("a", all()).await.expect("events"),
+        store.events(&cid("a"), all()).await.expect("events"),
         events(0..3)
     );
-    assert!(store.events("b", all()).await.expect("events").is_empty());
-    let b = store.get("b").await.expect("get").expect("exists");
+    assert!(store
+        .events(&cid("b"), all())
+        .await
+        .expect("events")
+        .is_empty());
+    let b = store.get(&cid("b")).await.expect("get").expect("exists");
     assert_eq!(b.next_event_id, 0);
     assert_eq!(
         b.meta.last_updated_at, old,
         "a failed append does not touch"
     );
-    assert!(store.get("c").await.expect("get").is_some());
+    assert!(store.get(&cid("c")).await.expect("get").is_some());
 
     db.execute_batch("DROP TRIGGER refuse_3")
         .expect("drop trigger");
-    store.append("b", events(0..5)).await.expect("append");
+    store.append(&cid("b"), events(0..5)).await.expect("append");
     assert_eq!(
-        store.events("b", all()).await.expect("events"),
+        store.events(&cid("b"), all()).await.expect("events"),
         events(0..5)
     );
     close(store).await;
@@ -612,27 +641,31 @@ async fn a_request_failing_halfway_is_undone_alone() {
 async fn appending_to_an_unknown_conversation_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let store = open(dir.path());
-    let refused = store.append("ghost", events(0..2)).await;
+    let refused = store.append(&cid("ghost"), events(0..2)).await;
     assert!(
         matches!(&refused, Err(StoreError::Io(m)) if m.contains("does not exist")),
         "{refused:?}"
     );
     store
-        .append("ghost", Vec::new())
+        .append(&cid("ghost"), Vec::new())
         .await
         .expect("an empty append is a no-op");
-    assert!(store.get("ghost").await.expect("get").is_none());
+    assert!(store.get(&cid("ghost")).await.expect("get").is_none());
     store
         .create(meta("ghost", "2024-01-01T00:00:00.000000Z"))
         .await
         .expect("create");
-    let record = store.get("ghost").await.expect("get").expect("exists");
+    let record = store
+        .get(&cid("ghost"))
+        .await
+        .expect("get")
+        .expect("exists");
     assert_eq!(
         record.next_event_id, 0,
         "nothing was stored before the create"
     );
     assert!(store
-        .events("ghost", all())
+        .events(&cid("ghost"), all())
         .await
         .expect("events")
         .is_empty());
@@ -660,51 +693,59 @@ async fn a_reused_seq_inherits_nothing() {
     let db = Connection::open(dir.path().join(DB_FILE_NAME)).expect("second connection");
 
     store.create(meta("x", old)).await.expect("create");
-    store.append("x", events(0..3)).await.expect("append");
+    store.append(&cid("x"), events(0..3)).await.expect("append");
     let x_seq = seq_of(&db, "x").expect("x has a seq");
     // Issued together, so they usually share one transaction.
-    let append = store.append("x", events(3..4));
-    let delete = store.delete("x");
+    let append = store.append(&cid("x"), events(3..4));
+    let delete = store.delete(&cid("x"));
     let create = store.create(meta("y", old));
     append.await.expect("append");
     assert!(delete.await.expect("delete"));
     create.await.expect("create");
     assert_eq!(seq_of(&db, "y"), Some(x_seq), "the seq was reused");
-    let y = store.get("y").await.expect("get").expect("exists");
+    let y = store.get(&cid("y")).await.expect("get").expect("exists");
     assert_eq!(y.next_event_id, 0);
     assert_eq!(y.meta.last_updated_at, old);
-    assert!(store.events("y", all()).await.expect("events").is_empty());
-    assert!(store.get("x").await.expect("get").is_none());
-    assert!(store.events("x", all()).await.expect("events").is_empty());
-    store.append("y", events(0..2)).await.expect("append");
+    assert!(store
+        .events(&cid("y"), all())
+        .await
+        .expect("events")
+        .is_empty());
+    assert!(store.get(&cid("x")).await.expect("get").is_none());
+    assert!(store
+        .events(&cid("x"), all())
+        .await
+        .expect("events")
+        .is_empty());
+    store.append(&cid("y"), events(0..2)).await.expect("append");
     assert_eq!(
-        store.events("y", all()).await.expect("events"),
+        store.events(&cid("y"), all()).await.expect("events"),
         events(0..2)
     );
 
     // The same id deleted and created again, then appended to, in one go.
     store.create(meta("r", old)).await.expect("create");
-    store.append("r", events(0..2)).await.expect("append");
-    let delete = store.delete("r");
+    store.append(&cid("r"), events(0..2)).await.expect("append");
+    let delete = store.delete(&cid("r"));
     let create = store.create(meta("r", old));
-    let append = store.append("r", events(0..1));
+    let append = store.append(&cid("r"), events(0..1));
     assert!(delete.await.expect("delete"));
     create.await.expect("re-create");
     append.await.expect("append to the new r");
     assert_eq!(
-        store.events("r", all()).await.expect("events"),
+        store.events(&cid("r"), all()).await.expect("events"),
         events(0..1)
     );
     assert_eq!(
         store
-            .get("r")
+            .get(&cid("r"))
             .await
             .expect("get")
             .expect("exists")
             .next_event_id,
         1
     );
-    assert!(store.delete("x").await.is_ok_and(|deleted| !deleted));
+    assert!(store.delete(&cid("x")).await.is_ok_and(|deleted| !deleted));
     close(store).await;
 }
 
@@ -767,7 +808,7 @@ async fn a_version_1_database_is_migrated() {
             "#,
     );
     let store = open(dir.path());
-    let record = store.get("old").await.expect("get").expect("kept");
+    let record = store.get(&cid("old")).await.expect("get").expect("kept");
     assert_eq!(record.meta.title, "Old one");
     assert_eq!(record.next_event_id, 1);
     let event = r#"{"id":0,"source":"user","message":"hi"}"#;
@@ -818,7 +859,7 @@ async fn delete_gives_the_space_back_to_the_file_system() {
         let events: Vec<StoredEvent> = (0..100)
             .map(|i| EventBody::message(Source::User, &big, json!([]), false).stamp(i, "t"))
             .collect();
-        store.append(&id, events).await.expect("append");
+        store.append(&cid(&id), events).await.expect("append");
     }
     store.flush().await.expect("flush");
     let size = |store: &SqliteStore| {
@@ -829,7 +870,7 @@ async fn delete_gives_the_space_back_to_the_file_system() {
     let used = store.used_bytes();
     let before = size(&store);
     for c in 0..3 {
-        assert!(store.delete(&format!("c{c}")).await.expect("delete"));
+        assert!(store.delete(&cid(format!("c{c}"))).await.expect("delete"));
     }
     store.flush().await.expect("flush");
     let after = size(&store);
@@ -838,7 +879,7 @@ async fn delete_gives_the_space_back_to_the_file_system() {
     assert!(store.used_bytes() < used / 2);
     assert_eq!(
         store
-            .events("c3", EventQuery::after(None, 1000))
+            .events(&cid("c3"), EventQuery::after(None, 1000))
             .await
             .expect("events")
             .len(),

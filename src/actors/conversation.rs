@@ -46,8 +46,9 @@ use super::messages::*;
 use super::shared::{now_ms, Shared};
 use super::supervisor::Supervisor;
 use crate::config::Settings;
-use crate::conversation::{ConversationMeta, ConversationRecord};
-use crate::conversation::{ConversationStatus, RuntimeStatus};
+use crate::conversation::{
+    ConversationId, ConversationMeta, ConversationRecord, ConversationStatus, RuntimeStatus,
+};
 use crate::events::{self, EventBody, Source, StatusUpdate, StoredEvent};
 use crate::ops::metrics::metrics;
 use crate::runtime::{
@@ -131,7 +132,7 @@ impl Phase {
 }
 
 pub struct Conversation {
-    id: Arc<str>,
+    id: ConversationId,
     generation: u64,
     shared: Arc<Shared>,
     settings: Arc<Settings>,
@@ -197,7 +198,7 @@ impl Conversation {
     }
 
     pub(super) fn new(
-        id: Arc<str>,
+        id: ConversationId,
         generation: u64,
         admission: Admission,
         shared: Arc<Shared>,

@@ -11,7 +11,7 @@ use super::conversation::Conversation;
 use super::messages::*;
 use super::shared::{Registry, Shared};
 use super::supervisor::Supervisor;
-use crate::conversation::ConversationStatus;
+use crate::conversation::{ConversationId, ConversationStatus};
 use crate::events::EventBody;
 use crate::ops::metrics::metrics;
 use crate::runtime::pool::AgentPool;
@@ -157,7 +157,7 @@ impl SupervisorHandle {
 
     /// Deletes the conversation `id` with its events (stopping it first if it runs); `false`
     /// when there was nothing to delete. Ordered with every admission for `id`.
-    pub async fn delete(&self, id: Arc<str>) -> Result<bool, DeleteError> {
+    pub async fn delete(&self, id: ConversationId) -> Result<bool, DeleteError> {
         self.addr
             .send(Delete { id })
             .await
@@ -186,7 +186,7 @@ impl SupervisorHandle {
 
     /// Every conversation with an actor (stopping included) and its published state; no
     /// actor hop.
-    pub fn conversations(&self) -> Vec<(Arc<str>, Arc<Shared>)> {
+    pub fn conversations(&self) -> Vec<(ConversationId, Arc<Shared>)> {
         self.registry
             .iter()
             .map(|entry| (entry.key().clone(), entry.shared.clone()))
@@ -194,7 +194,7 @@ impl SupervisorHandle {
     }
 
     /// The live (not stopping) conversation `id`, if any; no actor hop.
-    pub fn live(&self, id: &str) -> Option<ConversationHandle> {
+    pub fn live(&self, id: &ConversationId) -> Option<ConversationHandle> {
         let entry = self.registry.get(id)?;
         if entry.shared.status() == ConversationStatus::Stopped {
             return None;
@@ -207,7 +207,7 @@ impl SupervisorHandle {
     }
 
     /// The published state of conversation `id` while it has an actor (stopping included).
-    pub fn shared(&self, id: &str) -> Option<Arc<Shared>> {
+    pub fn shared(&self, id: &ConversationId) -> Option<Arc<Shared>> {
         self.registry.get(id).map(|e| e.shared.clone())
     }
 }

@@ -6,8 +6,7 @@ use actix::prelude::*;
 use tokio::sync::mpsc;
 
 use super::rate_limit::ClientId;
-use crate::conversation::ConversationMeta;
-use crate::conversation::ConversationStatus;
+use crate::conversation::{ConversationId, ConversationMeta, ConversationStatus};
 use crate::events::{EventBody, StoredEvent};
 use crate::store::StoreError;
 
@@ -70,7 +69,7 @@ pub enum OpenError {
 #[derive(Clone, Message)]
 #[rtype(result = "Result<super::handle::Admitted, AdmitError>")]
 pub struct Admit {
-    pub id: Arc<str>,
+    pub id: ConversationId,
     pub mode: AdmitMode,
     /// Who asks, when bringing the conversation up counts against their creation rate limit
     /// (`POST /api/conversations`); `None` for starts, user actions and sockets.
@@ -88,7 +87,7 @@ pub struct Admit {
 #[derive(Message)]
 #[rtype(result = "Result<bool, DeleteError>")]
 pub struct Delete {
-    pub id: Arc<str>,
+    pub id: ConversationId,
 }
 
 /// Why a delete did not happen.
@@ -105,7 +104,7 @@ pub enum DeleteError {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct EvictionDeclined {
-    pub id: Arc<str>,
+    pub id: ConversationId,
     pub generation: u64,
 }
 
@@ -113,7 +112,7 @@ pub struct EvictionDeclined {
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Gone {
-    pub id: Arc<str>,
+    pub id: ConversationId,
     pub generation: u64,
 }
 

@@ -13,7 +13,7 @@ use actix::WeakAddr;
 use dashmap::DashMap;
 
 use super::conversation::Conversation;
-use crate::conversation::{ConversationStatus, RuntimeStatus};
+use crate::conversation::{ConversationId, ConversationStatus, RuntimeStatus};
 
 fn status_from_u8(v: u8) -> ConversationStatus {
     match v {
@@ -130,4 +130,4 @@ pub struct RegistryEntry {
 }
 
 /// Live conversations by id. Written by the supervisor only; readable from any thread.
-pub type Registry = DashMap<Arc<str>, RegistryEntry>;
+pub type Registry = DashMap<ConversationId, RegistryEntry>;

@@ -46,7 +46,7 @@ use super::messages::*;
 use super::rate_limit::{retry_after_secs, CreateLimiter};
 use super::shared::{Registry, RegistryEntry, Shared};
 use crate::config::{OnLimit, Settings};
-use crate::conversation::ConversationStatus;
+use crate::conversation::{ConversationId, ConversationStatus};
 use crate::runtime::pool::AgentPool;
 use crate::runtime::RuntimeFactory;
 use crate::store::{Membership, Store};
@@ -63,11 +63,11 @@ pub struct Supervisor {
     store: Arc<dyn Store>,
     next_generation: u64,
     /// Conversations told to stop to make room; they no longer count against the limit.
-    evicting: HashSet<Arc<str>>,
+    evicting: HashSet<ConversationId>,
     /// Admissions waiting for a stopping incarnation of their id to be gone, or for its delete.
-    deferred: HashMap<Arc<str>, Vec<(Admit, AdmitReply)>>,
+    deferred: HashMap<ConversationId, Vec<(Admit, AdmitReply)>>,
     /// Deletes decided and not yet done, with everyone waiting for their answer.
-    deleting: HashMap<Arc<str>, Vec<DeleteReply>>,
+    deleting: HashMap<ConversationId, Vec<DeleteReply>>,
     /// Every client's creation token bucket.
     create_limiter: CreateLimiter,
     /// Conversations with an actor, by owner (for `limits.max_running_per_user`).
@@ -315,7 +315,7 @@ impl Supervisor {
     }
 
     /// Removes `id`'s data from the store; no actor for it exists and admissions for it wait.
-    fn delete_stored(&mut self, id: Arc<str>, ctx: &mut Context<Self>) {
+    fn delete_stored(&mut self, id: ConversationId, ctx: &mut Context<Self>) {
         let fut = self.store.delete(&id);
         ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
             match &result {

@@ -15,6 +15,7 @@
 use std::sync::Arc;
 
 use super::{ApiError, AppState};
+use crate::conversation::ConversationId;
 use crate::http::auth::Caller;
 
 /// A conversation's owner (`None`: made without a user key).
@@ -33,7 +34,11 @@ pub enum Found {
 
 /// Looks conversation `id` up for `caller`: live ones in the registry (no store read), the
 /// others in the store.
-pub async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Found, ApiError> {
+pub async fn find(
+    state: &AppState,
+    caller: &Caller,
+    id: &ConversationId,
+) -> Result<Found, ApiError> {
     let owner = match state.supervisor.shared(id) {
         Some(shared) => shared.owner().cloned(),
         None => match state.store.get(id).await? {
@@ -53,7 +58,7 @@ pub async fn find(state: &AppState, caller: &Caller, id: &str) -> Result<Found, 
 pub async fn visible(
     state: &AppState,
     caller: &Caller,
-    id: &str,
+    id: &ConversationId,
 ) -> Result<Option<Owner>, ApiError> {
     Ok(match find(state, caller, id).await? {
         Found::Visible(owner) => Some(owner),
@@ -65,7 +70,7 @@ pub async fn visible(
 /// node does not run it: [`ApiError::Elsewhere`], which [`crate::http::forward`] sends on to the
 /// owner for a command, and which the socket routes splice to the owner (or answer 503 without
 /// a cluster key).
-pub async fn owned_here(state: &AppState, id: &str) -> Result<(), ApiError> {
+pub async fn owned_here(state: &AppState, id: &ConversationId) -> Result<(), ApiError> {
     if state.supervisor.live(id).is_some() {
         return Ok(());
     }

@@ -1,7 +1,5 @@
 //! The `/api/conversations` routes.
 
-use std::sync::Arc;
-
 use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use serde_json::{json, Value};
@@ -15,7 +13,7 @@ use super::schema::{
     ListQuery, OkStatus, ProvidersSetModel, StoreFailed, Unauthorized, UpdateConversationRequest,
     UserAction,
 };
-use super::validation::{self, conversation_id_error, FieldError, PROVIDERS};
+use super::validation::{self, FieldError, PROVIDERS};
 use super::{client_id, content_type, read_body, AppState};
 use crate::actors::messages::ConversationError;
 use crate::actors::{
@@ -23,7 +21,7 @@ use crate::actors::{
     StopReason,
 };
 use crate::config::Limits;
-use crate::conversation::{ConversationMeta, ConversationStatus};
+use crate::conversation::{ConversationId, ConversationMeta, ConversationStatus};
 use crate::events::{default_title, meta_timestamp, parse_user_action};
 use crate::http::auth::Caller;
 use crate::store::EventQuery;
@@ -35,12 +33,9 @@ const PAGE_LIMIT_DEFAULT: usize = 20;
 const PAGE_LIMIT_MAX: usize = 100;
 
 /// Reads and checks the `{id}` path segment.
-pub(crate) fn path_id(path: &web::Path<String>) -> Result<Arc<str>, ApiError> {
-    let id = path.as_str();
-    match conversation_id_error(id, vec![json!("path"), json!("conversation_id")]) {
-        Some(e) => Err(ApiError::one(e)),
-        None => Ok(Arc::from(id)),
-    }
+pub(crate) fn path_id(path: &web::Path<String>) -> Result<ConversationId, ApiError> {
+    validation::conversation_id(path.as_str(), vec![json!("path"), json!("conversation_id")])
+        .map_err(|e| ApiError::one(*e))
 }
 
 /// `ConversationInfo` for a stored conversation and its live state on this node, if any;
@@ -59,7 +54,7 @@ pub fn conversation_info(
     let running = status != ConversationStatus::Stopped;
     let id = &meta.conversation_id;
     ConversationInfo {
-        conversation_id: id.clone(),
+        conversation_id: id.to_string(),
         title: meta.title.clone(),
         last_updated_at: meta.last_updated_at.clone(),
         status,
@@ -116,7 +111,7 @@ fn admit_error(e: AdmitError, limits: &Limits) -> ApiError {
 /// conversation up counts against `client`'s creation rate limit when one is given.
 async fn admit_and_join(
     state: &AppState,
-    id: Arc<str>,
+    id: ConversationId,
     mode: AdmitMode,
     client: Option<ClientId>,
     owner: Owner,
@@ -200,10 +195,7 @@ pub async fn create(
     let new =
         validation::parse_init_session(content_type(&req), &body).map_err(ApiError::Validation)?;
     let generated = new.conversation_id.is_none();
-    let id: Arc<str> = match new.conversation_id {
-        Some(id) => id.into(),
-        None => uuid::Uuid::new_v4().simple().to_string().into(),
-    };
+    let id = new.conversation_id.unwrap_or_else(ConversationId::generate);
     // A new conversation is the caller's; an existing one is joined only when visible.
     let owner = if generated {
         caller.name().cloned()
@@ -216,7 +208,7 @@ pub async fn create(
     };
     let now = meta_timestamp();
     let meta = Box::new(ConversationMeta {
-        conversation_id: id.to_string(),
+        conversation_id: id.clone(),
         title: new.title.unwrap_or_else(|| default_title(&id)),
         created_at: now.clone(),
         last_updated_at: now,
@@ -405,7 +397,7 @@ pub async fn get(
         Some(_) => false,
         None => !state
             .store
-            .owned_elsewhere(vec![id.to_string()])
+            .owned_elsewhere(vec![id.clone()])
             .await?
             .is_empty(),
     };
@@ -714,7 +706,7 @@ pub async fn events(
 pub(super) async fn require_conversation(
     state: &AppState,
     caller: &Caller,
-    id: &str,
+    id: &ConversationId,
 ) -> Result<Owner, ApiError> {
     visible(state, caller, id)
         .await?
@@ -722,7 +714,7 @@ pub(super) async fn require_conversation(
 }
 
 /// The live conversation `id` when it is `owner`'s.
-fn live_of(state: &AppState, id: &str, owner: &Owner) -> Option<ConversationHandle> {
+fn live_of(state: &AppState, id: &ConversationId, owner: &Owner) -> Option<ConversationHandle> {
     state
         .supervisor
         .live(id)

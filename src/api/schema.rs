@@ -21,9 +21,6 @@ use utoipa::{IntoParams, ToSchema};
 use crate::conversation::{ConversationStatus, RuntimeStatus};
 use crate::events::StoredEvent;
 
-/// The conversation id rule (1–64 characters of `[A-Za-z0-9_-]`) as a JSON Schema pattern.
-pub const CONVERSATION_ID_PATTERN: &str = "^[A-Za-z0-9_-]{1,64}$";
-
 /// Rust's `char::is_whitespace` (Unicode `White_Space`, what `str::trim` removes) as the body
 /// of a regex character class.
 const WHITE_SPACE: &str =

@@ -3,12 +3,13 @@
 //! [`parse_init_session`] turns a `POST /api/conversations` body into a [`NewConversation`] or
 //! into every [`FieldError`] the body has, in the order OpenHands reports them: the body's own
 //! shape first, then known fields in schema order, then unknown fields. It never panics on
-//! input. Conversation ids are checked by [`check_conversation_id`] wherever they enter.
+//! input. A conversation id that enters as text becomes a [`ConversationId`] through
+//! [`conversation_id`], whose 422 states the id rule.
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::conversation::InitData;
+use crate::conversation::{ConversationId, InitData};
 use crate::events::EventBody;
 
 /// One entry of a 422 `detail` list.
@@ -44,7 +45,7 @@ impl FieldError {
 /// A validated `POST /api/conversations` body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NewConversation {
-    pub conversation_id: Option<String>,
+    pub conversation_id: Option<ConversationId>,
     pub init: InitData,
     pub trigger: &'static str,
     pub title: Option<String>,
@@ -75,27 +76,10 @@ const KNOWN_FIELDS: &[&str] = &[
     "conversation_id",
 ];
 
-/// Most characters of a conversation id.
-pub const MAX_ID_LEN: usize = 64;
-
-/// The id rule: 1–64 characters of `[A-Za-z0-9_-]`.
-pub fn is_valid_conversation_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-}
-
-/// The error for an invalid id at `loc` (it states the rule), or `None` when the id is valid.
-pub fn conversation_id_error(id: &str, loc: Vec<Value>) -> Option<FieldError> {
-    (!is_valid_conversation_id(id)).then(|| {
-        FieldError::value_error(
-            loc,
-            "conversation_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'",
-            json!(id),
-        )
-    })
+/// The id at `loc` as a [`ConversationId`], or the 422 entry stating the rule.
+pub fn conversation_id(id: &str, loc: Vec<Value>) -> Result<ConversationId, Box<FieldError>> {
+    ConversationId::parse(id)
+        .map_err(|e| Box::new(FieldError::value_error(loc, &e.to_string(), json!(id))))
 }
 
 fn loc(base: &[Value], key: impl Into<Value>) -> Vec<Value> {
@@ -589,7 +573,7 @@ pub fn parse_init_session(
     let microagent = r.model("create_microagent", true);
     let conversation_instructions = r.opt_str("conversation_instructions");
     let mcp = r.model("mcp_config", true);
-    let conversation_id = match obj.get("conversation_id") {
+    let requested_id = match obj.get("conversation_id") {
         None => None,
         Some(v) => r.string_at("conversation_id", v).filter(|s| !s.is_empty()),
     };
@@ -603,11 +587,11 @@ pub fn parse_init_session(
             ));
         }
     }
-    if let Some(id) = &conversation_id {
-        if let Some(e) = conversation_id_error(id, loc(&base, "conversation_id")) {
-            errors.push(e);
-        }
-    }
+    let conversation_id = requested_id.and_then(|id| {
+        conversation_id(&id, loc(&base, "conversation_id"))
+            .map_err(|e| errors.push(*e))
+            .ok()
+    });
 
     let task = suggested.map(|(task, tloc)| suggested_task(task, tloc, &mut errors));
     let mut task_prompt = None;
@@ -988,14 +972,6 @@ mod tests {
         assert!(!is_repository("repo"));
         assert!(!is_repository("owner/../x"));
         assert!(!is_repository("owner//x"));
-    }
-
-    #[test]
-    fn ids() {
-        assert!(is_valid_conversation_id("abc-DEF_123"));
-        assert!(!is_valid_conversation_id(""));
-        assert!(!is_valid_conversation_id("../etc"));
-        assert!(!is_valid_conversation_id(&"a".repeat(65)));
     }
 
     #[test]

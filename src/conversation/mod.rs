@@ -2,6 +2,7 @@
 //! or run. The api, the sockets, the actors and the store all speak these types; the store
 //! keeps them, it does not define them.
 //!
+//! - [`ConversationId`]: the id, and the one place for the id rule.
 //! - [`ConversationMeta`]: everything kept about a conversation besides its events, with the
 //!   [`InitData`] it was started with.
 //! - [`ConversationRecord`]: a conversation as loaded (its metadata, next event id and bytes).
@@ -11,8 +12,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+mod id;
 mod status;
 
+pub use id::{ConversationId, InvalidConversationId};
 pub use status::{ConversationStatus, RuntimeStatus};
 
 /// What a conversation was started with; handed to its runtime and kept across restarts.
@@ -48,7 +51,7 @@ pub struct InitData {
 /// Everything kept about a conversation besides its events.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConversationMeta {
-    pub conversation_id: String,
+    pub conversation_id: ConversationId,
     pub title: String,
     pub created_at: String,
     pub last_updated_at: String,

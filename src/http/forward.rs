@@ -36,6 +36,7 @@ use subtle::ConstantTimeEq;
 
 use crate::api::{ApiError, AppState};
 use crate::config::StoreKind;
+use crate::conversation::ConversationId;
 use crate::store::NodeAddress;
 
 /// The header a forwarded request carries the cluster key in.
@@ -157,7 +158,11 @@ where
             Attempt::Misdirected if !reresolved => {
                 // Ownership moved meanwhile: look the owner up again, once.
                 reresolved = true;
-                match state.store.owner(id).await {
+                let found = match ConversationId::parse(id) {
+                    Ok(id) => state.store.owner(&id).await,
+                    Err(_) => Ok(None),
+                };
+                match found {
                     Ok(Some(next)) if next.url != owner.url => owner = next,
                     _ => return Err(unavailable(id, "its ownership is moving")),
                 }

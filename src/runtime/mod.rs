@@ -20,7 +20,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::conversation::InitData;
+use crate::conversation::{ConversationId, InitData};
 use crate::events::{EventBody, StatusUpdate};
 use crate::store::Store;
 
@@ -144,7 +144,7 @@ impl RuntimeSink {
 
 /// What a runtime is started with.
 pub struct RuntimeStart<'a> {
-    pub conversation_id: &'a str,
+    pub conversation_id: &'a ConversationId,
     pub trigger: &'a str,
     pub init: &'a InitData,
     pub sink: RuntimeSink,

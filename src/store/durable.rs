@@ -37,13 +37,17 @@ macro_rules! queued_store_methods {
             self.writes.create_with_events(meta, events)
         }
 
-        fn set_title(&self, id: &str, title: &str) -> $crate::store::StoreFuture<bool> {
+        fn set_title(
+            &self,
+            id: &$crate::conversation::ConversationId,
+            title: &str,
+        ) -> $crate::store::StoreFuture<bool> {
             self.writes.set_title(id, title)
         }
 
         fn get(
             &self,
-            id: &str,
+            id: &$crate::conversation::ConversationId,
         ) -> $crate::store::StoreFuture<Option<$crate::conversation::ConversationRecord>> {
             self.reads.get(id)
         }
@@ -67,7 +71,7 @@ macro_rules! queued_store_methods {
 
         fn append(
             &self,
-            id: &str,
+            id: &$crate::conversation::ConversationId,
             events: Vec<$crate::events::StoredEvent>,
         ) -> $crate::store::StoreFuture<()> {
             self.writes.append(id, events)
@@ -75,13 +79,16 @@ macro_rules! queued_store_methods {
 
         fn events(
             &self,
-            id: &str,
+            id: &$crate::conversation::ConversationId,
             query: $crate::store::EventQuery,
         ) -> $crate::store::StoreFuture<Vec<$crate::events::StoredEvent>> {
             self.reads.events(id, query)
         }
 
-        fn delete(&self, id: &str) -> $crate::store::StoreFuture<bool> {
+        fn delete(
+            &self,
+            id: &$crate::conversation::ConversationId,
+        ) -> $crate::store::StoreFuture<bool> {
             self.writes.delete(id)
         }
 

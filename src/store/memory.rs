@@ -12,7 +12,7 @@ use super::{
     events_bytes, meta_bytes, ApiKey, EventQuery, KeyLookup, Store, StoreError, StoreFuture,
     StoreLimits,
 };
-use crate::conversation::{ConversationMeta, ConversationRecord};
+use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord};
 use crate::events::{meta_timestamp, StoredEvent};
 
 #[derive(Default)]
@@ -25,7 +25,7 @@ struct Entry {
 
 #[derive(Default)]
 struct Conversations {
-    map: HashMap<String, Entry>,
+    map: HashMap<ConversationId, Entry>,
     /// The sum of every entry's `bytes`.
     used: u64,
 }
@@ -126,7 +126,7 @@ impl Store for MemoryStore {
         ready(Ok(()))
     }
 
-    fn set_title(&self, id: &str, title: &str) -> StoreFuture<bool> {
+    fn set_title(&self, id: &ConversationId, title: &str) -> StoreFuture<bool> {
         let mut inner = self.lock();
         let found = match inner.map.get_mut(id).and_then(|e| e.meta.as_mut()) {
             Some(meta) => {
@@ -139,7 +139,7 @@ impl Store for MemoryStore {
         ready(Ok(found))
     }
 
-    fn get(&self, id: &str) -> StoreFuture<Option<ConversationRecord>> {
+    fn get(&self, id: &ConversationId) -> StoreFuture<Option<ConversationRecord>> {
         let inner = self.lock();
         let record = inner.map.get(id).and_then(|e| {
             e.meta.clone().map(|meta| ConversationRecord {
@@ -165,7 +165,7 @@ impl Store for MemoryStore {
         ready(Ok(self.page(mine, offset, limit)))
     }
 
-    fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()> {
+    fn append(&self, id: &ConversationId, events: Vec<StoredEvent>) -> StoreFuture<()> {
         let mut inner = self.lock();
         let bytes = events_bytes(&events);
         let held = inner.map.get(id).map_or(0, |e| e.bytes);
@@ -177,7 +177,7 @@ impl Store for MemoryStore {
             return ready(Err(e));
         }
         inner.used += bytes;
-        let entry = inner.map.entry(id.to_string()).or_default();
+        let entry = inner.map.entry(id.clone()).or_default();
         if let Some(meta) = entry.meta.as_mut() {
             meta.last_updated_at = meta_timestamp();
         }
@@ -186,7 +186,7 @@ impl Store for MemoryStore {
         ready(Ok(()))
     }
 
-    fn events(&self, id: &str, q: EventQuery) -> StoreFuture<Vec<StoredEvent>> {
+    fn events(&self, id: &ConversationId, q: EventQuery) -> StoreFuture<Vec<StoredEvent>> {
         let inner = self.lock();
         let Some(entry) = inner.map.get(id) else {
             return ready(Ok(Vec::new()));
@@ -208,7 +208,7 @@ impl Store for MemoryStore {
         ready(Ok(out))
     }
 
-    fn delete(&self, id: &str) -> StoreFuture<bool> {
+    fn delete(&self, id: &ConversationId) -> StoreFuture<bool> {
         let mut inner = self.lock();
         let removed = inner.map.remove(id);
         if let Some(entry) = &removed {

@@ -43,7 +43,7 @@ use std::pin::Pin;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::conversation::{ConversationMeta, ConversationRecord};
+use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord};
 use crate::events::StoredEvent;
 
 mod durable;
@@ -68,7 +68,7 @@ pub enum StoreError {
     #[error("the store is closed")]
     Closed,
     #[error("conversation {0} already exists")]
-    Exists(String),
+    Exists(ConversationId),
     /// The store cannot be opened (unusable location, corrupt or foreign file, newer schema);
     /// the message names the file and what to do. The server refuses to start.
     #[error("cannot open the store: {0}")]
@@ -281,9 +281,9 @@ pub trait Store: Send + Sync + 'static {
         self.create_with_events(meta, Vec::new())
     }
     /// Replaces a conversation's title; `false` when the id is unknown.
-    fn set_title(&self, id: &str, title: &str) -> StoreFuture<bool>;
+    fn set_title(&self, id: &ConversationId, title: &str) -> StoreFuture<bool>;
     /// Loads one conversation.
-    fn get(&self, id: &str) -> StoreFuture<Option<ConversationRecord>>;
+    fn get(&self, id: &ConversationId) -> StoreFuture<Option<ConversationRecord>>;
     /// A page of conversations, newest `created_at` first.
     fn list(&self, offset: usize, limit: usize) -> StoreFuture<Vec<ConversationMeta>>;
     /// A page of `owner`'s conversations, newest `created_at` first.
@@ -294,11 +294,11 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> StoreFuture<Vec<ConversationMeta>>;
     /// Appends events (ids continue the log densely) and moves `last_updated_at`.
-    fn append(&self, id: &str, events: Vec<StoredEvent>) -> StoreFuture<()>;
+    fn append(&self, id: &ConversationId, events: Vec<StoredEvent>) -> StoreFuture<()>;
     /// Reads events of one conversation.
-    fn events(&self, id: &str, query: EventQuery) -> StoreFuture<Vec<StoredEvent>>;
+    fn events(&self, id: &ConversationId, query: EventQuery) -> StoreFuture<Vec<StoredEvent>>;
     /// Removes a conversation and its events; `false` when the id is unknown.
-    fn delete(&self, id: &str) -> StoreFuture<bool>;
+    fn delete(&self, id: &ConversationId) -> StoreFuture<bool>;
     /// Completes once everything accepted so far is durable.
     fn flush(&self) -> StoreFuture<()>;
     /// The limits this store enforces.
@@ -326,7 +326,7 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Takes conversation `id` for this node (whether or not it exists yet). Single-node stores
     /// always grant the default [`Lease`].
-    fn acquire(&self, _id: &str) -> StoreFuture<Acquired> {
+    fn acquire(&self, _id: &ConversationId) -> StoreFuture<Acquired> {
         Box::pin(std::future::ready(Ok(Acquired::Owned(Lease::default()))))
     }
     /// [`Store::create_with_events`] under `lease`: [`StoreError::Fenced`] (nothing written)
@@ -341,22 +341,27 @@ pub trait Store: Send + Sync + 'static {
     }
     /// [`Store::append`] under `lease`: [`StoreError::Fenced`] (nothing written) unless `lease`
     /// is still the conversation's current one. Single-node stores append.
-    fn append_owned(&self, id: &str, _lease: Lease, events: Vec<StoredEvent>) -> StoreFuture<()> {
+    fn append_owned(
+        &self,
+        id: &ConversationId,
+        _lease: Lease,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
         self.append(id, events)
     }
     /// Gives `lease` on `id` back, after this node's last write under it, so that another node
     /// may take the conversation at once. Nothing happens if the lease is no longer current.
-    fn release(&self, _id: &str, _lease: Lease) -> StoreFuture<()> {
+    fn release(&self, _id: &ConversationId, _lease: Lease) -> StoreFuture<()> {
         Box::pin(std::future::ready(Ok(())))
     }
     /// The node that owns conversation `id` now, if another live one does (single-node stores:
     /// never).
-    fn owner(&self, _id: &str) -> StoreFuture<Option<NodeAddress>> {
+    fn owner(&self, _id: &ConversationId) -> StoreFuture<Option<NodeAddress>> {
         Box::pin(std::future::ready(Ok(None)))
     }
     /// Which of `ids` another live node owns now — each is live (starting or running) there —
     /// in one query (single-node stores: none).
-    fn owned_elsewhere(&self, _ids: Vec<String>) -> StoreFuture<HashSet<String>> {
+    fn owned_elsewhere(&self, _ids: Vec<ConversationId>) -> StoreFuture<HashSet<ConversationId>> {
         Box::pin(std::future::ready(Ok(HashSet::new())))
     }
     /// Leaves the cluster (graceful shutdown, after the conversations stopped): whatever this

@@ -73,7 +73,7 @@ use super::{
     StoreError, StoreFuture, StoreLimits,
 };
 use crate::config::{PostgresSettings, StoreTuning};
-use crate::conversation::{ConversationMeta, ConversationRecord, InitData};
+use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord, InitData};
 use crate::events::{meta_timestamp, StoredEvent};
 
 /// Schema migrations: step `i` takes the database from version `i` to `i + 1`. All pending
@@ -348,7 +348,7 @@ enum OwnershipRequest {
     },
     OwnedElsewhere {
         ids: Vec<String>,
-        reply: super::durable::Reply<HashSet<String>>,
+        reply: super::durable::Reply<HashSet<ConversationId>>,
     },
 }
 
@@ -607,7 +607,7 @@ impl PostgresStore {
 impl Store for PostgresStore {
     queued_store_methods!();
 
-    fn acquire(&self, id: &str) -> StoreFuture<Acquired> {
+    fn acquire(&self, id: &ConversationId) -> StoreFuture<Acquired> {
         let id = id.to_string();
         self.ownership_request(|reply| OwnershipRequest::Acquire { id, reply })
     }
@@ -621,24 +621,30 @@ impl Store for PostgresStore {
         self.writes.create_owned(meta, Some(lease), events)
     }
 
-    fn append_owned(&self, id: &str, lease: Lease, events: Vec<StoredEvent>) -> StoreFuture<()> {
+    fn append_owned(
+        &self,
+        id: &ConversationId,
+        lease: Lease,
+        events: Vec<StoredEvent>,
+    ) -> StoreFuture<()> {
         self.writes.append_owned(id, Some(lease), events)
     }
 
-    fn release(&self, id: &str, lease: Lease) -> StoreFuture<()> {
+    fn release(&self, id: &ConversationId, lease: Lease) -> StoreFuture<()> {
         let id = id.to_string();
         self.ownership_request(|reply| OwnershipRequest::Release { id, lease, reply })
     }
 
-    fn owner(&self, id: &str) -> StoreFuture<Option<NodeAddress>> {
+    fn owner(&self, id: &ConversationId) -> StoreFuture<Option<NodeAddress>> {
         let id = id.to_string();
         self.ownership_request(|reply| OwnershipRequest::Owner { id, reply })
     }
 
-    fn owned_elsewhere(&self, ids: Vec<String>) -> StoreFuture<HashSet<String>> {
+    fn owned_elsewhere(&self, ids: Vec<ConversationId>) -> StoreFuture<HashSet<ConversationId>> {
         if ids.is_empty() {
             return Box::pin(std::future::ready(Ok(HashSet::new())));
         }
+        let ids = ids.iter().map(ToString::to_string).collect();
         self.ownership_request(|reply| OwnershipRequest::OwnedElsewhere { ids, reply })
     }
 
@@ -1088,7 +1094,7 @@ impl Pending<'_> {
             .execute(
                 &statement,
                 &[
-                    &meta.conversation_id,
+                    &meta.conversation_id.as_str(),
                     &meta.title,
                     &meta.created_at,
                     &meta.last_updated_at,
@@ -1340,7 +1346,7 @@ async fn owned_elsewhere(
     pool: &Pool,
     node_id: &str,
     ids: &[String],
-) -> Result<HashSet<String>, StoreError> {
+) -> Result<HashSet<ConversationId>, StoreError> {
     let conn = pool.get().await.map_err(pool_error)?;
     let statement = conn
         .prepare_cached(sql::OWNED_ELSEWHERE)
@@ -1351,7 +1357,11 @@ async fn owned_elsewhere(
         .await
         .map_err(io_error)?;
     rows.iter()
-        .map(|row| row.try_get::<_, String>(0).map_err(io_error))
+        .map(|row| {
+            row.try_get::<_, &str>(0)
+                .map_err(io_error)
+                .and_then(stored_id)
+        })
         .collect()
 }
 
@@ -1430,11 +1440,17 @@ async fn query(
     conn.query(&statement, params).await.map_err(io_error)
 }
 
+/// A conversation id read back from the database.
+fn stored_id(text: &str) -> Result<ConversationId, StoreError> {
+    ConversationId::parse(text)
+        .map_err(|e| StoreError::Io(format!("stored conversation id {text:?}: {e}")))
+}
+
 fn meta_from_row(row: &Row) -> Result<(ConversationMeta, String), StoreError> {
     let get = |e: tokio_postgres::Error| io_error(e);
     Ok((
         ConversationMeta {
-            conversation_id: row.try_get(0).map_err(get)?,
+            conversation_id: stored_id(row.try_get(0).map_err(get)?)?,
             title: row.try_get(1).map_err(get)?,
             created_at: row.try_get(2).map_err(get)?,
             last_updated_at: row.try_get(3).map_err(get)?,

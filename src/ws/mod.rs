@@ -35,8 +35,9 @@ use crate::actors::messages::ConversationError;
 use crate::actors::{
     Admit, AdmitError, AdmitMode, ClientFrame, CloseReason, ConversationHandle, OpenError,
 };
-use crate::api::validation::{is_valid_conversation_id, PROVIDERS};
+use crate::api::validation::PROVIDERS;
 use crate::api::{resource, resources, ApiError, AppState};
+use crate::conversation::ConversationId;
 use crate::events::{parse_user_action, StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
 use crate::http::auth::{Caller, Presented};
 use crate::ops::metrics::metrics;
@@ -119,10 +120,11 @@ async fn socketio_route(
             "Unsupported transport: switchboard speaks only transport=websocket",
         ));
     }
-    if let Some(id) = query_get(&q, "conversation_id") {
-        match crate::api::access::owned_here(&state, id).await {
+    // An invalid id is refused at CONNECT; no node owns it.
+    if let Some(Ok(id)) = query_get(&q, "conversation_id").map(ConversationId::parse) {
+        match crate::api::access::owned_here(&state, &id).await {
             Err(ApiError::Elsewhere(_, owner)) if splice::applies(&req, &state) => {
-                return splice::splice(&req, payload, &state, id, owner, "socketio").await;
+                return splice::splice(&req, payload, &state, &id, owner, "socketio").await;
             }
             other => other?,
         }
@@ -174,7 +176,7 @@ async fn plain_route(
 async fn open_conversation(
     state: web::Data<AppState>,
     caller: Caller,
-    id: Arc<str>,
+    id: ConversationId,
 ) -> Result<
     (
         ConversationHandle,
@@ -253,7 +255,7 @@ pub struct Socket {
     /// Who the client is, once its key was checked (plain: at the upgrade; Socket.IO: at
     /// CONNECT), and the keys it presented (a user key is checked again at every heartbeat).
     caller: Option<(Caller, Presented)>,
-    conversation_id: Option<Arc<str>>,
+    conversation_id: Option<ConversationId>,
     /// Events up to this id are already with the client.
     after: Option<u64>,
     attached: Option<(ConversationHandle, u64)>,
@@ -601,11 +603,13 @@ impl Socket {
     fn connect_refusal(&mut self, query_id: Option<&str>, providers_set: &str) -> Option<String> {
         let id = match query_id {
             None | Some("") => return Some("No conversation_id in query params".into()),
-            Some(id) if !is_valid_conversation_id(id) => return Some(
-                "Invalid conversation_id: expected 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
-                    .into(),
-            ),
-            Some(id) => id,
+            Some(id) => match ConversationId::parse(id) {
+                Ok(id) => id,
+                Err(_) => return Some(
+                    "Invalid conversation_id: expected 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
+                        .into(),
+                ),
+            },
         };
         if let Some(bad) = providers_set
             .split(',')
@@ -614,7 +618,7 @@ impl Socket {
         {
             return Some(format!("Invalid providers_set: unknown provider {bad:?}"));
         }
-        self.conversation_id = Some(id.into());
+        self.conversation_id = Some(id);
         None
     }
 

@@ -116,7 +116,7 @@ async fn init_data_is_kept_and_secrets_are_not_echoed() {
             "{path} leaks a secret"
         );
     }
-    let record = app.store.get(&id).await.unwrap().unwrap();
+    let record = app.store.get(&cid(&id)).await.unwrap().unwrap();
     assert_eq!(
         record.meta.init.conversation_instructions.as_deref(),
         Some("be brief")

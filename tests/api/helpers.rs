@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use actix_web::dev::ServerHandle;
 use serde_json::Value;
 use switchboard::config::{Settings, StoreKind};
+use switchboard::conversation::ConversationId;
 use switchboard::startup::Application;
 use switchboard::store::Store;
 
@@ -17,6 +18,11 @@ pub struct TestApp {
     pub key: Option<String>,
     pub done: Option<tokio::sync::oneshot::Receiver<()>>,
     pub _data_dir: tempfile::TempDir,
+}
+
+/// The conversation id `text` (a valid one), for reading a test server's store directly.
+pub fn cid(text: impl AsRef<str>) -> ConversationId {
+    ConversationId::parse(text.as_ref()).expect("a valid conversation id")
 }
 
 pub fn test_settings() -> Settings {

@@ -86,7 +86,7 @@ async fn each_user_sees_only_its_own_conversations_on_every_route_and_socket() {
 
     // `owner` is filled with the key's name; the session key's conversations have none.
     for (id, owner) in [(&a, Some("alice")), (&b, Some("bob")), (&s, None)] {
-        let record = app.store.get(id).await.expect("get").expect("stored");
+        let record = app.store.get(&cid(id)).await.expect("get").expect("stored");
         assert_eq!(record.meta.owner.as_deref(), owner, "{id}");
     }
 
@@ -186,7 +186,7 @@ async fn each_user_sees_only_its_own_conversations_on_every_route_and_socket() {
         let r = as_key(&mut app, &alice, "POST", "/api/conversations", Some(&body)).await;
         assert_eq!(r.status, 200, "{id}: {:?}", r.body);
     }
-    let record = app.store.get("alices-own-id").await.unwrap().unwrap();
+    let record = app.store.get(&cid("alices-own-id")).await.unwrap().unwrap();
     assert_eq!(record.meta.owner.as_deref(), Some("alice"));
 
     // Both socket routes refuse another user's conversation exactly as an unknown one.

@@ -82,7 +82,7 @@ async fn graceful_shutdown_stops_every_conversation_durably() {
     for id in &ids {
         let events = store
             .events(
-                id,
+                &cid(id),
                 EventQuery {
                     start_id: 0,
                     end_id: None,

@@ -41,7 +41,7 @@ async fn a_restart_keeps_conversations_titles_init_data_and_events() {
     assert_eq!(info["selected_branch"], "main");
     assert_eq!(info["git_provider"], "github");
     assert!(!info.to_string().contains("t0k"));
-    let record = app.store.get(&a).await.unwrap().unwrap();
+    let record = app.store.get(&cid(&a)).await.unwrap().unwrap();
     assert_eq!(
         record.meta.init.conversation_instructions.as_deref(),
         Some("be kind")

@@ -1,11 +1,11 @@
 //! Pieces shared by the store test binaries.
 
-use switchboard::conversation::{ConversationMeta, InitData};
+use switchboard::conversation::{ConversationId, ConversationMeta, InitData};
 
 /// A conversation's metadata with defaults, created at `created_at`.
 pub fn meta(id: &str, created_at: &str) -> ConversationMeta {
     ConversationMeta {
-        conversation_id: id.to_string(),
+        conversation_id: cid(id),
         title: format!("Conversation {id}"),
         created_at: created_at.to_string(),
         last_updated_at: created_at.to_string(),
@@ -13,4 +13,9 @@ pub fn meta(id: &str, created_at: &str) -> ConversationMeta {
         owner: None,
         init: InitData::default(),
     }
+}
+
+/// The conversation id `text` (a valid one: tests name their conversations).
+pub fn cid(text: impl AsRef<str>) -> ConversationId {
+    ConversationId::parse(text.as_ref()).expect("a valid conversation id")
 }

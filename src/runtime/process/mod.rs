@@ -67,7 +67,7 @@ use super::process_tree::{AgentTree, TOKEN_ENV};
 use super::sandbox;
 use super::{ReferencedEvent, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
 use crate::config::{ProcessSettings, SandboxKind, Settings};
-use crate::conversation::InitData;
+use crate::conversation::{ConversationId, InitData};
 use crate::events::{EventBody, Source, StatusUpdate};
 use crate::store::{EventQuery, Store};
 
@@ -106,7 +106,7 @@ impl ProcessRuntime {
     }
 
     fn spawn(&mut self, start: RuntimeStart<'_>) -> Result<(), String> {
-        let conversation_id: Arc<str> = start.conversation_id.into();
+        let conversation_id: Arc<str> = start.conversation_id.as_str().into();
         let place = Place::conversation(&self.settings, &conversation_id);
         let head = init_head(
             &conversation_id,
@@ -116,6 +116,7 @@ impl ProcessRuntime {
             start.settings.as_ref(),
         )?;
         let history = History {
+            id: start.conversation_id.clone(),
             store: start.store,
             before: start.history_before,
         };

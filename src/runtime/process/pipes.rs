@@ -23,9 +23,11 @@ pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 /// History events read from the store at a time while writing `init`.
 pub(super) const HISTORY_PAGE: usize = 512;
 
-/// Where the `init` line's history comes from: every event with an id below `before`.
+/// Where the `init` line's history comes from: every event of conversation `id` with an id
+/// below `before`.
 #[derive(Clone)]
 pub(super) struct History {
+    pub(super) id: ConversationId,
     pub(super) store: Arc<dyn Store>,
     pub(super) before: u64,
 }
@@ -54,7 +56,7 @@ pub(super) async fn write_input(
         return;
     };
     let conversation_id = label.get();
-    match write_init(&mut stdin, &head, &history, &conversation_id).await {
+    match write_init(&mut stdin, &head, &history).await {
         Ok(()) => {}
         Err(InitError::Store(why)) => {
             sink.send(RuntimeSignal::Failed(why));
@@ -79,7 +81,6 @@ pub(super) async fn write_init(
     stdin: &mut ChildStdin,
     head: &str,
     history: &History,
-    conversation_id: &str,
 ) -> Result<(), InitError> {
     let mut out = BufWriter::with_capacity(16 * 1024, stdin);
     out.write_all(head.as_bytes()).await?;
@@ -94,7 +95,7 @@ pub(super) async fn write_init(
         };
         let page = history
             .store
-            .events(conversation_id, query)
+            .events(&history.id, query)
             .await
             .map_err(|e| {
                 InitError::Store(format!("cannot read the conversation's history: {e}"))

@@ -1,7 +1,7 @@
 //! The SQLite store's reader threads: each owns a read-only connection and answers the
 //! queued read requests, so reads never wait behind a write batch.
 
-use crate::conversation::{ConversationMeta, ConversationRecord, InitData};
+use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord, InitData};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -68,7 +68,9 @@ fn read_settings(conn: &Connection, user: &str) -> Result<Option<Value>, StoreEr
 }
 
 fn meta_from_row(row: &Row<'_>) -> rusqlite::Result<(ConversationMeta, String)> {
-    let conversation_id: String = row.get(0)?;
+    let conversation_id = ConversationId::parse(row.get_ref(0)?.as_str()?).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })?;
     let init_json: String = row.get(6)?;
     Ok((
         ConversationMeta {

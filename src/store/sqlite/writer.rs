@@ -477,7 +477,7 @@ impl Writer {
         meta: &ConversationMeta,
         events: &[StoredEvent],
     ) -> Result<bool, ApplyError> {
-        let id = &meta.conversation_id;
+        let id = meta.conversation_id.as_str();
         let init = serde_json::to_string(&meta.init).map_err(|e| {
             ApplyError::Refused(StoreError::Io(format!("cannot encode init data: {e}")))
         })?;
@@ -502,7 +502,9 @@ impl Writer {
             i64::try_from(bytes).unwrap_or(i64::MAX),
         ])?;
         if inserted == 0 {
-            return Err(ApplyError::Refused(StoreError::Exists(id.clone())));
+            return Err(ApplyError::Refused(StoreError::Exists(
+                meta.conversation_id.clone(),
+            )));
         }
         let seq = self.conn.last_insert_rowid();
         if !events.is_empty() {
@@ -510,7 +512,7 @@ impl Writer {
             *self.appended.entry(seq).or_default() += more;
         }
         self.added += bytes.saturating_add(more);
-        self.seqs.insert(id.clone(), seq);
+        self.seqs.insert(id.to_string(), seq);
         Ok(true)
     }
 

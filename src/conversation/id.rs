@@ -1,0 +1,148 @@
+//! [`ConversationId`]: the one place for the conversation id rule.
+//!
+//! An id is made only by [`ConversationId::parse`] (which applies the rule), by
+//! [`ConversationId::generate`], or by deserializing (which parses), so every
+//! `ConversationId` in the program is valid and no layer checks the rule again.
+
+use std::borrow::Borrow;
+use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A valid conversation id: 1–[`ConversationId::MAX_LEN`] characters of `[A-Za-z0-9_-]`.
+/// Cheap to clone (shared text); compares, hashes and borrows as its text, so maps keyed by it
+/// are looked up with a `&str`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConversationId(Arc<str>);
+
+/// Text that breaks the id rule ([`ConversationId::RULE`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", ConversationId::RULE)]
+pub struct InvalidConversationId;
+
+impl ConversationId {
+    /// Most characters of an id.
+    pub const MAX_LEN: usize = 64;
+    /// The rule as a JSON Schema pattern.
+    pub const PATTERN: &'static str = "^[A-Za-z0-9_-]{1,64}$";
+    /// The rule in words, as a 422 states it.
+    pub const RULE: &'static str =
+        "conversation_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'";
+
+    /// The id `text` is, if it keeps the rule.
+    pub fn parse(text: &str) -> Result<Self, InvalidConversationId> {
+        let valid = !text.is_empty()
+            && text.len() <= Self::MAX_LEN
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if valid {
+            Ok(ConversationId(Arc::from(text)))
+        } else {
+            Err(InvalidConversationId)
+        }
+    }
+
+    /// A new random id (32 lowercase hex digits).
+    pub fn generate() -> Self {
+        ConversationId(Arc::from(uuid::Uuid::new_v4().simple().to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Deref for ConversationId {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for ConversationId {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Borrow<str> for ConversationId {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ConversationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ConversationId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl PartialEq<str> for ConversationId {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for ConversationId {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl std::str::FromStr for ConversationId {
+    type Err = InvalidConversationId;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        ConversationId::parse(text)
+    }
+}
+
+impl Serialize for ConversationId {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ConversationId {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        ConversationId::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rule() {
+        assert!(ConversationId::parse("abc-DEF_123").is_ok());
+        assert!(ConversationId::parse(&"a".repeat(64)).is_ok());
+        for bad in ["", "../etc", "a b", "é", &"a".repeat(65)] {
+            assert_eq!(
+                ConversationId::parse(bad),
+                Err(InvalidConversationId),
+                "{bad:?}"
+            );
+        }
+        let generated = ConversationId::generate();
+        assert_eq!(ConversationId::parse(&generated).as_ref(), Ok(&generated));
+    }
+
+    #[test]
+    fn deserializing_applies_the_rule() {
+        let id: Result<ConversationId, _> = serde_json::from_str("\"ok_1\"");
+        assert_eq!(id.map(|i| i.to_string()).ok().as_deref(), Some("ok_1"));
+        assert!(serde_json::from_str::<ConversationId>("\"../x\"").is_err());
+    }
+}

@@ -72,6 +72,8 @@ pub struct Application {
     store: Arc<dyn Store>,
     readiness: Arc<Readiness>,
     shutdown: Arc<ShutdownClock>,
+    /// The sockets relayed to other cluster nodes.
+    splices: crate::ws::Splices,
     /// The key every client must present, if any.
     session_key: Option<String>,
     /// Whether that key was generated for this run.
@@ -253,6 +255,7 @@ impl Application {
             supervisor: supervisor.clone(),
             auth: SessionAuth::new(session_key.clone(), port, store.clone()),
             gate: crate::http::Gate::new(&settings),
+            splices: crate::ws::Splices::default(),
         });
         let readiness = Readiness::new(store.clone());
         let ops = web::Data::new(Ops::new(
@@ -266,6 +269,7 @@ impl Application {
             tracing::info!(dir = %dir.display(), "serving the web app at /");
         }
         let allow = state.gate.allow.clone();
+        let splices = state.splices.clone();
         let mut server = HttpServer::new(move || {
             // The last `wrap` runs first: the access log, the gate, CORS, then the login.
             App::new()
@@ -316,6 +320,7 @@ impl Application {
             }
         });
         Ok(Application {
+            splices,
             port,
             host: settings.host.clone(),
             server: server.run(),
@@ -387,6 +392,7 @@ impl Application {
         let supervisor = self.supervisor.clone();
         let readiness = self.readiness.clone();
         let clock = self.shutdown.clone();
+        let splices = self.splices.clone();
         let mut signals = Signals::new();
         actix_web::rt::spawn(async move {
             signals.next().await;
@@ -408,6 +414,8 @@ impl Application {
                 tracing::warn!("second signal; exiting now");
                 std::process::exit(1);
             });
+            // Clients relayed to other nodes reconnect elsewhere at once.
+            splices.close_all();
             // Conversations first, while the listener still answers (/ready says 503).
             let reserve = after_conversations(clock.bound);
             supervisor.shutdown(clock.left(reserve)).await;

@@ -40,6 +40,8 @@ pub struct AppState {
     pub auth: crate::http::auth::SessionAuth,
     /// The checks every request passes before routing.
     pub gate: crate::http::Gate,
+    /// The sockets this node relays to other cluster nodes (closed when it shuts down).
+    pub splices: crate::ws::Splices,
 }
 
 /// Reads a request body of at most `limit` bytes: 413 over it, 408 when it does not arrive in

@@ -46,6 +46,8 @@ use crate::store::EventQuery;
 pub mod socketio;
 mod splice;
 
+pub use splice::Splices;
+
 use socketio::Packet;
 
 /// Events read from the store per replay step.

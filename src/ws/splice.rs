@@ -31,6 +31,10 @@
 //!   stops the owner's socket, whose conversation then drops it as too slow — the same
 //!   backpressure as on the owner.
 //!
+//! - **A node that shuts down tells its spliced clients to reconnect**: [`Splices::close_all`]
+//!   (at the start of a graceful shutdown) closes them with 1001 and no `41`, instead of
+//!   holding the shutdown until its bound and then dropping them.
+//!
 //! Spliced sockets are counted in `switchboard_spliced_sockets` (by transport) and logged in a
 //! `splice` span with the conversation and the owner.
 
@@ -51,6 +55,28 @@ use crate::store::NodeAddress;
 
 /// The WebSocket to the owner.
 type Upstream = Framed<BoxedSocket, Codec>;
+
+/// One server's spliced sockets, as a group: closed together when it shuts down.
+#[derive(Clone)]
+pub struct Splices {
+    closing: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl Default for Splices {
+    fn default() -> Self {
+        Splices {
+            closing: std::sync::Arc::new(tokio::sync::watch::Sender::new(false)),
+        }
+    }
+}
+
+impl Splices {
+    /// Closes every spliced socket (with 1001, no Socket.IO `41`: its client reconnects
+    /// elsewhere), and every one spliced from now on as soon as it is.
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
+    }
+}
 
 /// Whether a handshake refused here because another live node owns its conversation is spliced
 /// to that node: with a cluster key configured, unless it was spliced here already.
@@ -114,6 +140,7 @@ pub(super) async fn splice(
         task,
         transport,
         span,
+        closing: state.splices.closing.subscribe(),
     };
     Ok(accepted.streaming(owner_to_client(from_owner, splice)))
 }
@@ -235,11 +262,12 @@ async fn client_to_owner(
 }
 
 /// Whatever a spliced socket holds until it ends: the client-to-owner task (ended with it),
-/// its place in the metrics, its span.
+/// its place in the metrics, its span, and the shutdown signal ([`Splices::close_all`]).
 struct Splice {
     task: tokio::task::JoinHandle<()>,
     transport: &'static str,
     span: tracing::Span,
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Drop for Splice {
@@ -253,43 +281,48 @@ impl Drop for Splice {
 
 /// The response body: the owner's frames, encoded for the client one at a time — the next is
 /// read from the owner only once the client's connection took the last. Ends after a close
-/// (the owner's, or [`owner_lost`] when its connection ended without one).
+/// (the owner's, [`owner_lost`] when its connection ended without one, or 1001 when this node
+/// shuts down).
 fn owner_to_client(
     from_owner: SplitStream<Upstream>,
     splice: Splice,
 ) -> impl futures_util::Stream<Item = Result<web::Bytes, actix_web::Error>> {
     futures_util::stream::unfold(Some((from_owner, splice)), |state| async move {
-        let (mut from_owner, splice) = state?;
-        let out = match from_owner.next().await {
-            Some(Ok(frame)) => match message(frame) {
+        let (mut from_owner, mut splice) = state?;
+        let next = tokio::select! {
+            next = from_owner.next() => Some(next),
+            _ = splice.closing.wait_for(|closing| *closing) => None,
+        };
+        let log = |f: &dyn Fn()| splice.span.in_scope(f);
+        let out = match next {
+            Some(Some(Ok(frame))) => match message(frame) {
                 Ok(message) => message,
                 Err(close) => Message::Close(Some(close)),
             },
-            Some(Err(ProtocolError::Io(e))) => {
-                splice
-                    .span
-                    .in_scope(|| tracing::info!(error = %e, "the connection to the owner failed"));
+            Some(Some(Err(ProtocolError::Io(e)))) => {
+                log(&|| tracing::info!(error = %e, "the connection to the owner failed"));
                 Message::Close(Some(owner_lost()))
             }
-            Some(Err(e)) => {
-                splice
-                    .span
-                    .in_scope(|| tracing::warn!(error = %e, "the owner broke the protocol"));
+            Some(Some(Err(e))) => {
+                log(&|| tracing::warn!(error = %e, "the owner broke the protocol"));
                 Message::Close(Some(protocol_close(&e)))
             }
-            None => {
-                splice
-                    .span
-                    .in_scope(|| tracing::info!("the owner's connection ended without a close"));
+            Some(None) => {
+                log(&|| tracing::info!("the owner's connection ended without a close"));
                 Message::Close(Some(owner_lost()))
+            }
+            None => {
+                log(&|| tracing::info!("this node shuts down; closing a spliced socket"));
+                Message::Close(Some(CloseReason {
+                    code: CloseCode::Away,
+                    description: Some("this node is shutting down; reconnect".into()),
+                }))
             }
         };
         let last = matches!(out, Message::Close(_));
         let mut bytes = web::BytesMut::new();
         if let Err(e) = Codec::new().encode(out, &mut bytes) {
-            splice
-                .span
-                .in_scope(|| tracing::warn!(error = %e, "cannot encode a frame for the client"));
+            log(&|| tracing::warn!(error = %e, "cannot encode a frame for the client"));
             return None;
         }
         let next = (!last).then_some((from_owner, splice));

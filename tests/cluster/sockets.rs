@@ -185,6 +185,35 @@ fn stored_ids(db: &pg::TestDatabase, id: &str) -> Vec<u64> {
     stored_log(db, id).iter().map(|(i, _, _)| *i).collect()
 }
 
+/// A Socket.IO and a plain client of conversation `id` on the node at `port`, from its start.
+fn both_routes(port: u16, id: &str) -> Vec<(Route, Client)> {
+    [Route::SocketIo, Route::Plain]
+        .into_iter()
+        .map(|route| {
+            let client = Client::open(port, id, route, None)
+                .unwrap_or_else(|status| panic!("{route:?}: {status}"));
+            (route, client)
+        })
+        .collect()
+}
+
+/// Waits until the server closed `client`, checks it did so with a close code among `codes`
+/// and without Socket.IO's goodbye (`41`, after which a Socket.IO client would not
+/// reconnect): the ids of the events it received.
+fn closed_without_goodbye(route: Route, client: Client, codes: &[u16]) -> Vec<u64> {
+    let ids = client.ids();
+    let (code, frames) = client.wait_closed();
+    assert!(
+        code.is_some_and(|c| codes.contains(&c)),
+        "{route:?}: closed with {code:?}, expected one of {codes:?}"
+    );
+    assert!(
+        !frames.iter().any(|f| f == "41"),
+        "{route:?} was told goodbye: {frames:?}"
+    );
+    ids
+}
+
 /// Posts `count` messages to conversation `id` through each of `ports` in turn, and waits until
 /// the agent answered the last one (as stored): the last stored id.
 fn converse(db: &pg::TestDatabase, ports: &[u16], id: &str, tag: &str, count: usize) -> u64 {
@@ -302,14 +331,7 @@ fn kill_9_of_the_owner_closes_spliced_clients_without_goodbye_and_they_resume_th
     let Some(db) = pg::database() else { return };
     let [mut a, b, c] = three_nodes(&db, &[]);
     let id = answered_conversation(&db, &a, "on a");
-    let clients: Vec<(Route, Client)> = [Route::SocketIo, Route::Plain]
-        .into_iter()
-        .map(|route| {
-            let client = Client::open(b.port, &id, route, None)
-                .unwrap_or_else(|status| panic!("{route:?}: {status}"));
-            (route, client)
-        })
-        .collect();
+    let clients = both_routes(b.port, &id);
     let before = converse(&db, &[a.port, b.port], &id, "before", 2);
     for (_, client) in &clients {
         client.wait_for(before, "the client is up to date");
@@ -320,14 +342,7 @@ fn kill_9_of_the_owner_closes_spliced_clients_without_goodbye_and_they_resume_th
     a.kill_9();
     let mut seen: Vec<(Route, Vec<u64>)> = Vec::new();
     for (route, client) in clients {
-        let ids = client.ids();
-        let (code, frames) = client.wait_closed();
-        assert_eq!(code, Some(1012), "{route:?}: closed for a restart");
-        assert!(
-            !frames.iter().any(|f| f == "41"),
-            "{route:?} was told goodbye: {frames:?}"
-        );
-        seen.push((route, ids));
+        seen.push((route, closed_without_goodbye(route, client, &[1012])));
     }
 
     wait_until(
@@ -539,4 +554,40 @@ fn a_spliced_client_that_stops_reading_is_dropped_by_the_owner_as_too_slow() {
     assert_eq!(reader.ids(), (0..=last).collect::<Vec<u64>>());
     assert_eq!(connections(), 1, "the reading client stays attached");
     drop(stalled);
+}
+
+/// `SIGTERM` of a node that relays sockets to the owner: its spliced clients are closed with a
+/// close frame and no Socket.IO `41` (so they reconnect, to another node), not dropped when
+/// the node's shutdown bound runs out, and it exits; the conversation goes on at its owner.
+#[test]
+fn sigterm_of_a_splicing_node_closes_its_spliced_sockets_so_they_reconnect() {
+    let Some(db) = pg::database() else { return };
+    let [a, mut b, c] = three_nodes(&db, &[]);
+    let id = answered_conversation(&db, &a, "on a");
+    let clients = both_routes(b.port, &id);
+    let last = converse(&db, &[a.port], &id, "before", 1);
+    for (_, client) in &clients {
+        client.wait_for(last, "the client is up to date");
+    }
+
+    let sent = Instant::now();
+    signal(&b, "TERM");
+    let mut seen = Vec::new();
+    for (route, client) in clients {
+        seen.push((route, closed_without_goodbye(route, client, &[1001])));
+    }
+    b.child
+        .wait_for_exit(Duration::from_secs(15))
+        .expect("the node exits");
+    println!(
+        "SIGTERM of a splicing node: {:?} from the signal until it had exited",
+        sent.elapsed()
+    );
+    for (route, ids) in seen {
+        let latest = ids.last().expect("events seen").to_string();
+        let client = Client::open(c.port, &id, route, Some(&latest)).expect("spliced to A");
+        let last = converse(&db, &[c.port], &id, "after", 1);
+        client.wait_for(last, "the client resumed on C");
+        assert_eq!(client.ids().first().copied(), ids.last().map(|l| l + 1));
+    }
 }

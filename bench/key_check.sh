@@ -6,13 +6,16 @@
 # bounded runs.
 #
 #   bench/key_check.sh
+#   BIN=path/to/switchboard bench/key_check.sh   # that binary, no build (before/after)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN="${CARGO_TARGET_DIR:-target}/release/switchboard"
+if [ -z "${BIN:-}" ]; then
+  BIN="${CARGO_TARGET_DIR:-target}/release/switchboard"
+  cargo build --release --quiet
+fi
 PORT=${BENCH_PORT:-3962}
 TCK=$(getconf CLK_TCK)
 ulimit -n "$(ulimit -Hn)"
-cargo build --release --quiet
 cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # One mode: $1 names it, $2 the server's session key ("" = none), $3 whether to add a user key
@@ -47,6 +50,6 @@ measure() {
 for run in 1 2 3; do
   echo "run $run"
   measure "  session key (no store read)   " s3cret no
-  measure "  no key, no user keys (1 read) " "" no
+  measure "  no key, no user keys          " "" no
   measure "  user key (1 read by hash)     " "" yes
 done

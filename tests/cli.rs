@@ -2820,6 +2820,61 @@ fn on_postgres_keys_added_and_revoked_beside_a_running_server_count_from_the_nex
     keys_beside_a_running_server("postgres", &[("SWITCHBOARD_POSTGRES_URL", &db.url)]);
 }
 
+#[test]
+fn a_key_added_beside_an_open_server_closes_it_from_the_next_request() {
+    keys_beside_an_open_server("sqlite", &[]);
+}
+
+#[test]
+fn on_postgres_a_key_added_beside_an_open_server_closes_it_from_the_next_request() {
+    let Some(db) = pg::database() else { return };
+    keys_beside_an_open_server("postgres", &[("SWITCHBOARD_POSTGRES_URL", &db.url)]);
+}
+
+/// A server with no session key is open while no user key exists; `switchboard keys` run beside
+/// it closes and reopens it from the next request on, whatever the server itself wrote (and
+/// whatever it remembered about the keys) in between.
+fn keys_beside_an_open_server(store: &str, envs: &[(&str, &str)]) {
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let data = dir.path().join("data");
+    let server = Server::start_with_args(dir, &data, store, &[], envs);
+    let port = server.port;
+    let unkeyed = |method: &str, request_id: &str| {
+        let body = (method == "POST").then_some("{}");
+        http_raw(
+            port,
+            method,
+            "/api/conversations",
+            &[("X-Request-Id", request_id)],
+            body,
+        )
+    };
+    for (method, request_id) in [("GET", "open-1"), ("POST", "open-2"), ("GET", "open-3")] {
+        let answer = unkeyed(method, request_id);
+        assert_eq!(answer.status, 200, "{request_id}: {}", answer.body);
+    }
+
+    let alice = add_key_on(cwd.path(), &data, store, envs, "alice", false);
+    let refused = unkeyed("GET", "closed-1");
+    assert_eq!(refused.status, 401, "{}", refused.body);
+    // The server's own writes in between change nothing.
+    let made = keyed(port, "POST", "/api/conversations", &alice, "alice-1");
+    assert_eq!(made.status, 200, "{}", made.body);
+    for (method, request_id) in [("POST", "closed-2"), ("GET", "closed-3")] {
+        let refused = unkeyed(method, request_id);
+        assert_eq!(refused.status, 401, "{request_id}: {}", refused.body);
+    }
+
+    // The last key revoked: open again from the next request, but never with that key.
+    let run = keys_cli_on(cwd.path(), &data, store, envs, &["revoke", "alice"]);
+    assert!(run.ok, "{}", run.stderr);
+    let open = unkeyed("GET", "open-4");
+    assert_eq!(open.status, 200, "{}", open.body);
+    let revoked = keyed(port, "GET", "/api/conversations", &alice, "alice-2");
+    assert_eq!(revoked.status, 401, "{}", revoked.body);
+}
+
 /// `switchboard keys` run beside a server on the `store` backend (`envs`: its settings).
 fn keys_beside_a_running_server(store: &str, envs: &[(&str, &str)]) {
     let cwd = tempfile::tempdir().expect("temp dir");

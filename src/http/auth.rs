@@ -204,7 +204,7 @@ impl SessionAuth {
 
     /// THE check: who these credentials are, or `None` when they may not pass (see the module
     /// docs). Reads the store only when a user key is presented, or when no session key is
-    /// configured (to learn whether any user key exists).
+    /// configured (to learn whether any user key exists: [`Store::any_key`], cheap).
     pub async fn resolve(&self, presented: &Presented) -> Result<Option<Caller>, StoreError> {
         if let Some(expected) = &self.key {
             if presented.0.iter().any(|p| key_matches(expected, p)) {
@@ -215,21 +215,20 @@ impl SessionAuth {
             .0
             .iter()
             .find(|p| p.starts_with(crate::keys::KEY_PREFIX));
-        if user_key.is_none() && self.key.is_some() {
-            return Ok(None);
-        }
-        let hash = user_key.map(|k| crate::keys::hash(k));
-        let found = self.store.lookup_key(hash.as_deref()).await?;
-        Ok(match found.key {
-            Some(key) => Some(Caller::User {
-                name: Arc::from(key.name),
-                admin: key.admin,
-            }),
-            // A user key that is not (or no longer) in the store never passes, not even
-            // on an open server.
-            None if user_key.is_none() && self.key.is_none() && !found.any => Some(Caller::Open),
-            None => None,
-        })
+        let Some(user_key) = user_key else {
+            if self.key.is_some() || self.store.any_key().await? {
+                return Ok(None);
+            }
+            return Ok(Some(Caller::Open));
+        };
+        let hash = crate::keys::hash(user_key);
+        // A user key that is not (or no longer) in the store never passes, not even on an
+        // open server.
+        let found = self.store.lookup_key(Some(&hash)).await?;
+        Ok(found.key.map(|key| Caller::User {
+            name: Arc::from(key.name),
+            admin: key.admin,
+        }))
     }
 
     /// [`SessionAuth::resolve`] for a request's own credentials.

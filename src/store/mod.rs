@@ -319,6 +319,14 @@ pub trait Store: Send + Sync + 'static {
     fn revoke_key(&self, name: &str) -> StoreFuture<bool>;
     /// The key whose hash is `hash` (none asked for: `None`), and whether any key exists.
     fn lookup_key(&self, hash: Option<&str>) -> StoreFuture<KeyLookup>;
+    /// Whether any user key exists: `lookup_key(None).any`, which a backend may answer from
+    /// a cache as long as it sees every completed `add_key`/`revoke_key` as `lookup_key`
+    /// does (another process's included). Asked by every `/api` request on a server without
+    /// a session key, so it should be cheap.
+    fn any_key(&self) -> StoreFuture<bool> {
+        let lookup = self.lookup_key(None);
+        Box::pin(async move { Ok(lookup.await?.any) })
+    }
     /// A cheap health check for readiness: `Ok` when the store can write now. Durable backends
     /// take their write path (lock included) without changing anything.
     fn probe(&self) -> StoreFuture<()> {

@@ -8,7 +8,8 @@
 //!   The database runs in WAL mode with `synchronous=NORMAL` (see `open_connection` for why
 //!   that is enough for process crashes and what it does not cover).
 //! - **Never blocking the caller.** Callers are actor threads and HTTP workers; every operation
-//!   only queues a request and returns a future. One dedicated *writer* thread owns the write
+//!   only queues a request and returns a future (`any_key` alone answers at once, from a
+//!   cache it checks against the database without waiting for a lock; see `key_watch`). One dedicated *writer* thread owns the write
 //!   connection, and a small pool of *reader* threads own read-only connections, so reads never
 //!   wait behind a large write batch.
 //! - **Group commit.** The writer takes one request, drains whatever else is already queued (up
@@ -55,7 +56,8 @@
 //! [`Store`] call into a queued request, through the queues of [`super::durable`]); `open`
 //! sets up connections, refuses unusable files and migrates the schema; `sql` holds every
 //! statement; `writer` is the writer thread (group commit, savepoints, quotas, giving space
-//! back); `reader` the reader threads; `reserve` the disk reserve.
+//! back); `reader` the reader threads; `reserve` the disk reserve; `key_watch` answers whether
+//! any user key exists without a trip to a reader.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -70,11 +72,13 @@ use crate::config::StoreTuning;
 
 #[macro_use]
 mod sql;
+mod key_watch;
 mod open;
 mod reader;
 mod reserve;
 mod writer;
 
+use key_watch::KeyWatch;
 use open::{open_connection, prepare_database};
 pub use open::{QUICK_CHECK_MAX_BYTES, SCHEMA_VERSION};
 use reader::run_reader;
@@ -101,6 +105,8 @@ pub struct SqliteStore {
     limits: StoreLimits,
     /// The bytes of the database pages in use, as of the writer's last commit.
     used: Arc<AtomicU64>,
+    /// Whether any user key exists, without a trip to a reader.
+    keys: Arc<KeyWatch>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -167,6 +173,9 @@ impl SqliteStore {
         let reserve = Reserve::new(data_dir.join(RESERVE_FILE_NAME), limits.disk_reserve_bytes);
         fit_wal_to_reserve(&write_conn, limits.disk_reserve_bytes)
             .map_err(|e| open_error(&path, e))?;
+        let keys = KeyWatch::new(open_connection(&path, true)?)
+            .map(Arc::new)
+            .map_err(|e| open_error(&path, e))?;
         let mut read_conns = Vec::with_capacity(READER_THREADS);
         for _ in 0..READER_THREADS {
             read_conns.push(open_connection(&path, true)?);
@@ -211,6 +220,7 @@ impl SqliteStore {
             path: Arc::new(path),
             limits,
             used,
+            keys,
         })
     }
 
@@ -231,6 +241,18 @@ impl SqliteStore {
 
 impl Store for SqliteStore {
     queued_store_methods!();
+
+    /// From the [`KeyWatch`] on the caller's thread; from a reader when the database is busy.
+    fn any_key(&self) -> super::StoreFuture<bool> {
+        match self.keys.any_key() {
+            Ok(any) => Box::pin(std::future::ready(Ok(any))),
+            Err(e) => {
+                tracing::debug!(error = %e, "store: the key watch cannot say; asking a reader");
+                let lookup = self.reads.lookup_key(None);
+                Box::pin(async move { Ok(lookup.await?.any) })
+            }
+        }
+    }
 }
 
 #[cfg(test)]

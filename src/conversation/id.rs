@@ -45,9 +45,11 @@ impl ConversationId {
         }
     }
 
-    /// A new random id (32 lowercase hex digits).
+    /// A new id: 32 lowercase hex digits, time-ordered (a UUIDv7: 48 bits of milliseconds, 74
+    /// random bits), so that a new conversation lands at the right edge of the SQLite store's
+    /// id index (see `store::sqlite::open`'s layout note) instead of on a random page.
     pub fn generate() -> Self {
-        ConversationId(Arc::from(uuid::Uuid::new_v4().simple().to_string()))
+        ConversationId(Arc::from(uuid::Uuid::now_v7().simple().to_string()))
     }
 
     pub fn as_str(&self) -> &str {

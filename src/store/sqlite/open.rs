@@ -18,14 +18,16 @@ const APPLICATION_ID: i32 = 0x5357_4244;
 /// Schema migrations: step `i` takes the database from `user_version` `i` to `i + 1`. Each step
 /// runs in its own transaction together with the `user_version` bump. Only ever append here.
 ///
-/// Layout: conversation ids are random (uuid4 hex), so nothing that grows per conversation is
-/// keyed by them except the one small unique index that maps an id to its `seq`. `seq` is an
+/// Layout: conversation ids may be anything a client chose, so nothing that grows per
+/// conversation is keyed by them except the one small unique index that maps an id to its
+/// `seq` (the ids the server generates are time-ordered UUIDv7s, which land at that index's
+/// right edge too; a client's random ids land on random leaves). `seq` is an
 /// integer given in creation order (SQLite's rowid: `max + 1`), and the conversation rows, the
 /// listing index (created_at grows with time) and the events (keyed by `(conv_seq, id)`) all
 /// grow at the right edge of their B-trees: a group commit of `n` new conversations dirties a
-/// handful of shared pages there plus `n` leaves of `conversations_by_id`, instead of `n` random
-/// leaves in every tree. (Version 1 was never released in another shape; it was rewritten in
-/// place rather than migrated.)
+/// handful of shared pages there (plus up to `n` leaves of `conversations_by_id` for random
+/// client-chosen ids), instead of `n` random leaves in every tree. (Version 1 was never
+/// released in another shape; it was rewritten in place rather than migrated.)
 const MIGRATIONS: &[&str] = &[
     // 1: conversations and their event logs.
     r#"

@@ -396,7 +396,7 @@ impl Writer {
     /// statement succeeded; caching a seq it merely read is always right.
     fn apply(&mut self, command: &WriteCommand, now: &str) -> Result<bool, ApplyError> {
         match command {
-            WriteCommand::Create { meta, events, .. } => self.create(meta, events),
+            WriteCommand::Create { meta, events, .. } => self.create(meta, events, now),
             WriteCommand::SetTitle { id, title } => {
                 let changed = self
                     .conn
@@ -471,11 +471,14 @@ impl Writer {
     }
 
     /// Inserts a new conversation and its first events; every refusal comes before the first
-    /// write.
+    /// write. The row is written once, final: with events, its `last_updated_at` is the
+    /// batch's `now` and its `bytes` count them, as an `append` at the end of the batch would
+    /// have made them.
     fn create(
         &mut self,
         meta: &ConversationMeta,
         events: &[StoredEvent],
+        now: &str,
     ) -> Result<bool, ApplyError> {
         let id = meta.conversation_id.as_str();
         let init = serde_json::to_string(&meta.init).map_err(|e| {
@@ -491,15 +494,21 @@ impl Writer {
             .and_then(|()| self.limits.check_conversation(id, bytes, more))
             .and_then(|()| self.check_store(bytes.saturating_add(more)));
         quota.map_err(ApplyError::Refused)?;
+        let total = bytes.saturating_add(more);
+        let last_updated_at = if events.is_empty() {
+            meta.last_updated_at.as_str()
+        } else {
+            now
+        };
         let inserted = self.conn.prepare_cached(sql::CREATE)?.execute(params![
             id,
             meta.title,
             meta.created_at,
-            meta.last_updated_at,
+            last_updated_at,
             meta.trigger,
             meta.owner,
             init,
-            i64::try_from(bytes).unwrap_or(i64::MAX),
+            i64::try_from(total).unwrap_or(i64::MAX),
         ])?;
         if inserted == 0 {
             return Err(ApplyError::Refused(StoreError::Exists(
@@ -509,9 +518,8 @@ impl Writer {
         let seq = self.conn.last_insert_rowid();
         if !events.is_empty() {
             self.insert_events(seq, events)?;
-            *self.appended.entry(seq).or_default() += more;
         }
-        self.added += bytes.saturating_add(more);
+        self.added += total;
         self.seqs.insert(id.to_string(), seq);
         Ok(true)
     }

@@ -7,6 +7,12 @@ use clap::{Args, Parser, Subcommand};
 use switchboard::config::{Overrides, Settings};
 use switchboard::startup::Application;
 
+/// mimalloc instead of the system allocator: a create allocates and frees many small objects
+/// across threads (the request, the actor, its events, the store's batch), where glibc's
+/// allocator spent about a tenth of the server's CPU (README "Benchmarks").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "switchboard",

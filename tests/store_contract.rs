@@ -15,8 +15,8 @@ use switchboard::config::{PostgresSettings, StoreTuning};
 use switchboard::conversation::{ConversationMeta, InitData};
 use switchboard::events::{EventBody, Source, StoredEvent};
 use switchboard::store::{
-    events_bytes, meta_bytes, ApiKey, EventQuery, KeyLookup, MemoryStore, PostgresStore, Quota,
-    SqliteStore, Store, StoreError, StoreLimits,
+    events_bytes, meta_bytes, ApiKey, EventQuery, Existing, KeyLookup, MemoryStore, PostgresStore,
+    Quota, SqliteStore, Store, StoreError, StoreLimits,
 };
 use tempfile::TempDir;
 
@@ -197,6 +197,36 @@ fn is_meta_timestamp(s: &str) -> bool {
 
 // ---------------------------------------------------------------------------------------------
 // The contract
+
+/// `exists` answers what `get` would (the conversation or nothing, and its owner) without
+/// loading it: before its create, with and without an owner, with events, after its delete.
+async fn exists_tells_existence_and_owner<S: Store>(store: Arc<S>) {
+    async fn both<S: Store>(store: &S, id: &str) -> (Option<Existing>, Option<Option<String>>) {
+        let id = cid(id);
+        let existing = store.exists(&id).await.expect("exists");
+        let record = store.get(&id).await.expect("get");
+        (existing, record.map(|r| r.meta.owner))
+    }
+    let owned = |owner: Option<&str>| {
+        Some(Existing {
+            owner: owner.map(str::to_string),
+        })
+    };
+    assert_eq!(both(&*store, "c1").await, (None, None));
+    store.create(rich_meta("c1")).await.expect("create c1");
+    store.create(meta("c2", OLD)).await.expect("create c2");
+    store
+        .create_with_events(meta("c3", OLD), events(0..3))
+        .await
+        .expect("create c3");
+    let alice = Some(Some("alice".to_string()));
+    assert_eq!(both(&*store, "c1").await, (owned(Some("alice")), alice));
+    assert_eq!(both(&*store, "c2").await, (owned(None), Some(None)));
+    assert_eq!(both(&*store, "c3").await, (owned(None), Some(None)));
+    assert!(store.delete(&cid("c1")).await.expect("delete"));
+    assert_eq!(both(&*store, "c1").await, (None, None));
+    assert_eq!(both(&*store, "c2").await, (owned(None), Some(None)));
+}
 
 async fn create_then_exists<S: Store>(store: Arc<S>) {
     let m = rich_meta("c1");
@@ -934,6 +964,14 @@ macro_rules! contract_tests {
                     return;
                 };
                 super::create_with_events(f.store.clone()).await;
+            }
+
+            #[tokio::test]
+            async fn exists_tells_existence_and_owner() {
+                let Some(f) = MaybeFixture::fixture($fixture) else {
+                    return;
+                };
+                super::exists_tells_existence_and_owner(f.store.clone()).await;
             }
 
             #[tokio::test]

@@ -33,7 +33,8 @@ pub enum Found {
 }
 
 /// Looks conversation `id` up for `caller`: live ones in the registry (no store read), the
-/// others in the store.
+/// others in the store ([`crate::store::Store::exists`]: one indexed lookup, the record is not
+/// loaded).
 pub async fn find(
     state: &AppState,
     caller: &Caller,
@@ -41,8 +42,8 @@ pub async fn find(
 ) -> Result<Found, ApiError> {
     let owner = match state.supervisor.shared(id) {
         Some(shared) => shared.owner().cloned(),
-        None => match state.store.get(id).await? {
-            Some(record) => record.meta.owner.map(Arc::from),
+        None => match state.store.exists(id).await? {
+            Some(existing) => existing.owner.map(Arc::from),
             None => return Ok(Found::Missing),
         },
     };

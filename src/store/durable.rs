@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{ApiKey, EventQuery, KeyLookup, Lease, StoreError, StoreFuture};
+use super::{ApiKey, EventQuery, Existing, KeyLookup, Lease, StoreError, StoreFuture};
 use crate::conversation::{ConversationMeta, ConversationRecord};
 use crate::events::StoredEvent;
 
@@ -43,6 +43,13 @@ macro_rules! queued_store_methods {
             title: &str,
         ) -> $crate::store::StoreFuture<bool> {
             self.writes.set_title(id, title)
+        }
+
+        fn exists(
+            &self,
+            id: &$crate::conversation::ConversationId,
+        ) -> $crate::store::StoreFuture<Option<$crate::store::Existing>> {
+            self.reads.exists(id)
         }
 
         fn get(
@@ -537,6 +544,10 @@ pub(super) fn check_append(
 
 /// A query, answered by a store's readers.
 pub(super) enum ReadRequest {
+    Exists {
+        id: String,
+        reply: Reply<Option<Existing>>,
+    },
     Get {
         id: String,
         reply: Reply<Option<ConversationRecord>>,
@@ -592,6 +603,11 @@ impl ReadQueue {
             reads.send(request).await.map_err(|_| StoreError::Closed)?;
             rx.await.map_err(|_| StoreError::Closed)?
         })
+    }
+
+    pub(super) fn exists(&self, id: &str) -> StoreFuture<Option<Existing>> {
+        let id = id.to_string();
+        self.read(|reply| ReadRequest::Exists { id, reply })
     }
 
     pub(super) fn get(&self, id: &str) -> StoreFuture<Option<ConversationRecord>> {

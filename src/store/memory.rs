@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde_json::Value;
 
 use super::{
-    events_bytes, meta_bytes, ApiKey, EventQuery, KeyLookup, Store, StoreError, StoreFuture,
-    StoreLimits,
+    events_bytes, meta_bytes, ApiKey, EventQuery, Existing, KeyLookup, Store, StoreError,
+    StoreFuture, StoreLimits,
 };
 use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord};
 use crate::events::{meta_timestamp, StoredEvent};
@@ -137,6 +137,16 @@ impl Store for MemoryStore {
             None => false,
         };
         ready(Ok(found))
+    }
+
+    fn exists(&self, id: &ConversationId) -> StoreFuture<Option<Existing>> {
+        let inner = self.lock();
+        let existing = inner.map.get(id).and_then(|e| {
+            e.meta.as_ref().map(|meta| Existing {
+                owner: meta.owner.clone(),
+            })
+        });
+        ready(Ok(existing))
     }
 
     fn get(&self, id: &ConversationId) -> StoreFuture<Option<ConversationRecord>> {

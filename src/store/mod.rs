@@ -21,6 +21,8 @@
 //!   object, secrets included: the store is trusted, the API never echoes them), or `None`
 //!   before the first save; it is durable like everything else.
 //! - `list_owned` is `list` restricted to one owner's conversations, same order.
+//! - `exists` answers what `get` would (the conversation or `None`, its owner) without loading
+//!   it.
 //! - **User keys** ([`ApiKey`]): stored by name with the key's hash only (the key itself never
 //!   reaches a store). Names are unique: `add_key` with a taken name is refused with
 //!   [`StoreError::KeyExists`] and changes nothing; `revoke_key` removes the key (`false` when
@@ -221,6 +223,13 @@ pub fn events_bytes(events: &[StoredEvent]) -> u64 {
     events.iter().map(|e| e.json.len() as u64).sum()
 }
 
+/// A conversation that exists, as [`Store::exists`] finds it: whose it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Existing {
+    /// Who created it; `None` when no key was configured.
+    pub owner: Option<String>,
+}
+
 /// Which events to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventQuery {
@@ -282,6 +291,9 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Replaces a conversation's title; `false` when the id is unknown.
     fn set_title(&self, id: &ConversationId, title: &str) -> StoreFuture<bool>;
+    /// Whether conversation `id` exists, and whose it is, in one indexed lookup (nothing else
+    /// of it is read): what deciding whether a caller may see it needs.
+    fn exists(&self, id: &ConversationId) -> StoreFuture<Option<Existing>>;
     /// Loads one conversation.
     fn get(&self, id: &ConversationId) -> StoreFuture<Option<ConversationRecord>>;
     /// A page of conversations, newest `created_at` first.

@@ -69,8 +69,8 @@ use super::durable::{
 };
 use super::membership::{self, ClusterNode, Membership, NodeState};
 use super::{
-    events_bytes, meta_bytes, Acquired, ApiKey, EventQuery, KeyLookup, Lease, NodeAddress, Store,
-    StoreError, StoreFuture, StoreLimits,
+    events_bytes, meta_bytes, Acquired, ApiKey, EventQuery, Existing, KeyLookup, Lease,
+    NodeAddress, Store, StoreError, StoreFuture, StoreLimits,
 };
 use crate::config::{PostgresSettings, StoreTuning};
 use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord, InitData};
@@ -218,6 +218,9 @@ mod sql {
     pub const EVENTS_NEWEST_FIRST: &str = "SELECT id, json FROM events \
          WHERE conv_seq = (SELECT seq FROM conversations WHERE id = $1) \
          AND id BETWEEN $2 AND $3 ORDER BY id DESC LIMIT $4";
+    /// `$1` id → its owner (one lookup in the unique index on `id`); no row when it does not
+    /// exist.
+    pub const EXISTS: &str = "SELECT owner FROM conversations WHERE id = $1";
     pub const SETTINGS: &str = "SELECT json FROM settings WHERE user_id = $1";
     pub const SAVE_SETTINGS: &str = "INSERT INTO settings (user_id, json) VALUES ($1, $2) \
          ON CONFLICT (user_id) DO UPDATE SET json = excluded.json";
@@ -1396,6 +1399,9 @@ async fn run_readers(pool: Pool, rx: mpsc::Receiver<ReadRequest>) {
 async fn serve(pool: &Pool, request: ReadRequest) {
     // A caller that dropped its future no longer wants the answer; that is fine.
     match request {
+        ReadRequest::Exists { id, reply } => {
+            let _ = reply.send(read_exists(pool, &id).await);
+        }
         ReadRequest::Get { id, reply } => {
             let _ = reply.send(read_get(pool, &id).await);
         }
@@ -1559,6 +1565,17 @@ async fn read_events(pool: &Pool, id: &str, q: EventQuery) -> Result<Vec<StoredE
             })
         })
         .collect()
+}
+
+async fn read_exists(pool: &Pool, id: &str) -> Result<Option<Existing>, StoreError> {
+    let rows = query(pool, sql::EXISTS, &[&id]).await?;
+    rows.first()
+        .map(|row| {
+            Ok(Existing {
+                owner: row.try_get(0).map_err(io_error)?,
+            })
+        })
+        .transpose()
 }
 
 async fn read_settings(pool: &Pool, user: &str) -> Result<Option<Value>, StoreError> {

@@ -14,7 +14,7 @@ use crate::events::StoredEvent;
 use crate::store::durable::{
     decode_init, decode_settings, event_range, next_after, sql_count, stored_event_id, ReadRequest,
 };
-use crate::store::{ApiKey, EventQuery, KeyLookup, StoreError};
+use crate::store::{ApiKey, EventQuery, Existing, KeyLookup, StoreError};
 
 pub(super) fn run_reader(mut conn: Connection, rx: Arc<Mutex<mpsc::Receiver<ReadRequest>>>) {
     loop {
@@ -24,6 +24,9 @@ pub(super) fn run_reader(mut conn: Connection, rx: Arc<Mutex<mpsc::Receiver<Read
         };
         let Some(request) = request else { break };
         match request {
+            ReadRequest::Exists { id, reply } => {
+                let _ = reply.send(read_exists(&conn, &id));
+            }
             ReadRequest::Get { id, reply } => {
                 let _ = reply.send(read_get(&mut conn, &id));
             }
@@ -65,6 +68,15 @@ fn read_settings(conn: &Connection, user: &str) -> Result<Option<Value>, StoreEr
         .and_then(|mut stmt| stmt.query_row(params![user], |r| r.get(0)).optional())
         .map_err(io_error)?;
     decode_settings(text)
+}
+
+fn read_exists(conn: &Connection, id: &str) -> Result<Option<Existing>, StoreError> {
+    conn.prepare_cached(sql::EXISTS)
+        .and_then(|mut stmt| {
+            stmt.query_row(params![id], |r| Ok(Existing { owner: r.get(0)? }))
+                .optional()
+        })
+        .map_err(io_error)
 }
 
 fn meta_from_row(row: &Row<'_>) -> rusqlite::Result<(ConversationMeta, String)> {

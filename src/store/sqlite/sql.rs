@@ -29,6 +29,8 @@ pub(super) const LAST_EVENT_ID: &str =
     "SELECT id FROM events WHERE conv_seq = ?1 ORDER BY id DESC LIMIT 1";
 pub(super) const DELETE_EVENTS: &str = "DELETE FROM events WHERE conv_seq = ?1";
 pub(super) const DELETE_CONVERSATION: &str = "DELETE FROM conversations WHERE seq = ?1";
+/// `?1` id → its owner (one lookup in `conversations_by_id`); no row when it does not exist.
+pub(super) const EXISTS: &str = "SELECT owner FROM conversations WHERE id = ?1";
 /// `?1` id → the metadata columns, then seq and bytes.
 pub(super) const GET: &str = concat!(
     "SELECT ",

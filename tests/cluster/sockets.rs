@@ -591,3 +591,53 @@ fn sigterm_of_a_splicing_node_closes_its_spliced_sockets_so_they_reconnect() {
         assert_eq!(client.ids().first().copied(), ids.last().map(|l| l + 1));
     }
 }
+
+/// The owner A stopped (`SIGSTOP`) past its TTL while clients are spliced to it through B; C
+/// takes the conversation over; when A runs again (`SIGCONT`) it fences itself and its close
+/// (1012, no `41`) reaches the clients through B unchanged; they reconnect through B, are
+/// spliced to C and receive exactly what follows the last event they saw.
+#[test]
+fn a_fenced_owner_s_close_reaches_spliced_clients_and_they_resume_on_the_new_owner() {
+    let Some(db) = pg::database() else { return };
+    let [mut a, b, c] = three_nodes(&db, &[]);
+    let id = answered_conversation(&db, &a, "on a");
+    let clients = both_routes(b.port, &id);
+    let before = converse(&db, &[b.port], &id, "before", 1);
+    for (_, client) in &clients {
+        client.wait_for(before, "the client is up to date");
+    }
+
+    signal(&a, "STOP");
+    // Asked before A's registration expired, C would forward the join to A and wait for it.
+    wait_until(Duration::from_secs(30), "A's registration expires", || {
+        let lapsed = "SELECT 1 FROM cluster_nodes WHERE node_id = 'a' AND expires_at < now()";
+        !db.query(lapsed).is_empty()
+    });
+    assert_eq!(join(c.port, &id), 200, "C takes the conversation over");
+    signal(&a, "CONT");
+    a.wait_line(Duration::from_secs(15), |l| {
+        l.contains("cluster node fenced itself")
+    });
+    let seen: Vec<(Route, Vec<u64>)> = clients
+        .into_iter()
+        .map(|(route, client)| (route, closed_without_goodbye(route, client, &[1012])))
+        .collect();
+
+    let resumed: Vec<(Route, Vec<u64>, Client)> = seen
+        .into_iter()
+        .map(|(route, ids)| {
+            let latest = ids.last().expect("events seen").to_string();
+            let (client, _) =
+                Client::open_retrying(b.port, &id, route, Some(&latest), Duration::from_secs(30));
+            (route, ids, client)
+        })
+        .collect();
+    let last = converse(&db, &[b.port], &id, "after", 1);
+    let stored = stored_ids(&db, &id);
+    assert_one_writer_per_epoch(&stored_log(&db, &id));
+    for (route, mut all, client) in resumed {
+        client.wait_for(last, "the resumed client sees the last event");
+        all.extend(client.ids());
+        assert_eq!(all, stored, "{route:?}: every event once, in order");
+    }
+}

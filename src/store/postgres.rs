@@ -240,14 +240,16 @@ mod sql {
     pub const LOOKUP_KEY: &str = "SELECT k.name, k.admin, k.created_at, \
          EXISTS (SELECT 1 FROM api_keys) FROM (SELECT 1) AS one \
          LEFT JOIN api_keys k ON k.hash = $1::TEXT";
-    /// One row when conversation `$1` is owned by node `$2`, incarnation `$3`, at epoch `$4`,
-    /// and that registration has not expired; the ownership row stays locked until the
-    /// transaction ends, so no other node takes the conversation over between this check and
-    /// the commit of the append it guards.
-    pub const OWNS: &str = "SELECT 1 FROM ownership o JOIN cluster_nodes n \
-         ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
-         WHERE o.conversation_id = $1 AND o.node_id = $2 AND o.incarnation = $3 \
-         AND o.epoch = $4 AND n.expires_at > now() FOR SHARE OF o";
+    /// Of the leases `$2` (conversation ids), `$3` (incarnations), `$4` (epochs), the ones
+    /// node `$1` still holds: each conversation's current owner and epoch, under a registration
+    /// that has not expired. The ownership rows found stay locked until the transaction ends,
+    /// so no other node takes those conversations over between this check and the commit of
+    /// the writes it guards.
+    pub const OWNS: &str = "SELECT o.conversation_id, o.incarnation, o.epoch FROM ownership o \
+         JOIN cluster_nodes n ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
+         JOIN UNNEST($2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS l (id, incarnation, epoch) \
+         ON o.conversation_id = l.id AND o.incarnation = l.incarnation AND o.epoch = l.epoch \
+         WHERE o.node_id = $1 AND n.expires_at > now() FOR SHARE OF o";
     /// One row when node `$1`, incarnation `$2`, is registered and not expired.
     pub const NODE_LIVE: &str = "SELECT 1 FROM cluster_nodes \
          WHERE node_id = $1 AND incarnation = $2 AND expires_at > now()";
@@ -807,6 +809,9 @@ struct Pending<'a> {
     /// The conversations appended to, with the bytes appended: their `last_updated_at` and
     /// `bytes` move once, at the end of the batch.
     appended: HashMap<String, u64>,
+    /// The leases of the batch's owned creates and appends that this node still holds,
+    /// checked (and their ownership rows locked) by one statement before the first write.
+    held: HashSet<(String, i64, i64)>,
 }
 
 /// Why one request was not applied.
@@ -907,6 +912,7 @@ impl Writer {
             added: 0,
             freed: 0,
             appended: HashMap::new(),
+            held: HashSet::new(),
         };
         match pending.apply_batch(batch, now, isolation).await {
             Ok(outcomes) => {
@@ -940,6 +946,7 @@ impl Pending<'_> {
             Isolation::Direct => BatchError::Retry,
             Isolation::Savepoints => BatchError::Failed(postgres_message(&e)),
         };
+        self.held = self.check_leases(batch).await.map_err(statement_failed)?;
         let mut outcomes = Vec::with_capacity(batch.len());
         for request in batch {
             let outcome = match isolation {
@@ -1016,7 +1023,7 @@ impl Pending<'_> {
                 lease,
             } => {
                 if let Some(lease) = lease {
-                    self.check_lease(&meta.conversation_id, *lease).await?;
+                    self.check_lease(&meta.conversation_id, *lease)?;
                 }
                 self.create(meta, events, lease.map_or(0, |l| l.epoch))
                     .await
@@ -1028,7 +1035,7 @@ impl Pending<'_> {
             }
             WriteCommand::Append { id, events, lease } => {
                 if let Some(lease) = lease {
-                    self.check_lease(id, *lease).await?;
+                    self.check_lease(id, *lease)?;
                 }
                 self.append(id, events, lease.map_or(0, |l| l.epoch)).await
             }
@@ -1117,18 +1124,61 @@ impl Pending<'_> {
         self.append(id, events, epoch).await
     }
 
-    /// Refuses an owned append whose lease is not the conversation's current one; otherwise
-    /// holds the ownership row (shared) until the transaction ends.
-    async fn check_lease(&mut self, id: &str, lease: Lease) -> Result<(), ApplyError> {
+    /// Which leases of `batch`'s owned creates and appends this node still holds, with one
+    /// statement ([`sql::OWNS`]) that also holds their ownership rows (shared) until the
+    /// transaction ends; nothing is asked when the batch has none.
+    async fn check_leases(
+        &self,
+        batch: &[WriteRequest],
+    ) -> Result<HashSet<(String, i64, i64)>, tokio_postgres::Error> {
+        let asked: HashSet<(&str, i64, i64)> = batch
+            .iter()
+            .filter_map(|request| match &request.command {
+                WriteCommand::Create {
+                    meta,
+                    lease: Some(lease),
+                    ..
+                } => Some((
+                    meta.conversation_id.as_str(),
+                    lease.incarnation,
+                    lease.epoch,
+                )),
+                WriteCommand::Append {
+                    id,
+                    lease: Some(lease),
+                    ..
+                } => Some((id.as_str(), lease.incarnation, lease.epoch)),
+                _ => None,
+            })
+            .collect();
+        if asked.is_empty() {
+            return Ok(HashSet::new());
+        }
+        let mut ids = Vec::with_capacity(asked.len());
+        let mut incarnations = Vec::with_capacity(asked.len());
+        let mut epochs = Vec::with_capacity(asked.len());
+        for &(id, incarnation, epoch) in &asked {
+            ids.push(id);
+            incarnations.push(incarnation);
+            epochs.push(epoch);
+        }
         let statement = self.conn.prepare_cached(sql::OWNS).await?;
-        let owned = self
+        let rows = self
             .conn
-            .query_opt(
-                &statement,
-                &[&id, &self.node_id, &lease.incarnation, &lease.epoch],
-            )
+            .query(&statement, &[&self.node_id, &ids, &incarnations, &epochs])
             .await?;
-        if owned.is_none() {
+        rows.iter()
+            .map(|row| Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)))
+            .collect()
+    }
+
+    /// Refuses an owned create or append whose lease [`Pending::check_leases`] did not find
+    /// held.
+    fn check_lease(&self, id: &str, lease: Lease) -> Result<(), ApplyError> {
+        if !self
+            .held
+            .contains(&(id.to_string(), lease.incarnation, lease.epoch))
+        {
             return Err(ApplyError::Refused(StoreError::Fenced(format!(
                 "conversation {id}: this node (incarnation {}) no longer owns it at epoch {} \
                  (taken over, or the node's registration lapsed); nothing was written",

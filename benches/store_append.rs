@@ -206,11 +206,9 @@ async fn append_loop(
     deadline: Instant,
 ) -> Result<Done, StoreError> {
     let lease = match owned {
-        true => match store.acquire(&cid(&id)).await? {
+        true => match store.acquire(&cid(&id), None).await? {
             Acquired::Owned(lease) => Some(lease),
-            Acquired::Elsewhere(owner) => {
-                return Err(StoreError::Io(format!("{id} is owned by {owner:?}")))
-            }
+            other => return Err(StoreError::Io(format!("{id} not granted: {other:?}"))),
         },
         false => None,
     };

@@ -3,9 +3,10 @@
 //! under the conversation's current lease, checked in its own transaction, so once an event of
 //! epoch e+1 is committed no event of an earlier epoch ever is, and the log's ids stay dense and
 //! unique; a node whose registration lapsed writes nothing more, fences itself and comes back
-//! with a new incarnation; release and a clean close free a conversation at once. Each "node"
-//! here is a store opened with its own node id on one fresh database (see `tests/pg`); without
-//! a server the tests print SKIPPED.
+//! with a new incarnation; release and a clean close free a conversation at once; a user's
+//! conversations owned by live nodes never exceed its limit, however many nodes take them at
+//! once. Each "node" here is a store opened with its own node id on one fresh database (see
+//! `tests/pg`); without a server the tests print SKIPPED.
 
 mod common;
 mod pg;
@@ -19,6 +20,7 @@ use switchboard::config::{PostgresSettings, StoreTuning};
 use switchboard::events::{EventBody, Source, StoredEvent};
 use switchboard::store::{
     Acquired, ClusterNode, Lease, Membership, PostgresStore, Store, StoreError, StoreLimits,
+    UserQuota,
 };
 
 const T0: &str = "2024-01-01T00:00:00.000000Z";
@@ -50,9 +52,9 @@ fn event(id: u64) -> StoredEvent {
 }
 
 async fn owned(store: &PostgresStore, id: &str) -> Lease {
-    match store.acquire(&cid(id)).await.expect("acquire") {
+    match store.acquire(&cid(id), None).await.expect("acquire") {
         Acquired::Owned(lease) => lease,
-        Acquired::Elsewhere(owner) => panic!("{id} is owned by {owner:?}"),
+        other => panic!("{id} is not granted: {other:?}"),
     }
 }
 
@@ -105,7 +107,7 @@ async fn one_owner_at_a_time_and_each_takeover_raises_the_epoch() {
 
     let first = owned(&a, "c").await;
     assert_eq!(first.epoch, 1);
-    match b.acquire(&cid("c")).await.expect("acquire") {
+    match b.acquire(&cid("c"), None).await.expect("acquire") {
         Acquired::Elsewhere(owner) => {
             assert_eq!(owner.node_id, "a");
             assert_eq!(owner.url, "http://a.example");
@@ -130,7 +132,7 @@ async fn one_owner_at_a_time_and_each_takeover_raises_the_epoch() {
     // A release under a lease that is no longer current changes nothing.
     a.release(&cid("c"), first).await.expect("stale release");
     assert!(matches!(
-        a.acquire(&cid("c")).await.expect("acquire"),
+        a.acquire(&cid("c"), None).await.expect("acquire"),
         Acquired::Elsewhere(_)
     ));
     assert_eq!(log(&db, "c"), vec![(0, 1), (1, 1), (2, 2)]);
@@ -140,13 +142,14 @@ async fn one_owner_at_a_time_and_each_takeover_raises_the_epoch() {
 async fn concurrent_acquires_from_three_nodes_grant_one_owner() {
     let Some(db) = pg::database() else { return };
     let nodes = [node(&db.url, "a"), node(&db.url, "b"), node(&db.url, "c")];
-    let attempts = (0..200).map(|i| nodes[i % 3].acquire(&cid("x")));
+    let attempts = (0..200).map(|i| nodes[i % 3].acquire(&cid("x"), None));
     let outcomes = join_all(attempts).await;
     let mut owners = Vec::new();
     for (i, outcome) in outcomes.into_iter().enumerate() {
         match outcome.expect("acquire") {
             Acquired::Owned(lease) => owners.push((i % 3, lease)),
             Acquired::Elsewhere(_) => {}
+            other => panic!("no user, no limit: {other:?}"),
         }
     }
     // The owner may acquire again (its own conversation): always the same node, and every
@@ -157,6 +160,122 @@ async fn concurrent_acquires_from_three_nodes_grant_one_owner() {
     epochs.sort();
     epochs.dedup();
     assert_eq!(epochs.len(), owners.len(), "each epoch granted once");
+}
+
+/// A quota of `max_running` conversations for `user`.
+fn quota(user: &str, max_running: usize) -> Option<UserQuota> {
+    Some(UserQuota {
+        user: user.to_string(),
+        max_running,
+    })
+}
+
+/// The conversations of `user` with an owner, as the ownership table holds them.
+fn held_by(db: &pg::TestDatabase, user: &str) -> usize {
+    db.query(&format!(
+        "SELECT 1 FROM ownership WHERE user_id = '{user}' AND node_id IS NOT NULL"
+    ))
+    .len()
+}
+
+/// `limits.max_running_per_user` across nodes: of 60 concurrent acquires of one user's new
+/// conversations over three nodes with a limit of 5, exactly 5 are granted and the refused ones
+/// leave no ownership row; another user is not counted, a release or a lapsed node frees its
+/// slots at once.
+#[tokio::test]
+async fn a_user_limit_is_exact_across_nodes() {
+    let Some(db) = pg::database() else { return };
+    let nodes = [node(&db.url, "a"), node(&db.url, "b"), node(&db.url, "c")];
+    // 60 concurrent acquires of distinct conversations of one user, limit 5, over 3 nodes.
+    let attempts = (0..60).map(|i| nodes[i % 3].acquire(&cid(&format!("c{i}")), quota("alice", 5)));
+    let outcomes = join_all(attempts).await;
+    let mut granted = Vec::new();
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match outcome.expect("acquire") {
+            Acquired::Owned(lease) => granted.push((i, lease)),
+            Acquired::UserLimit { limit } => assert_eq!(limit, 5),
+            other => panic!("c{i}: {other:?}"),
+        }
+    }
+    assert_eq!(granted.len(), 5, "exactly the limit granted: {granted:?}");
+    assert_eq!(held_by(&db, "alice"), 5, "a refused acquire leaves no row");
+    assert_eq!(db.query("SELECT 1 FROM ownership").len(), 5);
+
+    // Another user is not counted with alice; an acquire again of one of hers is not a new one.
+    assert!(matches!(
+        nodes[0]
+            .acquire(&cid("b0"), quota("bob", 5))
+            .await
+            .expect("acquire"),
+        Acquired::Owned(_)
+    ));
+    let (i, lease) = granted[0];
+    let holder = &nodes[i % 3];
+    assert!(matches!(
+        holder
+            .acquire(&cid(&format!("c{i}")), quota("alice", 5))
+            .await
+            .expect("acquire"),
+        Acquired::Owned(_)
+    ));
+    assert!(matches!(
+        nodes[1]
+            .acquire(&cid("more"), quota("alice", 5))
+            .await
+            .expect("acquire"),
+        Acquired::UserLimit { limit: 5 }
+    ));
+    // A release frees a slot at once; so does a node whose registration lapsed.
+    let again = owned_as(holder, &format!("c{i}"), "alice").await;
+    assert_eq!(again.epoch, lease.epoch + 2);
+    holder
+        .release(&cid(&format!("c{i}")), again)
+        .await
+        .expect("release");
+    assert!(matches!(
+        nodes[1]
+            .acquire(&cid("more"), quota("alice", 5))
+            .await
+            .expect("acquire"),
+        Acquired::Owned(_)
+    ));
+    assert!(matches!(
+        nodes[1]
+            .acquire(&cid("more-still"), quota("alice", 5))
+            .await
+            .expect("acquire"),
+        Acquired::UserLimit { limit: 5 }
+    ));
+    let lapsed = granted
+        .iter()
+        .filter(|(j, _)| *j != i && j % 3 == 2)
+        .count();
+    expire(&db, "c");
+    let freed = (0..lapsed)
+        .map(|k| nodes[0].acquire(&cid(&format!("after-{k}")), quota("alice", 5)))
+        .collect::<Vec<_>>();
+    for outcome in join_all(freed).await {
+        assert!(matches!(outcome.expect("acquire"), Acquired::Owned(_)));
+    }
+    assert!(matches!(
+        nodes[0]
+            .acquire(&cid("one-too-many"), quota("alice", 5))
+            .await
+            .expect("acquire"),
+        Acquired::UserLimit { limit: 5 }
+    ));
+}
+
+/// [`owned`] of a conversation of `user` (under a generous limit).
+async fn owned_as(store: &PostgresStore, id: &str, user: &str) -> Lease {
+    match store
+        .acquire(&cid(id), quota(user, 1000))
+        .await
+        .expect("acquire")
+    {
+        Acquired::Owned(lease) => lease,
+        other => panic!("{id} is not granted: {other:?}"),
+    }
 }
 
 #[tokio::test]

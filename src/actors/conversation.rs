@@ -1,13 +1,16 @@
 //! The conversation actor: the single writer of one conversation.
 //!
 //! It owns the conversation's lifecycle — one `Phase`: starting, running, then stopping for one
-//! `StopReason` (or ended without ever running: not found, owned elsewhere, load failed), from
+//! `StopReason` (or ended without ever running: not found, owned elsewhere, its user at the
+//! cluster's per-user limit, load failed), from
 //! which its status (`STARTING` → `RUNNING` → `STOPPED`) follows — its event ids and
 //! timestamps, its subscribers (attached clients) and its runtime. Its promises:
 //!
 //! - **Own, then load.** Before loading (or creating) its conversation the actor acquires it
 //!   from the store ([`Store::acquire`]); when another live cluster node owns it, every request
-//!   learns which ([`ConversationError::Elsewhere`]) and the actor stops. Everything it writes is
+//!   learns which ([`ConversationError::Elsewhere`]) and the actor stops; so it does when its
+//!   user already has `limits.max_running_per_user` conversations owned across the cluster
+//!   ([`AdmitError::UserLimit`], nothing written). Everything it writes is
 //!   written under that lease, and a write the store fences stops it without writing anything
 //!   more; the lease is given back once all it wrote is durable (or at once when it stops).
 //! - **Persist, then broadcast.** Every event gets the next dense id, goes to the store, and is
@@ -55,7 +58,7 @@ use crate::runtime::{
     FromRuntime, RefMap, ReferencedEvent, Runtime, RuntimeFactory, RuntimeSignal, RuntimeSink,
     RuntimeStart,
 };
-use crate::store::{meta_bytes, Acquired, Lease, NodeAddress, Store, StoreError};
+use crate::store::{meta_bytes, Acquired, Lease, Store, StoreError, UserQuota};
 
 /// What leaves the actor, in order.
 enum Outgoing {
@@ -172,8 +175,9 @@ pub struct Conversation {
     last_activity_ms: u64,
     /// Why loading from the store failed, told to every request until the actor stops.
     load_error: Option<StoreError>,
-    /// The node that owns the conversation instead of this one, told to every request.
-    elsewhere: Option<NodeAddress>,
+    /// Why the store did not grant the conversation to this node (another node owns it, or its
+    /// user is at the cluster's limit), told to every request.
+    not_granted: Option<ConversationError>,
     /// This node's hold on the conversation, taken before loading it; every write is made
     /// under it, and it is given back (once) when the conversation stops.
     lease: Option<Lease>,
@@ -236,7 +240,7 @@ impl Conversation {
             stop_waiters: Vec::new(),
             last_activity_ms: now_ms(),
             load_error: None,
-            elsewhere: None,
+            not_granted: None,
             lease: None,
             start_deadline: None,
             runtime_finished: None,
@@ -252,8 +256,8 @@ impl Conversation {
         if let Some(e) = &self.load_error {
             return Err(e.clone().into());
         }
-        if let Some(owner) = &self.elsewhere {
-            return Err(ConversationError::Elsewhere(owner.clone()));
+        if let Some(e) = &self.not_granted {
+            return Err(e.clone());
         }
         if self.meta.is_none() {
             return Err(ConversationError::NotFound);
@@ -792,13 +796,14 @@ impl Conversation {
         ctx.stop();
     }
 
-    /// Another live node owns the conversation: every request waiting here learns which.
-    fn owned_elsewhere(&mut self, owner: NodeAddress, ctx: &mut Context<Self>) {
-        debug!(owner = %owner.node_id, "owned by another node");
-        self.elsewhere = Some(owner);
+    /// The store did not grant the conversation (another live node owns it, or its user is at
+    /// the cluster's limit): every request waiting here learns why.
+    fn not_granted(&mut self, why: ConversationError, ctx: &mut Context<Self>) {
+        debug!(%why, "not granted by the store");
+        self.not_granted = Some(why);
         self.set_phase(Phase::Ended);
         self.answer_first_join();
-        // Linger briefly so that the requests already waiting learn where it is.
+        // Linger briefly so that the requests already waiting learn why.
         ctx.run_later(Duration::from_millis(200), |_, ctx| ctx.stop());
     }
 
@@ -1063,7 +1068,11 @@ impl Actor for Conversation {
         self.self_addr = Some(ctx.address());
         let mode = self.mode.take().unwrap_or(AdmitMode::LoadOnly);
         // Ownership first: what is loaded is then the log as its last owner left it.
-        let acquired = self.store.acquire(&self.id);
+        let quota = self.shared.owner().map(|user| UserQuota {
+            user: user.to_string(),
+            max_running: self.settings.limits.max_running_per_user,
+        });
+        let acquired = self.store.acquire(&self.id, quota);
         ctx.wait(acquired.into_actor(self).map(|acquired, act, ctx| {
             let _span = act.span.clone().entered();
             match acquired {
@@ -1075,7 +1084,13 @@ impl Actor for Conversation {
                         AdmitMode::LoadOnly => act.load(None, ctx),
                     }
                 }
-                Ok(Acquired::Elsewhere(node)) => act.owned_elsewhere(node, ctx),
+                Ok(Acquired::Elsewhere(node)) => {
+                    act.not_granted(ConversationError::Elsewhere(node), ctx)
+                }
+                Ok(Acquired::UserLimit { limit }) => act.not_granted(
+                    ConversationError::Admit(AdmitError::UserLimit { limit }),
+                    ctx,
+                ),
                 Err(e) => act.load_failed(e, ctx),
             }
         }));

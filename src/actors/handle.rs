@@ -149,6 +149,7 @@ impl SupervisorHandle {
                 // It met an incarnation that was only looking the id up (a socket or `start`)
                 // and found nothing; that one stops, and the retry creates the conversation.
                 Err(e @ ConversationError::NotFound) if !load_only => last = e,
+                Err(ConversationError::Admit(e)) => return Err(OpenError::Admit(e)),
                 Err(e) => return Err(OpenError::Conversation(e)),
             }
         }

@@ -208,6 +208,11 @@ pub enum ConversationError {
     /// Another live node of the cluster owns the conversation.
     #[error("conversation is owned by cluster node {} ({})", .0.node_id, .0.url)]
     Elsewhere(crate::store::NodeAddress),
+    /// Refused as the supervisor refuses an admission, by a limit kept across the cluster's
+    /// nodes: [`AdmitError::UserLimit`] when its user already has `limits.max_running_per_user`
+    /// conversations owned by live nodes (the store's count). Nothing was written.
+    #[error(transparent)]
+    Admit(AdmitError),
 }
 
 impl From<crate::store::StoreError> for ConversationError {

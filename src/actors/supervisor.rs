@@ -18,7 +18,9 @@
 //! bucket ([`CreateLimiter`]) here, before any limit or eviction is considered; joining a live
 //! conversation never does. Then its owner's count is checked against
 //! `limits.max_running_per_user` (every conversation with an actor counts, stopping ones
-//! included; conversations without an owner are not counted), then the server's limit.
+//! included; conversations without an owner are not counted), then the server's limit. On a
+//! cluster the per-user count here is only this node's: the store's `acquire` checks the
+//! user's conversations across all nodes before the conversation is loaded or created.
 //! Admission is also where owners are kept apart: a live conversation is joined only by an
 //! admission for its owner.
 //!

@@ -782,6 +782,7 @@ pub async fn post_event(
         Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e.to_string())),
         Err(ConversationError::OverQuota(quota, why)) => Err(ApiError::OverQuota(quota, why)),
         Err(ConversationError::Elsewhere(owner)) => Err(ApiError::Elsewhere(id.to_string(), owner)),
+        Err(ConversationError::Admit(e)) => Err(admit_error(e, &state.settings.limits)),
     }
 }
 

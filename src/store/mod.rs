@@ -37,6 +37,10 @@
 //!   while another live node owns the conversation, grants with the next *epoch* otherwise, and
 //!   an owned append commits only if its lease is still the conversation's current one, checked
 //!   in the same transaction ([`StoreError::Fenced`] otherwise, and nothing is written).
+//!   Given a [`UserQuota`], the PostgreSQL store's `acquire` also refuses
+//!   ([`Acquired::UserLimit`]) when the user already has that many conversations owned by live
+//!   nodes, counted in the same transaction and serialised per user across the cluster; single
+//!   nodes leave that limit to the supervisor.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -103,6 +107,17 @@ pub enum Acquired {
     Owned(Lease),
     /// Another live node owns it.
     Elsewhere(NodeAddress),
+    /// Not taken: its user already has [`UserQuota::max_running`] conversations owned by live
+    /// nodes (nothing was written).
+    UserLimit { limit: usize },
+}
+
+/// Whose conversation [`Store::acquire`] takes, and how many of that user's conversations may
+/// be owned at once across the cluster (`limits.max_running_per_user`; 0: no limit).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserQuota {
+    pub user: String,
+    pub max_running: usize,
 }
 
 /// A node of the cluster as other nodes reach it.
@@ -344,9 +359,9 @@ pub trait Store: Send + Sync + 'static {
     fn probe(&self) -> StoreFuture<()> {
         self.flush()
     }
-    /// Takes conversation `id` for this node (whether or not it exists yet). Single-node stores
-    /// always grant the default [`Lease`].
-    fn acquire(&self, _id: &ConversationId) -> StoreFuture<Acquired> {
+    /// Takes conversation `id` for this node (whether or not it exists yet), within `quota`
+    /// when the conversation has a user. Single-node stores always grant the default [`Lease`].
+    fn acquire(&self, _id: &ConversationId, _quota: Option<UserQuota>) -> StoreFuture<Acquired> {
         Box::pin(std::future::ready(Ok(Acquired::Owned(Lease::default()))))
     }
     /// [`Store::create_with_events`] under `lease`: [`StoreError::Fenced`] (nothing written)

@@ -44,6 +44,10 @@
 //!   [`StoreError::Fenced`] otherwise; every event row keeps the epoch it was written under. So
 //!   once an event of epoch e+1 is committed, no event of an older epoch ever is. `release`
 //!   and `leave` make what the node owned free at once.
+//! - **A per-user limit exact across nodes.** An `acquire` under a [`UserQuota`] takes the
+//!   user's advisory lock in its transaction (so one user's acquires on all nodes run one at a
+//!   time) and grants only while fewer than the limit of the user's other conversations are
+//!   owned by live nodes; a refusal writes nothing.
 //! - **No TLS.** Connections are unencrypted: run PostgreSQL on a trusted network or the same
 //!   machine. A URL that asks for `sslmode=require` fails to connect.
 //! - **Clean shutdown.** [`PostgresStore`] is a cheap `Clone`; when the last clone (and every
@@ -70,7 +74,7 @@ use super::durable::{
 use super::membership::{self, ClusterNode, Membership, NodeState};
 use super::{
     events_bytes, meta_bytes, Acquired, ApiKey, EventQuery, Existing, KeyLookup, Lease,
-    NodeAddress, Store, StoreError, StoreFuture, StoreLimits,
+    NodeAddress, Store, StoreError, StoreFuture, StoreLimits, UserQuota,
 };
 use crate::config::{PostgresSettings, StoreTuning};
 use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord, InitData};
@@ -141,6 +145,12 @@ pub const MIGRATIONS: &[&str] = &[
     );
     ALTER TABLE events ADD COLUMN epoch BIGINT NOT NULL DEFAULT 0;
     "#,
+    // 4: the user whose conversation each ownership row is, for the per-user limit across
+    // nodes (`limits.max_running_per_user`), and the held rows by user.
+    r#"
+    ALTER TABLE ownership ADD COLUMN user_id TEXT COLLATE "C";
+    CREATE INDEX ownership_held_by_user ON ownership (user_id) WHERE node_id IS NOT NULL;
+    "#,
 ];
 
 /// The schema version this build writes and understands.
@@ -148,6 +158,10 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// The advisory lock (`pg_advisory_xact_lock`) that serialises migrations ("SWBD").
 const MIGRATION_LOCK: i64 = 0x5357_4244;
+
+/// The first key of the advisory locks (`pg_advisory_xact_lock(int, int)`, the second key
+/// the user's `hashtext`) that serialise one user's acquires under a per-user limit ("SWUS").
+const USER_LOCK: i32 = 0x5357_5553;
 
 /// How long connecting to the server may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -253,17 +267,26 @@ mod sql {
     /// One row when node `$1`, incarnation `$2`, is registered and not expired.
     pub const NODE_LIVE: &str = "SELECT 1 FROM cluster_nodes \
          WHERE node_id = $1 AND incarnation = $2 AND expires_at > now()";
-    /// Takes conversation `$1` for node `$2`, incarnation `$3`, unless another live node owns
-    /// it: the new epoch, or no row (the conflicting row is then locked by this transaction).
+    /// Takes conversation `$1` of user `$4` (or NULL) for node `$2`, incarnation `$3`, unless
+    /// another live node owns it: the new epoch, or no row (the conflicting row is then locked
+    /// by this transaction).
     pub const ACQUIRE: &str = "INSERT INTO ownership AS o \
-         (conversation_id, node_id, incarnation, epoch) VALUES ($1, $2, $3, 1) \
+         (conversation_id, node_id, incarnation, epoch, user_id) VALUES ($1, $2, $3, 1, $4) \
          ON CONFLICT (conversation_id) DO UPDATE SET node_id = excluded.node_id, \
-         incarnation = excluded.incarnation, epoch = o.epoch + 1 \
+         incarnation = excluded.incarnation, epoch = o.epoch + 1, user_id = excluded.user_id \
          WHERE o.node_id IS NULL \
          OR (o.node_id = excluded.node_id AND o.incarnation = excluded.incarnation) \
          OR NOT EXISTS (SELECT 1 FROM cluster_nodes n WHERE n.node_id = o.node_id \
          AND n.incarnation = o.incarnation AND n.expires_at > now()) \
          RETURNING epoch";
+    /// Waits until no other transaction holds user `$2`'s lock (`$1` is [`super::USER_LOCK`])
+    /// and holds it until this one ends.
+    pub const LOCK_USER: &str = "SELECT pg_advisory_xact_lock($1::INT, hashtext($2::TEXT))";
+    /// How many conversations of user `$1` other than `$2` live nodes own.
+    pub const HELD_BY_USER: &str = "SELECT count(*) FROM ownership o \
+         JOIN cluster_nodes n ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
+         WHERE o.user_id = $1 AND o.node_id IS NOT NULL AND o.conversation_id <> $2 \
+         AND n.expires_at > now()";
     /// Who owns conversation `$1`, and where that node is reached.
     pub const OWNER: &str = "SELECT o.node_id, n.advertise_url FROM ownership o \
          LEFT JOIN cluster_nodes n ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
@@ -308,6 +331,8 @@ mod sql {
         OWNS,
         NODE_LIVE,
         ACQUIRE,
+        LOCK_USER,
+        HELD_BY_USER,
         OWNER,
         LIVE_OWNER,
         OWNED_ELSEWHERE,
@@ -337,6 +362,7 @@ pub struct PostgresStore {
 enum OwnershipRequest {
     Acquire {
         id: String,
+        quota: Option<UserQuota>,
         reply: super::durable::Reply<Acquired>,
     },
     Release {
@@ -612,9 +638,9 @@ impl PostgresStore {
 impl Store for PostgresStore {
     queued_store_methods!();
 
-    fn acquire(&self, id: &ConversationId) -> StoreFuture<Acquired> {
+    fn acquire(&self, id: &ConversationId, quota: Option<UserQuota>) -> StoreFuture<Acquired> {
         let id = id.to_string();
-        self.ownership_request(|reply| OwnershipRequest::Acquire { id, reply })
+        self.ownership_request(|reply| OwnershipRequest::Acquire { id, quota, reply })
     }
 
     fn create_owned(
@@ -1278,8 +1304,9 @@ async fn run_ownership(
         async move {
             // A caller that dropped its future no longer wants the answer; that is fine.
             match request {
-                OwnershipRequest::Acquire { id, reply } => {
-                    let _ = reply.send(acquire(&pool, &node.node_id, &state, &id).await);
+                OwnershipRequest::Acquire { id, quota, reply } => {
+                    let acquired = acquire(&pool, &node.node_id, &state, &id, quota).await;
+                    let _ = reply.send(acquired);
                 }
                 OwnershipRequest::Release { id, lease, reply } => {
                     let _ = reply.send(release(&pool, &node.node_id, &id, lease).await);
@@ -1323,12 +1350,16 @@ where
 }
 
 /// Takes conversation `id` for this node in one transaction (see [`sql::ACQUIRE`]); refused
-/// while the node is fenced or its registration has lapsed.
+/// while the node is fenced or its registration has lapsed. Under a `quota` with a limit, the
+/// transaction first takes the user's advisory lock, so that the acquires of one user on every
+/// node run one at a time, and takes the conversation only while fewer than the limit of the
+/// user's other conversations are owned by live nodes (nothing is written otherwise).
 async fn acquire(
     pool: &Pool,
     node_id: &str,
     state: &NodeState,
     id: &str,
+    quota: Option<UserQuota>,
 ) -> Result<Acquired, StoreError> {
     let Some(incarnation) = state.incarnation() else {
         return Err(StoreError::Fenced(
@@ -1348,16 +1379,38 @@ async fn acquire(
             "this node's registration (incarnation {incarnation}) has lapsed"
         )));
     }
+    let user = quota.as_ref().map(|q| q.user.as_str());
+    let limit = quota.as_ref().map_or(0, |q| q.max_running);
+    if let (Some(user), true) = (user, limit > 0) {
+        let lock = tx.prepare_cached(sql::LOCK_USER).await.map_err(io_error)?;
+        tx.execute(&lock, &[&USER_LOCK, &user])
+            .await
+            .map_err(io_error)?;
+    }
     let statement = tx.prepare_cached(sql::ACQUIRE).await.map_err(io_error)?;
     let taken = tx
-        .query_opt(&statement, &[&id, &node_id, &incarnation])
+        .query_opt(&statement, &[&id, &node_id, &incarnation, &user])
         .await
         .map_err(io_error)?;
     let acquired = match taken {
-        Some(row) => Acquired::Owned(Lease {
-            incarnation,
-            epoch: row.try_get(0).map_err(io_error)?,
-        }),
+        Some(row) => {
+            if let (Some(user), true) = (user, limit > 0) {
+                let held = tx
+                    .prepare_cached(sql::HELD_BY_USER)
+                    .await
+                    .map_err(io_error)?;
+                let row = tx.query_one(&held, &[&user, &id]).await.map_err(io_error)?;
+                let held: i64 = row.try_get(0).map_err(io_error)?;
+                if usize::try_from(held).unwrap_or(usize::MAX) >= limit {
+                    tx.rollback().await.map_err(io_error)?;
+                    return Ok(Acquired::UserLimit { limit });
+                }
+            }
+            Acquired::Owned(Lease {
+                incarnation,
+                epoch: row.try_get(0).map_err(io_error)?,
+            })
+        }
         None => {
             let statement = tx.prepare_cached(sql::OWNER).await.map_err(io_error)?;
             let row = tx.query_one(&statement, &[&id]).await.map_err(io_error)?;

@@ -573,3 +573,97 @@ fn concurrent_create_or_join_of_one_id_across_three_nodes_starts_one_runtime() {
     assert_eq!(starts, 1, "one runtime start");
     assert!(log.iter().all(|(_, epoch, _)| *epoch == log[0].1));
 }
+
+/// `limits.max_running_per_user` is exact across the cluster: 30 concurrent creates by one user
+/// (a user key) spread over three nodes with a limit of 4 are answered 200 exactly 4 times and
+/// 429 `SWITCHBOARD$USER_LIMIT` otherwise; the 4 run, and nothing of a refused one is stored
+/// (4 conversations, 4 held ownership rows). Once one of them stopped, another node admits a new
+/// one.
+#[test]
+fn a_users_running_limit_is_exact_across_three_nodes() {
+    let Some(db) = pg::database() else { return };
+    let cwd = tempfile::tempdir().expect("temp dir");
+    let unused = cwd.path().join("data");
+    let on_db = [("SWITCHBOARD_POSTGRES_URL", db.url.as_str())];
+    let alice = add_key_on(cwd.path(), &unused, "postgres", &on_db, "alice", false);
+    let settings = [
+        ("SWITCHBOARD_SESSION_API_KEY", "s3cret-key"),
+        ("SWITCHBOARD_MAX_RUNNING_PER_USER", "4"),
+    ];
+    let nodes = [
+        start_node_with(&db, "a", 1000, &settings),
+        start_node_with(&db, "b", 1000, &settings),
+        start_node_with(&db, "c", 1000, &settings),
+    ];
+    let ports: Vec<u16> = nodes.iter().map(|n| n.port).collect();
+    let create = |port: u16, tag: &str| keyed(port, "POST", "/api/conversations", &alice, tag);
+    let answers: Vec<(u16, Answer)> = std::thread::scope(|scope| {
+        let creates: Vec<_> = (0..30)
+            .map(|i| {
+                let (port, create) = (ports[i % ports.len()], &create);
+                scope.spawn(move || (port, create(port, &format!("create-{i}"))))
+            })
+            .collect();
+        creates
+            .into_iter()
+            .map(|c| c.join().expect("create"))
+            .collect()
+    });
+    let mut created: Vec<(u16, String)> = Vec::new();
+    for (port, answer) in &answers {
+        let body: Value = serde_json::from_str(&answer.body).expect("JSON answer");
+        match answer.status {
+            200 => created.push((*port, body["conversation_id"].as_str().expect("id").into())),
+            429 => assert_eq!(body["msg_id"], "SWITCHBOARD$USER_LIMIT", "{body}"),
+            other => panic!("create answered {other}: {body}"),
+        }
+    }
+    assert_eq!(created.len(), 4, "exactly the limit admitted: {created:?}");
+    let mut ids: Vec<String> = created.iter().map(|(_, id)| id.clone()).collect();
+    ids.sort();
+    let column = |sql: &str| {
+        let mut values: Vec<String> = db
+            .query(sql)
+            .into_iter()
+            .map(|row| row[0].clone().expect("not null"))
+            .collect();
+        values.sort();
+        values
+    };
+    assert_eq!(
+        column("SELECT id FROM conversations"),
+        ids,
+        "nothing half-created"
+    );
+    assert_eq!(
+        column("SELECT conversation_id FROM ownership WHERE node_id IS NOT NULL"),
+        ids
+    );
+    wait_until(Duration::from_secs(15), "all four run", || {
+        let listed = keyed(ports[0], "GET", "/api/conversations", &alice, "list");
+        let list: Value = serde_json::from_str(&listed.body).expect("JSON");
+        let running = list["results"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|c| c["status"] == "RUNNING").count());
+        running == 4
+    });
+
+    let (port, id) = &created[0];
+    let stopped = keyed(
+        *port,
+        "POST",
+        &format!("/api/conversations/{id}/stop"),
+        &alice,
+        "stop",
+    );
+    assert_eq!(stopped.status, 200, "{}", stopped.body);
+    let other = ports
+        .iter()
+        .copied()
+        .find(|p| p != port)
+        .expect("another node");
+    wait_until(Duration::from_secs(15), "a slot is free again", || {
+        create(other, "after-stop").status == 200
+    });
+    assert_eq!(create(other, "over").status, 429, "the limit holds again");
+}

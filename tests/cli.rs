@@ -372,6 +372,17 @@ fn http_raw(
     headers: &[(&str, &str)],
     body: Option<&str>,
 ) -> Answer {
+    try_http_raw(port, method, path, headers, body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`http_raw`], with a failure to get an answer as an error (see [`try_exchange`]).
+fn try_http_raw(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&str>,
+) -> Result<Answer, String> {
     let body = body.unwrap_or("");
     let extra: String = headers
         .iter()
@@ -382,36 +393,49 @@ fn http_raw(
          Content-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    exchange(port, &request)
+    try_exchange(port, &request)
 }
 
 /// Sends `request` exactly as given on a new connection and reads the whole answer.
 fn exchange(port: u16, request: &str) -> Answer {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    try_exchange(port, request).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`exchange`], with what went wrong (no connection, no complete answer within 10 s) as an
+/// error instead of a panic: for a server that may be killed at any moment.
+fn try_exchange(port: u16, request: &str) -> Result<Answer, String> {
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect: {e}"))?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    stream.write_all(request.as_bytes()).expect("send");
+        .map_err(|e| format!("timeout: {e}"))?;
+    stream
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).expect("read response");
+    stream
+        .read_to_end(&mut raw)
+        .map_err(|e| format!("read response: {e}"))?;
     let text = String::from_utf8_lossy(&raw);
-    let (head, payload) = text.split_once("\r\n\r\n").expect("HTTP response");
+    let (head, payload) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("not an HTTP response: {text:?}"))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line: {head}"));
+        .ok_or_else(|| format!("status line: {head}"))?;
     assert!(
         !head
             .to_ascii_lowercase()
             .contains("transfer-encoding: chunked"),
         "chunked answers are not expected: {head}"
     );
-    Answer {
+    Ok(Answer {
         status,
         head: head.to_string(),
         body: payload.to_string(),
-    }
+    })
 }
 
 /// One HTTP/1.1 request with `Connection: close`; the status and the JSON body.

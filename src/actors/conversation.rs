@@ -15,7 +15,8 @@
 //!   more; the lease is given back once all it wrote is durable (or at once when it stops).
 //! - **Persist, then broadcast.** Every event gets the next dense id, goes to the store, and is
 //!   released to clients and the runtime only once the store confirmed it — in id order, with
-//!   status payloads kept in order between them (the `outbox`).
+//!   status payloads kept in order between them (the `outbox`). A user action is answered only
+//!   then too: an accepted one is durable.
 //! - **A new conversation is one write.** Its first events (`loading`, replayed history, the
 //!   initial message, and what a runtime that is ready at once adds) are stamped and its runtime
 //!   started before anything is stored; then the conversation and those events go to the store
@@ -158,6 +159,9 @@ pub struct Conversation {
     bytes: u64,
     /// Every id below this is durable.
     durable_before: u64,
+    /// The user actions waiting for their event to be durable (by event id, ascending) before
+    /// they are answered.
+    durable_waiters: VecDeque<(u64, oneshot::Sender<Result<(), ConversationError>>)>,
     /// Stamped events not yet handed to the store.
     unsent: Vec<StoredEvent>,
     outbox: VecDeque<Outgoing>,
@@ -227,6 +231,7 @@ impl Conversation {
             next_id: 0,
             bytes: 0,
             durable_before: 0,
+            durable_waiters: VecDeque::new(),
             unsent: Vec::new(),
             outbox: VecDeque::new(),
             subscribers: HashMap::new(),
@@ -400,7 +405,7 @@ impl Conversation {
             match res {
                 Ok(()) => {
                     metrics().events_appended.inc_by(count);
-                    act.durable_before = act.durable_before.max(upto);
+                    act.mark_durable(upto);
                     act.flush(ctx);
                 }
                 Err(e) => act.on_store_failure(e, ctx),
@@ -612,7 +617,7 @@ impl Conversation {
         }
         tracing::error!(%error, "store failed; stopping conversation");
         self.store_failed = true;
-        self.drop_undurable();
+        self.drop_undurable(&error);
         self.shared.set_runtime_status(RuntimeStatus::Error);
         self.publish_status(StatusUpdate::error(
             events::STATUS_ERROR_RUNTIME_DISCONNECTED,
@@ -622,8 +627,26 @@ impl Conversation {
         self.flush(ctx);
     }
 
-    /// Forgets the events that are not durable yet: they are never shown to anyone.
-    fn drop_undurable(&mut self) {
+    /// Every event below `upto` is durable: the user actions waiting for one of them are
+    /// answered.
+    fn mark_durable(&mut self, upto: u64) {
+        self.durable_before = self.durable_before.max(upto);
+        while let Some((id, _)) = self.durable_waiters.front() {
+            if *id >= self.durable_before {
+                break;
+            }
+            if let Some((_, waiter)) = self.durable_waiters.pop_front() {
+                let _ = waiter.send(Ok(()));
+            }
+        }
+    }
+
+    /// Forgets the events that are not durable yet: they are never shown to anyone, and the
+    /// user actions waiting for them are answered with `error`.
+    fn drop_undurable(&mut self, error: &StoreError) {
+        for (_, waiter) in self.durable_waiters.drain(..) {
+            let _ = waiter.send(Err(ConversationError::Storage(error.clone())));
+        }
         let cutoff = self.durable_before;
         self.outbox
             .retain(|o| !matches!(o, Outgoing::Event { event, .. } if event.id >= cutoff));
@@ -729,7 +752,7 @@ impl Conversation {
                     info!("conversation created");
                     act.created = true;
                     metrics().events_appended.inc_by(upto);
-                    act.durable_before = act.durable_before.max(upto);
+                    act.mark_durable(upto);
                     act.flush(ctx);
                     act.answer_first_join();
                 }
@@ -967,7 +990,9 @@ impl Conversation {
         if reason == StopReason::Fenced {
             // Another node may own the conversation by now: nothing more is written.
             self.store_failed = true;
-            self.drop_undurable();
+            self.drop_undurable(&StoreError::Fenced(
+                "this node lost its cluster membership".into(),
+            ));
         }
         if self.phase == Phase::Starting {
             let result = match reason {
@@ -1131,26 +1156,39 @@ impl Handler<Join> for Conversation {
 }
 
 impl Handler<UserAction> for Conversation {
-    type Result = Result<(), ConversationError>;
+    type Result = ResponseFuture<Result<(), ConversationError>>;
 
+    /// Answered once the action's event is durable (a store failure or a stop before that is
+    /// an error), so an accepted action survives any crash.
     fn handle(&mut self, msg: UserAction, ctx: &mut Self::Context) -> Self::Result {
         let _span = self.span.clone().entered();
-        self.check_loaded()?;
+        let refused = |e| -> Self::Result { Box::pin(std::future::ready(Err(e))) };
+        if let Err(e) = self.check_loaded() {
+            return refused(e);
+        }
         if self.phase.is_stopping() {
-            return Err(ConversationError::Stopping);
+            return refused(ConversationError::Stopping);
         }
         let for_runtime = msg.0.source == Source::User;
-        match self.emit_event(msg.0, for_runtime, None, true) {
-            Ok(_) => {}
+        let id = match self.emit_event(msg.0, for_runtime, None, true) {
+            Ok(id) => id,
             Err(NotEmitted::Full) => {
-                return Err(ConversationError::Refused(
+                return refused(ConversationError::Refused(
                     "the conversation has reached its event limit".into(),
                 ))
             }
-            Err(NotEmitted::OverQuota(e)) => return Err(e.into()),
-        }
+            Err(NotEmitted::OverQuota(e)) => return refused(e.into()),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.durable_waiters.push_back((id, tx));
         self.commit(ctx);
-        Ok(())
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(ConversationError::Storage(StoreError::Io(
+                    "the conversation stopped before the action was stored".into(),
+                )))
+            })
+        })
     }
 }
 

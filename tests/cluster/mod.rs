@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 
+mod outages;
 mod sockets;
 
 /// Starts cluster node `node_id` on `db` (heartbeat 100 ms, TTL 1 s).

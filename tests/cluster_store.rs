@@ -187,7 +187,7 @@ async fn a_user_limit_is_exact_across_nodes() {
     let Some(db) = pg::database() else { return };
     let nodes = [node(&db.url, "a"), node(&db.url, "b"), node(&db.url, "c")];
     // 60 concurrent acquires of distinct conversations of one user, limit 5, over 3 nodes.
-    let attempts = (0..60).map(|i| nodes[i % 3].acquire(&cid(&format!("c{i}")), quota("alice", 5)));
+    let attempts = (0..60).map(|i| nodes[i % 3].acquire(&cid(format!("c{i}")), quota("alice", 5)));
     let outcomes = join_all(attempts).await;
     let mut granted = Vec::new();
     for (i, outcome) in outcomes.into_iter().enumerate() {
@@ -211,59 +211,43 @@ async fn a_user_limit_is_exact_across_nodes() {
     ));
     let (i, lease) = granted[0];
     let holder = &nodes[i % 3];
-    assert!(matches!(
-        holder
-            .acquire(&cid(&format!("c{i}")), quota("alice", 5))
-            .await
-            .expect("acquire"),
-        Acquired::Owned(_)
-    ));
-    assert!(matches!(
-        nodes[1]
-            .acquire(&cid("more"), quota("alice", 5))
-            .await
-            .expect("acquire"),
-        Acquired::UserLimit { limit: 5 }
-    ));
+    assert!(for_alice(holder, &format!("c{i}")).await);
+    assert!(!for_alice(&nodes[1], "more").await);
     // A release frees a slot at once; so does a node whose registration lapsed.
     let again = owned_as(holder, &format!("c{i}"), "alice").await;
     assert_eq!(again.epoch, lease.epoch + 2);
     holder
-        .release(&cid(&format!("c{i}")), again)
+        .release(&cid(format!("c{i}")), again)
         .await
         .expect("release");
-    assert!(matches!(
-        nodes[1]
-            .acquire(&cid("more"), quota("alice", 5))
-            .await
-            .expect("acquire"),
-        Acquired::Owned(_)
-    ));
-    assert!(matches!(
-        nodes[1]
-            .acquire(&cid("more-still"), quota("alice", 5))
-            .await
-            .expect("acquire"),
-        Acquired::UserLimit { limit: 5 }
-    ));
+    assert!(for_alice(&nodes[1], "more").await);
+    assert!(!for_alice(&nodes[1], "more-still").await);
     let lapsed = granted
         .iter()
         .filter(|(j, _)| *j != i && j % 3 == 2)
         .count();
     expire(&db, "c");
-    let freed = (0..lapsed)
-        .map(|k| nodes[0].acquire(&cid(&format!("after-{k}")), quota("alice", 5)))
-        .collect::<Vec<_>>();
-    for outcome in join_all(freed).await {
-        assert!(matches!(outcome.expect("acquire"), Acquired::Owned(_)));
+    let first = &nodes[0];
+    let freed = (0..lapsed).map(|k| {
+        let id = format!("after-{k}");
+        async move { for_alice(first, &id).await }
+    });
+    assert!(join_all(freed).await.into_iter().all(|granted| granted));
+    assert!(!for_alice(&nodes[0], "one-too-many").await);
+}
+
+/// Whether `store` grants conversation `id` of alice under a limit of 5 (else: refused for
+/// that limit).
+async fn for_alice(store: &PostgresStore, id: &str) -> bool {
+    match store
+        .acquire(&cid(id), quota("alice", 5))
+        .await
+        .expect("acquire")
+    {
+        Acquired::Owned(_) => true,
+        Acquired::UserLimit { limit: 5 } => false,
+        other => panic!("{id}: {other:?}"),
     }
-    assert!(matches!(
-        nodes[0]
-            .acquire(&cid("one-too-many"), quota("alice", 5))
-            .await
-            .expect("acquire"),
-        Acquired::UserLimit { limit: 5 }
-    ));
 }
 
 /// [`owned`] of a conversation of `user` (under a generous limit).

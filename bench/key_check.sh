@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the key check costs: server CPU time per request for GET /api/conversations/{id} (one
 # stored conversation, SQLite) when the caller is found without the store (the session key),
-# with one store read that finds no user key (no key configured, authentication off), and
+# with the cached answer that no user key exists (no key configured, authentication off: one
+# SQLite read of the data version on the request's thread), and
 # with one store read by the key's hash (a user key). Uses the release binary; loopback only;
 # bounded runs.
 #

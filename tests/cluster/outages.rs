@@ -1,5 +1,6 @@
-//! Cluster nodes losing their processes while a client keeps using them: repeated `kill -9` of
-//! the owner during a stream of messages.
+//! Cluster nodes losing their processes or their database while clients keep using them:
+//! repeated `kill -9` of the owner during a stream of messages, and the PostgreSQL server
+//! stopped for longer than the nodes' TTL (on a server of the test's own).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -145,4 +146,171 @@ fn repeated_kills_of_the_owner_during_1000_messages_lose_no_acknowledged_message
         stored.len(),
         epochs.len()
     );
+}
+
+/// A PostgreSQL server of one test's own (`.ci/postgres.sh` in a temporary directory, on a
+/// free port), stopped and removed when dropped.
+struct PrivatePostgres {
+    dir: tempfile::TempDir,
+    port: u16,
+    /// Its administrative URL.
+    url: String,
+}
+
+impl PrivatePostgres {
+    /// Starts one, or `None` (after printing SKIPPED) where the shared test server is not
+    /// configured either: the machine has no PostgreSQL for tests.
+    fn start() -> Option<PrivatePostgres> {
+        // Skips (or, where required, fails) exactly as the tests on the shared server do.
+        pg::admin_url()?;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = PrivatePostgres {
+            dir,
+            port: free_port(),
+            url: String::new(),
+        };
+        let exports = server.script("start");
+        server.url = exports
+            .trim()
+            .strip_prefix("export SWITCHBOARD_TEST_POSTGRES_URL=")
+            .unwrap_or_else(|| panic!("postgres.sh start printed {exports:?}"))
+            .to_string();
+        Some(server)
+    }
+
+    /// Runs `.ci/postgres.sh ACTION` for this server; what it printed.
+    fn script(&self, action: &str) -> String {
+        let output = self.run_script(action).expect("run .ci/postgres.sh");
+        assert!(
+            output.status.success(),
+            "postgres.sh {action} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn run_script(&self, action: &str) -> std::io::Result<std::process::Output> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(".ci/postgres.sh");
+        Command::new("bash")
+            .arg(script)
+            .arg(action)
+            .env("SWITCHBOARD_TEST_POSTGRES_DIR", self.dir.path())
+            .env("SWITCHBOARD_TEST_POSTGRES_PORT", self.port.to_string())
+            .stderr(Stdio::piped())
+            .output()
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        // Never a panic while a failed test unwinds.
+        let _ = self.run_script("stop");
+    }
+}
+
+/// A user message posted to conversation `id` on the node at `port`: its status, or `None`
+/// when no answer came (the request's bound, 10 s, passed or the connection failed).
+fn try_post_message(port: u16, id: &str, content: &str) -> Option<u16> {
+    let body = format!(r#"{{"action":"message","args":{{"content":"{content}"}}}}"#);
+    let path = format!("/api/conversations/{id}/events");
+    try_http_raw(port, "POST", &path, &[], Some(&body))
+        .ok()
+        .map(|a| a.status)
+}
+
+/// PostgreSQL stopped for 3 × `node_ttl_ms` under two nodes: while it is down, writes answer
+/// 503 (a message to the owner, a create on the other node; each within the request's bound),
+/// both nodes fence themselves (`/ready` says `fenced`) and the owner's Socket.IO client is
+/// disconnected without `41`. Once it runs again, both nodes register anew (a new
+/// incarnation), the conversation can be used again through either node, and every message
+/// acknowledged before the outage is still in its log, which keeps one writer per epoch.
+#[test]
+fn postgres_stopped_for_three_ttls_then_everything_resumes() {
+    let Some(server) = PrivatePostgres::start() else {
+        return;
+    };
+    let db = pg::database_on(&server.url);
+    let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let a = start_node_with(&db, "a", 1000, &key);
+    let b = start_node_with(&db, "b", 1000, &key);
+    let (id, client, frames) = watched_conversation(a.port);
+    assert_eq!(post_message(b.port, &id, "before the outage"), 200);
+    let registered = |node: &str| {
+        db.query(&format!(
+            "SELECT incarnation FROM cluster_nodes WHERE node_id = '{node}'"
+        ))[0][0]
+            .clone()
+            .expect("incarnation")
+    };
+    let incarnations = (registered("a"), registered("b"));
+
+    server.script("stop");
+    let stopped = Instant::now();
+    assert_eq!(
+        try_post_message(a.port, &id, "during the outage"),
+        Some(503),
+        "a message to the owner"
+    );
+    let first_refusal = stopped.elapsed();
+    let created = try_http_raw(b.port, "POST", "/api/conversations", &[], Some("{}"));
+    assert_eq!(
+        created.as_ref().map(|a| a.status).ok(),
+        Some(503),
+        "a create on the other node: {:?}",
+        created.map(|a| a.body)
+    );
+    for node in [&a, &b] {
+        wait_until(Duration::from_secs(15), "/ready says fenced", || {
+            readiness(node.port) == (503, "fenced".to_string())
+        });
+    }
+    let fenced = stopped.elapsed();
+    assert_closed_without_goodbye(client, &frames);
+    let outage = Duration::from_millis(3 * 1000);
+    std::thread::sleep(outage.saturating_sub(stopped.elapsed()));
+    assert_eq!(
+        try_post_message(b.port, &id, "still down"),
+        Some(503),
+        "writes still answer 503 after 3 × TTL"
+    );
+
+    server.script("start");
+    let restarted = Instant::now();
+    for node in [&a, &b] {
+        wait_until(Duration::from_secs(30), "the node is ready again", || {
+            readiness(node.port).0 == 200
+        });
+    }
+    let ready = restarted.elapsed();
+    assert!(registered("a") > incarnations.0 && registered("b") > incarnations.1);
+    wait_until(
+        Duration::from_secs(30),
+        "the conversation takes messages",
+        || try_post_message(b.port, &id, "after the outage") == Some(200),
+    );
+    println!(
+        "PostgreSQL stopped for {:?} (node_ttl_ms 1000, heartbeat_ms 100): the first write \
+         answered 503 after {first_refusal:?}, both nodes fenced after {fenced:?}; started \
+         again: both ready after {ready:?}, the conversation took a message after {:?}",
+        restarted.duration_since(stopped),
+        restarted.elapsed()
+    );
+    wait_until(Duration::from_secs(15), "the agent answers", || {
+        stored_log(&db, &id)
+            .iter()
+            .any(|(_, _, e)| e["args"]["content"] == "after the outage" && e["source"] == "agent")
+    });
+    let log = stored_log(&db, &id);
+    assert_one_writer_per_epoch(&log);
+    let users = stored_user_messages(&db, &id);
+    assert_eq!(
+        users.iter().filter(|m| *m == "before the outage").count(),
+        1,
+        "{users:?}"
+    );
+    assert!(!users
+        .iter()
+        .any(|m| m == "during the outage" || m == "still down"));
+    let (status, body) = http(a.port, "POST", "/api/conversations", Some("{}"));
+    assert_eq!(status, 200, "a new conversation after the outage: {body}");
 }

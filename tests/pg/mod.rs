@@ -20,6 +20,12 @@ fn required() -> bool {
 
 /// A new empty database, or `None` (after printing SKIPPED) when no server is configured.
 pub fn database() -> Option<TestDatabase> {
+    Some(database_on(&admin_url()?))
+}
+
+/// The configured server's administrative URL, or `None` (after printing SKIPPED) when no
+/// server is configured.
+pub fn admin_url() -> Option<String> {
     let admin = match std::env::var("SWITCHBOARD_TEST_POSTGRES_URL") {
         Ok(url) if !url.is_empty() => url,
         _ => {
@@ -35,14 +41,20 @@ pub fn database() -> Option<TestDatabase> {
             return None;
         }
     };
+    Some(admin)
+}
+
+/// A new empty database on the server whose administrative URL is `admin`.
+#[allow(dead_code)] // not every test binary that uses this module needs it
+pub fn database_on(admin: &str) -> TestDatabase {
     let name = format!("switchboard_test_{}", uuid::Uuid::new_v4().simple());
-    run(&admin, format!("CREATE DATABASE {name}"))
+    run(admin, format!("CREATE DATABASE {name}"))
         .unwrap_or_else(|e| panic!("cannot create a test database on {admin}: {e}"));
-    Some(TestDatabase {
-        url: with_dbname(&admin, &name),
-        admin,
+    TestDatabase {
+        url: with_dbname(admin, &name),
+        admin: admin.to_string(),
         name,
-    })
+    }
 }
 
 impl TestDatabase {

@@ -7,13 +7,13 @@ use serde_json::{json, Value};
 use super::access::{find, owned_here, visible, Found, Owner};
 use super::errors::ApiError;
 use super::schema::{
-    self, ActionAccepted, ActionRefused, ConversationIdPath, ConversationInfo,
+    self, ActionAccepted, ActionRefused, Choices, ConversationIdPath, ConversationInfo,
     ConversationInfoResultSet, ConversationNotFound, ConversationResponse, ErrorDetail,
     ErrorMessage, ErrorStatus, EventsPage, EventsQuery, HttpValidationError, InitSessionRequest,
-    ListQuery, OkStatus, ProvidersSetModel, StoreFailed, Unauthorized, UpdateConversationRequest,
-    UserAction,
+    ListQuery, OkStatus, ProviderType, ProvidersSetModel, StoreFailed, Unauthorized,
+    UpdateConversationRequest, UserAction,
 };
-use super::validation::{self, FieldError, PROVIDERS};
+use super::validation::{self, FieldError};
 use super::{client_id, content_type, read_body, AppState};
 use crate::actors::messages::ConversationError;
 use crate::actors::{
@@ -22,7 +22,7 @@ use crate::actors::{
 };
 use crate::config::Limits;
 use crate::conversation::{ConversationId, ConversationMeta, ConversationStatus};
-use crate::events::{default_title, meta_timestamp, parse_user_action};
+use crate::events::parse_user_action;
 use crate::http::auth::Caller;
 use crate::store::EventQuery;
 
@@ -195,7 +195,10 @@ pub async fn create(
     let new =
         validation::parse_init_session(content_type(&req), &body).map_err(ApiError::Validation)?;
     let generated = new.conversation_id.is_none();
-    let id = new.conversation_id.unwrap_or_else(ConversationId::generate);
+    let id = new
+        .conversation_id
+        .clone()
+        .unwrap_or_else(ConversationId::generate);
     // A new conversation is the caller's; an existing one is joined only when visible.
     let owner = if generated {
         caller.name().cloned()
@@ -206,16 +209,8 @@ pub async fn create(
             Found::Hidden => return Err(id_taken(&id)),
         }
     };
-    let now = meta_timestamp();
-    let meta = Box::new(ConversationMeta {
-        conversation_id: id.clone(),
-        title: new.title.unwrap_or_else(|| default_title(&id)),
-        created_at: now.clone(),
-        last_updated_at: now,
-        trigger: new.trigger.to_string(),
-        owner: owner.as_deref().map(str::to_string),
-        init: new.init,
-    });
+    let brings_initial_message = new.brings_initial_message;
+    let meta = Box::new(new.meta(id.clone(), owner.as_deref().map(str::to_string)));
     let mode = if generated {
         AdmitMode::Fresh(meta)
     } else {
@@ -228,7 +223,7 @@ pub async fn create(
         mode,
         Some(client),
         owner,
-        new.brings_initial_message,
+        brings_initial_message,
     )
     .await?;
     Ok(HttpResponse::Ok().json(conversation_response(&id, status, message)))
@@ -571,14 +566,17 @@ fn check_providers_set(value: Option<&Value>) -> Result<(), ApiError> {
             let errors: Vec<FieldError> = items
                 .iter()
                 .enumerate()
-                .filter(|(_, v)| !v.as_str().is_some_and(|s| PROVIDERS.contains(&s)))
+                .filter(|(_, v)| !v.as_str().is_some_and(ProviderType::is_name))
                 .map(|(i, v)| {
                     let mut l = base.clone();
                     l.push(json!(i));
                     FieldError::new(
                         "enum",
                         l,
-                        "Input should be 'github', 'gitlab', 'bitbucket' or 'enterprise_sso'",
+                        format!(
+                            "Input should be {}",
+                            validation::enum_expected(ProviderType::names())
+                        ),
                         v.clone(),
                     )
                 })

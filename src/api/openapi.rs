@@ -87,7 +87,7 @@ pub const QUERY_SECURITY_SCHEME: &str = "APIKeyQuery";
         ConversationStatus,
         RuntimeStatus,
         Trigger,
-        EventSource,
+        crate::events::Source,
         ValidationError,
         McpSseServerConfig,
         McpStdioServerConfig,

@@ -18,8 +18,8 @@ use utoipa::openapi::schema::{
 use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::conversation::{ConversationStatus, RuntimeStatus};
-use crate::events::StoredEvent;
+use crate::conversation::{ConversationId, ConversationStatus, RuntimeStatus};
+use crate::events::{Source, StoredEvent};
 
 /// Rust's `char::is_whitespace` (Unicode `White_Space`, what `str::trim` removes) as the body
 /// of a regex character class.
@@ -34,6 +34,42 @@ pub fn to_value<T: Serialize>(body: &T) -> Value {
 // ---------------------------------------------------------------------------------------------
 // Shared enums
 
+/// An enum of the contract whose values are a closed list of names: validation accepts exactly
+/// its values and lists them, in this order, in its 422s.
+pub trait Choices: Serialize + Copy + 'static {
+    /// Every value, in the order a 422 lists them.
+    const ALL: &'static [Self];
+
+    /// The values' names on the wire (their serde names), in order.
+    fn names() -> &'static [String];
+
+    /// Whether `name` is one of the values' names.
+    fn is_name(name: &str) -> bool {
+        Self::names().iter().any(|n| n == name)
+    }
+}
+
+/// Implements [`Choices`] for an enum from its variants (a missing variant does not compile).
+macro_rules! choices {
+    ($enum:ident { $($variant:ident),+ $(,)? }) => {
+        impl Choices for $enum {
+            const ALL: &'static [Self] = &[$($enum::$variant),+];
+
+            fn names() -> &'static [String] {
+                static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+                NAMES.get_or_init(|| {
+                    // Every variant is listed (this match is exhaustive).
+                    let _ = |v: $enum| match v { $($enum::$variant => ()),+ };
+                    Self::ALL
+                        .iter()
+                        .map(|v| to_value(v).as_str().unwrap_or_default().to_string())
+                        .collect()
+                })
+            }
+        }
+    };
+}
+
 /// A git hosting provider.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -43,6 +79,13 @@ pub enum ProviderType {
     Bitbucket,
     EnterpriseSso,
 }
+
+choices!(ProviderType {
+    Github,
+    Gitlab,
+    Bitbucket,
+    EnterpriseSso
+});
 
 /// What created a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -139,6 +182,17 @@ pub enum TaskType {
     UnresolvedComments,
     OpenIssue,
 }
+
+choices!(TaskType {
+    MergeConflicts,
+    FailingChecks,
+    UnresolvedComments,
+    OpenIssue
+});
+
+/// OpenHands' task types that cannot start a conversation: accepted as a `task_type`, then
+/// refused with a 422 that names them.
+pub const TASK_TYPES_REFUSED: &[&str] = &["OPEN_PR", "CREATE_MICROAGENT"];
 
 /// Providers a suggested task may name (`enterprise_sso` is refused with a 422).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -427,15 +481,6 @@ pub struct ConversationInfoResultSet {
     pub next_page_id: Option<String>,
 }
 
-/// Who produced an event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum EventSource {
-    User,
-    Agent,
-    Environment,
-}
-
 /// A stored event: an action or an observation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(untagged)]
@@ -450,7 +495,7 @@ pub struct ActionEvent {
     pub id: u64,
     /// UTC, ISO-8601 with microseconds and no offset (`2026-11-29T17:41:25.002345`).
     pub timestamp: String,
-    pub source: EventSource,
+    pub source: Source,
     pub message: String,
     /// The id of the event this answers, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -471,7 +516,7 @@ pub struct ObservationEvent {
     pub id: u64,
     /// UTC, ISO-8601 with microseconds and no offset (`2026-11-29T17:41:25.002345`).
     pub timestamp: String,
-    pub source: EventSource,
+    pub source: Source,
     pub message: String,
     /// The id of the action this observes, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -636,8 +681,8 @@ pub struct ConversationNotFound {
 #[into_params(parameter_in = Path)]
 pub struct ConversationIdPath {
     /// 1–64 characters of `[A-Za-z0-9_-]`; anything else is a 422.
-    #[param(pattern = "^[A-Za-z0-9_-]{1,64}$", min_length = 1, max_length = 64)]
-    pub conversation_id: String,
+    #[param(inline)]
+    pub conversation_id: ConversationId,
 }
 
 /// Query of `GET /api/conversations`. An empty value counts as absent.
@@ -945,34 +990,7 @@ mod tests {
     use super::*;
     use crate::api::validation::{self, FieldError};
     use crate::api::ApiError;
-    use crate::events::{EventBody, Source};
-
-    fn names<T: Serialize>(values: &[T]) -> Vec<String> {
-        values
-            .iter()
-            .map(|v| to_value(v).as_str().unwrap_or_default().to_string())
-            .collect()
-    }
-
-    #[test]
-    fn enums_match_the_code_they_document() {
-        assert_eq!(
-            names(&[
-                ProviderType::Github,
-                ProviderType::Gitlab,
-                ProviderType::Bitbucket,
-                ProviderType::EnterpriseSso
-            ]),
-            validation::PROVIDERS
-        );
-        for (s, e) in [
-            (Source::User, EventSource::User),
-            (Source::Agent, EventSource::Agent),
-            (Source::Environment, EventSource::Environment),
-        ] {
-            assert_eq!(to_value(&s), to_value(&e));
-        }
-    }
+    use crate::events::EventBody;
 
     /// The characters of a regex class body made of `\\t`, `\\n`, `\\f`, `\\r`, `\\uXXXX`,
     /// literal characters and `a-b` ranges.

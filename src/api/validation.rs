@@ -6,10 +6,18 @@
 //! input. A conversation id that enters as text becomes a [`ConversationId`] through
 //! [`conversation_id`], whose 422 states the id rule.
 
+use std::sync::OnceLock;
+
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use crate::conversation::{ConversationId, InitData};
+use utoipa::openapi::{RefOr, Schema};
+use utoipa::PartialSchema;
+
+use super::schema::{
+    Choices, InitSessionRequest, McpConfig, ProviderType, TaskType, TASK_TYPES_REFUSED,
+};
+use crate::conversation::{ConversationId, InitData, NewConversation};
 use crate::events::EventBody;
 
 /// One entry of a 422 `detail` list.
@@ -42,39 +50,35 @@ impl FieldError {
     }
 }
 
-/// A validated `POST /api/conversations` body.
-#[derive(Debug, Clone, PartialEq)]
-pub struct NewConversation {
-    pub conversation_id: Option<ConversationId>,
-    pub init: InitData,
-    pub trigger: &'static str,
-    pub title: Option<String>,
-    /// The request carried a first message (or task) that joining would not apply.
-    pub brings_initial_message: bool,
+/// The `task_type`s a suggested task may name: those that start a conversation, then those
+/// refused with a 422 of their own.
+fn task_types() -> &'static [String] {
+    static NAMES: OnceLock<Vec<String>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        let refused = TASK_TYPES_REFUSED.iter().map(|t| t.to_string());
+        TaskType::names().iter().cloned().chain(refused).collect()
+    })
 }
 
-pub const PROVIDERS: &[&str] = &["github", "gitlab", "bitbucket", "enterprise_sso"];
-const TASK_TYPES: &[&str] = &[
-    "MERGE_CONFLICTS",
-    "FAILING_CHECKS",
-    "UNRESOLVED_COMMENTS",
-    "OPEN_ISSUE",
-    "OPEN_PR",
-    "CREATE_MICROAGENT",
-];
-const KNOWN_FIELDS: &[&str] = &[
-    "repository",
-    "git_provider",
-    "selected_branch",
-    "initial_user_msg",
-    "image_urls",
-    "replay_json",
-    "suggested_task",
-    "create_microagent",
-    "conversation_instructions",
-    "mcp_config",
-    "conversation_id",
-];
+/// The field names of a contract type (its schema's properties).
+fn fields_of<T: PartialSchema>() -> Vec<String> {
+    match T::schema() {
+        RefOr::T(Schema::Object(object)) => object.properties.keys().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The keys a `POST /api/conversations` body may have: [`InitSessionRequest`]'s fields.
+fn init_session_fields() -> &'static [String] {
+    static FIELDS: OnceLock<Vec<String>> = OnceLock::new();
+    FIELDS.get_or_init(fields_of::<InitSessionRequest>)
+}
+
+/// The keys an `mcp_config` may have: [`McpConfig`]'s fields.
+fn mcp_fields() -> &'static [String] {
+    static FIELDS: OnceLock<Vec<String>> = OnceLock::new();
+    FIELDS.get_or_init(fields_of::<McpConfig>)
+}
 
 /// The id at `loc` as a [`ConversationId`], or the 422 entry stating the rule.
 pub fn conversation_id(id: &str, loc: Vec<Value>) -> Result<ConversationId, Box<FieldError>> {
@@ -88,7 +92,8 @@ fn loc(base: &[Value], key: impl Into<Value>) -> Vec<Value> {
     l
 }
 
-fn enum_expected(choices: &[&str]) -> String {
+/// `'a', 'b' or 'c'`: how a 422 lists an enum's values.
+pub fn enum_expected(choices: &[String]) -> String {
     let quoted: Vec<String> = choices.iter().map(|c| format!("'{c}'")).collect();
     match quoted.split_last() {
         Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
@@ -148,9 +153,9 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn enum_at(&mut self, key: &str, v: &Value, choices: &[&str]) -> Option<String> {
+    fn enum_at(&mut self, key: &str, v: &Value, choices: &[String]) -> Option<String> {
         match v.as_str() {
-            Some(s) if choices.contains(&s) => Some(s.to_string()),
+            Some(s) if choices.iter().any(|c| c == s) => Some(s.to_string()),
             _ => {
                 let expected = enum_expected(choices);
                 let mut e = FieldError::new(
@@ -166,14 +171,14 @@ impl<'a> Reader<'a> {
         }
     }
 
-    fn opt_enum(&mut self, key: &str, choices: &[&str]) -> Option<String> {
+    fn opt_enum(&mut self, key: &str, choices: &[String]) -> Option<String> {
         match self.obj.get(key) {
             None | Some(Value::Null) => None,
             Some(v) => self.enum_at(key, &v.clone(), choices),
         }
     }
 
-    fn req_enum(&mut self, key: &str, choices: &[&str]) -> Option<String> {
+    fn req_enum(&mut self, key: &str, choices: &[String]) -> Option<String> {
         match self.obj.get(key) {
             None => {
                 self.missing(key);
@@ -460,10 +465,10 @@ pub fn extra_forbidden(
     errors: &mut Vec<FieldError>,
     base: &[Value],
     obj: &Map<String, Value>,
-    known: &[&str],
+    known: &[impl AsRef<str>],
 ) {
     for (key, value) in obj {
-        if !known.contains(&key.as_str()) {
+        if !known.iter().any(|k| k.as_ref() == key) {
             errors.push(FieldError::new(
                 "extra_forbidden",
                 loc(base, key.as_str()),
@@ -564,7 +569,7 @@ pub fn parse_init_session(
     };
 
     let mut repository = r.opt_str("repository").filter(|s| !s.is_empty());
-    let mut git_provider = r.opt_enum("git_provider", PROVIDERS);
+    let mut git_provider = r.opt_enum("git_provider", ProviderType::names());
     let selected_branch = r.opt_str("selected_branch").filter(|s| !s.is_empty());
     let initial_user_msg = r.opt_str("initial_user_msg");
     let image_urls = r.str_list("image_urls", true).unwrap_or_default();
@@ -623,7 +628,7 @@ pub fn parse_init_session(
         None => Vec::new(),
     };
 
-    extra_forbidden(&mut errors, &base, &obj, KNOWN_FIELDS);
+    extra_forbidden(&mut errors, &base, &obj, init_session_fields());
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -679,8 +684,8 @@ fn suggested_task(
         base: tloc.clone(),
         errors,
     };
-    let provider = t.req_enum("git_provider", PROVIDERS);
-    let task_type = t.req_enum("task_type", TASK_TYPES);
+    let provider = t.req_enum("git_provider", ProviderType::names());
+    let task_type = t.req_enum("task_type", task_types());
     let repo = t.req_str("repo");
     let number = t.req_int("issue_number");
     let title = t.req_str("title");
@@ -691,7 +696,10 @@ fn suggested_task(
             json!("enterprise_sso"),
         ));
     }
-    if let Some(tt @ ("OPEN_PR" | "CREATE_MICROAGENT")) = task_type.as_deref() {
+    if let Some(tt) = task_type
+        .as_deref()
+        .filter(|t| TASK_TYPES_REFUSED.contains(t))
+    {
         errors.push(FieldError::value_error(
             loc(&tloc, "task_type"),
             &format!("task type {tt} cannot start a conversation"),
@@ -737,7 +745,7 @@ fn create_microagent(
         errors,
     };
     let repo = c.req_str("repo");
-    let provider = c.opt_enum("git_provider", PROVIDERS);
+    let provider = c.opt_enum("git_provider", ProviderType::names());
     let title = c.opt_str("title").filter(|t| !t.trim().is_empty());
     MicroagentParts {
         repo,
@@ -915,12 +923,7 @@ fn validate_mcp(m: &Map<String, Value>, mloc: &[Value], errors: &mut Vec<FieldEr
             }
         }
     }
-    extra_forbidden(
-        errors,
-        mloc,
-        m,
-        &["sse_servers", "stdio_servers", "shttp_servers"],
-    );
+    extra_forbidden(errors, mloc, m, mcp_fields());
 }
 
 /// Our prompt for a suggested task.
@@ -960,7 +963,7 @@ mod tests {
     #[test]
     fn enum_list_reads_like_pydantic() {
         assert_eq!(
-            enum_expected(PROVIDERS),
+            enum_expected(ProviderType::names()),
             "'github', 'gitlab', 'bitbucket' or 'enterprise_sso'"
         );
     }

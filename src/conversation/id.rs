@@ -109,6 +109,20 @@ impl std::str::FromStr for ConversationId {
     }
 }
 
+/// The id rule as the OpenAPI document states it: a string, 1–64 characters, the pattern.
+impl utoipa::PartialSchema for ConversationId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .pattern(Some(Self::PATTERN))
+            .min_length(Some(1))
+            .max_length(Some(Self::MAX_LEN))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for ConversationId {}
+
 impl Serialize for ConversationId {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         serializer.serialize_str(&self.0)

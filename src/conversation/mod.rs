@@ -5,6 +5,7 @@
 //! - [`ConversationId`]: the id, and the one place for the id rule.
 //! - [`ConversationMeta`]: everything kept about a conversation besides its events, with the
 //!   [`InitData`] it was started with.
+//! - [`NewConversation`]: a conversation to create, and the metadata it is created with.
 //! - [`ConversationRecord`]: a conversation as loaded (its metadata, next event id and bytes).
 //! - [`ConversationStatus`], [`RuntimeStatus`]: its lifecycle status and its runtime's last
 //!   reported state.
@@ -70,4 +71,34 @@ pub struct ConversationRecord {
     /// The bytes it holds against `max_bytes_per_conversation` (see
     /// [`crate::store::meta_bytes`], [`crate::store::events_bytes`]).
     pub bytes: u64,
+}
+
+/// A conversation to create (or, with a client-chosen id, to join), as a valid
+/// `POST /api/conversations` body describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewConversation {
+    pub conversation_id: Option<ConversationId>,
+    pub init: InitData,
+    pub trigger: &'static str,
+    pub title: Option<String>,
+    /// The request carried a first message (or task) that joining would not apply.
+    pub brings_initial_message: bool,
+}
+
+impl NewConversation {
+    /// The metadata of the conversation it creates as `id` for `owner`, created now.
+    pub fn meta(self, id: ConversationId, owner: Option<String>) -> ConversationMeta {
+        let now = crate::events::meta_timestamp();
+        ConversationMeta {
+            title: self
+                .title
+                .unwrap_or_else(|| crate::events::default_title(&id)),
+            conversation_id: id,
+            created_at: now.clone(),
+            last_updated_at: now,
+            trigger: self.trigger.to_string(),
+            owner,
+            init: self.init,
+        }
+    }
 }

@@ -35,7 +35,7 @@ use crate::actors::messages::ConversationError;
 use crate::actors::{
     Admit, AdmitError, AdmitMode, ClientFrame, CloseReason, ConversationHandle, OpenError,
 };
-use crate::api::validation::PROVIDERS;
+use crate::api::schema::{Choices, ProviderType};
 use crate::api::{resource, resources, ApiError, AppState};
 use crate::conversation::ConversationId;
 use crate::events::{parse_user_action, StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
@@ -616,7 +616,7 @@ impl Socket {
         if let Some(bad) = providers_set
             .split(',')
             .map(str::trim)
-            .find(|p| !p.is_empty() && !PROVIDERS.contains(p))
+            .find(|p| !p.is_empty() && !ProviderType::is_name(p))
         {
             return Some(format!("Invalid providers_set: unknown provider {bad:?}"));
         }

@@ -147,9 +147,7 @@ async fn admit_and_join(
             OpenError::Conversation(ConversationError::NotFound) => {
                 ApiError::NotFound("Conversation not found".into())
             }
-            OpenError::Conversation(ConversationError::Storage(e)) => {
-                ApiError::Storage(e.to_string())
-            }
+            OpenError::Conversation(ConversationError::Storage(e)) => ApiError::Storage(e),
             OpenError::Conversation(ConversationError::OverQuota(quota, why)) => {
                 ApiError::OverQuota(quota, why)
             }
@@ -492,7 +490,7 @@ pub async fn delete(
     owned_here(&state, &id).await?;
     let deleted = state.supervisor.delete(id).await.map_err(|e| match e {
         DeleteError::ShuttingDown => ApiError::Unavailable("The server is shutting down".into()),
-        DeleteError::Store(e) => ApiError::Storage(e.to_string()),
+        DeleteError::Store(e) => ApiError::Storage(e),
     })?;
     Ok(HttpResponse::Ok().json(deleted))
 }
@@ -777,7 +775,7 @@ pub async fn post_event(
             Err(ApiError::NotFound(format!("Conversation {id} not found")))
         }
         Err(ConversationError::Stopping) => Err(refused("The conversation is stopping".into())),
-        Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e.to_string())),
+        Err(ConversationError::Storage(e)) => Err(ApiError::Storage(e)),
         Err(ConversationError::OverQuota(quota, why)) => Err(ApiError::OverQuota(quota, why)),
         Err(ConversationError::Elsewhere(owner)) => Err(ApiError::Elsewhere(id.to_string(), owner)),
         Err(ConversationError::Admit(e)) => Err(admit_error(e, &state.settings.limits)),

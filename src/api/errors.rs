@@ -52,9 +52,10 @@ pub enum ApiError {
     /// 503 `{"detail": …}`.
     #[error("{0}")]
     Unavailable(String),
-    /// 503 `{"detail": "Storage error: …"}`: the store failed (disk full, I/O error).
+    /// 503 `{"detail": "Storage error: …"}`: the store failed (disk full, I/O error); the
+    /// store's error is kept as the source.
     #[error("Storage error: {0}")]
-    Storage(String),
+    Storage(#[source] crate::store::StoreError),
     /// 413 (the conversation's quota) or 507 (the store's) `{"detail": …}`: nothing was stored.
     #[error("{1}")]
     OverQuota(crate::store::Quota, String),
@@ -174,6 +175,6 @@ impl From<crate::store::StoreError> for ApiError {
             return ApiError::OverQuota(quota, message);
         }
         tracing::error!(error = %e, "store operation failed");
-        ApiError::Storage(e.to_string())
+        ApiError::Storage(e)
     }
 }

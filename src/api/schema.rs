@@ -1125,7 +1125,10 @@ mod tests {
             (ApiError::NotFound("Conversation x not found".into()), 404),
             (ApiError::PayloadTooLarge(10), 413),
             (ApiError::Unavailable("shutting down".into()), 503),
-            (ApiError::Storage("disk full".into()), 503),
+            (
+                ApiError::Storage(crate::store::StoreError::Io("disk full".into())),
+                503,
+            ),
             (ApiError::Internal("disk".into()), 500),
         ] {
             let (status, body) = body_of(error).await;

@@ -245,7 +245,7 @@ impl SessionAuth {
                 Ok(caller)
             }
             Ok(None) => Err(ApiError::Unauthorized),
-            Err(e) => Err(ApiError::Storage(e.to_string())),
+            Err(e) => Err(ApiError::Storage(e)),
         }
     }
 

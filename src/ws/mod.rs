@@ -591,7 +591,7 @@ impl Socket {
                             act.connect_refusal(query_id.as_deref(), &providers_set)
                         }
                         Ok(None) => Some("invalid_session_api_key".into()),
-                        Err(e) => Some(ApiError::Storage(e.to_string()).to_string()),
+                        Err(e) => Some(ApiError::Storage(e).to_string()),
                     };
                     match refusal {
                         Some(reason) => ctx.text(socketio::connect_error(&reason)),

@@ -16,6 +16,8 @@ pub(super) enum Route {
 /// joins the default namespace and answers pings, a plain one answers WebSocket pings.
 pub(super) struct Client {
     pub(super) frames: Arc<Mutex<Vec<String>>>,
+    /// When each of `frames` arrived (pushed under the lock of `frames`).
+    arrived: Arc<Mutex<Vec<Instant>>>,
     /// `Some` once the connection ended: the close code the server sent, if it sent one.
     closed: Arc<Mutex<Option<Option<u16>>>>,
     pub(super) thread: JoinHandle<()>,
@@ -39,7 +41,8 @@ impl Client {
         };
         let frames = Arc::new(Mutex::new(Vec::new()));
         let closed = Arc::new(Mutex::new(None));
-        let (seen, ended) = (frames.clone(), closed.clone());
+        let arrived = Arc::new(Mutex::new(Vec::new()));
+        let (seen, ended, at) = (frames.clone(), closed.clone(), arrived.clone());
         let (handshake, status) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
@@ -70,7 +73,9 @@ impl Client {
                                 (Route::SocketIo, t) if t.starts_with('0') => Some("40"),
                                 _ => None,
                             };
-                            seen.lock().expect("lock").push(text);
+                            let mut seen = seen.lock().expect("lock");
+                            at.lock().expect("lock").push(Instant::now());
+                            seen.push(text);
                             reply.map(|r| awc::ws::Message::Text(r.into()))
                         }
                         awc::ws::Frame::Ping(data) => Some(awc::ws::Message::Pong(data)),
@@ -92,6 +97,7 @@ impl Client {
         match status.recv() {
             Ok(101) => Ok(Client {
                 frames,
+                arrived,
                 closed,
                 thread,
             }),
@@ -143,6 +149,19 @@ impl Client {
                 json.get("id").is_some_and(Value::is_u64).then_some(json)
             })
             .collect()
+    }
+
+    /// When the first event that `wanted` picks arrived, if it did.
+    fn arrival(&self, wanted: impl Fn(&Value) -> bool) -> Option<Instant> {
+        let frames = self.frames.lock().expect("lock");
+        let arrived = self.arrived.lock().expect("lock");
+        frames.iter().zip(arrived.iter()).find_map(|(frame, at)| {
+            let payload = frame
+                .strip_prefix("42[\"oh_event\",")
+                .map_or(frame.as_str(), |p| p.strip_suffix(']').unwrap_or(p));
+            let event: Value = serde_json::from_str(payload).ok()?;
+            wanted(&event).then_some(*at)
+        })
     }
 
     /// The ids of [`Client::events`].
@@ -640,4 +659,53 @@ fn a_fenced_owner_s_close_reaches_spliced_clients_and_they_resume_on_the_new_own
         all.extend(client.ids());
         assert_eq!(all, stored, "{route:?}: every event once, in order");
     }
+}
+
+/// What the splice adds on a reply's way to a client, printed, not asserted: messages posted to
+/// the owner A one at a time, the time from the post until the agent's reply reached a plain
+/// client on A and one spliced through B (debug builds, one machine). Both see the same events.
+#[test]
+fn what_a_splice_adds_to_a_reply_s_way_to_the_client() {
+    let Some(db) = pg::database() else { return };
+    let [a, b, _c] = three_nodes(&db, &[]);
+    let id = answered_conversation(&db, &a, "on a");
+    let direct = Client::open(a.port, &id, Route::Plain, None).expect("direct");
+    let spliced = Client::open(b.port, &id, Route::Plain, None).expect("spliced");
+    let (mut on_a, mut via_b) = (Vec::new(), Vec::new());
+    for i in 0..40 {
+        let content = format!("ping {i}");
+        let reply = |e: &Value| e["source"] == "agent" && e["args"]["content"] == content.as_str();
+        let sent = Instant::now();
+        assert_eq!(post_message(a.port, &id, &content), 200, "{content}");
+        for (client, took) in [(&direct, &mut on_a), (&spliced, &mut via_b)] {
+            wait_until(Duration::from_secs(10), "the reply arrives", || {
+                client.arrival(reply).is_some()
+            });
+            took.push(client.arrival(reply).expect("arrived") - sent);
+        }
+    }
+    let summary = |took: &mut Vec<Duration>| {
+        took.sort();
+        format!(
+            "median {:?}, p90 {:?}",
+            took[took.len() / 2],
+            took[took.len() * 9 / 10]
+        )
+    };
+    let mut added: Vec<Duration> = via_b
+        .iter()
+        .zip(&on_a)
+        .map(|(b, a)| b.saturating_sub(*a))
+        .collect();
+    println!(
+        "reply reached a client on the owner: {}; spliced through another node: {}; the \
+         spliced client after the direct one: {}",
+        summary(&mut on_a),
+        summary(&mut via_b),
+        summary(&mut added)
+    );
+    let last = *stored_ids(&db, &id).last().expect("events");
+    direct.wait_for(last, "the direct client sees the last event");
+    spliced.wait_for(last, "the spliced client sees the last event");
+    assert_eq!(direct.events(), spliced.events());
 }

@@ -399,7 +399,7 @@ fn kill_9_of_the_owner_closes_spliced_clients_without_goodbye_and_they_resume_th
 /// handshake already spliced (carrying the cluster key) that reaches a node which does not
 /// own the conversation is refused with 421, never spliced again; one with a wrong cluster key
 /// is refused with 403 — and so is a handshake on a node whose own cluster key is wrong, which
-/// passes the owner's refusal on.
+/// passes the owner's refusal on. A node without a cluster key splices nothing: 503.
 #[test]
 fn a_paused_owner_is_a_503_and_a_splice_is_never_spliced_again() {
     let Some(db) = pg::database() else { return };
@@ -413,6 +413,7 @@ fn a_paused_owner_is_a_503_and_a_splice_is_never_spliced_again() {
         20_000,
         &[("SWITCHBOARD_CLUSTER_KEY", "another secret")],
     );
+    let keyless = start_node_with(&db, "keyless", 20_000, &[]);
     let id = answered_conversation(&db, &a, "on a");
     let socketio = format!("/socket.io/?conversation_id={id}&EIO=4&transport=websocket");
     let plain = format!("/ws/conversations/{id}");
@@ -431,6 +432,11 @@ fn a_paused_owner_is_a_503_and_a_splice_is_never_spliced_again() {
         assert_eq!(socket_handshake_with(b.port, path, &spliced), 421, "{path}");
         assert_eq!(socket_handshake_with(a.port, path, &guessed), 403, "{path}");
         assert_eq!(socket_handshake_with(wrong.port, path, &[]), 403, "{path}");
+        assert_eq!(
+            socket_handshake_with(keyless.port, path, &[]),
+            503,
+            "{path}"
+        );
         assert_eq!(socket_handshake_with(a.port, path, &spliced), 101, "{path}");
         assert_eq!(socket_handshake_with(b.port, path, &[]), 101, "{path}");
     }

@@ -358,8 +358,9 @@ pub struct McpShttpServerConfig {
 // ---------------------------------------------------------------------------------------------
 // Other request bodies
 
-/// The body of `PATCH /api/conversations/{conversation_id}`. Unknown keys are ignored.
+/// The body of `PATCH /api/conversations/{conversation_id}`. Unknown keys are refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UpdateConversationRequest {
     /// The new title: 1–200 characters once surrounding whitespace (Unicode `White_Space`)
     /// is trimmed.

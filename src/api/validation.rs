@@ -15,7 +15,8 @@ use utoipa::openapi::{RefOr, Schema};
 use utoipa::PartialSchema;
 
 use super::schema::{
-    Choices, InitSessionRequest, McpConfig, ProviderType, TaskType, TASK_TYPES_REFUSED,
+    Choices, InitSessionRequest, McpConfig, ProviderType, TaskType, UpdateConversationRequest,
+    TASK_TYPES_REFUSED,
 };
 use crate::conversation::{ConversationId, InitData, NewConversation};
 use crate::events::EventBody;
@@ -833,7 +834,9 @@ pub fn parse_conversation_update(obj: &Map<String, Value>) -> Result<String, Vec
             errors.push(e);
         }
     }
-    extra_forbidden(&mut errors, &base, obj, &["title"]);
+    static FIELDS: OnceLock<Vec<String>> = OnceLock::new();
+    let fields = FIELDS.get_or_init(fields_of::<UpdateConversationRequest>);
+    extra_forbidden(&mut errors, &base, obj, fields);
     match title {
         Some(t) if errors.is_empty() => Ok(t),
         _ => Err(errors),

@@ -623,7 +623,7 @@ impl Conversation {
             events::STATUS_ERROR_RUNTIME_DISCONNECTED,
             &format!("storage failed: {error}"),
         ));
-        self.begin_stop(StopReason::StoreFailed(error.to_string()), ctx);
+        self.begin_stop(StopReason::StoreFailed(error), ctx);
         self.flush(ctx);
     }
 
@@ -986,7 +986,7 @@ impl Conversation {
         if self.phase.is_stopping() {
             return;
         }
-        info!(reason = reason.as_str(), "stopping");
+        info!(reason = %reason.describe(), "stopping");
         if reason == StopReason::Fenced {
             // Another node may own the conversation by now: nothing more is written.
             self.store_failed = true;
@@ -1012,7 +1012,7 @@ impl Conversation {
         self.runtime_refs = None;
         match &reason {
             StopReason::StartTimeout | StopReason::RuntimeFailed(_) => {
-                let why = reason.as_str().to_string();
+                let why = reason.describe().into_owned();
                 self.shared.set_runtime_status(RuntimeStatus::Error);
                 self.emit(EventBody::error(&why));
                 self.publish_status(StatusUpdate::error(
@@ -1022,10 +1022,10 @@ impl Conversation {
             }
             _ => {}
         }
-        self.emit(EventBody::agent_state("stopped", reason.as_str()));
+        self.emit(EventBody::agent_state("stopped", &reason.describe()));
         let close = match reason {
             StopReason::Fenced => CloseReason::Fenced,
-            _ => CloseReason::Stopped(reason.as_str().to_string()),
+            _ => CloseReason::Stopped(reason.describe().into_owned()),
         };
         self.outbox.push_back(Outgoing::CloseAll(close));
         self.commit(ctx);

@@ -46,8 +46,6 @@ pub enum AdmitError {
     UserLimit { limit: usize },
     #[error("conversation not found")]
     NotFound,
-    #[error("the conversation could not be started: {0}")]
-    Failed(String),
 }
 
 /// Why [`SupervisorHandle::open`](super::SupervisorHandle::open) could not open a
@@ -144,8 +142,8 @@ pub enum StopReason {
     Evicted,
     /// Its runtime failed.
     RuntimeFailed(String),
-    /// The store failed; nothing more can be made durable.
-    StoreFailed(String),
+    /// The store failed (its error); nothing more can be made durable.
+    StoreFailed(StoreError),
     /// The server is shutting down.
     Shutdown,
     /// This node fenced itself from its cluster: nothing more is written, clients are
@@ -169,17 +167,20 @@ impl StopReason {
         }
     }
 
-    pub fn as_str(&self) -> &str {
-        match self {
+    /// Why, in words (the stopped agent state's reason, the sockets' close reason).
+    pub fn describe(&self) -> std::borrow::Cow<'_, str> {
+        let why = match self {
             StopReason::User => "stopped by user",
             StopReason::Deleted => "conversation deleted",
             StopReason::Idle => "idle timeout",
             StopReason::StartTimeout => "runtime did not start before the deadline",
             StopReason::Evicted => "too many conversations",
-            StopReason::RuntimeFailed(why) | StopReason::StoreFailed(why) => why,
+            StopReason::RuntimeFailed(why) => why,
+            StopReason::StoreFailed(error) => return error.to_string().into(),
             StopReason::Shutdown => "server shutting down",
             StopReason::Fenced => "this node lost its cluster membership",
-        }
+        };
+        why.into()
     }
 }
 

@@ -103,7 +103,6 @@ fn admit_error(e: AdmitError, limits: &Limits) -> ApiError {
             }),
         ),
         AdmitError::NotFound => ApiError::NotFound("Conversation not found".into()),
-        AdmitError::Failed(why) => ApiError::Internal(why),
     }
 }
 

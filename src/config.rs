@@ -135,6 +135,8 @@ pub struct ClusterSettings {
     /// How long a socket handshake spliced to the conversation's owner waits for the owner to
     /// accept its upgrade.
     pub splice_timeout_ms: u64,
+    /// How long a command forwarded to the conversation's owner may take there.
+    pub forward_timeout_ms: u64,
     /// Largest frame a spliced socket takes from the owner.
     pub splice_max_frame_bytes: usize,
 }
@@ -640,6 +642,11 @@ const ENV_VARS: &[(&str, &str, EnvKind)] = &[
     (
         "SWITCHBOARD_SPLICE_MAX_FRAME_BYTES",
         "cluster.splice_max_frame_bytes",
+        EnvKind::Literal,
+    ),
+    (
+        "SWITCHBOARD_FORWARD_TIMEOUT_MS",
+        "cluster.forward_timeout_ms",
         EnvKind::Literal,
     ),
     (
@@ -1182,6 +1189,7 @@ impl Settings {
         let c = &self.cluster;
         positive("cluster.heartbeat_ms", c.heartbeat_ms)?;
         positive("cluster.splice_timeout_ms", c.splice_timeout_ms)?;
+        positive("cluster.forward_timeout_ms", c.forward_timeout_ms)?;
         positive(
             "cluster.splice_max_frame_bytes",
             c.splice_max_frame_bytes as u64,
@@ -1478,6 +1486,11 @@ mod tests {
                 "cluster.splice_max_frame_bytes",
             ),
             (
+                "SWITCHBOARD_FORWARD_TIMEOUT_MS",
+                "0",
+                "cluster.forward_timeout_ms",
+            ),
+            (
                 "SWITCHBOARD_ADVERTISE_URL",
                 "10.0.0.5:3000",
                 "cluster.advertise_url",
@@ -1503,6 +1516,7 @@ mod tests {
         assert_eq!(defaults.cluster.node_ttl_ms, 10_000);
         assert_eq!(defaults.cluster.splice_timeout_ms, 5000);
         assert_eq!(defaults.cluster.splice_max_frame_bytes, 16 << 20);
+        assert_eq!(defaults.cluster.forward_timeout_ms, 30_000);
         let mut local = defaults.clone();
         local.host = "127.0.0.1".into();
         let node = local.cluster_node(4321);
@@ -1518,11 +1532,13 @@ mod tests {
                 ("SWITCHBOARD_HEARTBEAT_MS", "250"),
                 ("SWITCHBOARD_NODE_TTL_MS", "1000"),
                 ("SWITCHBOARD_SPLICE_TIMEOUT_MS", "750"),
+                ("SWITCHBOARD_FORWARD_TIMEOUT_MS", "1500"),
             ]))
             .build()
             .unwrap();
         assert_eq!(s.cluster.cluster_key, "shared secret");
         assert_eq!(s.cluster.splice_timeout_ms, 750);
+        assert_eq!(s.cluster.forward_timeout_ms, 1500);
         let node = s.cluster_node(1);
         assert_eq!(node.node_id, "node-a");
         assert_eq!(node.advertise_url, "http://10.0.0.5:3000");

@@ -42,9 +42,6 @@ use crate::store::NodeAddress;
 /// The header a forwarded request carries the cluster key in.
 pub const CLUSTER_KEY_HEADER: &str = "x-switchboard-cluster-key";
 
-/// How long a forwarded request may take.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// The caller's headers a forwarded request keeps.
 const KEPT_HEADERS: &[header::HeaderName] = &[
     header::CONTENT_TYPE,
@@ -110,10 +107,11 @@ pub async fn forward(
         .get("conversation_id")
         .unwrap_or_default()
         .to_string();
+    let timeout = Duration::from_millis(state.settings.cluster.forward_timeout_ms);
     let attempt = |owner: NodeAddress| {
         let (req, body) = (&req, body.clone());
         async move {
-            match send(req, &owner, key, body).await {
+            match send(req, &owner, key, body, timeout).await {
                 Ok(answer) if answer.status() == StatusCode::MISDIRECTED_REQUEST => {
                     Attempt::Misdirected
                 }
@@ -201,12 +199,13 @@ fn elsewhere<B>(res: &ServiceResponse<B>) -> Option<NodeAddress> {
     res.response().extensions().get::<NodeAddress>().cloned()
 }
 
-/// Sends the request on to `owner`; its answer as this node's.
+/// Sends the request on to `owner`; its answer as this node's, if it comes within `timeout`.
 async fn send(
     req: &actix_web::HttpRequest,
     owner: &NodeAddress,
     key: &str,
     body: web::Bytes,
+    timeout: Duration,
 ) -> Result<HttpResponse, String> {
     if owner.url.is_empty() {
         return Err("it has no address".into());
@@ -215,7 +214,7 @@ async fn send(
         .uri()
         .path_and_query()
         .map_or(req.path(), |p| p.as_str());
-    let client = awc::Client::builder().timeout(FORWARD_TIMEOUT).finish();
+    let client = awc::Client::builder().timeout(timeout).finish();
     let mut out = client
         .request(req.method().clone(), format!("{}{path}", owner.url))
         .insert_header((CLUSTER_KEY_HEADER, key));

@@ -401,12 +401,13 @@ fn kill_9_of_the_owner_closes_spliced_clients_without_goodbye_and_they_resume_th
 /// is refused with 403 — and so is a handshake on a node whose own cluster key is wrong, which
 /// passes the owner's refusal on. A node without a cluster key splices nothing: 503.
 #[test]
-fn a_paused_owner_is_a_503_and_a_splice_is_never_spliced_again() {
+fn a_paused_owner_is_a_503_for_sockets_and_commands_and_a_splice_is_never_spliced_again() {
     let Some(db) = pg::database() else { return };
     let key = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
     let quick = ("SWITCHBOARD_SPLICE_TIMEOUT_MS", "300");
+    let quick_forward = ("SWITCHBOARD_FORWARD_TIMEOUT_MS", "300");
     let a = start_node_with(&db, "a", 20_000, &[key]);
-    let b = start_node_with(&db, "b", 20_000, &[key, quick]);
+    let b = start_node_with(&db, "b", 20_000, &[key, quick, quick_forward]);
     let wrong = start_node_with(
         &db,
         "wrong",
@@ -423,8 +424,11 @@ fn a_paused_owner_is_a_503_and_a_splice_is_never_spliced_again() {
         .iter()
         .map(|path| socket_handshake_with(b.port, path, &[]))
         .collect();
+    // A command forwarded to the paused owner waits forward_timeout_ms, then is a 503.
+    let forwarded = post_message(b.port, &id, "while the owner is paused");
     signal(&a, "CONT");
     assert_eq!(refused, [503, 503], "Socket.IO, plain");
+    assert_eq!(forwarded, 503, "a command forwarded to a paused owner");
 
     let spliced = [("X-Switchboard-Cluster-Key", "a shared secret")];
     let guessed = [("X-Switchboard-Cluster-Key", "a guess")];

@@ -33,7 +33,8 @@ pub(super) struct History {
 }
 
 pub(super) enum InitError {
-    Store(String),
+    /// The conversation's history could not be read.
+    Store(crate::store::StoreError),
     Io(io::Error),
 }
 
@@ -58,8 +59,10 @@ pub(super) async fn write_input(
     let conversation_id = label.get();
     match write_init(&mut stdin, &head, &history).await {
         Ok(()) => {}
-        Err(InitError::Store(why)) => {
-            sink.send(RuntimeSignal::Failed(why));
+        Err(InitError::Store(e)) => {
+            sink.send(RuntimeSignal::Failed(format!(
+                "cannot read the conversation's history: {e}"
+            )));
             return;
         }
         Err(InitError::Io(e)) => {
@@ -97,9 +100,7 @@ pub(super) async fn write_init(
             .store
             .events(&history.id, query)
             .await
-            .map_err(|e| {
-                InitError::Store(format!("cannot read the conversation's history: {e}"))
-            })?;
+            .map_err(InitError::Store)?;
         if page.is_empty() {
             break;
         }

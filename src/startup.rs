@@ -249,6 +249,11 @@ impl Application {
             }
         };
         let supervisor = Supervisor::start(settings.clone(), store.clone());
+        crate::actors::takeover::start(
+            supervisor.clone(),
+            store.clone(),
+            Duration::from_millis(settings.cluster.heartbeat_ms),
+        );
         let state = web::Data::new(AppState {
             settings: settings.clone(),
             store: store.clone(),

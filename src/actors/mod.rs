@@ -9,6 +9,7 @@ pub mod conversation;
 pub mod messages;
 pub mod rate_limit;
 pub mod supervisor;
+pub mod takeover;
 
 mod handle;
 mod shared;

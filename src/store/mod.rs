@@ -45,6 +45,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde_json::Value;
@@ -126,6 +127,14 @@ pub struct NodeAddress {
     pub node_id: String,
     /// Its `[cluster] advertise_url`.
     pub url: String,
+}
+
+/// A conversation held under a registration that lapsed ([`Store::orphaned`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub id: ConversationId,
+    /// Its owner (the user key's name), if any.
+    pub owner: Option<Arc<str>>,
 }
 
 /// Which byte quota a write would exceed.
@@ -398,6 +407,12 @@ pub trait Store: Send + Sync + 'static {
     /// in one query (single-node stores: none).
     fn owned_elsewhere(&self, _ids: Vec<ConversationId>) -> StoreFuture<HashSet<ConversationId>> {
         Box::pin(std::future::ready(Ok(HashSet::new())))
+    }
+    /// Up to `limit` conversations that a node holds under a registration that expired or is
+    /// gone (it died, or was fenced, holding them), in random order: free for this node to
+    /// take over (single-node stores: none).
+    fn orphaned(&self, _limit: usize) -> StoreFuture<Vec<Orphan>> {
+        Box::pin(std::future::ready(Ok(Vec::new())))
     }
     /// Leaves the cluster (graceful shutdown, after the conversations stopped): whatever this
     /// node still owns is free for other nodes at once, and it takes nothing more. Nothing to

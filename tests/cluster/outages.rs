@@ -314,3 +314,48 @@ fn postgres_stopped_for_three_ttls_then_everything_resumes() {
     let (status, body) = http(a.port, "POST", "/api/conversations", Some("{}"));
     assert_eq!(status, 200, "a new conversation after the outage: {body}");
 }
+
+/// A node that dies holding conversations: once its registration expired, the other nodes
+/// take each of them over on their own — no request for them needed — under a higher epoch,
+/// and they run there (nothing stored lost, one writer per epoch). Prints how long it took.
+#[test]
+fn a_dead_owners_conversations_run_again_elsewhere_without_a_request() {
+    let Some(db) = pg::database() else { return };
+    let mut a = start_node(&db, "a");
+    let b = start_node(&db, "b");
+    let c = start_node(&db, "c");
+    let ids: Vec<String> = (0..3)
+        .map(|i| answered_conversation(&db, &a, &format!("before {i}")))
+        .collect();
+    let before: Vec<_> = ids.iter().map(|id| stored_log(&db, id)).collect();
+    for id in &ids {
+        assert_eq!(owner_of(&db, id).as_deref(), Some("a"));
+    }
+
+    a.kill_9();
+    let killed = Instant::now();
+    wait_until(
+        Duration::from_secs(30),
+        "b or c owns every conversation",
+        || {
+            ids.iter()
+                .all(|id| owner_of(&db, id).is_some_and(|owner| owner == "b" || owner == "c"))
+        },
+    );
+    println!(
+        "every conversation of a node killed with -9 taken over without a request: {:?} after \
+         the kill (node_ttl_ms 1000, heartbeat_ms 100)",
+        killed.elapsed()
+    );
+    for (id, before) in ids.iter().zip(&before) {
+        // Running there: each node shows it RUNNING (its own, or a live node's lease).
+        for node in [&b, &c] {
+            let (status, info) = node.request("GET", &format!("/api/conversations/{id}"), None);
+            assert_eq!(status, 200, "{info}");
+            assert_eq!(info["status"], "RUNNING", "{id} on {}", node.port);
+        }
+        let log = stored_log(&db, id);
+        assert_one_writer_per_epoch(&log);
+        assert_eq!(&log[..before.len()], &before[..], "nothing stored was lost");
+    }
+}

@@ -76,7 +76,7 @@ use super::durable::{
 use super::membership::{self, ClusterNode, Membership, NodeState};
 use super::{
     events_bytes, meta_bytes, Acquired, ApiKey, EventQuery, Existing, KeyLookup, Lease,
-    NodeAddress, Store, StoreError, StoreFuture, StoreLimits, UserQuota,
+    NodeAddress, Orphan, Store, StoreError, StoreFuture, StoreLimits, UserQuota,
 };
 use crate::config::{PostgresSettings, StoreTuning};
 use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord, InitData};
@@ -139,6 +139,10 @@ enum OwnershipRequest {
     OwnedElsewhere {
         ids: Vec<String>,
         reply: super::durable::Reply<HashSet<ConversationId>>,
+    },
+    Orphaned {
+        limit: i64,
+        reply: super::durable::Reply<Vec<Orphan>>,
     },
 }
 
@@ -440,6 +444,11 @@ impl Store for PostgresStore {
 
     fn leave(&self) -> StoreFuture<()> {
         self.ownership_request(|reply| OwnershipRequest::Leave { reply })
+    }
+
+    fn orphaned(&self, limit: usize) -> StoreFuture<Vec<Orphan>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.ownership_request(|reply| OwnershipRequest::Orphaned { limit, reply })
     }
 
     fn membership(&self) -> Option<watch::Receiver<Membership>> {

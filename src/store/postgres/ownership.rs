@@ -35,6 +35,9 @@ pub(super) async fn run_ownership(
                 OwnershipRequest::OwnedElsewhere { ids, reply } => {
                     let _ = reply.send(owned_elsewhere(&pool, &node.node_id, &ids).await);
                 }
+                OwnershipRequest::Orphaned { limit, reply } => {
+                    let _ = reply.send(orphaned(&pool, limit).await);
+                }
                 OwnershipRequest::Leave { reply } => {
                     let left = membership::leave(&pool, &node, &state).await;
                     let _ = reply.send(left.map_err(StoreError::Io));
@@ -185,6 +188,26 @@ async fn owned_elsewhere(
             row.try_get::<_, &str>(0)
                 .map_err(io_error)
                 .and_then(stored_id)
+        })
+        .collect()
+}
+
+/// Up to `limit` conversations held under a registration that lapsed, with their owners.
+async fn orphaned(pool: &Pool, limit: i64) -> Result<Vec<Orphan>, StoreError> {
+    let conn = pool.get().await.map_err(pool_error)?;
+    let statement = conn.prepare_cached(sql::ORPHANED).await.map_err(io_error)?;
+    let rows = conn.query(&statement, &[&limit]).await.map_err(io_error)?;
+    rows.iter()
+        .map(|row| {
+            let id = row
+                .try_get::<_, &str>(0)
+                .map_err(io_error)
+                .and_then(stored_id)?;
+            let owner: Option<String> = row.try_get(1).map_err(io_error)?;
+            Ok(Orphan {
+                id,
+                owner: owner.map(Arc::from),
+            })
         })
         .collect()
 }

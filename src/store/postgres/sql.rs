@@ -128,6 +128,14 @@ pub const LIVE_OWNER: &str = "SELECT o.node_id, n.advertise_url FROM ownership o
 pub const OWNED_ELSEWHERE: &str = "SELECT o.conversation_id FROM ownership o \
      JOIN cluster_nodes n ON n.node_id = o.node_id AND n.incarnation = o.incarnation \
      WHERE o.conversation_id = ANY($1) AND o.node_id <> $2 AND n.expires_at > now()";
+/// Up to `$1` conversations held under a registration that expired or is gone (a node that
+/// died, or was fenced, holding them), with their owners, in random order (so that nodes
+/// sweeping at once spread them).
+pub const ORPHANED: &str = "SELECT o.conversation_id, c.owner FROM ownership o \
+     JOIN conversations c ON c.id = o.conversation_id \
+     WHERE o.node_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM cluster_nodes n \
+     WHERE n.node_id = o.node_id AND n.incarnation = o.incarnation AND n.expires_at > now()) \
+     ORDER BY random() LIMIT $1";
 /// Gives back conversation `$1` held by node `$2`, incarnation `$3`, at epoch `$4`.
 pub const RELEASE: &str = "UPDATE ownership SET node_id = NULL, incarnation = NULL \
      WHERE conversation_id = $1 AND node_id = $2 AND incarnation = $3 AND epoch = $4";
@@ -165,6 +173,7 @@ pub const ALL: &[&str] = &[
     OWNER,
     LIVE_OWNER,
     OWNED_ELSEWHERE,
+    ORPHANED,
     RELEASE,
     RELEASE_UNKNOWN,
 ];

@@ -22,14 +22,28 @@ pub struct ConversationId(Arc<str>);
 #[error("{}", ConversationId::RULE)]
 pub struct InvalidConversationId;
 
+/// The id rule's constants, all made from its one length (a literal, so that the texts can be
+/// built at compile time).
+macro_rules! id_rule {
+    ($max_len:literal) => {
+        /// Most characters of an id.
+        pub const MAX_LEN: usize = $max_len;
+        /// The rule as a JSON Schema pattern.
+        pub const PATTERN: &'static str = concat!("^[A-Za-z0-9_-]{1,", $max_len, "}$");
+        /// The rule as a JSON Schema pattern for a field where an empty string counts as
+        /// absent.
+        pub const PATTERN_OR_EMPTY: &'static str = concat!("^[A-Za-z0-9_-]{0,", $max_len, "}$");
+        /// The rule in words, as a 422 states it.
+        pub const RULE: &'static str = concat!(
+            "conversation_id must be 1-",
+            $max_len,
+            " characters of A-Z, a-z, 0-9, '_' or '-'"
+        );
+    };
+}
+
 impl ConversationId {
-    /// Most characters of an id.
-    pub const MAX_LEN: usize = 64;
-    /// The rule as a JSON Schema pattern.
-    pub const PATTERN: &'static str = "^[A-Za-z0-9_-]{1,64}$";
-    /// The rule in words, as a 422 states it.
-    pub const RULE: &'static str =
-        "conversation_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'";
+    id_rule!(64);
 
     /// The id `text` is, if it keeps the rule.
     pub fn parse(text: &str) -> Result<Self, InvalidConversationId> {
@@ -139,6 +153,16 @@ impl<'de> Deserialize<'de> for ConversationId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rule_texts_name_its_length() {
+        assert_eq!(ConversationId::PATTERN, "^[A-Za-z0-9_-]{1,64}$");
+        assert_eq!(ConversationId::PATTERN_OR_EMPTY, "^[A-Za-z0-9_-]{0,64}$");
+        assert_eq!(
+            ConversationId::RULE,
+            "conversation_id must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-'"
+        );
+    }
 
     #[test]
     fn the_rule() {

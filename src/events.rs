@@ -296,7 +296,9 @@ pub fn parse_user_action(value: &Value) -> Result<EventBody, String> {
         .and_then(Value::as_str)
         .ok_or_else(|| "the action needs an `action` name".to_string())?;
     if !is_event_name(action) {
-        return Err("`action` must be 1-64 characters of a-z, 0-9 or _".into());
+        return Err(format!(
+            "`action` must be 1-{EVENT_NAME_MAX_LEN} characters of a-z, 0-9 or _"
+        ));
     }
     let args = match obj.get("args") {
         None | Some(Value::Null) => Map::new(),
@@ -340,10 +342,13 @@ pub fn parse_user_action(value: &Value) -> Result<EventBody, String> {
     })
 }
 
-/// Action and observation names: 1–64 characters of `[a-z0-9_]`.
+/// Most characters of an action or observation name.
+pub const EVENT_NAME_MAX_LEN: usize = 64;
+
+/// Action and observation names: 1–[`EVENT_NAME_MAX_LEN`] characters of `[a-z0-9_]`.
 pub fn is_event_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= EVENT_NAME_MAX_LEN
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')

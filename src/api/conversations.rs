@@ -29,9 +29,6 @@ use crate::store::EventQuery;
 /// `msg_id` of a 429 for `limits.max_running_per_user`.
 pub const USER_LIMIT: &str = "SWITCHBOARD$USER_LIMIT";
 
-const PAGE_LIMIT_DEFAULT: usize = 20;
-const PAGE_LIMIT_MAX: usize = 100;
-
 /// Reads and checks the `{id}` path segment.
 pub(crate) fn path_id(path: &web::Path<String>) -> Result<ConversationId, ApiError> {
     validation::conversation_id(path.as_str(), vec![json!("path"), json!("conversation_id")])
@@ -279,12 +276,12 @@ fn query_int(pairs: &[(String, String)], key: &str) -> Result<Option<u64>, ApiEr
 
 fn page_limit(pairs: &[(String, String)]) -> Result<usize, ApiError> {
     match query_get(pairs, "limit") {
-        None => Ok(PAGE_LIMIT_DEFAULT),
+        None => Ok(schema::PAGE_LIMIT_DEFAULT),
         Some(raw) => raw
             .trim()
             .parse::<usize>()
             .ok()
-            .filter(|l| (1..=PAGE_LIMIT_MAX).contains(l))
+            .filter(|l| (1..=schema::PAGE_LIMIT_MAX).contains(l))
             .ok_or_else(|| ApiError::BadRequest("Invalid limit".into())),
     }
 }

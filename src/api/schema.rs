@@ -4,7 +4,10 @@
 //! Response types are what the handlers serialize, so the served JSON and the document cannot
 //! drift apart: field order is the wire order and `Option` fields serialize as `null`.
 //! Request types describe exactly what [`super::validation`] accepts (it validates by hand to
-//! produce pydantic-shaped errors; the unit tests below hold both to the same bodies).
+//! produce pydantic-shaped errors; the unit tests below hold both to the same bodies). Each
+//! field rule (repository, MCP URL schemes, title length, page size, …) is written once here,
+//! as a constant or a function the validator calls, and the field's schema is built from it
+//! (`schema_with`), so the document and the validator cannot state different rules.
 //! Bodies built elsewhere (`ApiError` in `errors.rs`, `/alive`) are pinned to their types by the
 //! tests at the bottom of this file.
 
@@ -13,18 +16,147 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::openapi::schema::{
-    AnyOfBuilder, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, Type,
+    AnyOfBuilder, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
 };
 use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::conversation::{ConversationId, ConversationStatus, RuntimeStatus};
-use crate::events::{Source, StoredEvent};
+use crate::events::{Source, StoredEvent, EVENT_NAME_MAX_LEN};
 
 /// Rust's `char::is_whitespace` (Unicode `White_Space`, what `str::trim` removes) as the body
 /// of a regex character class.
 const WHITE_SPACE: &str =
     r"\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000";
+
+// ---------------------------------------------------------------------------------------------
+// Field rules: each written once, used by the validator (`validation.rs`) and stated by the
+// OpenAPI document (the `schema_with` functions below build the field schemas from them).
+
+/// Most characters of a `repository`.
+pub const REPOSITORY_MAX_LEN: usize = 256;
+
+/// A `repository`, as a JSON Schema pattern: `owner/repo` (GitLab groups allowed:
+/// `group/sub/repo`), each part made of `[A-Za-z0-9_.-]` and neither `.` nor `..`. An empty
+/// string counts as absent. [`is_repository`] is this pattern, in code.
+pub const REPOSITORY_PATTERN: &str = r"^(?:(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.{3,})(?:/(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.{3,}))+)?$";
+
+/// Whether a non-empty `repository` keeps [`REPOSITORY_PATTERN`] and [`REPOSITORY_MAX_LEN`].
+pub fn is_repository(repo: &str) -> bool {
+    repo.len() <= REPOSITORY_MAX_LEN
+        && repo.split('/').count() >= 2
+        && repo.split('/').all(|p| {
+            !p.is_empty()
+                && p != "."
+                && p != ".."
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        })
+}
+
+/// The URL schemes of an MCP server reached over the network, each also allowed with an `s`
+/// (TLS) appended, in any case: http, https, ws, wss.
+pub const MCP_URL_SCHEMES: &[&str] = &["http", "ws"];
+
+/// Whether an MCP server URL starts with one of [`MCP_URL_SCHEMES`] and `://`.
+pub fn has_mcp_url_scheme(url: &str) -> bool {
+    let Some((scheme, _)) = url.split_once("://") else {
+        return false;
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    let plain = scheme.strip_suffix('s').unwrap_or(&scheme);
+    MCP_URL_SCHEMES.iter().any(|s| *s == scheme || *s == plain)
+}
+
+/// [`MCP_URL_SCHEMES`] in words: `http, https, ws, or wss`.
+pub fn mcp_url_schemes_in_words() -> String {
+    MCP_URL_SCHEMES
+        .iter()
+        .flat_map(|s| [s.to_string(), format!("{s}s")])
+        .collect::<Vec<_>>()
+        .join(", ")
+        .rsplit_once(", ")
+        .map(|(rest, last)| format!("{rest}, or {last}"))
+        .unwrap_or_default()
+}
+
+/// An MCP server URL as the OpenAPI document states it.
+fn mcp_url() -> Schema {
+    let alternatives: Vec<String> = MCP_URL_SCHEMES
+        .iter()
+        .map(|s| {
+            let letters: String = s
+                .chars()
+                .map(|c| format!("[{}{}]", c.to_ascii_uppercase(), c))
+                .collect();
+            format!("{letters}[Ss]?")
+        })
+        .collect();
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(format!(
+            "An {} URL.",
+            mcp_url_schemes_in_words().replace(", or", " or")
+        )))
+        .pattern(Some(format!("^(?:{})://", alternatives.join("|"))))
+        .into()
+}
+
+/// Most characters of a conversation title (after trimming).
+pub const TITLE_MAX_LEN: usize = 200;
+
+/// The title of a `PATCH` as the OpenAPI document states it: 1–[`TITLE_MAX_LEN`] characters
+/// once surrounding whitespace is trimmed.
+fn title() -> Schema {
+    let (space, other) = (format!("[{WHITE_SPACE}]"), format!("[^{WHITE_SPACE}]"));
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(format!(
+            "The new title: 1–{TITLE_MAX_LEN} characters once surrounding whitespace (Unicode `White_Space`)\nis trimmed."
+        )))
+        .pattern(Some(format!(
+            "^{space}*{other}(?:[\\s\\S]{{0,{}}}{other})?{space}*$",
+            TITLE_MAX_LEN - 2
+        )))
+        .into()
+}
+
+/// A `repository` as the OpenAPI document states it.
+fn repository() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::from_iter([Type::String, Type::Null]))
+        .description(Some(
+            "`owner/repo` (GitLab groups allowed: `group/sub/repo`); an empty string counts as absent.",
+        ))
+        .pattern(Some(REPOSITORY_PATTERN))
+        .max_length(Some(REPOSITORY_MAX_LEN))
+        .into()
+}
+
+/// The `conversation_id` of a create body as the OpenAPI document states it.
+fn requested_conversation_id() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(
+            "Joins the conversation with this id when it exists, creates it otherwise; an empty\nstring counts as absent (a new id is generated).",
+        ))
+        .pattern(Some(ConversationId::PATTERN_OR_EMPTY))
+        .into()
+}
+
+/// The name of a user action other than `message`, as the OpenAPI document states it
+/// ([`crate::events::is_event_name`]).
+fn other_action_name() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .description(Some(format!(
+            "1–{EVENT_NAME_MAX_LEN} characters of `[a-z0-9_]`, other than `message`."
+        )))
+        .pattern(Some(format!(
+            "^(?!message$)[a-z0-9_]{{1,{EVENT_NAME_MAX_LEN}}}$"
+        )))
+        .into()
+}
 
 /// Serializes a body type into a JSON value (for `ApiError::Exact`).
 pub fn to_value<T: Serialize>(body: &T) -> Value {
@@ -135,11 +267,9 @@ pub enum Health {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InitSessionRequest {
-    /// `owner/repo` (GitLab groups allowed: `group/sub/repo`); an empty string counts as absent.
-    #[schema(
-        pattern = r"^(?:(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.{3,})(?:/(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.{3,}))+)?$",
-        max_length = 256
-    )]
+    /// [`REPOSITORY_PATTERN`], at most [`REPOSITORY_MAX_LEN`] characters (documented by
+    /// `repository()`).
+    #[schema(schema_with = repository)]
     #[serde(default)]
     pub repository: Option<String>,
     #[serde(default)]
@@ -165,9 +295,8 @@ pub struct InitSessionRequest {
     pub conversation_instructions: Option<String>,
     #[serde(default)]
     pub mcp_config: Option<McpConfig>,
-    /// Joins the conversation with this id when it exists, creates it otherwise; an empty
-    /// string counts as absent (a new id is generated).
-    #[schema(pattern = "^[A-Za-z0-9_-]{0,64}$")]
+    /// The id to join or create (documented by `requested_conversation_id()`).
+    #[schema(schema_with = requested_conversation_id)]
     #[serde(default)]
     pub conversation_id: String,
 }
@@ -250,12 +379,27 @@ fn lax_query_integer(description: &str, integer: ObjectBuilder, digits: &str) ->
     )
 }
 
-/// `limit`: 1–100.
+/// A page's size when the query names none.
+pub const PAGE_LIMIT_DEFAULT: usize = 20;
+/// Most items on a page.
+pub const PAGE_LIMIT_MAX: usize = 100;
+
+/// `limit`: 1–[`PAGE_LIMIT_MAX`].
 fn query_limit() -> Schema {
+    // The digits of 1–100; the assertion holds the text to the limit it spells.
+    const DIGITS: &str = "0*(?:100|[1-9][0-9]?)";
+    const _: () = assert!(
+        PAGE_LIMIT_MAX == 100,
+        "rewrite DIGITS for the new PAGE_LIMIT_MAX"
+    );
     lax_query_integer(
-        "Page size, 1–100 (default 20); anything else is a 400.",
-        ObjectBuilder::new().minimum(Some(1)).maximum(Some(100)),
-        "0*(?:100|[1-9][0-9]?)",
+        &format!(
+            "Page size, 1–{PAGE_LIMIT_MAX} (default {PAGE_LIMIT_DEFAULT}); anything else is a 400."
+        ),
+        ObjectBuilder::new()
+            .minimum(Some(1))
+            .maximum(Some(PAGE_LIMIT_MAX as u64)),
+        DIGITS,
     )
 }
 
@@ -325,8 +469,8 @@ pub struct McpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(as = MCPSSEServerConfig)]
 pub struct McpSseServerConfig {
-    /// An http, https, ws or wss URL.
-    #[schema(pattern = "^(?:[Hh][Tt][Tt][Pp][Ss]?|[Ww][Ss][Ss]?)://")]
+    /// One of [`MCP_URL_SCHEMES`] (documented by `mcp_url()`).
+    #[schema(schema_with = mcp_url)]
     pub url: String,
     #[serde(default)]
     pub api_key: Option<String>,
@@ -348,8 +492,8 @@ pub struct McpStdioServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[schema(as = MCPSHTTPServerConfig)]
 pub struct McpShttpServerConfig {
-    /// An http, https, ws or wss URL.
-    #[schema(pattern = "^(?:[Hh][Tt][Tt][Pp][Ss]?|[Ww][Ss][Ss]?)://")]
+    /// One of [`MCP_URL_SCHEMES`] (documented by `mcp_url()`).
+    #[schema(schema_with = mcp_url)]
     pub url: String,
     #[serde(default)]
     pub api_key: Option<String>,
@@ -362,11 +506,8 @@ pub struct McpShttpServerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateConversationRequest {
-    /// The new title: 1–200 characters once surrounding whitespace (Unicode `White_Space`)
-    /// is trimmed.
-    #[schema(
-        pattern = r"^[\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000](?:[\s\S]{0,198}[^\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000])?[\t\n\u000b\f\r \u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]*$"
-    )]
+    /// At most [`TITLE_MAX_LEN`] characters (documented by `title()`).
+    #[schema(schema_with = title)]
     pub title: String,
 }
 
@@ -415,8 +556,8 @@ pub struct MessageArgs {
 /// Any other user action, stored and handed to the runtime as sent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct OtherAction {
-    /// 1–64 characters of `[a-z0-9_]`, other than `message`.
-    #[schema(pattern = "^(?!message$)[a-z0-9_]{1,64}$")]
+    /// Documented by `other_action_name()`.
+    #[schema(schema_with = other_action_name)]
     pub action: String,
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
@@ -838,6 +979,8 @@ impl From<&crate::config::FrontendSettings> for ServerConfig {
 
 /// The body of `POST /api/settings` (OpenHands' `Settings`; unknown keys are ignored). Absent
 /// fields take their defaults, except the ones kept from the saved settings (see the route).
+// The validator (`validation::parse_settings`) reads the fields, their order, types and
+// defaults from this type's schema: the settings are listed only here.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct StoredSettings {
     pub language: Option<String>,
@@ -852,13 +995,13 @@ pub struct StoredSettings {
     pub remote_runtime_resource_factor: Option<i64>,
     #[schema(value_type = Object)]
     pub secrets_store: Option<Value>,
-    /// Default `true`.
+    #[schema(default = true)]
     pub enable_default_condenser: Option<bool>,
-    /// Default `false`.
+    #[schema(default = false)]
     pub enable_sound_notifications: Option<bool>,
-    /// Default `true`.
+    #[schema(default = true)]
     pub enable_proactive_conversation_starters: Option<bool>,
-    /// Default `true`.
+    #[schema(default = true)]
     pub enable_solvability_analysis: Option<bool>,
     pub user_consents_to_analytics: Option<bool>,
     pub sandbox_base_container_image: Option<String>,

@@ -11,12 +11,14 @@ use std::sync::OnceLock;
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
+use utoipa::openapi::schema::{SchemaType, Type};
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::PartialSchema;
 
 use super::schema::{
-    Choices, InitSessionRequest, McpConfig, ProviderType, TaskType, UpdateConversationRequest,
-    TASK_TYPES_REFUSED,
+    has_mcp_url_scheme, is_repository, mcp_url_schemes_in_words, Choices, InitSessionRequest,
+    McpConfig, ProviderType, StoredSettings, TaskType, UpdateConversationRequest,
+    TASK_TYPES_REFUSED, TITLE_MAX_LEN,
 };
 use crate::conversation::{ConversationId, InitData, NewConversation};
 use crate::events::EventBody;
@@ -356,37 +358,46 @@ enum SettingType {
     Model,
 }
 
-/// The fields of OpenHands' `Settings`, in its order (errors are reported in this order).
-const SETTINGS_FIELDS: &[(&str, SettingType)] = &[
-    ("language", SettingType::Str),
-    ("agent", SettingType::Str),
-    ("max_iterations", SettingType::Int),
-    ("security_analyzer", SettingType::Str),
-    ("confirmation_mode", SettingType::OptBool),
-    ("llm_model", SettingType::Str),
-    ("llm_api_key", SettingType::Str),
-    ("llm_base_url", SettingType::Str),
-    ("remote_runtime_resource_factor", SettingType::Int),
-    ("secrets_store", SettingType::Model),
-    ("enable_default_condenser", SettingType::Bool(true)),
-    ("enable_sound_notifications", SettingType::Bool(false)),
-    (
-        "enable_proactive_conversation_starters",
-        SettingType::Bool(true),
-    ),
-    ("enable_solvability_analysis", SettingType::Bool(true)),
-    ("user_consents_to_analytics", SettingType::OptBool),
-    ("sandbox_base_container_image", SettingType::Str),
-    ("sandbox_runtime_container_image", SettingType::Str),
-    ("mcp_config", SettingType::Mcp),
-    ("search_api_key", SettingType::Str),
-    ("sandbox_api_key", SettingType::Str),
-    ("max_budget_per_task", SettingType::Float),
-    ("email", SettingType::Str),
-    ("email_verified", SettingType::OptBool),
-    ("git_user_name", SettingType::Str),
-    ("git_user_email", SettingType::Str),
-];
+/// The type of a settings field as [`StoredSettings`]' schema states it: `Option<bool>` with
+/// a `default` is [`SettingType::Bool`], another nullable scalar is its optional type, an
+/// object is [`SettingType::Model`], a reference (to `MCPConfig`) is [`SettingType::Mcp`].
+fn setting_type(field: &RefOr<Schema>) -> Option<SettingType> {
+    let object = match field {
+        RefOr::T(Schema::Object(object)) => object,
+        RefOr::T(Schema::OneOf(_)) | RefOr::Ref(_) => return Some(SettingType::Mcp),
+        _ => return None,
+    };
+    let scalar = match &object.schema_type {
+        SchemaType::Type(t) => t,
+        SchemaType::Array(types) => types.iter().find(|t| **t != Type::Null)?,
+        SchemaType::AnyValue => return None,
+    };
+    Some(match scalar {
+        Type::String => SettingType::Str,
+        Type::Integer => SettingType::Int,
+        Type::Number => SettingType::Float,
+        Type::Boolean => match object.default.as_ref().and_then(Value::as_bool) {
+            Some(default) => SettingType::Bool(default),
+            None => SettingType::OptBool,
+        },
+        Type::Object => SettingType::Model,
+        _ => return None,
+    })
+}
+
+/// The fields of OpenHands' `Settings`, in its order (errors are reported in this order):
+/// [`StoredSettings`]' fields with their types.
+fn settings_fields() -> &'static [(String, SettingType)] {
+    static FIELDS: OnceLock<Vec<(String, SettingType)>> = OnceLock::new();
+    FIELDS.get_or_init(|| match StoredSettings::schema() {
+        RefOr::T(Schema::Object(object)) => object
+            .properties
+            .iter()
+            .filter_map(|(name, field)| Some((name.clone(), setting_type(field)?)))
+            .collect(),
+        _ => Vec::new(),
+    })
+}
 
 /// Validates a `POST /api/settings` body as OpenHands' `Settings` model: every field with its
 /// lax-mode type, absent fields at their defaults, unknown keys ignored. The result holds every
@@ -396,9 +407,9 @@ pub fn parse_settings(obj: &Map<String, Value>) -> Result<Map<String, Value>, Ve
     let base = vec![json!("body")];
     let mut errors = Vec::new();
     let mut out = Map::new();
-    for (key, kind) in SETTINGS_FIELDS {
-        let l = loc(&base, *key);
-        let value = obj.get(*key);
+    for (key, kind) in settings_fields() {
+        let l = loc(&base, key.as_str());
+        let value = obj.get(key);
         let parsed = match (kind, value) {
             (SettingType::Bool(default), None) => Ok(json!(default)),
             (SettingType::Model, None | Some(Value::Null)) => Ok(json!({"provider_tokens": {}})),
@@ -438,7 +449,7 @@ pub fn parse_settings(obj: &Map<String, Value>) -> Result<Map<String, Value>, Ve
         };
         match parsed {
             Ok(v) => {
-                out.insert((*key).to_string(), v);
+                out.insert(key.clone(), v);
             }
             Err(e) => errors.push(*e),
         }
@@ -802,7 +813,7 @@ fn replay(
 }
 
 /// Validates a `PATCH /api/conversations/{id}` body (OpenHands' `ConversationUpdate`, which
-/// forbids unknown fields): the title, stripped, 1–200 characters.
+/// forbids unknown fields): the title, stripped, 1–[`TITLE_MAX_LEN`] characters.
 pub fn parse_conversation_update(obj: &Map<String, Value>) -> Result<String, Vec<FieldError>> {
     let base = vec![json!("body")];
     let mut errors = Vec::new();
@@ -815,18 +826,18 @@ pub fn parse_conversation_update(obj: &Map<String, Value>) -> Result<String, Vec
     .map(|t| t.trim().to_string());
     if let Some(t) = &title {
         let chars = t.chars().count();
-        if !(1..=200).contains(&chars) {
+        if !(1..=TITLE_MAX_LEN).contains(&chars) {
             let (kind, msg, ctx) = if chars == 0 {
                 (
                     "string_too_short",
-                    "String should have at least 1 character",
+                    "String should have at least 1 character".to_string(),
                     json!({"min_length": 1}),
                 )
             } else {
                 (
                     "string_too_long",
-                    "String should have at most 200 characters",
-                    json!({"max_length": 200}),
+                    format!("String should have at most {TITLE_MAX_LEN} characters"),
+                    json!({"max_length": TITLE_MAX_LEN}),
                 )
             };
             let mut e = FieldError::new(kind, loc(&base, "title"), msg, json!(t));
@@ -841,20 +852,6 @@ pub fn parse_conversation_update(obj: &Map<String, Value>) -> Result<String, Vec
         Some(t) if errors.is_empty() => Ok(t),
         _ => Err(errors),
     }
-}
-
-/// `owner/repo`, with GitLab subgroups (`group/sub/repo`); each part `[A-Za-z0-9_.-]+`.
-fn is_repository(repo: &str) -> bool {
-    let parts: Vec<&str> = repo.split('/').collect();
-    repo.len() <= 256
-        && parts.len() >= 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && *p != "."
-                && *p != ".."
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        })
 }
 
 fn validate_mcp(m: &Map<String, Value>, mloc: &[Value], errors: &mut Vec<FieldError>) {
@@ -912,13 +909,10 @@ fn validate_mcp(m: &Map<String, Value>, mloc: &[Value], errors: &mut Vec<FieldEr
                 let url = r.req_str("url");
                 r.opt_str("api_key");
                 if let Some(url) = url {
-                    let scheme_ok = ["http://", "https://", "ws://", "wss://"]
-                        .iter()
-                        .any(|s| url.to_ascii_lowercase().starts_with(s));
-                    if !scheme_ok {
+                    if !has_mcp_url_scheme(&url) {
                         errors.push(FieldError::value_error(
                             loc(&iloc, "url"),
-                            "URL scheme must be http, https, ws, or wss",
+                            &format!("URL scheme must be {}", mcp_url_schemes_in_words()),
                             json!(url),
                         ));
                     }
@@ -969,6 +963,40 @@ mod tests {
             enum_expected(ProviderType::names()),
             "'github', 'gitlab', 'bitbucket' or 'enterprise_sso'"
         );
+    }
+
+    #[test]
+    fn every_settings_field_has_a_type() {
+        let fields = fields_of::<StoredSettings>();
+        let typed: Vec<&String> = settings_fields().iter().map(|(name, _)| name).collect();
+        assert_eq!(typed, fields.iter().collect::<Vec<_>>());
+        let defaults: Vec<(&str, bool)> = settings_fields()
+            .iter()
+            .filter_map(|(name, kind)| match kind {
+                SettingType::Bool(default) => Some((name.as_str(), *default)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            defaults,
+            [
+                ("enable_default_condenser", true),
+                ("enable_sound_notifications", false),
+                ("enable_proactive_conversation_starters", true),
+                ("enable_solvability_analysis", true),
+            ]
+        );
+    }
+
+    #[test]
+    fn mcp_url_schemes() {
+        assert_eq!(mcp_url_schemes_in_words(), "http, https, ws, or wss");
+        for good in ["http://x", "HTTPS://x", "ws://x", "wSs://x"] {
+            assert!(has_mcp_url_scheme(good), "{good}");
+        }
+        for bad in ["ftp://x", "httpss://x", "s://x", "http:/x", "x http://y"] {
+            assert!(!has_mcp_url_scheme(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -12,6 +12,9 @@
 //! tests at the bottom of this file.
 
 use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use regex_lite::Regex;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -38,34 +41,42 @@ pub const REPOSITORY_MAX_LEN: usize = 256;
 
 /// A `repository`, as a JSON Schema pattern: `owner/repo` (GitLab groups allowed:
 /// `group/sub/repo`), each part made of `[A-Za-z0-9_.-]` and neither `.` nor `..`. An empty
-/// string counts as absent. [`is_repository`] is this pattern, in code.
+/// string counts as absent. [`is_repository`] matches this pattern.
 pub const REPOSITORY_PATTERN: &str = r"^(?:(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.{3,})(?:/(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*|\.{3,}))+)?$";
 
-/// Whether a non-empty `repository` keeps [`REPOSITORY_PATTERN`] and [`REPOSITORY_MAX_LEN`].
+/// Whether a `repository` keeps [`REPOSITORY_PATTERN`] and [`REPOSITORY_MAX_LEN`].
 pub fn is_repository(repo: &str) -> bool {
+    static RULE: OnceLock<Regex> = OnceLock::new();
     repo.len() <= REPOSITORY_MAX_LEN
-        && repo.split('/').count() >= 2
-        && repo.split('/').all(|p| {
-            !p.is_empty()
-                && p != "."
-                && p != ".."
-                && p.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
-        })
+        && RULE
+            .get_or_init(|| Regex::new(REPOSITORY_PATTERN).expect("REPOSITORY_PATTERN compiles"))
+            .is_match(repo)
 }
 
 /// The URL schemes of an MCP server reached over the network, each also allowed with an `s`
 /// (TLS) appended, in any case: http, https, ws, wss.
 pub const MCP_URL_SCHEMES: &[&str] = &["http", "ws"];
 
-/// Whether an MCP server URL starts with one of [`MCP_URL_SCHEMES`] and `://`.
+/// An MCP server URL's start, as a JSON Schema pattern: one of [`MCP_URL_SCHEMES`], then `://`.
+fn mcp_url_pattern() -> String {
+    let alternatives: Vec<String> = MCP_URL_SCHEMES
+        .iter()
+        .map(|s| {
+            let letters: String = s
+                .chars()
+                .map(|c| format!("[{}{}]", c.to_ascii_uppercase(), c))
+                .collect();
+            format!("{letters}[Ss]?")
+        })
+        .collect();
+    format!("^(?:{})://", alternatives.join("|"))
+}
+
+/// Whether an MCP server URL matches [`mcp_url_pattern`].
 pub fn has_mcp_url_scheme(url: &str) -> bool {
-    let Some((scheme, _)) = url.split_once("://") else {
-        return false;
-    };
-    let scheme = scheme.to_ascii_lowercase();
-    let plain = scheme.strip_suffix('s').unwrap_or(&scheme);
-    MCP_URL_SCHEMES.iter().any(|s| *s == scheme || *s == plain)
+    static RULE: OnceLock<Regex> = OnceLock::new();
+    RULE.get_or_init(|| Regex::new(&mcp_url_pattern()).expect("the MCP URL pattern compiles"))
+        .is_match(url)
 }
 
 /// [`MCP_URL_SCHEMES`] in words: `http, https, ws, or wss`.
@@ -82,23 +93,13 @@ pub fn mcp_url_schemes_in_words() -> String {
 
 /// An MCP server URL as the OpenAPI document states it.
 fn mcp_url() -> Schema {
-    let alternatives: Vec<String> = MCP_URL_SCHEMES
-        .iter()
-        .map(|s| {
-            let letters: String = s
-                .chars()
-                .map(|c| format!("[{}{}]", c.to_ascii_uppercase(), c))
-                .collect();
-            format!("{letters}[Ss]?")
-        })
-        .collect();
     ObjectBuilder::new()
         .schema_type(Type::String)
         .description(Some(format!(
             "An {} URL.",
             mcp_url_schemes_in_words().replace(", or", " or")
         )))
-        .pattern(Some(format!("^(?:{})://", alternatives.join("|"))))
+        .pattern(Some(mcp_url_pattern()))
         .into()
 }
 

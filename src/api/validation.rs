@@ -965,6 +965,8 @@ mod tests {
         );
     }
 
+    use crate::api::schema::REPOSITORY_MAX_LEN;
+
     #[test]
     fn every_settings_field_has_a_type() {
         let fields = fields_of::<StoredSettings>();
@@ -1006,6 +1008,13 @@ mod tests {
         assert!(!is_repository("repo"));
         assert!(!is_repository("owner/../x"));
         assert!(!is_repository("owner//x"));
+        assert!(!is_repository("owner/."));
+        assert!(!is_repository("own er/x"));
+        assert!(is_repository("owner/..."));
+        assert!(is_repository(".github/.x-y_z"));
+        let long = format!("o/{}", "r".repeat(REPOSITORY_MAX_LEN - 2));
+        assert!(is_repository(&long));
+        assert!(!is_repository(&format!("{long}r")));
     }
 
     #[test]

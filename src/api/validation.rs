@@ -439,8 +439,8 @@ pub fn parse_settings(obj: &Map<String, Value>) -> Result<Map<String, Value>, Ve
                         continue;
                     }
                     let mut full = Map::new();
-                    for list in ["sse_servers", "stdio_servers", "shttp_servers"] {
-                        full.insert(list.into(), m.get(list).cloned().unwrap_or(json!([])));
+                    for list in mcp_fields() {
+                        full.insert(list.clone(), m.get(list).cloned().unwrap_or(json!([])));
                     }
                     Ok(Value::Object(full))
                 }
@@ -854,8 +854,10 @@ pub fn parse_conversation_update(obj: &Map<String, Value>) -> Result<String, Vec
     }
 }
 
+/// Validates an `mcp_config` (at `mloc`): each of [`McpConfig`]'s server lists, then its keys.
 fn validate_mcp(m: &Map<String, Value>, mloc: &[Value], errors: &mut Vec<FieldError>) {
-    for key in ["sse_servers", "stdio_servers", "shttp_servers"] {
+    for key in mcp_fields() {
+        let key = key.as_str();
         let Some(value) = m.get(key) else { continue };
         let kloc = loc(mloc, key);
         let Value::Array(items) = value else {

@@ -68,6 +68,13 @@ pub fn conversation_info(
     }
 }
 
+/// Whether a conversation does not run on this node: not live here, or only an incarnation
+/// that stopped (say, one that lost the race to take it over) — so that another node's lease
+/// decides what it shows.
+fn stopped_here(live: Option<&Shared>) -> bool {
+    live.is_none_or(|shared| shared.status() == ConversationStatus::Stopped)
+}
+
 fn conversation_response(
     id: &str,
     status: ConversationStatus,
@@ -333,11 +340,11 @@ pub async fn list(
         .iter()
         .map(|meta| state.supervisor.shared(&meta.conversation_id))
         .collect();
-    // Those not live here may be live on another cluster node: one query for the page.
+    // Those not running here may be live on another cluster node: one query for the page.
     let others = page
         .iter()
         .zip(&live)
-        .filter(|(_, live)| live.is_none())
+        .filter(|(_, live)| stopped_here(live.as_deref()))
         .map(|(meta, _)| meta.conversation_id.clone())
         .collect();
     let elsewhere = state.store.owned_elsewhere(others).await?;
@@ -346,7 +353,7 @@ pub async fn list(
         .zip(&live)
         .map(|(meta, live)| {
             let there = elsewhere.contains(&meta.conversation_id);
-            conversation_info(meta, live.as_deref(), there)
+            conversation_info(meta, live.as_deref().filter(|_| !there), there)
         })
         .collect();
     Ok(HttpResponse::Ok().json(ConversationInfoResultSet {
@@ -382,15 +389,17 @@ pub async fn get(
         return Ok(HttpResponse::Ok().json(None::<ConversationInfo>));
     };
     let live = state.supervisor.shared(&id);
-    let elsewhere = match live {
-        Some(_) => false,
-        None => !state
+    let elsewhere = stopped_here(live.as_deref())
+        && !state
             .store
             .owned_elsewhere(vec![id.clone()])
             .await?
-            .is_empty(),
-    };
-    let info = conversation_info(&record.meta, live.as_deref(), elsewhere);
+            .is_empty();
+    let info = conversation_info(
+        &record.meta,
+        live.as_deref().filter(|_| !elsewhere),
+        elsewhere,
+    );
     Ok(HttpResponse::Ok().json(info))
 }
 

@@ -348,11 +348,13 @@ fn a_dead_owners_conversations_run_again_elsewhere_without_a_request() {
         killed.elapsed()
     );
     for (id, before) in ids.iter().zip(&before) {
-        // Running there: each node shows it RUNNING (its own, or a live node's lease).
+        // Running there (it was STARTING while it loaded): each node shows it RUNNING — its
+        // own, or a live node's lease.
         for node in [&b, &c] {
-            let (status, info) = node.request("GET", &format!("/api/conversations/{id}"), None);
-            assert_eq!(status, 200, "{info}");
-            assert_eq!(info["status"], "RUNNING", "{id} on {}", node.port);
+            wait_until(Duration::from_secs(15), "it runs again", || {
+                let (status, info) = node.request("GET", &format!("/api/conversations/{id}"), None);
+                status == 200 && info["status"] == "RUNNING"
+            });
         }
         let log = stored_log(&db, id);
         assert_one_writer_per_epoch(&log);

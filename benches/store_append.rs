@@ -184,7 +184,7 @@ fn meta(id: &str) -> ConversationMeta {
         title: format!("Bench {id}"),
         created_at: "2024-01-01T00:00:00.000000Z".into(),
         last_updated_at: "2024-01-01T00:00:00.000000Z".into(),
-        trigger: "gui".into(),
+        trigger: switchboard::conversation::Trigger::Gui,
         owner: None,
         init: InitData::default(),
     }

@@ -847,7 +847,7 @@ async fn the_runtime_speaks_the_protocol() {
             title: "t".into(),
             created_at: "c".into(),
             last_updated_at: "u".into(),
-            trigger: "gui".into(),
+            trigger: switchboard::conversation::Trigger::Gui,
             owner: None,
             init: init.clone(),
         })

@@ -147,7 +147,7 @@ const OLD: &str = "2020-01-01T00:00:00.000000Z";
 fn rich_meta(id: &str) -> ConversationMeta {
     ConversationMeta {
         owner: Some("alice".into()),
-        trigger: "suggested_task".into(),
+        trigger: switchboard::conversation::Trigger::SuggestedTask,
         init: InitData {
             repository: Some("octo/repo".into()),
             selected_branch: Some("main".into()),

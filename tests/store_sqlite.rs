@@ -70,7 +70,7 @@ async fn reopen_keeps_everything() {
     let dir = tempfile::tempdir().expect("tempdir");
     let rich = ConversationMeta {
         owner: Some("alice".into()),
-        trigger: "microagent_management".into(),
+        trigger: switchboard::conversation::Trigger::MicroagentManagement,
         init: InitData {
             repository: Some("octo/repo".into()),
             mcp_config: Some(json!({

@@ -926,7 +926,7 @@ impl Conversation {
         self.runtime_refs = None;
         let signals = runtime.start(RuntimeStart {
             conversation_id: &self.id,
-            trigger: &meta.trigger,
+            trigger: meta.trigger.as_str(),
             init: &meta.init,
             sink,
             store: self.store.clone(),

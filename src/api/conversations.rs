@@ -59,7 +59,7 @@ pub fn conversation_info(
         selected_repository: meta.init.repository.clone(),
         selected_branch: meta.init.selected_branch.clone(),
         git_provider: meta.init.git_provider.clone(),
-        trigger: meta.trigger.clone(),
+        trigger: meta.trigger,
         num_connections: live.map_or(0, Shared::connections),
         url: running.then(|| format!("/api/conversations/{id}")),
         session_api_key: None,

@@ -17,7 +17,7 @@ use utoipa::{Modify, OpenApi};
 
 use super::schema::*;
 use super::{conversations, settings, workspace};
-use crate::conversation::{ConversationStatus, RuntimeStatus};
+use crate::conversation::{ConversationStatus, RuntimeStatus, Trigger};
 
 /// The name of the session-key security scheme (the `X-Session-API-Key` header).
 pub const SECURITY_SCHEME: &str = "APIKeyHeader";

@@ -24,7 +24,7 @@ use utoipa::openapi::schema::{
 use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, ToSchema};
 
-use crate::conversation::{ConversationId, ConversationStatus, RuntimeStatus};
+use crate::conversation::{ConversationId, ConversationStatus, RuntimeStatus, Trigger};
 use crate::events::{Source, StoredEvent, EVENT_NAME_MAX_LEN};
 
 /// Rust's `char::is_whitespace` (Unicode `White_Space`, what `str::trim` removes) as the body
@@ -219,15 +219,6 @@ choices!(ProviderType {
     Bitbucket,
     EnterpriseSso
 });
-
-/// What created a conversation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Trigger {
-    Gui,
-    SuggestedTask,
-    MicroagentManagement,
-}
 
 /// `"ok"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -599,8 +590,7 @@ pub struct ConversationInfo {
     pub selected_branch: Option<String>,
     #[schema(required = true, value_type = Option<ProviderType>)]
     pub git_provider: Option<String>,
-    #[schema(value_type = Trigger)]
-    pub trigger: String,
+    pub trigger: Trigger,
     /// Clients attached over the socket.
     pub num_connections: u32,
     /// `/api/conversations/{id}` while not stopped, `null` when stopped.

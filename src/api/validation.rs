@@ -20,7 +20,7 @@ use super::schema::{
     McpConfig, ProviderType, StoredSettings, TaskType, UpdateConversationRequest,
     TASK_TYPES_REFUSED, TITLE_MAX_LEN,
 };
-use crate::conversation::{ConversationId, InitData, NewConversation};
+use crate::conversation::{ConversationId, InitData, NewConversation, Trigger};
 use crate::events::EventBody;
 
 /// One entry of a 422 `detail` list.
@@ -646,11 +646,11 @@ pub fn parse_init_session(
     }
 
     let trigger = if task_value.is_some() {
-        "suggested_task"
+        Trigger::SuggestedTask
     } else if microagent_value.is_some() {
-        "microagent_management"
+        Trigger::MicroagentManagement
     } else {
-        "gui"
+        Trigger::Gui
     };
     let first_message = task_prompt.or(initial_user_msg);
     let brings_initial_message = first_message.is_some() || !image_urls.is_empty();

@@ -17,7 +17,7 @@ mod id;
 mod status;
 
 pub use id::{ConversationId, InvalidConversationId};
-pub use status::{ConversationStatus, RuntimeStatus};
+pub use status::{ConversationStatus, RuntimeStatus, Trigger, UnknownTrigger};
 
 /// What a conversation was started with; handed to its runtime and kept across restarts.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -56,8 +56,7 @@ pub struct ConversationMeta {
     pub title: String,
     pub created_at: String,
     pub last_updated_at: String,
-    /// `gui`, `suggested_task` or `microagent_management`.
-    pub trigger: String,
+    pub trigger: Trigger,
     /// Who created it (the session key's owner); `None` when no key is configured.
     pub owner: Option<String>,
     pub init: InitData,
@@ -79,7 +78,7 @@ pub struct ConversationRecord {
 pub struct NewConversation {
     pub conversation_id: Option<ConversationId>,
     pub init: InitData,
-    pub trigger: &'static str,
+    pub trigger: Trigger,
     pub title: Option<String>,
     /// The request carried a first message (or task) that joining would not apply.
     pub brings_initial_message: bool,
@@ -96,7 +95,7 @@ impl NewConversation {
             conversation_id: id,
             created_at: now.clone(),
             last_updated_at: now,
-            trigger: self.trigger.to_string(),
+            trigger: self.trigger,
             owner,
             init: self.init,
         }

@@ -9,7 +9,7 @@ pub fn meta(id: &str, created_at: &str) -> ConversationMeta {
         title: format!("Conversation {id}"),
         created_at: created_at.to_string(),
         last_updated_at: created_at.to_string(),
-        trigger: "gui".to_string(),
+        trigger: switchboard::conversation::Trigger::Gui,
         owner: None,
         init: InitData::default(),
     }

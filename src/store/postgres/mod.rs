@@ -79,7 +79,9 @@ use super::{
     NodeAddress, Orphan, Store, StoreError, StoreFuture, StoreLimits, UserQuota,
 };
 use crate::config::{PostgresSettings, StoreTuning};
-use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord, InitData};
+use crate::conversation::{
+    ConversationId, ConversationMeta, ConversationRecord, InitData, Trigger,
+};
 use crate::events::{meta_timestamp, StoredEvent};
 
 mod open;

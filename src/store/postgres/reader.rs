@@ -80,7 +80,8 @@ fn meta_from_row(row: &Row) -> Result<(ConversationMeta, String), StoreError> {
             title: row.try_get(1).map_err(get)?,
             created_at: row.try_get(2).map_err(get)?,
             last_updated_at: row.try_get(3).map_err(get)?,
-            trigger: row.try_get(4).map_err(get)?,
+            trigger: Trigger::parse(row.try_get(4).map_err(get)?)
+                .map_err(|e| StoreError::Io(format!("stored trigger: {e}")))?,
             owner: row.try_get(5).map_err(get)?,
             init: InitData::default(),
         },

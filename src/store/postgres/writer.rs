@@ -327,7 +327,7 @@ impl Pending<'_> {
                     &meta.title,
                     &meta.created_at,
                     &meta.last_updated_at,
-                    &meta.trigger,
+                    &meta.trigger.as_str(),
                     &meta.owner,
                     &init,
                     &bigint(bytes),

@@ -1,7 +1,9 @@
 //! The SQLite store's reader threads: each owns a read-only connection and answers the
 //! queued read requests, so reads never wait behind a write batch.
 
-use crate::conversation::{ConversationId, ConversationMeta, ConversationRecord, InitData};
+use crate::conversation::{
+    ConversationId, ConversationMeta, ConversationRecord, InitData, Trigger,
+};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
@@ -83,6 +85,9 @@ fn meta_from_row(row: &Row<'_>) -> rusqlite::Result<(ConversationMeta, String)> 
     let conversation_id = ConversationId::parse(row.get_ref(0)?.as_str()?).map_err(|e| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     })?;
+    let trigger = Trigger::parse(row.get_ref(4)?.as_str()?).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(4, rusqlite::types::Type::Text, Box::new(e))
+    })?;
     let init_json: String = row.get(6)?;
     Ok((
         ConversationMeta {
@@ -90,7 +95,7 @@ fn meta_from_row(row: &Row<'_>) -> rusqlite::Result<(ConversationMeta, String)> 
             title: row.get(1)?,
             created_at: row.get(2)?,
             last_updated_at: row.get(3)?,
-            trigger: row.get(4)?,
+            trigger,
             owner: row.get(5)?,
             init: InitData::default(),
         },

@@ -505,7 +505,7 @@ impl Writer {
             meta.title,
             meta.created_at,
             last_updated_at,
-            meta.trigger,
+            meta.trigger.as_str(),
             meta.owner,
             init,
             i64::try_from(total).unwrap_or(i64::MAX),

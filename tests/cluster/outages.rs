@@ -361,3 +361,38 @@ fn a_dead_owners_conversations_run_again_elsewhere_without_a_request() {
         assert_eq!(&log[..before.len()], &before[..], "nothing stored was lost");
     }
 }
+
+/// A node killed with `-9` and started again under its id takes back, on its own, what its
+/// previous run held: its new incarnation finds those leases lapsed and starts each
+/// conversation again under a higher epoch, no request needed.
+#[test]
+fn a_node_restarted_under_its_id_starts_what_its_killed_run_held() {
+    let Some(db) = pg::database() else { return };
+    let mut a = start_node(&db, "a");
+    let id = answered_conversation(&db, &a, "before");
+    let epoch = |db: &pg::TestDatabase| -> Option<i64> {
+        db.query(&format!(
+            "SELECT epoch FROM ownership WHERE conversation_id = '{id}' AND node_id = 'a'"
+        ))
+        .into_iter()
+        .next()
+        .and_then(|row| row[0].clone())
+        .and_then(|e| e.parse().ok())
+    };
+    let held = epoch(&db).expect("a holds it");
+    a.kill_9();
+    let a = start_node(&db, "a");
+    wait_until(
+        Duration::from_secs(15),
+        "the restarted node runs it again",
+        || {
+            let (status, info) = a.request("GET", &format!("/api/conversations/{id}"), None);
+            status == 200 && info["status"] == "RUNNING"
+        },
+    );
+    assert!(
+        epoch(&db).is_some_and(|e| e > held),
+        "taken under a higher epoch"
+    );
+    assert_one_writer_per_epoch(&stored_log(&db, &id));
+}

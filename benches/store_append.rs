@@ -208,7 +208,11 @@ async fn append_loop(
     let lease = match owned {
         true => match store.acquire(&cid(&id), None).await? {
             Acquired::Owned(lease) => Some(lease),
-            other => return Err(StoreError::Io(format!("{id} not granted: {other:?}"))),
+            other => {
+                return Err(StoreError::Io(
+                    format!("{id} not granted: {other:?}").into(),
+                ))
+            }
         },
         false => None,
     };

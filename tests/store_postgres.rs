@@ -7,7 +7,7 @@
 
 mod common;
 mod pg;
-use common::{cid, meta};
+use common::{cause_of, cid, meta};
 
 use std::time::Duration;
 
@@ -199,5 +199,53 @@ async fn a_group_commit_of_many_conversations_keeps_every_log_dense() {
         let stored = store.events(&cid(id), all()).await.expect("events");
         assert_eq!(stored, (0..10).map(event).collect::<Vec<_>>(), "{id}");
     }
+    close(store).await;
+}
+
+/// A failure keeps its cause typed, with the same message: a statement PostgreSQL refuses
+/// answers with `StoreError::Io` whose source is the driver's error carrying the server's own
+/// (its SQLSTATE, not only its text), and unreadable stored settings with the JSON parser's
+/// error.
+#[tokio::test]
+async fn failures_keep_their_typed_cause() {
+    let Some(db) = pg::database() else { return };
+    let store = open(&db.url);
+    store.create(meta("a", T0)).await.expect("create");
+    db.execute(
+        "CREATE FUNCTION refuse_1() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.id = 1 THEN RAISE EXCEPTION 'event 1 refused'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse_1 BEFORE INSERT ON events FOR EACH ROW EXECUTE FUNCTION refuse_1();",
+    );
+
+    let refused = store
+        .append(&cid("a"), vec![event(0), event(1)])
+        .await
+        .expect_err("the trigger refuses event 1");
+    assert!(
+        refused.to_string().starts_with("storage error: ")
+            && refused.to_string().contains("event 1 refused"),
+        "{refused}"
+    );
+    let server = cause_of::<tokio_postgres::Error>(&refused)
+        .as_db_error()
+        .expect("the server's error");
+    assert_eq!(server.message(), "event 1 refused");
+    assert_eq!(
+        server.code(),
+        &tokio_postgres::error::SqlState::RAISE_EXCEPTION
+    );
+
+    db.execute("INSERT INTO settings (user_id, json) VALUES ('u', '{not json')");
+    let unreadable = store
+        .settings("u")
+        .await
+        .expect_err("the stored settings are not JSON");
+    assert!(
+        unreadable
+            .to_string()
+            .starts_with("storage error: the stored settings are unreadable: "),
+        "{unreadable}"
+    );
+    assert!(cause_of::<serde_json::Error>(&unreadable).is_syntax());
     close(store).await;
 }

@@ -3,7 +3,7 @@
 //! and opening stays cheap with 100,000 stored conversations. Real files in temp dirs.
 
 mod common;
-use common::{cid, meta};
+use common::{cause_of, cid, meta};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -633,6 +633,52 @@ async fn a_request_failing_halfway_is_undone_alone() {
         store.events(&cid("b"), all()).await.expect("events"),
         events(0..5)
     );
+    close(store).await;
+}
+
+/// A failure keeps its cause typed, with the same message: a statement SQLite refuses answers
+/// with `StoreError::Io` whose source is SQLite's own error (its code, not only its text), and
+/// unreadable stored settings with the JSON parser's error.
+#[tokio::test]
+async fn failures_keep_their_typed_cause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(dir.path());
+    store
+        .create(meta("a", "2024-01-01T00:00:00.000000Z"))
+        .await
+        .expect("create");
+    let db = Connection::open(dir.path().join(DB_FILE_NAME)).expect("second connection");
+    db.execute_batch(
+        "CREATE TRIGGER refuse_1 BEFORE INSERT ON events WHEN NEW.id = 1 \
+         BEGIN SELECT RAISE(ABORT, 'event 1 refused'); END;",
+    )
+    .expect("trigger");
+
+    let refused = store
+        .append(&cid("a"), events(0..2))
+        .await
+        .expect_err("the trigger refuses event 1");
+    assert_eq!(refused.to_string(), "storage error: event 1 refused");
+    let sqlite = cause_of::<rusqlite::Error>(&refused);
+    assert_eq!(
+        sqlite.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::ConstraintViolation),
+        "{sqlite:?}"
+    );
+
+    db.execute_batch("INSERT INTO settings (user_id, json) VALUES ('u', '{not json')")
+        .expect("corrupt settings");
+    let unreadable = store
+        .settings("u")
+        .await
+        .expect_err("the stored settings are not JSON");
+    assert!(
+        unreadable
+            .to_string()
+            .starts_with("storage error: the stored settings are unreadable: "),
+        "{unreadable}"
+    );
+    assert!(cause_of::<serde_json::Error>(&unreadable).is_syntax());
     close(store).await;
 }
 

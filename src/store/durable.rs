@@ -19,7 +19,7 @@ use serde_json::Value;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{ApiKey, EventQuery, Existing, KeyLookup, Lease, StoreError, StoreFuture};
+use super::{ApiKey, EventQuery, Existing, Failure, KeyLookup, Lease, StoreError, StoreFuture};
 use crate::conversation::{ConversationMeta, ConversationRecord};
 use crate::events::StoredEvent;
 
@@ -188,8 +188,8 @@ pub(super) enum BatchError {
     /// savepoints.
     Retry,
     /// The transaction failed (BEGIN or COMMIT failed, or the database rolled it back): every
-    /// request of the batch fails with this message.
-    Failed(String),
+    /// request of the batch fails with this (the driver's error its source).
+    Failed(Failure),
 }
 
 pub(super) type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
@@ -279,11 +279,11 @@ pub(super) fn only_flushes(batch: &[WriteRequest]) -> bool {
         .all(|r| matches!(r.command, WriteCommand::Flush))
 }
 
-/// Answers every request of a failed batch with `message`.
-pub(super) fn fail_batch(batch: &mut Vec<WriteRequest>, message: &str) {
-    tracing::error!(requests = batch.len(), error = %message, "store write batch failed");
+/// Answers every request of a failed batch with `failure`.
+pub(super) fn fail_batch(batch: &mut Vec<WriteRequest>, failure: &Failure) {
+    tracing::error!(requests = batch.len(), error = %failure, "store write batch failed");
     for request in batch.drain(..) {
-        request.reply.send(Err(StoreError::Io(message.to_string())));
+        request.reply.send(Err(StoreError::Io(failure.clone())));
     }
 }
 
@@ -498,9 +498,9 @@ pub(super) fn next_after(id: &str, last: Option<i64>) -> Result<u64, StoreError>
             .ok()
             .and_then(|l| l.checked_add(1))
             .ok_or_else(|| {
-                StoreError::Io(format!(
-                    "conversation {id}: stored event id {last} is invalid"
-                ))
+                StoreError::Io(
+                    format!("conversation {id}: stored event id {last} is invalid").into(),
+                )
             }),
     }
 }
@@ -516,7 +516,7 @@ pub(super) fn check_append(
     let Some(first) = events.first() else {
         return Ok(());
     };
-    let refused = |message: String| StoreError::Io(message);
+    let refused = |message: String| StoreError::Io(message.into());
     let next = next_after(id, last)?;
     if first.id != next {
         return Err(refused(format!(
@@ -723,9 +723,7 @@ pub(super) fn event_range(q: &EventQuery) -> Option<(i64, i64, i64)> {
 /// A stored event id, checked: `id` names the conversation in the error.
 pub(super) fn stored_event_id(id: &str, event_id: i64) -> Result<u64, StoreError> {
     u64::try_from(event_id).map_err(|_| {
-        StoreError::Io(format!(
-            "conversation {id}: stored event id {event_id} is invalid"
-        ))
+        StoreError::Io(format!("conversation {id}: stored event id {event_id} is invalid").into())
     })
 }
 
@@ -734,10 +732,10 @@ pub(super) fn decode_init(
     (mut meta, init_json): (ConversationMeta, String),
 ) -> Result<ConversationMeta, StoreError> {
     meta.init = serde_json::from_str(&init_json).map_err(|e| {
-        StoreError::Io(format!(
-            "conversation {}: stored init data is unreadable: {e}",
+        StoreError::Io(Failure::of(e).within(format_args!(
+            "conversation {}: stored init data is unreadable",
             meta.conversation_id
-        ))
+        )))
     })?;
     Ok(meta)
 }
@@ -745,8 +743,9 @@ pub(super) fn decode_init(
 /// Reads stored settings JSON text.
 pub(super) fn decode_settings(text: Option<String>) -> Result<Option<Value>, StoreError> {
     text.map(|t| {
-        serde_json::from_str(&t)
-            .map_err(|e| StoreError::Io(format!("the stored settings are unreadable: {e}")))
+        serde_json::from_str(&t).map_err(|e| {
+            StoreError::Io(Failure::of(e).within("the stored settings are unreadable"))
+        })
     })
     .transpose()
 }

@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Pool;
 use tokio::sync::{oneshot, watch};
 
+use super::Failure;
+
 /// Who this node is in the cluster and how it keeps its registration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterNode {
@@ -144,8 +146,8 @@ impl Session {
         }
     }
 
-    async fn connect(&self) -> Result<deadpool_postgres::ClientWrapper, String> {
-        let conn = self.pool.get().await.map_err(|e| e.to_string())?;
+    async fn connect(&self) -> Result<deadpool_postgres::ClientWrapper, Failure> {
+        let conn = self.pool.get().await.map_err(Failure::of)?;
         let client = deadpool_postgres::Object::take(conn);
         let ms = self.patience.as_millis();
         client
@@ -153,7 +155,7 @@ impl Session {
                 "SET lock_timeout = {ms}; SET statement_timeout = {ms}"
             ))
             .await
-            .map_err(|e| super::postgres::postgres_message(&e))?;
+            .map_err(super::postgres::postgres_failure)?;
         Ok(client)
     }
 
@@ -163,23 +165,23 @@ impl Session {
         &mut self,
         statement: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, String> {
+    ) -> Result<Vec<tokio_postgres::Row>, Failure> {
         let limit = self.patience * 2;
         let work = async {
             if self.client.as_ref().is_none_or(|c| c.is_closed()) {
                 self.client = Some(self.connect().await?);
             }
             let Some(client) = self.client.as_ref() else {
-                return Err("no connection".to_string());
+                return Err("no connection".into());
             };
             client
                 .query(statement, params)
                 .await
-                .map_err(|e| super::postgres::postgres_message(&e))
+                .map_err(super::postgres::postgres_failure)
         };
         let outcome = match tokio::time::timeout(limit, work).await {
             Ok(outcome) => outcome,
-            Err(_) => Err("PostgreSQL did not answer in time".to_string()),
+            Err(_) => Err("PostgreSQL did not answer in time".into()),
         };
         if outcome.is_err() {
             self.client = None;
@@ -188,20 +190,21 @@ impl Session {
     }
 
     /// Registers `node` with a new incarnation.
-    async fn register(&mut self, node: &ClusterNode) -> Result<i64, String> {
+    async fn register(&mut self, node: &ClusterNode) -> Result<i64, Failure> {
         let rows = self
             .run(
                 sql::REGISTER,
                 &[&node.node_id, &node.advertise_url, &node.ttl_ms()],
             )
             .await?;
-        let row = rows.first().ok_or("the registration returned nothing")?;
-        row.try_get(0)
-            .map_err(|e| super::postgres::postgres_message(&e))
+        let row = rows
+            .first()
+            .ok_or_else(|| Failure::new("the registration returned nothing"))?;
+        row.try_get(0).map_err(super::postgres::postgres_failure)
     }
 
     /// Whether the registration still lives after moving its expiry forward.
-    async fn heartbeat(&mut self, node: &ClusterNode, incarnation: i64) -> Result<bool, String> {
+    async fn heartbeat(&mut self, node: &ClusterNode, incarnation: i64) -> Result<bool, Failure> {
         let rows = self
             .run(
                 sql::HEARTBEAT,
@@ -213,7 +216,7 @@ impl Session {
 }
 
 /// Registers `node` with a new incarnation (at open); the error is PostgreSQL's message.
-pub(super) async fn register(pool: &Pool, node: &ClusterNode) -> Result<i64, String> {
+pub(super) async fn register(pool: &Pool, node: &ClusterNode) -> Result<i64, Failure> {
     Session::new(pool.clone(), node.ttl / 2)
         .register(node)
         .await
@@ -282,7 +285,7 @@ pub(super) async fn leave(
     pool: &Pool,
     node: &ClusterNode,
     state: &NodeState,
-) -> Result<(), String> {
+) -> Result<(), Failure> {
     state.leaving.store(true, Ordering::Release);
     let Some(incarnation) = state.incarnation() else {
         return Ok(());

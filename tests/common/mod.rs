@@ -19,3 +19,22 @@ pub fn meta(id: &str, created_at: &str) -> ConversationMeta {
 pub fn cid(text: impl AsRef<str>) -> ConversationId {
     ConversationId::parse(text.as_ref()).expect("a valid conversation id")
 }
+
+/// The first error of type `E` in `error`'s source chain (`error` itself included); panics
+/// naming the chain when there is none.
+#[allow(dead_code)] // not every store test binary looks at causes
+pub fn cause_of<'a, E: std::error::Error + 'static>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> &'a E {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return found;
+        }
+        next = e.source();
+    }
+    panic!(
+        "no {} in the source chain of {error:?}",
+        std::any::type_name::<E>()
+    );
+}

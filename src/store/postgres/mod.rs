@@ -75,7 +75,7 @@ use super::durable::{
 };
 use super::membership::{self, ClusterNode, Membership, NodeState};
 use super::{
-    events_bytes, meta_bytes, Acquired, ApiKey, EventQuery, Existing, KeyLookup, Lease,
+    events_bytes, meta_bytes, Acquired, ApiKey, EventQuery, Existing, Failure, KeyLookup, Lease,
     NodeAddress, Orphan, Store, StoreError, StoreFuture, StoreLimits, UserQuota,
 };
 use crate::config::{PostgresSettings, StoreTuning};
@@ -173,7 +173,12 @@ fn describe(config: &tokio_postgres::Config) -> String {
 }
 
 fn io_error(e: tokio_postgres::Error) -> StoreError {
-    StoreError::Io(postgres_message(&e))
+    StoreError::Io(postgres_failure(e))
+}
+
+/// `e` as a [`Failure`] saying [`postgres_message`].
+pub(super) fn postgres_failure(e: tokio_postgres::Error) -> Failure {
+    Failure::caused(postgres_message(&e), e)
 }
 
 /// An error's text with the server's own message when there is one.
@@ -188,12 +193,16 @@ pub(super) fn postgres_message(e: &tokio_postgres::Error) -> String {
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
+    StoreError::Io(pool_failure(e))
+}
+
+/// Why no pooled connection could be had.
+fn pool_failure(e: deadpool_postgres::PoolError) -> Failure {
     match e {
-        deadpool_postgres::PoolError::Backend(e) => {
-            StoreError::Io(format!("cannot reach PostgreSQL: {}", postgres_message(&e)))
-        }
-        other => StoreError::Io(format!("cannot reach PostgreSQL: {other}")),
+        deadpool_postgres::PoolError::Backend(e) => postgres_failure(e),
+        other => Failure::of(other),
     }
+    .within("cannot reach PostgreSQL")
 }
 
 impl PostgresStore {

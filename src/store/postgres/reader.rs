@@ -68,8 +68,9 @@ async fn query(
 
 /// A conversation id read back from the database.
 pub(super) fn stored_id(text: &str) -> Result<ConversationId, StoreError> {
-    ConversationId::parse(text)
-        .map_err(|e| StoreError::Io(format!("stored conversation id {text:?}: {e}")))
+    ConversationId::parse(text).map_err(|e| {
+        StoreError::Io(Failure::of(e).within(format_args!("stored conversation id {text:?}")))
+    })
 }
 
 fn meta_from_row(row: &Row) -> Result<(ConversationMeta, String), StoreError> {
@@ -81,7 +82,7 @@ fn meta_from_row(row: &Row) -> Result<(ConversationMeta, String), StoreError> {
             created_at: row.try_get(2).map_err(get)?,
             last_updated_at: row.try_get(3).map_err(get)?,
             trigger: Trigger::parse(row.try_get(4).map_err(get)?)
-                .map_err(|e| StoreError::Io(format!("stored trigger: {e}")))?,
+                .map_err(|e| StoreError::Io(Failure::of(e).within("stored trigger")))?,
             owner: row.try_get(5).map_err(get)?,
             init: InitData::default(),
         },

@@ -70,7 +70,7 @@ impl Writer {
             match self.pool.get().await {
                 Ok(conn) => self.conn = Some(conn),
                 Err(e) => {
-                    fail_batch(batch, &pool_error(e).to_string());
+                    fail_batch(batch, &pool_failure(e));
                     return;
                 }
             }
@@ -95,8 +95,8 @@ impl Writer {
                     request.reply.send(outcome);
                 }
             }
-            Err(BatchError::Retry) => fail_batch(batch, "the write failed"),
-            Err(BatchError::Failed(message)) => {
+            Err(BatchError::Retry) => fail_batch(batch, &"the write failed".into()),
+            Err(BatchError::Failed(failure)) => {
                 // A connection left inside a failed transaction is not used again.
                 if let Some(conn) = self.conn.take() {
                     if !conn.is_closed() && conn.batch_execute("ROLLBACK").await.is_ok() {
@@ -105,7 +105,7 @@ impl Writer {
                         let _ = Object::take(conn);
                     }
                 }
-                fail_batch(batch, &message)
+                fail_batch(batch, &failure)
             }
         }
     }
@@ -121,7 +121,7 @@ impl Writer {
         now: &str,
         isolation: Isolation,
     ) -> Result<(Vec<Result<bool, StoreError>>, u64), BatchError> {
-        let failed = |e: tokio_postgres::Error| BatchError::Failed(postgres_message(&e));
+        let failed = |e: tokio_postgres::Error| BatchError::Failed(postgres_failure(e));
         conn.batch_execute("BEGIN").await.map_err(failed)?;
         let mut pending = Pending {
             conn,
@@ -144,7 +144,7 @@ impl Writer {
             Err(e) => {
                 if conn.batch_execute("ROLLBACK").await.is_err() {
                     return Err(BatchError::Failed(match e {
-                        BatchError::Failed(message) => message,
+                        BatchError::Failed(failure) => failure,
                         BatchError::Retry => "the write failed and could not be rolled back".into(),
                     }));
                 }
@@ -163,7 +163,7 @@ impl Pending<'_> {
     ) -> Result<Vec<Result<bool, StoreError>>, BatchError> {
         let statement_failed = |e: tokio_postgres::Error| match isolation {
             Isolation::Direct => BatchError::Retry,
-            Isolation::Savepoints => BatchError::Failed(postgres_message(&e)),
+            Isolation::Savepoints => BatchError::Failed(postgres_failure(e)),
         };
         self.held = self.check_leases(batch).await.map_err(statement_failed)?;
         let mut outcomes = Vec::with_capacity(batch.len());
@@ -208,7 +208,7 @@ impl Pending<'_> {
         if matches!(command, WriteCommand::Flush | WriteCommand::Probe) {
             return Ok(Ok(true));
         }
-        let failed = |e: tokio_postgres::Error| BatchError::Failed(postgres_message(&e));
+        let failed = |e: tokio_postgres::Error| BatchError::Failed(postgres_failure(e));
         self.conn
             .batch_execute("SAVEPOINT request")
             .await
@@ -307,7 +307,9 @@ impl Pending<'_> {
     ) -> Result<bool, ApplyError> {
         let id = &meta.conversation_id;
         let init = serde_json::to_string(&meta.init).map_err(|e| {
-            ApplyError::Refused(StoreError::Io(format!("cannot encode init data: {e}")))
+            ApplyError::Refused(StoreError::Io(
+                Failure::of(e).within("cannot encode init data"),
+            ))
         })?;
         let bytes = meta_bytes(&init);
         let more = events_bytes(events);
@@ -422,10 +424,9 @@ impl Pending<'_> {
         };
         // The ids must be consecutive and fit the column; `first - 1` is then the log's end.
         let Ok(first_id) = i64::try_from(first.id) else {
-            return Err(ApplyError::Refused(StoreError::Io(format!(
-                "conversation {id}: event id {} is too large",
-                first.id
-            ))));
+            return Err(ApplyError::Refused(StoreError::Io(
+                format!("conversation {id}: event id {} is too large", first.id).into(),
+            )));
         };
         let expected_last = (first_id > 0).then(|| first_id - 1);
         check_append(id, expected_last, events)?;
@@ -463,9 +464,9 @@ impl Pending<'_> {
         // Nothing was inserted (the statement is all or nothing): say why.
         let statement = self.conn.prepare_cached(sql::LOG_END).await?;
         let Some(row) = self.conn.query_opt(&statement, &[&id]).await? else {
-            return Err(ApplyError::Refused(StoreError::Io(format!(
-                "conversation {id} does not exist; cannot append events to it"
-            ))));
+            return Err(ApplyError::Refused(StoreError::Io(
+                format!("conversation {id} does not exist; cannot append events to it").into(),
+            )));
         };
         let last: Option<i64> = row.try_get(0)?;
         let held: i64 = row.try_get(1)?;
@@ -473,9 +474,12 @@ impl Pending<'_> {
         let held = u64::try_from(held).unwrap_or(0).saturating_add(earlier);
         self.limits.check_conversation(id, held, more)?;
         // Cannot happen while this writer is the only one; said plainly if it does.
-        Err(ApplyError::Refused(StoreError::Io(format!(
-            "conversation {id}: the log changed while appending at event id {}",
-            first.id
-        ))))
+        Err(ApplyError::Refused(StoreError::Io(
+            format!(
+                "conversation {id}: the log changed while appending at event id {}",
+                first.id
+            )
+            .into(),
+        )))
     }
 }

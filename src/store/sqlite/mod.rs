@@ -67,7 +67,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 
 use super::durable::{all_ended, queued_store_methods, ReadQueue, Running, WriteQueue};
-use super::{Store, StoreError, StoreLimits};
+use super::{Failure, Store, StoreError, StoreLimits};
 use crate::config::StoreTuning;
 
 #[macro_use]
@@ -122,7 +122,7 @@ fn open_error(path: &Path, what: impl std::fmt::Display) -> StoreError {
 }
 
 fn io_error(e: rusqlite::Error) -> StoreError {
-    StoreError::Io(e.to_string())
+    StoreError::Io(Failure::of(e))
 }
 
 impl SqliteStore {

@@ -18,7 +18,7 @@ use crate::store::durable::{
     self, check_append, fail_batch, fill_batch, only_flushes, BatchError, Isolation, WriteCommand,
     WriteRequest,
 };
-use crate::store::{events_bytes, meta_bytes, StoreError, StoreLimits};
+use crate::store::{events_bytes, meta_bytes, Failure, StoreError, StoreLimits};
 
 /// Pages given back to the file system per step after a delete (1 MiB of 4 KiB pages).
 const RECLAIM_PAGES: u32 = 256;
@@ -99,7 +99,7 @@ pub(super) struct Writer {
     deleted: bool,
     reserve: Reserve,
     /// Why the last batch with writes failed to commit, until one commits: a probe reports it.
-    last_failure: Option<String>,
+    last_failure: Option<Failure>,
 }
 
 /// Why a request was not applied.
@@ -197,21 +197,22 @@ impl Writer {
                 }
                 for (request, outcome) in batch.drain(..).zip(outcomes) {
                     let outcome = match (&request.command, &self.last_failure) {
-                        (WriteCommand::Probe, Some(failure)) => Err(StoreError::Io(format!(
-                            "the last write transaction failed: {failure}"
-                        ))),
+                        (WriteCommand::Probe, Some(failure)) => Err(StoreError::Io(
+                            failure.clone().within("the last write transaction failed"),
+                        )),
                         _ => outcome,
                     };
                     request.reply.send(outcome);
                 }
             }
             Err(BatchError::Retry) => {
-                self.last_failure = Some("the write failed".into());
-                fail_batch(batch, "the write failed")
+                let failure = Failure::from("the write failed");
+                fail_batch(batch, &failure);
+                self.last_failure = Some(failure);
             }
-            Err(BatchError::Failed(message)) => {
-                self.last_failure = Some(message.clone());
-                fail_batch(batch, &message)
+            Err(BatchError::Failed(failure)) => {
+                fail_batch(batch, &failure);
+                self.last_failure = Some(failure);
             }
         }
     }
@@ -283,14 +284,14 @@ impl Writer {
         isolation: Isolation,
     ) -> Result<Vec<Result<bool, StoreError>>, BatchError> {
         if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
-            return Err(BatchError::Failed(e.to_string()));
+            return Err(BatchError::Failed(Failure::of(e)));
         }
         let result = self
             .apply_batch(batch, now, isolation)
             .and_then(|outcomes| {
                 self.conn
                     .execute_batch("COMMIT")
-                    .map_err(|e| BatchError::Failed(e.to_string()))?;
+                    .map_err(|e| BatchError::Failed(Failure::of(e)))?;
                 Ok(outcomes)
             });
         self.appended.clear();
@@ -349,7 +350,7 @@ impl Writer {
     fn statement_failed(&self, isolation: Isolation, e: rusqlite::Error) -> BatchError {
         match isolation {
             Isolation::Direct => BatchError::Retry,
-            Isolation::Savepoints => BatchError::Failed(e.to_string()),
+            Isolation::Savepoints => BatchError::Failed(Failure::of(e)),
         }
     }
 
@@ -365,29 +366,29 @@ impl Writer {
         }
         self.conn
             .execute_batch("SAVEPOINT request")
-            .map_err(|e| BatchError::Failed(e.to_string()))?;
+            .map_err(|e| BatchError::Failed(Failure::of(e)))?;
         let outcome = match self.apply(command, now) {
             Ok(value) => {
                 self.conn
                     .execute_batch("RELEASE request")
-                    .map_err(|e| BatchError::Failed(e.to_string()))?;
+                    .map_err(|e| BatchError::Failed(Failure::of(e)))?;
                 return Ok(Ok(value));
             }
             Err(ApplyError::Refused(e)) => e,
-            Err(ApplyError::Sql(e)) => StoreError::Io(e.to_string()),
+            Err(ApplyError::Sql(e)) => StoreError::Io(Failure::of(e)),
         };
         if self.conn.is_autocommit() {
             // SQLite rolled the whole transaction back (I/O error, disk full, ...).
-            let StoreError::Io(message) = outcome else {
-                return Err(BatchError::Failed(outcome.to_string()));
+            let StoreError::Io(failure) = outcome else {
+                return Err(BatchError::Failed(outcome.to_string().into()));
             };
-            return Err(BatchError::Failed(message));
+            return Err(BatchError::Failed(failure));
         }
         // Undoes what the request wrote. The writer's memory needs no undoing: `apply` records
         // a request in `appended` or the cache only once all its statements have succeeded.
         self.conn
             .execute_batch("ROLLBACK TO request; RELEASE request")
-            .map_err(|e| BatchError::Failed(e.to_string()))?;
+            .map_err(|e| BatchError::Failed(Failure::of(e)))?;
         Ok(Err(outcome))
     }
 
@@ -409,9 +410,10 @@ impl Writer {
                     if events.is_empty() {
                         return Ok(true);
                     }
-                    return Err(ApplyError::Refused(StoreError::Io(format!(
-                        "conversation {id} does not exist; cannot append events to it"
-                    ))));
+                    return Err(ApplyError::Refused(StoreError::Io(
+                        format!("conversation {id} does not exist; cannot append events to it")
+                            .into(),
+                    )));
                 };
                 let bytes = events_bytes(events);
                 self.check_quotas(id, seq, bytes)?;
@@ -482,7 +484,9 @@ impl Writer {
     ) -> Result<bool, ApplyError> {
         let id = meta.conversation_id.as_str();
         let init = serde_json::to_string(&meta.init).map_err(|e| {
-            ApplyError::Refused(StoreError::Io(format!("cannot encode init data: {e}")))
+            ApplyError::Refused(StoreError::Io(
+                Failure::of(e).within("cannot encode init data"),
+            ))
         })?;
         let bytes = meta_bytes(&init);
         let more = events_bytes(events);

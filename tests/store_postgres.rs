@@ -7,7 +7,7 @@
 
 mod common;
 mod pg;
-use common::{cause_of, cid, meta};
+use common::{cause_of, cid, meta, settings_unreadable_for_their_json};
 
 use std::time::Duration;
 
@@ -236,16 +236,6 @@ async fn failures_keep_their_typed_cause() {
     );
 
     db.execute("INSERT INTO settings (user_id, json) VALUES ('u', '{not json')");
-    let unreadable = store
-        .settings("u")
-        .await
-        .expect_err("the stored settings are not JSON");
-    assert!(
-        unreadable
-            .to_string()
-            .starts_with("storage error: the stored settings are unreadable: "),
-        "{unreadable}"
-    );
-    assert!(cause_of::<serde_json::Error>(&unreadable).is_syntax());
+    settings_unreadable_for_their_json(&store, "u").await;
     close(store).await;
 }

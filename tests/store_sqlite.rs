@@ -3,7 +3,7 @@
 //! and opening stays cheap with 100,000 stored conversations. Real files in temp dirs.
 
 mod common;
-use common::{cause_of, cid, meta};
+use common::{cause_of, cid, meta, settings_unreadable_for_their_json};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -668,17 +668,7 @@ async fn failures_keep_their_typed_cause() {
 
     db.execute_batch("INSERT INTO settings (user_id, json) VALUES ('u', '{not json')")
         .expect("corrupt settings");
-    let unreadable = store
-        .settings("u")
-        .await
-        .expect_err("the stored settings are not JSON");
-    assert!(
-        unreadable
-            .to_string()
-            .starts_with("storage error: the stored settings are unreadable: "),
-        "{unreadable}"
-    );
-    assert!(cause_of::<serde_json::Error>(&unreadable).is_syntax());
+    settings_unreadable_for_their_json(&store, "u").await;
     close(store).await;
 }
 

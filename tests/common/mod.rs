@@ -38,3 +38,20 @@ pub fn cause_of<'a, E: std::error::Error + 'static>(
         std::any::type_name::<E>()
     );
 }
+
+/// Checks that `user`'s stored settings (made unreadable behind `store`'s back) are refused
+/// with the same message as ever and the JSON parser's error as the cause.
+#[allow(dead_code)] // not every store test binary looks at causes
+pub async fn settings_unreadable_for_their_json(store: &dyn switchboard::store::Store, user: &str) {
+    let unreadable = store
+        .settings(user)
+        .await
+        .expect_err("the stored settings are not JSON");
+    assert!(
+        unreadable
+            .to_string()
+            .starts_with("storage error: the stored settings are unreadable: "),
+        "{unreadable}"
+    );
+    assert!(cause_of::<serde_json::Error>(&unreadable).is_syntax());
+}

@@ -94,7 +94,14 @@ pub enum KeysError {
     Invalid(String),
     /// The store could not be opened or failed.
     #[error("{0}")]
-    Store(String),
+    Store(#[source] StoreError),
+    /// The system could not do its part (make a key's randomness, start a runtime).
+    #[error("{what}: {source}")]
+    System {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl From<StoreError> for KeysError {
@@ -104,7 +111,7 @@ impl From<StoreError> for KeysError {
                 "a key named {name:?} exists already; revoke it first to replace it \
                  (`switchboard keys revoke {name}`)"
             )),
-            other => KeysError::Store(other.to_string()),
+            other => KeysError::Store(other),
         }
     }
 }
@@ -118,7 +125,7 @@ fn open(settings: &Settings) -> Result<Arc<dyn Store>, KeysError> {
                 .into(),
         ));
     }
-    crate::startup::open_store(settings).map_err(|e| KeysError::Store(e.to_string()))
+    crate::startup::open_store(settings).map_err(KeysError::Store)
 }
 
 /// Runs `work` against the store on a runtime of its own.
@@ -130,7 +137,10 @@ fn with_store<T>(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| KeysError::Store(format!("cannot start a runtime: {e}")))?;
+        .map_err(|source| KeysError::System {
+            what: "cannot start a runtime",
+            source,
+        })?;
     runtime.block_on(work(store))
 }
 
@@ -139,7 +149,10 @@ pub fn add(settings: &Settings, name: &str, admin: bool) -> Result<String, KeysE
     if let Some(why) = name_error(name) {
         return Err(KeysError::Invalid(why));
     }
-    let key = generate().map_err(|e| KeysError::Store(format!("cannot make a key: {e}")))?;
+    let key = generate().map_err(|source| KeysError::System {
+        what: "cannot make a key",
+        source,
+    })?;
     let record = ApiKey {
         name: name.to_string(),
         admin,
@@ -177,6 +190,28 @@ pub fn revoke(settings: &Settings, name: &str) -> Result<(), KeysError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store that cannot be opened fails the command with the store's own error as the cause
+    /// (its message unchanged), not a copy of its text.
+    #[test]
+    fn a_store_failure_keeps_the_store_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(
+            dir.path().join(crate::store::sqlite::DB_FILE_NAME),
+            "not a database",
+        )
+        .expect("write");
+        let mut settings = Settings::defaults();
+        settings.store = StoreKind::Sqlite;
+        settings.data_dir = dir.path().to_path_buf();
+        let failed = list(&settings).expect_err("the file is not a database");
+        let KeysError::Store(cause @ StoreError::Open(why)) = &failed else {
+            panic!("expected the store's open error, got {failed:?}");
+        };
+        assert_eq!(failed.to_string(), format!("cannot open the store: {why}"));
+        let source = std::error::Error::source(&failed).expect("a source");
+        assert_eq!(source.downcast_ref::<StoreError>(), Some(cause));
+    }
 
     #[test]
     fn keys_are_random_and_hashed() {

@@ -199,7 +199,7 @@ fn keys(command: KeysCommand) -> ExitCode {
             eprintln!("switchboard: {e}");
             ExitCode::from(2)
         }
-        Err(e @ KeysError::Store(_)) => {
+        Err(e @ (KeysError::Store(_) | KeysError::System { .. })) => {
             eprintln!("switchboard: {e}");
             ExitCode::from(1)
         }

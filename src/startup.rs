@@ -109,26 +109,24 @@ fn after_conversations(bound: Duration) -> Duration {
 }
 
 /// Opens the store the settings ask for.
-pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StartupError> {
+pub fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, StoreError> {
     open_store_on(settings, settings.port)
 }
 
 /// [`open_store`] for a server listening on `port` (the PostgreSQL store registers the node
 /// under its `[cluster]` id and address, which default to the host and this port).
-pub fn open_store_on(settings: &Settings, port: u16) -> Result<Arc<dyn Store>, StartupError> {
+pub fn open_store_on(settings: &Settings, port: u16) -> Result<Arc<dyn Store>, StoreError> {
     let limits = StoreLimits::from_limits(&settings.limits);
     match settings.store {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::with_limits(limits))),
         StoreKind::Sqlite => {
             SqliteStore::open_with(&settings.data_dir, &settings.store_tuning, limits)
                 .map(|store| Arc::new(store) as Arc<dyn Store>)
-                .map_err(StartupError::Store)
         }
         StoreKind::Postgres => {
             let node = settings.cluster_node(port);
             PostgresStore::open_node(&settings.postgres, &settings.store_tuning, limits, node)
                 .map(|store| Arc::new(store) as Arc<dyn Store>)
-                .map_err(StartupError::Store)
         }
     }
 }

@@ -26,6 +26,7 @@ pub mod api;
 pub mod config;
 pub mod conversation;
 pub mod events;
+pub mod failure;
 pub mod frontend;
 pub mod http;
 pub mod keys;

@@ -54,8 +54,10 @@ pub enum StartupError {
         dir: std::path::PathBuf,
         lock: std::path::PathBuf,
     },
+    /// The agent runtime cannot be set up here (its environment, its sandbox); the message
+    /// says what to do, the system's error is the source when there is one.
     #[error("{0}")]
-    Agent(String),
+    Agent(#[source] crate::failure::Failure),
     #[error("cannot generate a session key: {0}")]
     Key(#[source] std::io::Error),
     /// The HTTP server stopped with an I/O error while serving.

@@ -1001,6 +1001,13 @@ async fn an_agent_that_cannot_be_started_fails_at_once() {
     };
     assert!(why.contains("cannot start the agent"), "{why}");
     assert!(why.contains(&missing), "{why}");
+    // The system's own error is kept as the cause.
+    let cause = std::error::Error::source(why).and_then(|e| e.downcast_ref::<std::io::Error>());
+    assert_eq!(
+        cause.map(std::io::Error::kind),
+        Some(std::io::ErrorKind::NotFound),
+        "{why:?}"
+    );
     runtime.stop();
 }
 

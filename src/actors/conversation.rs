@@ -566,9 +566,10 @@ impl Conversation {
             Err(NotEmitted::Full) => {
                 self.begin_stop(StopReason::RuntimeFailed("event limit reached".into()), ctx)
             }
-            Err(NotEmitted::OverQuota(e)) => {
-                self.begin_stop(StopReason::RuntimeFailed(e.to_string()), ctx)
-            }
+            Err(NotEmitted::OverQuota(e)) => self.begin_stop(
+                StopReason::RuntimeFailed(crate::failure::Failure::of(e)),
+                ctx,
+            ),
         }
     }
 

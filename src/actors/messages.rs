@@ -8,6 +8,7 @@ use tokio::sync::mpsc;
 use super::rate_limit::ClientId;
 use crate::conversation::{ConversationId, ConversationMeta, ConversationStatus};
 use crate::events::{EventBody, StoredEvent};
+use crate::failure::Failure;
 use crate::store::StoreError;
 
 /// How the supervisor should bring up a conversation that is not live.
@@ -141,7 +142,7 @@ pub enum StopReason {
     /// Evicted to make room under the `evict_oldest` policy.
     Evicted,
     /// Its runtime failed.
-    RuntimeFailed(String),
+    RuntimeFailed(Failure),
     /// The store failed (its error); nothing more can be made durable.
     StoreFailed(StoreError),
     /// The server is shutting down.
@@ -175,7 +176,7 @@ impl StopReason {
             StopReason::Idle => "idle timeout",
             StopReason::StartTimeout => "runtime did not start before the deadline",
             StopReason::Evicted => "too many conversations",
-            StopReason::RuntimeFailed(why) => why,
+            StopReason::RuntimeFailed(why) => why.message(),
             StopReason::StoreFailed(error) => return error.to_string().into(),
             StopReason::Shutdown => "server shutting down",
             StopReason::Fenced => "this node lost its cluster membership",

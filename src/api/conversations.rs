@@ -157,7 +157,7 @@ async fn admit_and_join(
             OpenError::Conversation(ConversationError::Elsewhere(owner)) => {
                 ApiError::Elsewhere(id.to_string(), owner)
             }
-            OpenError::Conversation(e) => ApiError::Internal(e.to_string()),
+            OpenError::Conversation(e) => ApiError::Internal(e.into()),
             OpenError::Restarting(last) => ApiError::Unavailable(format!(
                 "conversation {id} is restarting; try again ({last})"
             )),

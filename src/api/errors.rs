@@ -66,12 +66,32 @@ pub enum ApiError {
     /// carries the owner (an extension) for [`crate::http::forward`], which sends the request on.
     #[error("Conversation {0} is owned by cluster node {node} ({url})", node = .1.node_id, url = .1.url)]
     Elsewhere(String, crate::store::NodeAddress),
-    /// 500; the cause is logged, not shown.
+    /// 500; the cause (typed, with its own sources) is logged, not shown.
     #[error("internal error: {0}")]
-    Internal(String),
+    Internal(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What was being done when `source` failed: an [`ApiError::Internal`]'s cause.
+#[derive(Debug, thiserror::Error)]
+#[error("{doing}: {source}")]
+pub struct InternalCause {
+    doing: &'static str,
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync>,
 }
 
 impl ApiError {
+    /// A 500 whose cause is `source`, which failed while doing `doing`.
+    pub fn internal(
+        doing: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> ApiError {
+        ApiError::Internal(Box::new(InternalCause {
+            doing,
+            source: source.into(),
+        }))
+    }
+
     pub fn one(error: FieldError) -> Self {
         ApiError::Validation(vec![error])
     }
@@ -176,5 +196,35 @@ impl From<crate::store::StoreError> for ApiError {
         }
         tracing::error!(error = %e, "store operation failed");
         ApiError::Storage(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 500 keeps its cause (what was being done, and the system's error under it) for the
+    /// log, and shows the client only the generic body.
+    #[actix_web::test]
+    async fn an_internal_error_keeps_its_cause_and_shows_none() {
+        let error = ApiError::internal(
+            "cannot create the working directory",
+            std::io::Error::other("disk full"),
+        );
+        assert_eq!(
+            error.to_string(),
+            "internal error: cannot create the working directory: disk full"
+        );
+        let mut chain =
+            std::iter::successors(Some(&error as &(dyn std::error::Error + 'static)), |e| {
+                e.source()
+            });
+        assert!(chain.any(|e| e.downcast_ref::<std::io::Error>().is_some()));
+        let response = error.error_response();
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = actix_web::body::to_bytes(response.into_body())
+            .await
+            .expect("body");
+        assert_eq!(body, r#"{"detail":"Internal Server Error"}"#);
     }
 }

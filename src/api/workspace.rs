@@ -281,7 +281,7 @@ pub async fn list_files(
     let limit = state.settings.workspace.max_list_files;
     let listed = web::block(move || list_dir(&dir, &sub, limit))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))??;
+        .map_err(|e| ApiError::Internal(e.into()))??;
     Ok(HttpResponse::Ok().json(listed))
 }
 
@@ -391,7 +391,7 @@ pub async fn select_file(
         },
     )
     .await
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    .map_err(|e| ApiError::Internal(e.into()))?;
     let bytes = match read {
         Err(_) => return Err(not_found()),
         Ok(Err(FileProblem::Directory)) => {
@@ -497,8 +497,8 @@ pub async fn upload_files(
     let dir = working_dir(&state.settings, &id);
     let (uploaded, skipped) = web::block(move || write_uploads(&dir, parts))
         .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(|e| ApiError::Internal(format!("cannot create the working directory: {e}")))?;
+        .map_err(|e| ApiError::Internal(e.into()))?
+        .map_err(|e| ApiError::internal("cannot create the working directory", e))?;
     tracing::info!(conversation_id = %id, uploaded = uploaded.len(), skipped = skipped.len(), "files uploaded");
     Ok(HttpResponse::Ok().json(UploadedFiles {
         uploaded_files: uploaded,
@@ -567,7 +567,7 @@ pub async fn microagents(
     let found = match existing_root(&state, &id) {
         Some(root) => web::block(move || read_microagents(&root))
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?,
+            .map_err(|e| ApiError::Internal(e.into()))?,
         None => Vec::new(),
     };
     Ok(HttpResponse::Ok().json(Microagents { microagents: found }))

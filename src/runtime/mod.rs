@@ -22,6 +22,7 @@ use serde_json::Value;
 
 use crate::conversation::{ConversationId, InitData};
 use crate::events::{EventBody, StatusUpdate};
+use crate::failure::Failure;
 use crate::store::Store;
 
 pub mod actor;
@@ -52,8 +53,10 @@ pub enum RuntimeSignal {
     Referenced(Box<ReferencedEvent>),
     /// A status update to forward to clients (not stored).
     Status(StatusUpdate),
-    /// The runtime failed or exited; the conversation stops with this error.
-    Failed(String),
+    /// The runtime failed or exited; the conversation stops with this error (its cause, when
+    /// there is one, as its source: the system's error starting the agent, the store's reading
+    /// its history; an exit is described in words, the agent's own stderr included).
+    Failed(Failure),
 }
 
 impl RuntimeSignal {

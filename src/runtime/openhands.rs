@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{RuntimeKind, Settings};
+use crate::failure::Failure;
 
 /// The adapter's source, as shipped in the repository.
 pub const ADAPTER: &str = include_str!("../../agents/openhands/adapter.py");
@@ -44,25 +45,27 @@ pub fn venv(settings: &Settings) -> Option<PathBuf> {
 
 /// With `runtime.kind = "openhands"`: writes the adapter into the data directory and makes it
 /// the process runtime's command. Other settings pass through unchanged.
-pub fn prepare(mut settings: Settings) -> Result<Settings, String> {
+pub fn prepare(mut settings: Settings) -> Result<Settings, Failure> {
     if settings.runtime.kind != RuntimeKind::Openhands {
         return Ok(settings);
     }
-    let venv = venv(&settings)
-        .ok_or("cannot find the OpenHands environment: set runtime.openhands.venv")?;
+    let venv = venv(&settings).ok_or_else(|| {
+        Failure::new("cannot find the OpenHands environment: set runtime.openhands.venv")
+    })?;
     let python = venv.join("bin").join("python");
     if !python.is_file() {
         return Err(format!(
             "the OpenHands environment is not installed at {} (runtime.openhands.venv): \
              run agents/openhands/install.sh",
             venv.display()
-        ));
+        )
+        .into());
     }
     let data_dir = std::path::absolute(&settings.data_dir).map_err(|e| {
-        format!(
-            "cannot resolve the data directory {}: {e}",
+        Failure::of(e).within(format_args!(
+            "cannot resolve the data directory {}",
             settings.data_dir.display()
-        )
+        ))
     })?;
     let adapter = write_adapter(&data_dir.join("openhands"))?;
     let process = &mut settings.runtime.process;
@@ -92,21 +95,22 @@ pub fn prepare(mut settings: Settings) -> Result<Settings, String> {
 }
 
 /// Writes the adapter into `dir` unless it is there already; returns its path.
-fn write_adapter(dir: &Path) -> Result<PathBuf, String> {
+fn write_adapter(dir: &Path) -> Result<PathBuf, Failure> {
     let path = dir.join("adapter.py");
     if std::fs::read_to_string(&path).is_ok_and(|text| text == ADAPTER) {
         return Ok(path);
     }
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::of(e).within(format_args!("cannot create {}", dir.display())))?;
     // Written aside and renamed: an agent starting meanwhile never reads half a file.
     let partial = dir.join("adapter.py.partial");
     std::fs::write(&partial, ADAPTER)
         .and_then(|()| std::fs::rename(&partial, &path))
         .map_err(|e| {
-            format!(
-                "cannot write the OpenHands adapter to {}: {e}",
+            Failure::of(e).within(format_args!(
+                "cannot write the OpenHands adapter to {}",
                 path.display()
-            )
+            ))
         })?;
     Ok(path)
 }
@@ -123,6 +127,14 @@ mod tests {
         s
     }
 
+    /// An environment in `dir` that looks installed (its `bin/python` exists).
+    fn installed_venv(dir: &Path) -> PathBuf {
+        let venv = dir.join("venv");
+        std::fs::create_dir_all(venv.join("bin")).unwrap();
+        std::fs::write(venv.join("bin/python"), "").unwrap();
+        venv
+    }
+
     #[test]
     fn a_missing_environment_is_refused_with_the_install_script_named() {
         let dir = tempfile::tempdir().unwrap();
@@ -132,12 +144,31 @@ mod tests {
         assert!(!dir.path().join("openhands").exists(), "nothing written");
     }
 
+    /// A data directory the adapter cannot be written to is refused naming the directory, with
+    /// the system's error as the cause.
+    #[test]
+    fn an_unwritable_data_directory_keeps_the_system_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let venv = installed_venv(dir.path());
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, "").unwrap();
+        let why = prepare(openhands_settings(&file, &venv)).unwrap_err();
+        assert!(
+            why.starts_with(&format!(
+                "cannot create {}",
+                file.join("openhands").display()
+            )),
+            "{why}"
+        );
+        let cause =
+            std::error::Error::source(&why).and_then(|e| e.downcast_ref::<std::io::Error>());
+        assert!(cause.is_some(), "{why:?}");
+    }
+
     #[test]
     fn the_adapter_becomes_the_process_command() {
         let dir = tempfile::tempdir().unwrap();
-        let venv = dir.path().join("venv");
-        std::fs::create_dir_all(venv.join("bin")).unwrap();
-        std::fs::write(venv.join("bin/python"), "").unwrap();
+        let venv = installed_venv(dir.path());
         let mut settings = openhands_settings(&dir.path().join("data"), &venv);
         settings
             .runtime

@@ -49,6 +49,7 @@ use tracing::{debug, info, warn};
 
 use super::process::{Agent, Place};
 use crate::config::Settings;
+use crate::failure::Failure;
 use crate::ops::metrics::metrics;
 
 /// The start of every pooled agent's name (a conversation id never contains a dot).
@@ -315,7 +316,7 @@ impl AgentPool {
     }
 
     /// Starts one pooled agent on `arbiter`, where its I/O tasks will run.
-    async fn launch_on(&self, arbiter: &ArbiterHandle) -> Result<Agent, String> {
+    async fn launch_on(&self, arbiter: &ArbiterHandle) -> Result<Agent, Failure> {
         let name = format!("{NAME_PREFIX}{}", uuid::Uuid::new_v4().simple());
         let place = Place::pooled(&self.settings, &name);
         let settings = self.settings.clone();
@@ -345,7 +346,7 @@ impl AgentPool {
     /// agents whose directories may be renamed are ever handed out. One that exits meanwhile, or
     /// is not set up within `limits.start_timeout_secs`, is a failed start (stopped, its
     /// directories removed once it is gone).
-    async fn until_set_up(&self, agent: Agent) -> Result<Agent, String> {
+    async fn until_set_up(&self, agent: Agent) -> Result<Agent, Failure> {
         let limit = Duration::from_secs(self.settings.limits.start_timeout_secs);
         let began = Instant::now();
         loop {
@@ -366,7 +367,7 @@ impl AgentPool {
                 continue;
             };
             stop(&mut self.lock(), agent);
-            return Err(format!("the pooled agent did not start: {why}"));
+            return Err(format!("the pooled agent did not start: {why}").into());
         }
     }
 }

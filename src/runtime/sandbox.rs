@@ -27,13 +27,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::config::{ProcessSettings, SandboxKind, Settings};
+use crate::failure::Failure;
 
 /// The bubblewrap program, looked up on PATH.
 pub const BWRAP: &str = "bwrap";
 
 /// With `runtime.process.sandbox = "bwrap"` and an agent-process runtime: checks that `bwrap`
 /// exists and can create its sandbox here (`bwrap --ro-bind / / true`).
-pub fn check(settings: &Settings) -> Result<(), String> {
+pub fn check(settings: &Settings) -> Result<(), Failure> {
     if !settings.runtime.kind.runs_agent_process()
         || settings.runtime.process.sandbox != SandboxKind::Bwrap
     {
@@ -46,13 +47,16 @@ pub fn check(settings: &Settings) -> Result<(), String> {
         .stderr(Stdio::piped())
         .output();
     match output {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(format!(
-            "runtime.process.sandbox = \"bwrap\" needs bubblewrap, but `{BWRAP}` is not on PATH: \
-             install it (apt-get install bubblewrap) or set sandbox = \"none\""
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Failure::caused(
+            format!(
+                "runtime.process.sandbox = \"bwrap\" needs bubblewrap, but `{BWRAP}` is not on \
+                 PATH: install it (apt-get install bubblewrap) or set sandbox = \"none\""
+            ),
+            e,
         )),
-        Err(e) => Err(format!(
-            "runtime.process.sandbox = \"bwrap\": cannot run `{BWRAP}`: {e}"
-        )),
+        Err(e) => Err(Failure::of(e).within(format_args!(
+            "runtime.process.sandbox = \"bwrap\": cannot run `{BWRAP}`"
+        ))),
         Ok(out) if !out.status.success() => {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let why = stderr.lines().next().unwrap_or("").trim();
@@ -62,7 +66,8 @@ pub fn check(settings: &Settings) -> Result<(), String> {
                  (unprivileged user namespaces disabled?)",
                 out.status,
                 if why.is_empty() { "" } else { ": " },
-            ))
+            )
+            .into())
         }
         Ok(_) => Ok(()),
     }
@@ -79,16 +84,16 @@ pub fn command(
     working_dir: &Path,
     writable: &[PathBuf],
     visible: &[PathBuf],
-) -> Result<(OsString, Vec<OsString>), String> {
+) -> Result<(OsString, Vec<OsString>), Failure> {
     match settings.sandbox {
         SandboxKind::None => Ok((program.clone(), args.to_vec())),
         SandboxKind::Bwrap => {
             for dir in writable {
                 std::fs::create_dir_all(dir).map_err(|e| {
-                    format!(
-                        "cannot create the agent's writable directory {}: {e}",
+                    Failure::of(e).within(format_args!(
+                        "cannot create the agent's writable directory {}",
                         dir.display()
-                    )
+                    ))
                 })?;
             }
             Ok((

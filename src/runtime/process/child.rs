@@ -62,7 +62,7 @@ pub(super) fn agent_command(
     settings: &Settings,
     place: &Place,
     token: &str,
-) -> Result<(Command, String), String> {
+) -> Result<(Command, String), Failure> {
     let p = &settings.runtime.process;
     let words = resolve_command(&p.command);
     let Some((program, args)) = words.split_first() else {
@@ -71,10 +71,10 @@ pub(super) fn agent_command(
     let shown = shown_command(&p.command);
     let dir = &place.working_dir;
     std::fs::create_dir_all(dir).map_err(|e| {
-        format!(
-            "cannot create the agent's working directory {}: {e}",
+        Failure::of(e).within(format_args!(
+            "cannot create the agent's working directory {}",
             dir.display()
-        )
+        ))
     })?;
     // Sandboxed, a pooled agent sees the directories its own are renamed in, so that its
     // bind mounts show under their new names once it is handed out.
@@ -117,16 +117,16 @@ pub(super) fn start_recorded(
     settings: &Settings,
     place: &Place,
     token: String,
-) -> Result<ChildGuard, String> {
+) -> Result<ChildGuard, Failure> {
     let records = AgentTree::prepare(&settings.data_dir).map_err(|e| {
-        format!(
-            "cannot keep the agent's record in {}: {e}",
+        Failure::of(e).within(format_args!(
+            "cannot keep the agent's record in {}",
             settings.data_dir.display()
-        )
+        ))
     })?;
     let mut child = command
         .spawn()
-        .map_err(|e| format!("cannot start the agent `{shown}`: {e}"))?;
+        .map_err(|e| Failure::of(e).within(format_args!("cannot start the agent `{shown}`")))?;
     let pid = child.id().and_then(|p| i32::try_from(p).ok());
     let tree = pid
         .ok_or_else(|| std::io::Error::other("the agent has no pid"))
@@ -136,7 +136,7 @@ pub(super) fn start_recorded(
         Err(e) => {
             // Nothing of it may outlive an unrecorded start: it has not read `init` yet.
             let _ = child.start_kill();
-            return Err(format!("cannot record the agent process: {e}"));
+            return Err(Failure::of(e).within("cannot record the agent process"));
         }
     };
     info!(
@@ -331,7 +331,7 @@ pub(super) async fn watch(mut child: ChildGuard, w: Watch) {
             match sink {
                 Some(sink) => {
                     warn!(conversation_id = %label, "{message}");
-                    sink.send(RuntimeSignal::Failed(message));
+                    sink.send(RuntimeSignal::Failed(message.into()));
                 }
                 None => {
                     warn!(agent = %label, "pooled agent exited while waiting: {message}");

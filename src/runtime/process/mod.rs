@@ -69,6 +69,7 @@ use super::{ReferencedEvent, Runtime, RuntimeSignal, RuntimeSink, RuntimeStart};
 use crate::config::{ProcessSettings, SandboxKind, Settings};
 use crate::conversation::{ConversationId, InitData};
 use crate::events::{EventBody, Source, StatusUpdate};
+use crate::failure::Failure;
 use crate::store::{EventQuery, Store};
 
 mod child;
@@ -105,7 +106,7 @@ impl ProcessRuntime {
         self
     }
 
-    fn spawn(&mut self, start: RuntimeStart<'_>) -> Result<(), String> {
+    fn spawn(&mut self, start: RuntimeStart<'_>) -> Result<(), Failure> {
         let conversation_id: Arc<str> = start.conversation_id.as_str().into();
         let place = Place::conversation(&self.settings, &conversation_id);
         let head = init_head(
@@ -135,7 +136,7 @@ impl ProcessRuntime {
         let mut agent = Agent::launch(&self.settings, place, None)?;
         agent
             .attach(&conversation_id, &head, history, start.sink)
-            .map_err(|()| "the agent exited as soon as it started".to_string())?;
+            .map_err(|()| Failure::new("the agent exited as soon as it started"))?;
         self.running = Some(agent);
         Ok(())
     }
@@ -270,7 +271,7 @@ impl Agent {
         settings: &Settings,
         place: Place,
         on_exit: Option<Arc<Notify>>,
-    ) -> Result<Agent, String> {
+    ) -> Result<Agent, Failure> {
         let token = uuid::Uuid::new_v4().simple().to_string();
         let (command, shown) = agent_command(settings, &place, &token)?;
         let guard = start_recorded(command, &shown, settings, &place, token)?;
@@ -283,7 +284,7 @@ impl Agent {
         place: Place,
         p: &ProcessSettings,
         on_exit: Option<Arc<Notify>>,
-    ) -> Result<Agent, String> {
+    ) -> Result<Agent, Failure> {
         let Some((stdin, stdout, stderr)) = guard.take_stdio() else {
             return Err("the agent's stdin, stdout and stderr could not be opened".into());
         };

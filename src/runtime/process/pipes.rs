@@ -60,9 +60,9 @@ pub(super) async fn write_input(
     match write_init(&mut stdin, &head, &history).await {
         Ok(()) => {}
         Err(InitError::Store(e)) => {
-            sink.send(RuntimeSignal::Failed(format!(
-                "cannot read the conversation's history: {e}"
-            )));
+            sink.send(RuntimeSignal::Failed(
+                Failure::of(e).within("cannot read the conversation's history"),
+            ));
             return;
         }
         Err(InitError::Io(e)) => {

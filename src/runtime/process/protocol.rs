@@ -21,9 +21,9 @@ pub(super) fn init_head(
     init: &InitData,
     working_dir: &Path,
     settings: Option<&Value>,
-) -> Result<String, String> {
+) -> Result<String, Failure> {
     let mut init = serde_json::to_value(init)
-        .map_err(|e| format!("cannot encode the conversation's init data: {e}"))?;
+        .map_err(|e| Failure::of(e).within("cannot encode the conversation's init data"))?;
     if let Value::Object(map) = &mut init {
         map.insert("trigger".into(), json!(trigger));
     }

@@ -38,7 +38,7 @@ fn open(url: &str) -> PostgresStore {
 
 fn open_err(url: &str) -> String {
     match PostgresStore::open(&settings(url), &tuning()) {
-        Err(StoreError::Open(message)) => message,
+        Err(StoreError::Open(message)) => message.to_string(),
         Err(other) => panic!("expected StoreError::Open, got {other:?}"),
         Ok(store) => panic!("expected the open to be refused, got {store:?}"),
     }
@@ -147,14 +147,18 @@ async fn stores_opening_one_database_at_once_migrate_it_once() {
     }
 }
 
-#[tokio::test]
-async fn an_unreachable_server_is_a_clear_error_without_the_password() {
-    // A port nothing listens on (bound, then released).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+/// A port nothing listens on (bound, then released).
+fn unused_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
-        .port();
+        .port()
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_clear_error_without_the_password() {
+    let port = unused_port();
     let url = format!("postgres://sb:hunter2@127.0.0.1:{port}/switchboard");
     let message = open_err(&url);
     assert!(
@@ -238,4 +242,16 @@ async fn failures_keep_their_typed_cause() {
     db.execute("INSERT INTO settings (user_id, json) VALUES ('u', '{not json')");
     settings_unreadable_for_their_json(&store, "u").await;
     close(store).await;
+}
+
+/// A refused open keeps the driver's error as the cause (here: the connection refused).
+#[tokio::test]
+async fn a_refused_open_keeps_the_drivers_error() {
+    let url = format!("postgres://sb@127.0.0.1:{}/switchboard", unused_port());
+    let Err(refused) = PostgresStore::open(&settings(&url), &tuning()) else {
+        panic!("opened a store where no server listens")
+    };
+    assert!(matches!(refused, StoreError::Open(_)), "{refused:?}");
+    assert!(refused.to_string().contains("cannot connect"), "{refused}");
+    cause_of::<tokio_postgres::Error>(&refused);
 }

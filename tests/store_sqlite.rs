@@ -31,7 +31,7 @@ fn open(dir: &Path) -> SqliteStore {
 
 fn open_err(dir: &Path) -> String {
     match SqliteStore::open(dir, &tuning()) {
-        Err(StoreError::Open(message)) => message,
+        Err(StoreError::Open(message)) => message.to_string(),
         Err(other) => panic!("expected StoreError::Open, got {other:?}"),
         Ok(store) => panic!("expected the open to be refused, got {store:?}"),
     }
@@ -244,6 +244,25 @@ fn garbage_file_is_refused_not_started_empty() {
     std::fs::write(&db, "conversations:\n  - id: 1\n").expect("write text");
     let message = open_err(dir.path());
     assert!(message.contains("not a SQLite database"), "{message}");
+}
+
+/// A refused open says what to do and keeps SQLite's own error (its code) as the cause.
+#[test]
+fn a_refused_open_keeps_sqlites_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join(DB_FILE_NAME), "conversations:\n  - id: 1\n").expect("write");
+    let Err(refused) = SqliteStore::open(dir.path(), &tuning()) else {
+        panic!("a text file was opened as a database")
+    };
+    assert!(matches!(refused, StoreError::Open(_)), "{refused:?}");
+    assert!(
+        refused.to_string().contains("not a SQLite database"),
+        "{refused}"
+    );
+    assert_eq!(
+        cause_of::<rusqlite::Error>(&refused).sqlite_error_code(),
+        Some(rusqlite::ErrorCode::NotADatabase)
+    );
 }
 
 #[tokio::test]

@@ -80,10 +80,11 @@ pub enum StoreError {
     Closed,
     #[error("conversation {0} already exists")]
     Exists(ConversationId),
-    /// The store cannot be opened (unusable location, corrupt or foreign file, newer schema);
-    /// the message names the file and what to do. The server refuses to start.
+    /// The store cannot be opened (unusable location, corrupt or foreign file, newer schema,
+    /// unreachable server); the message names the file or server and what to do, the driver's
+    /// or the system's error is the source when one caused it. The server refuses to start.
     #[error("cannot open the store: {0}")]
-    Open(String),
+    Open(#[source] Failure),
     /// The write would exceed a quota; nothing was written.
     #[error("{message}")]
     QuotaExceeded { quota: Quota, message: String },

@@ -234,14 +234,14 @@ impl PostgresStore {
         node: ClusterNode,
     ) -> Result<PostgresStore, StoreError> {
         let mut config: tokio_postgres::Config = settings.url.parse().map_err(|e| {
-            StoreError::Open(format!("[postgres] url is not a PostgreSQL URL: {e}"))
+            StoreError::Open(Failure::of(e).within("[postgres] url is not a PostgreSQL URL"))
         })?;
         config.connect_timeout(CONNECT_TIMEOUT);
         config.application_name("switchboard");
         let target: Arc<str> = describe(&config).into();
         let open_error = {
             let target = target.clone();
-            move |what: String| StoreError::Open(format!("{target}: {what}"))
+            move |what: Failure| StoreError::Open(what.within(&target))
         };
 
         let manager = Manager::from_config(
@@ -257,7 +257,7 @@ impl PostgresStore {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .wait_timeout(Some(POOL_WAIT))
             .build()
-            .map_err(|e| open_error(format!("cannot set up the connection pool: {e}")))?;
+            .map_err(|e| open_error(Failure::of(e).within("cannot set up the connection pool")))?;
 
         let batch_max = tuning.batch_max.max(1);
         let (writes, write_rx) = WriteQueue::new(tuning.queue);
@@ -283,7 +283,8 @@ impl PostgresStore {
                 {
                     Ok(runtime) => runtime,
                     Err(e) => {
-                        let _ = ready_tx.send(Err(format!("cannot start its runtime: {e}")));
+                        let _ =
+                            ready_tx.send(Err(Failure::of(e).within("cannot start its runtime")));
                         return;
                     }
                 };
@@ -309,7 +310,7 @@ impl PostgresStore {
                             thread_state.set(Membership::Live { incarnation })
                         }
                         Err(e) => {
-                            let _ = ready_tx.send(Err(format!("cannot register the node: {e}")));
+                            let _ = ready_tx.send(Err(e.within("cannot register the node")));
                             pool.close();
                             return;
                         }
@@ -346,7 +347,7 @@ impl PostgresStore {
                     tracing::debug!(target = %thread_target, "PostgreSQL store finished");
                 });
             })
-            .map_err(|e| open_error(format!("cannot start the store thread: {e}")))?;
+            .map_err(|e| open_error(Failure::of(e).within("cannot start the store thread")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => {}
             Ok(Err(what)) => return Err(open_error(what)),

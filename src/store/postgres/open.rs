@@ -85,15 +85,16 @@ const MIGRATION_LOCK: i64 = 0x5357_4244;
 /// Connects, migrates the schema to [`SCHEMA_VERSION`] and checks that every statement the store
 /// runs fits it; returns the connection the writer keeps and the bytes the conversations hold.
 /// The error is what to tell the operator.
-pub(super) async fn prepare_database(pool: &Pool) -> Result<(Object, u64), String> {
+pub(super) async fn prepare_database(pool: &Pool) -> Result<(Object, u64), Failure> {
     let mut conn = pool.get().await.map_err(|e| match e {
-        deadpool_postgres::PoolError::Backend(e) => {
+        deadpool_postgres::PoolError::Backend(e) => Failure::caused(
             format!(
                 "cannot connect ({}); is PostgreSQL running there and the URL right?",
                 postgres_message(&e)
-            )
-        }
-        other => format!("cannot connect ({other})"),
+            ),
+            e,
+        ),
+        other => Failure::caused(format!("cannot connect ({other})"), other),
     })?;
     if let Err(e) = migrate(&mut conn).await {
         // The migration's transaction may still be open on this connection: never reuse it.
@@ -102,10 +103,13 @@ pub(super) async fn prepare_database(pool: &Pool) -> Result<(Object, u64), Strin
     }
     for statement in sql::ALL {
         conn.prepare_cached(statement).await.map_err(|e| {
-            format!(
-                "the schema does not match schema version {SCHEMA_VERSION} ({}); refusing to \
-                 start. Point [postgres] url at another database",
-                postgres_message(&e)
+            Failure::caused(
+                format!(
+                    "the schema does not match schema version {SCHEMA_VERSION} ({}); refusing \
+                     to start. Point [postgres] url at another database",
+                    postgres_message(&e)
+                ),
+                e,
             )
         })?;
     }
@@ -113,14 +117,13 @@ pub(super) async fn prepare_database(pool: &Pool) -> Result<(Object, u64), Strin
         .query_one(sql::USED, &[])
         .await
         .and_then(|row| row.try_get(0))
-        .map_err(|e| format!("cannot read the bytes in use: {}", postgres_message(&e)))?;
+        .map_err(|e| postgres_failure(e).within("cannot read the bytes in use"))?;
     Ok((conn, u64::try_from(in_use).unwrap_or(0)))
 }
 
 /// Applies the pending [`MIGRATIONS`] in one transaction, under [`MIGRATION_LOCK`].
-async fn migrate(conn: &mut Object) -> Result<(), String> {
-    let fail =
-        |e: tokio_postgres::Error| format!("preparing the schema failed: {}", postgres_message(&e));
+async fn migrate(conn: &mut Object) -> Result<(), Failure> {
+    let fail = |e: tokio_postgres::Error| postgres_failure(e).within("preparing the schema failed");
     let tx = conn.transaction().await.map_err(fail)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -160,7 +163,8 @@ async fn migrate(conn: &mut Object) -> Result<(), String> {
                     "holds tables that are not switchboard's ({}); refusing to use it. Point \
                  [postgres] url at an empty database",
                     foreign.join(", ")
-                ));
+                )
+                .into());
             }
             tx.batch_execute(
                 "CREATE TABLE switchboard_schema (\
@@ -176,16 +180,16 @@ async fn migrate(conn: &mut Object) -> Result<(), String> {
             "the database has schema version {version}, but this build of switchboard only \
              knows versions up to {SCHEMA_VERSION}; it was written by a newer switchboard. \
              Upgrade switchboard (or use another database) — refusing to open it"
-        ));
+        )
+        .into());
     }
     let from = version;
     for (step, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
         let next = step as i64 + 1;
         tx.batch_execute(migration).await.map_err(|e| {
-            format!(
-                "migrating the schema from version {step} to {next} failed: {}",
-                postgres_message(&e)
-            )
+            postgres_failure(e).within(format_args!(
+                "migrating the schema from version {step} to {next} failed"
+            ))
         })?;
         tx.execute("UPDATE switchboard_schema SET version = $1", &[&next])
             .await

@@ -117,8 +117,27 @@ impl std::fmt::Debug for SqliteStore {
     }
 }
 
+/// An open refused in the store's own words, naming the file.
 fn open_error(path: &Path, what: impl std::fmt::Display) -> StoreError {
-    StoreError::Open(format!("{}: {what}", path.display()))
+    StoreError::Open(format!("{}: {what}", path.display()).into())
+}
+
+/// An open that `cause` failed, saying `what` (which includes what `cause` says), naming the
+/// file; `cause` is kept as the source.
+fn open_caused(
+    path: &Path,
+    what: impl std::fmt::Display,
+    cause: impl std::error::Error + Send + Sync + 'static,
+) -> StoreError {
+    StoreError::Open(Failure::caused(
+        format!("{}: {what}", path.display()),
+        cause,
+    ))
+}
+
+/// An open that `cause` failed, in its own words, naming the file.
+fn open_failed(path: &Path, cause: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Open(Failure::of(cause).within(path.display()))
 }
 
 fn io_error(e: rusqlite::Error) -> StoreError {
@@ -146,9 +165,10 @@ impl SqliteStore {
             ));
         }
         std::fs::create_dir_all(data_dir).map_err(|e| {
-            open_error(
+            open_caused(
                 data_dir,
-                format_args!("cannot create the data directory: {e}"),
+                format!("cannot create the data directory: {e}"),
+                e,
             )
         })?;
         if !data_dir.is_dir() {
@@ -168,14 +188,14 @@ impl SqliteStore {
         let write_conn = open_connection(&path, false)?;
         prepare_database(&path, &write_conn)?;
         let used = Arc::new(AtomicU64::new(
-            pages_in_use(&write_conn).map_err(|e| open_error(&path, e))?,
+            pages_in_use(&write_conn).map_err(|e| open_failed(&path, e))?,
         ));
         let reserve = Reserve::new(data_dir.join(RESERVE_FILE_NAME), limits.disk_reserve_bytes);
         fit_wal_to_reserve(&write_conn, limits.disk_reserve_bytes)
-            .map_err(|e| open_error(&path, e))?;
+            .map_err(|e| open_failed(&path, e))?;
         let keys = KeyWatch::new(open_connection(&path, true)?)
             .map(Arc::new)
-            .map_err(|e| open_error(&path, e))?;
+            .map_err(|e| open_failed(&path, e))?;
         let mut read_conns = Vec::with_capacity(READER_THREADS);
         for _ in 0..READER_THREADS {
             read_conns.push(open_connection(&path, true)?);
@@ -197,7 +217,7 @@ impl SqliteStore {
                     body();
                 })
                 .map(|_| ())
-                .map_err(|e| open_error(&path, format_args!("cannot start a store thread: {e}")))
+                .map_err(|e| open_caused(&path, format!("cannot start a store thread: {e}"), e))
         };
 
         spawn("store-writer".into(), {

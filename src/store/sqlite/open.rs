@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 
-use super::open_error;
+use super::{open_caused, open_error, open_failed};
 use crate::store::StoreError;
 
 /// `PRAGMA application_id` of a switchboard database ("SWBD"); tells our files from other
@@ -116,16 +116,16 @@ pub(super) fn open_connection(path: &Path, reader: bool) -> Result<Connection, S
         | OpenFlags::SQLITE_OPEN_NO_MUTEX
         | OpenFlags::SQLITE_OPEN_URI;
     let conn = Connection::open_with_flags(path, flags)
-        .map_err(|e| open_error(path, format_args!("cannot open the database file: {e}")))?;
+        .map_err(|e| open_caused(path, format!("cannot open the database file: {e}"), e))?;
     conn.busy_timeout(BUSY_TIMEOUT)
-        .map_err(|e| open_error(path, e))?;
+        .map_err(|e| open_failed(path, e))?;
     // The first statement reads the header: this is where a file that is not a database fails.
     let _: i64 = conn
         .pragma_query_value(None, "user_version", |r| r.get(0))
         .map_err(|e| describe_open_failure(path, e))?;
     if conn
         .is_readonly(rusqlite::DatabaseName::Main)
-        .map_err(|e| open_error(path, e))?
+        .map_err(|e| open_failed(path, e))?
     {
         return Err(open_error(
             path,
@@ -134,7 +134,7 @@ pub(super) fn open_connection(path: &Path, reader: bool) -> Result<Connection, S
     }
     if reader {
         conn.pragma_update(None, "query_only", true)
-            .map_err(|e| open_error(path, e))?;
+            .map_err(|e| open_failed(path, e))?;
     } else {
         let mode: String = conn
             .pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))
@@ -151,7 +151,7 @@ pub(super) fn open_connection(path: &Path, reader: bool) -> Result<Connection, S
     }
     // See above: NORMAL is durable across process crashes in WAL mode.
     conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(|e| open_error(path, e))?;
+        .map_err(|e| open_failed(path, e))?;
     // SQLite's default page cache (2 MiB) and no memory map, on evidence: a 16 MiB cache made no
     // measurable difference even with 200,000 conversations, and `mmap_size` made the writer
     // slower (a page read through the map is wrapped anew on every fetch; the writer fetches the
@@ -161,31 +161,24 @@ pub(super) fn open_connection(path: &Path, reader: bool) -> Result<Connection, S
 
 /// Turns an error met while first reading the file into a message a person can act on.
 fn describe_open_failure(path: &Path, e: rusqlite::Error) -> StoreError {
-    match e.sqlite_error_code() {
-        Some(ErrorCode::NotADatabase) => open_error(
-            path,
-            format_args!(
-                "is not a SQLite database ({e}); refusing to start on top of it. \
-                 Move the file away or point data_dir elsewhere"
-            ),
+    let what = match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => format!(
+            "is not a SQLite database ({e}); refusing to start on top of it. \
+             Move the file away or point data_dir elsewhere"
         ),
-        Some(ErrorCode::DatabaseCorrupt) => open_error(
-            path,
-            format_args!(
-                "the database is corrupt ({e}); refusing to start. \
-                 Restore it from a backup or move it away"
-            ),
+        Some(ErrorCode::DatabaseCorrupt) => format!(
+            "the database is corrupt ({e}); refusing to start. \
+             Restore it from a backup or move it away"
         ),
-        Some(ErrorCode::CannotOpen) | Some(ErrorCode::PermissionDenied) => open_error(
-            path,
-            format_args!("cannot open the database file ({e}); check the path and permissions"),
-        ),
-        Some(ErrorCode::ReadOnly) => open_error(
-            path,
-            format_args!("the database is read-only ({e}); switchboard needs to write it"),
-        ),
-        _ => open_error(path, e),
-    }
+        Some(ErrorCode::CannotOpen) | Some(ErrorCode::PermissionDenied) => {
+            format!("cannot open the database file ({e}); check the path and permissions")
+        }
+        Some(ErrorCode::ReadOnly) => {
+            format!("the database is read-only ({e}); switchboard needs to write it")
+        }
+        _ => e.to_string(),
+    };
+    open_caused(path, what, e)
 }
 
 /// Checks that the file is a healthy switchboard database and migrates it to
@@ -311,12 +304,13 @@ pub(super) fn prepare_database(path: &Path, conn: &Connection) -> Result<(), Sto
     ];
     for sql in probes {
         let mut stmt = conn.prepare(sql).map_err(|e| {
-            open_error(
+            open_caused(
                 path,
-                format_args!(
+                format!(
                     "the schema does not match schema version {SCHEMA_VERSION} ({e}); \
                      refusing to start. Move the file away or point data_dir elsewhere"
                 ),
+                e,
             )
         })?;
         stmt.query_row([], |_| Ok(())).optional().map_err(fail)?;
@@ -363,11 +357,10 @@ fn migrate(path: &Path, conn: &Connection) -> Result<(), StoreError> {
             };
             let next = version + 1;
             let fail = |e: rusqlite::Error| {
-                open_error(
+                open_caused(
                     path,
-                    format_args!(
-                        "migrating the schema from version {version} to {next} failed: {e}"
-                    ),
+                    format!("migrating the schema from version {version} to {next} failed: {e}"),
+                    e,
                 )
             };
             conn.execute_batch(sql).map_err(fail)?;

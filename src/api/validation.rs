@@ -3,22 +3,25 @@
 //! [`parse_init_session`] turns a `POST /api/conversations` body into a [`NewConversation`] or
 //! into every [`FieldError`] the body has, in the order OpenHands reports them: the body's own
 //! shape first, then known fields in schema order, then unknown fields. It never panics on
-//! input. A conversation id that enters as text becomes a [`ConversationId`] through
+//! input. The fields' types are not restated here: a [`Contract`] read once from the request
+//! types' schemas (`schema.rs`) checks each value against its field's schema; this module adds
+//! the rules beyond types and builds the result. A conversation id that enters as text becomes a [`ConversationId`] through
 //! [`conversation_id`], whose 422 states the id rule.
 
+use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use utoipa::openapi::schema::{SchemaType, Type};
+use utoipa::openapi::schema::{AdditionalProperties, ArrayItems, SchemaType, Type};
 use utoipa::openapi::{RefOr, Schema};
-use utoipa::PartialSchema;
+use utoipa::{PartialSchema, ToSchema};
 
 use super::schema::{
-    has_mcp_url_scheme, is_repository, mcp_url_schemes_in_words, Choices, InitSessionRequest,
-    McpConfig, ProviderType, StoredSettings, TaskType, UpdateConversationRequest,
-    TASK_TYPES_REFUSED, TITLE_MAX_LEN,
+    has_mcp_url_scheme, is_repository, mcp_url_schemes_in_words, refused_values, CreateMicroagent,
+    InitSessionRequest, McpConfig, StoredSettings, SuggestedTask, UpdateConversationRequest,
+    TASK_PROVIDERS_REFUSED, TASK_TYPES_REFUSED, TITLE_MAX_LEN,
 };
 use crate::conversation::{ConversationId, InitData, NewConversation, Trigger};
 use crate::events::EventBody;
@@ -53,36 +56,6 @@ impl FieldError {
     }
 }
 
-/// The `task_type`s a suggested task may name: those that start a conversation, then those
-/// refused with a 422 of their own.
-fn task_types() -> &'static [String] {
-    static NAMES: OnceLock<Vec<String>> = OnceLock::new();
-    NAMES.get_or_init(|| {
-        let refused = TASK_TYPES_REFUSED.iter().map(|t| t.to_string());
-        TaskType::names().iter().cloned().chain(refused).collect()
-    })
-}
-
-/// The field names of a contract type (its schema's properties).
-fn fields_of<T: PartialSchema>() -> Vec<String> {
-    match T::schema() {
-        RefOr::T(Schema::Object(object)) => object.properties.keys().cloned().collect(),
-        _ => Vec::new(),
-    }
-}
-
-/// The keys a `POST /api/conversations` body may have: [`InitSessionRequest`]'s fields.
-fn init_session_fields() -> &'static [String] {
-    static FIELDS: OnceLock<Vec<String>> = OnceLock::new();
-    FIELDS.get_or_init(fields_of::<InitSessionRequest>)
-}
-
-/// The keys an `mcp_config` may have: [`McpConfig`]'s fields.
-fn mcp_fields() -> &'static [String] {
-    static FIELDS: OnceLock<Vec<String>> = OnceLock::new();
-    FIELDS.get_or_init(fields_of::<McpConfig>)
-}
-
 /// The id at `loc` as a [`ConversationId`], or the 422 entry stating the rule.
 pub fn conversation_id(id: &str, loc: Vec<Value>) -> Result<ConversationId, Box<FieldError>> {
     ConversationId::parse(id)
@@ -105,156 +78,437 @@ pub fn enum_expected(choices: &[String]) -> String {
     }
 }
 
-/// Collects errors while reading one object.
-struct Reader<'a> {
-    obj: &'a Map<String, Value>,
-    base: Vec<Value>,
-    errors: &'a mut Vec<FieldError>,
+// ---------------------------------------------------------------------------------------------
+// The contract's field types, read from the request types' schemas (`schema.rs`): the types
+// are declared once, there, and this reader checks a body's values against what their schemas
+// state, reporting each mismatch as pydantic does.
+
+/// What a field's value must be, as its schema states it.
+#[derive(Debug, Clone, PartialEq)]
+enum Kind {
+    /// `str`.
+    Str,
+    /// One of these names: an enum's values, then those it refuses by value
+    /// ([`refused_values`]).
+    Choice(Vec<String>),
+    /// `int` in pydantic's lax mode (the schema: an integer, or a string holding one).
+    Int,
+    /// `list[str]`.
+    StrList,
+    /// `dict[str, str]`.
+    StrMap,
+    /// A nested model (its schema's name), read by the caller when it chooses.
+    Model(String),
+    /// `list[Model]` (the items' schema name), each item read as it comes.
+    ModelList(String),
+    /// A schema this reader does not know; accepted as sent (the unit tests hold the contract
+    /// free of them).
+    Unknown,
 }
 
-impl<'a> Reader<'a> {
-    fn missing(&mut self, key: &str) {
-        self.errors.push(FieldError::new(
-            "missing",
-            loc(&self.base, key),
-            "Field required",
-            Value::Object(self.obj.clone()),
-        ));
-    }
+/// One field of a request type.
+#[derive(Debug)]
+struct Field {
+    name: String,
+    kind: Kind,
+    required: bool,
+    nullable: bool,
+}
 
-    fn string_at(&mut self, key: &str, v: &Value) -> Option<String> {
-        match v {
-            Value::String(s) => Some(s.clone()),
-            other => {
-                self.errors.push(FieldError::new(
-                    "string_type",
-                    loc(&self.base, key),
-                    "Input should be a valid string",
-                    other.clone(),
-                ));
-                None
+/// A request type's fields in declaration order (the order its errors are reported in), and
+/// whether it refuses unknown keys (`additionalProperties: false`).
+#[derive(Debug)]
+struct Model {
+    fields: Vec<Field>,
+    closed: bool,
+}
+
+/// The model of a type the contract does not hold: no fields (the unit tests hold every model
+/// the validator reads to be there).
+static NO_MODEL: Model = Model {
+    fields: Vec::new(),
+    closed: false,
+};
+
+/// The request types validated here (with every type they refer to), by schema name (a few:
+/// a list is quicker to search than a map is to hash).
+struct Contract {
+    models: Vec<(String, Model)>,
+}
+
+/// The contract, read once from the request types' schemas.
+fn contract() -> &'static Contract {
+    static CONTRACT: OnceLock<Contract> = OnceLock::new();
+    CONTRACT.get_or_init(|| {
+        let mut schemas = Vec::new();
+        collect::<InitSessionRequest>(&mut schemas);
+        collect::<UpdateConversationRequest>(&mut schemas);
+        Contract::new(&schemas)
+    })
+}
+
+/// `T`'s schema and those of every type it refers to.
+fn collect<T: ToSchema>(schemas: &mut Vec<(String, RefOr<Schema>)>) {
+    schemas.push((T::name().into_owned(), T::schema()));
+    T::schemas(schemas);
+}
+
+/// A field's schema without its `null`: the schema and whether `null` is allowed.
+fn without_null(schema: &RefOr<Schema>) -> (&RefOr<Schema>, bool) {
+    let is_null = |s: &RefOr<Schema>| matches!(s, RefOr::T(Schema::Object(o)) if o.schema_type == SchemaType::Type(Type::Null));
+    match schema {
+        RefOr::T(Schema::OneOf(one)) if one.items.len() == 2 && one.items.iter().any(is_null) => {
+            match one.items.iter().find(|s| !is_null(s)) {
+                Some(other) => (other, true),
+                None => (schema, true),
             }
         }
+        _ => (schema, false),
+    }
+}
+
+/// The type a `type` states (`null` aside) and whether it allows `null`.
+fn scalar(schema_type: &SchemaType) -> (Option<&Type>, bool) {
+    match schema_type {
+        SchemaType::Type(t) => (Some(t), *t == Type::Null),
+        SchemaType::Array(types) => (
+            types.iter().find(|t| **t != Type::Null),
+            types.contains(&Type::Null),
+        ),
+        SchemaType::AnyValue => (None, false),
+    }
+}
+
+impl Contract {
+    fn new(schemas: &[(String, RefOr<Schema>)]) -> Contract {
+        let named: HashMap<&str, &RefOr<Schema>> =
+            schemas.iter().map(|(n, s)| (n.as_str(), s)).collect();
+        let models = schemas
+            .iter()
+            .filter_map(|(name, schema)| match schema {
+                RefOr::T(Schema::Object(o)) if o.enum_values.is_none() => {
+                    let fields = o
+                        .properties
+                        .iter()
+                        .map(|(field, schema)| {
+                            let (kind, nullable) = Self::kind(schema, &named);
+                            Field {
+                                name: field.clone(),
+                                kind,
+                                required: o.required.contains(field),
+                                nullable,
+                            }
+                        })
+                        .collect();
+                    let closed = matches!(
+                        o.additional_properties.as_deref(),
+                        Some(AdditionalProperties::FreeForm(false))
+                    );
+                    Some((name.clone(), Model { fields, closed }))
+                }
+                _ => None,
+            })
+            .collect();
+        Contract { models }
     }
 
-    /// `str | None`: absent or null is `None`.
-    fn opt_str(&mut self, key: &str) -> Option<String> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => None,
-            Some(v) => self.string_at(key, &v.clone()),
-        }
-    }
-
-    /// Required `str`.
-    fn req_str(&mut self, key: &str) -> Option<String> {
-        match self.obj.get(key) {
-            None => {
-                self.missing(key);
-                None
+    /// The kind of a field with this schema, and whether it may be `null`.
+    fn kind(schema: &RefOr<Schema>, named: &HashMap<&str, &RefOr<Schema>>) -> (Kind, bool) {
+        let (schema, nullable) = without_null(schema);
+        let kind = match schema {
+            RefOr::Ref(r) => {
+                let name = r.ref_location.rsplit('/').next().unwrap_or_default();
+                match named.get(name) {
+                    Some(RefOr::T(Schema::Object(o))) => match &o.enum_values {
+                        Some(values) => Kind::Choice(
+                            values
+                                .iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .chain(refused_values(name).iter().map(|v| v.to_string()))
+                                .collect(),
+                        ),
+                        None => Kind::Model(name.to_string()),
+                    },
+                    _ => Kind::Unknown,
+                }
             }
-            Some(v) => self.string_at(key, &v.clone()),
-        }
-    }
-
-    fn enum_at(&mut self, key: &str, v: &Value, choices: &[String]) -> Option<String> {
-        match v.as_str() {
-            Some(s) if choices.iter().any(|c| c == s) => Some(s.to_string()),
-            _ => {
-                let expected = enum_expected(choices);
-                let mut e = FieldError::new(
-                    "enum",
-                    loc(&self.base, key),
-                    format!("Input should be {expected}"),
-                    v.clone(),
-                );
-                e.ctx = Some(json!({ "expected": expected }));
-                self.errors.push(e);
-                None
+            RefOr::T(Schema::OneOf(one))
+                if one.items.iter().any(|s| {
+                    matches!(s, RefOr::T(Schema::Object(o)) if scalar(&o.schema_type).0 == Some(&Type::Integer))
+                }) =>
+            {
+                Kind::Int
             }
-        }
-    }
-
-    fn opt_enum(&mut self, key: &str, choices: &[String]) -> Option<String> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => None,
-            Some(v) => self.enum_at(key, &v.clone(), choices),
-        }
-    }
-
-    fn req_enum(&mut self, key: &str, choices: &[String]) -> Option<String> {
-        match self.obj.get(key) {
-            None => {
-                self.missing(key);
-                None
+            RefOr::T(Schema::Object(o)) => {
+                let (scalar, null) = scalar(&o.schema_type);
+                let kind = match (scalar, o.additional_properties.as_deref()) {
+                    (Some(Type::String), _) => Kind::Str,
+                    (Some(Type::Object), Some(AdditionalProperties::RefOr(values)))
+                        if Self::kind(values, named).0 == Kind::Str =>
+                    {
+                        Kind::StrMap
+                    }
+                    _ => Kind::Unknown,
+                };
+                return (kind, nullable || null);
             }
-            Some(v) => self.enum_at(key, &v.clone(), choices),
-        }
+            RefOr::T(Schema::Array(a)) => {
+                let kind = match &a.items {
+                    ArrayItems::RefOrSchema(item) => match Self::kind(item, named).0 {
+                        Kind::Str => Kind::StrList,
+                        Kind::Model(name) => Kind::ModelList(name),
+                        _ => Kind::Unknown,
+                    },
+                    ArrayItems::False => Kind::Unknown,
+                };
+                return (kind, nullable || scalar(&a.schema_type).1);
+            }
+            _ => Kind::Unknown,
+        };
+        (kind, nullable)
     }
 
-    /// `list[str]`; `nullable` allows null.
-    fn str_list(&mut self, key: &str, nullable: bool) -> Option<Vec<String>> {
-        match self.obj.get(key) {
-            None => None,
-            Some(Value::Null) if nullable => None,
-            Some(Value::Array(items)) => {
-                let mut out = Vec::with_capacity(items.len());
-                let mut ok = true;
-                for (i, item) in items.iter().enumerate() {
-                    match item {
-                        Value::String(s) => out.push(s.clone()),
-                        other => {
-                            ok = false;
-                            let mut l = loc(&self.base, key);
-                            l.push(json!(i));
-                            self.errors.push(FieldError::new(
-                                "string_type",
-                                l,
-                                "Input should be a valid string",
-                                other.clone(),
-                            ));
+    /// The model of the type whose schema is called `name`.
+    fn get(&self, name: &str) -> &Model {
+        self.models
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(&NO_MODEL, |(_, model)| model)
+    }
+
+    /// `T`'s model.
+    fn model<T: ToSchema>(&self) -> &Model {
+        self.get(&T::name())
+    }
+
+    /// Reads `obj` (at `base`) as a `T`: each field in declaration order, its errors added to
+    /// `errors`. Unknown keys are left to [`Contract::forbid_extra`].
+    fn read<'m, T: ToSchema>(
+        &'m self,
+        obj: &Map<String, Value>,
+        base: &[Value],
+        errors: &mut Vec<FieldError>,
+    ) -> Fields<'m> {
+        self.read_model(self.model::<T>(), obj, base, errors, &mut |_, _, _| {})
+    }
+
+    /// [`Contract::read`], calling `on_item` with each item of a list of models once its
+    /// fields are read (for the rules an item must keep beyond its types).
+    fn read_model<'m>(
+        &'m self,
+        model: &'m Model,
+        obj: &Map<String, Value>,
+        base: &[Value],
+        errors: &mut Vec<FieldError>,
+        on_item: &mut ItemRule<'m>,
+    ) -> Fields<'m> {
+        let mut values = Vec::with_capacity(model.fields.len());
+        for field in &model.fields {
+            let name = field.name.as_str();
+            let v = match obj.get(name) {
+                None => {
+                    if field.required {
+                        errors.push(FieldError::new(
+                            "missing",
+                            loc(base, name),
+                            "Field required",
+                            Value::Object(obj.clone()),
+                        ));
+                    }
+                    continue;
+                }
+                Some(Value::Null) if field.nullable => continue,
+                Some(v) => v,
+            };
+            // Where the value is, made only when it is needed (an error, a nested model).
+            let l = || loc(base, name);
+            let checked = match (&field.kind, v) {
+                (Kind::Str, Value::String(s)) => Some(Checked::Str(s.clone())),
+                (Kind::Str, _) => {
+                    errors.push(FieldError::new(
+                        "string_type",
+                        l(),
+                        "Input should be a valid string",
+                        v.clone(),
+                    ));
+                    None
+                }
+                (Kind::Choice(choices), _) => match v.as_str() {
+                    Some(s) if choices.iter().any(|c| c == s) => Some(Checked::Str(s.to_string())),
+                    _ => {
+                        let expected = enum_expected(choices);
+                        let mut e = FieldError::new(
+                            "enum",
+                            l(),
+                            format!("Input should be {expected}"),
+                            v.clone(),
+                        );
+                        e.ctx = Some(json!({ "expected": expected }));
+                        errors.push(e);
+                        None
+                    }
+                },
+                (Kind::Int, _) => int_value(&l(), v)
+                    .map(Checked::Int)
+                    .map_err(|e| errors.push(*e))
+                    .ok(),
+                (Kind::StrList, Value::Array(items)) => {
+                    let before = errors.len();
+                    let strings = items
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, item)| match item {
+                            Value::String(s) => Some(s.clone()),
+                            other => {
+                                errors.push(FieldError::new(
+                                    "string_type",
+                                    loc(&l(), i),
+                                    "Input should be a valid string",
+                                    other.clone(),
+                                ));
+                                None
+                            }
+                        })
+                        .collect();
+                    (errors.len() == before).then_some(Checked::StrList(strings))
+                }
+                (Kind::StrMap, Value::Object(map)) => {
+                    for (key, value) in map.iter().filter(|(_, value)| !value.is_string()) {
+                        errors.push(FieldError::new(
+                            "string_type",
+                            loc(&l(), key.as_str()),
+                            "Input should be a valid string",
+                            value.clone(),
+                        ));
+                    }
+                    Some(Checked::Other)
+                }
+                (Kind::StrMap, _) => {
+                    errors.push(FieldError::new(
+                        "dict_type",
+                        l(),
+                        "Input should be a valid dictionary",
+                        v.clone(),
+                    ));
+                    None
+                }
+                (Kind::Model(_), Value::Object(m)) => Some(Checked::Model(m.clone(), l())),
+                (Kind::Model(_), _) => {
+                    errors.push(not_a_model(l(), v));
+                    None
+                }
+                (Kind::ModelList(item), Value::Array(items)) => {
+                    let list_loc = l();
+                    let item_model = self.get(item);
+                    for (i, item) in items.iter().enumerate() {
+                        let iloc = loc(&list_loc, i);
+                        match item {
+                            Value::Object(m) => {
+                                let fields = self.read_model(item_model, m, &iloc, errors, on_item);
+                                on_item(fields, &iloc, errors);
+                            }
+                            other => errors.push(not_a_model(iloc, other)),
                         }
                     }
+                    Some(Checked::Other)
                 }
-                ok.then_some(out)
+                (Kind::StrList | Kind::ModelList(_), _) => {
+                    errors.push(FieldError::new(
+                        "list_type",
+                        l(),
+                        "Input should be a valid list",
+                        v.clone(),
+                    ));
+                    None
+                }
+                (Kind::Unknown, _) => Some(Checked::Other),
+            };
+            if let Some(checked) = checked {
+                values.push((name, checked));
             }
-            Some(other) => {
-                self.errors.push(FieldError::new(
-                    "list_type",
-                    loc(&self.base, key),
-                    "Input should be a valid list",
-                    other.clone(),
+        }
+        Fields { values }
+    }
+
+    /// Adds an `extra_forbidden` error for each key of `obj` (at `base`) that is not a field of
+    /// `T`, when `T` refuses unknown keys.
+    fn forbid_extra<T: ToSchema>(
+        &self,
+        obj: &Map<String, Value>,
+        base: &[Value],
+        errors: &mut Vec<FieldError>,
+    ) {
+        let model = self.model::<T>();
+        if !model.closed {
+            return;
+        }
+        for (key, value) in obj {
+            if !model.fields.iter().any(|f| f.name == *key) {
+                errors.push(FieldError::new(
+                    "extra_forbidden",
+                    loc(base, key.as_str()),
+                    "Extra inputs are not permitted",
+                    value.clone(),
                 ));
-                None
             }
         }
     }
+}
 
-    /// Required `int`, pydantic's lax mode: integers, integral floats and numeric strings.
-    fn req_int(&mut self, key: &str) -> Option<i64> {
-        match self.obj.get(key) {
-            None => {
-                self.missing(key);
-                None
-            }
-            Some(v) => self.record(int_value(&loc(&self.base, key), v)),
+/// What a list of models checks in each item once the item's fields are read: its fields,
+/// where it is, and the errors to add to.
+type ItemRule<'m> = dyn FnMut(Fields<'m>, &[Value], &mut Vec<FieldError>) + 'm;
+
+/// A value of its field's kind.
+enum Checked {
+    Str(String),
+    Int(i64),
+    StrList(Vec<String>),
+    /// A nested model's object and where it is.
+    Model(Map<String, Value>, Vec<Value>),
+    /// A value checked in place (kept as sent).
+    Other,
+}
+
+/// The values of a model that have their fields' types (absent, `null` and wrong ones are
+/// not here), taken by name.
+struct Fields<'m> {
+    values: Vec<(&'m str, Checked)>,
+}
+
+impl Fields<'_> {
+    fn take(&mut self, name: &str) -> Option<Checked> {
+        let i = self.values.iter().position(|(n, _)| *n == name)?;
+        Some(self.values.swap_remove(i).1)
+    }
+
+    /// A `str` field (or an enum's name).
+    fn str(&mut self, name: &str) -> Option<String> {
+        match self.take(name) {
+            Some(Checked::Str(s)) => Some(s),
+            _ => None,
         }
     }
 
-    /// Keeps a value, or records its error.
-    fn record<T>(&mut self, result: Result<T, Box<FieldError>>) -> Option<T> {
-        result.map_err(|e| self.errors.push(*e)).ok()
+    fn int(&mut self, name: &str) -> Option<i64> {
+        match self.take(name) {
+            Some(Checked::Int(i)) => Some(i),
+            _ => None,
+        }
     }
 
-    /// Opens a nested model; `None` when absent, null, or not an object (error recorded).
-    fn model(&mut self, key: &str, nullable: bool) -> Option<(Map<String, Value>, Vec<Value>)> {
-        match self.obj.get(key) {
-            None => None,
-            Some(Value::Null) if nullable => None,
-            Some(Value::Object(m)) => Some((m.clone(), loc(&self.base, key))),
-            Some(other) => {
-                self.errors.push(not_a_model(loc(&self.base, key), other));
-                None
-            }
+    fn str_list(&mut self, name: &str) -> Option<Vec<String>> {
+        match self.take(name) {
+            Some(Checked::StrList(list)) => Some(list),
+            _ => None,
+        }
+    }
+
+    /// A nested model's object and where it is.
+    fn model(&mut self, name: &str) -> Option<(Map<String, Value>, Vec<Value>)> {
+        match self.take(name) {
+            Some(Checked::Model(m, l)) => Some((m, l)),
+            _ => None,
         }
     }
 }
@@ -439,8 +693,9 @@ pub fn parse_settings(obj: &Map<String, Value>) -> Result<Map<String, Value>, Ve
                         continue;
                     }
                     let mut full = Map::new();
-                    for list in mcp_fields() {
-                        full.insert(list.clone(), m.get(list).cloned().unwrap_or(json!([])));
+                    for list in &contract().model::<McpConfig>().fields {
+                        let name = &list.name;
+                        full.insert(name.clone(), m.get(name).cloned().unwrap_or(json!([])));
                     }
                     Ok(Value::Object(full))
                 }
@@ -471,24 +726,6 @@ pub fn not_a_model(loc: Vec<Value>, input: &Value) -> FieldError {
         "Input should be a valid dictionary or object to extract fields from",
         input.clone(),
     )
-}
-
-pub fn extra_forbidden(
-    errors: &mut Vec<FieldError>,
-    base: &[Value],
-    obj: &Map<String, Value>,
-    known: &[impl AsRef<str>],
-) {
-    for (key, value) in obj {
-        if !known.iter().any(|k| k.as_ref() == key) {
-            errors.push(FieldError::new(
-                "extra_forbidden",
-                loc(base, key.as_str()),
-                "Extra inputs are not permitted",
-                value.clone(),
-            ));
-        }
-    }
 }
 
 /// Byte offset of a serde_json error, from its line and column.
@@ -574,26 +811,20 @@ pub fn parse_init_session(
     let obj = parse_object_body(content_type, body)?;
     let mut errors = Vec::new();
     let base = vec![json!("body")];
-    let mut r = Reader {
-        obj: &obj,
-        base: base.clone(),
-        errors: &mut errors,
-    };
+    let contract = contract();
+    let mut fields = contract.read::<InitSessionRequest>(&obj, &base, &mut errors);
 
-    let mut repository = r.opt_str("repository").filter(|s| !s.is_empty());
-    let mut git_provider = r.opt_enum("git_provider", ProviderType::names());
-    let selected_branch = r.opt_str("selected_branch").filter(|s| !s.is_empty());
-    let initial_user_msg = r.opt_str("initial_user_msg");
-    let image_urls = r.str_list("image_urls", true).unwrap_or_default();
-    let replay_json = r.opt_str("replay_json");
-    let suggested = r.model("suggested_task", true);
-    let microagent = r.model("create_microagent", true);
-    let conversation_instructions = r.opt_str("conversation_instructions");
-    let mcp = r.model("mcp_config", true);
-    let requested_id = match obj.get("conversation_id") {
-        None => None,
-        Some(v) => r.string_at("conversation_id", v).filter(|s| !s.is_empty()),
-    };
+    let mut repository = fields.str("repository").filter(|s| !s.is_empty());
+    let mut git_provider = fields.str("git_provider");
+    let selected_branch = fields.str("selected_branch").filter(|s| !s.is_empty());
+    let initial_user_msg = fields.str("initial_user_msg");
+    let image_urls = fields.str_list("image_urls").unwrap_or_default();
+    let replay_json = fields.str("replay_json");
+    let suggested = fields.model("suggested_task");
+    let microagent = fields.model("create_microagent");
+    let conversation_instructions = fields.str("conversation_instructions");
+    let mcp = fields.model("mcp_config");
+    let requested_id = fields.str("conversation_id").filter(|s| !s.is_empty());
 
     if let Some(repo) = &repository {
         if !is_repository(repo) {
@@ -640,7 +871,7 @@ pub fn parse_init_session(
         None => Vec::new(),
     };
 
-    extra_forbidden(&mut errors, &base, &obj, init_session_fields());
+    contract.forbid_extra::<InitSessionRequest>(&obj, &base, &mut errors);
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -691,21 +922,20 @@ fn suggested_task(
     tloc: Vec<Value>,
     errors: &mut Vec<FieldError>,
 ) -> TaskParts {
-    let mut t = Reader {
-        obj: &task,
-        base: tloc.clone(),
-        errors,
-    };
-    let provider = t.req_enum("git_provider", ProviderType::names());
-    let task_type = t.req_enum("task_type", task_types());
-    let repo = t.req_str("repo");
-    let number = t.req_int("issue_number");
-    let title = t.req_str("title");
-    if provider.as_deref() == Some("enterprise_sso") {
+    let mut t = contract().read::<SuggestedTask>(&task, &tloc, errors);
+    let provider = t.str("git_provider");
+    let task_type = t.str("task_type");
+    let repo = t.str("repo");
+    let number = t.int("issue_number");
+    let title = t.str("title");
+    if let Some(p) = provider
+        .as_deref()
+        .filter(|p| TASK_PROVIDERS_REFUSED.contains(p))
+    {
         errors.push(FieldError::value_error(
             loc(&tloc, "git_provider"),
-            "suggested tasks are not supported for enterprise_sso",
-            json!("enterprise_sso"),
+            &format!("suggested tasks are not supported for {p}"),
+            json!(p),
         ));
     }
     if let Some(tt) = task_type
@@ -751,14 +981,10 @@ fn create_microagent(
     mloc: Vec<Value>,
     errors: &mut Vec<FieldError>,
 ) -> MicroagentParts {
-    let mut c = Reader {
-        obj: &m,
-        base: mloc,
-        errors,
-    };
-    let repo = c.req_str("repo");
-    let provider = c.opt_enum("git_provider", ProviderType::names());
-    let title = c.opt_str("title").filter(|t| !t.trim().is_empty());
+    let mut c = contract().read::<CreateMicroagent>(&m, &mloc, errors);
+    let repo = c.str("repo");
+    let provider = c.str("git_provider");
+    let title = c.str("title").filter(|t| !t.trim().is_empty());
     MicroagentParts {
         repo,
         provider,
@@ -817,13 +1043,11 @@ fn replay(
 pub fn parse_conversation_update(obj: &Map<String, Value>) -> Result<String, Vec<FieldError>> {
     let base = vec![json!("body")];
     let mut errors = Vec::new();
-    let title = Reader {
-        obj,
-        base: base.clone(),
-        errors: &mut errors,
-    }
-    .req_str("title")
-    .map(|t| t.trim().to_string());
+    let contract = contract();
+    let title = contract
+        .read::<UpdateConversationRequest>(obj, &base, &mut errors)
+        .str("title")
+        .map(|t| t.trim().to_string());
     if let Some(t) = &title {
         let chars = t.chars().count();
         if !(1..=TITLE_MAX_LEN).contains(&chars) {
@@ -845,84 +1069,35 @@ pub fn parse_conversation_update(obj: &Map<String, Value>) -> Result<String, Vec
             errors.push(e);
         }
     }
-    static FIELDS: OnceLock<Vec<String>> = OnceLock::new();
-    let fields = FIELDS.get_or_init(fields_of::<UpdateConversationRequest>);
-    extra_forbidden(&mut errors, &base, obj, fields);
+    contract.forbid_extra::<UpdateConversationRequest>(obj, &base, &mut errors);
     match title {
         Some(t) if errors.is_empty() => Ok(t),
         _ => Err(errors),
     }
 }
 
-/// Validates an `mcp_config` (at `mloc`): each of [`McpConfig`]'s server lists, then its keys.
+/// Validates an `mcp_config` (at `mloc`): each of [`McpConfig`]'s server lists (an MCP server
+/// reached over the network must have a URL with one of [`crate::api::schema::MCP_URL_SCHEMES`]),
+/// then its keys.
 fn validate_mcp(m: &Map<String, Value>, mloc: &[Value], errors: &mut Vec<FieldError>) {
-    for key in mcp_fields() {
-        let key = key.as_str();
-        let Some(value) = m.get(key) else { continue };
-        let kloc = loc(mloc, key);
-        let Value::Array(items) = value else {
-            errors.push(FieldError::new(
-                "list_type",
-                kloc,
-                "Input should be a valid list",
-                value.clone(),
+    let contract = contract();
+    let mut url_rule = |mut server: Fields, iloc: &[Value], errors: &mut Vec<FieldError>| {
+        if let Some(url) = server.str("url").filter(|url| !has_mcp_url_scheme(url)) {
+            errors.push(FieldError::value_error(
+                loc(iloc, "url"),
+                &format!("URL scheme must be {}", mcp_url_schemes_in_words()),
+                json!(url),
             ));
-            continue;
-        };
-        for (i, item) in items.iter().enumerate() {
-            let iloc = loc(&kloc, i);
-            let Value::Object(server) = item else {
-                errors.push(not_a_model(iloc, item));
-                continue;
-            };
-            let mut r = Reader {
-                obj: server,
-                base: iloc.clone(),
-                errors,
-            };
-            if key == "stdio_servers" {
-                r.req_str("name");
-                r.req_str("command");
-                r.str_list("args", false);
-                match server.get("env") {
-                    None => {}
-                    Some(Value::Object(env)) => {
-                        for (k, v) in env {
-                            if !v.is_string() {
-                                let mut l = loc(&iloc, "env");
-                                l.push(json!(k));
-                                errors.push(FieldError::new(
-                                    "string_type",
-                                    l,
-                                    "Input should be a valid string",
-                                    v.clone(),
-                                ));
-                            }
-                        }
-                    }
-                    Some(other) => errors.push(FieldError::new(
-                        "dict_type",
-                        loc(&iloc, "env"),
-                        "Input should be a valid dictionary",
-                        other.clone(),
-                    )),
-                }
-            } else {
-                let url = r.req_str("url");
-                r.opt_str("api_key");
-                if let Some(url) = url {
-                    if !has_mcp_url_scheme(&url) {
-                        errors.push(FieldError::value_error(
-                            loc(&iloc, "url"),
-                            &format!("URL scheme must be {}", mcp_url_schemes_in_words()),
-                            json!(url),
-                        ));
-                    }
-                }
-            }
         }
-    }
-    extra_forbidden(errors, mloc, m, mcp_fields());
+    };
+    contract.read_model(
+        contract.model::<McpConfig>(),
+        m,
+        mloc,
+        errors,
+        &mut url_rule,
+    );
+    contract.forbid_extra::<McpConfig>(m, mloc, errors);
 }
 
 /// Our prompt for a suggested task.
@@ -958,6 +1133,7 @@ fn task_prompt_for(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::schema::{Choices, ProviderType};
 
     #[test]
     fn enum_list_reads_like_pydantic() {
@@ -971,9 +1147,11 @@ mod tests {
 
     #[test]
     fn every_settings_field_has_a_type() {
-        let fields = fields_of::<StoredSettings>();
+        let RefOr::T(Schema::Object(settings)) = StoredSettings::schema() else {
+            panic!("StoredSettings is an object");
+        };
         let typed: Vec<&String> = settings_fields().iter().map(|(name, _)| name).collect();
-        assert_eq!(typed, fields.iter().collect::<Vec<_>>());
+        assert_eq!(typed, settings.properties.keys().collect::<Vec<_>>());
         let defaults: Vec<(&str, bool)> = settings_fields()
             .iter()
             .filter_map(|(name, kind)| match kind {
@@ -988,6 +1166,54 @@ mod tests {
                 ("enable_sound_notifications", false),
                 ("enable_proactive_conversation_starters", true),
                 ("enable_solvability_analysis", true),
+            ]
+        );
+    }
+
+    /// Every request type the validator reads is in the contract, with a kind for each field
+    /// (the reader knows every schema they use).
+    #[test]
+    fn the_contract_reads_every_request_type() {
+        let contract = contract();
+        let names = [
+            InitSessionRequest::name(),
+            SuggestedTask::name(),
+            CreateMicroagent::name(),
+            McpConfig::name(),
+            crate::api::schema::McpSseServerConfig::name(),
+            crate::api::schema::McpStdioServerConfig::name(),
+            crate::api::schema::McpShttpServerConfig::name(),
+            UpdateConversationRequest::name(),
+        ];
+        for name in names {
+            let model = contract.get(&name);
+            assert!(!std::ptr::eq(model, &NO_MODEL), "{name}");
+            assert!(!model.fields.is_empty(), "{name}");
+            for field in &model.fields {
+                assert_ne!(field.kind, Kind::Unknown, "{name}.{}", field.name);
+            }
+        }
+        let init = contract.model::<InitSessionRequest>();
+        assert!(init.closed && contract.model::<McpConfig>().closed);
+        assert!(!contract.model::<SuggestedTask>().closed);
+        let task = contract.model::<SuggestedTask>();
+        let kinds: Vec<&Kind> = task.fields.iter().map(|f| &f.kind).collect();
+        let names = |v: &[&str]| Kind::Choice(v.iter().map(|s| s.to_string()).collect());
+        assert_eq!(
+            kinds,
+            [
+                &names(&["github", "gitlab", "bitbucket", "enterprise_sso"]),
+                &names(&[
+                    "MERGE_CONFLICTS",
+                    "FAILING_CHECKS",
+                    "UNRESOLVED_COMMENTS",
+                    "OPEN_ISSUE",
+                    "OPEN_PR",
+                    "CREATE_MICROAGENT"
+                ]),
+                &Kind::Str,
+                &Kind::Int,
+                &Kind::Str,
             ]
         );
     }

@@ -221,7 +221,8 @@ impl SqliteStore {
         };
 
         spawn("store-writer".into(), {
-            let writer = Writer::new(write_conn, limits, used.clone(), reserve);
+            let writer = Writer::new(write_conn, limits, used.clone(), reserve)
+                .map_err(|e| open_error(&path, e))?;
             Box::new(move || writer.run(write_rx, batch_max))
         })?;
         for (i, conn) in read_conns.into_iter().enumerate() {

@@ -68,6 +68,9 @@ pub(super) const REVOKE_KEY: &str = "DELETE FROM api_keys WHERE name = ?1";
 pub(super) const LIST_KEYS: &str = "SELECT name, admin, created_at FROM api_keys ORDER BY name";
 pub(super) const KEY_BY_HASH: &str = "SELECT name, admin, created_at FROM api_keys WHERE hash = ?1";
 pub(super) const ANY_KEY: &str = "SELECT EXISTS (SELECT 1 FROM api_keys)";
+/// The database's pages in use: its size in pages without its free pages.
+pub(super) const PAGES_IN_USE: &str = "SELECT p.page_count - f.freelist_count \
+     FROM pragma_page_count() AS p, pragma_freelist_count() AS f";
 
 /// The largest event id of a conversation; one primary-key seek.
 pub(super) fn last_event_id(conn: &Connection, seq: i64) -> rusqlite::Result<Option<i64>> {

@@ -26,6 +26,10 @@ const RECLAIM_PAGES: u32 = 256;
 /// Entries the writer's id → seq cache holds at most.
 const SEQ_CACHE_CAPACITY: usize = 4096;
 
+/// Prepared statements the write connection keeps (rusqlite's default, 16, is about the number
+/// of statements the writer runs: with room to spare none of them is ever compiled again).
+const STATEMENT_CACHE_CAPACITY: usize = 32;
+
 /// A bounded map from conversation id to `seq`, sparing the writer the lookup in
 /// `conversations_by_id` for the conversations it wrote lately (typically: created in one batch,
 /// appended to in the next ones). Two generations: entries go into `young`; when it is full it
@@ -100,6 +104,8 @@ pub(super) struct Writer {
     reserve: Reserve,
     /// Why the last batch with writes failed to commit, until one commits: a probe reports it.
     last_failure: Option<Failure>,
+    /// The database's page size in bytes (fixed once the database exists).
+    page_size: u64,
 }
 
 /// Why a request was not applied.
@@ -118,8 +124,10 @@ impl Writer {
         limits: StoreLimits,
         used: Arc<AtomicU64>,
         reserve: Reserve,
-    ) -> Writer {
-        Writer {
+    ) -> rusqlite::Result<Writer> {
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
+        let page_size = page_size(&conn)?;
+        Ok(Writer {
             conn,
             seqs: SeqCache::new(SEQ_CACHE_CAPACITY),
             appended: HashMap::new(),
@@ -129,7 +137,8 @@ impl Writer {
             deleted: false,
             reserve,
             last_failure: None,
-        }
+            page_size,
+        })
     }
 
     /// The writer thread's body: applies batches until every sender is gone and the queue is
@@ -185,7 +194,6 @@ impl Writer {
             // Space came back (or may have): hold the reserve again.
             self.reserve.take();
         }
-        self.refresh_used();
         let probes_only = batch
             .iter()
             .all(|r| matches!(r.command, WriteCommand::Flush | WriteCommand::Probe));
@@ -267,11 +275,31 @@ impl Writer {
         }
     }
 
-    /// Publishes the bytes of the pages in use.
-    fn refresh_used(&self) {
-        match pages_in_use(&self.conn) {
-            Ok(bytes) => self.used.store(bytes, Ordering::Relaxed),
-            Err(e) => tracing::debug!(error = %e, "store: cannot read the database size"),
+    /// Runs one of the writer's fixed statements that return no rows (`BEGIN IMMEDIATE`,
+    /// `COMMIT`), compiled once.
+    fn exec_fixed(&self, sql: &str) -> rusqlite::Result<()> {
+        self.conn.prepare_cached(sql)?.execute([])?;
+        Ok(())
+    }
+
+    /// The bytes of the pages in use as the current transaction leaves them (inside the
+    /// transaction, so that reading them needs no read transaction of its own); `None`, logged,
+    /// when SQLite cannot say.
+    fn used_now(&self) -> Option<u64> {
+        let pages = self
+            .conn
+            .prepare_cached(sql::PAGES_IN_USE)
+            .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)));
+        match pages {
+            Ok(pages) => Some(
+                u64::try_from(pages)
+                    .unwrap_or(0)
+                    .saturating_mul(self.page_size),
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "store: cannot read the database size");
+                None
+            }
         }
     }
 
@@ -283,15 +311,19 @@ impl Writer {
         now: &str,
         isolation: Isolation,
     ) -> Result<Vec<Result<bool, StoreError>>, BatchError> {
-        if let Err(e) = self.conn.execute_batch("BEGIN IMMEDIATE") {
+        if let Err(e) = self.exec_fixed("BEGIN IMMEDIATE") {
             return Err(BatchError::Failed(Failure::of(e)));
         }
         let result = self
             .apply_batch(batch, now, isolation)
             .and_then(|outcomes| {
-                self.conn
-                    .execute_batch("COMMIT")
+                let used = self.used_now();
+                self.exec_fixed("COMMIT")
                     .map_err(|e| BatchError::Failed(Failure::of(e)))?;
+                // Published before any request of the batch is answered.
+                if let Some(used) = used {
+                    self.used.store(used, Ordering::Relaxed);
+                }
                 Ok(outcomes)
             });
         self.appended.clear();
@@ -612,9 +644,16 @@ pub(super) fn fit_wal_to_reserve(conn: &Connection, reserve: u64) -> rusqlite::R
 
 /// The bytes of the database's pages in use (its size without its free pages).
 pub(super) fn pages_in_use(conn: &Connection) -> rusqlite::Result<u64> {
-    let value = |name: &str| conn.pragma_query_value(None, name, |r| r.get::<_, i64>(0));
-    let pages = value("page_count")?.saturating_sub(value("freelist_count")?);
-    Ok(u64::try_from(pages.saturating_mul(value("page_size")?)).unwrap_or(0))
+    let pages: i64 = conn.query_row(sql::PAGES_IN_USE, [], |r| r.get(0))?;
+    Ok(u64::try_from(pages)
+        .unwrap_or(0)
+        .saturating_mul(page_size(conn)?))
+}
+
+/// The database's page size in bytes.
+fn page_size(conn: &Connection) -> rusqlite::Result<u64> {
+    let size = conn.pragma_query_value(None, "page_size", |r| r.get::<_, i64>(0))?;
+    Ok(u64::try_from(size).unwrap_or(0))
 }
 
 #[cfg(test)]

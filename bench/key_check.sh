@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # What the key check costs: server CPU time per request for GET /api/conversations/{id} (one
 # stored conversation, SQLite) when the caller is found without the store (the session key),
-# with the cached answer that no user key exists (no key configured, authentication off: one
-# SQLite read of the data version on the request's thread), and
+# with the cached answer that no user key exists (no key configured, authentication off: a look
+# at SQLite's WAL-index header on the request's thread), and
 # with one store read by the key's hash (a user key). Uses the release binary; loopback only;
 # bounded runs.
 #

@@ -193,7 +193,7 @@ impl SqliteStore {
         let reserve = Reserve::new(data_dir.join(RESERVE_FILE_NAME), limits.disk_reserve_bytes);
         fit_wal_to_reserve(&write_conn, limits.disk_reserve_bytes)
             .map_err(|e| open_failed(&path, e))?;
-        let keys = KeyWatch::new(open_connection(&path, true)?)
+        let keys = KeyWatch::new(&path, open_connection(&path, true)?)
             .map(Arc::new)
             .map_err(|e| open_failed(&path, e))?;
         let mut read_conns = Vec::with_capacity(READER_THREADS);
@@ -222,7 +222,7 @@ impl SqliteStore {
 
         spawn("store-writer".into(), {
             let writer = Writer::new(write_conn, limits, used.clone(), reserve)
-                .map_err(|e| open_error(&path, e))?;
+                .map_err(|e| open_failed(&path, e))?;
             Box::new(move || writer.run(write_rx, batch_max))
         })?;
         for (i, conn) in read_conns.into_iter().enumerate() {

@@ -327,11 +327,11 @@ pub(super) async fn watch(mut child: ChildGuard, w: Watch) {
                 attach.close();
                 sink = attach.try_recv().ok();
             }
-            let message = describe_exit(&status, &tail);
+            let message = describe_exit(status, &tail);
             match sink {
                 Some(sink) => {
                     warn!(conversation_id = %label, "{message}");
-                    sink.send(RuntimeSignal::Failed(message.into()));
+                    sink.send(RuntimeSignal::Failed(message));
                 }
                 None => {
                     warn!(agent = %label, "pooled agent exited while waiting: {message}");
@@ -377,17 +377,19 @@ pub(super) async fn stop_sequence(
     child.wait().await
 }
 
-/// The error stored when the agent exits on its own.
+/// The error stored when the agent exits on its own: its exit status and the agent's own last
+/// words on stderr, as text (they are the agent's, not an error of ours); the system's error
+/// when its exit status could not be had is kept as the source.
 pub(super) fn describe_exit(
-    status: &io::Result<ExitStatus>,
+    status: io::Result<ExitStatus>,
     tail: &Mutex<VecDeque<String>>,
-) -> String {
-    let how = match status {
+) -> Failure {
+    let how = match &status {
         Ok(status) => status.to_string(),
         Err(e) => format!("its exit status is unknown: {e}"),
     };
     let tail = tail.lock().unwrap_or_else(|p| p.into_inner());
-    if tail.is_empty() {
+    let message = if tail.is_empty() {
         format!("The agent process exited unexpectedly ({how}); it wrote nothing to stderr.")
     } else {
         let lines: Vec<&str> = tail.iter().map(String::as_str).collect();
@@ -395,5 +397,9 @@ pub(super) fn describe_exit(
             "The agent process exited unexpectedly ({how}). Last lines of its stderr:\n{}",
             lines.join("\n")
         )
+    };
+    match status {
+        Ok(_) => Failure::new(message),
+        Err(e) => Failure::caused(message, e),
     }
 }

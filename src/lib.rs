@@ -12,6 +12,7 @@
 //! - [`runtime`]: what runs behind a conversation (echo, agent processes and their warm pool,
 //!   the openhands preset).
 //! - [`events`]: the OpenHands event model and its JSON form.
+//! - [`pattern`]: rules stated as JSON Schema patterns, matched with a compiled DFA.
 //! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite, PostgreSQL).
 //! - [`ws`]: socket transports (Socket.IO and plain JSON WebSocket).
 //! - [`load`]: the load generator behind `switchboard load`.
@@ -32,6 +33,7 @@ pub mod http;
 pub mod keys;
 pub mod load;
 pub mod ops;
+pub mod pattern;
 pub mod runtime;
 pub mod startup;
 pub mod store;

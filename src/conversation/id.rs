@@ -2,7 +2,9 @@
 //!
 //! An id is made only by [`ConversationId::parse`] (which applies the rule), by
 //! [`ConversationId::generate`], or by deserializing (which parses), so every
-//! `ConversationId` in the program is valid and no layer checks the rule again.
+//! `ConversationId` in the program is valid and no layer checks the rule again. The rule is
+//! written once, as the pattern the OpenAPI document states ([`ConversationId::PATTERN`]):
+//! `parse` matches that pattern ([`Pattern`]: compiled once into a DFA).
 
 use std::borrow::Borrow;
 use std::fmt;
@@ -10,6 +12,8 @@ use std::ops::Deref;
 use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::pattern::Pattern;
 
 /// A valid conversation id: 1–[`ConversationId::MAX_LEN`] characters of `[A-Za-z0-9_-]`.
 /// Cheap to clone (shared text); compares, hashes and borrows as its text, so maps keyed by it
@@ -45,13 +49,10 @@ macro_rules! id_rule {
 impl ConversationId {
     id_rule!(64);
 
-    /// The id `text` is, if it keeps the rule.
+    /// The id `text` is, if it matches [`ConversationId::PATTERN`].
     pub fn parse(text: &str) -> Result<Self, InvalidConversationId> {
-        let valid = !text.is_empty()
-            && text.len() <= Self::MAX_LEN
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        static RULE: Pattern = Pattern::new(ConversationId::PATTERN);
+        let valid = RULE.is_match(text);
         if valid {
             Ok(ConversationId(Arc::from(text)))
         } else {
@@ -177,6 +178,41 @@ mod tests {
         }
         let generated = ConversationId::generate();
         assert_eq!(ConversationId::parse(&generated).as_ref(), Ok(&generated));
+    }
+
+    /// The pattern as [`ConversationId::parse`] reads it is the pattern as another engine
+    /// (regex-lite, close to what an OpenAPI client runs) reads it, for generated texts: every
+    /// length up to past the limit, each of a spread of characters in every position.
+    #[test]
+    fn parse_reads_the_pattern_as_another_engine_does() {
+        let other = regex_lite::Regex::new(ConversationId::PATTERN).unwrap();
+        let chars: Vec<char> = (0u8..=127)
+            .map(char::from)
+            .chain(['é', 'ß', '\u{212a}', '\u{ff21}', '\u{1f600}'])
+            .collect();
+        let mut checked = 0;
+        for len in 0..=ConversationId::MAX_LEN + 2 {
+            for (i, c) in chars.iter().enumerate() {
+                let mut text: String = "aZ0_-".chars().cycle().take(len).collect();
+                if len > 0 {
+                    let at = i % len;
+                    text = text
+                        .chars()
+                        .enumerate()
+                        .map(|(j, t)| if j == at { *c } else { t })
+                        .collect();
+                }
+                for text in [text.clone(), format!("{text}\n"), format!("\n{text}")] {
+                    assert_eq!(
+                        ConversationId::parse(&text).is_ok(),
+                        other.is_match(&text),
+                        "{text:?}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+        assert!(checked > 20_000);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Handles: what the HTTP and socket layers hold instead of raw actor addresses.
 
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix::Addr;
@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::conversation::Conversation;
 use super::messages::*;
 use super::shared::{Registry, Shared};
-use super::supervisor::Supervisor;
+use super::supervisor::{lock, AdmitOutcome, Core, Supervisor};
 use crate::conversation::{ConversationId, ConversationStatus};
 use crate::events::EventBody;
 use crate::ops::metrics::metrics;
@@ -70,9 +70,11 @@ pub struct Census {
     pub clients: usize,
 }
 
-/// Talks to the supervisor.
+/// Talks to the supervisor: admission takes its lock on the caller's thread; deletes and
+/// shutdown go to its actor.
 #[derive(Clone)]
 pub struct SupervisorHandle {
+    core: Arc<Mutex<Core>>,
     addr: Addr<Supervisor>,
     registry: Arc<Registry>,
     pool: Option<Arc<AgentPool>>,
@@ -80,11 +82,13 @@ pub struct SupervisorHandle {
 
 impl SupervisorHandle {
     pub(super) fn new(
-        addr: Addr<Supervisor>,
+        core: Arc<Mutex<Core>>,
         registry: Arc<Registry>,
         pool: Option<Arc<AgentPool>>,
     ) -> Self {
+        let addr = lock(&core).supervisor();
         SupervisorHandle {
+            core,
             addr,
             registry,
             pool,
@@ -98,12 +102,11 @@ impl SupervisorHandle {
 
     /// Finds or starts the conversation `request` names (see [`Admit`]).
     async fn admit(&self, request: Admit) -> Result<Admitted, AdmitError> {
-        let result = self
-            .addr
-            .send(request)
-            .await
-            .map_err(|_| AdmitError::ShuttingDown)
-            .and_then(|r| r);
+        let outcome = lock(&self.core).admit_or_wait(request);
+        let result = match outcome {
+            AdmitOutcome::Now(result) => result,
+            AdmitOutcome::Later(reply) => reply.await.unwrap_or(Err(AdmitError::ShuttingDown)),
+        };
         match &result {
             Err(AdmitError::TooMany) => metrics().rejected("too_many"),
             Err(AdmitError::RateLimited { .. }) => metrics().rejected("rate_limited"),

@@ -65,8 +65,7 @@ pub enum OpenError {
 }
 
 /// Ask the supervisor for a live conversation.
-#[derive(Clone, Message)]
-#[rtype(result = "Result<super::handle::Admitted, AdmitError>")]
+#[derive(Clone)]
 pub struct Admit {
     pub id: ConversationId,
     pub mode: AdmitMode,

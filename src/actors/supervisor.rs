@@ -1,7 +1,10 @@
 //! The supervisor: admission, limits and the registry of live conversations.
 //!
-//! Create-or-join for an id is decided here and only here, one message at a time, so any number
-//! of concurrent requests for one id start exactly one actor. The supervisor is the only writer
+//! Create-or-join for an id is decided here and only here, under one lock ([`Core`]), so any
+//! number of concurrent requests for one id start exactly one actor. Admission runs on the
+//! caller's own thread ([`SupervisorHandle`] takes the lock; no actor hop): a create costs one
+//! thread crossing fewer each way. The supervisor actor keeps what needs its own task: teardown
+//! reports ([`Gone`]), deletes, fencing, evictions declined, the rate limiter's sweep, shutdown. The supervisor is the only writer
 //! of the [`Registry`]: it inserts an entry when it starts an actor and removes it when that
 //! actor reports [`Gone`] from its `stopped()` — the single teardown path every stop takes.
 //! A request for an id whose actor is still stopping waits until it is gone, so an old and a new
@@ -36,7 +39,7 @@
 //! the conversations, and while the node is fenced from the cluster the pool holds no agent.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -56,8 +59,10 @@ use crate::store::{Membership, Store};
 type AdmitReply = oneshot::Sender<Result<Admitted, AdmitError>>;
 type DeleteReply = oneshot::Sender<Result<bool, DeleteError>>;
 
-/// Owns admission and the registry.
-pub struct Supervisor {
+/// The supervisor's state; every decision takes its lock.
+pub(super) struct Core {
+    /// The actor conversations report to ([`Gone`], [`EvictionDeclined`]).
+    supervisor: Addr<Supervisor>,
     registry: Arc<Registry>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
@@ -82,6 +87,18 @@ pub struct Supervisor {
     runtimes: RuntimeFactory,
 }
 
+/// The actor half of the supervisor: what needs a task of its own (see the module doc).
+pub struct Supervisor {
+    core: Arc<Mutex<Core>>,
+}
+
+/// An admission's answer: now, or once a stopping incarnation of its id is gone (or its
+/// delete done).
+pub(super) enum AdmitOutcome {
+    Now(Result<Admitted, AdmitError>),
+    Later(oneshot::Receiver<Result<Admitted, AdmitError>>),
+}
+
 impl Supervisor {
     /// Starts the supervisor on the current arbiter and `threads` conversation arbiters.
     pub fn start(settings: Arc<Settings>, store: Arc<dyn Store>) -> SupervisorHandle {
@@ -94,28 +111,86 @@ impl Supervisor {
         let arbiters: Vec<ArbiterHandle> = (0..threads).map(|_| Arbiter::new().handle()).collect();
         let pool = AgentPool::start(settings.clone(), arbiters.clone());
         let runtimes = RuntimeFactory::new(settings.clone(), pool.clone());
-        let supervisor = Supervisor {
-            registry: registry.clone(),
-            arbiters,
-            next_arbiter: 0,
-            settings,
-            store,
-            next_generation: 0,
-            evicting: HashSet::new(),
-            deferred: HashMap::new(),
-            deleting: HashMap::new(),
-            create_limiter,
-            per_owner: HashMap::new(),
-            shutting_down: false,
-            shutdown_waiters: Vec::new(),
-            pool: pool.clone(),
-            runtimes,
-        };
-        let addr = Supervisor::create(|ctx| {
+        let mut shared_core = None;
+        Supervisor::create(|ctx| {
             ctx.set_mailbox_capacity(4096);
-            supervisor
+            let core = Arc::new(Mutex::new(Core {
+                supervisor: ctx.address(),
+                registry: registry.clone(),
+                arbiters,
+                next_arbiter: 0,
+                settings,
+                store,
+                next_generation: 0,
+                evicting: HashSet::new(),
+                deferred: HashMap::new(),
+                deleting: HashMap::new(),
+                create_limiter,
+                per_owner: HashMap::new(),
+                shutting_down: false,
+                shutdown_waiters: Vec::new(),
+                pool: pool.clone(),
+                runtimes,
+            }));
+            shared_core = Some(core.clone());
+            Supervisor { core }
         });
-        SupervisorHandle::new(addr, registry, pool)
+        let core = shared_core.expect("Supervisor::create runs its closure at once");
+        SupervisorHandle::new(core, registry, pool)
+    }
+
+    /// The state, for one decision. A panic under the lock (a bug) must not wedge every later
+    /// admission, so a poisoned lock is taken as it is.
+    fn core(&self) -> MutexGuard<'_, Core> {
+        lock(&self.core)
+    }
+
+    /// Removes `id`'s data from the store; no actor for it exists and admissions for it wait.
+    fn delete_stored(&self, id: ConversationId, ctx: &mut Context<Self>) {
+        let fut = self.core().store.delete(&id);
+        ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
+            match &result {
+                Ok(existed) => {
+                    tracing::info!(conversation_id = %id, existed, "conversation deleted")
+                }
+                Err(error) => {
+                    tracing::error!(conversation_id = %id, %error, "could not delete conversation")
+                }
+            }
+            let mut core = act.core();
+            for reply in core.deleting.remove(&id).unwrap_or_default() {
+                let _ = reply.send(result.clone().map_err(DeleteError::from));
+            }
+            core.readmit(&id);
+            core.maybe_shut_down();
+        }));
+    }
+}
+
+/// Takes `core`'s lock (see [`Supervisor::core`]).
+pub(super) fn lock(core: &Mutex<Core>) -> MutexGuard<'_, Core> {
+    core.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Core {
+    /// The supervisor actor.
+    pub(super) fn supervisor(&self) -> Addr<Supervisor> {
+        self.supervisor.clone()
+    }
+
+    /// Admits `msg` now, or queues it until its id's stopping incarnation is gone.
+    pub(super) fn admit_or_wait(&mut self, msg: Admit) -> AdmitOutcome {
+        match self.admit(msg) {
+            Ok(result) => AdmitOutcome::Now(result),
+            Err(deferred) => {
+                let (tx, rx) = oneshot::channel();
+                self.deferred
+                    .entry(deferred.id.clone())
+                    .or_default()
+                    .push((deferred, tx));
+                AdmitOutcome::Later(rx)
+            }
+        }
     }
 
     /// Tells the pool how many conversations live now.
@@ -130,11 +205,7 @@ impl Supervisor {
         self.registry.len().saturating_sub(self.evicting.len())
     }
 
-    fn admit(
-        &mut self,
-        msg: Admit,
-        ctx: &mut Context<Self>,
-    ) -> Result<Result<Admitted, AdmitError>, Admit> {
+    fn admit(&mut self, msg: Admit) -> Result<Result<Admitted, AdmitError>, Admit> {
         if self.shutting_down {
             return Ok(Err(AdmitError::ShuttingDown));
         }
@@ -190,7 +261,7 @@ impl Supervisor {
                 }
             }
         }
-        Ok(Ok(self.spawn(msg, ctx)))
+        Ok(Ok(self.spawn(msg)))
     }
 
     /// Tells the least recently active conversation with no client attached and no turn under
@@ -217,7 +288,7 @@ impl Supervisor {
         true
     }
 
-    fn spawn(&mut self, msg: Admit, ctx: &mut Context<Self>) -> Admitted {
+    fn spawn(&mut self, msg: Admit) -> Admitted {
         let generation = self.next_generation;
         self.next_generation += 1;
         let shared = Arc::new(Shared::new(msg.owner.clone()));
@@ -228,8 +299,11 @@ impl Supervisor {
             AdmitMode::Fresh(_) | AdmitMode::LoadOrCreate(_) => Role::Creator,
         };
         let (id, mode, actor_shared) = (msg.id.clone(), msg.mode, shared.clone());
-        let (settings, store, supervisor) =
-            (self.settings.clone(), self.store.clone(), ctx.address());
+        let (settings, store, supervisor) = (
+            self.settings.clone(),
+            self.store.clone(),
+            self.supervisor.clone(),
+        );
         let capacity = self.settings.limits.mailbox_capacity;
         let runtimes = self.runtimes.clone();
         let (reply, join_rx) = oneshot::channel();
@@ -296,12 +370,12 @@ impl Supervisor {
     }
 
     /// Answers the admissions that waited for `id` (its old incarnation gone, its delete done).
-    fn readmit(&mut self, id: &str, ctx: &mut Context<Self>) {
+    fn readmit(&mut self, id: &str) {
         let Some(waiting) = self.deferred.remove(id) else {
             return;
         };
         for (admit, reply) in waiting {
-            match self.admit(admit, ctx) {
+            match self.admit(admit) {
                 Ok(result) => {
                     let _ = reply.send(result);
                 }
@@ -314,26 +388,6 @@ impl Supervisor {
                     .push((admit, reply)),
             }
         }
-    }
-
-    /// Removes `id`'s data from the store; no actor for it exists and admissions for it wait.
-    fn delete_stored(&mut self, id: ConversationId, ctx: &mut Context<Self>) {
-        let fut = self.store.delete(&id);
-        ctx.spawn(fut.into_actor(self).map(move |result, act, ctx| {
-            match &result {
-                Ok(existed) => {
-                    tracing::info!(conversation_id = %id, existed, "conversation deleted")
-                }
-                Err(error) => {
-                    tracing::error!(conversation_id = %id, %error, "could not delete conversation")
-                }
-            }
-            for reply in act.deleting.remove(&id).unwrap_or_default() {
-                let _ = reply.send(result.clone().map_err(DeleteError::from));
-            }
-            act.readmit(&id, ctx);
-            act.maybe_shut_down();
-        }));
     }
 
     /// Tells every live conversation to stop for `reason`.
@@ -362,12 +416,13 @@ impl Actor for Supervisor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        if self.create_limiter.enabled() {
-            ctx.run_interval(BUCKET_SWEEP, |act, _| act.create_limiter.sweep());
+        let core = self.core();
+        if core.create_limiter.enabled() {
+            ctx.run_interval(BUCKET_SWEEP, |act, _| act.core().create_limiter.sweep());
         }
-        if let Some(mut membership) = self.store.membership() {
+        if let Some(mut membership) = core.store.membership() {
             let supervisor = ctx.address();
-            let pool = self.pool.clone();
+            let pool = core.pool.clone();
             actix::spawn(async move {
                 while membership.changed().await.is_ok() {
                     let fenced = *membership.borrow_and_update() == Membership::Fenced;
@@ -383,29 +438,12 @@ impl Actor for Supervisor {
     }
 
     fn stopped(&mut self, _ctx: &mut Self::Context) {
-        for arbiter in &self.arbiters {
+        let core = self.core();
+        for arbiter in &core.arbiters {
             arbiter.stop();
         }
-        if let Some(pool) = &self.pool {
+        if let Some(pool) = &core.pool {
             pool.stop_thread();
-        }
-    }
-}
-
-impl Handler<Admit> for Supervisor {
-    type Result = ResponseFuture<Result<Admitted, AdmitError>>;
-
-    fn handle(&mut self, msg: Admit, ctx: &mut Self::Context) -> Self::Result {
-        match self.admit(msg, ctx) {
-            Ok(result) => Box::pin(std::future::ready(result)),
-            Err(deferred) => {
-                let (tx, rx) = oneshot::channel();
-                self.deferred
-                    .entry(deferred.id.clone())
-                    .or_default()
-                    .push((deferred, tx));
-                Box::pin(async move { rx.await.unwrap_or(Err(AdmitError::ShuttingDown)) })
-            }
         }
     }
 }
@@ -414,20 +452,22 @@ impl Handler<Gone> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: Gone, ctx: &mut Self::Context) {
-        let removed = self
+        let mut core = self.core();
+        let removed = core
             .registry
             .remove_if(&msg.id, |_, e| e.generation == msg.generation);
         if let Some((_, entry)) = removed {
-            self.forget(&entry);
-            self.evicting.remove(&msg.id);
-            if self.deleting.contains_key(&msg.id) {
+            core.forget(&entry);
+            core.evicting.remove(&msg.id);
+            if core.deleting.contains_key(&msg.id) {
                 // Its actor is gone: now the data goes; admissions wait until it has.
+                drop(core);
                 self.delete_stored(msg.id, ctx);
                 return;
             }
         }
-        self.readmit(&msg.id, ctx);
-        self.maybe_shut_down();
+        core.readmit(&msg.id);
+        core.maybe_shut_down();
     }
 }
 
@@ -435,26 +475,31 @@ impl Handler<Delete> for Supervisor {
     type Result = ResponseFuture<Result<bool, DeleteError>>;
 
     fn handle(&mut self, msg: Delete, ctx: &mut Self::Context) -> Self::Result {
-        if self.shutting_down {
+        let mut core = self.core();
+        if core.shutting_down {
             return Box::pin(std::future::ready(Err(DeleteError::ShuttingDown)));
         }
         let (tx, rx) = oneshot::channel();
         let answer = Box::pin(async move { rx.await.unwrap_or(Err(DeleteError::ShuttingDown)) });
-        if let Some(waiting) = self.deleting.get_mut(&msg.id) {
+        if let Some(waiting) = core.deleting.get_mut(&msg.id) {
             // Already being deleted: the same answer for everyone who asked meanwhile.
             waiting.push(tx);
             return answer;
         }
-        self.deleting.insert(msg.id.clone(), vec![tx]);
-        let live = self.registry.get(&msg.id).map(|e| e.addr.upgrade());
+        core.deleting.insert(msg.id.clone(), vec![tx]);
+        let live = core.registry.get(&msg.id).map(|e| e.addr.upgrade());
         match live {
             // Stop it first (clients get `stopped` and a close); its Gone deletes the data.
             Some(Some(addr)) => addr.do_send(Stop(StopReason::Deleted)),
             Some(None) => {
-                self.unregister(&msg.id);
+                core.unregister(&msg.id);
+                drop(core);
                 self.delete_stored(msg.id, ctx);
             }
-            None => self.delete_stored(msg.id, ctx),
+            None => {
+                drop(core);
+                self.delete_stored(msg.id, ctx);
+            }
         }
         answer
     }
@@ -466,11 +511,12 @@ impl Handler<Fence> for Supervisor {
     /// Stops every conversation without writing (admissions meanwhile are refused by the store
     /// until the node has registered again).
     fn handle(&mut self, _msg: Fence, _ctx: &mut Self::Context) {
+        let core = self.core();
         tracing::warn!(
-            conversations = self.registry.len(),
+            conversations = core.registry.len(),
             "fenced from the cluster: stopping every conversation without writing"
         );
-        self.stop_all(StopReason::Fenced);
+        core.stop_all(StopReason::Fenced);
     }
 }
 
@@ -478,17 +524,18 @@ impl Handler<EvictionDeclined> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: EvictionDeclined, _ctx: &mut Self::Context) {
-        let current = self
+        let mut core = self.core();
+        let current = core
             .registry
             .get(&msg.id)
             .is_some_and(|e| e.generation == msg.generation);
-        if !current || !self.evicting.remove(&msg.id) {
+        if !current || !core.evicting.remove(&msg.id) {
             return;
         }
         tracing::info!(conversation_id = %msg.id, "eviction declined: a client attached or a turn began");
         // It counts again; make room elsewhere if another conversation can go.
-        if self.running() > self.settings.limits.max_running_conversations {
-            self.evict_oldest();
+        if core.running() > core.settings.limits.max_running_conversations {
+            core.evict_oldest();
         }
     }
 }
@@ -497,26 +544,28 @@ impl Handler<Shutdown> for Supervisor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, msg: Shutdown, _ctx: &mut Self::Context) -> Self::Result {
-        self.shutting_down = true;
-        for (_, waiting) in self.deferred.drain() {
+        let mut core = self.core();
+        core.shutting_down = true;
+        for (_, waiting) in core.deferred.drain() {
             for (_, reply) in waiting {
                 let _ = reply.send(Err(AdmitError::ShuttingDown));
             }
         }
-        let live = self.registry.len() + self.deleting.len();
+        let live = core.registry.len() + core.deleting.len();
         tracing::info!(
-            conversations = self.registry.len(),
+            conversations = core.registry.len(),
             "stopping all conversations"
         );
-        let pool_done = self.pool.as_ref().map(|pool| pool.shut_down());
-        self.stop_all(StopReason::Shutdown);
+        let pool_done = core.pool.as_ref().map(|pool| pool.shut_down());
+        core.stop_all(StopReason::Shutdown);
         let conversations_done = (live > 0).then(|| {
             let (tx, rx) = oneshot::channel();
-            self.shutdown_waiters.push(tx);
+            core.shutdown_waiters.push(tx);
             rx
         });
         let limit = msg.within;
-        let arbiters = self.arbiters.clone();
+        let arbiters = core.arbiters.clone();
+        drop(core);
         Box::pin(async move {
             let done = async {
                 if let Some(rx) = conversations_done {

@@ -508,6 +508,30 @@ fn sigint_stops_the_server_gracefully() {
     stops_gracefully_on("INT");
 }
 
+/// The server runs without transparent huge pages (see `main.rs`): the process says so in
+/// `/proc/<pid>/status` (`THP_enabled: 0`), where any other process of this machine says 1.
+#[test]
+fn the_server_runs_without_transparent_huge_pages() {
+    let status = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .expect("read /proc/<pid>/status")
+            .lines()
+            .find_map(|l| l.strip_prefix("THP_enabled:").map(|v| v.trim().to_string()))
+    };
+    let Some(ours) = status(std::process::id()) else {
+        println!("SKIPPED: this kernel does not report THP_enabled");
+        return;
+    };
+    assert_eq!(
+        ours, "1",
+        "the test process itself has transparent huge pages"
+    );
+    let server = Server::start();
+    let (status_code, _) = server.request("GET", "/alive", None);
+    assert_eq!(status_code, 200);
+    assert_eq!(status(server.child.0.id()).as_deref(), Some("0"));
+}
+
 /// Every event of a conversation, over REST.
 fn all_events(port: u16, id: &str) -> Vec<Value> {
     let mut out: Vec<Value> = Vec::new();

@@ -3,8 +3,10 @@
 //! Building first sweeps the processes agents of a previous run on the same data directory left
 //! behind (see [`crate::runtime::process_tree`]). [`Application::build`] binds the listener (port 0 picks a free one, which the tests use) and
 //! must run inside an actix `System`. [`Application::run_until_stopped`] serves until the HTTP
-//! server stops (SIGINT/SIGTERM, or [`ServerHandle::stop`]), then stops every conversation
-//! through the supervisor and flushes the store, so nothing accepted is lost.
+//! server stops (SIGINT/SIGTERM, or [`StopHandle::stop`]), then flushes the store, so nothing
+//! accepted is lost. Conversations run on the HTTP workers that brought them up (see
+//! [`crate::actors::supervisor`]), so every way of stopping stops the conversations first and
+//! the HTTP server after.
 //!
 //! Shutdown on a signal ([`Application::stop_on_signals`]) is one bounded sequence:
 //! `/ready` turns 503 at once; every conversation is stopped while the listener still answers
@@ -82,6 +84,28 @@ pub struct Application {
     key_generated: bool,
     /// Held for the process's life: one server per data directory.
     _data_dir_lock: Option<std::fs::File>,
+}
+
+/// Stops a running [`Application`] from elsewhere (its signal handling does the same).
+#[derive(Clone)]
+pub struct StopHandle {
+    server: ServerHandle,
+    supervisor: SupervisorHandle,
+    readiness: Arc<Readiness>,
+    clock: Arc<ShutdownClock>,
+}
+
+impl StopHandle {
+    /// `/ready` turns 503, every conversation stops (within the shutdown bound), then the
+    /// HTTP server stops: gracefully (in-flight requests finish) or not. The conversations go
+    /// first because they run on the HTTP workers.
+    pub async fn stop(&self, graceful: bool) {
+        self.readiness.set_draining();
+        self.clock.start();
+        let reserve = after_conversations(self.clock.bound);
+        self.supervisor.shutdown(self.clock.left(reserve)).await;
+        self.server.stop(graceful).await;
+    }
 }
 
 /// The one bound on a shutdown: set when it begins, shared by every step.
@@ -276,6 +300,8 @@ impl Application {
         let allow = state.gate.allow.clone();
         let splices = state.splices.clone();
         let mut server = HttpServer::new(move || {
+            // Runs once on each worker's thread as it starts.
+            crate::actors::supervisor::host_conversations_here();
             // The last `wrap` runs first: the access log, the gate, CORS, then the login.
             App::new()
                 .app_data(state.clone())
@@ -379,9 +405,14 @@ impl Application {
         ))
     }
 
-    /// Stops the HTTP server (gracefully or not) from elsewhere.
-    pub fn handle(&self) -> ServerHandle {
-        self.server.handle()
+    /// Stops the server from elsewhere: see [`StopHandle`].
+    pub fn handle(&self) -> StopHandle {
+        StopHandle {
+            server: self.server.handle(),
+            supervisor: self.supervisor.clone(),
+            readiness: self.readiness.clone(),
+            clock: self.shutdown.clone(),
+        }
     }
 
     /// `/ready`'s state.

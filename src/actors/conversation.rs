@@ -31,8 +31,9 @@
 //!   `agent_state_changed: stopped` event (and the reason's status update) delivered to
 //!   clients, then their attachments closed (callers of `Stop` are answered here), then the
 //!   runtime's own stop sequence runs out (an agent's grace periods), then the actor stops and
-//!   reports `Gone` — so a restarted conversation never overlaps its previous runtime. A
-//!   deleted conversation's data is removed by the supervisor after `Gone`, never by the actor.
+//!   reports that it is gone — so a restarted conversation never overlaps its previous
+//!   runtime. A deleted conversation's data is removed by the supervisor after that report,
+//!   never by the actor.
 //! - **Turns are published.** A user message opens a turn; the agent announcing that it waits
 //!   for the user (or finished, failed, paused, stopped) closes it. Eviction never stops a
 //!   conversation with a client attached or a turn under way, and declines a `Stop(Evicted)`
@@ -48,7 +49,7 @@ use tracing::{debug, info, warn};
 
 use super::messages::*;
 use super::shared::{now_ms, Shared};
-use super::supervisor::Supervisor;
+use super::supervisor::Supervision;
 use crate::config::Settings;
 use crate::conversation::{
     ConversationId, ConversationMeta, ConversationRecord, ConversationStatus, RuntimeStatus,
@@ -141,7 +142,7 @@ pub struct Conversation {
     shared: Arc<Shared>,
     settings: Arc<Settings>,
     store: Arc<dyn Store>,
-    supervisor: Addr<Supervisor>,
+    supervision: Supervision,
     /// Makes its runtime at each start.
     runtimes: RuntimeFactory,
     /// Keeps the mailbox open until the actor decides to stop (registry entries are weak).
@@ -212,7 +213,7 @@ impl Conversation {
         shared: Arc<Shared>,
         settings: Arc<Settings>,
         store: Arc<dyn Store>,
-        supervisor: Addr<Supervisor>,
+        supervision: Supervision,
     ) -> Self {
         Conversation {
             runtimes: RuntimeFactory::new(settings.clone(), None),
@@ -222,7 +223,7 @@ impl Conversation {
             shared,
             settings,
             store,
-            supervisor,
+            supervision,
             self_addr: None,
             mode: Some(admission.mode),
             meta: None,
@@ -250,7 +251,8 @@ impl Conversation {
             start_deadline: None,
             runtime_finished: None,
             user_settings: None,
-            span: tracing::info_span!("conversation", conversation_id = %id),
+            // A root span: the conversation outlives the request that may be starting it here.
+            span: tracing::info_span!(parent: None, "conversation", conversation_id = %id),
             admitted_at: std::time::Instant::now(),
             id,
         }
@@ -1136,10 +1138,7 @@ impl Actor for Conversation {
             rt.stop();
         }
         self.release();
-        self.supervisor.do_send(Gone {
-            id: self.id.clone(),
-            generation: self.generation,
-        });
+        self.supervision.gone(&self.id, self.generation);
         for waiter in self.stop_waiters.drain(..) {
             let _ = waiter.send(());
         }
@@ -1204,10 +1203,8 @@ impl Handler<Stop> for Conversation {
         {
             // A client attached or a turn began since the supervisor chose this one.
             debug!("eviction declined: in use");
-            self.supervisor.do_send(EvictionDeclined {
-                id: self.id.clone(),
-                generation: self.generation,
-            });
+            self.supervision
+                .eviction_declined(&self.id, self.generation);
             return Box::pin(std::future::ready(()));
         }
         let (tx, rx) = oneshot::channel();

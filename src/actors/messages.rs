@@ -97,23 +97,6 @@ pub enum DeleteError {
     Store(#[from] StoreError),
 }
 
-/// A conversation refused to be evicted: a client attached or a turn began after the
-/// supervisor chose it.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct EvictionDeclined {
-    pub id: ConversationId,
-    pub generation: u64,
-}
-
-/// A conversation actor has stopped for good (sent from its `stopped()`).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Gone {
-    pub id: ConversationId,
-    pub generation: u64,
-}
-
 /// Stop every conversation; resolves when all have stopped, or after `within`, when whatever is
 /// left (e.g. agents inside their grace periods) has been ended.
 #[derive(Message)]

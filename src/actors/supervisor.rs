@@ -1,12 +1,13 @@
 //! The supervisor: admission, limits and the registry of live conversations.
 //!
 //! Create-or-join for an id is decided here and only here, under one lock ([`Core`]), so any
-//! number of concurrent requests for one id start exactly one actor. Admission runs on the
-//! caller's own thread ([`SupervisorHandle`] takes the lock; no actor hop): a create costs one
-//! thread crossing fewer each way. The supervisor actor keeps what needs its own task: teardown
-//! reports ([`Gone`]), deletes, fencing, evictions declined, the rate limiter's sweep, shutdown. The supervisor is the only writer
-//! of the [`Registry`]: it inserts an entry when it starts an actor and removes it when that
-//! actor reports [`Gone`] from its `stopped()` — the single teardown path every stop takes.
+//! number of concurrent requests for one id start exactly one actor. Every decision runs on
+//! the thread that needs it, under that lock, with no actor hop: an admission on the
+//! requesting thread ([`SupervisorHandle`]), a conversation's reports on its own
+//! ([`Supervision`]). The supervisor actor keeps deletes, fencing, the rate limiter's sweep
+//! and shutdown. The supervisor is the only writer of the [`Registry`]: it inserts an entry
+//! when it starts an actor and removes it when that actor reports it is gone from its
+//! `stopped()` ([`Supervision::gone`]) — the single teardown path every stop takes.
 //! A request for an id whose actor is still stopping waits until it is gone, so an old and a new
 //! incarnation never write the same event log at once.
 //!
@@ -30,16 +31,21 @@
 //! Under `evict_oldest`, only a conversation with no client attached and no turn under way is
 //! evicted (the least recently active of those); when there is none, admission is refused.
 //!
-//! Conversation actors are started round-robin on a pool of arbiters (threads), not on the
-//! supervisor's own thread.
+//! Where a conversation actor runs: on the thread of the request that brought it up when that
+//! thread is an HTTP worker (marked by [`host_conversations_here`] when the worker starts), so
+//! a create's admission, the actor's start and its first answer cross no thread; otherwise (a
+//! takeover, an admission that waited for a stopping incarnation) round-robin on a pool of
+//! conversation arbiters. The HTTP workers therefore outlive every conversation: shutdown stops
+//! the conversations before the HTTP server (see `crate::startup`).
 //!
 //! The warm pool of agents ([`AgentPool`], with `runtime.process.warm`) is the supervisor's
 //! too: it learns the number of live conversations from every registry change (pooled agents
 //! give way to conversations, never the reverse), a shutdown waits for its agents as for
 //! the conversations, and while the node is fenced from the cluster the pool holds no agent.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -56,12 +62,25 @@ use crate::runtime::pool::AgentPool;
 use crate::runtime::RuntimeFactory;
 use crate::store::{Membership, Store};
 
+thread_local! {
+    /// Whether conversations admitted from this thread run on it (see the module doc).
+    static HOSTS_CONVERSATIONS: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread (an HTTP worker, inside its actix arbiter) as one whose requests'
+/// conversations run on it. It must outlive them: the server stops conversations first.
+pub fn host_conversations_here() {
+    HOSTS_CONVERSATIONS.with(|hosts| hosts.set(true));
+}
+
 type AdmitReply = oneshot::Sender<Result<Admitted, AdmitError>>;
 type DeleteReply = oneshot::Sender<Result<bool, DeleteError>>;
 
 /// The supervisor's state; every decision takes its lock.
 pub(super) struct Core {
-    /// The actor conversations report to ([`Gone`], [`EvictionDeclined`]).
+    /// Itself, for the conversations to report through ([`Supervision`]).
+    me: Weak<Mutex<Core>>,
+    /// The actor: deletes, fencing and shutdown go through it.
     supervisor: Addr<Supervisor>,
     registry: Arc<Registry>,
     arbiters: Vec<ArbiterHandle>,
@@ -92,6 +111,15 @@ pub struct Supervisor {
     core: Arc<Mutex<Core>>,
 }
 
+/// Where an admission that starts a conversation runs it (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Place {
+    /// The admitting thread, when it hosts conversations; the pool otherwise.
+    Caller,
+    /// The pool of conversation arbiters.
+    Pool,
+}
+
 /// An admission's answer: now, or once a stopping incarnation of its id is gone (or its
 /// delete done).
 pub(super) enum AdmitOutcome {
@@ -114,24 +142,27 @@ impl Supervisor {
         let mut shared_core = None;
         Supervisor::create(|ctx| {
             ctx.set_mailbox_capacity(4096);
-            let core = Arc::new(Mutex::new(Core {
-                supervisor: ctx.address(),
-                registry: registry.clone(),
-                arbiters,
-                next_arbiter: 0,
-                settings,
-                store,
-                next_generation: 0,
-                evicting: HashSet::new(),
-                deferred: HashMap::new(),
-                deleting: HashMap::new(),
-                create_limiter,
-                per_owner: HashMap::new(),
-                shutting_down: false,
-                shutdown_waiters: Vec::new(),
-                pool: pool.clone(),
-                runtimes,
-            }));
+            let core = Arc::new_cyclic(|me| {
+                Mutex::new(Core {
+                    me: me.clone(),
+                    supervisor: ctx.address(),
+                    registry: registry.clone(),
+                    arbiters,
+                    next_arbiter: 0,
+                    settings,
+                    store,
+                    next_generation: 0,
+                    evicting: HashSet::new(),
+                    deferred: HashMap::new(),
+                    deleting: HashMap::new(),
+                    create_limiter,
+                    per_owner: HashMap::new(),
+                    shutting_down: false,
+                    shutdown_waiters: Vec::new(),
+                    pool: pool.clone(),
+                    runtimes,
+                })
+            });
             shared_core = Some(core.clone());
             Supervisor { core }
         });
@@ -144,26 +175,80 @@ impl Supervisor {
     fn core(&self) -> MutexGuard<'_, Core> {
         lock(&self.core)
     }
+}
 
-    /// Removes `id`'s data from the store; no actor for it exists and admissions for it wait.
-    fn delete_stored(&self, id: ConversationId, ctx: &mut Context<Self>) {
-        let fut = self.core().store.delete(&id);
-        ctx.spawn(fut.into_actor(self).map(move |result, act, _| {
-            match &result {
-                Ok(existed) => {
-                    tracing::info!(conversation_id = %id, existed, "conversation deleted")
-                }
-                Err(error) => {
-                    tracing::error!(conversation_id = %id, %error, "could not delete conversation")
-                }
+/// Removes `id`'s data from the store; no actor for it exists and admissions for it wait.
+/// Runs on the current arbiter.
+fn delete_stored(core: Arc<Mutex<Core>>, id: ConversationId) {
+    let fut = lock(&core).store.delete(&id);
+    actix::spawn(async move {
+        let result = fut.await;
+        match &result {
+            Ok(existed) => tracing::info!(conversation_id = %id, existed, "conversation deleted"),
+            Err(error) => {
+                tracing::error!(conversation_id = %id, %error, "could not delete conversation")
             }
-            let mut core = act.core();
-            for reply in core.deleting.remove(&id).unwrap_or_default() {
-                let _ = reply.send(result.clone().map_err(DeleteError::from));
+        }
+        let mut core = lock(&core);
+        for reply in core.deleting.remove(&id).unwrap_or_default() {
+            let _ = reply.send(result.clone().map_err(DeleteError::from));
+        }
+        core.readmit(&id);
+        core.maybe_shut_down();
+    });
+}
+
+/// What a conversation actor reports to the supervisor through. Its reports are decided at
+/// once under the supervisor's lock, like admissions, so a request that follows a stop sees
+/// the room that stop made.
+#[derive(Clone)]
+pub(super) struct Supervision {
+    core: Weak<Mutex<Core>>,
+}
+
+impl Supervision {
+    /// The actor has stopped for good (from its `stopped()`): its registry entry goes, the
+    /// admissions that waited for it are answered, and a decided delete now removes its data.
+    pub(super) fn gone(&self, id: &ConversationId, generation: u64) {
+        let Some(core) = self.core.upgrade() else {
+            return;
+        };
+        let mut guard = lock(&core);
+        let removed = guard
+            .registry
+            .remove_if(id, |_, e| e.generation == generation);
+        if let Some((_, entry)) = removed {
+            guard.forget(&entry);
+            guard.evicting.remove(id);
+            if guard.deleting.contains_key(id) {
+                // Its actor is gone: now the data goes; admissions wait until it has.
+                drop(guard);
+                return delete_stored(core, id.clone());
             }
-            core.readmit(&id);
-            core.maybe_shut_down();
-        }));
+        }
+        guard.readmit(id);
+        guard.maybe_shut_down();
+    }
+
+    /// The actor declined to be evicted: a client attached or a turn began after the
+    /// supervisor chose it.
+    pub(super) fn eviction_declined(&self, id: &ConversationId, generation: u64) {
+        let Some(core) = self.core.upgrade() else {
+            return;
+        };
+        let mut core = lock(&core);
+        let current = core
+            .registry
+            .get(id)
+            .is_some_and(|e| e.generation == generation);
+        if !current || !core.evicting.remove(id) {
+            return;
+        }
+        tracing::info!(conversation_id = %id, "eviction declined: a client attached or a turn began");
+        // It counts again; make room elsewhere if another conversation can go.
+        if core.running() > core.settings.limits.max_running_conversations {
+            core.evict_oldest();
+        }
     }
 }
 
@@ -180,7 +265,7 @@ impl Core {
 
     /// Admits `msg` now, or queues it until its id's stopping incarnation is gone.
     pub(super) fn admit_or_wait(&mut self, msg: Admit) -> AdmitOutcome {
-        match self.admit(msg) {
+        match self.admit(msg, Place::Caller) {
             Ok(result) => AdmitOutcome::Now(result),
             Err(deferred) => {
                 let (tx, rx) = oneshot::channel();
@@ -205,7 +290,7 @@ impl Core {
         self.registry.len().saturating_sub(self.evicting.len())
     }
 
-    fn admit(&mut self, msg: Admit) -> Result<Result<Admitted, AdmitError>, Admit> {
+    fn admit(&mut self, msg: Admit, place: Place) -> Result<Result<Admitted, AdmitError>, Admit> {
         if self.shutting_down {
             return Ok(Err(AdmitError::ShuttingDown));
         }
@@ -230,7 +315,7 @@ impl Core {
                         first_join: None,
                     }));
                 }
-                // Still stopping: wait for its Gone.
+                // Still stopping: wait until it is gone.
                 Some(_) => return Err(msg),
                 // The actor vanished without reporting (its thread died): forget it.
                 None => self.unregister(&msg.id),
@@ -261,7 +346,7 @@ impl Core {
                 }
             }
         }
-        Ok(Ok(self.spawn(msg)))
+        Ok(Ok(self.spawn(msg, place)))
     }
 
     /// Tells the least recently active conversation with no client attached and no turn under
@@ -288,21 +373,21 @@ impl Core {
         true
     }
 
-    fn spawn(&mut self, msg: Admit) -> Admitted {
+    fn spawn(&mut self, msg: Admit, place: Place) -> Admitted {
         let generation = self.next_generation;
         self.next_generation += 1;
         let shared = Arc::new(Shared::new(msg.owner.clone()));
-        let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
-        self.next_arbiter = self.next_arbiter.wrapping_add(1);
         let role = match msg.mode {
             AdmitMode::LoadOnly => Role::Joiner,
             AdmitMode::Fresh(_) | AdmitMode::LoadOrCreate(_) => Role::Creator,
         };
         let (id, mode, actor_shared) = (msg.id.clone(), msg.mode, shared.clone());
-        let (settings, store, supervisor) = (
+        let (settings, store, supervision) = (
             self.settings.clone(),
             self.store.clone(),
-            self.supervisor.clone(),
+            Supervision {
+                core: self.me.clone(),
+            },
         );
         let capacity = self.settings.limits.mailbox_capacity;
         let runtimes = self.runtimes.clone();
@@ -315,7 +400,7 @@ impl Core {
             },
             reply,
         };
-        let addr = Conversation::start_in_arbiter(arbiter, move |cctx| {
+        let make = move |cctx: &mut Context<Conversation>| {
             cctx.set_mailbox_capacity(capacity);
             Conversation::new(
                 id,
@@ -324,10 +409,18 @@ impl Core {
                 actor_shared,
                 settings,
                 store,
-                supervisor,
+                supervision,
             )
             .with_runtimes(runtimes)
-        });
+        };
+        let here = place == Place::Caller && HOSTS_CONVERSATIONS.with(Cell::get);
+        let addr = if here {
+            Conversation::create(make)
+        } else {
+            let arbiter = &self.arbiters[self.next_arbiter % self.arbiters.len()];
+            self.next_arbiter = self.next_arbiter.wrapping_add(1);
+            Conversation::start_in_arbiter(arbiter, make)
+        };
         if let Some(owner) = msg.owner {
             *self.per_owner.entry(owner).or_default() += 1;
         }
@@ -375,7 +468,7 @@ impl Core {
             return;
         };
         for (admit, reply) in waiting {
-            match self.admit(admit) {
+            match self.admit(admit, Place::Pool) {
                 Ok(result) => {
                     let _ = reply.send(result);
                 }
@@ -448,33 +541,10 @@ impl Actor for Supervisor {
     }
 }
 
-impl Handler<Gone> for Supervisor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Gone, ctx: &mut Self::Context) {
-        let mut core = self.core();
-        let removed = core
-            .registry
-            .remove_if(&msg.id, |_, e| e.generation == msg.generation);
-        if let Some((_, entry)) = removed {
-            core.forget(&entry);
-            core.evicting.remove(&msg.id);
-            if core.deleting.contains_key(&msg.id) {
-                // Its actor is gone: now the data goes; admissions wait until it has.
-                drop(core);
-                self.delete_stored(msg.id, ctx);
-                return;
-            }
-        }
-        core.readmit(&msg.id);
-        core.maybe_shut_down();
-    }
-}
-
 impl Handler<Delete> for Supervisor {
     type Result = ResponseFuture<Result<bool, DeleteError>>;
 
-    fn handle(&mut self, msg: Delete, ctx: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: Delete, _ctx: &mut Self::Context) -> Self::Result {
         let mut core = self.core();
         if core.shutting_down {
             return Box::pin(std::future::ready(Err(DeleteError::ShuttingDown)));
@@ -489,16 +559,16 @@ impl Handler<Delete> for Supervisor {
         core.deleting.insert(msg.id.clone(), vec![tx]);
         let live = core.registry.get(&msg.id).map(|e| e.addr.upgrade());
         match live {
-            // Stop it first (clients get `stopped` and a close); its Gone deletes the data.
+            // Stop it first (clients get `stopped` and a close); its report deletes the data.
             Some(Some(addr)) => addr.do_send(Stop(StopReason::Deleted)),
             Some(None) => {
                 core.unregister(&msg.id);
                 drop(core);
-                self.delete_stored(msg.id, ctx);
+                delete_stored(self.core.clone(), msg.id);
             }
             None => {
                 drop(core);
-                self.delete_stored(msg.id, ctx);
+                delete_stored(self.core.clone(), msg.id);
             }
         }
         answer
@@ -517,26 +587,6 @@ impl Handler<Fence> for Supervisor {
             "fenced from the cluster: stopping every conversation without writing"
         );
         core.stop_all(StopReason::Fenced);
-    }
-}
-
-impl Handler<EvictionDeclined> for Supervisor {
-    type Result = ();
-
-    fn handle(&mut self, msg: EvictionDeclined, _ctx: &mut Self::Context) {
-        let mut core = self.core();
-        let current = core
-            .registry
-            .get(&msg.id)
-            .is_some_and(|e| e.generation == msg.generation);
-        if !current || !core.evicting.remove(&msg.id) {
-            return;
-        }
-        tracing::info!(conversation_id = %msg.id, "eviction declined: a client attached or a turn began");
-        // It counts again; make room elsewhere if another conversation can go.
-        if core.running() > core.settings.limits.max_running_conversations {
-            core.evict_oldest();
-        }
     }
 }
 

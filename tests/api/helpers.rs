@@ -3,7 +3,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::dev::ServerHandle;
 use serde_json::Value;
 use switchboard::config::{Settings, StoreKind};
 use switchboard::conversation::ConversationId;
@@ -13,7 +12,7 @@ use switchboard::store::Store;
 pub struct TestApp {
     pub url: String,
     pub client: awc::Client,
-    pub handle: ServerHandle,
+    pub handle: switchboard::startup::StopHandle,
     pub store: Arc<dyn Store>,
     pub key: Option<String>,
     pub done: Option<tokio::sync::oneshot::Receiver<()>>,

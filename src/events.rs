@@ -13,6 +13,8 @@ use std::sync::{Arc, OnceLock};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
+use crate::pattern::Pattern;
+
 /// Who produced an event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -342,16 +344,24 @@ pub fn parse_user_action(value: &Value) -> Result<EventBody, String> {
     })
 }
 
-/// Most characters of an action or observation name.
-pub const EVENT_NAME_MAX_LEN: usize = 64;
+/// The event-name rule's constants, made from its one length (a literal, so that the pattern
+/// is built at compile time).
+macro_rules! event_name_rule {
+    ($max_len:literal) => {
+        /// Most characters of an action or observation name.
+        pub const EVENT_NAME_MAX_LEN: usize = $max_len;
+        /// Action and observation names as a JSON Schema pattern (the OpenAPI document states
+        /// it): 1–[`EVENT_NAME_MAX_LEN`] characters of `[a-z0-9_]`.
+        pub const EVENT_NAME_PATTERN: &str = concat!("^[a-z0-9_]{1,", $max_len, "}$");
+    };
+}
 
-/// Action and observation names: 1–[`EVENT_NAME_MAX_LEN`] characters of `[a-z0-9_]`.
+event_name_rule!(64);
+
+/// Whether `name` is an action or observation name: it matches [`EVENT_NAME_PATTERN`].
 pub fn is_event_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= EVENT_NAME_MAX_LEN
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    static RULE: Pattern = Pattern::new(EVENT_NAME_PATTERN);
+    RULE.is_match(name)
 }
 
 /// A conversation's title until it is renamed or titled from its first message:

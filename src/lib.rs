@@ -12,7 +12,8 @@
 //! - [`runtime`]: what runs behind a conversation (echo, agent processes and their warm pool,
 //!   the openhands preset).
 //! - [`events`]: the OpenHands event model and its JSON form.
-//! - [`pattern`]: rules stated as JSON Schema patterns, matched with a compiled DFA.
+//! - [`pattern`]: rules stated as JSON Schema patterns (the conversation id, event names),
+//!   matched with that pattern compiled into a DFA.
 //! - [`store`]: persistence behind the [`store::Store`] trait (memory, SQLite, PostgreSQL).
 //! - [`ws`]: socket transports (Socket.IO and plain JSON WebSocket).
 //! - [`load`]: the load generator behind `switchboard load`.

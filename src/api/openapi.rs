@@ -204,7 +204,7 @@ impl Modify for Refinements {
 
 /// What `replay_json` must decode to: a list of events as `EventBody::from_value` reads them.
 fn replay_events_schema() -> serde_json::Value {
-    let name = json!({"type": "string", "pattern": "^[a-z0-9_]{1,64}$"});
+    let name = json!({"type": "string", "pattern": crate::events::EVENT_NAME_PATTERN});
     let common = json!({
         "source": {"enum": ["user", "agent", "environment", null]},
         "message": {"type": ["string", "null"]},

@@ -19,7 +19,7 @@ use std::sync::OnceLock;
 use regex_lite::Regex;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::{json, Map, Value};
 use utoipa::openapi::schema::{
     AnyOfBuilder, ArrayBuilder, ObjectBuilder, OneOfBuilder, Schema, SchemaType, Type,
 };
@@ -27,7 +27,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::conversation::{ConversationId, ConversationStatus, RuntimeStatus, Trigger};
-use crate::events::{Source, StoredEvent, EVENT_NAME_MAX_LEN};
+use crate::events::{Source, StoredEvent, EVENT_NAME_MAX_LEN, EVENT_NAME_PATTERN};
 
 /// Rust's `char::is_whitespace` (Unicode `White_Space`, what `str::trim` removes) as the body
 /// of a regex character class.
@@ -147,17 +147,26 @@ fn requested_conversation_id() -> Schema {
         .into()
 }
 
-/// The name of a user action other than `message`, as the OpenAPI document states it
-/// ([`crate::events::is_event_name`]).
+/// The name of a user action other than `message`, as the OpenAPI document states it: the
+/// event-name pattern the validator matches ([`crate::events::is_event_name`]), and not the
+/// name of a [`MessageAction`]. The exclusion is JSON Schema's own `not`, not a lookahead in
+/// the pattern (which a DFA cannot run): a pattern without lookahead that leaves out one word
+/// spells the word out letter by letter, and would no longer be the validator's pattern.
 fn other_action_name() -> Schema {
     ObjectBuilder::new()
         .schema_type(Type::String)
         .description(Some(format!(
             "1–{EVENT_NAME_MAX_LEN} characters of `[a-z0-9_]`, other than `message`."
         )))
-        .pattern(Some(format!(
-            "^(?!message$)[a-z0-9_]{{1,{EVENT_NAME_MAX_LEN}}}$"
-        )))
+        .pattern(Some(EVENT_NAME_PATTERN))
+        .extensions(Some(
+            [(
+                "not",
+                json!({ "const": to_value(&MessageActionName::Message) }),
+            )]
+            .into_iter()
+            .collect(),
+        ))
         .into()
 }
 
@@ -1234,6 +1243,33 @@ mod tests {
             .map(|e| matches!(serde_json::from_str(&e.json).unwrap(), Event::Action(_)))
             .collect();
         assert_eq!(kinds, [false, true, true, false, false, true]);
+    }
+
+    /// The name of an other action as the document states it (its pattern, read by regex-lite
+    /// as a client would, and its `not`) is what the server takes as one, for generated names.
+    #[test]
+    fn other_action_names_are_what_the_document_states() {
+        let doc = to_value(&<OtherAction as utoipa::PartialSchema>::schema());
+        let action = &doc["properties"]["action"];
+        let pattern = Regex::new(action["pattern"].as_str().unwrap_or_default()).unwrap();
+        let excluded = &action["not"]["const"];
+        assert_eq!(excluded, "message");
+        let mut names: Vec<String> = ["message", "messages", "messag", "xmessage", "Message"]
+            .map(String::from)
+            .to_vec();
+        for len in 0..=EVENT_NAME_MAX_LEN + 1 {
+            for c in ['a', 'z', '0', '9', '_', 'A', '-', ' ', '.', 'é', '\n'] {
+                for at in [0, len / 2, len.saturating_sub(1)] {
+                    let name: String = (0..len).map(|i| if i == at { c } else { 'q' }).collect();
+                    names.push(name);
+                }
+            }
+        }
+        for name in names {
+            let documented = pattern.is_match(&name) && *excluded != json!(name);
+            let other = crate::events::is_event_name(&name) && name != "message";
+            assert_eq!(documented, other, "{name:?}");
+        }
     }
 
     async fn body_of(error: ApiError) -> (StatusCode, Value) {

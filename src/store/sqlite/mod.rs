@@ -57,7 +57,8 @@
 //! sets up connections, refuses unusable files and migrates the schema; `sql` holds every
 //! statement; `writer` is the writer thread (group commit, savepoints, quotas, giving space
 //! back); `reader` the reader threads; `reserve` the disk reserve; `key_watch` answers whether
-//! any user key exists without a trip to a reader.
+//! any user key exists without a trip to a reader; `checkpoint` copies the WAL back into the
+//! database, mostly on a thread of its own so that the writer seldom waits for it.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -72,18 +73,20 @@ use crate::config::StoreTuning;
 
 #[macro_use]
 mod sql;
+mod checkpoint;
 mod key_watch;
 mod open;
 mod reader;
 mod reserve;
 mod writer;
 
+use checkpoint::Checkpoints;
 use key_watch::KeyWatch;
 use open::{open_connection, prepare_database};
 pub use open::{QUICK_CHECK_MAX_BYTES, SCHEMA_VERSION};
 use reader::run_reader;
 use reserve::Reserve;
-use writer::{fit_wal_to_reserve, pages_in_use, Writer};
+use writer::{fit_wal_to_reserve, pages_in_use, wal_limit, Writer};
 
 /// The database file's name inside the data directory.
 pub const DB_FILE_NAME: &str = "switchboard.db";
@@ -200,6 +203,8 @@ impl SqliteStore {
         for _ in 0..READER_THREADS {
             read_conns.push(open_connection(&path, true)?);
         }
+        let wal_limit = wal_limit(&write_conn).map_err(|e| open_failed(&path, e))?;
+        let checkpoint_conn = open_connection(&path, false)?;
 
         let queue = tuning.queue.max(1);
         let batch_max = tuning.batch_max.max(1);
@@ -220,8 +225,13 @@ impl SqliteStore {
                 .map_err(|e| open_caused(&path, format!("cannot start a store thread: {e}"), e))
         };
 
+        let (checkpoints, checkpointer) = Checkpoints::new(wal_limit);
+        spawn(
+            "store-checkpoint".into(),
+            Box::new(move || checkpointer(checkpoint_conn)),
+        )?;
         spawn("store-writer".into(), {
-            let writer = Writer::new(write_conn, limits, used.clone(), reserve)
+            let writer = Writer::new(write_conn, limits, used.clone(), reserve, checkpoints)
                 .map_err(|e| open_failed(&path, e))?;
             Box::new(move || writer.run(write_rx, batch_max))
         })?;

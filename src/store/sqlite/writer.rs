@@ -11,6 +11,7 @@ use std::sync::Arc;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::mpsc;
 
+use super::checkpoint::{Checkpoints, WalPages};
 use super::reserve::Reserve;
 use super::sql::{self, last_event_id};
 use crate::events::{meta_timestamp, StoredEvent};
@@ -85,7 +86,11 @@ impl SeqCache {
 
 /// The writer thread's connection and what it remembers between requests.
 pub(super) struct Writer {
+    /// Declared (so dropped) before `wal_pages`, which its WAL hook points at.
     conn: Connection,
+    /// Pages in the WAL after the connection's last commit.
+    wal_pages: Box<WalPages>,
+    checkpoints: Checkpoints,
     seqs: SeqCache,
     /// The conversations appended to in the current transaction, with the bytes appended:
     /// their `last_updated_at` and `bytes` move once, at the end of the batch, rather than once
@@ -118,17 +123,22 @@ impl From<rusqlite::Error> for ApplyError {
 }
 
 impl Writer {
-    /// The writer of a prepared database whose pages in use are `used`.
+    /// The writer of a prepared database whose pages in use are `used`; it checkpoints the WAL
+    /// as `checkpoints` says instead of SQLite's automatic checkpoint.
     pub(super) fn new(
         conn: Connection,
         limits: StoreLimits,
         used: Arc<AtomicU64>,
         reserve: Reserve,
+        checkpoints: Checkpoints,
     ) -> rusqlite::Result<Writer> {
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
         let page_size = page_size(&conn)?;
+        let wal_pages = WalPages::watch(&conn);
         Ok(Writer {
             conn,
+            wal_pages,
+            checkpoints,
             seqs: SeqCache::new(SEQ_CACHE_CAPACITY),
             appended: HashMap::new(),
             limits,
@@ -152,10 +162,7 @@ impl Writer {
         }
         // Fold the WAL back into the database file so that a closed store is one self-contained
         // file. Best effort: if a reader is still busy the WAL stays, which is just as durable.
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        {
+        if let Err(e) = self.checkpoints.now(&self.conn, "TRUNCATE") {
             tracing::warn!(error = %e, "store: final checkpoint failed; the WAL file stays");
         }
         tracing::debug!("store writer finished");
@@ -223,6 +230,8 @@ impl Writer {
                 self.last_failure = Some(failure);
             }
         }
+        // Only once every request of the batch has its answer.
+        self.checkpoints.committed(&self.conn, self.wal_pages.get());
     }
 
     /// Runs the batch in one transaction, then (should a request fail halfway) again with each
@@ -267,10 +276,7 @@ impl Writer {
     /// Copies the WAL into the database and truncates both; best effort (a busy reader leaves
     /// the WAL for the next one).
     fn checkpoint(&self) {
-        if let Err(e) = self
-            .conn
-            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
-        {
+        if let Err(e) = self.checkpoints.now(&self.conn, "TRUNCATE") {
             tracing::debug!(error = %e, "store: checkpoint failed");
         }
     }
@@ -640,6 +646,13 @@ pub(super) fn fit_wal_to_reserve(conn: &Connection, reserve: u64) -> rusqlite::R
     let half = i64::try_from(reserve / 2).unwrap_or(i64::MAX);
     conn.pragma_update(None, "wal_autocheckpoint", (half / page).clamp(8, 1000))?;
     conn.pragma_update(None, "journal_size_limit", half)
+}
+
+/// The WAL pages after which the WAL is checkpointed (`wal_autocheckpoint`, as
+/// [`fit_wal_to_reserve`] set it; see `checkpoint`).
+pub(super) fn wal_limit(conn: &Connection) -> rusqlite::Result<u32> {
+    let pages = conn.pragma_query_value(None, "wal_autocheckpoint", |r| r.get::<_, i64>(0))?;
+    Ok(u32::try_from(pages).unwrap_or(u32::MAX))
 }
 
 /// The bytes of the database's pages in use (its size without its free pages).

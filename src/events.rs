@@ -8,7 +8,7 @@
 //! then every other key the producer sent, unchanged and in its order (an agent's
 //! `tool_call_metadata`, `llm_metrics`, …): events are lossless.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -360,7 +360,7 @@ event_name_rule!(64);
 
 /// Whether `name` is an action or observation name: it matches [`EVENT_NAME_PATTERN`].
 pub fn is_event_name(name: &str) -> bool {
-    static RULE: Pattern = Pattern::new(EVENT_NAME_PATTERN);
+    static RULE: LazyLock<Pattern> = LazyLock::new(|| Pattern::new(EVENT_NAME_PATTERN));
     RULE.is_match(name)
 }
 

@@ -14,9 +14,7 @@
 //! tests at the bottom of this file.
 
 use std::collections::BTreeMap;
-use std::sync::OnceLock;
-
-use regex_lite::Regex;
+use std::sync::LazyLock;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
@@ -28,6 +26,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::conversation::{ConversationId, ConversationStatus, RuntimeStatus, Trigger};
 use crate::events::{Source, StoredEvent, EVENT_NAME_MAX_LEN, EVENT_NAME_PATTERN};
+use crate::pattern::Pattern;
 
 /// Rust's `char::is_whitespace` (Unicode `White_Space`, what `str::trim` removes) as the body
 /// of a regex character class.
@@ -48,11 +47,8 @@ pub const REPOSITORY_PATTERN: &str = r"^(?:(?:[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-
 
 /// Whether a `repository` keeps [`REPOSITORY_PATTERN`] and [`REPOSITORY_MAX_LEN`].
 pub fn is_repository(repo: &str) -> bool {
-    static RULE: OnceLock<Regex> = OnceLock::new();
-    repo.len() <= REPOSITORY_MAX_LEN
-        && RULE
-            .get_or_init(|| Regex::new(REPOSITORY_PATTERN).expect("REPOSITORY_PATTERN compiles"))
-            .is_match(repo)
+    static RULE: LazyLock<Pattern> = LazyLock::new(|| Pattern::new(REPOSITORY_PATTERN));
+    repo.len() <= REPOSITORY_MAX_LEN && RULE.is_match(repo)
 }
 
 /// The URL schemes of an MCP server reached over the network, each also allowed with an `s`
@@ -76,9 +72,8 @@ fn mcp_url_pattern() -> String {
 
 /// Whether an MCP server URL matches [`mcp_url_pattern`].
 pub fn has_mcp_url_scheme(url: &str) -> bool {
-    static RULE: OnceLock<Regex> = OnceLock::new();
-    RULE.get_or_init(|| Regex::new(&mcp_url_pattern()).expect("the MCP URL pattern compiles"))
-        .is_match(url)
+    static RULE: LazyLock<Pattern> = LazyLock::new(|| Pattern::new(&mcp_url_pattern()));
+    RULE.is_match(url)
 }
 
 /// [`MCP_URL_SCHEMES`] in words: `http, https, ws, or wss`.
@@ -1251,7 +1246,8 @@ mod tests {
     fn other_action_names_are_what_the_document_states() {
         let doc = to_value(&<OtherAction as utoipa::PartialSchema>::schema());
         let action = &doc["properties"]["action"];
-        let pattern = Regex::new(action["pattern"].as_str().unwrap_or_default()).unwrap();
+        let pattern =
+            regex_lite::Regex::new(action["pattern"].as_str().unwrap_or_default()).unwrap();
         let excluded = &action["not"]["const"];
         assert_eq!(excluded, "message");
         let mut names: Vec<String> = ["message", "messages", "messag", "xmessage", "Message"]

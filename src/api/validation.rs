@@ -621,12 +621,7 @@ fn setting_type(field: &RefOr<Schema>) -> Option<SettingType> {
         RefOr::T(Schema::OneOf(_)) | RefOr::Ref(_) => return Some(SettingType::Mcp),
         _ => return None,
     };
-    let scalar = match &object.schema_type {
-        SchemaType::Type(t) => t,
-        SchemaType::Array(types) => types.iter().find(|t| **t != Type::Null)?,
-        SchemaType::AnyValue => return None,
-    };
-    Some(match scalar {
+    Some(match scalar(&object.schema_type).0? {
         Type::String => SettingType::Str,
         Type::Integer => SettingType::Int,
         Type::Number => SettingType::Float,
@@ -1240,6 +1235,21 @@ mod tests {
         assert!(!is_repository("own er/x"));
         assert!(is_repository("owner/..."));
         assert!(is_repository(".github/.x-y_z"));
+        // The rule as another engine (regex-lite, as a client would) reads the pattern, for
+        // every text of up to four of these pieces.
+        let other = regex_lite::Regex::new(crate::api::schema::REPOSITORY_PATTERN).unwrap();
+        let pieces = ["a", ".", "..", "...", "-", "_", "/", "Z9", " ", "é", "\n"];
+        let mut texts = vec![String::new()];
+        for _ in 0..4 {
+            let longer: Vec<String> = texts
+                .iter()
+                .flat_map(|t| pieces.iter().map(move |p| format!("{t}{p}")))
+                .collect();
+            texts.extend(longer);
+        }
+        for text in &texts {
+            assert_eq!(is_repository(text), other.is_match(text), "{text:?}");
+        }
         let long = format!("o/{}", "r".repeat(REPOSITORY_MAX_LEN - 2));
         assert!(is_repository(&long));
         assert!(!is_repository(&format!("{long}r")));

@@ -9,7 +9,7 @@
 use std::borrow::Borrow;
 use std::fmt;
 use std::ops::Deref;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -51,7 +51,7 @@ impl ConversationId {
 
     /// The id `text` is, if it matches [`ConversationId::PATTERN`].
     pub fn parse(text: &str) -> Result<Self, InvalidConversationId> {
-        static RULE: Pattern = Pattern::new(ConversationId::PATTERN);
+        static RULE: LazyLock<Pattern> = LazyLock::new(|| Pattern::new(ConversationId::PATTERN));
         let valid = RULE.is_match(text);
         if valid {
             Ok(ConversationId(Arc::from(text)))

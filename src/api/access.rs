@@ -15,7 +15,7 @@
 use std::sync::Arc;
 
 use super::{ApiError, AppState};
-use crate::conversation::ConversationId;
+use crate::conversation::{ConversationId, ConversationStatus};
 use crate::http::auth::Caller;
 
 /// A conversation's owner (`None`: made without a user key).
@@ -71,8 +71,18 @@ pub async fn visible(
 /// node does not run it: [`ApiError::Elsewhere`], which [`crate::http::forward`] sends on to the
 /// owner for a command, and which the socket routes splice to the owner (or answer 503 without
 /// a cluster key).
+///
+/// Only a conversation that runs here (`RUNNING`) answers without the store. One still
+/// `STARTING` here may be only asking the store for ownership — for the takeover sweep, a
+/// command or another socket — while another node holds it; taken here, the request would be
+/// refused once that ask fails (a socket closed with 1012 and made to reconnect), so the store
+/// decides: a conversation this node acquired has no other owner.
 pub async fn owned_here(state: &AppState, id: &ConversationId) -> Result<(), ApiError> {
-    if state.supervisor.live(id).is_some() {
+    let running = state
+        .supervisor
+        .live(id)
+        .is_some_and(|c| c.shared().status() == ConversationStatus::Running);
+    if running {
         return Ok(());
     }
     match state.store.owner(id).await? {

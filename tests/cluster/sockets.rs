@@ -233,6 +233,23 @@ fn closed_without_goodbye(route: Route, client: Client, codes: &[u16]) -> Vec<u6
     ids
 }
 
+/// Checks that the node at `port` splices one Socket.IO and one plain socket
+/// (`switchboard_spliced_sockets`).
+fn assert_one_spliced_socket_per_transport(port: u16) {
+    let spliced = scrape(port, &[]);
+    for transport in ["socketio", "ws"] {
+        assert_eq!(
+            sample(
+                &spliced,
+                "switchboard_spliced_sockets",
+                &[("transport", transport)]
+            ),
+            Some(1.0),
+            "{transport} on port {port}"
+        );
+    }
+}
+
 /// Posts `count` messages to conversation `id` through each of `ports` in turn, and waits until
 /// the agent answered the last one (as stored): the last stored id.
 fn converse(db: &pg::TestDatabase, ports: &[u16], id: &str, tag: &str, count: usize) -> u64 {
@@ -278,19 +295,7 @@ fn clients_on_other_nodes_see_every_event_once_in_order() {
         },
     );
     for node in [&b, &c] {
-        let spliced = scrape(node.port, &[]);
-        for transport in ["socketio", "ws"] {
-            assert_eq!(
-                sample(
-                    &spliced,
-                    "switchboard_spliced_sockets",
-                    &[("transport", transport)]
-                ),
-                Some(1.0),
-                "{transport} on port {}",
-                node.port
-            );
-        }
+        assert_one_spliced_socket_per_transport(node.port);
     }
 
     let last = converse(&db, &[a.port, b.port, c.port], &id, "message", 3);
@@ -391,6 +396,64 @@ fn kill_9_of_the_owner_closes_spliced_clients_without_goodbye_and_they_resume_th
         let mut all = before;
         all.extend(after);
         assert_eq!(all, stored, "{route:?}: every event once, in order");
+    }
+}
+
+/// A node that is itself asking the store for a conversation another node owns (a command
+/// for it arrived there, or its takeover sweep found the previous owner lapsed, and the acquire
+/// has not been answered yet) splices a socket handshake for it to the owner instead of taking
+/// it: held there, the socket would wait for that acquire and then be closed with 1012 when the
+/// store refuses it. Here B's acquire (for a message posted on B) waits on a lock this test holds
+/// on the conversation's ownership row, and the clients opened on B meanwhile are spliced to A
+/// and replayed the whole log while it waits; once it is let go, they see every event once, in
+/// order.
+#[test]
+fn a_handshake_on_a_node_still_asking_for_the_conversation_is_spliced_to_its_owner() {
+    let Some(db) = pg::database() else { return };
+    let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let [a, b] = ["a", "b"].map(|node| start_node_with(&db, node, 1000, &key));
+    let id = answered_conversation(&db, &a, "on a");
+    let before = *stored_ids(&db, &id).last().expect("events");
+
+    let held = db.hold(&format!(
+        "SELECT 1 FROM ownership WHERE conversation_id = '{id}' FOR SHARE"
+    ));
+    let posted = {
+        let id = id.clone();
+        std::thread::spawn(move || post_message(b.port, &id, "while b asks for it"))
+    };
+    wait_until(
+        Duration::from_secs(15),
+        "B's acquire waits on the held row",
+        || {
+            let waiting = db.query(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+            );
+            waiting[0][0].as_deref().is_some_and(|n| n != "0")
+        },
+    );
+    let clients = both_routes(b.port, &id);
+    for (_, client) in &clients {
+        client.wait_for(before, "the client replays the log while B's acquire waits");
+    }
+    assert_one_spliced_socket_per_transport(b.port);
+    drop(held);
+    assert_eq!(posted.join().expect("the post"), 200, "forwarded to A");
+
+    let last = converse(&db, &[b.port, a.port], &id, "after", 2);
+    let stored = stored_ids(&db, &id);
+    for (route, client) in clients {
+        client.wait_for(last, "the client sees the last event");
+        assert_eq!(
+            client.ids(),
+            stored,
+            "{route:?}: every event once, in order"
+        );
+        assert!(
+            client.closed.lock().expect("lock").is_none(),
+            "{route:?} is still open"
+        );
     }
 }
 

@@ -7,11 +7,11 @@ use serde_json::{json, Value};
 use super::access::{find, owned_here, visible, Found, Owner};
 use super::errors::ApiError;
 use super::schema::{
-    self, ActionAccepted, ActionRefused, Choices, ConversationIdPath, ConversationInfo,
+    self, ActionAccepted, ActionRefused, ConversationIdPath, ConversationInfo,
     ConversationInfoResultSet, ConversationNotFound, ConversationResponse, ErrorDetail,
     ErrorMessage, ErrorStatus, EventsPage, EventsQuery, HttpValidationError, InitSessionRequest,
-    ListQuery, OkStatus, ProviderType, ProvidersSetModel, StoreFailed, Unauthorized,
-    UpdateConversationRequest, UserAction,
+    ListQuery, OkStatus, ProvidersSetModel, StoreFailed, Unauthorized, UpdateConversationRequest,
+    UserAction,
 };
 use super::validation::{self, FieldError};
 use super::{client_id, content_type, read_body, AppState};
@@ -546,7 +546,7 @@ pub async fn start(
     if !trimmed.is_empty() && trimmed != b"null" {
         let obj = validation::parse_object_body(content_type(&req), &body)
             .map_err(ApiError::Validation)?;
-        check_providers_set(obj.get("providers_set"))?;
+        validation::parse_start_body(&obj).map_err(ApiError::Validation)?;
     }
     let Some(owner) = visible(&state, &caller, &id).await? else {
         return Err(not_found_status(&id));
@@ -559,44 +559,6 @@ pub async fn start(
                 other => other,
             })?;
     Ok(HttpResponse::Ok().json(conversation_response(&id, status, None)))
-}
-
-fn check_providers_set(value: Option<&Value>) -> Result<(), ApiError> {
-    let base = vec![json!("body"), json!("providers_set")];
-    match value {
-        None | Some(Value::Null) => Ok(()),
-        Some(Value::Array(items)) => {
-            let errors: Vec<FieldError> = items
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| !v.as_str().is_some_and(ProviderType::is_name))
-                .map(|(i, v)| {
-                    let mut l = base.clone();
-                    l.push(json!(i));
-                    FieldError::new(
-                        "enum",
-                        l,
-                        format!(
-                            "Input should be {}",
-                            validation::enum_expected(ProviderType::names())
-                        ),
-                        v.clone(),
-                    )
-                })
-                .collect();
-            if errors.is_empty() {
-                Ok(())
-            } else {
-                Err(ApiError::Validation(errors))
-            }
-        }
-        Some(other) => Err(ApiError::one(FieldError::new(
-            "list_type",
-            base,
-            "Input should be a valid list",
-            other.clone(),
-        ))),
-    }
 }
 
 /// `POST /api/conversations/{id}/stop`.

@@ -20,8 +20,8 @@ use utoipa::{PartialSchema, ToSchema};
 
 use super::schema::{
     has_mcp_url_scheme, is_repository, mcp_url_schemes_in_words, refused_values, CreateMicroagent,
-    InitSessionRequest, McpConfig, StoredSettings, SuggestedTask, UpdateConversationRequest,
-    TASK_PROVIDERS_REFUSED, TASK_TYPES_REFUSED, TITLE_MAX_LEN,
+    InitSessionRequest, McpConfig, ProvidersSetModel, StoredSettings, SuggestedTask,
+    UpdateConversationRequest, TASK_PROVIDERS_REFUSED, TASK_TYPES_REFUSED, TITLE_MAX_LEN,
 };
 use crate::conversation::{ConversationId, InitData, NewConversation, Trigger};
 use crate::events::EventBody;
@@ -95,6 +95,8 @@ enum Kind {
     Int,
     /// `list[str]`.
     StrList,
+    /// A list of one of these names (`list[SomeEnum]`).
+    ChoiceList(Vec<String>),
     /// `dict[str, str]`.
     StrMap,
     /// A nested model (its schema's name), read by the caller when it chooses.
@@ -143,6 +145,7 @@ fn contract() -> &'static Contract {
         let mut schemas = Vec::new();
         collect::<InitSessionRequest>(&mut schemas);
         collect::<UpdateConversationRequest>(&mut schemas);
+        collect::<ProvidersSetModel>(&mut schemas);
         Contract::new(&schemas)
     })
 }
@@ -256,6 +259,7 @@ impl Contract {
                 let kind = match &a.items {
                     ArrayItems::RefOrSchema(item) => match Self::kind(item, named).0 {
                         Kind::Str => Kind::StrList,
+                        Kind::Choice(choices) => Kind::ChoiceList(choices),
                         Kind::Model(name) => Kind::ModelList(name),
                         _ => Kind::Unknown,
                     },
@@ -333,21 +337,10 @@ impl Contract {
                     ));
                     None
                 }
-                (Kind::Choice(choices), _) => match v.as_str() {
-                    Some(s) if choices.iter().any(|c| c == s) => Some(Checked::Str(s.to_string())),
-                    _ => {
-                        let expected = enum_expected(choices);
-                        let mut e = FieldError::new(
-                            "enum",
-                            l(),
-                            format!("Input should be {expected}"),
-                            v.clone(),
-                        );
-                        e.ctx = Some(json!({ "expected": expected }));
-                        errors.push(e);
-                        None
-                    }
-                },
+                (Kind::Choice(choices), _) => choice(choices, v, l)
+                    .map(Checked::Str)
+                    .map_err(|e| errors.push(*e))
+                    .ok(),
                 (Kind::Int, _) => int_value(&l(), v)
                     .map(Checked::Int)
                     .map_err(|e| errors.push(*e))
@@ -371,6 +364,19 @@ impl Contract {
                         })
                         .collect();
                     (errors.len() == before).then_some(Checked::StrList(strings))
+                }
+                (Kind::ChoiceList(choices), Value::Array(items)) => {
+                    let before = errors.len();
+                    let names = items
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, item)| {
+                            choice(choices, item, || loc(&l(), i))
+                                .map_err(|e| errors.push(*e))
+                                .ok()
+                        })
+                        .collect();
+                    (errors.len() == before).then_some(Checked::StrList(names))
                 }
                 (Kind::StrMap, Value::Object(map)) => {
                     for (key, value) in map.iter().filter(|(_, value)| !value.is_string()) {
@@ -412,7 +418,7 @@ impl Contract {
                     }
                     Some(Checked::Other)
                 }
-                (Kind::StrList | Kind::ModelList(_), _) => {
+                (Kind::StrList | Kind::ChoiceList(_) | Kind::ModelList(_), _) => {
                     errors.push(FieldError::new(
                         "list_type",
                         l(),
@@ -509,6 +515,29 @@ impl Fields<'_> {
         match self.take(name) {
             Some(Checked::Model(m, l)) => Some((m, l)),
             _ => None,
+        }
+    }
+}
+
+/// `v` as one of `choices` (at the place `at` makes, only on an error): pydantic's `enum`
+/// error otherwise.
+fn choice(
+    choices: &[String],
+    v: &Value,
+    at: impl FnOnce() -> Vec<Value>,
+) -> Result<String, Box<FieldError>> {
+    match v.as_str() {
+        Some(s) if choices.iter().any(|c| c == s) => Ok(s.to_string()),
+        _ => {
+            let expected = enum_expected(choices);
+            let mut e = FieldError::new(
+                "enum",
+                at(),
+                format!("Input should be {expected}"),
+                v.clone(),
+            );
+            e.ctx = Some(json!({ "expected": expected }));
+            Err(Box::new(e))
         }
     }
 }
@@ -1031,6 +1060,18 @@ fn replay(
         ));
     }
     events
+}
+
+/// Validates a `POST /api/conversations/{id}/start` body ([`ProvidersSetModel`]; unknown keys
+/// are ignored, as OpenHands does).
+pub fn parse_start_body(obj: &Map<String, Value>) -> Result<(), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    contract().read::<ProvidersSetModel>(obj, &[json!("body")], &mut errors);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
+    }
 }
 
 /// Validates a `PATCH /api/conversations/{id}` body (OpenHands' `ConversationUpdate`, which

@@ -231,9 +231,22 @@ async fn start_and_stop() {
     assert_eq!(r.body["conversation_status"], "RUNNING");
 
     let r = app
-        .post(&format!("{base}/start"), json!({"providers_set": ["svn"]}))
+        .post(
+            &format!("{base}/start"),
+            json!({"providers_set": ["github", "svn", null]}),
+        )
         .await;
     assert_eq!(r.status, 422);
+    let expected = "'github', 'gitlab', 'bitbucket' or 'enterprise_sso'";
+    let enum_error = |i: usize, input: Value| {
+        json!({"type": "enum", "loc": ["body", "providers_set", i],
+               "msg": format!("Input should be {expected}"), "input": input,
+               "ctx": {"expected": expected}})
+    };
+    assert_eq!(
+        r.body,
+        json!({"detail": [enum_error(1, json!("svn")), enum_error(2, Value::Null)]})
+    );
     let r = app
         .post(&format!("{base}/start"), json!({"providers_set": "github"}))
         .await;

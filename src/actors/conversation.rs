@@ -1027,7 +1027,11 @@ impl Conversation {
         }
         self.emit(EventBody::agent_state("stopped", &reason.describe()));
         let close = match reason {
-            StopReason::Fenced => CloseReason::Fenced,
+            // Another node owns the conversation (this node's membership lapsed, or a write
+            // was refused under a newer epoch): clients reconnect and find it there.
+            StopReason::Fenced | StopReason::StoreFailed(StoreError::Fenced(_)) => {
+                CloseReason::Fenced
+            }
             _ => CloseReason::Stopped(reason.describe().into_owned()),
         };
         self.outbox.push_back(Outgoing::CloseAll(close));

@@ -782,3 +782,37 @@ fn what_a_splice_adds_to_a_reply_s_way_to_the_client() {
     spliced.wait_for(last, "the spliced client sees the last event");
     assert_eq!(direct.events(), spliced.events());
 }
+
+/// A write the store refuses as fenced (the conversation's epoch moved on — another node took
+/// it over — while its owner still runs it) closes the owner's clients the way a lost
+/// membership does: 1012 and no Socket.IO goodbye (`41`), so they reconnect and find the new
+/// owner; never the final close of a plain store failure.
+#[test]
+fn a_write_refused_as_fenced_closes_clients_so_they_reconnect() {
+    let Some(db) = pg::database() else { return };
+    let a = start_node_with(
+        &db,
+        "a",
+        1000,
+        &[("SWITCHBOARD_CLUSTER_KEY", "a shared secret")],
+    );
+    let id = answered_conversation(&db, &a, "on a");
+    let clients = both_routes(a.port, &id);
+    let last = *stored_ids(&db, &id).last().expect("events stored");
+    for (_, client) in &clients {
+        client.wait_for(last, "the client is up to date");
+    }
+    // As a takeover does: the epoch moves on under A.
+    db.execute(&format!(
+        "UPDATE ownership SET epoch = epoch + 1 WHERE conversation_id = '{id}'"
+    ));
+    assert_ne!(post_message(a.port, &id, "written after the takeover"), 200);
+    for (route, client) in clients {
+        closed_without_goodbye(route, client, &[1012]);
+    }
+    assert_eq!(
+        stored_ids(&db, &id).last().copied(),
+        Some(last),
+        "nothing was written under the old epoch"
+    );
+}

@@ -1366,8 +1366,8 @@ impl Settings {
         }
     }
 
-    /// Number of threads hosting the conversations no request brought up, and the warm pool
-    /// (see `crate::actors::supervisor`).
+    /// Number of threads hosting the conversations of agent processes, those no request
+    /// brought up, and the warm pool (see `crate::actors::supervisor`).
     pub fn conversation_thread_count(&self) -> usize {
         if self.conversation_threads == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())

@@ -32,10 +32,11 @@
 //! evicted (the least recently active of those); when there is none, admission is refused.
 //!
 //! Where a conversation actor runs: on the thread of the request that brought it up when that
-//! thread is an HTTP worker (marked by [`host_conversations_here`] when the worker starts), so
-//! a create's admission, the actor's start and its first answer cross no thread; otherwise (a
-//! takeover, an admission that waited for a stopping incarnation) round-robin on a pool of
-//! conversation arbiters. The HTTP workers therefore outlive every conversation: shutdown stops
+//! thread is an HTTP worker (marked by [`host_conversations_here`] when the worker starts) and
+//! its runtime never blocks the thread (the echo runtime: [`RuntimeFactory::never_blocks`]), so
+//! a create's admission, the actor's start and its first answer cross no thread; otherwise (an
+//! agent process, spawned with blocking calls; a takeover; an admission that waited for a
+//! stopping incarnation) round-robin on a pool of conversation arbiters. The HTTP workers therefore outlive every conversation: shutdown stops
 //! the conversations before the HTTP server (see `crate::startup`).
 //!
 //! The warm pool of agents ([`AgentPool`], with `runtime.process.warm`) is the supervisor's
@@ -413,7 +414,9 @@ impl Core {
             )
             .with_runtimes(runtimes)
         };
-        let here = place == Place::Caller && HOSTS_CONVERSATIONS.with(Cell::get);
+        let here = place == Place::Caller
+            && self.runtimes.never_blocks()
+            && HOSTS_CONVERSATIONS.with(Cell::get);
         let addr = if here {
             Conversation::create(make)
         } else {

@@ -32,6 +32,13 @@ impl RuntimeFactory {
         }
     }
 
+    /// Whether the runtime's start and its work stay off blocking system calls, so that its
+    /// conversation may share a thread with HTTP requests: the echo runtime does; an agent
+    /// process is spawned, and recorded on disk, with blocking calls.
+    pub fn never_blocks(&self) -> bool {
+        !self.settings.runtime.kind.runs_agent_process()
+    }
+
     /// Whether the runtime is started with the user's saved LLM and agent settings (an agent
     /// process uses them; the echo runtime has no use for them).
     pub fn wants_user_settings(&self) -> bool {

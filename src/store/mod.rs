@@ -242,6 +242,12 @@ impl StoreLimits {
 /// conversation's own status events.
 pub const STATUS_HEADROOM: u64 = 16 * 1024;
 
+/// A conversation's init data as the stores keep it (JSON).
+pub fn encode_init(init: &crate::conversation::InitData) -> Result<String, StoreError> {
+    serde_json::to_string(init)
+        .map_err(|e| StoreError::Io(Failure::of(e).within("cannot encode init data")))
+}
+
 /// The bytes a conversation's metadata counts for against its quota: its init data as stored.
 pub fn meta_bytes(init_json: &str) -> u64 {
     init_json.len() as u64

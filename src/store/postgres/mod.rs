@@ -75,8 +75,8 @@ use super::durable::{
 };
 use super::membership::{self, ClusterNode, Membership, NodeState};
 use super::{
-    events_bytes, meta_bytes, Acquired, ApiKey, EventQuery, Existing, Failure, KeyLookup, Lease,
-    NodeAddress, Orphan, Store, StoreError, StoreFuture, StoreLimits, UserQuota,
+    encode_init, events_bytes, meta_bytes, Acquired, ApiKey, EventQuery, Existing, Failure,
+    KeyLookup, Lease, NodeAddress, Orphan, Store, StoreError, StoreFuture, StoreLimits, UserQuota,
 };
 use crate::config::{PostgresSettings, StoreTuning};
 use crate::conversation::{

@@ -306,11 +306,7 @@ impl Pending<'_> {
         epoch: i64,
     ) -> Result<bool, ApplyError> {
         let id = &meta.conversation_id;
-        let init = serde_json::to_string(&meta.init).map_err(|e| {
-            ApplyError::Refused(StoreError::Io(
-                Failure::of(e).within("cannot encode init data"),
-            ))
-        })?;
+        let init = encode_init(&meta.init).map_err(ApplyError::Refused)?;
         let bytes = meta_bytes(&init);
         let more = events_bytes(events);
         self.limits.check_conversation(id, 0, bytes)?;

@@ -19,7 +19,7 @@ use crate::store::durable::{
     self, check_append, fail_batch, fill_batch, only_flushes, BatchError, Isolation, WriteCommand,
     WriteRequest,
 };
-use crate::store::{events_bytes, meta_bytes, Failure, StoreError, StoreLimits};
+use crate::store::{encode_init, events_bytes, meta_bytes, Failure, StoreError, StoreLimits};
 
 /// Pages given back to the file system per step after a delete (1 MiB of 4 KiB pages).
 const RECLAIM_PAGES: u32 = 256;
@@ -521,11 +521,7 @@ impl Writer {
         now: &str,
     ) -> Result<bool, ApplyError> {
         let id = meta.conversation_id.as_str();
-        let init = serde_json::to_string(&meta.init).map_err(|e| {
-            ApplyError::Refused(StoreError::Io(
-                Failure::of(e).within("cannot encode init data"),
-            ))
-        })?;
+        let init = encode_init(&meta.init).map_err(ApplyError::Refused)?;
         let bytes = meta_bytes(&init);
         let more = events_bytes(events);
         let quota = self

@@ -60,7 +60,7 @@ use crate::runtime::{
     FromRuntime, RefMap, ReferencedEvent, Runtime, RuntimeFactory, RuntimeSignal, RuntimeSink,
     RuntimeStart,
 };
-use crate::store::{meta_bytes, Acquired, Lease, Store, StoreError, UserQuota};
+use crate::store::{encode_init, meta_bytes, Acquired, Lease, Store, StoreError, UserQuota};
 
 /// What leaves the actor, in order.
 enum Outgoing {
@@ -689,8 +689,10 @@ impl Conversation {
     /// client-chosen one) is loaded by a new incarnation instead.
     fn create(&mut self, meta: Box<ConversationMeta>, taken_loads: bool, ctx: &mut Context<Self>) {
         // A new conversation must have room for what it starts with: refused whole otherwise.
-        let init_json = serde_json::to_string(&meta.init).unwrap_or_default();
-        let init_bytes = meta_bytes(&init_json);
+        let init_bytes = match encode_init(&meta.init) {
+            Ok(init_json) => meta_bytes(&init_json),
+            Err(e) => return self.load_failed(e, ctx),
+        };
         let limits = self.store.limits();
         let room = limits.check_new_conversation(&self.id, init_bytes, self.store.used_bytes());
         if let Err(e) = room {

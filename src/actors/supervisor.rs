@@ -140,34 +140,31 @@ impl Supervisor {
         let arbiters: Vec<ArbiterHandle> = (0..threads).map(|_| Arbiter::new().handle()).collect();
         let pool = AgentPool::start(settings.clone(), arbiters.clone());
         let runtimes = RuntimeFactory::new(settings.clone(), pool.clone());
-        let mut shared_core = None;
-        Supervisor::create(|ctx| {
-            ctx.set_mailbox_capacity(4096);
-            let core = Arc::new_cyclic(|me| {
-                Mutex::new(Core {
-                    me: me.clone(),
-                    supervisor: ctx.address(),
-                    registry: registry.clone(),
-                    arbiters,
-                    next_arbiter: 0,
-                    settings,
-                    store,
-                    next_generation: 0,
-                    evicting: HashSet::new(),
-                    deferred: HashMap::new(),
-                    deleting: HashMap::new(),
-                    create_limiter,
-                    per_owner: HashMap::new(),
-                    shutting_down: false,
-                    shutdown_waiters: Vec::new(),
-                    pool: pool.clone(),
-                    runtimes,
-                })
-            });
-            shared_core = Some(core.clone());
-            Supervisor { core }
+        let mut ctx = Context::new();
+        ctx.set_mailbox_capacity(4096);
+        let supervisor = ctx.address();
+        let core = Arc::new_cyclic(|me| {
+            Mutex::new(Core {
+                me: me.clone(),
+                supervisor,
+                registry: registry.clone(),
+                arbiters,
+                next_arbiter: 0,
+                settings,
+                store,
+                next_generation: 0,
+                evicting: HashSet::new(),
+                deferred: HashMap::new(),
+                deleting: HashMap::new(),
+                create_limiter,
+                per_owner: HashMap::new(),
+                shutting_down: false,
+                shutdown_waiters: Vec::new(),
+                pool: pool.clone(),
+                runtimes,
+            })
         });
-        let core = shared_core.expect("Supervisor::create runs its closure at once");
+        ctx.run(Supervisor { core: core.clone() });
         SupervisorHandle::new(core, registry, pool)
     }
 

@@ -69,9 +69,18 @@ thread_local! {
 }
 
 /// Marks the current thread (an HTTP worker, inside its actix arbiter) as one whose requests'
-/// conversations run on it. It must outlive them: the server stops conversations first.
+/// conversations run on it, and says so in the log. It must outlive them: the server stops
+/// conversations first.
 pub fn host_conversations_here() {
     HOSTS_CONVERSATIONS.with(|hosts| hosts.set(true));
+    tracing::debug!("HTTP worker started");
+}
+
+/// Starts a conversation arbiter, which says so in the log from its own thread.
+fn conversation_thread() -> ArbiterHandle {
+    let arbiter = Arbiter::new().handle();
+    arbiter.spawn_fn(|| tracing::debug!("conversation thread started"));
+    arbiter
 }
 
 type AdmitReply = oneshot::Sender<Result<Admitted, AdmitError>>;
@@ -137,7 +146,7 @@ impl Supervisor {
             settings.limits.create_rate_per_sec,
             settings.limits.create_burst,
         );
-        let arbiters: Vec<ArbiterHandle> = (0..threads).map(|_| Arbiter::new().handle()).collect();
+        let arbiters: Vec<ArbiterHandle> = (0..threads).map(|_| conversation_thread()).collect();
         let pool = AgentPool::start(settings.clone(), arbiters.clone());
         let runtimes = RuntimeFactory::new(settings.clone(), pool.clone());
         let mut ctx = Context::new();

@@ -14,6 +14,7 @@ use serde_json::Value;
 
 mod cluster;
 mod pg;
+mod placement;
 mod sandbox;
 
 /// The binary, run in `dir` (so no `./config/default.toml` is layered in) with a clean

@@ -22,7 +22,7 @@ fn start_node_with_ttl(db: &pg::TestDatabase, node_id: &str, ttl_ms: u64) -> Ser
 }
 
 /// [`start_node_with_ttl`] with more settings.
-fn start_node_with(
+pub(crate) fn start_node_with(
     db: &pg::TestDatabase,
     node_id: &str,
     ttl_ms: u64,

@@ -3,7 +3,8 @@
 //! is in a debug line when it starts, a request's lines carry its `request_id` and a
 //! conversation's lines its `conversation_id`. An echo conversation runs on the HTTP worker that
 //! served the request creating it; an agent process's conversation (spawned and recorded with
-//! blocking calls) runs on a conversation thread, never on an HTTP worker.
+//! blocking calls), and one no request brought up (taken over from a dead cluster node, on
+//! PostgreSQL: SKIPPED without one), runs on a conversation thread, never on an HTTP worker.
 
 use std::collections::HashSet;
 
@@ -18,20 +19,25 @@ const SHELL_AGENT: &str = concat!(
     "/examples/agents/shell_agent.py"
 );
 
-/// A server on the memory store with JSON logs, the actors' debug lines and `THREADS` HTTP
-/// workers and conversation threads, plus the settings in `more`.
-fn start(more: &[(&str, &str)]) -> Server {
-    let threads = THREADS.to_string();
+/// JSON logs with the actors' debug lines, and `threads` (`THREADS`) HTTP workers and
+/// conversation threads, then the settings in `more`.
+fn settings<'a>(threads: &'a str, more: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
     let mut envs = vec![
         ("SWITCHBOARD_LOG_FORMAT", "json"),
         ("SWITCHBOARD_LOG", "info,switchboard::actors=debug"),
-        ("SWITCHBOARD_WORKERS", threads.as_str()),
-        ("SWITCHBOARD_CONVERSATION_THREADS", threads.as_str()),
+        ("SWITCHBOARD_WORKERS", threads),
+        ("SWITCHBOARD_CONVERSATION_THREADS", threads),
     ];
     envs.extend_from_slice(more);
+    envs
+}
+
+/// A server on the memory store with [`settings`].
+fn start(more: &[(&str, &str)]) -> Server {
+    let threads = THREADS.to_string();
     let dir = tempfile::tempdir().expect("temp dir");
     let data = dir.path().join("data");
-    Server::start_with(dir, &data, "memory", &envs)
+    Server::start_with(dir, &data, "memory", &settings(&threads, more))
 }
 
 /// The JSON lines the server has written so far (each must be one JSON object).
@@ -148,10 +154,10 @@ fn stop_and_collect(server: &mut Server, id: &str, also: &[&str]) -> Vec<Value> 
     })
 }
 
-/// Checks that the conversation logged its life (created, ready, stopped) and returns the one
-/// thread all its lines were written on.
-fn the_one_thread(id: &str, lines: &[Value]) -> String {
-    for expected in ["conversation created", "runtime ready", "stopping"] {
+/// Checks that the conversation logged its life (`began`, its runtime ready, stopping) and
+/// returns the one thread all its lines were written on.
+fn the_one_thread(id: &str, lines: &[Value], began: &str) -> String {
+    for expected in [began, "runtime ready", "stopping"] {
         assert!(
             lines.iter().any(|line| message(line) == expected),
             "{id}: no {expected:?} line in {lines:#?}"
@@ -171,7 +177,11 @@ fn an_echo_conversation_runs_on_the_http_worker_that_served_its_create() {
         let (id, served_on) = create(&mut server, &format!("echo-create-{n}"));
         assert!(threads.workers.contains(&served_on), "{served_on}");
         let lines = stop_and_collect(&mut server, &id, &[]);
-        assert_eq!(the_one_thread(&id, &lines), served_on, "{id}");
+        assert_eq!(
+            the_one_thread(&id, &lines, "conversation created"),
+            served_on,
+            "{id}"
+        );
     }
 }
 
@@ -191,11 +201,44 @@ fn an_agent_process_conversation_runs_on_a_conversation_thread() {
         wait_status(server.port, &id, "RUNNING");
         let agent = ["agent process started", "agent process stopped"];
         let lines = stop_and_collect(&mut server, &id, &agent);
-        let ran_on = the_one_thread(&id, &lines);
+        let ran_on = the_one_thread(&id, &lines, "conversation created");
         assert!(
             threads.conversations.contains(&ran_on),
             "{id} ran on {ran_on}, not on a conversation thread {:?}",
             threads.conversations
         );
     }
+}
+
+/// A conversation whose owner was killed (`kill -9`) is taken over by another node's sweep,
+/// without any request: it runs there on a conversation thread.
+#[test]
+fn a_conversation_taken_over_without_a_request_runs_on_a_conversation_thread() {
+    let Some(db) = super::pg::database() else {
+        return;
+    };
+    let threads = THREADS.to_string();
+    let node =
+        |name: &str| super::cluster::start_node_with(&db, name, 1000, &settings(&threads, &[]));
+    let mut a = node("a");
+    let (id, _) = create(&mut a, "create-before-the-kill");
+    let mut b = node("b");
+    let b_threads = self::threads(&mut b);
+    a.kill_9();
+    wait_for(&mut b, "the takeover", |lines| {
+        lines
+            .iter()
+            .find(|line| {
+                message(line) == "took over a conversation its lapsed owner held"
+                    && line["span"]["conversation"] == id.as_str()
+            })
+            .map(|_| ())
+    });
+    let lines = stop_and_collect(&mut b, &id, &[]);
+    let ran_on = the_one_thread(&id, &lines, "conversation resumed");
+    assert!(
+        b_threads.conversations.contains(&ran_on),
+        "{id} ran on {ran_on}, not on a conversation thread {:?}",
+        b_threads.conversations
+    );
 }

@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use actix::WeakAddr;
 use dashmap::DashMap;
@@ -36,7 +36,9 @@ fn clock() -> Instant {
     *START.get_or_init(Instant::now)
 }
 
-/// Milliseconds on a process-wide monotonic clock.
+/// Milliseconds on a process-wide monotonic clock: tokio's, which is the system's monotonic
+/// clock except on a runtime whose time a test has paused (so the conversations' timers and
+/// the idleness they measure move together there).
 pub fn now_ms() -> u64 {
     clock().elapsed().as_millis() as u64
 }

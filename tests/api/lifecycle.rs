@@ -1,6 +1,5 @@
-//! Idle stop, the start deadline, and graceful shutdown.
-
-use std::time::Duration;
+//! Idle stop, the start deadline, and graceful shutdown, on a real server and real time (the
+//! same timers at their exact boundaries, on paused time: `tests/paused_time.rs`).
 
 use serde_json::{json, Value};
 use switchboard::store::EventQuery;
@@ -18,23 +17,6 @@ async fn an_idle_conversation_stops_by_itself() {
     let last = events.last().unwrap();
     assert_eq!(last["extras"]["agent_state"], "stopped");
     assert_eq!(last["extras"]["reason"], "idle timeout");
-}
-
-#[actix_web::test]
-async fn activity_postpones_the_idle_stop() {
-    let app = spawn_app_with(|s| s.limits.idle_timeout_secs = 2).await;
-    let id = app.create(json!({})).await;
-    for _ in 0..4 {
-        actix_web::rt::time::sleep(Duration::from_millis(700)).await;
-        let r = app
-            .post(
-                &format!("/api/conversations/{id}/events"),
-                json!({"action": "message", "args": {"content": "tick"}}),
-            )
-            .await;
-        assert_eq!(r.status, 200, "stopped while active: {}", r.body);
-    }
-    assert_eq!(app.info(&id).await["status"], "RUNNING");
 }
 
 #[actix_web::test]

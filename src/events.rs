@@ -122,6 +122,27 @@ impl EventBody {
         } else {
             Value::Null
         };
+        Self::chat(source, content, file_urls, image_urls, wait)
+    }
+
+    /// A chat `message` the user sent with these files and images.
+    pub fn user_message(content: &str, image_urls: Vec<String>, file_urls: Vec<String>) -> Self {
+        Self::chat(
+            Source::User,
+            content,
+            json!(file_urls),
+            json!(image_urls),
+            false,
+        )
+    }
+
+    fn chat(
+        source: Source,
+        content: &str,
+        file_urls: Value,
+        image_urls: Value,
+        wait: bool,
+    ) -> Self {
         EventBody {
             source,
             message: content.to_string(),
@@ -284,64 +305,28 @@ impl EventBody {
     }
 }
 
-/// Reads a user action as a client sends it (`oh_user_action`, `POST …/events`).
-///
-/// The action must be an object with a lowercase `action` name and an optional `args` object;
-/// a `message` needs a string `content` and may carry `image_urls`/`file_urls` lists of strings.
-/// Any client-supplied `id`, `timestamp` or `source` is ignored: the event is the user's.
+/// Reads a user action as a client sends it (`oh_user_action`, `POST …/events`) into the
+/// user's event. The rules are the contract's ([`crate::api::schema::UserAction`], read by
+/// [`crate::api::validation::read_user_action`]); any client-supplied `id`, `timestamp` or
+/// `source` is ignored: the event is the user's.
 pub fn parse_user_action(value: &Value) -> Result<EventBody, String> {
-    let obj = value
-        .as_object()
-        .ok_or_else(|| "an action must be a JSON object".to_string())?;
-    let action = obj
-        .get("action")
-        .and_then(Value::as_str)
-        .ok_or_else(|| "the action needs an `action` name".to_string())?;
-    if !is_event_name(action) {
-        return Err(format!(
-            "`action` must be 1-{EVENT_NAME_MAX_LEN} characters of a-z, 0-9 or _"
-        ));
-    }
-    let args = match obj.get("args") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(_) => return Err("`args` must be an object".into()),
-    };
-    if action == "message" {
-        let content = args
-            .get("content")
-            .and_then(Value::as_str)
-            .ok_or_else(|| "a message needs a string `args.content`".to_string())?;
-        let mut urls = Vec::new();
-        for key in ["image_urls", "file_urls"] {
-            match args.get(key) {
-                None | Some(Value::Null) => urls.push(json!([])),
-                Some(Value::Array(items)) if items.iter().all(Value::is_string) => {
-                    urls.push(Value::Array(items.clone()))
-                }
-                Some(_) => return Err(format!("`args.{key}` must be a list of strings")),
-            }
+    crate::api::validation::read_user_action(value).map(EventBody::from)
+}
+
+impl EventBody {
+    /// An action other than `message` the user sent, with its `args` and `message`.
+    pub fn user_action(action: String, args: Map<String, Value>, message: String) -> Self {
+        EventBody {
+            source: Source::User,
+            message,
+            cause: None,
+            kind: EventKind::Action {
+                action,
+                args: Value::Object(args),
+            },
+            extra: Map::new(),
         }
-        let mut body = EventBody::message(Source::User, content, urls[0].clone(), false);
-        if let EventKind::Action { args, .. } = &mut body.kind {
-            args["file_urls"] = urls[1].clone();
-        }
-        return Ok(body);
     }
-    let message = match obj.get("message") {
-        Some(Value::String(s)) => s.clone(),
-        _ => String::new(),
-    };
-    Ok(EventBody {
-        source: Source::User,
-        message,
-        cause: None,
-        kind: EventKind::Action {
-            action: action.to_string(),
-            args: Value::Object(args),
-        },
-        extra: Map::new(),
-    })
 }
 
 /// The event-name rule's constants, made from its one length (a literal, so that the pattern
@@ -661,5 +646,91 @@ mod tests {
             EventBody::from_value(&json!({"id": 9, "action": "run", "args": {"command": "ls"}}))
                 .unwrap();
         assert_eq!(ok.action_name(), Some("run"));
+    }
+
+    /// A user action is read by the contract (`UserAction`'s schema): every way it can be
+    /// wrong gets its one message, the first rule broken (in the order of the fields, whatever
+    /// the order of the keys) is the one reported, and what is stored is the same for a
+    /// message whatever else its args carry.
+    #[test]
+    fn user_actions_are_read_by_the_contract() {
+        let name_rule =
+            format!("`action` must be 1-{EVENT_NAME_MAX_LEN} characters of a-z, 0-9 or _");
+        let cases = [
+            (json!([]), "an action must be a JSON object"),
+            (json!("message"), "an action must be a JSON object"),
+            (json!({}), "the action needs an `action` name"),
+            (
+                json!({"action": null, "args": {}}),
+                "the action needs an `action` name",
+            ),
+            (
+                json!({"args": 5, "action": 7}),
+                "the action needs an `action` name",
+            ),
+            (json!({"action": "Not A Name"}), &name_rule),
+            (json!({"args": 5, "action": ""}), &name_rule),
+            (
+                json!({"action": "a".repeat(EVENT_NAME_MAX_LEN + 1)}),
+                &name_rule,
+            ),
+            (
+                json!({"action": "run", "args": [1]}),
+                "`args` must be an object",
+            ),
+            (
+                json!({"action": "message", "args": "x"}),
+                "`args` must be an object",
+            ),
+            (
+                json!({"action": "message"}),
+                "a message needs a string `args.content`",
+            ),
+            (
+                json!({"action": "message", "args": null}),
+                "a message needs a string `args.content`",
+            ),
+            (
+                json!({"action": "message", "args": {"image_urls": 1, "content": 1}}),
+                "a message needs a string `args.content`",
+            ),
+            (
+                json!({"action": "message", "args": {"file_urls": [1], "image_urls": "x", "content": ""}}),
+                "`args.image_urls` must be a list of strings",
+            ),
+            (
+                json!({"action": "message", "args": {"content": "x", "file_urls": ["a", null]}}),
+                "`args.file_urls` must be a list of strings",
+            ),
+        ];
+        for (action, message) in cases {
+            assert_eq!(
+                parse_user_action(&action),
+                Err(message.to_string()),
+                "{action}"
+            );
+        }
+
+        let message = parse_user_action(&json!({"id": 9, "source": "agent", "message": "m",
+            "args": {"wait_for_response": true, "file_urls": ["f"], "content": "hi", "x": 1,
+            "image_urls": null}, "action": "message"}))
+        .unwrap();
+        assert_eq!(
+            &*message.stamp(1, "t").json,
+            r#"{"id":1,"timestamp":"t","source":"user","message":"hi","action":"message","args":{"content":"hi","file_urls":["f"],"image_urls":[],"wait_for_response":false}}"#
+        );
+        let other = parse_user_action(&json!({"timestamp": "x", "message": "paused",
+            "action": "change_agent_state", "args": {"b": [1], "agent_state": "paused"}, "zz": 1}))
+        .unwrap();
+        assert_eq!(
+            &*other.stamp(2, "t").json,
+            r#"{"id":2,"timestamp":"t","source":"user","message":"paused","action":"change_agent_state","args":{"b":[1],"agent_state":"paused"}}"#
+        );
+        let bare =
+            parse_user_action(&json!({"action": "run", "args": null, "message": 3})).unwrap();
+        assert_eq!(
+            &*bare.stamp(3, "t").json,
+            r#"{"id":3,"timestamp":"t","source":"user","message":"","action":"run","args":{}}"#
+        );
     }
 }

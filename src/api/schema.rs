@@ -25,7 +25,7 @@ use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, ToSchema};
 
 use crate::conversation::{ConversationId, ConversationStatus, RuntimeStatus, Trigger};
-use crate::events::{Source, StoredEvent, EVENT_NAME_MAX_LEN, EVENT_NAME_PATTERN};
+use crate::events::{EventBody, Source, StoredEvent, EVENT_NAME_MAX_LEN, EVENT_NAME_PATTERN};
 use crate::pattern::Pattern;
 
 /// Rust's `char::is_whitespace` (Unicode `White_Space`, what `str::trim` removes) as the body
@@ -573,6 +573,33 @@ pub struct OtherAction {
     /// The event's `message`; kept when it is a string, ignored otherwise.
     #[serde(default)]
     pub message: Value,
+}
+
+/// The event a user action is stored as: a message with its content as the event's
+/// `message`, its lists (absent or `null`: empty) and `wait_for_response: false`; any other
+/// action with its `args` (absent or `null`: empty) and its `message` when it is a string.
+impl From<UserAction> for EventBody {
+    fn from(action: UserAction) -> Self {
+        match action {
+            UserAction::Message(MessageAction { args, .. }) => EventBody::user_message(
+                &args.content,
+                args.image_urls.unwrap_or_default(),
+                args.file_urls.unwrap_or_default(),
+            ),
+            UserAction::Other(OtherAction {
+                action,
+                args,
+                message,
+            }) => EventBody::user_action(
+                action,
+                args.unwrap_or_default(),
+                match message {
+                    Value::String(s) => s,
+                    _ => String::new(),
+                },
+            ),
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------

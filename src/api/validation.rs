@@ -7,11 +7,14 @@
 //! types' schemas (`schema.rs`) checks each value against its field's schema; this module adds
 //! the rules beyond types and builds the result. A conversation id that enters as text becomes a [`ConversationId`] through
 //! [`conversation_id`], whose 422 states the id rule.
+//!
+//! The same reader checks a user action ([`read_user_action`]: `UserAction`, one of several
+//! models told apart by their enum-valued fields, answered in switchboard's own sentences).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 
 use utoipa::openapi::schema::{AdditionalProperties, ArrayItems, SchemaType, Type};
@@ -21,10 +24,11 @@ use utoipa::{PartialSchema, ToSchema};
 use super::schema::{
     has_mcp_url_scheme, is_repository, mcp_url_schemes_in_words, refused_values, CreateMicroagent,
     InitSessionRequest, McpConfig, ProvidersSetModel, StoredSettings, SuggestedTask,
-    UpdateConversationRequest, TASK_PROVIDERS_REFUSED, TASK_TYPES_REFUSED, TITLE_MAX_LEN,
+    UpdateConversationRequest, UserAction, TASK_PROVIDERS_REFUSED, TASK_TYPES_REFUSED,
+    TITLE_MAX_LEN,
 };
 use crate::conversation::{ConversationId, InitData, NewConversation, Trigger};
-use crate::events::EventBody;
+use crate::events::{is_event_name, EventBody, EVENT_NAME_MAX_LEN};
 
 /// One entry of a 422 `detail` list.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -99,6 +103,10 @@ enum Kind {
     ChoiceList(Vec<String>),
     /// `dict[str, str]`.
     StrMap,
+    /// `dict[str, Any]`: an object of any values.
+    Object,
+    /// Any value at all (a schema without a type).
+    Any,
     /// A nested model (its schema's name), read by the caller when it chooses.
     Model(String),
     /// `list[Model]` (the items' schema name), each item read as it comes.
@@ -106,6 +114,22 @@ enum Kind {
     /// A schema this reader does not know; accepted as sent (the unit tests hold the contract
     /// free of them).
     Unknown,
+}
+
+impl Kind {
+    /// What a value of this kind is, in words (for switchboard's own messages).
+    fn in_words(&self) -> String {
+        match self {
+            Kind::Str => "a string".into(),
+            Kind::Choice(choices) => format!("one of {}", enum_expected(choices)),
+            Kind::Int => "an integer".into(),
+            Kind::StrList => "a list of strings".into(),
+            Kind::ChoiceList(choices) => format!("a list of {}", enum_expected(choices)),
+            Kind::StrMap | Kind::Object | Kind::Model(_) => "an object".into(),
+            Kind::ModelList(_) => "a list of objects".into(),
+            Kind::Any | Kind::Unknown => "a value".into(),
+        }
+    }
 }
 
 /// One field of a request type.
@@ -136,6 +160,18 @@ static NO_MODEL: Model = Model {
 /// a list is quicker to search than a map is to hash).
 struct Contract {
     models: Vec<(String, Model)>,
+    unions: Vec<(String, Union)>,
+}
+
+/// A request type that is one of several models (an untagged enum: a `oneOf` of references).
+/// An alternative with enum-valued fields is *tagged*: it is the one a value is when those
+/// fields hold one of their values; the last alternative takes every value no tag claims.
+#[derive(Debug)]
+struct Union {
+    /// The alternatives' schema names, in declaration order.
+    alternatives: Vec<String>,
+    /// The field that tells them apart: the first enum-valued field of a tagged alternative.
+    tag: Option<String>,
 }
 
 /// The contract, read once from the request types' schemas.
@@ -146,6 +182,7 @@ fn contract() -> &'static Contract {
         collect::<InitSessionRequest>(&mut schemas);
         collect::<UpdateConversationRequest>(&mut schemas);
         collect::<ProvidersSetModel>(&mut schemas);
+        collect::<UserAction>(&mut schemas);
         Contract::new(&schemas)
     })
 }
@@ -186,7 +223,7 @@ impl Contract {
     fn new(schemas: &[(String, RefOr<Schema>)]) -> Contract {
         let named: HashMap<&str, &RefOr<Schema>> =
             schemas.iter().map(|(n, s)| (n.as_str(), s)).collect();
-        let models = schemas
+        let models: Vec<(String, Model)> = schemas
             .iter()
             .filter_map(|(name, schema)| match schema {
                 RefOr::T(Schema::Object(o)) if o.enum_values.is_none() => {
@@ -212,7 +249,31 @@ impl Contract {
                 _ => None,
             })
             .collect();
-        Contract { models }
+        let unions = schemas
+            .iter()
+            .filter_map(|(name, schema)| match schema {
+                RefOr::T(Schema::OneOf(one)) => {
+                    let alternatives = one
+                        .items
+                        .iter()
+                        .map(|item| match item {
+                            RefOr::Ref(r) => r.ref_location.rsplit('/').next().map(str::to_string),
+                            RefOr::T(_) => None,
+                        })
+                        .collect::<Option<Vec<String>>>()?;
+                    let tag = alternatives.iter().find_map(|alternative| {
+                        let (_, model) = models.iter().find(|(n, _)| n == alternative)?;
+                        model.fields.iter().find_map(|f| match f.kind {
+                            Kind::Choice(_) => Some(f.name.clone()),
+                            _ => None,
+                        })
+                    });
+                    Some((name.clone(), Union { alternatives, tag }))
+                }
+                _ => None,
+            })
+            .collect();
+        Contract { models, unions }
     }
 
     /// The kind of a field with this schema, and whether it may be `null`.
@@ -245,12 +306,24 @@ impl Contract {
             RefOr::T(Schema::Object(o)) => {
                 let (scalar, null) = scalar(&o.schema_type);
                 let kind = match (scalar, o.additional_properties.as_deref()) {
+                    // An enum declared in place (`#[schema(inline)]`).
+                    (Some(Type::String), _) if o.enum_values.is_some() => Kind::Choice(
+                        o.enum_values
+                            .iter()
+                            .flatten()
+                            .filter_map(|v| v.as_str().map(str::to_string))
+                            .collect(),
+                    ),
                     (Some(Type::String), _) => Kind::Str,
                     (Some(Type::Object), Some(AdditionalProperties::RefOr(values)))
                         if Self::kind(values, named).0 == Kind::Str =>
                     {
                         Kind::StrMap
                     }
+                    (Some(Type::Object), None | Some(AdditionalProperties::FreeForm(true))) => {
+                        Kind::Object
+                    }
+                    (None, _) if o.schema_type == SchemaType::AnyValue => Kind::Any,
                     _ => Kind::Unknown,
                 };
                 return (kind, nullable || null);
@@ -283,6 +356,64 @@ impl Contract {
     /// `T`'s model.
     fn model<T: ToSchema>(&self) -> &Model {
         self.get(&T::name())
+    }
+
+    /// The union `U` (`None` when it is not in the contract; a unit test holds it there).
+    fn union<U: ToSchema>(&self) -> Option<&Union> {
+        let name = U::name();
+        self.unions
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, union)| union)
+    }
+
+    /// The alternative of `union` that `obj` is: the first tagged one whose enum-valued fields
+    /// all hold one of their values, or else the last one. Its model, and its tag's value when
+    /// a tag claimed it.
+    fn alternative<'c>(
+        &'c self,
+        union: &'c Union,
+        obj: &'c Map<String, Value>,
+    ) -> Option<(&'c Model, Option<&'c str>)> {
+        let claimed = |model: &'c Model| {
+            let mut tags = model
+                .fields
+                .iter()
+                .filter_map(|f| match &f.kind {
+                    Kind::Choice(choices) => Some((f, choices)),
+                    _ => None,
+                })
+                .peekable();
+            tags.peek()?;
+            let mut value = None;
+            for (field, choices) in tags {
+                let v = obj.get(&field.name).and_then(Value::as_str)?;
+                choices.iter().any(|c| c == v).then_some(())?;
+                value = value.or(Some(v));
+            }
+            value
+        };
+        union
+            .alternatives
+            .iter()
+            .map(|a| self.get(a))
+            .find_map(|model| claimed(model).map(|tag| (model, Some(tag))))
+            .or_else(|| Some((self.get(union.alternatives.last()?), None)))
+    }
+
+    /// The field at `path` (a 422's `loc` from `model`, list indices skipped), as it is
+    /// declared in the model that holds it.
+    fn field_at<'c>(&'c self, model: &'c Model, path: &[Value]) -> Option<&'c Field> {
+        let mut names = path.iter().filter_map(Value::as_str);
+        let first = names.next()?;
+        let mut field = model.fields.iter().find(|f| f.name == first)?;
+        for name in names {
+            let (Kind::Model(inner) | Kind::ModelList(inner)) = &field.kind else {
+                return None;
+            };
+            field = self.get(inner).fields.iter().find(|f| f.name == name)?;
+        }
+        Some(field)
     }
 
     /// Reads `obj` (at `base`) as a `T`: each field in declaration order, its errors added to
@@ -389,7 +520,8 @@ impl Contract {
                     }
                     Some(Checked::Other)
                 }
-                (Kind::StrMap, _) => {
+                (Kind::Object, Value::Object(_)) | (Kind::Any, _) => Some(Checked::Other),
+                (Kind::StrMap | Kind::Object, _) => {
                     errors.push(FieldError::new(
                         "dict_type",
                         l(),
@@ -1074,6 +1206,87 @@ pub fn parse_start_body(obj: &Map<String, Value>) -> Result<(), Vec<FieldError>>
     }
 }
 
+/// Reads a user action as a client sends it (`POST …/events`, the socket's `oh_user_action`)
+/// as a [`UserAction`]: the alternative its tag names ([`Contract::alternative`]: a
+/// [`MessageAction`](super::schema::MessageAction) when `action` is `message`, an
+/// [`OtherAction`](super::schema::OtherAction) otherwise), each field
+/// checked against that alternative's schema in declaration order, and the tag's value against
+/// the event-name rule ([`is_event_name`], the pattern the schema states). Keys the alternative
+/// does not declare are ignored. The first error is the answer, in switchboard's own words
+/// ([`user_action_error`]).
+pub fn read_user_action(value: &Value) -> Result<UserAction, String> {
+    let obj = value
+        .as_object()
+        .ok_or_else(|| "an action must be a JSON object".to_string())?;
+    let contract = contract();
+    let union = contract
+        .union::<UserAction>()
+        .ok_or_else(|| "the contract holds no user action".to_string())?;
+    let (model, tag) = contract
+        .alternative(union, obj)
+        .ok_or_else(|| "the contract holds no user action".to_string())?;
+    let tag_field = union.tag.as_deref().unwrap_or_default();
+    let mut errors = Vec::new();
+    let mut fields = contract.read_model(model, obj, &[], &mut errors, &mut |_, _, _| {});
+    if fields
+        .str(tag_field)
+        .is_some_and(|name| !is_event_name(&name))
+    {
+        return Err(format!(
+            "`{tag_field}` must be 1-{EVENT_NAME_MAX_LEN} characters of a-z, 0-9 or _"
+        ));
+    }
+    // Then the nested models, in the order of their fields.
+    for field in &model.fields {
+        if let (Kind::Model(inner), Some((m, l))) = (&field.kind, fields.model(&field.name)) {
+            contract.read_model(contract.get(inner), &m, &l, &mut errors, &mut |_, _, _| {});
+        }
+    }
+    if let Some(e) = errors.first() {
+        return Err(user_action_error(contract, model, tag_field, tag, e));
+    }
+    // The value keeps every rule of the alternative's schema: serde reads it into the type.
+    UserAction::deserialize(value).map_err(|e| e.to_string())
+}
+
+/// How the first error of a user action reads. Its tag field missing or not a string: the
+/// action needs an `action` name; a model missing or `null`: as its first required field
+/// missing; a required field of a tagged alternative (other than an object): a message needs
+/// a string `args.content`; any other field: `args.image_urls` must be a list of strings.
+fn user_action_error(
+    contract: &Contract,
+    model: &Model,
+    tag_field: &str,
+    tag: Option<&str>,
+    e: &FieldError,
+) -> String {
+    let mut path: Vec<&str> = e.loc.iter().filter_map(Value::as_str).collect();
+    if path == [tag_field] {
+        return format!("the action needs an `{tag_field}` name");
+    }
+    let mut field = contract.field_at(model, &e.loc);
+    if let Some(Field {
+        kind: Kind::Model(inner),
+        ..
+    }) = field
+    {
+        if e.kind == "missing" || e.input.is_null() {
+            field = contract.get(inner).fields.iter().find(|f| f.required);
+            path.extend(field.map(|f| f.name.as_str()));
+        }
+    }
+    let path = path.join(".");
+    match (field, tag) {
+        (Some(f), Some(tag)) if f.required && !matches!(f.kind, Kind::Model(_) | Kind::Object) => {
+            format!("a {tag} needs {} `{path}`", f.kind.in_words())
+        }
+        (f, _) => format!(
+            "`{path}` must be {}",
+            f.map_or_else(|| "a value".into(), |f| f.kind.in_words())
+        ),
+    }
+}
+
 /// Validates a `PATCH /api/conversations/{id}` body (OpenHands' `ConversationUpdate`, which
 /// forbids unknown fields): the title, stripped, 1–[`TITLE_MAX_LEN`] characters.
 pub fn parse_conversation_update(obj: &Map<String, Value>) -> Result<String, Vec<FieldError>> {
@@ -1224,6 +1437,23 @@ mod tests {
         for name in names {
             let model = contract.get(&name);
             assert!(!std::ptr::eq(model, &NO_MODEL), "{name}");
+            assert!(!model.fields.is_empty(), "{name}");
+            for field in &model.fields {
+                assert_ne!(field.kind, Kind::Unknown, "{name}.{}", field.name);
+            }
+        }
+        let actions = contract
+            .union::<UserAction>()
+            .expect("UserAction is in the contract");
+        assert_eq!(actions.alternatives, ["MessageAction", "OtherAction"]);
+        assert_eq!(actions.tag.as_deref(), Some("action"));
+        for name in actions
+            .alternatives
+            .iter()
+            .map(String::as_str)
+            .chain(["MessageArgs"])
+        {
+            let model = contract.get(name);
             assert!(!model.fields.is_empty(), "{name}");
             for field in &model.fields {
                 assert_ne!(field.kind, Kind::Unknown, "{name}.{}", field.name);

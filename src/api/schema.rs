@@ -181,11 +181,6 @@ pub trait Choices: Serialize + Copy + 'static {
 
     /// The values' names on the wire (their serde names), in order.
     fn names() -> &'static [String];
-
-    /// Whether `name` is one of the values' names.
-    fn is_name(name: &str) -> bool {
-        Self::names().iter().any(|n| n == name)
-    }
 }
 
 /// Implements [`Choices`] for an enum from its variants (a missing variant does not compile).

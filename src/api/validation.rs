@@ -9,7 +9,9 @@
 //! [`conversation_id`], whose 422 states the id rule.
 //!
 //! The same reader checks a user action ([`read_user_action`]: `UserAction`, one of several
-//! models told apart by their enum-valued fields, answered in switchboard's own sentences).
+//! models told apart by their enum-valued fields, answered in switchboard's own sentences)
+//! and the socket's `providers_set` query ([`read_providers_set_query`]: the start body's
+//! `providers_set`, comma-separated).
 
 use std::collections::HashMap;
 use std::sync::OnceLock;
@@ -1206,6 +1208,26 @@ pub fn parse_start_body(obj: &Map<String, Value>) -> Result<(), Vec<FieldError>>
     }
 }
 
+/// Reads the `providers_set` query of a Socket.IO CONNECT: provider names separated by commas
+/// (blanks around a name and empty names are ignored), each read as an item of the start
+/// body's `providers_set` ([`ProvidersSetModel`]). The first name that is not a provider is
+/// the error.
+pub fn read_providers_set_query(query: &str) -> Result<(), String> {
+    let names = query
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(Value::from)
+        .collect();
+    let body = Map::from_iter([("providers_set".to_string(), Value::Array(names))]);
+    let mut errors = Vec::new();
+    contract().read::<ProvidersSetModel>(&body, &[], &mut errors);
+    match errors.first() {
+        None => Ok(()),
+        Some(e) => Err(e.input.as_str().unwrap_or_default().to_string()),
+    }
+}
+
 /// Reads a user action as a client sends it (`POST …/events`, the socket's `oh_user_action`)
 /// as a [`UserAction`]: the alternative its tag names ([`Contract::alternative`]: a
 /// [`MessageAction`](super::schema::MessageAction) when `action` is `message`, an
@@ -1482,6 +1504,40 @@ mod tests {
                 &Kind::Str,
             ]
         );
+    }
+
+    /// The socket's `providers_set` query names the start body's providers: none, or a list
+    /// of them with blanks around and empty names between; the first other name is refused.
+    #[test]
+    fn providers_set_query_names_the_start_bodys_providers() {
+        for good in [
+            "",
+            " ",
+            ",",
+            "github",
+            " github , ,enterprise_sso,",
+            "gitlab,bitbucket",
+        ] {
+            assert_eq!(read_providers_set_query(good), Ok(()), "{good:?}");
+        }
+        for (bad, name) in [
+            ("github,svn,x", "svn"),
+            ("GitHub", "GitHub"),
+            (" a b ,github", "a b"),
+            ("github,\"x\"", "\"x\""),
+        ] {
+            assert_eq!(
+                read_providers_set_query(bad),
+                Err(name.to_string()),
+                "{bad:?}"
+            );
+        }
+        // The same names as the start body's list.
+        for name in ProviderType::names() {
+            let body = Map::from_iter([("providers_set".to_string(), json!([name]))]);
+            assert_eq!(parse_start_body(&body), Ok(()));
+            assert_eq!(read_providers_set_query(name), Ok(()));
+        }
     }
 
     #[test]

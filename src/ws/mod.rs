@@ -35,7 +35,6 @@ use crate::actors::messages::ConversationError;
 use crate::actors::{
     Admit, AdmitError, AdmitMode, ClientFrame, CloseReason, ConversationHandle, OpenError,
 };
-use crate::api::schema::{Choices, ProviderType};
 use crate::api::{resource, resources, ApiError, AppState};
 use crate::conversation::ConversationId;
 use crate::events::{parse_user_action, StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
@@ -613,11 +612,7 @@ impl Socket {
                 ),
             },
         };
-        if let Some(bad) = providers_set
-            .split(',')
-            .map(str::trim)
-            .find(|p| !p.is_empty() && !ProviderType::is_name(p))
-        {
+        if let Err(bad) = crate::api::validation::read_providers_set_query(providers_set) {
             return Some(format!("Invalid providers_set: unknown provider {bad:?}"));
         }
         self.conversation_id = Some(id);

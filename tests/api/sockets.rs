@@ -72,6 +72,13 @@ async fn reconnecting_with_latest_event_id_gets_only_what_was_missed() {
         .sio_attached(&format!("conversation_id={id}&latest_event_id=abc"))
         .await;
     assert_eq!(stored(&replay).len(), 5);
+    // providers_set names the start body's providers, blanks and empty names aside.
+    let (_ws, replay) = app
+        .sio_attached(&format!(
+            "conversation_id={id}&latest_event_id=3&providers_set=github,%20enterprise_sso%20,,"
+        ))
+        .await;
+    assert_eq!(ids(&replay), vec![4]);
 }
 
 #[actix_web::test]
@@ -110,9 +117,9 @@ async fn every_refusal_is_a_44_with_a_reason() {
             "Invalid conversation_id",
         ),
         (
-            format!("conversation_id={id}&session_api_key=k3y&providers_set=github,svn"),
+            format!("conversation_id={id}&session_api_key=k3y&providers_set=github,%20svn%20,x"),
             "40",
-            "Invalid providers_set",
+            r#"Invalid providers_set: unknown provider "svn""#,
         ),
         (
             format!("conversation_id={id}"),

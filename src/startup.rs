@@ -306,6 +306,7 @@ impl Application {
             App::new()
                 .app_data(state.clone())
                 .app_data(ops.clone())
+                .app_data(crate::http::forward::Peers::new())
                 .wrap(from_fn(crate::http::forward::forward))
                 .wrap(from_fn(crate::http::auth::login))
                 .wrap(cors(allow.clone()))
@@ -325,6 +326,9 @@ impl Application {
         .shutdown_timeout(settings.limits.shutdown_timeout_secs)
         // Small frames (events) must not wait for the peer's delayed ACK.
         .tcp_nodelay(true)
+        .on_connect(|_, _| {
+            crate::ops::metrics::metrics().connections_accepted.inc();
+        })
         .disable_signals()
         .listen(listener)
         .map_err(|source| StartupError::Bind {

@@ -14,6 +14,10 @@
 //! - **A wrong cluster key is refused** with 403 and nothing is done.
 //! - An owner that cannot be reached answers 503 (the caller retries; once the owner's
 //!   registration has expired, another node takes the conversation over).
+//! - **Connections to the owners are kept.** Each HTTP worker holds one client ([`Peers`], in
+//!   the app data) whose pooled connections are reused by the commands it forwards next: at
+//!   most [`PEER_CONNECTIONS`] at once per worker (more wait for one, within the forward
+//!   timeout), each closed after [`PEER_IDLE`] unused, before the owner would close it.
 //!
 //! Sockets take the same way to the owner ([`to_owner`], [`caller_headers`]): see
 //! [`crate::ws`]'s splice. A socket handshake carrying the cluster key is refused like a
@@ -41,6 +45,42 @@ use crate::store::NodeAddress;
 
 /// The header a forwarded request carries the cluster key in.
 pub const CLUSTER_KEY_HEADER: &str = "x-switchboard-cluster-key";
+
+/// At most this many connections to other nodes are in use at once per HTTP worker; a
+/// command forwarded while all are busy waits for one (within `forward_timeout_ms`).
+pub const PEER_CONNECTIONS: usize = 64;
+
+/// A kept connection to another node unused this long is closed: shorter than the 5 s an
+/// idle connection stays open on the owner (actix-web's keep-alive), so that a command is
+/// never sent on a connection the owner is closing.
+pub const PEER_IDLE: Duration = Duration::from_secs(4);
+
+/// The client one HTTP worker forwards commands with: its connections to the other nodes
+/// are pooled and kept alive (see the module docs). Built once per worker, in the app data
+/// (it is not `Send`).
+#[derive(Clone)]
+pub struct Peers(awc::Client);
+
+impl Peers {
+    pub fn new() -> Peers {
+        let connector = awc::Connector::new()
+            .limit(PEER_CONNECTIONS)
+            .conn_keep_alive(PEER_IDLE);
+        // Each request sets its own timeout (`forward_timeout_ms`).
+        Peers(
+            awc::Client::builder()
+                .connector(connector)
+                .disable_timeout()
+                .finish(),
+        )
+    }
+}
+
+impl Default for Peers {
+    fn default() -> Peers {
+        Peers::new()
+    }
+}
 
 /// The caller's headers a forwarded request keeps.
 const KEPT_HEADERS: &[header::HeaderName] = &[
@@ -108,10 +148,11 @@ pub async fn forward(
         .unwrap_or_default()
         .to_string();
     let timeout = Duration::from_millis(state.settings.cluster.forward_timeout_ms);
+    let peers = req.app_data::<Peers>().cloned().unwrap_or_default();
     let attempt = |owner: NodeAddress| {
-        let (req, body) = (&req, body.clone());
+        let (req, body, peers) = (&req, body.clone(), &peers);
         async move {
-            match send(req, &owner, key, body, timeout).await {
+            match send(peers, req, &owner, key, body, timeout).await {
                 Ok(answer) if answer.status() == StatusCode::MISDIRECTED_REQUEST => {
                     Attempt::Misdirected
                 }
@@ -199,8 +240,10 @@ fn elsewhere<B>(res: &ServiceResponse<B>) -> Option<NodeAddress> {
     res.response().extensions().get::<NodeAddress>().cloned()
 }
 
-/// Sends the request on to `owner`; its answer as this node's, if it comes within `timeout`.
+/// Sends the request on to `owner` over one of `peers`' connections; its answer as this
+/// node's, if it comes within `timeout`.
 async fn send(
+    peers: &Peers,
     req: &actix_web::HttpRequest,
     owner: &NodeAddress,
     key: &str,
@@ -214,9 +257,10 @@ async fn send(
         .uri()
         .path_and_query()
         .map_or(req.path(), |p| p.as_str());
-    let client = awc::Client::builder().timeout(timeout).finish();
-    let mut out = client
+    let mut out = peers
+        .0
         .request(req.method().clone(), format!("{}{path}", owner.url))
+        .timeout(timeout)
         .insert_header((CLUSTER_KEY_HEADER, key));
     for (name, value) in caller_headers(req) {
         out = out.insert_header((name, value));

@@ -60,6 +60,8 @@ pub struct Metrics {
     /// Sockets this node relays to the cluster node that owns their conversation.
     pub spliced_sockets: Family<TransportLabel, Gauge>,
     pub admissions_rejected: Family<ReasonLabel, Counter>,
+    /// HTTP connections accepted (a client that keeps its connection alive counts once).
+    pub connections_accepted: Counter,
     pub events_appended: Counter,
     /// Appends the store refused because this node no longer owned the conversation.
     pub fenced_appends: Counter,
@@ -92,6 +94,7 @@ pub fn metrics() -> &'static Metrics {
         clients_detached: Family::default(),
         spliced_sockets: Family::default(),
         admissions_rejected: Family::default(),
+        connections_accepted: Counter::default(),
         events_appended: Counter::default(),
         fenced_appends: Counter::default(),
         store_commit_duration: latency_histogram(),
@@ -216,6 +219,11 @@ pub fn registry(supervisor: SupervisorHandle) -> Registry {
         "admissions_rejected",
         "Conversations refused admission, by reason",
         m.admissions_rejected.clone(),
+    );
+    r.register(
+        "connections_accepted",
+        "HTTP connections accepted (each serves requests for as long as its client keeps it)",
+        m.connections_accepted.clone(),
     );
     r.register(
         "events_appended",

@@ -474,6 +474,44 @@ fn commands_sent_to_any_node_are_handled_by_the_owner() {
     );
 }
 
+/// A node keeps its connections to the owner of the commands it forwards: 20 create-or-joins
+/// sent to B (two HTTP workers, each holding its own pool) one after the other, each on a new
+/// connection of the caller's, all reach A, and A accepts at most two connections for them —
+/// one per worker of B — where a connection per forwarded command would be 20.
+#[test]
+fn forwarded_commands_reuse_their_connections_to_the_owner() {
+    let Some(db) = pg::database() else { return };
+    let key = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
+    let a = start_node_with(&db, "a", 1000, &[key]);
+    let b = start_node_with(&db, "b", 1000, &[key, ("SWITCHBOARD_WORKERS", "2")]);
+    let id = answered_conversation(&db, &a, "on a");
+
+    let accepted = || {
+        sample(
+            &scrape(a.port, &[]),
+            "switchboard_connections_accepted_total",
+            &[],
+        )
+        .expect("A counts the connections it accepts")
+    };
+    let before = accepted();
+    const COMMANDS: usize = 20;
+    for _ in 0..COMMANDS {
+        assert_eq!(join(b.port, &id), 200);
+    }
+    // The scrape's own connection is counted before it is answered.
+    let from_b = accepted() - before - 1.0;
+    assert!(
+        (1.0..=2.0).contains(&from_b),
+        "{COMMANDS} commands forwarded from B reached A over {from_b} new connections"
+    );
+    let log = stored_log(&db, &id);
+    assert!(
+        log.iter().all(|(_, epoch, _)| *epoch == log[0].1),
+        "A owned it throughout"
+    );
+}
+
 /// A node that does not own a conversation shows it as its live owner does: `RUNNING` while
 /// another live node runs it, `STOPPED` once it stopped there — in `GET
 /// /api/conversations/{id}` and in the list alike.

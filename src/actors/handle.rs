@@ -47,6 +47,13 @@ impl Admitted {
         }
     }
 
+    /// Whether admission started the conversation for this request (a new incarnation that
+    /// loads it and acquires it in a cluster) rather than finding it live; until
+    /// [`Admitted::join`] or [`Admitted::loaded`] has taken the first answer.
+    pub fn started(&self) -> bool {
+        self.first_join.is_some()
+    }
+
     /// Waits until the conversation has loaded when admission started it: its error (e.g.
     /// [`ConversationError::NotFound`] when there is nothing to load) if it did not.
     pub async fn loaded(&mut self) -> Result<(), ConversationError> {

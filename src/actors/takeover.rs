@@ -11,7 +11,10 @@
 //! Promises: at most [`BATCH`] conversations per heartbeat; nothing while the node is not
 //! live; a conversation refused by admission (the node's running limit, the user's limit) is
 //! left for another node or a later sweep; the sweep ends with the supervisor. Single-node
-//! stores have no orphans, so the sweep never starts there.
+//! stores have no orphans, so the sweep never starts there. "took over a conversation its
+//! lapsed owner held" is logged (info) only when the sweep itself brought the conversation up
+//! and acquired it; one it finds live on this node already (a request here brought it up
+//! first) is left as it is, at debug level.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,16 +57,19 @@ pub fn start(supervisor: SupervisorHandle, store: Arc<dyn Store>, every: Duratio
                     owner: orphan.owner,
                     brought_initial_message: false,
                 };
+                // Whether this sweep brought it up (and so acquired it), not found it live.
                 let opened = supervisor
-                    .open(
-                        request,
-                        |mut admitted| async move { admitted.loaded().await },
-                    )
+                    .open(request, |mut admitted| async move {
+                        let started = admitted.started();
+                        admitted.loaded().await.map(|()| started)
+                    })
                     .instrument(span.clone())
                     .await;
                 let _entered = span.enter();
                 match opened {
-                    Ok(()) => tracing::info!("took over a conversation its lapsed owner held"),
+                    Ok(true) => tracing::info!("took over a conversation its lapsed owner held"),
+                    // A request on this node brought it up first: nothing taken over here.
+                    Ok(false) => tracing::debug!("an orphaned conversation is live here already"),
                     Err(OpenError::Admit(AdmitError::ShuttingDown)) => return,
                     // Another node was quicker, or it was deleted meanwhile.
                     Err(OpenError::Conversation(

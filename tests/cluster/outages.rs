@@ -396,3 +396,55 @@ fn a_node_restarted_under_its_id_starts_what_its_killed_run_held() {
     );
     assert_one_writer_per_epoch(&stored_log(&db, &id));
 }
+
+/// The takeover sweep says "took over" only for what it took over. After `kill -9` of A, B's
+/// sweep brings up the conversation A owned (nobody asks B for it) and logs that it took it
+/// over. A conversation B runs already, whose ownership row the database shows under A as well
+/// (as when a request on B brought it up between the sweep's listing and its open), is listed
+/// as orphaned too: the sweep finds it live (logged at debug) and never logs it as taken over.
+#[test]
+fn the_takeover_sweep_logs_a_takeover_only_for_what_it_took_over() {
+    let Some(db) = pg::database() else { return };
+    let mut a = start_node(&db, "a");
+    let debug = (
+        "SWITCHBOARD_LOG",
+        "info,switchboard::actors::takeover=debug",
+    );
+    let mut b = start_node_with(&db, "b", 1000, &[debug]);
+    let on_a = answered_conversation(&db, &a, "on a");
+    let on_b = answered_conversation(&db, &b, "on b");
+    db.execute(&format!(
+        "UPDATE ownership SET (node_id, incarnation) = (SELECT node_id, incarnation \
+         FROM cluster_nodes WHERE node_id = 'a') WHERE conversation_id = '{on_b}'"
+    ));
+
+    a.kill_9();
+    let took_over = |id: &str| {
+        let id = id.to_string();
+        move |line: &str| line.contains("took over a conversation") && line.contains(&id)
+    };
+    let found_live = |line: &str| line.contains("live here already") && line.contains(&on_b);
+    for (what, check) in [
+        (
+            "B takes over A's conversation",
+            &took_over(&on_a) as &dyn Fn(&str) -> bool,
+        ),
+        ("B's sweep finds its own conversation live", &found_live),
+    ] {
+        if !b.seen.iter().any(|l| check(l)) {
+            println!("waiting until {what}");
+            b.wait_line(Duration::from_secs(30), check);
+        }
+    }
+    b.drain_nonblocking();
+    let claimed: Vec<&String> = b.seen.iter().filter(|l| took_over(&on_b)(l)).collect();
+    assert!(
+        claimed.is_empty(),
+        "a conversation B ran already was logged as taken over: {claimed:#?}"
+    );
+    assert_eq!(
+        b.seen.iter().filter(|l| took_over(&on_a)(l)).count(),
+        1,
+        "A's conversation is taken over once"
+    );
+}

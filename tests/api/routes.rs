@@ -325,6 +325,18 @@ async fn posting_a_user_action_is_stored_and_echoed() {
         let r = app.post(&path, bad.clone()).await;
         assert_eq!(r.status, 422, "{bad}: {}", r.body);
     }
+    // A refused action is a pydantic value error around switchboard's own sentence.
+    let bad = json!({"action": "message", "args": {"content": "x", "image_urls": [1]}});
+    let why = "`args.image_urls` must be a list of strings";
+    let r = app.post(&path, bad.clone()).await;
+    assert_eq!(
+        (r.status, r.body),
+        (
+            422,
+            json!({"detail": [{"type": "value_error", "loc": ["body"],
+                "msg": format!("Value error, {why}"), "input": bad, "ctx": {"error": why}}]})
+        )
+    );
     assert_eq!(
         app.events(&id).await.len(),
         events.len(),

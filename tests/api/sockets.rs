@@ -191,19 +191,44 @@ async fn acks_malformed_frames_and_unknown_events() {
     app.wait_events(&id, 5, |e| e.len() >= 2).await;
     let mut ws = app.sio_caught_up(&id).await;
     let before = app.events(&id).await.len();
-    for bad in [
-        "42{}",
-        "42[1]",
-        r#"42["oh_user_action",{"action":1}]"#,
-        r#"42["oh_user_action",{"action":"message","args":{}}]"#,
-        r#"42["oh_user_action"]"#,
-        r#"42["something_else",{}]"#,
-        "9zz",
+    for (bad, message) in [
+        ("42{}", None),
+        ("42[1]", None),
+        (
+            r#"42["oh_user_action",{"action":1}]"#,
+            Some("Invalid action: the action needs an `action` name"),
+        ),
+        (
+            r#"42["oh_user_action",{"action":"message","args":{}}]"#,
+            Some("Invalid action: a message needs a string `args.content`"),
+        ),
+        (
+            r#"42["oh_action",{"args":{"file_urls":[2],"content":"x"},"action":"message"}]"#,
+            Some("Invalid action: `args.file_urls` must be a list of strings"),
+        ),
+        (
+            r#"42["oh_user_action",{"action":"Run","args":[]}]"#,
+            Some("Invalid action: `action` must be 1-64 characters of a-z, 0-9 or _"),
+        ),
+        (
+            r#"42["oh_user_action",{"action":"run","args":[]}]"#,
+            Some("Invalid action: `args` must be an object"),
+        ),
+        (
+            r#"42["oh_user_action","message"]"#,
+            Some("Invalid action: an action must be a JSON object"),
+        ),
+        (r#"42["oh_user_action"]"#, None),
+        (r#"42["something_else",{}]"#, None),
+        ("9zz", None),
     ] {
         ws.send(bad).await;
         let e = ws.oh_event().await;
         assert_eq!(e["error"], true, "{bad}: {e}");
-        assert!(e["message"].is_string());
+        match message {
+            Some(message) => assert_eq!(e["message"], message, "{bad}"),
+            None => assert!(e["message"].is_string()),
+        }
     }
     ws.send_binary(vec![1, 2, 3]).await;
     assert_eq!(ws.oh_event().await["error"], true);

@@ -305,14 +305,6 @@ impl EventBody {
     }
 }
 
-/// Reads a user action as a client sends it (`oh_user_action`, `POST …/events`) into the
-/// user's event. The rules are the contract's ([`crate::api::schema::UserAction`], read by
-/// [`crate::api::validation::read_user_action`]); any client-supplied `id`, `timestamp` or
-/// `source` is ignored: the event is the user's.
-pub fn parse_user_action(value: &Value) -> Result<EventBody, String> {
-    crate::api::validation::read_user_action(value).map(EventBody::from)
-}
-
 impl EventBody {
     /// An action other than `message` the user sent, with its `args` and `message`.
     pub fn user_action(action: String, args: Map<String, Value>, message: String) -> Self {
@@ -646,91 +638,5 @@ mod tests {
             EventBody::from_value(&json!({"id": 9, "action": "run", "args": {"command": "ls"}}))
                 .unwrap();
         assert_eq!(ok.action_name(), Some("run"));
-    }
-
-    /// A user action is read by the contract (`UserAction`'s schema): every way it can be
-    /// wrong gets its one message, the first rule broken (in the order of the fields, whatever
-    /// the order of the keys) is the one reported, and what is stored is the same for a
-    /// message whatever else its args carry.
-    #[test]
-    fn user_actions_are_read_by_the_contract() {
-        let name_rule =
-            format!("`action` must be 1-{EVENT_NAME_MAX_LEN} characters of a-z, 0-9 or _");
-        let cases = [
-            (json!([]), "an action must be a JSON object"),
-            (json!("message"), "an action must be a JSON object"),
-            (json!({}), "the action needs an `action` name"),
-            (
-                json!({"action": null, "args": {}}),
-                "the action needs an `action` name",
-            ),
-            (
-                json!({"args": 5, "action": 7}),
-                "the action needs an `action` name",
-            ),
-            (json!({"action": "Not A Name"}), &name_rule),
-            (json!({"args": 5, "action": ""}), &name_rule),
-            (
-                json!({"action": "a".repeat(EVENT_NAME_MAX_LEN + 1)}),
-                &name_rule,
-            ),
-            (
-                json!({"action": "run", "args": [1]}),
-                "`args` must be an object",
-            ),
-            (
-                json!({"action": "message", "args": "x"}),
-                "`args` must be an object",
-            ),
-            (
-                json!({"action": "message"}),
-                "a message needs a string `args.content`",
-            ),
-            (
-                json!({"action": "message", "args": null}),
-                "a message needs a string `args.content`",
-            ),
-            (
-                json!({"action": "message", "args": {"image_urls": 1, "content": 1}}),
-                "a message needs a string `args.content`",
-            ),
-            (
-                json!({"action": "message", "args": {"file_urls": [1], "image_urls": "x", "content": ""}}),
-                "`args.image_urls` must be a list of strings",
-            ),
-            (
-                json!({"action": "message", "args": {"content": "x", "file_urls": ["a", null]}}),
-                "`args.file_urls` must be a list of strings",
-            ),
-        ];
-        for (action, message) in cases {
-            assert_eq!(
-                parse_user_action(&action),
-                Err(message.to_string()),
-                "{action}"
-            );
-        }
-
-        let message = parse_user_action(&json!({"id": 9, "source": "agent", "message": "m",
-            "args": {"wait_for_response": true, "file_urls": ["f"], "content": "hi", "x": 1,
-            "image_urls": null}, "action": "message"}))
-        .unwrap();
-        assert_eq!(
-            &*message.stamp(1, "t").json,
-            r#"{"id":1,"timestamp":"t","source":"user","message":"hi","action":"message","args":{"content":"hi","file_urls":["f"],"image_urls":[],"wait_for_response":false}}"#
-        );
-        let other = parse_user_action(&json!({"timestamp": "x", "message": "paused",
-            "action": "change_agent_state", "args": {"b": [1], "agent_state": "paused"}, "zz": 1}))
-        .unwrap();
-        assert_eq!(
-            &*other.stamp(2, "t").json,
-            r#"{"id":2,"timestamp":"t","source":"user","message":"paused","action":"change_agent_state","args":{"b":[1],"agent_state":"paused"}}"#
-        );
-        let bare =
-            parse_user_action(&json!({"action": "run", "args": null, "message": 3})).unwrap();
-        assert_eq!(
-            &*bare.stamp(3, "t").json,
-            r#"{"id":3,"timestamp":"t","source":"user","message":"","action":"run","args":{}}"#
-        );
     }
 }

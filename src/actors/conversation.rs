@@ -853,13 +853,13 @@ impl Conversation {
         if !self.runtimes.wants_user_settings() {
             return self.start(origin, ctx);
         }
-        let user = crate::api::settings::user_of(self.shared.owner().map(|o| &**o));
+        let user = crate::conversation::settings::user_of(self.shared.owner().map(|o| &**o));
         let saved = self.store.settings(user);
         ctx.wait(saved.into_actor(self).map(|saved, act, ctx| {
             let _span = act.span.clone().entered();
             act.user_settings = match saved {
                 Ok(Some(serde_json::Value::Object(map))) => {
-                    Some(crate::api::settings::for_runtime(&map))
+                    Some(crate::conversation::settings::for_runtime(&map))
                 }
                 Ok(_) => None,
                 Err(e) => {

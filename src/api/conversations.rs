@@ -22,7 +22,6 @@ use crate::actors::{
 };
 use crate::config::Limits;
 use crate::conversation::{ConversationId, ConversationMeta, ConversationStatus};
-use crate::events::parse_user_action;
 use crate::http::auth::Caller;
 use crate::store::EventQuery;
 
@@ -719,7 +718,7 @@ pub async fn post_event(
     let body = read_body(payload, state.settings.limits.max_body_bytes).await?;
     let obj =
         validation::parse_object_body(content_type(&req), &body).map_err(ApiError::Validation)?;
-    let event = parse_user_action(&Value::Object(obj.clone())).map_err(|why| {
+    let event = validation::parse_user_action(&Value::Object(obj.clone())).map_err(|why| {
         ApiError::one(FieldError::value_error(
             vec![json!("body")],
             &why,

@@ -18,19 +18,9 @@ use super::schema::{
     StoreFailed, StoredSettings, Unauthorized,
 };
 use super::{content_type, read_body, validation, AppState};
+use crate::conversation::settings::user_of;
 use crate::http::auth::Caller;
 use crate::store::Store;
-
-/// Whose settings a caller without a user key (the session key, or nobody when
-/// authentication is off) reads and writes: the server's one set, as in OpenHands' OSS mode.
-pub const SINGLE_USER: &str = "";
-
-/// Settings are per user: a user key's user (by name) has its own; every caller without one
-/// shares [`SINGLE_USER`]'s. Admin keys have their own too (they are users). A conversation's
-/// agent starts with its owner's settings.
-pub fn user_of(name: Option<&str>) -> &str {
-    name.unwrap_or(SINGLE_USER)
-}
 
 /// Fields kept from the stored settings when a `POST` sends them `null` or leaves them out.
 const KEPT_WHEN_NULL: &[&str] = &[
@@ -224,32 +214,4 @@ pub async fn post(
     Ok(HttpResponse::Ok().json(SettingsStored {
         message: "Settings stored".into(),
     }))
-}
-
-/// What a conversation's runtime gets of the saved settings (the process runtime's `init`
-/// carries it as `settings`): the LLM and agent choices, the key included.
-pub fn for_runtime(stored: &Map<String, Value>) -> Value {
-    const FOR_RUNTIME: &[&str] = &[
-        "llm_model",
-        "llm_base_url",
-        "llm_api_key",
-        "agent",
-        "language",
-        "confirmation_mode",
-        "max_iterations",
-        "security_analyzer",
-        "max_budget_per_task",
-        "mcp_config",
-    ];
-    Value::Object(
-        FOR_RUNTIME
-            .iter()
-            .map(|k| {
-                (
-                    (*k).to_string(),
-                    stored.get(*k).cloned().unwrap_or(Value::Null),
-                )
-            })
-            .collect(),
-    )
 }

@@ -9,11 +9,14 @@
 //! - [`ConversationRecord`]: a conversation as loaded (its metadata, next event id and bytes).
 //! - [`ConversationStatus`], [`RuntimeStatus`]: its lifecycle status and its runtime's last
 //!   reported state.
+//! - [`settings`]: whose saved settings a conversation's owner has, and what its runtime gets
+//!   of them.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 mod id;
+pub mod settings;
 mod status;
 
 pub use id::{ConversationId, InvalidConversationId};

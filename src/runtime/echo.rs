@@ -76,10 +76,9 @@ mod tests {
         };
         assert_eq!(reply.source, Source::Agent);
         assert_eq!(reply.message, "hi");
-        let other = crate::events::parse_user_action(
-            &json!({"action": "change_agent_state", "args": {"agent_state": "paused"}}),
-        )
-        .unwrap();
+        let mut args = serde_json::Map::new();
+        args.insert("agent_state".into(), json!("paused"));
+        let other = EventBody::user_action("change_agent_state".into(), args, String::new());
         assert!(rt.on_user_event(2, &other).is_empty());
     }
 }

@@ -131,17 +131,29 @@ fn last_agent_state(events: &[Value]) -> (String, String) {
 const IDLE: Duration = Duration::from_secs(600);
 const SECOND: Duration = Duration::from_secs(1);
 
+/// The conversation is still `before` a second ahead of `due`, and stopped a second past it.
+async fn stops_at(conversation: &ConversationHandle, due: Instant, before: ConversationStatus) {
+    sleep_until(due - SECOND).await;
+    assert_eq!(status(conversation), before);
+    sleep_until(due + SECOND).await;
+    reach(conversation, ConversationStatus::Stopped).await;
+}
+
+/// A supervisor whose conversations stop after [`IDLE`], and a conversation it runs: with the
+/// time it was created.
+async fn running_with_idle_timeout() -> (Setup, ConversationId, ConversationHandle, Instant) {
+    let setup = supervisor(|s| s.limits.idle_timeout_secs = IDLE.as_secs());
+    let (id, conversation) = setup.create().await;
+    let created = Instant::now();
+    reach(&conversation, ConversationStatus::Running).await;
+    (setup, id, conversation, created)
+}
+
 #[test]
 fn an_idle_conversation_stops_when_its_idle_timeout_is_up_not_before() {
     on_paused_time(async {
-        let setup = supervisor(|s| s.limits.idle_timeout_secs = IDLE.as_secs());
-        let (id, conversation) = setup.create().await;
-        let created = Instant::now();
-        reach(&conversation, ConversationStatus::Running).await;
-        sleep_until(created + IDLE - SECOND).await;
-        assert_eq!(status(&conversation), ConversationStatus::Running);
-        sleep_until(created + IDLE + SECOND).await;
-        reach(&conversation, ConversationStatus::Stopped).await;
+        let (setup, id, conversation, created) = running_with_idle_timeout().await;
+        stops_at(&conversation, created + IDLE, ConversationStatus::Running).await;
         let events = setup.events(&id).await;
         assert_eq!(
             last_agent_state(&events),
@@ -153,10 +165,7 @@ fn an_idle_conversation_stops_when_its_idle_timeout_is_up_not_before() {
 #[test]
 fn a_user_message_starts_the_idle_time_again() {
     on_paused_time(async {
-        let setup = supervisor(|s| s.limits.idle_timeout_secs = IDLE.as_secs());
-        let (id, conversation) = setup.create().await;
-        let created = Instant::now();
-        reach(&conversation, ConversationStatus::Running).await;
+        let (setup, id, conversation, created) = running_with_idle_timeout().await;
         sleep_until(created + IDLE - SECOND).await;
         let message = EventBody::message(Source::User, "still here", json!([]), false);
         conversation.user_action(message).await.expect("accepted");
@@ -164,10 +173,7 @@ fn a_user_message_starts_the_idle_time_again() {
         // Past the first deadline, not past the one the message set.
         sleep_until(created + IDLE + SECOND).await;
         assert_eq!(status(&conversation), ConversationStatus::Running);
-        sleep_until(active + IDLE - SECOND).await;
-        assert_eq!(status(&conversation), ConversationStatus::Running);
-        sleep_until(active + IDLE + SECOND).await;
-        reach(&conversation, ConversationStatus::Stopped).await;
+        stops_at(&conversation, active + IDLE, ConversationStatus::Running).await;
         let events = setup.events(&id).await;
         let echoed = events
             .iter()
@@ -180,9 +186,7 @@ fn a_user_message_starts_the_idle_time_again() {
 #[test]
 fn an_attached_client_keeps_a_conversation_up_and_its_leaving_starts_the_idle_time() {
     on_paused_time(async {
-        let setup = supervisor(|s| s.limits.idle_timeout_secs = IDLE.as_secs());
-        let (_id, conversation) = setup.create().await;
-        reach(&conversation, ConversationStatus::Running).await;
+        let (_setup, _id, conversation, _) = running_with_idle_timeout().await;
         let (sink, mut frames) = mpsc::channel(64);
         let subscribed = conversation.subscribe(sink).await.expect("subscribed");
         // Ten idle timeouts with a client attached (its frames read, so it is not too slow).
@@ -191,10 +195,7 @@ fn an_attached_client_keeps_a_conversation_up_and_its_leaving_starts_the_idle_ti
         assert_eq!(status(&conversation), ConversationStatus::Running);
         conversation.unsubscribe(subscribed.subscriber_id);
         let left = Instant::now();
-        sleep_until(left + IDLE - SECOND).await;
-        assert_eq!(status(&conversation), ConversationStatus::Running);
-        sleep_until(left + IDLE + SECOND).await;
-        reach(&conversation, ConversationStatus::Stopped).await;
+        stops_at(&conversation, left + IDLE, ConversationStatus::Running).await;
         reader.abort();
     });
 }
@@ -209,10 +210,12 @@ fn a_runtime_that_is_not_ready_by_the_start_deadline_stops_the_conversation_then
         });
         let (id, conversation) = setup.create().await;
         let created = Instant::now();
-        sleep_until(created + DEADLINE - SECOND).await;
-        assert_eq!(status(&conversation), ConversationStatus::Starting);
-        sleep_until(created + DEADLINE + SECOND).await;
-        reach(&conversation, ConversationStatus::Stopped).await;
+        stops_at(
+            &conversation,
+            created + DEADLINE,
+            ConversationStatus::Starting,
+        )
+        .await;
         let events = setup.events(&id).await;
         let error = events
             .iter()

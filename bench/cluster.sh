@@ -14,12 +14,9 @@ MSGS=${MSGS:-3}
 ROUNDS=${ROUNDS:-2}
 BASE_PORT=${BENCH_PORT:-3971}
 ulimit -n "$(ulimit -Hn)"
-if [ -z "${BIN:-}" ]; then
-  cargo build --release --quiet
-  BIN="${CARGO_TARGET_DIR:-target}/release/switchboard"
-fi
-# The URL only: the nodes refuse SWITCHBOARD_* variables they do not know.
-ADMIN=$(.ci/postgres.sh start | sed -n 's/^export SWITCHBOARD_TEST_POSTGRES_URL=//p')
+. bench/common.sh
+bench_binary
+ADMIN=$(postgres_admin_url)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT

@@ -111,6 +111,10 @@ fn admit_error(e: AdmitError, limits: &Limits) -> ApiError {
 
 /// Opens and joins `id` of `owner` ([`crate::actors::SupervisorHandle::open`]). Bringing the
 /// conversation up counts against `client`'s creation rate limit when one is given.
+///
+/// An existing id that another live cluster node owns is answered as its owner's
+/// ([`ApiError::Elsewhere`], which the cluster forwards) before anything starts here: no
+/// conversation actor asks the store only to be refused, and no creation token is spent on it.
 async fn admit_and_join(
     state: &AppState,
     id: ConversationId,
@@ -120,6 +124,9 @@ async fn admit_and_join(
     brings_initial_message: bool,
 ) -> Result<(ConversationHandle, ConversationStatus, Option<String>), ApiError> {
     let fresh = matches!(mode, AdmitMode::Fresh(_));
+    if !fresh {
+        owned_here(state, &id).await?;
+    }
     state
         .supervisor
         .open(

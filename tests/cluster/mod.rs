@@ -512,6 +512,47 @@ fn forwarded_commands_reuse_their_connections_to_the_owner() {
     );
 }
 
+/// A command for a conversation another live node runs is that node's from the start: B
+/// answers create-or-joins of A's conversation as A does without starting it itself, so they
+/// spend none of B's creation tokens (rate 1/s, burst 2 here: ten in a row would otherwise be
+/// refused with 429 after the second) — and B starts nothing it must then wait to see gone.
+#[test]
+fn commands_for_another_nodes_conversation_start_nothing_on_the_node_they_reach() {
+    let Some(db) = pg::database() else { return };
+    let key = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
+    let a = start_node_with(&db, "a", 1000, &[key]);
+    let b = start_node_with(
+        &db,
+        "b",
+        1000,
+        &[
+            key,
+            ("SWITCHBOARD_CREATE_RATE_PER_SEC", "1"),
+            ("SWITCHBOARD_CREATE_BURST", "2"),
+        ],
+    );
+    let id = answered_conversation(&db, &a, "on a");
+    let answers: Vec<u16> = (0..10).map(|_| join(b.port, &id)).collect();
+    assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
+    assert_eq!(post_message(b.port, &id, "through b"), 200);
+    let (status, info) = http(b.port, "GET", &format!("/api/conversations/{id}"), None);
+    assert_eq!(status, 200, "{info}");
+    assert_eq!(info["status"], "RUNNING");
+    // B runs nothing of its own: no conversation of B's is starting, running or stopping.
+    let live_on_b: f64 = ["starting", "running", "stopping"]
+        .iter()
+        .map(|s| {
+            sample(
+                &scrape(b.port, &[]),
+                "switchboard_conversations",
+                &[("status", s)],
+            )
+            .unwrap_or(0.0)
+        })
+        .sum();
+    assert_eq!(live_on_b, 0.0);
+}
+
 /// A node that does not own a conversation shows it as its live owner does: `RUNNING` while
 /// another live node runs it, `STOPPED` once it stopped there — in `GET
 /// /api/conversations/{id}` and in the list alike.

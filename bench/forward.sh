@@ -3,8 +3,10 @@
 # a conversation_id, round-robin over CONVS of them, bench/join.lua) sent with wrk to the
 # cluster node that does not own them, which forwards each over HTTP to the owner, against the
 # same commands sent to the owner itself. Two release nodes on the throwaway PostgreSQL of
-# .ci/postgres.sh (a fresh database per round), loopback only, no creation rate limit (a node
-# that does not own a conversation brings it up to ask the store, which takes a token).
+# .ci/postgres.sh (a fresh database per round), loopback only, no creation rate limit (so that
+# binaries from before forwarding came ahead of a local attempt, which took a creation token,
+# measure alike). Run it without SWITCHBOARD_TEST_POSTGRES_URL in the environment (the server
+# refuses unknown SWITCHBOARD_* variables).
 # Prints wrk's rate and latency percentiles, the CPU time both nodes spent per request (the
 # steadier figure on a shared machine), and how many connections the owner accepted during the
 # forwarded run (switchboard_connections_accepted_total; n/a on a binary without it).

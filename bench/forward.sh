@@ -5,8 +5,7 @@
 # same commands sent to the owner itself. Two release nodes on the throwaway PostgreSQL of
 # .ci/postgres.sh (a fresh database per round), loopback only, no creation rate limit (so that
 # binaries from before forwarding came ahead of a local attempt, which took a creation token,
-# measure alike). Run it without SWITCHBOARD_TEST_POSTGRES_URL in the environment (the server
-# refuses unknown SWITCHBOARD_* variables).
+# measure alike).
 # Prints wrk's rate and latency percentiles, the CPU time both nodes spent per request (the
 # steadier figure on a shared machine), and how many connections the owner accepted during the
 # forwarded run (switchboard_connections_accepted_total; n/a on a binary without it).

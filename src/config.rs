@@ -666,6 +666,8 @@ pub const OTHER_ENV_VARS: &[&str] = &[
     "SWITCHBOARD_BENCH_SECS",
     "SWITCHBOARD_BENCH_QUICK",
     "SWITCHBOARD_STORE_TEST_KILL9_DIR",
+    // The tests' PostgreSQL (`.ci/postgres.sh start` exports it).
+    "SWITCHBOARD_TEST_POSTGRES_URL",
 ];
 
 /// Whether `name` is a `SWITCHBOARD_*` variable that is known: a setting or one of

@@ -831,7 +831,10 @@ impl Conversation {
         self.not_granted = Some(why);
         self.set_phase(Phase::Ended);
         self.answer_first_join();
-        // Linger briefly so that the requests already waiting learn why.
+        // Later requests need not wait for this incarnation to go: the supervisor forgets it
+        // now (the next one asks the store again). It lingers briefly only so that the requests
+        // already waiting here learn why.
+        self.supervision.gone(&self.id, self.generation);
         ctx.run_later(Duration::from_millis(200), |_, ctx| ctx.stop());
     }
 

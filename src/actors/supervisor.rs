@@ -214,8 +214,11 @@ pub(super) struct Supervision {
 }
 
 impl Supervision {
-    /// The actor has stopped for good (from its `stopped()`): its registry entry goes, the
-    /// admissions that waited for it are answered, and a decided delete now removes its data.
+    /// The actor has stopped for good (from its `stopped()`), or is done for admissions (the
+    /// store refused it the conversation; it only answers what already waits on it): its
+    /// registry entry goes, the admissions that waited for it are answered, and a decided
+    /// delete now removes its data. Said twice for one generation, the second time changes
+    /// nothing of a later incarnation's.
     pub(super) fn gone(&self, id: &ConversationId, generation: u64) {
         let Some(core) = self.core.upgrade() else {
             return;

@@ -112,9 +112,10 @@ fn admit_error(e: AdmitError, limits: &Limits) -> ApiError {
 /// Opens and joins `id` of `owner` ([`crate::actors::SupervisorHandle::open`]). Bringing the
 /// conversation up counts against `client`'s creation rate limit when one is given.
 ///
-/// An existing id that another live cluster node owns is answered as its owner's
-/// ([`ApiError::Elsewhere`], which the cluster forwards) before anything starts here: no
-/// conversation actor asks the store only to be refused, and no creation token is spent on it.
+/// A create-or-join of an existing id that another live cluster node owns is answered as its
+/// owner's ([`ApiError::Elsewhere`], which the cluster forwards) before anything starts here,
+/// so no creation token is spent on it. (Other commands find out from the store's refusal to
+/// hand the conversation to this node.)
 async fn admit_and_join(
     state: &AppState,
     id: ConversationId,
@@ -124,7 +125,7 @@ async fn admit_and_join(
     brings_initial_message: bool,
 ) -> Result<(ConversationHandle, ConversationStatus, Option<String>), ApiError> {
     let fresh = matches!(mode, AdmitMode::Fresh(_));
-    if !fresh {
+    if client.is_some() && !fresh {
         owned_here(state, &id).await?;
     }
     state

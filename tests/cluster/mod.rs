@@ -512,10 +512,11 @@ fn forwarded_commands_reuse_their_connections_to_the_owner() {
     );
 }
 
-/// A command for a conversation another live node runs is that node's from the start: B
-/// answers create-or-joins of A's conversation as A does without starting it itself, so they
-/// spend none of B's creation tokens (rate 1/s, burst 2 here: ten in a row would otherwise be
-/// refused with 429 after the second) — and B starts nothing it must then wait to see gone.
+/// Commands for a conversation another live node runs start nothing that stays on the node
+/// they reach: B answers create-or-joins of A's conversation as A does without starting it
+/// itself, so they spend none of B's creation tokens (rate 1/s, burst 2 here: ten in a row
+/// would otherwise be refused with 429 after the second); a message posted on B, which B tries
+/// to take first, leaves no conversation registered on B once the store refused it.
 #[test]
 fn commands_for_another_nodes_conversation_start_nothing_on_the_node_they_reach() {
     let Some(db) = pg::database() else { return };

@@ -46,7 +46,7 @@ async fn fallback(req: ServiceRequest, index: PathBuf) -> Result<ServiceResponse
     let mut response = if page {
         NamedFile::open_async(&index).await?.into_response(&req)
     } else {
-        crate::api::not_found().await
+        crate::http::not_found().await
     };
     response
         .headers_mut()

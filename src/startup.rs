@@ -29,10 +29,11 @@ use actix_web::{web, App, HttpServer};
 
 use crate::actors::supervisor::Supervisor;
 use crate::actors::SupervisorHandle;
-use crate::api::{self, AppState};
+use crate::api;
 use crate::config::{SessionKeyPolicy, Settings, StoreKind};
 use crate::http::auth::SessionAuth;
 use crate::http::origin::AllowList;
+use crate::http::AppState;
 use crate::ops::{Ops, Readiness};
 use crate::store::{MemoryStore, PostgresStore, SqliteStore, Store, StoreError, StoreLimits};
 
@@ -321,7 +322,7 @@ impl Application {
                         crate::frontend::configure(cfg, dir);
                     }
                 })
-                .default_service(web::to(api::not_found))
+                .default_service(web::to(crate::http::not_found))
         })
         .shutdown_timeout(settings.limits.shutdown_timeout_secs)
         // Small frames (events) must not wait for the peer's delayed ACK.

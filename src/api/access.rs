@@ -14,9 +14,9 @@
 
 use std::sync::Arc;
 
-use super::{ApiError, AppState};
 use crate::conversation::{ConversationId, ConversationStatus};
 use crate::http::auth::Caller;
+use crate::http::{ApiError, AppState};
 
 /// A conversation's owner (`None`: made without a user key).
 pub type Owner = Option<Arc<str>>;

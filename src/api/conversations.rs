@@ -5,16 +5,13 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::access::{find, owned_here, visible, Found, Owner};
-use super::errors::ApiError;
 use super::schema::{
     self, ActionAccepted, ActionRefused, ConversationIdPath, ConversationInfo,
-    ConversationInfoResultSet, ConversationNotFound, ConversationResponse, ErrorDetail,
-    ErrorMessage, ErrorStatus, EventsPage, EventsQuery, HttpValidationError, InitSessionRequest,
-    ListQuery, OkStatus, ProvidersSetModel, StoreFailed, Unauthorized, UpdateConversationRequest,
-    UserAction,
+    ConversationInfoResultSet, ConversationNotFound, ConversationResponse, ErrorDetail, EventsPage,
+    EventsQuery, HttpValidationError, InitSessionRequest, ListQuery, OkStatus, ProvidersSetModel,
+    StoreFailed, Unauthorized, UpdateConversationRequest, UserAction,
 };
-use super::validation::{self, FieldError};
-use super::{client_id, content_type, read_body, AppState};
+use super::validation;
 use crate::actors::messages::ConversationError;
 use crate::actors::{
     Admit, AdmitError, AdmitMode, ClientId, ConversationHandle, DeleteError, OpenError, Shared,
@@ -23,6 +20,9 @@ use crate::actors::{
 use crate::config::Limits;
 use crate::conversation::{ConversationId, ConversationMeta, ConversationStatus};
 use crate::http::auth::Caller;
+use crate::http::error::{ErrorMessage, ErrorStatus, FieldError};
+use crate::http::ApiError;
+use crate::http::{client_id, content_type, read_body, AppState};
 use crate::store::EventQuery;
 
 /// `msg_id` of a 429 for `limits.max_running_per_user`.

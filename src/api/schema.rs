@@ -26,6 +26,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use crate::conversation::{ConversationId, ConversationStatus, RuntimeStatus, Trigger};
 use crate::events::{EventBody, Source, StoredEvent, EVENT_NAME_MAX_LEN, EVENT_NAME_PATTERN};
+/// The error bodies every route may answer with are defined with the error type
+/// ([`crate::http::error`]); the contract lists them too.
+pub use crate::http::error::{ErrorMessage, ErrorStatus};
 use crate::pattern::Pattern;
 
 /// Rust's `char::is_whitespace` (Unicode `White_Space`, what `str::trim` removes) as the body
@@ -226,13 +229,6 @@ choices!(ProviderType {
 pub enum OkStatus {
     #[serde(rename = "ok")]
     Ok,
-}
-
-/// `"error"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub enum ErrorStatus {
-    #[serde(rename = "error")]
-    Error,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -821,21 +817,6 @@ fn location() -> Schema {
     )
 }
 
-/// `{"status":"error","message":…,"msg_id":…}`: too many conversations or the client's
-/// creation rate limit (429, the latter with `retry_after_secs`), or an unknown conversation on
-/// `PATCH` (404).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ErrorMessage {
-    #[schema(inline)]
-    pub status: ErrorStatus,
-    pub message: String,
-    pub msg_id: String,
-    /// Seconds until the client may create again (also the `Retry-After` header); only on the
-    /// creation rate limit's 429.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retry_after_secs: Option<u64>,
-}
-
 /// `{"status":"error","conversation_id":…}`: an unknown conversation on start or stop (404).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ConversationNotFound {
@@ -1161,9 +1142,9 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::api::validation::FieldError;
-    use crate::api::ApiError;
     use crate::events::EventBody;
+    use crate::http::error::FieldError;
+    use crate::http::ApiError;
 
     /// The characters of a regex class body made of `\\t`, `\\n`, `\\f`, `\\r`, `\\uXXXX`,
     /// literal characters and `a-b` ranges.

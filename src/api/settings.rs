@@ -12,14 +12,15 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
-use super::errors::ApiError;
 use super::schema::{
     AppSettings, ErrorDetail, ErrorMessageOnly, HttpValidationError, ServerConfig, SettingsStored,
     StoreFailed, StoredSettings, Unauthorized,
 };
-use super::{content_type, read_body, validation, AppState};
+use super::validation;
 use crate::conversation::settings::user_of;
 use crate::http::auth::Caller;
+use crate::http::ApiError;
+use crate::http::{content_type, read_body, AppState};
 use crate::store::Store;
 
 /// Fields kept from the stored settings when a `POST` sends them `null` or leaves them out.

@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::OnceLock;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
 use utoipa::openapi::schema::{AdditionalProperties, ArrayItems, SchemaType, Type};
@@ -31,36 +31,7 @@ use super::schema::{
 };
 use crate::conversation::{ConversationId, InitData, NewConversation, Trigger};
 use crate::events::{is_event_name, EventBody, EVENT_NAME_MAX_LEN};
-
-/// One entry of a 422 `detail` list.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct FieldError {
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    pub loc: Vec<Value>,
-    pub msg: String,
-    pub input: Value,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub ctx: Option<Value>,
-}
-
-impl FieldError {
-    pub fn new(kind: &'static str, loc: Vec<Value>, msg: impl Into<String>, input: Value) -> Self {
-        FieldError {
-            kind,
-            loc,
-            msg: msg.into(),
-            input,
-            ctx: None,
-        }
-    }
-
-    pub fn value_error(loc: Vec<Value>, msg: &str, input: Value) -> Self {
-        let mut e = FieldError::new("value_error", loc, format!("Value error, {msg}"), input);
-        e.ctx = Some(json!({"error": msg}));
-        e
-    }
-}
+use crate::http::error::FieldError;
 
 /// The id at `loc` as a [`ConversationId`], or the 422 entry stating the rule.
 pub fn conversation_id(id: &str, loc: Vec<Value>) -> Result<ConversationId, Box<FieldError>> {

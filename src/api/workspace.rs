@@ -18,15 +18,15 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 
 use super::conversations::{path_id, query_get, query_pairs, require_conversation};
-use super::errors::ApiError;
 use super::schema::{
     render_event_list, ConversationIdPath, ErrorDetail, ErrorMessageOnly, FileContent, GitChange,
     HttpValidationError, ListFilesQuery, Microagents, RuntimeConfig, SelectFileQuery, StoreFailed,
     Trajectory, Unauthorized, UploadedFiles, VscodeUrl, WebHosts,
 };
-use super::validation::FieldError;
-use super::AppState;
 use crate::http::auth::Caller;
+use crate::http::error::FieldError;
+use crate::http::ApiError;
+use crate::http::AppState;
 use crate::store::EventQuery;
 use crate::workspace::{canonical_root, confine, working_dir};
 

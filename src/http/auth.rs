@@ -36,7 +36,7 @@ use std::sync::Arc;
 use subtle::ConstantTimeEq;
 
 use crate::actors::ClientId;
-use crate::api::{read_body, resource, ApiError, AppState};
+use crate::http::{read_body, resource, ApiError, AppState};
 use crate::store::{Store, StoreError};
 
 /// The header that carries the key.

@@ -14,6 +14,7 @@
 //!
 //! WebSocket upgrades carry no body and are left alone: their stream is the socket.
 
+use futures_util::StreamExt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -27,8 +28,8 @@ use actix_web::http::header;
 use actix_web::web::Bytes;
 use futures_util::Stream;
 
-use crate::api::ApiError;
 use crate::config::Settings;
+use crate::http::ApiError;
 
 /// The last segment of the one route that takes files (`workspace.max_upload_bytes`).
 pub const UPLOAD_ROUTE_SUFFIX: &str = "/upload-files";
@@ -233,6 +234,26 @@ impl Drop for Guarded {
     fn drop(&mut self) {
         self.budget.release(std::mem::take(&mut self.charged));
     }
+}
+
+/// Reads a request body of at most `limit` bytes: 413 over it, 408 when it does not arrive in
+/// time, 503 when too many bodies are arriving at once (see [`crate::http::body`]).
+pub async fn read_body(
+    mut payload: actix_web::web::Payload,
+    limit: usize,
+) -> Result<actix_web::web::BytesMut, ApiError> {
+    let mut body = actix_web::web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| match crate::http::body::BodyError::of(&e) {
+            Some(why) => ApiError::from(why),
+            None => ApiError::BadRequest(format!("Could not read body: {e}")),
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge(limit));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 #[cfg(test)]

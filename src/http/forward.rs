@@ -38,9 +38,9 @@ use actix_web::{web, HttpResponse, ResponseError};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 
-use crate::api::{ApiError, AppState};
 use crate::config::StoreKind;
 use crate::conversation::ConversationId;
+use crate::http::{ApiError, AppState};
 use crate::store::NodeAddress;
 
 /// The header a forwarded request carries the cluster key in.
@@ -132,7 +132,7 @@ pub async fn forward(
     }
     // Kept, to send on if the owner is another node.
     let payload = req.extract::<web::Payload>().await?;
-    let body = match crate::api::read_body(payload, state.settings.limits.max_body_bytes).await {
+    let body = match crate::http::read_body(payload, state.settings.limits.max_body_bytes).await {
         Ok(body) => body.freeze(),
         Err(e) => return Ok(req.into_response(e.error_response()).map_into_boxed_body()),
     };

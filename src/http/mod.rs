@@ -1,4 +1,8 @@
-//! What every HTTP request passes before it is routed: the server's front gate.
+//! The HTTP layer under the API routes ([`crate::api`]), the sockets ([`crate::ws`]) and the
+//! operations routes ([`crate::ops`]): what every handler shares ([`AppState`]), every error
+//! it can answer ([`ApiError`], [`error`]), reading a bounded body ([`read_body`]), the
+//! resource helpers that answer 405 and 404 alike everywhere, the key check and login
+//! ([`auth`]), forwarding to a conversation's owner ([`forward`]), and the server's front gate.
 //!
 //! [`gate`] runs first for every request, in this order:
 //! 1. a `Host` that is not ours is refused with 400 (DNS rebinding), see [`origin`];
@@ -16,16 +20,74 @@ use actix_web::body::{EitherBody, MessageBody};
 use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::{header, Method, StatusCode};
 use actix_web::middleware::Next;
-use actix_web::{web, ResponseError};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use serde_json::json;
 
-use crate::api::{ApiError, AppState};
+use std::sync::Arc;
+
+use crate::actors::{ClientId, SupervisorHandle};
 use crate::config::Settings;
+use crate::store::Store;
+use auth::Caller;
 
 pub mod auth;
 pub mod body;
+pub mod error;
 pub mod forward;
 pub mod origin;
+
+pub use body::read_body;
+pub use error::ApiError;
+
+/// What every handler shares.
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Arc<dyn Store>,
+    pub supervisor: SupervisorHandle,
+    /// The session key and the login cookie.
+    pub auth: crate::http::auth::SessionAuth,
+    /// The checks every request passes before routing.
+    pub gate: crate::http::Gate,
+    /// The sockets this node relays to other cluster nodes (closed when it shuts down).
+    pub splices: crate::ws::Splices,
+}
+
+/// The request's `Content-Type`, when readable.
+pub fn content_type(req: &actix_web::HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+}
+
+/// The identity a request's creations are counted against ([`ClientId`]): its user, the
+/// session key, or without a key the peer's address.
+pub fn client_id(req: &HttpRequest, caller: &Caller) -> ClientId {
+    caller.client_id(req.peer_addr().map(|a| a.ip()))
+}
+
+/// 404 `{"detail":"Not Found"}` for every unknown path.
+pub async fn not_found() -> HttpResponse {
+    HttpResponse::NotFound().json(serde_json::json!({"detail": "Not Found"}))
+}
+
+/// 405 `{"detail":"Method Not Allowed"}` with the `Allow` header, for a known path with
+/// another method.
+fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    HttpResponse::MethodNotAllowed()
+        .insert_header((header::ALLOW, allow))
+        .json(serde_json::json!({"detail": "Method Not Allowed"}))
+}
+
+/// A resource whose other methods answer 405 naming the `allow`ed ones.
+pub fn resource(path: &str, allow: &'static str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(move || async move { method_not_allowed(allow) }))
+}
+
+/// [`resource`] for several paths served alike.
+pub fn resources(paths: &[&str], allow: &'static str) -> actix_web::Resource {
+    web::resource(paths.to_vec())
+        .default_service(web::to(move || async move { method_not_allowed(allow) }))
+}
 
 /// The allow-lists and body limits every request is checked against.
 #[derive(Debug)]

@@ -153,9 +153,9 @@ impl Ops {
 
 /// Registers `/ready`, `/metrics` and the `/status` page (its JSON is under `/api`).
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.service(crate::api::resource("/ready", "GET").route(web::get().to(ready)))
-        .service(crate::api::resource("/metrics", "GET").route(web::get().to(scrape)))
-        .service(crate::api::resource("/status", "GET").route(web::get().to(status::page)));
+    cfg.service(crate::http::resource("/ready", "GET").route(web::get().to(ready)))
+        .service(crate::http::resource("/metrics", "GET").route(web::get().to(scrape)))
+        .service(crate::http::resource("/status", "GET").route(web::get().to(status::page)));
 }
 
 async fn ready(ops: web::Data<Ops>) -> HttpResponse {
@@ -186,7 +186,7 @@ async fn ready(ops: web::Data<Ops>) -> HttpResponse {
 async fn scrape(
     req: HttpRequest,
     ops: web::Data<Ops>,
-    state: web::Data<crate::api::AppState>,
+    state: web::Data<crate::http::AppState>,
 ) -> HttpResponse {
     if ops.settings.metrics.require_key {
         use actix_web::ResponseError;

@@ -23,8 +23,8 @@ use serde_json::json;
 
 use super::metrics::metrics;
 use crate::actors::now_ms;
-use crate::api::{ApiError, AppState};
 use crate::conversation::ConversationStatus;
+use crate::http::{ApiError, AppState};
 
 /// Most live conversations one `/api/status` answer lists.
 pub const STATUS_ROWS: usize = 100;

@@ -36,10 +36,10 @@ use crate::actors::{
     Admit, AdmitError, AdmitMode, ClientFrame, CloseReason, ConversationHandle, OpenError,
 };
 use crate::api::validation::parse_user_action;
-use crate::api::{resource, resources, ApiError, AppState};
 use crate::conversation::ConversationId;
 use crate::events::{StoredEvent, TOO_MANY_CONVERSATIONS_MESSAGE};
 use crate::http::auth::{Caller, Presented};
+use crate::http::{resource, resources, ApiError, AppState};
 use crate::ops::metrics::metrics;
 use crate::store::EventQuery;
 

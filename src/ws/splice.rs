@@ -47,9 +47,9 @@ use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 
-use crate::api::{ApiError, AppState};
 use crate::config::StoreKind;
 use crate::http::forward::{self, Attempt, CLUSTER_KEY_HEADER};
+use crate::http::{ApiError, AppState};
 use crate::ops::metrics::metrics;
 use crate::store::NodeAddress;
 

@@ -1,4 +1,7 @@
-//! Every error an HTTP route can answer, and its exact status and JSON body.
+//! Every error an HTTP route or socket handshake can answer, and its exact status and JSON
+//! body: [`ApiError`], with the bodies it answers in ([`FieldError`] entries of a 422's
+//! pydantic-shaped `detail`, [`ErrorMessage`]). The API's contract lists these bodies too
+//! ([`crate::api::schema`]); they are defined here, below every route.
 
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
@@ -6,9 +9,66 @@ use serde_json::{json, Value};
 
 use actix_web::http::header;
 
-use super::schema::{ErrorMessage, ErrorStatus};
-use super::validation::FieldError;
 use crate::events::TOO_MANY_CONVERSATIONS;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// One entry of a 422 `detail` list.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldError {
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub loc: Vec<Value>,
+    pub msg: String,
+    pub input: Value,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ctx: Option<Value>,
+}
+
+impl FieldError {
+    pub fn new(kind: &'static str, loc: Vec<Value>, msg: impl Into<String>, input: Value) -> Self {
+        FieldError {
+            kind,
+            loc,
+            msg: msg.into(),
+            input,
+            ctx: None,
+        }
+    }
+
+    pub fn value_error(loc: Vec<Value>, msg: &str, input: Value) -> Self {
+        let mut e = FieldError::new("value_error", loc, format!("Value error, {msg}"), input);
+        e.ctx = Some(json!({"error": msg}));
+        e
+    }
+}
+
+/// `"error"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum ErrorStatus {
+    #[serde(rename = "error")]
+    Error,
+}
+
+/// `{"status":"error","message":…,"msg_id":…}`: too many conversations or the client's
+/// creation rate limit (429, the latter with `retry_after_secs`), or an unknown conversation on
+/// `PATCH` (404).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ErrorMessage {
+    #[schema(inline)]
+    pub status: ErrorStatus,
+    pub message: String,
+    pub msg_id: String,
+    /// Seconds until the client may create again (also the `Retry-After` header); only on the
+    /// creation rate limit's 429.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
+}
+
+/// A body as the JSON value an error answers with.
+fn body_value<T: Serialize>(body: &T) -> Value {
+    serde_json::to_value(body).unwrap_or(Value::Null)
+}
 
 /// `msg_id` of the creation rate limit's 429.
 pub const CREATE_RATE_LIMITED: &str = "SWITCHBOARD$CREATE_RATE_LIMITED";
@@ -153,7 +213,7 @@ impl ResponseError for ApiError {
                 rate_per_sec,
                 burst,
             } => {
-                let body = super::schema::to_value(&ErrorMessage {
+                let body = body_value(&ErrorMessage {
                     status: ErrorStatus::Error,
                     message: format!(
                         "Too many new conversations from this client: at most {rate_per_sec} \

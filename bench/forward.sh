@@ -10,14 +10,18 @@
 # steadier figure on a shared machine), and how many connections the owner accepted during the
 # forwarded run (switchboard_connections_accepted_total; n/a on a binary without it).
 #
+# Then the same for user messages posted to them (bench/message.lua) at MSG_CONNS connections.
+#
 #   bench/forward.sh                             # 3 rounds of 5 s at 1 and at 16 connections
 #   BIN=path/to/switchboard bench/forward.sh     # that binary, no build (before/after)
 #   ROUNDS=1 SECS=3 CONNS="1 64" CONVS=500 bench/forward.sh
+#   MSG_CONNS="" bench/forward.sh                # create-or-joins only
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 SECS=${SECS:-5}
 CONNS=${CONNS:-1 16}
+MSG_CONNS=${MSG_CONNS-1}
 CONVS=${CONVS:-1000}
 A_PORT=${BENCH_PORT:-3981}
 B_PORT=$((A_PORT + 1))
@@ -52,11 +56,12 @@ accepted() { # connections the node on port $1 accepted so far
   curl -sf "http://127.0.0.1:$1/metrics" | awk '/^switchboard_connections_accepted_total / {print $2}'
 }
 
-# wrk at $2 connections on port $1: "req/s p50 p99 non-2xx, CPU per request".
+# wrk at $2 connections on port $1 with script $3 (bench/join.lua when not given): "req/s p50
+# p99 non-2xx, CPU per request".
 run() {
   local c0 out
   c0=$(cpu)
-  out=$(wrk -t1 -c"$2" -d"${SECS}s" --latency -s bench/join.lua "http://127.0.0.1:$1/api/conversations")
+  out=$(wrk -t1 -c"$2" -d"${SECS}s" --latency -s "${3:-bench/join.lua}" "http://127.0.0.1:$1/api/conversations")
   echo "$out" | awk -v ticks=$(($(cpu) - c0)) -v tck="$TCK" \
     '/requests in/ {n = $1} /Requests\/sec/ {r = $2} /^ +50%/ {p50 = $2} /^ +99%/ {p99 = $2}
      /Non-2xx/ {bad = $5}
@@ -93,6 +98,10 @@ for round in $(seq "$ROUNDS"); do
     if [ -n "$before" ] && [ -n "$after" ]; then conns=$((after - before - 1)); fi
     echo "  $c conn  forwarded b->a: $forwarded  (a accepted $conns connections)"
     echo "  $c conn  direct to a:     $(run "$A_PORT" "$c")"
+  done
+  for c in $MSG_CONNS; do
+    echo "  $c conn  messages b->a:   $(run "$B_PORT" "$c" bench/message.lua)"
+    echo "  $c conn  messages to a:   $(run "$A_PORT" "$c" bench/message.lua)"
   done
   cleanup
 done

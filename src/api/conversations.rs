@@ -4,7 +4,6 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use base64::Engine;
 use serde_json::{json, Value};
 
-use super::access::{find, owned_here, visible, Found, Owner};
 use super::schema::{
     self, ActionAccepted, ActionRefused, ConversationIdPath, ConversationInfo,
     ConversationInfoResultSet, ConversationNotFound, ConversationResponse, ErrorDetail, EventsPage,
@@ -19,20 +18,15 @@ use crate::actors::{
 };
 use crate::config::Limits;
 use crate::conversation::{ConversationId, ConversationMeta, ConversationStatus};
+use crate::http::access::{find, owned_here, visible, Found, Owner};
 use crate::http::auth::Caller;
 use crate::http::error::{ErrorMessage, ErrorStatus, FieldError};
 use crate::http::ApiError;
-use crate::http::{client_id, content_type, read_body, AppState};
+use crate::http::{client_id, content_type, path_id, read_body, AppState};
 use crate::store::EventQuery;
 
 /// `msg_id` of a 429 for `limits.max_running_per_user`.
 pub const USER_LIMIT: &str = "SWITCHBOARD$USER_LIMIT";
-
-/// Reads and checks the `{id}` path segment.
-pub(crate) fn path_id(path: &web::Path<String>) -> Result<ConversationId, ApiError> {
-    validation::conversation_id(path.as_str(), vec![json!("path"), json!("conversation_id")])
-        .map_err(|e| ApiError::one(*e))
-}
 
 /// `ConversationInfo` for a stored conversation and its live state on this node, if any;
 /// `elsewhere`: another live cluster node owns it, so it is live there (shown `RUNNING` — that

@@ -5,7 +5,7 @@
 //! [`crate::actors`], and map every failure to an exact status and JSON body
 //! ([`crate::http::ApiError`]).
 //! Every `/api` route sits behind the key check ([`crate::http::auth`]), sees only what its
-//! caller may see ([`access`]) and answers with
+//! caller may see ([`crate::http::access`]) and answers with
 //! `cache-control: no-cache, no-store, must-revalidate, max-age=0`.
 
 use actix_web::http::header;
@@ -14,7 +14,6 @@ use actix_web::{web, HttpResponse};
 
 use crate::http::{not_found, resource};
 
-pub mod access;
 pub mod conversations;
 pub mod docs;
 pub mod openapi;

@@ -5,7 +5,7 @@
 //! shape first, then known fields in schema order, then unknown fields. It never panics on
 //! input. The fields' types are not restated here: a [`Contract`] read once from the request
 //! types' schemas (`schema.rs`) checks each value against its field's schema; this module adds
-//! the rules beyond types and builds the result. A conversation id that enters as text becomes a [`ConversationId`] through
+//! the rules beyond types and builds the result. A conversation id that enters as text becomes a [`crate::conversation::ConversationId`] through
 //! [`conversation_id`], whose 422 states the id rule.
 //!
 //! The same reader checks a user action ([`read_user_action`]: `UserAction`, one of several
@@ -29,15 +29,9 @@ use super::schema::{
     UpdateConversationRequest, UserAction, TASK_PROVIDERS_REFUSED, TASK_TYPES_REFUSED,
     TITLE_MAX_LEN,
 };
-use crate::conversation::{ConversationId, InitData, NewConversation, Trigger};
+use crate::conversation::{InitData, NewConversation, Trigger};
 use crate::events::{is_event_name, EventBody, EVENT_NAME_MAX_LEN};
-use crate::http::error::FieldError;
-
-/// The id at `loc` as a [`ConversationId`], or the 422 entry stating the rule.
-pub fn conversation_id(id: &str, loc: Vec<Value>) -> Result<ConversationId, Box<FieldError>> {
-    ConversationId::parse(id)
-        .map_err(|e| Box::new(FieldError::value_error(loc, &e.to_string(), json!(id))))
-}
+use crate::http::error::{conversation_id, FieldError};
 
 fn loc(base: &[Value], key: impl Into<Value>) -> Vec<Value> {
     let mut l = base.to_vec();

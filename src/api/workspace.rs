@@ -17,7 +17,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 
-use super::conversations::{path_id, query_get, query_pairs, require_conversation};
+use super::conversations::{query_get, query_pairs, require_conversation};
 use super::schema::{
     render_event_list, ConversationIdPath, ErrorDetail, ErrorMessageOnly, FileContent, GitChange,
     HttpValidationError, ListFilesQuery, Microagents, RuntimeConfig, SelectFileQuery, StoreFailed,
@@ -25,6 +25,7 @@ use super::schema::{
 };
 use crate::http::auth::Caller;
 use crate::http::error::FieldError;
+use crate::http::path_id;
 use crate::http::ApiError;
 use crate::http::AppState;
 use crate::store::EventQuery;

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use actix_web::http::header;
 
+use crate::conversation::ConversationId;
 use crate::events::TOO_MANY_CONVERSATIONS;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -63,6 +64,12 @@ pub struct ErrorMessage {
     /// creation rate limit's 429.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_secs: Option<u64>,
+}
+
+/// The id at `loc` as a [`ConversationId`], or the 422 entry stating the rule.
+pub fn conversation_id(id: &str, loc: Vec<Value>) -> Result<ConversationId, Box<FieldError>> {
+    ConversationId::parse(id)
+        .map_err(|e| Box::new(FieldError::value_error(loc, &e.to_string(), json!(id))))
 }
 
 /// A body as the JSON value an error answers with.

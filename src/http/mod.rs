@@ -1,8 +1,10 @@
 //! The HTTP layer under the API routes ([`crate::api`]), the sockets ([`crate::ws`]) and the
 //! operations routes ([`crate::ops`]): what every handler shares ([`AppState`]), every error
-//! it can answer ([`ApiError`], [`error`]), reading a bounded body ([`read_body`]), the
-//! resource helpers that answer 405 and 404 alike everywhere, the key check and login
-//! ([`auth`]), forwarding to a conversation's owner ([`forward`]), and the server's front gate.
+//! it can answer ([`ApiError`], [`error`]), reading a bounded body ([`read_body`]) and the
+//! `{conversation_id}` path segment ([`path_id`]), the resource helpers that answer 405 and 404
+//! alike everywhere, the key check and login ([`auth`]), which conversations a caller may see
+//! and whether this node serves them ([`access`]), forwarding to a conversation's owner
+//! ([`forward`]), and the server's front gate.
 //!
 //! [`gate`] runs first for every request, in this order:
 //! 1. a `Host` that is not ours is refused with 400 (DNS rebinding), see [`origin`];
@@ -27,9 +29,11 @@ use std::sync::Arc;
 
 use crate::actors::{ClientId, SupervisorHandle};
 use crate::config::Settings;
+use crate::conversation::ConversationId;
 use crate::store::Store;
 use auth::Caller;
 
+pub mod access;
 pub mod auth;
 pub mod body;
 pub mod error;
@@ -63,6 +67,12 @@ pub fn content_type(req: &actix_web::HttpRequest) -> Option<&str> {
 /// session key, or without a key the peer's address.
 pub fn client_id(req: &HttpRequest, caller: &Caller) -> ClientId {
     caller.client_id(req.peer_addr().map(|a| a.ip()))
+}
+
+/// Reads and checks the `{id}` path segment: a 422 stating the id rule when it breaks it.
+pub fn path_id(path: &web::Path<String>) -> Result<ConversationId, ApiError> {
+    error::conversation_id(path.as_str(), vec![json!("path"), json!("conversation_id")])
+        .map_err(|e| ApiError::one(*e))
 }
 
 /// 404 `{"detail":"Not Found"}` for every unknown path.

@@ -18,7 +18,7 @@
 //! upgrade otherwise.
 //!
 //! Keys: a socket is let in by the key check ([`crate::http::auth`]) and sees only what its
-//! caller may see ([`crate::api::access`]); a user key is checked again at every heartbeat, and
+//! caller may see ([`crate::http::access`]); a user key is checked again at every heartbeat, and
 //! a socket whose key was revoked is detached.
 
 use std::sync::Arc;
@@ -124,7 +124,7 @@ async fn socketio_route(
     }
     // An invalid id is refused at CONNECT; no node owns it.
     if let Some(Ok(id)) = query_get(&q, "conversation_id").map(ConversationId::parse) {
-        match crate::api::access::owned_here(&state, &id).await {
+        match crate::http::access::owned_here(&state, &id).await {
             Err(ApiError::Elsewhere(_, owner)) if splice::applies(&req, &state) => {
                 return splice::splice(&req, payload, &state, &id, owner, "socketio").await;
             }
@@ -154,15 +154,15 @@ async fn plain_route(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     let q = query(&req)?;
-    let id = crate::api::conversations::path_id(&path)?;
+    let id = crate::http::path_id(&path)?;
     let caller = state.auth.authenticate(&req).await?;
-    if crate::api::access::visible(&state, &caller, &id)
+    if crate::http::access::visible(&state, &caller, &id)
         .await?
         .is_none()
     {
         return Err(ApiError::NotFound("Conversation not found".into()));
     }
-    match crate::api::access::owned_here(&state, &id).await {
+    match crate::http::access::owned_here(&state, &id).await {
         Err(ApiError::Elsewhere(_, owner)) if splice::applies(&req, &state) => {
             return splice::splice(&req, payload, &state, &id, owner, "ws").await;
         }
@@ -187,7 +187,7 @@ async fn open_conversation(
     ),
     Refused,
 > {
-    let owner = match crate::api::access::visible(&state, &caller, &id).await {
+    let owner = match crate::http::access::visible(&state, &caller, &id).await {
         Ok(Some(owner)) => owner,
         Ok(None) => return Err(Refused::Reason("Conversation not found".into())),
         Err(e) => return Err(Refused::Reason(e.to_string())),

@@ -42,7 +42,7 @@
 //! - **Space comes back.** The database uses incremental auto-vacuum (a database from before
 //!   schema version 3 is converted once at open, with a `VACUUM`); after a batch that deleted
 //!   a conversation the writer moves freed pages off the end of the file and truncates it and
-//!   the WAL ([`RECLAIM_PAGES`] at a time). Quotas ([`StoreLimits`]) count each conversation's
+//!   the WAL (1 MiB at a time). Quotas ([`StoreLimits`]) count each conversation's
 //!   `bytes` column and, for the whole store, the pages in use.
 //! - **Deletes work on a full disk.** [`StoreLimits::disk_reserve_bytes`] stay allocated in
 //!   `<data_dir>/switchboard.reserve`; a failing batch with a delete gives them up and runs

@@ -105,11 +105,6 @@ fn admit_error(e: AdmitError, limits: &Limits) -> ApiError {
 
 /// Opens and joins `id` of `owner` ([`crate::actors::SupervisorHandle::open`]). Bringing the
 /// conversation up counts against `client`'s creation rate limit when one is given.
-///
-/// A create-or-join of an existing id that another live cluster node owns is answered as its
-/// owner's ([`ApiError::Elsewhere`], which the cluster forwards) before anything starts here,
-/// so no creation token is spent on it. (Other commands find out from the store's refusal to
-/// hand the conversation to this node.)
 async fn admit_and_join(
     state: &AppState,
     id: ConversationId,
@@ -119,9 +114,6 @@ async fn admit_and_join(
     brings_initial_message: bool,
 ) -> Result<(ConversationHandle, ConversationStatus, Option<String>), ApiError> {
     let fresh = matches!(mode, AdmitMode::Fresh(_));
-    if client.is_some() && !fresh {
-        owned_here(state, &id).await?;
-    }
     state
         .supervisor
         .open(
@@ -201,12 +193,18 @@ pub async fn create(
         .conversation_id
         .clone()
         .unwrap_or_else(ConversationId::generate);
-    // A new conversation is the caller's; an existing one is joined only when visible.
+    // A new conversation is the caller's; an existing one is joined only when visible, and
+    // one another live cluster node runs is answered as its owner's (`Elsewhere`, which the
+    // cluster forwards) before anything starts here, so no creation token is spent on it.
+    // (Other commands find out from the store's refusal to hand the conversation over.)
     let owner = if generated {
         caller.name().cloned()
     } else {
         match find(&state, &caller, &id).await? {
-            Found::Visible(owner) => owner,
+            Found::Visible(owner) => {
+                owned_here(&state, &id).await?;
+                owner
+            }
             Found::Missing => caller.name().cloned(),
             Found::Hidden => return Err(id_taken(&id)),
         }

@@ -15,6 +15,24 @@ fn start_node(db: &pg::TestDatabase, node_id: &str) -> Server {
     start_node_with_ttl(db, node_id, 1000)
 }
 
+/// The cluster key the tests' nodes share (forwarding and splicing need one).
+pub(crate) const CLUSTER_KEY: (&str, &str) = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
+
+/// Nodes `a` and `b` sharing [`CLUSTER_KEY`], `b` with `b_more` settings too, and a conversation
+/// `a` runs that has answered `message`.
+fn a_conversation_on_a_with_b_beside(
+    db: &pg::TestDatabase,
+    b_more: &[(&str, &str)],
+    message: &str,
+) -> (Server, Server, String) {
+    let a = start_node_with(db, "a", 1000, &[CLUSTER_KEY]);
+    let mut more = vec![CLUSTER_KEY];
+    more.extend_from_slice(b_more);
+    let b = start_node_with(db, "b", 1000, &more);
+    let id = answered_conversation(db, &a, message);
+    (a, b, id)
+}
+
 /// Starts cluster node `node_id` on `db` with a heartbeat of 100 ms and a TTL of `ttl_ms`
 /// (without a cluster key: commands for another node's conversations are refused with 503).
 fn start_node_with_ttl(db: &pg::TestDatabase, node_id: &str, ttl_ms: u64) -> Server {
@@ -427,7 +445,7 @@ fn sigterm_hands_the_conversations_off_at_once() {
 #[test]
 fn commands_sent_to_any_node_are_handled_by_the_owner() {
     let Some(db) = pg::database() else { return };
-    let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let key = [CLUSTER_KEY];
     let a = start_node_with(&db, "a", 1000, &key);
     let b = start_node_with(&db, "b", 1000, &key);
     let id = answered_conversation(&db, &a, "on a");
@@ -481,10 +499,8 @@ fn commands_sent_to_any_node_are_handled_by_the_owner() {
 #[test]
 fn forwarded_commands_reuse_their_connections_to_the_owner() {
     let Some(db) = pg::database() else { return };
-    let key = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
-    let a = start_node_with(&db, "a", 1000, &[key]);
-    let b = start_node_with(&db, "b", 1000, &[key, ("SWITCHBOARD_WORKERS", "2")]);
-    let id = answered_conversation(&db, &a, "on a");
+    let (a, b, id) =
+        a_conversation_on_a_with_b_beside(&db, &[("SWITCHBOARD_WORKERS", "2")], "on a");
 
     let accepted = || {
         sample(
@@ -520,19 +536,11 @@ fn forwarded_commands_reuse_their_connections_to_the_owner() {
 #[test]
 fn commands_for_another_nodes_conversation_start_nothing_on_the_node_they_reach() {
     let Some(db) = pg::database() else { return };
-    let key = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
-    let a = start_node_with(&db, "a", 1000, &[key]);
-    let b = start_node_with(
-        &db,
-        "b",
-        1000,
-        &[
-            key,
-            ("SWITCHBOARD_CREATE_RATE_PER_SEC", "1"),
-            ("SWITCHBOARD_CREATE_BURST", "2"),
-        ],
-    );
-    let id = answered_conversation(&db, &a, "on a");
+    let rate = [
+        ("SWITCHBOARD_CREATE_RATE_PER_SEC", "1"),
+        ("SWITCHBOARD_CREATE_BURST", "2"),
+    ];
+    let (_a, b, id) = a_conversation_on_a_with_b_beside(&db, &rate, "on a");
     let answers: Vec<u16> = (0..10).map(|_| join(b.port, &id)).collect();
     assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
     assert_eq!(post_message(b.port, &id, "through b"), 200);
@@ -611,7 +619,7 @@ fn a_node_shows_a_conversation_another_node_runs_as_running() {
 #[test]
 fn concurrent_create_or_join_of_one_id_across_three_nodes_starts_one_runtime() {
     let Some(db) = pg::database() else { return };
-    let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let key = [CLUSTER_KEY];
     let nodes = [
         start_node_with(&db, "a", 1000, &key),
         start_node_with(&db, "b", 1000, &key),

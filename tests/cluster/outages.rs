@@ -35,7 +35,7 @@ fn owner_of(db: &pg::TestDatabase, id: &str) -> Option<String> {
 #[test]
 fn repeated_kills_of_the_owner_during_1000_messages_lose_no_acknowledged_message() {
     let Some(db) = pg::database() else { return };
-    let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let key = [CLUSTER_KEY];
     let names = ["a", "b", "c"];
     let mut nodes: Vec<Server> = names
         .iter()
@@ -230,7 +230,7 @@ fn postgres_stopped_for_three_ttls_then_everything_resumes() {
         return;
     };
     let db = pg::database_on(&server.url);
-    let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let key = [CLUSTER_KEY];
     let a = start_node_with(&db, "a", 1000, &key);
     let b = start_node_with(&db, "b", 1000, &key);
     let (id, client, frames) = watched_conversation(a.port);

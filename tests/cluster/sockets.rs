@@ -194,7 +194,7 @@ impl Client {
 
 /// Starts three nodes sharing a cluster key (`more` settings on each).
 fn three_nodes(db: &pg::TestDatabase, more: &[(&str, &str)]) -> [Server; 3] {
-    let mut envs = vec![("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let mut envs = vec![CLUSTER_KEY];
     envs.extend_from_slice(more);
     ["a", "b", "c"].map(|node| start_node_with(db, node, 1000, &envs))
 }
@@ -410,7 +410,7 @@ fn kill_9_of_the_owner_closes_spliced_clients_without_goodbye_and_they_resume_th
 #[test]
 fn a_handshake_on_a_node_still_asking_for_the_conversation_is_spliced_to_its_owner() {
     let Some(db) = pg::database() else { return };
-    let key = [("SWITCHBOARD_CLUSTER_KEY", "a shared secret")];
+    let key = [CLUSTER_KEY];
     let [a, b] = ["a", "b"].map(|node| start_node_with(&db, node, 1000, &key));
     let id = answered_conversation(&db, &a, "on a");
     let before = *stored_ids(&db, &id).last().expect("events");
@@ -466,7 +466,7 @@ fn a_handshake_on_a_node_still_asking_for_the_conversation_is_spliced_to_its_own
 #[test]
 fn a_paused_owner_is_a_503_for_sockets_and_commands_and_a_splice_is_never_spliced_again() {
     let Some(db) = pg::database() else { return };
-    let key = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
+    let key = CLUSTER_KEY;
     let quick = ("SWITCHBOARD_SPLICE_TIMEOUT_MS", "300");
     let quick_forward = ("SWITCHBOARD_FORWARD_TIMEOUT_MS", "300");
     let a = start_node_with(&db, "a", 20_000, &[key]);
@@ -582,7 +582,7 @@ fn a_socket_whose_conversation_moved_before_its_connect_is_told_to_reconnect() {
 #[test]
 fn a_spliced_client_that_stops_reading_is_dropped_by_the_owner_as_too_slow() {
     let Some(db) = pg::database() else { return };
-    let key = ("SWITCHBOARD_CLUSTER_KEY", "a shared secret");
+    let key = CLUSTER_KEY;
     let a = start_node_with(
         &db,
         "a",
@@ -790,12 +790,7 @@ fn what_a_splice_adds_to_a_reply_s_way_to_the_client() {
 #[test]
 fn a_write_refused_as_fenced_closes_clients_so_they_reconnect() {
     let Some(db) = pg::database() else { return };
-    let a = start_node_with(
-        &db,
-        "a",
-        1000,
-        &[("SWITCHBOARD_CLUSTER_KEY", "a shared secret")],
-    );
+    let a = start_node_with(&db, "a", 1000, &[CLUSTER_KEY]);
     let id = answered_conversation(&db, &a, "on a");
     let clients = both_routes(a.port, &id);
     let last = *stored_ids(&db, &id).last().expect("events stored");

@@ -472,7 +472,7 @@ fn commands_sent_to_any_node_are_handled_by_the_owner() {
         let headers = [("X-Switchboard-Cluster-Key", cluster_key)];
         http_raw(port, "POST", &path, &headers, Some(message)).status
     };
-    assert_eq!(forwarded_message(b.port, "a shared secret"), 421);
+    assert_eq!(forwarded_message(b.port, CLUSTER_KEY.1), 421);
     assert_eq!(forwarded_message(a.port, "a guess"), 403);
 
     // A socket on another node is spliced to the owner's (see `sockets`); the owner takes its

@@ -493,7 +493,7 @@ fn a_paused_owner_is_a_503_for_sockets_and_commands_and_a_splice_is_never_splice
     assert_eq!(refused, [503, 503], "Socket.IO, plain");
     assert_eq!(forwarded, 503, "a command forwarded to a paused owner");
 
-    let spliced = [("X-Switchboard-Cluster-Key", "a shared secret")];
+    let spliced = [("X-Switchboard-Cluster-Key", CLUSTER_KEY.1)];
     let guessed = [("X-Switchboard-Cluster-Key", "a guess")];
     for path in [&socketio, &plain] {
         assert_eq!(socket_handshake_with(b.port, path, &spliced), 421, "{path}");
